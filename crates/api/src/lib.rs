@@ -1,0 +1,1 @@
+//! Public HTTP request/response/error types of the ScaiBunker API.

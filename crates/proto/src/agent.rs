@@ -1,0 +1,374 @@
+//! The worker ↔ guest agent protocol: frames multiplexed over one byte stream
+//! (virtio-serial on QEMU).
+//!
+//! Wire format of one frame, all integers big-endian:
+//!
+//! ```text
+//! stream_id: u32 | kind: u8 | len: u32 | payload: len bytes (len <= MAX_FRAME_PAYLOAD)
+//! ```
+//!
+//! Protocol:
+//! 1. The agent opens its port and sends `HELLO` on stream 0 with a JSON [`Hello`].
+//!    The worker checks `protocol_version` and sends nothing before it has seen `HELLO`.
+//!    A second `HELLO` (the agent reopened its port, e.g. after a restore) resets every stream.
+//! 2. The worker opens a stream by sending `REQUEST` with a fresh non-zero `stream_id`
+//!    and a JSON [`Request`]. Only the worker opens streams.
+//! 3. Request bodies (exec stdin, file upload) follow as `DATA` frames and end with one `END`.
+//! 4. The agent answers with `STDOUT` / `STDERR` (exec output, as it is produced) or `DATA`
+//!    (file download) frames, then exactly one terminal `REPLY` with a JSON [`Reply`].
+//!    `REPLY` always ends the stream; an error before any data is a `REPLY` with [`Reply::Error`].
+//! 5. The worker may send `CANCEL` on an open stream: the agent kills what the stream runs
+//!    and still answers with its `REPLY`.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any incompatible change to frames or messages.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest payload of one frame; bigger bodies are split into several `DATA` frames.
+pub const MAX_FRAME_PAYLOAD: usize = 64 * 1024;
+
+/// Length of the fixed frame header.
+pub const HEADER_LEN: usize = 9;
+
+/// Name of the virtio-serial port the agent listens on (QEMU `virtserialport,name=`).
+pub const PORT_NAME: &str = "scaibunker.agent";
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    Hello = 1,
+    Request = 2,
+    Data = 3,
+    End = 4,
+    Stdout = 5,
+    Stderr = 6,
+    Reply = 7,
+    Cancel = 8,
+}
+
+impl FrameKind {
+    pub fn from_u8(b: u8) -> Option<Self> {
+        Some(match b {
+            1 => Self::Hello,
+            2 => Self::Request,
+            3 => Self::Data,
+            4 => Self::End,
+            5 => Self::Stdout,
+            6 => Self::Stderr,
+            7 => Self::Reply,
+            8 => Self::Cancel,
+            _ => return None,
+        })
+    }
+}
+
+/// One frame, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub stream_id: u32,
+    pub kind: FrameKind,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    pub fn new(stream_id: u32, kind: FrameKind, payload: Vec<u8>) -> Self {
+        Self {
+            stream_id,
+            kind,
+            payload,
+        }
+    }
+
+    /// A frame whose payload is `msg` as JSON.
+    pub fn json<T: Serialize>(stream_id: u32, kind: FrameKind, msg: &T) -> Self {
+        let payload = serde_json::to_vec(msg).expect("protocol messages always serialise");
+        Self::new(stream_id, kind, payload)
+    }
+
+    /// The header for a payload of `len` bytes.
+    pub fn header(stream_id: u32, kind: FrameKind, len: usize) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[0..4].copy_from_slice(&stream_id.to_be_bytes());
+        h[4] = kind as u8;
+        h[5..9].copy_from_slice(&(len as u32).to_be_bytes());
+        h
+    }
+
+    /// Header and payload as one buffer, ready for a single write.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + self.payload.len());
+        out.extend_from_slice(&Self::header(
+            self.stream_id,
+            self.kind,
+            self.payload.len(),
+        ));
+        out.extend_from_slice(&self.payload);
+        out
+    }
+
+    /// Parses a header into `(stream_id, kind, len)`.
+    pub fn parse_header(h: &[u8; HEADER_LEN]) -> Result<(u32, FrameKind, usize), FrameError> {
+        let stream_id = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
+        let kind = FrameKind::from_u8(h[4]).ok_or(FrameError::UnknownKind(h[4]))?;
+        let len = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) as usize;
+        if len > MAX_FRAME_PAYLOAD {
+            return Err(FrameError::TooLarge(len));
+        }
+        Ok((stream_id, kind, len))
+    }
+
+    /// Reads one frame from a blocking reader. `Ok(None)` on a clean end of stream.
+    pub fn read_from<R: Read>(r: &mut R) -> Result<Option<Frame>, FrameError> {
+        let mut h = [0u8; HEADER_LEN];
+        let mut got = 0;
+        while got < HEADER_LEN {
+            match r.read(&mut h[got..]) {
+                Ok(0) if got == 0 => return Ok(None),
+                Ok(0) => return Err(FrameError::Io(io::ErrorKind::UnexpectedEof.into())),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(FrameError::Io(e)),
+            }
+        }
+        let (stream_id, kind, len) = Self::parse_header(&h)?;
+        let mut payload = vec![0u8; len];
+        r.read_exact(&mut payload).map_err(FrameError::Io)?;
+        Ok(Some(Frame {
+            stream_id,
+            kind,
+            payload,
+        }))
+    }
+
+    /// Writes the frame with one `write_all` so concurrent writers behind a lock never interleave.
+    pub fn write_to<W: Write>(&self, w: &mut W) -> io::Result<()> {
+        w.write_all(&self.encode())
+    }
+
+    /// Decodes the payload as JSON.
+    pub fn decode_json<'a, T: Deserialize<'a>>(&'a self) -> Result<T, FrameError> {
+        serde_json::from_slice(&self.payload).map_err(FrameError::Json)
+    }
+}
+
+/// Why a frame could not be read. `Display` and `Error` are written by hand so that this
+/// contract crate depends on serde alone.
+#[derive(Debug)]
+pub enum FrameError {
+    Io(io::Error),
+    UnknownKind(u8),
+    TooLarge(usize),
+    Json(serde_json::Error),
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io(_) => write!(f, "i/o error on the agent channel"),
+            Self::UnknownKind(k) => write!(f, "unknown frame kind {k}"),
+            Self::TooLarge(n) => write!(f, "frame payload of {n} bytes exceeds {MAX_FRAME_PAYLOAD}"),
+            Self::Json(_) => write!(f, "malformed json payload"),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Io(e) => Some(e),
+            Self::Json(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// First message of the agent, on stream 0.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    pub protocol_version: u32,
+    pub agent_version: String,
+    /// Guest kernel release (`uname -r`), for diagnostics.
+    pub kernel: String,
+}
+
+/// What to run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Program {
+    /// A string run by `/bin/sh -c`.
+    Shell(String),
+    /// An argv run without a shell; `argv[0]` is looked up in `PATH`.
+    Argv(Vec<String>),
+}
+
+/// Who runs it inside the guest.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestUser {
+    /// The unprivileged `user` account (uid 1000), created by the agent at boot if missing.
+    #[default]
+    User,
+    Root,
+}
+
+/// Whether a request body (`DATA`…`END`) follows the request.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Stdin {
+    /// stdin is `/dev/null`; no body follows.
+    #[default]
+    Null,
+    /// stdin is a pipe fed from the stream's `DATA` frames, closed at `END`.
+    Stream,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Exec {
+        program: Program,
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+        #[serde(default)]
+        cwd: Option<String>,
+        #[serde(default)]
+        user: GuestUser,
+        #[serde(default)]
+        stdin: Stdin,
+        /// The whole process group is killed after this long.
+        timeout_ms: u64,
+    },
+    /// Body follows as `DATA`…`END`; written to a temporary file in the same directory,
+    /// fsynced and renamed over `path`; parents created.
+    WriteFile { path: String, mode: u32 },
+    /// Answered with `DATA` frames, then `REPLY` [`Reply::Read`].
+    ReadFile { path: String },
+    ListDir { path: String },
+    Remove { path: String, recursive: bool },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryType {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: String,
+    pub path: String,
+    #[serde(rename = "type")]
+    pub entry_type: EntryType,
+    pub size_bytes: u64,
+    pub mode: u32,
+    /// Seconds since the Unix epoch.
+    pub modified_unix_s: i64,
+}
+
+/// Stable error codes the agent reports; the worker maps them to the API's codes.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AgentErrorCode {
+    FileNotFound,
+    IsADirectory,
+    NotADirectory,
+    DirectoryNotEmpty,
+    PermissionDenied,
+    InvalidPath,
+    SpawnFailed,
+    BadRequest,
+    Io,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Reply {
+    Exited {
+        /// `None` when the process was killed by a signal.
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+        duration_ms: u64,
+    },
+    Written {
+        size_bytes: u64,
+    },
+    Read {
+        size_bytes: u64,
+    },
+    Listing {
+        entries: Vec<DirEntry>,
+    },
+    Removed,
+    Error {
+        code: AgentErrorCode,
+        message: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_round_trips_through_bytes() {
+        let f = Frame::json(
+            7,
+            FrameKind::Request,
+            &Request::ReadFile {
+                path: "/etc/hostname".into(),
+            },
+        );
+        let bytes = f.encode();
+        let back = Frame::read_from(&mut bytes.as_slice())
+            .expect("valid frame")
+            .expect("one frame");
+        assert_eq!(back, f);
+        assert_eq!(
+            back.decode_json::<Request>().expect("json"),
+            Request::ReadFile {
+                path: "/etc/hostname".into()
+            }
+        );
+    }
+
+    #[test]
+    fn clean_eof_is_none_and_torn_header_is_error() {
+        assert!(matches!(Frame::read_from(&mut [].as_slice()), Ok(None)));
+        assert!(Frame::read_from(&mut [0u8, 0, 0].as_slice()).is_err());
+    }
+
+    #[test]
+    fn rejects_oversized_and_unknown_frames() {
+        let h = Frame::header(1, FrameKind::Data, MAX_FRAME_PAYLOAD + 1);
+        assert!(matches!(Frame::parse_header(&h), Err(FrameError::TooLarge(_))));
+        let mut h = Frame::header(1, FrameKind::Data, 0);
+        h[4] = 99;
+        assert!(matches!(Frame::parse_header(&h), Err(FrameError::UnknownKind(99))));
+    }
+
+    #[test]
+    fn request_json_shape_is_stable() {
+        let r = Request::Exec {
+            program: Program::Argv(vec!["true".into()]),
+            env: BTreeMap::new(),
+            cwd: None,
+            user: GuestUser::Root,
+            stdin: Stdin::Null,
+            timeout_ms: 1000,
+        };
+        let v = serde_json::to_value(&r).expect("serialises");
+        assert_eq!(v["op"], "exec");
+        assert_eq!(v["program"]["argv"][0], "true");
+        assert_eq!(v["user"], "root");
+    }
+}

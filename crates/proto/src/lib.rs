@@ -1,0 +1,9 @@
+//! Internal protocols of ScaiBunker, serde types only.
+//!
+//! - [`agent`]: worker ↔ guest agent, a framed, multiplexed protocol over one byte stream.
+//! - [`worker`]: controller ↔ worker, JSON over HTTP authenticated by the worker token.
+//!
+//! Both are versioned: a peer that sees another major version refuses to talk rather than guess.
+
+pub mod agent;
+pub mod worker;

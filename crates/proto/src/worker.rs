@@ -1,0 +1,174 @@
+//! The controller ↔ worker protocol: JSON over HTTP.
+//!
+//! - Worker → controller (the worker dials out): `POST /v1/modules/scaibunker/workers/register`
+//!   and `POST /v1/modules/scaibunker/heartbeat`, bearer worker token.
+//! - Controller → worker: the routes under [`WORKER_API_PREFIX`] on the worker's own listener,
+//!   bearer worker token. Errors are `{"code", "message"}` ([`WorkerError`]) with an HTTP status.
+//!
+//! Requests carry [`PROTOCOL_VERSION`] at registration; a controller refuses a worker that
+//! speaks another version.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::agent::{DirEntry, EntryType, GuestUser, Program};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Prefix of the worker's HTTP API.
+pub const WORKER_API_PREFIX: &str = "/v1/worker";
+
+/// Resources of a worker: total at registration, free in heartbeats.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    pub cpu_millicores: u64,
+    pub memory_mb: u64,
+    pub disk_mb: u64,
+    pub gpu_count: u64,
+}
+
+/// An image the worker holds in its local cache.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CachedImage {
+    pub name: String,
+    pub sha256: String,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub protocol_version: u32,
+    /// Stable name of the worker (host name by default); re-registering keeps its id.
+    pub name: String,
+    /// Base URL of the worker's HTTP API, as the controller reaches it.
+    pub url: String,
+    pub capacity: Capacity,
+    pub images: Vec<CachedImage>,
+    /// The VMM driver and accelerator, e.g. `qemu/tcg`.
+    pub runtime: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterResponse {
+    pub worker_id: String,
+    pub heartbeat_interval_s: u64,
+}
+
+/// Status of one bunker as the worker sees it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum VmStatus {
+    Booting,
+    Running,
+    Paused,
+    Stopping,
+    /// The VM process is gone (crashed or killed); `reason` says why.
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BunkerStatusReport {
+    pub id: String,
+    pub status: VmStatus,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub worker_id: String,
+    /// Free resources now.
+    pub capacity: Capacity,
+    pub active_bunkers: u64,
+    pub bunkers: Vec<BunkerStatusReport>,
+    #[serde(default)]
+    pub cached_images: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatResponse {
+    /// False when the controller does not know this worker id (it must register again).
+    pub known: bool,
+}
+
+/// `POST /v1/worker/bunkers`: boot a bunker; answers once the agent is ready or boot failed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    pub bunker_id: String,
+    pub image_sha256: String,
+    pub cpu_millicores: u64,
+    pub memory_mb: u64,
+    pub disk_mb: u64,
+    pub hostname: String,
+    #[serde(default)]
+    pub env_vars: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmInfo {
+    pub bunker_id: String,
+    pub status: VmStatus,
+    /// Guest kernel release reported by the agent's hello.
+    pub guest_kernel: Option<String>,
+    pub boot_ms: u64,
+}
+
+/// `POST /v1/worker/bunkers/{id}/exec`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub program: Program,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub user: GuestUser,
+    /// Base64 of the bytes fed to stdin; `None` means stdin is `/dev/null`.
+    #[serde(default)]
+    pub stdin_b64: Option<String>,
+    pub timeout_ms: u64,
+    /// Each of stdout and stderr is kept up to this many bytes; the rest is counted, not kept.
+    pub output_limit_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExecResult {
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    /// Time inside the guest from spawn to exit.
+    pub guest_duration_ms: u64,
+    /// Base64 of the kept stdout bytes.
+    pub stdout_b64: String,
+    pub stderr_b64: String,
+    pub stdout_total_bytes: u64,
+    pub stderr_total_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FileWritten {
+    pub size_bytes: u64,
+}
+
+/// Error body of every worker route.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkerError {
+    /// A stable code: the API's codes where one fits (`BUNKER_NOT_FOUND`, `FILE_NOT_FOUND`,
+    /// `IS_A_DIRECTORY`, `INVALID_PATH`, `FILE_TOO_LARGE`, ...), else `BOOT_FAILED`,
+    /// `AGENT_UNAVAILABLE`, `IMAGE_NOT_CACHED`, `INTERNAL`.
+    pub code: String,
+    pub message: String,
+}
