@@ -1,0 +1,174 @@
+//! Placement: which worker gets a new bunker. A pure function over a snapshot of the fleet.
+//!
+//! Policy: among workers that are online, not draining, hold the image (unless the image is
+//! lazily pulled) and have room for the request, pick the one with the most free memory
+//! (spreading load), ties broken by most free CPU, then by worker id so the choice is
+//! deterministic. No worker with the image at all: `NoSuitableWorker`; workers with the image
+//! but no room: `WorkerUnavailable`.
+
+use crate::spec::Resources;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate<'a> {
+    pub worker_id: &'a str,
+    pub is_online: bool,
+    pub is_draining: bool,
+    pub has_image: bool,
+    pub free: Resources,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImagePull {
+    /// The image must already be cached on the worker.
+    Cached,
+    /// The worker may fetch the image at create time.
+    Lazy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlacementError {
+    /// Some worker could run it, but none has room now.
+    WorkerUnavailable,
+    /// No schedulable worker holds the image.
+    NoSuitableWorker,
+}
+
+pub fn place<'a>(
+    candidates: &[Candidate<'a>],
+    request: &Resources,
+    pull: ImagePull,
+) -> Result<&'a str, PlacementError> {
+    let eligible: Vec<&Candidate<'a>> = candidates
+        .iter()
+        .filter(|c| c.is_online && !c.is_draining)
+        .filter(|c| c.has_image || pull == ImagePull::Lazy)
+        .collect();
+    if eligible.is_empty() {
+        return Err(PlacementError::NoSuitableWorker);
+    }
+    eligible
+        .into_iter()
+        .filter(|c| request.fits_in(&c.free))
+        .max_by(|a, b| {
+            (a.free.memory_mb, a.free.cpu_millicores)
+                .cmp(&(b.free.memory_mb, b.free.cpu_millicores))
+                // Reverse on id so the lowest id wins a tie under max_by.
+                .then_with(|| b.worker_id.cmp(a.worker_id))
+        })
+        .map(|c| c.worker_id)
+        .ok_or(PlacementError::WorkerUnavailable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn res(cpu: u64, mem: u64) -> Resources {
+        Resources {
+            cpu_millicores: cpu,
+            memory_mb: mem,
+            disk_mb: 10_000,
+            gpu_count: 0,
+        }
+    }
+
+    fn cand(id: &str, online: bool, draining: bool, image: bool, free: Resources) -> Candidate<'_> {
+        Candidate {
+            worker_id: id,
+            is_online: online,
+            is_draining: draining,
+            has_image: image,
+            free,
+        }
+    }
+
+    #[test]
+    fn placement_table() {
+        let req = res(1000, 512);
+        let big = res(4000, 8000);
+        let small = res(4000, 256);
+        type Case<'a> = (
+            &'a str,
+            Vec<Candidate<'a>>,
+            ImagePull,
+            Result<&'a str, PlacementError>,
+        );
+        let table: Vec<Case> = vec![
+            (
+                "no workers",
+                vec![],
+                ImagePull::Cached,
+                Err(PlacementError::NoSuitableWorker),
+            ),
+            (
+                "one fits",
+                vec![cand("w1", true, false, true, big)],
+                ImagePull::Cached,
+                Ok("w1"),
+            ),
+            (
+                "offline skipped",
+                vec![
+                    cand("w1", false, false, true, big),
+                    cand("w2", true, false, true, big),
+                ],
+                ImagePull::Cached,
+                Ok("w2"),
+            ),
+            (
+                "draining skipped",
+                vec![cand("w1", true, true, true, big)],
+                ImagePull::Cached,
+                Err(PlacementError::NoSuitableWorker),
+            ),
+            (
+                "image missing",
+                vec![cand("w1", true, false, false, big)],
+                ImagePull::Cached,
+                Err(PlacementError::NoSuitableWorker),
+            ),
+            (
+                "image missing but lazy",
+                vec![cand("w1", true, false, false, big)],
+                ImagePull::Lazy,
+                Ok("w1"),
+            ),
+            (
+                "full",
+                vec![cand("w1", true, false, true, small)],
+                ImagePull::Cached,
+                Err(PlacementError::WorkerUnavailable),
+            ),
+            (
+                "most free memory wins",
+                vec![
+                    cand("w1", true, false, true, res(4000, 1000)),
+                    cand("w2", true, false, true, res(4000, 3000)),
+                ],
+                ImagePull::Cached,
+                Ok("w2"),
+            ),
+            (
+                "tie broken by lowest id",
+                vec![
+                    cand("w2", true, false, true, big),
+                    cand("w1", true, false, true, big),
+                ],
+                ImagePull::Cached,
+                Ok("w1"),
+            ),
+            (
+                "fitting worker beats bigger full one",
+                vec![
+                    cand("w1", true, false, true, res(500, 9000)),
+                    cand("w2", true, false, true, res(2000, 600)),
+                ],
+                ImagePull::Cached,
+                Ok("w2"),
+            ),
+        ];
+        for (name, cands, pull, want) in table {
+            assert_eq!(place(&cands, &req, pull), want, "{name}");
+        }
+    }
+}
