@@ -1,1 +1,12 @@
-//! Public HTTP request/response/error types of the ScaiBunker API.
+//! Public HTTP request, response and error types of the ScaiBunker API (`/v1/modules/scaibunker`).
+//! Serde only: this crate is the contract shared by the controller, the SDK and the CLI.
+//! Field names, codes and defaults follow `API.md`.
+
+pub mod bunkers;
+pub mod codes;
+pub mod envelope;
+pub mod exec;
+pub mod files;
+
+/// Prefix of every module route.
+pub const MODULE_PREFIX: &str = "/v1/modules/scaibunker";

@@ -97,6 +97,10 @@ pub struct Heartbeat {
 pub struct HeartbeatResponse {
     /// False when the controller does not know this worker id (it must register again).
     pub known: bool,
+    /// Bunkers the worker reported that the controller holds as terminated, failed or unknown:
+    /// the worker stops them, so no VM outlives its bunker.
+    #[serde(default)]
+    pub stop_bunkers: Vec<String>,
 }
 
 /// `POST /v1/worker/bunkers`: boot a bunker; answers once the agent is ready or boot failed.

@@ -1,0 +1,33 @@
+//! Stable error codes. Clients branch on these, never on messages.
+
+pub const AUTH_TOKEN_MISSING: &str = "AUTH_TOKEN_MISSING";
+pub const AUTH_TOKEN_INVALID: &str = "AUTH_TOKEN_INVALID";
+pub const AUTHZ_PERMISSION_DENIED: &str = "AUTHZ_PERMISSION_DENIED";
+pub const VALIDATION_ERROR: &str = "VALIDATION_ERROR";
+pub const NOT_FOUND: &str = "NOT_FOUND";
+pub const METHOD_NOT_ALLOWED: &str = "METHOD_NOT_ALLOWED";
+pub const PAYLOAD_TOO_LARGE: &str = "PAYLOAD_TOO_LARGE";
+pub const INTERNAL: &str = "INTERNAL";
+pub const RATE_LIMITED: &str = "RATE_LIMITED";
+
+pub const BUNKER_NOT_FOUND: &str = "BUNKER_NOT_FOUND";
+pub const BUNKER_NOT_RUNNING: &str = "BUNKER_NOT_RUNNING";
+pub const BUNKER_INVALID_TRANSITION: &str = "BUNKER_INVALID_TRANSITION";
+pub const BUNKER_QUOTA_EXCEEDED: &str = "BUNKER_QUOTA_EXCEEDED";
+pub const IMAGE_NOT_FOUND: &str = "IMAGE_NOT_FOUND";
+pub const WORKER_UNAVAILABLE: &str = "WORKER_UNAVAILABLE";
+pub const NO_SUITABLE_WORKER: &str = "NO_SUITABLE_WORKER";
+pub const LIFECYCLE_MODE_DENIED: &str = "LIFECYCLE_MODE_DENIED";
+pub const NETWORK_PROFILE_DENIED: &str = "NETWORK_PROFILE_DENIED";
+pub const INTERFACES_NOT_ALLOWED: &str = "INTERFACES_NOT_ALLOWED";
+pub const TRANSIT_MISSING_INTERFACES: &str = "TRANSIT_MISSING_INTERFACES";
+/// The bunker's worker could not be reached or failed the operation.
+pub const WORKER_ERROR: &str = "WORKER_ERROR";
+
+pub const INVALID_PATH: &str = "INVALID_PATH";
+pub const FILE_NOT_FOUND: &str = "FILE_NOT_FOUND";
+pub const FILE_TOO_LARGE: &str = "FILE_TOO_LARGE";
+pub const IS_A_DIRECTORY: &str = "IS_A_DIRECTORY";
+pub const NOT_A_DIRECTORY: &str = "NOT_A_DIRECTORY";
+pub const DIRECTORY_NOT_EMPTY: &str = "DIRECTORY_NOT_EMPTY";
+pub const PERMISSION_DENIED: &str = "PERMISSION_DENIED";
