@@ -1,1 +1,216 @@
-//! worker
+//! The ScaiBunker worker daemon: runs one microVM per bunker and serves the controller.
+//!
+//! [`start`] composes the daemon:
+//! 1. make `<data>/bunkers/` and clean up what a previous run left there (kill leftover
+//!    QEMU processes, remove their directories);
+//! 2. scan the images directory;
+//! 3. pick the VMM accelerator (KVM only with real hardware virtualisation, else TCG);
+//! 4. bind the HTTP listener and serve the API ([`api`]);
+//! 5. with a controller URL, register and heartbeat ([`controller_client`]).
+//!
+//! [`WorkerHandle::shutdown`] stops serving and stops every VM; nothing outlives the worker.
+
+pub mod agent_client;
+pub mod api;
+pub mod bunker;
+pub mod capacity;
+pub mod config;
+pub mod controller_client;
+pub mod images;
+pub mod vmm;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::bunker::Bunkers;
+use crate::capacity::HostResources;
+pub use crate::config::WorkerConfig;
+use crate::controller_client::ControllerLink;
+use crate::images::ImageCache;
+use crate::vmm::HostVirt;
+use crate::vmm::qemu::{QemuSetupError, QemuVmm};
+
+/// How long shutdown waits for in-flight requests once the VMs are gone.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("create the bunkers directory {}", path.display())]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("scan the images directory")]
+    Images(#[from] images::ImageScanError),
+    #[error("set up the qemu driver")]
+    Vmm(#[from] QemuSetupError),
+    #[error("listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a start-up task failed")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("wait for a shutdown signal")]
+    Signal(#[source] std::io::Error),
+}
+
+/// A running worker.
+pub struct WorkerHandle {
+    addr: SocketAddr,
+    url: String,
+    runtime: String,
+    bunkers: Arc<Bunkers>,
+    stop_serving: oneshot::Sender<()>,
+    server: JoinHandle<std::io::Result<()>>,
+    controller: Option<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    /// The address the API listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The base URL advertised to the controller.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The VMM driver and accelerator, e.g. `qemu/tcg`.
+    pub fn runtime(&self) -> &str {
+        &self.runtime
+    }
+
+    /// Stops registering, stops serving, and stops every VM.
+    pub async fn shutdown(self) {
+        if let Some(controller) = self.controller {
+            controller.abort();
+        }
+        // Stop accepting first, so no new bunker starts while the others stop.
+        let _ = self.stop_serving.send(());
+        self.bunkers.stop_all().await;
+        let mut server = self.server;
+        match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "http server"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "http server task"),
+            Err(_) => {
+                tracing::warn!("in-flight requests did not finish; dropping them");
+                server.abort();
+            }
+        }
+        tracing::info!("worker stopped");
+    }
+}
+
+/// Starts the worker: cleans up, binds, serves and (with a controller URL) registers.
+pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
+    let bunkers_dir = std::path::absolute(config.data_dir.join("bunkers"))
+        .unwrap_or_else(|_| config.data_dir.join("bunkers"));
+    std::fs::create_dir_all(&bunkers_dir).map_err(|source| StartError::DataDir {
+        path: bunkers_dir.clone(),
+        source,
+    })?;
+    let leftovers_dir = bunkers_dir.clone();
+    let removed =
+        tokio::task::spawn_blocking(move || bunker::leftovers::clean_leftovers(&leftovers_dir))
+            .await?;
+    if removed > 0 {
+        tracing::warn!(removed, "cleaned up leftovers of a previous run");
+    }
+    let images_dir = config.images_dir.clone();
+    let images = tokio::task::spawn_blocking(move || ImageCache::scan(&images_dir)).await??;
+    tracing::info!(
+        dir = %images.dir().display(),
+        images = ?images.images().map(|i| &i.name).collect::<Vec<_>>(),
+        "image cache scanned"
+    );
+
+    let host = HostResources::probe();
+    let vmm = QemuVmm::new(config.accel, &HostVirt::probe(), host.cores)?;
+    let runtime = vmm::Vmm::runtime(&vmm);
+    tracing::info!(%runtime, "vmm ready");
+    let bunkers = Arc::new(Bunkers::new(
+        Arc::new(vmm),
+        images,
+        bunkers_dir,
+        config.boot_timeout,
+    ));
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let url = config
+        .advertised_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+    let state = Arc::new(api::ApiState::new(
+        Arc::clone(&bunkers),
+        &config.worker_token,
+        config.max_file_bytes,
+    ));
+    let (stop_serving, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, api::router(state))
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    tracing::info!(%addr, %url, "worker api listening");
+
+    let controller = config.controller_url.clone().map(|controller_url| {
+        let link = ControllerLink {
+            controller_url,
+            worker_token: config.worker_token.clone(),
+            name: config.name.clone(),
+            worker_url: url.clone(),
+            heartbeat_interval: config.heartbeat_interval,
+            host,
+            data_dir: config.data_dir.clone(),
+            bunkers: Arc::clone(&bunkers),
+        };
+        tokio::spawn(link.run())
+    });
+    if controller.is_none() {
+        tracing::info!("no controller url: running standalone");
+    }
+    Ok(WorkerHandle {
+        addr,
+        url,
+        runtime,
+        bunkers,
+        stop_serving,
+        server,
+        controller,
+    })
+}
+
+/// Runs the worker until SIGINT or SIGTERM, then shuts it down.
+pub async fn run(config: WorkerConfig) -> Result<(), StartError> {
+    let handle = start(config).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(StartError::Signal)?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.map_err(StartError::Signal)?,
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    handle.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,638 @@
+//! The worker's HTTP API, which only the controller calls ([`scaibunker_proto::worker`]).
+//!
+//! Every route under [`WORKER_API_PREFIX`] needs `Authorization: Bearer <worker token>`,
+//! compared in constant time; `/health` does not. Handlers only parse the request into a
+//! [`Command`]; [`execute`] runs every command in one `match`, and errors become
+//! `{"code", "message"}` with a status.
+//!
+//! File bodies stream in both directions: an upload is forwarded to the agent chunk by chunk
+//! (never buffered whole) and cut off at the configured cap; a download starts only once the
+//! agent has accepted the path, so not-found and is-a-directory are proper statuses.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use scaibunker_proto::agent::AgentErrorCode;
+use scaibunker_proto::worker::{
+    CreateVm, ExecRequest, ExecResult, FileWritten, WORKER_API_PREFIX, WorkerError,
+};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::agent_client::{AgentError, ExecOutcome, ExecSpec, WriteFileError};
+use crate::bunker::{BunkerOpError, Bunkers, CreateBunkerError};
+
+/// Exit code a shell gives a command it cannot run.
+const SPAWN_FAILED_EXIT_CODE: i32 = 127;
+
+/// What the handlers share.
+pub struct ApiState {
+    pub bunkers: Arc<Bunkers>,
+    /// SHA-256 of the worker token: comparing digests takes the same time whatever the
+    /// presented token's length or content.
+    token_digest: [u8; 32],
+    pub max_file_bytes: u64,
+}
+
+impl ApiState {
+    pub fn new(bunkers: Arc<Bunkers>, worker_token: &str, max_file_bytes: u64) -> Self {
+        Self {
+            bunkers,
+            token_digest: Sha256::digest(worker_token.as_bytes()).into(),
+            max_file_bytes,
+        }
+    }
+
+    fn token_matches(&self, presented: &str) -> bool {
+        digest_matches(&self.token_digest, presented)
+    }
+}
+
+/// Compares `presented` with the token whose SHA-256 is `expected`, in constant time.
+fn digest_matches(expected: &[u8; 32], presented: &str) -> bool {
+    let presented: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    presented
+        .iter()
+        .zip(expected.iter())
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}
+
+/// Every operation of the worker API.
+enum Command {
+    CreateBunker(CreateVm),
+    ListBunkers,
+    GetBunker(String),
+    DeleteBunker(String),
+    PauseBunker(String),
+    ResumeBunker(String),
+    Exec(String, ExecRequest),
+    WriteFile {
+        id: String,
+        path: String,
+        mode: u32,
+        declared_len: Option<u64>,
+        body: Body,
+    },
+    ReadFile {
+        id: String,
+        path: String,
+    },
+    ListDir {
+        id: String,
+        path: String,
+    },
+    Remove {
+        id: String,
+        path: String,
+        recursive: bool,
+    },
+}
+
+/// An error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn validation(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "VALIDATION_ERROR",
+            message,
+        )
+    }
+
+    /// A failure that is the worker's own: logged here, reported without detail.
+    fn internal(what: &str, detail: &dyn std::fmt::Display) -> Self {
+        tracing::error!(%detail, "{what}");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", what)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = WorkerError {
+            code: self.code.to_owned(),
+            message: self.message,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<CreateBunkerError> for ApiError {
+    fn from(e: CreateBunkerError) -> Self {
+        let message = e.to_string();
+        match e {
+            CreateBunkerError::Invalid(_) => Self::validation(message),
+            CreateBunkerError::Exists(_) => {
+                Self::new(StatusCode::CONFLICT, "BUNKER_EXISTS", message)
+            }
+            CreateBunkerError::ImageNotCached(_) => {
+                Self::new(StatusCode::NOT_FOUND, "IMAGE_NOT_CACHED", message)
+            }
+            // The reason (with the console tail) is what the controller needs to show.
+            CreateBunkerError::BootFailed { .. } => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "BOOT_FAILED", message)
+            }
+        }
+    }
+}
+
+impl From<BunkerOpError> for ApiError {
+    fn from(e: BunkerOpError) -> Self {
+        match e {
+            BunkerOpError::NotFound(_) => {
+                Self::new(StatusCode::NOT_FOUND, "BUNKER_NOT_FOUND", e.to_string())
+            }
+            BunkerOpError::NotRunning { .. } => {
+                Self::new(StatusCode::CONFLICT, "BUNKER_NOT_RUNNING", e.to_string())
+            }
+            BunkerOpError::Vmm { .. } => Self::internal("the vmm failed", &e),
+        }
+    }
+}
+
+impl From<AgentError> for ApiError {
+    fn from(e: AgentError) -> Self {
+        match e {
+            AgentError::Agent { code, message } => {
+                let (status, code) = match code {
+                    AgentErrorCode::FileNotFound => (StatusCode::NOT_FOUND, "FILE_NOT_FOUND"),
+                    AgentErrorCode::IsADirectory => (StatusCode::CONFLICT, "IS_A_DIRECTORY"),
+                    AgentErrorCode::NotADirectory => (StatusCode::CONFLICT, "NOT_A_DIRECTORY"),
+                    AgentErrorCode::DirectoryNotEmpty => {
+                        (StatusCode::CONFLICT, "DIRECTORY_NOT_EMPTY")
+                    }
+                    AgentErrorCode::InvalidPath => {
+                        (StatusCode::UNPROCESSABLE_ENTITY, "INVALID_PATH")
+                    }
+                    AgentErrorCode::PermissionDenied => {
+                        (StatusCode::FORBIDDEN, "PERMISSION_DENIED")
+                    }
+                    // Guest-side I/O failures (a full disk) are the caller's to see.
+                    AgentErrorCode::Io => (StatusCode::INTERNAL_SERVER_ERROR, "GUEST_IO_ERROR"),
+                    AgentErrorCode::SpawnFailed | AgentErrorCode::BadRequest => {
+                        return Self::internal(
+                            "the agent refused the request",
+                            &format!("{code:?}: {message}"),
+                        );
+                    }
+                };
+                Self::new(status, code, message)
+            }
+            AgentError::Unavailable(_) | AgentError::Timeout(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "AGENT_UNAVAILABLE",
+                e.to_string(),
+            ),
+            AgentError::Protocol { .. } => Self::internal("the agent broke the protocol", &e),
+        }
+    }
+}
+
+/// The router: the authenticated API under [`WORKER_API_PREFIX`] and the open health checks.
+pub fn router(state: Arc<ApiState>) -> Router {
+    let api = Router::new()
+        .route("/bunkers", post(create_bunker).get(list_bunkers))
+        .route("/bunkers/{id}", get(get_bunker).delete(delete_bunker))
+        .route("/bunkers/{id}/pause", post(pause_bunker))
+        .route("/bunkers/{id}/resume", post(resume_bunker))
+        .route("/bunkers/{id}/exec", post(exec))
+        .route(
+            "/bunkers/{id}/files",
+            get(read_file).put(write_file).delete(remove_file),
+        )
+        .route("/bunkers/{id}/files/list", get(list_dir))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            require_token,
+        ))
+        .route("/health", get(health));
+    Router::new()
+        .nest(WORKER_API_PREFIX, api)
+        .route("/health", get(health))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route") })
+        .with_state(state)
+}
+
+async fn require_token(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(token) if state.token_matches(token) => next.run(req).await,
+        _ => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "AUTH_TOKEN_INVALID",
+            "missing or invalid worker token",
+        )
+        .into_response(),
+    }
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(v)| v)
+        .map_err(|e| ApiError::validation(e.body_text()))
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(v)| v)
+        .map_err(|e| ApiError::validation(e.body_text()))
+}
+
+async fn create_bunker(
+    State(s): State<Arc<ApiState>>,
+    body: Result<Json<CreateVm>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    execute(&s, Command::CreateBunker(json_body(body)?)).await
+}
+
+async fn list_bunkers(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    execute(&s, Command::ListBunkers).await
+}
+
+async fn get_bunker(
+    State(s): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    execute(&s, Command::GetBunker(id)).await
+}
+
+async fn delete_bunker(
+    State(s): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    execute(&s, Command::DeleteBunker(id)).await
+}
+
+async fn pause_bunker(
+    State(s): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    execute(&s, Command::PauseBunker(id)).await
+}
+
+async fn resume_bunker(
+    State(s): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    execute(&s, Command::ResumeBunker(id)).await
+}
+
+async fn exec(
+    State(s): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    body: Result<Json<ExecRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    execute(&s, Command::Exec(id, json_body(body)?)).await
+}
+
+#[derive(Debug, Deserialize)]
+struct FileQuery {
+    path: Option<String>,
+    /// Octal, as in `chmod`.
+    mode: Option<String>,
+    recursive: Option<bool>,
+}
+
+impl FileQuery {
+    fn path(&mut self) -> Result<String, ApiError> {
+        match self.path.take() {
+            Some(p) if !p.is_empty() => Ok(p),
+            _ => Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "INVALID_PATH",
+                "the `path` query parameter is required",
+            )),
+        }
+    }
+
+    fn mode(&self) -> Result<u32, ApiError> {
+        let text = self.mode.as_deref().unwrap_or("644");
+        u32::from_str_radix(text, 8)
+            .ok()
+            .filter(|m| *m <= 0o7777)
+            .ok_or_else(|| ApiError::validation(format!("mode {text:?} is not an octal file mode")))
+    }
+}
+
+async fn write_file(
+    State(s): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    q: Result<Query<FileQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let mut q = query(q)?;
+    let declared_len = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let cmd = Command::WriteFile {
+        id,
+        path: q.path()?,
+        mode: q.mode()?,
+        declared_len,
+        body,
+    };
+    execute(&s, cmd).await
+}
+
+async fn read_file(
+    State(s): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    q: Result<Query<FileQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let path = query(q)?.path()?;
+    execute(&s, Command::ReadFile { id, path }).await
+}
+
+async fn list_dir(
+    State(s): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    q: Result<Query<FileQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let path = query(q)?.path()?;
+    execute(&s, Command::ListDir { id, path }).await
+}
+
+async fn remove_file(
+    State(s): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    q: Result<Query<FileQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let mut q = query(q)?;
+    let cmd = Command::Remove {
+        id,
+        path: q.path()?,
+        recursive: q.recursive.unwrap_or(false),
+    };
+    execute(&s, cmd).await
+}
+
+/// Runs one command.
+async fn execute(s: &ApiState, cmd: Command) -> Result<Response, ApiError> {
+    let bunkers = &s.bunkers;
+    Ok(match cmd {
+        Command::CreateBunker(req) => Json(bunkers.create(req).await?).into_response(),
+        Command::ListBunkers => Json(bunkers.list()).into_response(),
+        Command::GetBunker(id) => Json(bunkers.get(&id)?.info()).into_response(),
+        Command::DeleteBunker(id) => {
+            bunkers.stop(&id).await?;
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Command::PauseBunker(id) => Json(bunkers.pause(&id).await?).into_response(),
+        Command::ResumeBunker(id) => Json(bunkers.resume(&id).await?).into_response(),
+        Command::Exec(id, req) => {
+            let (agent, bunker_env) = bunkers.agent(&id)?;
+            let spec = exec_spec(req, bunker_env)?;
+            let outcome = match agent.exec(spec).await {
+                Ok(outcome) => outcome,
+                // Like a shell: a command that cannot start exits 127 with the reason on stderr.
+                Err(AgentError::Agent {
+                    code: AgentErrorCode::SpawnFailed,
+                    message,
+                }) => spawn_failed(message),
+                Err(e) => return Err(e.into()),
+            };
+            Json(exec_result(outcome)).into_response()
+        }
+        Command::WriteFile {
+            id,
+            path,
+            mode,
+            declared_len,
+            body,
+        } => {
+            let limit = s.max_file_bytes;
+            if declared_len.is_some_and(|n| n > limit) {
+                return Err(too_large(limit));
+            }
+            let (agent, _) = bunkers.agent(&id)?;
+            match agent.write_file(path, mode, capped(body, limit)).await {
+                Ok(size_bytes) => Json(FileWritten { size_bytes }).into_response(),
+                Err(WriteFileError::Body(BodyError::TooLarge)) => return Err(too_large(limit)),
+                Err(WriteFileError::Body(BodyError::Read(e))) => {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "BODY_READ_FAILED",
+                        format!("reading the upload failed: {e}"),
+                    ));
+                }
+                Err(WriteFileError::Agent(e)) => return Err(e.into()),
+            }
+        }
+        Command::ReadFile { id, path } => {
+            let (agent, _) = bunkers.agent(&id)?;
+            let stream = agent.read_file(path).await?;
+            (
+                [(header::CONTENT_TYPE, "application/octet-stream")],
+                Body::from_stream(stream),
+            )
+                .into_response()
+        }
+        Command::ListDir { id, path } => {
+            let (agent, _) = bunkers.agent(&id)?;
+            Json(agent.list_dir(path).await?).into_response()
+        }
+        Command::Remove {
+            id,
+            path,
+            recursive,
+        } => {
+            let (agent, _) = bunkers.agent(&id)?;
+            agent.remove(path, recursive).await?;
+            StatusCode::NO_CONTENT.into_response()
+        }
+    })
+}
+
+fn exec_spec(req: ExecRequest, bunker_env: BTreeMap<String, String>) -> Result<ExecSpec, ApiError> {
+    if req.timeout_ms == 0 {
+        return Err(ApiError::validation("timeout_ms must be positive"));
+    }
+    let stdin = req
+        .stdin_b64
+        .map(|b64| BASE64.decode(b64.as_bytes()).map(Bytes::from))
+        .transpose()
+        .map_err(|e| ApiError::validation(format!("stdin_b64 is not base64: {e}")))?;
+    let mut env = bunker_env;
+    env.extend(req.env);
+    Ok(ExecSpec {
+        program: req.program,
+        env,
+        cwd: req.cwd,
+        user: req.user,
+        stdin,
+        timeout: Duration::from_millis(req.timeout_ms),
+        output_limit_bytes: req.output_limit_bytes,
+    })
+}
+
+fn spawn_failed(message: String) -> ExecOutcome {
+    let mut stderr = message.into_bytes();
+    stderr.push(b'\n');
+    ExecOutcome {
+        exit_code: Some(SPAWN_FAILED_EXIT_CODE),
+        signal: None,
+        timed_out: false,
+        duration_ms: 0,
+        stdout_total_bytes: 0,
+        stderr_total_bytes: stderr.len() as u64,
+        stdout: Vec::new(),
+        stderr,
+    }
+}
+
+fn exec_result(o: ExecOutcome) -> ExecResult {
+    ExecResult {
+        exit_code: o.exit_code,
+        signal: o.signal,
+        timed_out: o.timed_out,
+        guest_duration_ms: o.duration_ms,
+        stdout_b64: BASE64.encode(&o.stdout),
+        stderr_b64: BASE64.encode(&o.stderr),
+        stdout_total_bytes: o.stdout_total_bytes,
+        stderr_total_bytes: o.stderr_total_bytes,
+    }
+}
+
+fn too_large(limit: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "FILE_TOO_LARGE",
+        format!("uploads are limited to {limit} bytes"),
+    )
+}
+
+/// Why an upload body stopped.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("the body exceeds the upload limit")]
+    TooLarge,
+    #[error("read the request body")]
+    Read(#[source] axum::Error),
+}
+
+/// The body as a stream that fails once more than `limit` bytes have passed.
+fn capped(body: Body, limit: u64) -> impl Stream<Item = Result<Bytes, BodyError>> + Send {
+    let mut seen: u64 = 0;
+    body.into_data_stream().map(move |chunk| {
+        let chunk = chunk.map_err(BodyError::Read)?;
+        seen = seen.saturating_add(chunk.len() as u64);
+        if seen > limit {
+            Err(BodyError::TooLarge)
+        } else {
+            Ok(chunk)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_agent_errors_to_statuses() {
+        let cases = [
+            (AgentErrorCode::FileNotFound, 404, "FILE_NOT_FOUND"),
+            (AgentErrorCode::IsADirectory, 409, "IS_A_DIRECTORY"),
+            (AgentErrorCode::NotADirectory, 409, "NOT_A_DIRECTORY"),
+            (
+                AgentErrorCode::DirectoryNotEmpty,
+                409,
+                "DIRECTORY_NOT_EMPTY",
+            ),
+            (AgentErrorCode::InvalidPath, 422, "INVALID_PATH"),
+            (AgentErrorCode::PermissionDenied, 403, "PERMISSION_DENIED"),
+            (AgentErrorCode::Io, 500, "GUEST_IO_ERROR"),
+            (AgentErrorCode::BadRequest, 500, "INTERNAL"),
+        ];
+        for (code, status, api_code) in cases {
+            let e = ApiError::from(AgentError::Agent {
+                code,
+                message: "m".into(),
+            });
+            assert_eq!((e.status.as_u16(), e.code), (status, api_code), "{code:?}");
+        }
+        let gone = ApiError::from(AgentError::Unavailable("closed".into()));
+        assert_eq!(
+            (gone.status.as_u16(), gone.code),
+            (503, "AGENT_UNAVAILABLE")
+        );
+    }
+
+    #[test]
+    fn parses_octal_modes() {
+        let q = |mode: Option<&str>| FileQuery {
+            path: None,
+            mode: mode.map(str::to_owned),
+            recursive: None,
+        };
+        assert_eq!(q(None).mode().expect("default"), 0o644);
+        assert_eq!(q(Some("755")).mode().expect("755"), 0o755);
+        assert_eq!(q(Some("0600")).mode().expect("0600"), 0o600);
+        assert!(q(Some("999")).mode().is_err());
+        assert!(q(Some("17777")).mode().is_err());
+        assert!(q(Some("rw")).mode().is_err());
+    }
+
+    #[test]
+    fn spawn_failure_looks_like_a_shell() {
+        let r = exec_result(spawn_failed("nosuchcmd: not found".into()));
+        assert_eq!(r.exit_code, Some(127));
+        assert_eq!(
+            BASE64.decode(r.stderr_b64).expect("b64"),
+            b"nosuchcmd: not found\n"
+        );
+    }
+
+    #[test]
+    fn token_comparison_accepts_only_the_token() {
+        let expected: [u8; 32] = Sha256::digest(b"secret").into();
+        assert!(digest_matches(&expected, "secret"));
+        assert!(!digest_matches(&expected, "secret "));
+        assert!(!digest_matches(&expected, ""));
+    }
+
+    #[tokio::test]
+    async fn capped_body_fails_past_the_limit() {
+        let body = Body::from(vec![0u8; 10]);
+        let items: Vec<_> = capped(body, 9).collect().await;
+        assert!(matches!(items.last(), Some(Err(BodyError::TooLarge))));
+        let body = Body::from(vec![0u8; 10]);
+        let items: Vec<_> = capped(body, 10).collect().await;
+        assert!(items.iter().all(Result::is_ok));
+    }
+}

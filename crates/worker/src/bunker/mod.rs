@@ -1,0 +1,395 @@
+//! The worker's bunkers: a registry of per-bunker supervisors ([`supervisor::Bunker`]).
+//!
+//! Invariants:
+//! - One entry per bunker id; a create of a listed id is refused, so two supervisors never
+//!   share a directory (`<data>/bunkers/<id>/`).
+//! - A failed create leaves no entry, no process and no directory.
+//! - A bunker whose VM dies on its own stays listed as `Failed` with a reason (heartbeats
+//!   report it) until it is deleted.
+//! - A panic in a bunker's boot or watcher task fails that bunker; the daemon keeps running.
+
+pub mod leftovers;
+pub mod supervisor;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::Duration;
+
+use scaibunker_proto::worker::{BunkerStatusReport, CreateVm, VmInfo, VmStatus};
+
+use self::supervisor::{BootPlan, Bunker, Resources, TransitionError};
+use crate::agent_client::AgentClient;
+use crate::images::ImageCache;
+use crate::vmm::Vmm;
+
+/// Smallest guest the kernel, initramfs and agent fit in.
+pub const MIN_MEMORY_MB: u64 = 64;
+const MAX_BUNKER_ID_LEN: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CreateBunkerError {
+    #[error("invalid create request: {0}")]
+    Invalid(String),
+    #[error("bunker {0} already exists")]
+    Exists(String),
+    #[error("image {0} is not in the local cache")]
+    ImageNotCached(String),
+    #[error("bunker {id} failed to boot: {reason}")]
+    BootFailed { id: String, reason: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BunkerOpError {
+    #[error("bunker {0} not found")]
+    NotFound(String),
+    #[error("bunker {id} is {status:?}")]
+    NotRunning { id: String, status: VmStatus },
+    #[error("bunker {id}: {detail}")]
+    Vmm { id: String, detail: String },
+}
+
+/// Every bunker on this worker.
+pub struct Bunkers {
+    vmm: Arc<dyn Vmm>,
+    images: RwLock<Arc<ImageCache>>,
+    bunkers_dir: PathBuf,
+    boot_timeout: Duration,
+    table: Mutex<HashMap<String, Arc<Bunker>>>,
+    /// Serialises rescans of the images directory.
+    rescan: tokio::sync::Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The table is updated by single inserts and removes, which a panic cannot tear.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Bunkers {
+    pub fn new(
+        vmm: Arc<dyn Vmm>,
+        images: ImageCache,
+        bunkers_dir: PathBuf,
+        boot_timeout: Duration,
+    ) -> Self {
+        Self {
+            vmm,
+            images: RwLock::new(Arc::new(images)),
+            bunkers_dir,
+            boot_timeout,
+            table: Mutex::new(HashMap::new()),
+            rescan: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn runtime(&self) -> String {
+        self.vmm.runtime()
+    }
+
+    pub fn images(&self) -> Arc<ImageCache> {
+        Arc::clone(&self.images.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Boots a bunker and answers once its agent is ready.
+    pub async fn create(&self, req: CreateVm) -> Result<VmInfo, CreateBunkerError> {
+        validate_id(&req.bunker_id).map_err(CreateBunkerError::Invalid)?;
+        validate_hostname(&req.hostname).map_err(CreateBunkerError::Invalid)?;
+        if req.memory_mb < MIN_MEMORY_MB {
+            return Err(CreateBunkerError::Invalid(format!(
+                "memory_mb must be at least {MIN_MEMORY_MB}"
+            )));
+        }
+        let images = self.images_with(&req.image_sha256).await;
+        let image = images
+            .lookup(&req.image_sha256)
+            .cloned()
+            .ok_or_else(|| CreateBunkerError::ImageNotCached(req.image_sha256.clone()))?;
+        let guest = images
+            .boot()
+            .cloned()
+            .ok_or_else(|| CreateBunkerError::BootFailed {
+                id: req.bunker_id.clone(),
+                reason: format!(
+                    "the images directory {} has no guest kernel and initramfs",
+                    images.dir().display()
+                ),
+            })?;
+
+        let bunker = Arc::new(Bunker::new(
+            req.bunker_id.clone(),
+            self.bunkers_dir.join(&req.bunker_id),
+            Resources {
+                cpu_millicores: req.cpu_millicores,
+                memory_mb: req.memory_mb,
+                disk_mb: req.disk_mb,
+            },
+            req.hostname,
+            req.env_vars,
+        ));
+        {
+            let mut table = lock(&self.table);
+            if table.contains_key(&req.bunker_id) {
+                return Err(CreateBunkerError::Exists(req.bunker_id));
+            }
+            table.insert(req.bunker_id.clone(), Arc::clone(&bunker));
+        }
+
+        // The boot runs in its own task: a panic in it fails this bunker only, and a caller
+        // that goes away mid-boot does not abandon a half-started VM.
+        let vmm = Arc::clone(&self.vmm);
+        let timeout = self.boot_timeout;
+        let booting = Arc::clone(&bunker);
+        let task = tokio::spawn(async move {
+            let plan = BootPlan {
+                vmm: vmm.as_ref(),
+                image: &image,
+                guest: &guest,
+                timeout,
+            };
+            booting.boot(plan).await
+        });
+        let booted = match task.await {
+            Ok(result) => result,
+            Err(join) => {
+                let reason = format!("the boot task failed: {join}");
+                bunker.fail(reason.clone());
+                bunker.stop().await;
+                Err(reason)
+            }
+        };
+        match booted {
+            Ok(()) => {
+                spawn_watcher(&bunker);
+                Ok(bunker.info())
+            }
+            Err(reason) => {
+                self.forget(&bunker);
+                Err(CreateBunkerError::BootFailed {
+                    id: bunker.id().to_owned(),
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// The image cache, rescanned once if it does not know `key` (images may have been
+    /// added since the worker started; digests already computed are reused).
+    async fn images_with(&self, key: &str) -> Arc<ImageCache> {
+        let images = self.images();
+        if images.lookup(key).is_some() {
+            return images;
+        }
+        let _one_scan = self.rescan.lock().await;
+        let dir = images.dir().to_owned();
+        match tokio::task::spawn_blocking(move || ImageCache::scan(&dir)).await {
+            Ok(Ok(fresh)) => {
+                let fresh = Arc::new(fresh);
+                *self.images.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&fresh);
+                fresh
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %supervisor::error_chain(&e), "rescan images");
+                images
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "rescan images task");
+                images
+            }
+        }
+    }
+
+    /// Removes `bunker` from the table, if that entry is still this bunker.
+    fn forget(&self, bunker: &Arc<Bunker>) {
+        let mut table = lock(&self.table);
+        if table
+            .get(bunker.id())
+            .is_some_and(|b| Arc::ptr_eq(b, bunker))
+        {
+            table.remove(bunker.id());
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Result<Arc<Bunker>, BunkerOpError> {
+        lock(&self.table)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| BunkerOpError::NotFound(id.to_owned()))
+    }
+
+    /// Every bunker, by id.
+    pub fn list(&self) -> Vec<VmInfo> {
+        let mut all: Vec<VmInfo> = self.all().iter().map(|b| b.info()).collect();
+        all.sort_by(|a, b| a.bunker_id.cmp(&b.bunker_id));
+        all
+    }
+
+    fn all(&self) -> Vec<Arc<Bunker>> {
+        lock(&self.table).values().cloned().collect()
+    }
+
+    pub fn reports(&self) -> Vec<BunkerStatusReport> {
+        let mut all: Vec<BunkerStatusReport> = self.all().iter().map(|b| b.report()).collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+
+    /// Resources held by bunkers that have (or are getting) a VM.
+    pub fn reserved(&self) -> Resources {
+        self.all()
+            .iter()
+            .filter(|b| b.status() != VmStatus::Failed)
+            .map(|b| b.resources())
+            .fold(Resources::default(), |acc, r| Resources {
+                cpu_millicores: acc.cpu_millicores.saturating_add(r.cpu_millicores),
+                memory_mb: acc.memory_mb.saturating_add(r.memory_mb),
+                disk_mb: acc.disk_mb.saturating_add(r.disk_mb),
+            })
+    }
+
+    /// Bunkers that are not failed.
+    pub fn active_count(&self) -> u64 {
+        self.all()
+            .iter()
+            .filter(|b| b.status() != VmStatus::Failed)
+            .count() as u64
+    }
+
+    /// Stops and forgets a bunker (a booting one gives up its boot first).
+    pub async fn stop(&self, id: &str) -> Result<(), BunkerOpError> {
+        let bunker = self.get(id)?;
+        bunker.stop().await;
+        self.forget(&bunker);
+        Ok(())
+    }
+
+    /// Stops every bunker, for shutdown.
+    pub async fn stop_all(&self) {
+        let all = self.all();
+        futures_util::future::join_all(all.iter().map(|b| async move {
+            b.stop().await;
+            self.forget(b);
+        }))
+        .await;
+    }
+
+    pub async fn pause(&self, id: &str) -> Result<VmInfo, BunkerOpError> {
+        let bunker = self.get(id)?;
+        bunker.pause().await.map_err(|e| transition_error(id, e))?;
+        Ok(bunker.info())
+    }
+
+    pub async fn resume(&self, id: &str) -> Result<VmInfo, BunkerOpError> {
+        let bunker = self.get(id)?;
+        bunker.resume().await.map_err(|e| transition_error(id, e))?;
+        Ok(bunker.info())
+    }
+
+    /// The agent of a running bunker, with the bunker's default environment.
+    pub fn agent(
+        &self,
+        id: &str,
+    ) -> Result<(AgentClient, BTreeMap<String, String>), BunkerOpError> {
+        let bunker = self.get(id)?;
+        let agent = bunker
+            .running_agent()
+            .map_err(|status| BunkerOpError::NotRunning {
+                id: id.to_owned(),
+                status,
+            })?;
+        Ok((agent, bunker.env().clone()))
+    }
+}
+
+fn transition_error(id: &str, e: TransitionError) -> BunkerOpError {
+    match e {
+        TransitionError::WrongState(status) => BunkerOpError::NotRunning {
+            id: id.to_owned(),
+            status,
+        },
+        TransitionError::Vmm(detail) => BunkerOpError::Vmm {
+            id: id.to_owned(),
+            detail,
+        },
+    }
+}
+
+/// Watches the VM of a running bunker; if the watcher itself panics, the bunker fails.
+fn spawn_watcher(bunker: &Arc<Bunker>) {
+    let watched = Arc::clone(bunker);
+    let task = tokio::spawn(Arc::clone(bunker).watch_vm());
+    tokio::spawn(async move {
+        if let Err(join) = task.await
+            && join.is_panic()
+        {
+            watched.fail(format!("the bunker's watcher task panicked: {join}"));
+            watched.stop().await;
+        }
+    });
+}
+
+/// Ids name directories: letters, digits, `-` and `_`, not starting with `-`.
+fn validate_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_BUNKER_ID_LEN
+        && !id.starts_with('-')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "bunker_id {id:?} must be 1-{MAX_BUNKER_ID_LEN} letters, digits, '-' or '_', not starting with '-'"
+        ))
+    }
+}
+
+/// Host names go on the kernel command line: RFC 1123 labels only, so nothing else can.
+fn validate_hostname(name: &str) -> Result<(), String> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if !name.is_empty() && name.len() <= 253 && name.split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err(format!("hostname {name:?} is not a valid host name"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bunker_ids_must_be_safe_directory_names() {
+        for ok in ["b1", "bk_01HZX", "a-b", &"x".repeat(64)] {
+            assert!(validate_id(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "..", "a/b", "-x", "a b", "a.b", &"x".repeat(65), "é"] {
+            assert!(validate_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hostnames_cannot_smuggle_kernel_arguments() {
+        for ok in ["box", "my-box.example", "a1"] {
+            assert!(validate_hostname(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "box init=/bin/sh",
+            "-a",
+            "a-",
+            "a..b",
+            "a_b",
+            &"x".repeat(64),
+        ] {
+            assert!(validate_hostname(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,432 @@
+//! One bunker's supervisor: its state, its VM, its agent channel, and the tasks that boot
+//! and watch it.
+//!
+//! States: `Booting → Running ⇄ Paused → Stopping`, and `Failed` (with a reason) from
+//! `Booting`, `Running` or `Paused`.
+//!
+//! Boot (see [`Bunker::boot`]):
+//! 1. Make the bunker directory and bind `agent.sock` in it.
+//! 2. Boot the VM through the driver.
+//! 3. Wait for the agent's hello, the VM exiting, a stop request, or the boot timeout.
+//! 4. On anything but the hello: kill the VM, keep the tail of the console for the reason,
+//!    and remove the directory. Nothing is left running or on disk.
+//!
+//! Invariants: the VM lock (`vm`) serialises boot, pause, resume and stop, and owns the VM;
+//! a bunker whose VM is gone has no directory; a `Failed` bunker stays listed, with its
+//! reason, until it is deleted.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use scaibunker_proto::worker::{BunkerStatusReport, VmInfo, VmStatus};
+use tokio::net::UnixListener;
+use tokio::sync::Notify;
+
+use crate::agent_client::AgentClient;
+use crate::images::{GuestBoot, Image};
+use crate::vmm::qemu::cmdline::{CONSOLE_LOG, QEMU_LOG};
+use crate::vmm::{BootSpec, Vm, Vmm};
+
+/// File name of the agent channel socket in the bunker directory.
+pub const AGENT_SOCKET: &str = "agent.sock";
+/// Lines of console output kept in a failure reason.
+const CONSOLE_TAIL_LINES: usize = 20;
+/// Longest unix socket path the kernel accepts (`sun_path` minus its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Resources a bunker asked for; they count against the worker's free capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Resources {
+    pub cpu_millicores: u64,
+    pub memory_mb: u64,
+    pub disk_mb: u64,
+}
+
+#[derive(Debug, Clone)]
+struct State {
+    status: VmStatus,
+    reason: Option<String>,
+    guest_kernel: Option<String>,
+    boot_ms: u64,
+}
+
+/// One bunker.
+pub struct Bunker {
+    id: String,
+    dir: PathBuf,
+    resources: Resources,
+    hostname: String,
+    /// Added to every exec's environment (the exec's own variables win).
+    env: BTreeMap<String, String>,
+    state: Mutex<State>,
+    /// Serialises lifecycle operations and owns the VM while it runs.
+    vm: tokio::sync::Mutex<Option<Box<dyn Vm>>>,
+    agent: Mutex<Option<AgentClient>>,
+    /// Interrupts a boot in progress (a stop arrived).
+    cancel_boot: Notify,
+}
+
+impl std::fmt::Debug for Bunker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bunker")
+            .field("id", &self.id)
+            .field("dir", &self.dir)
+            .field("state", &*lock(&self.state))
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Each update of these mutexes is a single assignment, so a panic cannot tear them.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What the bunker needs from the manager to boot.
+pub struct BootPlan<'a> {
+    pub vmm: &'a dyn Vmm,
+    pub image: &'a Image,
+    pub guest: &'a GuestBoot,
+    pub timeout: Duration,
+}
+
+impl Bunker {
+    pub fn new(
+        id: String,
+        dir: PathBuf,
+        resources: Resources,
+        hostname: String,
+        env: BTreeMap<String, String>,
+    ) -> Self {
+        Self {
+            id,
+            dir,
+            resources,
+            hostname,
+            env,
+            state: Mutex::new(State {
+                status: VmStatus::Booting,
+                reason: None,
+                guest_kernel: None,
+                boot_ms: 0,
+            }),
+            vm: tokio::sync::Mutex::new(None),
+            agent: Mutex::new(None),
+            cancel_boot: Notify::new(),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn resources(&self) -> Resources {
+        self.resources
+    }
+
+    pub fn env(&self) -> &BTreeMap<String, String> {
+        &self.env
+    }
+
+    pub fn status(&self) -> VmStatus {
+        lock(&self.state).status
+    }
+
+    fn set_status(&self, status: VmStatus) {
+        lock(&self.state).status = status;
+    }
+
+    pub fn info(&self) -> VmInfo {
+        let state = lock(&self.state);
+        VmInfo {
+            bunker_id: self.id.clone(),
+            status: state.status,
+            guest_kernel: state.guest_kernel.clone(),
+            boot_ms: state.boot_ms,
+        }
+    }
+
+    pub fn report(&self) -> BunkerStatusReport {
+        let state = lock(&self.state);
+        BunkerStatusReport {
+            id: self.id.clone(),
+            status: state.status,
+            reason: state.reason.clone(),
+        }
+    }
+
+    /// The agent, if the bunker is running.
+    pub fn running_agent(&self) -> Result<AgentClient, VmStatus> {
+        let status = self.status();
+        if status != VmStatus::Running {
+            return Err(status);
+        }
+        lock(&self.agent).clone().ok_or(status)
+    }
+
+    /// Marks the bunker failed: keeps the reason, drops the agent channel.
+    pub fn fail(&self, reason: String) {
+        tracing::warn!(bunker_id = %self.id, %reason, "bunker failed");
+        {
+            let mut state = lock(&self.state);
+            state.status = VmStatus::Failed;
+            state.reason = Some(reason);
+        }
+        lock(&self.agent).take();
+    }
+
+    /// Boots the VM and waits until the agent is ready. On failure nothing is left running
+    /// or on disk, and the error is the reason (with the console tail).
+    pub async fn boot(&self, plan: BootPlan<'_>) -> Result<(), String> {
+        let mut slot = self.vm.lock().await;
+        let started = Instant::now();
+        let result = self.boot_locked(&plan, &mut slot, started).await;
+        if let Err(what) = &result {
+            if let Some(vm) = slot.take() {
+                vm.stop().await;
+            }
+            let reason = format!("{what}{}", diagnostics(&self.dir));
+            remove_dir(&self.dir);
+            self.fail(reason.clone());
+            return Err(reason);
+        }
+        let boot_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let mut state = lock(&self.state);
+        state.status = VmStatus::Running;
+        state.boot_ms = boot_ms;
+        tracing::info!(bunker_id = %self.id, boot_ms, "bunker running");
+        Ok(())
+    }
+
+    async fn boot_locked(
+        &self,
+        plan: &BootPlan<'_>,
+        slot: &mut Option<Box<dyn Vm>>,
+        started: Instant,
+    ) -> Result<(), String> {
+        if self.status() != VmStatus::Booting {
+            return Err("stopped during boot".to_owned());
+        }
+        if self.dir.exists() {
+            // Only a failed clean-up leaves a directory behind; it belongs to nobody now.
+            remove_dir(&self.dir);
+        }
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| format!("create bunker directory {}: {e}", self.dir.display()))?;
+        let socket = self.dir.join(AGENT_SOCKET);
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(format!(
+                "agent socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter data directory",
+                socket.display()
+            ));
+        }
+        let listener = UnixListener::bind(&socket)
+            .map_err(|e| format!("bind agent socket {}: {e}", socket.display()))?;
+        let spec = BootSpec {
+            dir: self.dir.clone(),
+            kernel: plan.guest.kernel.clone(),
+            initramfs: plan.guest.initramfs.clone(),
+            base_image: plan.image.path.clone(),
+            agent_socket: socket,
+            cpu_millicores: self.resources.cpu_millicores,
+            memory_mb: self.resources.memory_mb,
+            hostname: self.hostname.clone(),
+        };
+        let vm = plan
+            .vmm
+            .boot(&spec)
+            .await
+            .map_err(|e| format!("start the vm: {}", error_chain(&e)))?;
+        let exited = vm.exited();
+        *slot = Some(vm);
+        let wait = async {
+            tokio::select! {
+                agent = AgentClient::connect(&listener) => {
+                    agent.map_err(|e| format!("agent channel: {}", error_chain(&e)))
+                }
+                exit = exited => Err(format!("qemu exited ({exit}) before the agent was ready")),
+                () = self.cancel_boot.notified() => Err("stopped during boot".to_owned()),
+            }
+        };
+        let agent = tokio::time::timeout(plan.timeout, wait)
+            .await
+            .map_err(|_| {
+                format!(
+                    "the agent did not say hello within {}s of the vm starting",
+                    plan.timeout.as_secs()
+                )
+            })??;
+        let hello = agent.hello();
+        tracing::debug!(
+            bunker_id = %self.id,
+            agent_version = %hello.agent_version,
+            elapsed_ms = started.elapsed().as_millis(),
+            "agent ready"
+        );
+        lock(&self.state).guest_kernel = Some(hello.kernel);
+        *lock(&self.agent) = Some(agent);
+        Ok(())
+    }
+
+    /// Waits for the VM of a running bunker to exit; an exit nobody asked for fails the
+    /// bunker and removes its directory.
+    pub async fn watch_vm(self: Arc<Self>) {
+        let exited = {
+            let slot = self.vm.lock().await;
+            match slot.as_ref() {
+                Some(vm) => vm.exited(),
+                None => return,
+            }
+        };
+        let exit = exited.await;
+        let mut slot = self.vm.lock().await;
+        if !matches!(self.status(), VmStatus::Running | VmStatus::Paused) {
+            // A stop is (or was) in charge of the VM and its directory.
+            return;
+        }
+        slot.take();
+        let reason = format!(
+            "qemu exited unexpectedly ({exit}){}",
+            diagnostics(&self.dir)
+        );
+        remove_dir(&self.dir);
+        self.fail(reason);
+    }
+
+    /// Pauses a running bunker.
+    pub async fn pause(&self) -> Result<(), TransitionError> {
+        self.transition(VmStatus::Running, VmStatus::Paused).await
+    }
+
+    /// Resumes a paused bunker.
+    pub async fn resume(&self) -> Result<(), TransitionError> {
+        self.transition(VmStatus::Paused, VmStatus::Running).await
+    }
+
+    async fn transition(&self, from: VmStatus, to: VmStatus) -> Result<(), TransitionError> {
+        let slot = self.vm.lock().await;
+        let status = self.status();
+        let vm = match slot.as_ref() {
+            Some(vm) if status == from => vm,
+            _ => return Err(TransitionError::WrongState(status)),
+        };
+        let done = if to == VmStatus::Paused {
+            vm.pause().await
+        } else {
+            vm.resume().await
+        };
+        done.map_err(|e| TransitionError::Vmm(error_chain(&e)))?;
+        self.set_status(to);
+        Ok(())
+    }
+
+    /// Kills the VM and removes the directory; waits for a boot in progress to give up.
+    pub async fn stop(&self) {
+        self.cancel_boot.notify_one();
+        let mut slot = self.vm.lock().await;
+        if self.status() != VmStatus::Failed {
+            self.set_status(VmStatus::Stopping);
+        }
+        lock(&self.agent).take();
+        if let Some(vm) = slot.take() {
+            let exit = vm.stop().await;
+            tracing::info!(bunker_id = %self.id, %exit, "bunker stopped");
+        }
+        remove_dir(&self.dir);
+    }
+
+    /// The QEMU pid, for tests and diagnostics.
+    pub async fn pid(&self) -> Option<u32> {
+        self.vm.lock().await.as_ref().and_then(|vm| vm.pid())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransitionError {
+    #[error("the bunker is {0:?}")]
+    WrongState(VmStatus),
+    #[error("{0}")]
+    Vmm(String),
+}
+
+/// An error and its sources, as one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+fn remove_dir(dir: &Path) {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::error!(dir = %dir.display(), error = %e, "remove bunker directory"),
+    }
+}
+
+/// The console tail, and QEMU's own complaints if any, for a failure reason.
+fn diagnostics(dir: &Path) -> String {
+    let mut out = String::new();
+    let qemu = tail_lines(&dir.join(QEMU_LOG), CONSOLE_TAIL_LINES);
+    if !qemu.trim().is_empty() {
+        out.push_str("; qemu said:\n");
+        out.push_str(&qemu);
+    }
+    let console = tail_lines(&dir.join(CONSOLE_LOG), CONSOLE_TAIL_LINES);
+    if console.trim().is_empty() {
+        out.push_str("; the console is empty");
+    } else {
+        out.push_str("; console tail:\n");
+        out.push_str(&console);
+    }
+    out
+}
+
+/// The last `n` lines of a file (reading at most its last 64 KiB); empty if unreadable.
+pub fn tail_lines(path: &Path, n: usize) -> String {
+    const WINDOW: u64 = 64 * 1024;
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if file
+        .seek(SeekFrom::Start(len.saturating_sub(WINDOW)))
+        .is_err()
+    {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    if file.read_to_end(&mut buf).is_err() {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("console.log");
+        let text: String = (1..=30).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&path, text).expect("write");
+        let tail = tail_lines(&path, 3);
+        assert_eq!(tail, "line 28\nline 29\nline 30");
+        assert_eq!(tail_lines(&dir.path().join("missing"), 3), "");
+    }
+}

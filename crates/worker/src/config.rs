@@ -1,0 +1,266 @@
+//! Worker configuration, read from the environment.
+//!
+//! Every setting has a default except the worker token; without a controller URL the
+//! worker runs standalone (it serves its API but never registers), which is what tests use.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Which accelerator the QEMU driver uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AccelChoice {
+    /// KVM when the host has real hardware virtualisation, TCG otherwise.
+    #[default]
+    Auto,
+    Tcg,
+    Kvm,
+}
+
+impl std::str::FromStr for AccelChoice {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "tcg" => Ok(Self::Tcg),
+            "kvm" => Ok(Self::Kvm),
+            other => Err(ConfigError::Invalid {
+                var: "SCAIBUNKER_VMM_ACCEL",
+                value: other.to_owned(),
+                expected: "auto, tcg or kvm",
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Base URL of the controller; `None` runs the worker standalone.
+    pub controller_url: Option<String>,
+    /// The one credential of the worker: the controller presents it, and the worker
+    /// presents it to the controller.
+    pub worker_token: String,
+    pub listen: SocketAddr,
+    /// Base URL the controller reaches this worker at; `http://<bound address>` if unset.
+    pub advertised_url: Option<String>,
+    /// Bunkers run in `<data_dir>/bunkers/<bunker_id>/`.
+    pub data_dir: PathBuf,
+    /// `vmlinux`, `initramfs.cpio.gz` and one `<name>.ext4` per image.
+    pub images_dir: PathBuf,
+    pub heartbeat_interval: Duration,
+    /// Stable worker name for registration.
+    pub name: String,
+    /// How long a boot may take until the agent says hello.
+    pub boot_timeout: Duration,
+    pub accel: AccelChoice,
+    /// Largest file one upload may write.
+    pub max_file_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0} is required")]
+    Missing(&'static str),
+    #[error("{var}={value:?} is invalid: expected {expected}")]
+    Invalid {
+        var: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("HOME is not set, so {0} has no default")]
+    NoHome(&'static str),
+}
+
+impl WorkerConfig {
+    /// A standalone configuration: no controller, defaults for everything else.
+    pub fn standalone(worker_token: String, data_dir: PathBuf, images_dir: PathBuf) -> Self {
+        Self {
+            controller_url: None,
+            worker_token,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertised_url: None,
+            data_dir,
+            images_dir,
+            heartbeat_interval: Duration::from_secs(10),
+            name: host_name(),
+            boot_timeout: Duration::from_secs(120),
+            accel: AccelChoice::Auto,
+            max_file_bytes: 1 << 30,
+        }
+    }
+
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|var| std::env::var(var).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// Reads the configuration through `lookup`, so tests need not touch the environment.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let home = lookup("HOME").map(PathBuf::from);
+        let worker_token = lookup("SCAIBUNKER_WORKER_TOKEN")
+            .ok_or(ConfigError::Missing("SCAIBUNKER_WORKER_TOKEN"))?;
+        let data_dir = match lookup("SCAIBUNKER_WORKER_DATA_DIR") {
+            Some(dir) => PathBuf::from(dir),
+            None => home
+                .as_ref()
+                .ok_or(ConfigError::NoHome("SCAIBUNKER_WORKER_DATA_DIR"))?
+                .join(".local/share/scaibunker/worker"),
+        };
+        let images_dir = match lookup("SCAIBUNKER_IMAGES_DIR") {
+            Some(dir) => PathBuf::from(dir),
+            None => default_images_dir(home.as_ref())
+                .ok_or(ConfigError::NoHome("SCAIBUNKER_IMAGES_DIR"))?,
+        };
+        let mut config = Self::standalone(worker_token, data_dir, images_dir);
+        config.controller_url =
+            lookup("SCAIBUNKER_CONTROLLER_URL").map(|url| url.trim_end_matches('/').to_owned());
+        config.advertised_url =
+            lookup("SCAIBUNKER_WORKER_URL").map(|url| url.trim_end_matches('/').to_owned());
+        if let Some(listen) = lookup("SCAIBUNKER_WORKER_LISTEN") {
+            config.listen = listen.parse().map_err(|_| ConfigError::Invalid {
+                var: "SCAIBUNKER_WORKER_LISTEN",
+                value: listen.clone(),
+                expected: "a socket address such as 127.0.0.1:7070",
+            })?;
+        }
+        if let Some(name) = lookup("SCAIBUNKER_WORKER_NAME") {
+            config.name = name;
+        }
+        if let Some(s) = parse_u64(&lookup, "WORKER_HEARTBEAT_INTERVAL_S")? {
+            config.heartbeat_interval = Duration::from_secs(s.max(1));
+        }
+        if let Some(s) = parse_u64(&lookup, "SCAIBUNKER_BOOT_TIMEOUT_S")? {
+            config.boot_timeout = Duration::from_secs(s.max(1));
+        }
+        if let Some(accel) = lookup("SCAIBUNKER_VMM_ACCEL") {
+            config.accel = accel.parse()?;
+        }
+        if let Some(n) = parse_u64(&lookup, "SCAIBUNKER_MAX_FILE_BYTES")? {
+            config.max_file_bytes = n;
+        }
+        Ok(config)
+    }
+}
+
+/// `$HOME/.cache/scaibunker/images`, where `images/build.sh` puts the guest artefacts.
+pub fn default_images_dir(home: Option<&PathBuf>) -> Option<PathBuf> {
+    home.map(|h| h.join(".cache/scaibunker/images"))
+}
+
+fn parse_u64(
+    lookup: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+) -> Result<Option<u64>, ConfigError> {
+    lookup(var)
+        .map(|value| {
+            value.trim().parse().map_err(|_| ConfigError::Invalid {
+                var,
+                value,
+                expected: "a non-negative integer",
+            })
+        })
+        .transpose()
+}
+
+/// The kernel's host name, or `worker` if it is not valid UTF-8.
+pub fn host_name() -> String {
+    let uname = rustix::system::uname();
+    uname
+        .nodename()
+        .to_str()
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or("worker")
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn lookup_in(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn defaults_apply_when_only_token_and_home_are_set() {
+        let c = WorkerConfig::from_lookup(lookup_in(&[
+            ("HOME", "/home/w"),
+            ("SCAIBUNKER_WORKER_TOKEN", "t"),
+        ]))
+        .expect("valid");
+        assert_eq!(c.controller_url, None);
+        assert_eq!(c.listen, SocketAddr::from(([127, 0, 0, 1], 0)));
+        assert_eq!(
+            c.data_dir,
+            PathBuf::from("/home/w/.local/share/scaibunker/worker")
+        );
+        assert_eq!(
+            c.images_dir,
+            PathBuf::from("/home/w/.cache/scaibunker/images")
+        );
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(10));
+        assert_eq!(c.boot_timeout, Duration::from_secs(120));
+        assert_eq!(c.accel, AccelChoice::Auto);
+        assert_eq!(c.max_file_bytes, 1 << 30);
+    }
+
+    #[test]
+    fn rejects_missing_token_and_bad_values() {
+        assert!(matches!(
+            WorkerConfig::from_lookup(lookup_in(&[("HOME", "/h")])),
+            Err(ConfigError::Missing("SCAIBUNKER_WORKER_TOKEN"))
+        ));
+        let bad = [
+            ("SCAIBUNKER_VMM_ACCEL", "hvf"),
+            ("SCAIBUNKER_WORKER_LISTEN", "nowhere"),
+            ("SCAIBUNKER_BOOT_TIMEOUT_S", "-1"),
+        ];
+        for (var, value) in bad {
+            let r = WorkerConfig::from_lookup(lookup_in(&[
+                ("HOME", "/h"),
+                ("SCAIBUNKER_WORKER_TOKEN", "t"),
+                (var, value),
+            ]));
+            assert!(
+                matches!(r, Err(ConfigError::Invalid { .. })),
+                "{var}={value}"
+            );
+        }
+    }
+
+    #[test]
+    fn reads_every_setting() {
+        let c = WorkerConfig::from_lookup(lookup_in(&[
+            ("SCAIBUNKER_WORKER_TOKEN", "t"),
+            ("SCAIBUNKER_CONTROLLER_URL", "http://c:1/"),
+            ("SCAIBUNKER_WORKER_URL", "http://w:2"),
+            ("SCAIBUNKER_WORKER_LISTEN", "0.0.0.0:7070"),
+            ("SCAIBUNKER_WORKER_DATA_DIR", "/d"),
+            ("SCAIBUNKER_IMAGES_DIR", "/i"),
+            ("WORKER_HEARTBEAT_INTERVAL_S", "3"),
+            ("SCAIBUNKER_WORKER_NAME", "w1"),
+            ("SCAIBUNKER_BOOT_TIMEOUT_S", "30"),
+            ("SCAIBUNKER_VMM_ACCEL", "tcg"),
+            ("SCAIBUNKER_MAX_FILE_BYTES", "1024"),
+        ]))
+        .expect("valid");
+        assert_eq!(c.controller_url.as_deref(), Some("http://c:1"));
+        assert_eq!(c.advertised_url.as_deref(), Some("http://w:2"));
+        assert_eq!(c.listen, SocketAddr::from(([0, 0, 0, 0], 7070)));
+        assert_eq!(c.data_dir, PathBuf::from("/d"));
+        assert_eq!(c.images_dir, PathBuf::from("/i"));
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(3));
+        assert_eq!(c.name, "w1");
+        assert_eq!(c.boot_timeout, Duration::from_secs(30));
+        assert_eq!(c.accel, AccelChoice::Tcg);
+        assert_eq!(c.max_file_bytes, 1024);
+    }
+}

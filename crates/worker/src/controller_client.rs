@@ -1,0 +1,194 @@
+//! The worker's side of registration and heartbeats with the controller.
+//!
+//! 1. `POST {controller}/v1/modules/scaibunker/workers/register` with the worker's name,
+//!    URL, total capacity, cached images and runtime; retried with a backoff from 0.5 s to
+//!    5 s until it succeeds.
+//! 2. Every heartbeat interval, `POST {controller}/v1/modules/scaibunker/heartbeat` with the
+//!    free capacity, every bunker's status (failed ones with their reason) and the cached
+//!    images' digests.
+//! 3. A heartbeat answered `known: false` (the controller lost the worker) goes back to 1.
+//!
+//! Both carry the worker token. Failures are logged and retried, never fatal: bunkers keep
+//! running while the controller is away.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use scaibunker_proto::worker::{
+    Heartbeat, HeartbeatResponse, PROTOCOL_VERSION, RegisterRequest, RegisterResponse, VmStatus,
+};
+
+use crate::bunker::Bunkers;
+use crate::capacity::{self, HostResources};
+
+const REGISTER_PATH: &str = "/v1/modules/scaibunker/workers/register";
+const HEARTBEAT_PATH: &str = "/v1/modules/scaibunker/heartbeat";
+const BACKOFF_START: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    #[error("request to {url}")]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{url} answered {status}: {body}")]
+    Status {
+        url: String,
+        status: reqwest::StatusCode,
+        body: String,
+    },
+}
+
+/// Everything the loop needs.
+pub struct ControllerLink {
+    pub controller_url: String,
+    pub worker_token: String,
+    pub name: String,
+    /// This worker's API base URL, as the controller reaches it.
+    pub worker_url: String,
+    pub heartbeat_interval: Duration,
+    pub host: HostResources,
+    pub data_dir: PathBuf,
+    pub bunkers: Arc<Bunkers>,
+}
+
+impl ControllerLink {
+    /// Registers, then heartbeats forever.
+    pub async fn run(self) {
+        let http = match reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build() {
+            Ok(http) => http,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build the controller http client; not registering");
+                return;
+            }
+        };
+        loop {
+            let registered = self.register(&http).await;
+            tracing::info!(worker_id = %registered.worker_id, "registered with the controller");
+            self.heartbeat_until_unknown(&http, &registered.worker_id)
+                .await;
+            tracing::warn!("the controller no longer knows this worker; registering again");
+        }
+    }
+
+    async fn register(&self, http: &reqwest::Client) -> RegisterResponse {
+        let mut backoff = BACKOFF_START;
+        loop {
+            let images = self.bunkers.images();
+            let req = RegisterRequest {
+                protocol_version: PROTOCOL_VERSION,
+                name: self.name.clone(),
+                url: self.worker_url.clone(),
+                capacity: self.host.total(&self.data_dir),
+                images: images.cached_images(),
+                runtime: self.bunkers.runtime(),
+            };
+            match self
+                .post::<_, RegisterResponse>(http, REGISTER_PATH, &req)
+                .await
+            {
+                Ok(resp) => return resp,
+                Err(e) => {
+                    tracing::warn!(error = %crate::bunker::supervisor::error_chain(&e), retry_in = ?backoff, "register with the controller");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    async fn heartbeat_until_unknown(&self, http: &reqwest::Client, worker_id: &str) {
+        let mut ticker = tokio::time::interval(self.heartbeat_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let beat = self.heartbeat(worker_id);
+            match self
+                .post::<_, HeartbeatResponse>(http, HEARTBEAT_PATH, &beat)
+                .await
+            {
+                Ok(HeartbeatResponse {
+                    known: true,
+                    stop_bunkers,
+                }) => self.stop_orphans(stop_bunkers),
+                Ok(HeartbeatResponse { known: false, .. }) => return,
+                Err(e) => {
+                    tracing::warn!(error = %crate::bunker::supervisor::error_chain(&e), "heartbeat");
+                }
+            }
+        }
+    }
+
+    /// Stops the bunkers the controller no longer holds as live. A bunker still booting is
+    /// left alone: its create call is in flight and answers the controller itself, and if
+    /// the controller has given up on it, the next heartbeat names it again once it runs.
+    fn stop_orphans(&self, ids: Vec<String>) {
+        for id in ids {
+            let Ok(bunker) = self.bunkers.get(&id) else {
+                continue;
+            };
+            if bunker.status() == VmStatus::Booting {
+                continue;
+            }
+            tracing::warn!(bunker_id = %id, "the controller holds this bunker as gone; stopping it");
+            let bunkers = Arc::clone(&self.bunkers);
+            tokio::spawn(async move {
+                // Stopping an id that is already gone is fine.
+                let _ = bunkers.stop(&id).await;
+            });
+        }
+    }
+
+    fn heartbeat(&self, worker_id: &str) -> Heartbeat {
+        let free = capacity::free(self.host.total(&self.data_dir), self.bunkers.reserved());
+        let images = self.bunkers.images();
+        Heartbeat {
+            worker_id: worker_id.to_owned(),
+            capacity: free,
+            active_bunkers: self.bunkers.active_count(),
+            bunkers: self.bunkers.reports(),
+            cached_images: Some(
+                images
+                    .cached_images()
+                    .into_iter()
+                    .map(|i| i.sha256)
+                    .collect(),
+            ),
+        }
+    }
+
+    async fn post<B: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &self,
+        http: &reqwest::Client,
+        path: &str,
+        body: &B,
+    ) -> Result<R, CallError> {
+        let url = format!("{}{path}", self.controller_url);
+        let http_err = |source| CallError::Http {
+            url: url.clone(),
+            source,
+        };
+        let resp = http
+            .post(&url)
+            .bearer_auth(&self.worker_token)
+            .json(body)
+            .send()
+            .await
+            .map_err(http_err)?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(CallError::Status {
+                url,
+                status,
+                body: body.chars().take(500).collect(),
+            });
+        }
+        resp.json::<R>().await.map_err(http_err)
+    }
+}

@@ -1,0 +1,229 @@
+//! The QEMU command line for one bunker, built as a pure function so it can be tested
+//! without QEMU.
+//!
+//! Every path is absolute: the worker finds leftover QEMU processes after a restart by
+//! looking for the bunker directory in `/proc/<pid>/cmdline`.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use scaibunker_proto::agent::PORT_NAME;
+
+use crate::vmm::Accel;
+
+/// Files QEMU uses inside the bunker directory.
+pub const DISK_FILE: &str = "disk.qcow2";
+pub const QMP_SOCKET: &str = "qmp.sock";
+pub const CONSOLE_LOG: &str = "console.log";
+pub const PID_FILE: &str = "qemu.pid";
+/// QEMU's own stdout and stderr (option errors, warnings).
+pub const QEMU_LOG: &str = "qemu.log";
+
+/// Everything the command line depends on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuCommand {
+    pub accel: Accel,
+    /// kHz of the host TSC, given to the guest under TCG.
+    pub tsc_khz: Option<u64>,
+    pub memory_mb: u64,
+    pub vcpus: u32,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub dir: PathBuf,
+    pub agent_socket: PathBuf,
+    pub hostname: String,
+}
+
+impl QemuCommand {
+    /// The kernel command line.
+    pub fn kernel_cmdline(&self) -> String {
+        let mut line = String::from("console=ttyS0 quiet panic=-1");
+        // Under TCG the microvm guest hangs calibrating its TSC unless told the frequency.
+        if self.accel == Accel::Tcg {
+            if let Some(khz) = self.tsc_khz {
+                line.push_str(&format!(" tsc_early_khz={khz}"));
+            }
+            line.push_str(" tsc=reliable");
+        }
+        line.push_str(&format!(" scaibunker.hostname={}", self.hostname));
+        line
+    }
+
+    /// The arguments after `qemu-system-x86_64`.
+    pub fn args(&self) -> Vec<OsString> {
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |parts: &[&str]| args.extend(parts.iter().map(OsString::from));
+        match self.accel {
+            Accel::Tcg => push(&["-accel", "tcg", "-M", "microvm", "-cpu", "max"]),
+            Accel::Kvm => push(&["-accel", "kvm", "-M", "microvm", "-cpu", "host"]),
+        }
+        let memory = self.memory_mb.to_string();
+        let vcpus = self.vcpus.to_string();
+        push(&["-m", &memory, "-smp", &vcpus]);
+        push(&["-nographic", "-no-reboot", "-nodefaults"]);
+        let serial = file_arg("file:", &self.dir.join(CONSOLE_LOG));
+        let qmp = file_arg("unix:", &self.dir.join(QMP_SOCKET));
+        let pidfile = path_str(&self.dir.join(PID_FILE));
+        let kernel = path_str(&self.kernel);
+        let initrd = path_str(&self.initramfs);
+        let append = self.kernel_cmdline();
+        let drive = format!(
+            "id=d0,file={},format=qcow2,if=none",
+            escape_commas(&path_str(&self.dir.join(DISK_FILE)))
+        );
+        let chardev = format!(
+            "socket,id=agent,path={}",
+            escape_commas(&path_str(&self.agent_socket))
+        );
+        let port = format!("virtserialport,chardev=agent,name={PORT_NAME}");
+        push(&["-serial", &serial]);
+        push(&["-qmp", &format!("{qmp},server=on,wait=off")]);
+        push(&["-pidfile", &pidfile]);
+        push(&["-kernel", &kernel, "-initrd", &initrd, "-append", &append]);
+        push(&["-drive", &drive, "-device", "virtio-blk-device,drive=d0"]);
+        push(&["-chardev", &chardev]);
+        push(&["-device", "virtio-serial-device", "-device", &port]);
+        args
+    }
+}
+
+/// The `qemu-img` arguments that make `overlay` a copy-on-write layer over `base`.
+pub fn overlay_args(base: &Path, overlay: &Path) -> Vec<OsString> {
+    let base = path_str(base);
+    // `-b` takes a file name, not an option string: commas need no escaping here.
+    ["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &base]
+        .iter()
+        .map(OsString::from)
+        .chain([overlay.as_os_str().to_owned()])
+        .collect()
+}
+
+/// vCPUs for a request: one per started 1000 millicores, at most the host's cores.
+/// Under TCG always one: TCG emulates each vCPU in a host thread, so on the 2-core hosts we
+/// run on, a second vCPU only competes with QEMU's own I/O thread and the other VM.
+pub fn vcpus_for(accel: Accel, cpu_millicores: u64, host_cores: u32) -> u32 {
+    match accel {
+        Accel::Tcg => 1,
+        Accel::Kvm => {
+            let wanted = cpu_millicores.div_ceil(1000).max(1);
+            u32::try_from(wanted)
+                .unwrap_or(u32::MAX)
+                .min(host_cores.max(1))
+        }
+    }
+}
+
+fn path_str(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+fn file_arg(prefix: &str, path: &Path) -> String {
+    format!("{prefix}{}", path_str(path))
+}
+
+/// QEMU option values separate keys by commas; a literal comma is written twice.
+fn escape_commas(s: &str) -> String {
+    s.replace(',', ",,")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(accel: Accel) -> QemuCommand {
+        QemuCommand {
+            accel,
+            tsc_khz: Some(2_100_000),
+            memory_mb: 256,
+            vcpus: 1,
+            kernel: "/img/vmlinux".into(),
+            initramfs: "/img/initramfs.cpio.gz".into(),
+            dir: "/data/bunkers/b1".into(),
+            agent_socket: "/data/bunkers/b1/agent.sock".into(),
+            hostname: "box".into(),
+        }
+    }
+
+    fn joined(c: &QemuCommand) -> String {
+        c.args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn builds_the_tcg_microvm_command_line() {
+        let c = command(Accel::Tcg);
+        assert_eq!(
+            joined(&c),
+            "-accel tcg -M microvm -cpu max -m 256 -smp 1 -nographic -no-reboot -nodefaults \
+             -serial file:/data/bunkers/b1/console.log \
+             -qmp unix:/data/bunkers/b1/qmp.sock,server=on,wait=off \
+             -pidfile /data/bunkers/b1/qemu.pid \
+             -kernel /img/vmlinux -initrd /img/initramfs.cpio.gz \
+             -append console=ttyS0 quiet panic=-1 tsc_early_khz=2100000 tsc=reliable scaibunker.hostname=box \
+             -drive id=d0,file=/data/bunkers/b1/disk.qcow2,format=qcow2,if=none \
+             -device virtio-blk-device,drive=d0 \
+             -chardev socket,id=agent,path=/data/bunkers/b1/agent.sock \
+             -device virtio-serial-device -device virtserialport,chardev=agent,name=scaibunker.agent"
+        );
+        // The agent socket is the worker's listener: QEMU must connect, never serve.
+        assert!(!joined(&c).contains("agent.sock,server"));
+    }
+
+    #[test]
+    fn kvm_uses_the_host_cpu_and_no_tsc_hints() {
+        let c = command(Accel::Kvm);
+        let line = joined(&c);
+        assert!(line.starts_with("-accel kvm -M microvm -cpu host "));
+        assert!(!line.contains("tsc"));
+        assert_eq!(
+            c.kernel_cmdline(),
+            "console=ttyS0 quiet panic=-1 scaibunker.hostname=box"
+        );
+    }
+
+    #[test]
+    fn escapes_commas_in_option_values() {
+        let mut c = command(Accel::Tcg);
+        c.dir = "/data/a,b".into();
+        c.agent_socket = "/data/a,b/agent.sock".into();
+        let line = joined(&c);
+        assert!(line.contains("file=/data/a,,b/disk.qcow2,format=qcow2"));
+        assert!(line.contains("path=/data/a,,b/agent.sock"));
+    }
+
+    #[test]
+    fn overlay_points_at_the_raw_base() {
+        let args: Vec<String> =
+            overlay_args(Path::new("/img/tiny.ext4"), Path::new("/d/disk.qcow2"))
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+        assert_eq!(
+            args,
+            [
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                "-b",
+                "/img/tiny.ext4",
+                "/d/disk.qcow2"
+            ]
+        );
+    }
+
+    #[test]
+    fn vcpus_round_up_cap_at_host_and_stay_one_under_tcg() {
+        assert_eq!(vcpus_for(Accel::Tcg, 4000, 8), 1);
+        assert_eq!(vcpus_for(Accel::Kvm, 500, 8), 1);
+        assert_eq!(vcpus_for(Accel::Kvm, 1000, 8), 1);
+        assert_eq!(vcpus_for(Accel::Kvm, 1001, 8), 2);
+        assert_eq!(vcpus_for(Accel::Kvm, 16000, 8), 8);
+        assert_eq!(vcpus_for(Accel::Kvm, 0, 8), 1);
+    }
+}
