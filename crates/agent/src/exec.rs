@@ -1,0 +1,491 @@
+//! `Exec` requests: run a program in its own process group and stream its output.
+//!
+//! Protocol of one exec, per stream:
+//! 1. Resolve the user (uid, `HOME`, default cwd) and build a cleared environment:
+//!    `PATH`, `HOME`, `USER`, `LOGNAME`, `LANG`, then the request's variables on top.
+//! 2. Spawn with `process_group(0)` so the program leads a group that a timeout or a
+//!    `CANCEL` can kill whole, grandchildren included. Failing to spawn is `SPAWN_FAILED`.
+//! 3. Helper threads: a forwarder turns the stream's input into events, a stdin writer
+//!    feeds `DATA` into the pipe (closed at `END`), two pumps send `STDOUT`/`STDERR`
+//!    frames as output is produced, a waiter reports the exit of the main process.
+//! 4. A timeout (from spawn) SIGKILLs the group and marks `timed_out`; `CANCEL` or the
+//!    channel closing SIGKILLs it without. Nothing else is killed: background processes
+//!    that outlive a normal exit keep running, as after a shell command.
+//! 5. After the main process exits, output is read until both pipes reach EOF, but for
+//!    at most [`OUTPUT_GRACE`]: a background grandchild may hold them open for ever.
+//!    Output produced after that is not delivered and the pumps close their ends.
+//! 6. `REPLY` `Exited` with the exit code or signal, `timed_out` and the duration.
+//!
+//! When the agent runs as root, `GuestUser::User` switches to uid/gid 1000; std drops
+//! the supplementary groups when it switches uid as root. When the agent is not root
+//! (tests, debugging) programs run as the agent's own user.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, PipeReader, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags, poll};
+use rustix::io::Errno;
+use rustix::process::{Pid, Signal, WaitOptions, kill_process_group};
+use scaibunker_proto::agent::{
+    AgentErrorCode, FrameKind, GuestUser, MAX_FRAME_PAYLOAD, Program, Reply, Stdin,
+};
+
+use crate::account::{self, USER_HOME, USER_ID, USER_NAME};
+use crate::channel::{StreamInput, StreamTx};
+use crate::paths::{GuestPath, PathError};
+use crate::{error_reply, log};
+
+/// `PATH` of every exec unless the request sets its own.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How long output is still read after the main process exited (step 5).
+pub const OUTPUT_GRACE: Duration = Duration::from_millis(200);
+
+/// Stack of the small helper threads; they only copy buffers allocated on the heap.
+const HELPER_STACK: usize = 128 * 1024;
+
+/// An `Exec` request, as received.
+#[derive(Debug, Clone)]
+pub struct ExecRequest {
+    pub program: Program,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub user: GuestUser,
+    pub stdin: Stdin,
+    pub timeout_ms: u64,
+}
+
+/// Why an exec could not run to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("argv is empty")]
+    EmptyArgv,
+    #[error("environment variable name `{0}` is empty or contains `=` or NUL")]
+    BadEnvName(String),
+    #[error("environment variable `{0}` contains NUL")]
+    BadEnvValue(String),
+    #[error("invalid working directory")]
+    BadCwd(#[source] PathError),
+    #[error("working directory `{0}` does not exist")]
+    CwdMissing(String),
+    #[error("working directory `{0}` is not a directory")]
+    CwdNotADirectory(String),
+    #[error("spawn `{program}`")]
+    Spawn {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("start the helper threads of `{program}`")]
+    Helpers {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("wait for `{program}`")]
+    Wait {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ExecError {
+    pub fn code(&self) -> AgentErrorCode {
+        match self {
+            Self::EmptyArgv | Self::BadEnvName(_) | Self::BadEnvValue(_) => {
+                AgentErrorCode::BadRequest
+            }
+            Self::BadCwd(_) => AgentErrorCode::InvalidPath,
+            Self::CwdMissing(_) | Self::CwdNotADirectory(_) | Self::Spawn { .. } => {
+                AgentErrorCode::SpawnFailed
+            }
+            Self::Helpers { .. } | Self::Wait { .. } => AgentErrorCode::Io,
+        }
+    }
+}
+
+/// Runs `req` for the stream `tx`, reading its input from `input`; returns its `REPLY`.
+pub fn run(req: ExecRequest, tx: &Arc<StreamTx>, input: Receiver<StreamInput>) -> Reply {
+    match try_run(req, tx, input) {
+        Ok(reply) => reply,
+        Err(e) => error_reply(e.code(), &e),
+    }
+}
+
+/// Who a program runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Identity {
+    /// `(uid, gid)` to switch to; `None` runs as the agent's own user.
+    switch_to: Option<(u32, u32)>,
+    name: String,
+    home: String,
+}
+
+fn identity(user: GuestUser) -> Identity {
+    let agent_is_root = rustix::process::geteuid().is_root();
+    match user {
+        // Already root (or unable to become root): never switch.
+        GuestUser::Root => Identity {
+            switch_to: None,
+            name: "root".into(),
+            home: "/root".into(),
+        },
+        GuestUser::User => {
+            let entry = match account::lookup(Path::new("/etc/passwd"), USER_NAME) {
+                Ok(entry) => entry,
+                Err(e) => {
+                    log!("read /etc/passwd: {e}; using uid {USER_ID}");
+                    None
+                }
+            };
+            // Without an account the init step failed to create, uid 1000 is still the
+            // unprivileged user every bunker promises.
+            let (uid, gid, home) = entry.map_or_else(
+                || (USER_ID, USER_ID, USER_HOME.to_owned()),
+                |e| (e.uid, e.gid, e.home),
+            );
+            Identity {
+                switch_to: agent_is_root.then_some((uid, gid)),
+                name: USER_NAME.into(),
+                home,
+            }
+        }
+    }
+}
+
+fn working_dir(cwd: Option<&str>, home: &str) -> Result<String, ExecError> {
+    let Some(cwd) = cwd else {
+        return Ok(if Path::new(home).is_dir() {
+            home.to_owned()
+        } else {
+            "/".to_owned()
+        });
+    };
+    let path = GuestPath::parse(cwd).map_err(ExecError::BadCwd)?;
+    match fs::metadata(&path) {
+        Ok(m) if m.is_dir() => Ok(path.to_string()),
+        Ok(_) => Err(ExecError::CwdNotADirectory(path.to_string())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(ExecError::CwdMissing(path.to_string()))
+        }
+        // Let the spawn report anything else (e.g. permission) for the target user.
+        Err(_) => Ok(path.to_string()),
+    }
+}
+
+fn build_command(req: &ExecRequest) -> Result<(String, Command), ExecError> {
+    let (program, mut cmd) = match &req.program {
+        Program::Shell(script) => {
+            let mut cmd = Command::new("/bin/sh");
+            cmd.arg("-c").arg(script);
+            ("/bin/sh".to_owned(), cmd)
+        }
+        Program::Argv(argv) => {
+            let (first, rest) = argv.split_first().ok_or(ExecError::EmptyArgv)?;
+            let mut cmd = Command::new(first);
+            cmd.args(rest);
+            (first.clone(), cmd)
+        }
+    };
+    for (k, v) in &req.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(ExecError::BadEnvName(k.clone()));
+        }
+        if v.contains('\0') {
+            return Err(ExecError::BadEnvValue(k.clone()));
+        }
+    }
+    let id = identity(req.user);
+    let cwd = working_dir(req.cwd.as_deref(), &id.home)?;
+    // std looks the program up in this PATH, not the agent's, because it is set here.
+    cmd.env_clear()
+        .env("PATH", DEFAULT_PATH)
+        .env("HOME", &id.home)
+        .env("USER", &id.name)
+        .env("LOGNAME", &id.name)
+        .env("LANG", "C.UTF-8")
+        .envs(&req.env)
+        .current_dir(cwd)
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(match req.stdin {
+            Stdin::Null => Stdio::null(),
+            Stdin::Stream => Stdio::piped(),
+        });
+    if let Some((uid, gid)) = id.switch_to {
+        cmd.uid(uid).gid(gid);
+    }
+    Ok((program, cmd))
+}
+
+/// What the exec handler waits for.
+enum Event {
+    Input(StreamInput),
+    /// The stream's input channel closed: the stream was reset.
+    InputClosed,
+    /// One of the output pumps stopped.
+    OutputClosed,
+    /// The main process was reaped.
+    Exited(io::Result<ExitStatus>, Instant),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kill {
+    Timeout,
+    Cancel,
+}
+
+fn try_run(
+    req: ExecRequest,
+    tx: &Arc<StreamTx>,
+    input: Receiver<StreamInput>,
+) -> Result<Reply, ExecError> {
+    let (program, mut cmd) = build_command(&req)?;
+    let helpers = |source| ExecError::Helpers {
+        program: program.clone(),
+        source,
+    };
+    // Dropping `stop_w` tells the pumps to stop (step 5).
+    let (stop_r, stop_w) = io::pipe().map_err(helpers)?;
+    let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    let start = Instant::now();
+    let pid = i32::try_from(child.id())
+        .ok()
+        .and_then(Pid::from_raw)
+        .expect("the kernel hands out positive pids that fit an i32");
+    let (ev_tx, ev_rx) = mpsc::channel();
+    let mut stdin_tx = None;
+
+    let started = start_helpers(&mut child, pid, tx, input, &ev_tx, &stop_r, &mut stdin_tx);
+    drop(ev_tx);
+    if let Err(source) = started {
+        kill_group(pid);
+        let _ = rustix::process::waitpid(Some(pid), WaitOptions::empty());
+        return Err(helpers(source));
+    }
+
+    let deadline = start.checked_add(Duration::from_millis(req.timeout_ms));
+    let mut killed: Option<Kill> = None;
+    let mut open_outputs = 2;
+    let (status, exited_at) = loop {
+        let next = match (killed, deadline) {
+            (None, Some(deadline)) => {
+                ev_rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            }
+            _ => ev_rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match next {
+            Ok(Event::Input(StreamInput::Data(chunk))) => {
+                if let Some(stdin) = &stdin_tx {
+                    // The writer is gone when the program closed its stdin; drop the data.
+                    let _ = stdin.send(chunk);
+                }
+            }
+            Ok(Event::Input(StreamInput::End)) => stdin_tx = None,
+            Ok(Event::Input(StreamInput::Cancel) | Event::InputClosed) => {
+                if killed.is_none() {
+                    kill_group(pid);
+                    killed = Some(Kill::Cancel);
+                }
+            }
+            Ok(Event::OutputClosed) => open_outputs -= 1,
+            Ok(Event::Exited(status, at)) => break (status, at),
+            Err(RecvTimeoutError::Timeout) => {
+                kill_group(pid);
+                killed = Some(Kill::Timeout);
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                // Only a dead waiter thread gets here; it never dies without an event.
+                kill_group(pid);
+                return Err(ExecError::Wait {
+                    program,
+                    source: io::Error::other("the waiter thread stopped"),
+                });
+            }
+        }
+    };
+    drop(stdin_tx);
+
+    let grace_end = exited_at + OUTPUT_GRACE;
+    while open_outputs > 0 {
+        match ev_rx.recv_timeout(grace_end.saturating_duration_since(Instant::now())) {
+            Ok(Event::OutputClosed) => open_outputs -= 1,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    drop(stop_w);
+
+    let status = status.map_err(|source| ExecError::Wait { program, source })?;
+    Ok(Reply::Exited {
+        exit_code: status.code(),
+        signal: status.signal(),
+        timed_out: killed == Some(Kill::Timeout),
+        duration_ms: u64::try_from(exited_at.duration_since(start).as_millis()).unwrap_or(u64::MAX),
+    })
+}
+
+/// Starts the forwarder, stdin writer, output pumps and waiter (step 3).
+fn start_helpers(
+    child: &mut Child,
+    pid: Pid,
+    tx: &Arc<StreamTx>,
+    input: Receiver<StreamInput>,
+    ev_tx: &Sender<Event>,
+    stop: &PipeReader,
+    stdin_tx: &mut Option<Sender<Vec<u8>>>,
+) -> io::Result<()> {
+    let events = ev_tx.clone();
+    spawn_helper("exec-input", move || {
+        for msg in input {
+            if events.send(Event::Input(msg)).is_err() {
+                return;
+            }
+        }
+        let _ = events.send(Event::InputClosed);
+    })?;
+
+    if let Some(mut stdin) = child.stdin.take() {
+        let (chunks_tx, chunks_rx) = mpsc::channel::<Vec<u8>>();
+        spawn_helper("exec-stdin", move || {
+            for chunk in chunks_rx {
+                if stdin.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+        })?;
+        *stdin_tx = Some(chunks_tx);
+    }
+
+    let outputs = [
+        child.stdout.take().map(OwnedFd::from),
+        child.stderr.take().map(OwnedFd::from),
+    ];
+    for (fd, kind) in outputs
+        .into_iter()
+        .zip([FrameKind::Stdout, FrameKind::Stderr])
+    {
+        let events = ev_tx.clone();
+        let tx = Arc::clone(tx);
+        let stop = stop.try_clone()?;
+        spawn_helper("exec-output", move || {
+            if let Some(fd) = fd {
+                pump(&fd, &stop, &tx, kind);
+            }
+            let _ = events.send(Event::OutputClosed);
+        })?;
+    }
+
+    let events = ev_tx.clone();
+    spawn_helper("exec-wait", move || {
+        let status = wait_for(pid);
+        let _ = events.send(Event::Exited(status, Instant::now()));
+    })
+}
+
+fn spawn_helper(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<()> {
+    thread::Builder::new()
+        .name(name.to_owned())
+        .stack_size(HELPER_STACK)
+        .spawn(f)
+        .map(drop)
+}
+
+/// Reaps `pid` by pid, so that the handler keeps no `Child` it must wait on itself.
+fn wait_for(pid: Pid) -> io::Result<ExitStatus> {
+    loop {
+        match rustix::process::waitpid(Some(pid), WaitOptions::empty()) {
+            Ok(Some((_, status))) => {
+                let raw = if let Some(code) = status.exit_status() {
+                    (code & 0xff) << 8
+                } else if let Some(sig) = status.terminating_signal() {
+                    sig & 0x7f
+                } else {
+                    // Stopped or continued: only reported with WUNTRACED/WCONTINUED.
+                    continue;
+                };
+                return Ok(ExitStatus::from_raw(raw));
+            }
+            Ok(None) | Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Copies `fd` into frames of `kind` until EOF, the stream closing, or `stop`.
+fn pump(fd: &OwnedFd, stop: &PipeReader, tx: &StreamTx, kind: FrameKind) {
+    let mut buf = vec![0u8; MAX_FRAME_PAYLOAD];
+    loop {
+        let mut fds = [
+            PollFd::new(fd, PollFlags::IN),
+            PollFd::new(stop, PollFlags::IN),
+        ];
+        match poll(&mut fds, None) {
+            Ok(_) | Err(Errno::INTR) => {}
+            Err(_) => return,
+        }
+        if !fds[1].revents().is_empty() {
+            return;
+        }
+        if fds[0].revents().is_empty() {
+            continue;
+        }
+        match rustix::io::read(fd, &mut buf[..]) {
+            Ok(0) => return,
+            Ok(n) => {
+                if tx.send(kind, &buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(Errno::INTR | Errno::AGAIN) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// SIGKILLs the process group led by `pid`. It may already be gone.
+fn kill_group(pid: Pid) {
+    match kill_process_group(pid, Signal::KILL) {
+        Ok(()) | Err(Errno::SRCH) => {}
+        Err(e) => log!("kill process group {}: {e}", pid.as_raw_nonzero()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_never_switches_user() {
+        assert_eq!(identity(GuestUser::Root).switch_to, None);
+        assert_eq!(identity(GuestUser::Root).home, "/root");
+    }
+
+    #[test]
+    fn cwd_must_exist_and_be_absolute() {
+        assert!(matches!(
+            working_dir(Some("/no/such/dir"), "/"),
+            Err(ExecError::CwdMissing(_))
+        ));
+        assert!(matches!(
+            working_dir(Some("tmp"), "/"),
+            Err(ExecError::BadCwd(_))
+        ));
+        assert_eq!(working_dir(None, "/no/such/home").expect("falls back"), "/");
+        assert_eq!(working_dir(Some("/tmp/."), "/").expect("exists"), "/tmp");
+    }
+}
