@@ -89,6 +89,11 @@ impl WorkerHandle {
         &self.runtime
     }
 
+    /// Every bunker's status as heartbeats report it (failed ones with their reason).
+    pub fn reports(&self) -> Vec<scaibunker_proto::worker::BunkerStatusReport> {
+        self.bunkers.reports()
+    }
+
     /// Stops registering, stops serving, and stops every VM.
     pub async fn shutdown(self) {
         if let Some(controller) = self.controller {

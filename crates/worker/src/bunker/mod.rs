@@ -55,7 +55,7 @@ pub struct Bunkers {
     images: RwLock<Arc<ImageCache>>,
     bunkers_dir: PathBuf,
     boot_timeout: Duration,
-    table: Mutex<HashMap<String, Arc<Bunker>>>,
+    table: Arc<Table>,
     /// Serialises rescans of the images directory.
     rescan: tokio::sync::Mutex<()>,
 }
@@ -77,7 +77,7 @@ impl Bunkers {
             images: RwLock::new(Arc::new(images)),
             bunkers_dir,
             boot_timeout,
-            table: Mutex::new(HashMap::new()),
+            table: Arc::new(Mutex::new(HashMap::new())),
             rescan: tokio::sync::Mutex::new(()),
         }
     }
@@ -134,42 +134,52 @@ impl Bunkers {
             table.insert(req.bunker_id.clone(), Arc::clone(&bunker));
         }
 
-        // The boot runs in its own task: a panic in it fails this bunker only, and a caller
-        // that goes away mid-boot does not abandon a half-started VM.
+        // The boot runs in its own task: a caller that goes away mid-boot neither abandons
+        // a half-started VM nor leaves a running one unwatched, and a panic in the boot
+        // fails this bunker only.
         let vmm = Arc::clone(&self.vmm);
         let timeout = self.boot_timeout;
-        let booting = Arc::clone(&bunker);
+        let table = Arc::clone(&self.table);
         let task = tokio::spawn(async move {
-            let plan = BootPlan {
-                vmm: vmm.as_ref(),
-                image: &image,
-                guest: &guest,
-                timeout,
+            let booting = Arc::clone(&bunker);
+            let boot = tokio::spawn(async move {
+                let plan = BootPlan {
+                    vmm: vmm.as_ref(),
+                    image: &image,
+                    guest: &guest,
+                    timeout,
+                };
+                booting.boot(plan).await
+            });
+            let booted = match boot.await {
+                Ok(result) => result,
+                Err(join) => {
+                    let reason = format!("the boot task failed: {join}");
+                    bunker.fail(reason.clone());
+                    bunker.stop().await;
+                    Err(reason)
+                }
             };
-            booting.boot(plan).await
+            match booted {
+                Ok(()) => {
+                    spawn_watcher(&bunker);
+                    Ok(bunker.info())
+                }
+                Err(reason) => {
+                    forget(&table, &bunker);
+                    Err(CreateBunkerError::BootFailed {
+                        id: bunker.id().to_owned(),
+                        reason,
+                    })
+                }
+            }
         });
-        let booted = match task.await {
-            Ok(result) => result,
-            Err(join) => {
-                let reason = format!("the boot task failed: {join}");
-                bunker.fail(reason.clone());
-                bunker.stop().await;
-                Err(reason)
-            }
-        };
-        match booted {
-            Ok(()) => {
-                spawn_watcher(&bunker);
-                Ok(bunker.info())
-            }
-            Err(reason) => {
-                self.forget(&bunker);
-                Err(CreateBunkerError::BootFailed {
-                    id: bunker.id().to_owned(),
-                    reason,
-                })
-            }
-        }
+        task.await.unwrap_or_else(|join| {
+            Err(CreateBunkerError::BootFailed {
+                id: req.bunker_id,
+                reason: format!("the boot supervisor failed: {join}"),
+            })
+        })
     }
 
     /// The image cache, rescanned once if it does not know `key` (images may have been
@@ -195,17 +205,6 @@ impl Bunkers {
                 tracing::warn!(error = %e, "rescan images task");
                 images
             }
-        }
-    }
-
-    /// Removes `bunker` from the table, if that entry is still this bunker.
-    fn forget(&self, bunker: &Arc<Bunker>) {
-        let mut table = lock(&self.table);
-        if table
-            .get(bunker.id())
-            .is_some_and(|b| Arc::ptr_eq(b, bunker))
-        {
-            table.remove(bunker.id());
         }
     }
 
@@ -258,7 +257,7 @@ impl Bunkers {
     pub async fn stop(&self, id: &str) -> Result<(), BunkerOpError> {
         let bunker = self.get(id)?;
         bunker.stop().await;
-        self.forget(&bunker);
+        forget(&self.table, &bunker);
         Ok(())
     }
 
@@ -267,7 +266,7 @@ impl Bunkers {
         let all = self.all();
         futures_util::future::join_all(all.iter().map(|b| async move {
             b.stop().await;
-            self.forget(b);
+            forget(&self.table, b);
         }))
         .await;
     }
@@ -297,6 +296,19 @@ impl Bunkers {
                 status,
             })?;
         Ok((agent, bunker.env().clone()))
+    }
+}
+
+type Table = Mutex<HashMap<String, Arc<Bunker>>>;
+
+/// Removes `bunker` from the table, if that entry is still this bunker.
+fn forget(table: &Table, bunker: &Arc<Bunker>) {
+    let mut table = lock(table);
+    if table
+        .get(bunker.id())
+        .is_some_and(|b| Arc::ptr_eq(b, bunker))
+    {
+        table.remove(bunker.id());
     }
 }
 

@@ -34,6 +34,8 @@ use crate::vmm::{BootSpec, Vm, Vmm};
 pub const AGENT_SOCKET: &str = "agent.sock";
 /// Lines of console output kept in a failure reason.
 const CONSOLE_TAIL_LINES: usize = 20;
+/// How long a closed agent channel waits for QEMU's exit, to report it.
+const EXIT_AFTER_CLOSE: Duration = Duration::from_secs(2);
 /// Longest unix socket path the kernel accepts (`sun_path` minus its NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -243,14 +245,25 @@ impl Bunker {
             .boot(&spec)
             .await
             .map_err(|e| format!("start the vm: {}", error_chain(&e)))?;
-        let exited = vm.exited();
+        let mut exited = vm.exited();
         *slot = Some(vm);
         let wait = async {
             tokio::select! {
-                agent = AgentClient::connect(&listener) => {
-                    agent.map_err(|e| format!("agent channel: {}", error_chain(&e)))
-                }
-                exit = exited => Err(format!("qemu exited ({exit}) before the agent was ready")),
+                agent = AgentClient::connect(&listener) => match agent {
+                    Ok(agent) => Ok(agent),
+                    Err(e) => {
+                        // A guest that powers off closes the channel just before QEMU exits:
+                        // name the exit if it follows.
+                        let channel = format!("agent channel: {}", error_chain(&e));
+                        match tokio::time::timeout(EXIT_AFTER_CLOSE, &mut exited).await {
+                            Ok(exit) => Err(format!(
+                                "qemu exited ({exit}) before the agent was ready ({channel})"
+                            )),
+                            Err(_) => Err(channel),
+                        }
+                    }
+                },
+                exit = &mut exited => Err(format!("qemu exited ({exit}) before the agent was ready")),
                 () = self.cancel_boot.notified() => Err("stopped during boot".to_owned()),
             }
         };

@@ -1,0 +1,275 @@
+//! The worker API without VMs: authentication, health, validation, start-up clean-up and
+//! the controller link against a fake controller.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use common::{TOKEN, TestWorker, error_of, eventually};
+use scaibunker_proto::worker::{
+    Heartbeat, HeartbeatResponse, PROTOCOL_VERSION, RegisterRequest, RegisterResponse,
+};
+
+#[tokio::test]
+async fn rejects_requests_without_the_worker_token() {
+    let images = tempfile::tempdir().expect("tempdir");
+    let w = TestWorker::start(images.path()).await;
+    let no_auth = w.http.get(w.url("/bunkers")).send().await.expect("get");
+    let (status, err) = error_of(no_auth).await;
+    assert_eq!((status, err.code.as_str()), (401, "AUTH_TOKEN_INVALID"));
+    let wrong = w
+        .http
+        .post(w.url("/bunkers/x/exec"))
+        .bearer_auth("not-the-token")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(error_of(wrong).await.0, 401);
+    let ok = w.get("/bunkers").send().await.expect("get");
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.text().await.expect("body"), "[]");
+
+    // Health needs no token.
+    let addr = w.base.trim_end_matches("/v1/worker").to_owned();
+    for url in [format!("{addr}/health"), w.url("/health")] {
+        let resp = w.http.get(&url).send().await.expect("health");
+        assert_eq!(resp.status(), 200, "{url}");
+        assert_eq!(
+            resp.json::<serde_json::Value>().await.expect("json")["status"],
+            "ok"
+        );
+    }
+    w.shutdown().await;
+}
+
+#[tokio::test]
+async fn validates_requests_and_unknown_bunkers() {
+    let images = tempfile::tempdir().expect("tempdir");
+    let w = TestWorker::start(images.path()).await;
+    for id in ["../etc", "a b", "-x"] {
+        let resp = w.create_raw(id, "tiny", 256).await;
+        let (status, err) = error_of(resp).await;
+        assert_eq!(
+            (status, err.code.as_str()),
+            (422, "VALIDATION_ERROR"),
+            "{id}"
+        );
+    }
+    let resp = w.create_raw("ok", "tiny", 1).await;
+    assert_eq!(error_of(resp).await.1.code, "VALIDATION_ERROR");
+    let resp = w.create_raw("ok", "tiny", 256).await;
+    let (status, err) = error_of(resp).await;
+    assert_eq!((status, err.code.as_str()), (404, "IMAGE_NOT_CACHED"));
+    let resp = w
+        .post("/bunkers")
+        .header("content-type", "application/json")
+        .body("{\"bunker_id\": 3}")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(error_of(resp).await.1.code, "VALIDATION_ERROR");
+    for (method, path) in [
+        ("GET", "/bunkers/nope"),
+        ("DELETE", "/bunkers/nope"),
+        ("POST", "/bunkers/nope/pause"),
+        ("POST", "/bunkers/nope/resume"),
+        ("GET", "/bunkers/nope/files?path=/x"),
+        ("GET", "/bunkers/nope/files/list?path=/x"),
+        ("DELETE", "/bunkers/nope/files?path=/x"),
+    ] {
+        let resp = w
+            .http
+            .request(method.parse().expect("method"), w.url(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("send");
+        let (status, err) = error_of(resp).await;
+        assert_eq!(
+            (status, err.code.as_str()),
+            (404, "BUNKER_NOT_FOUND"),
+            "{method} {path}"
+        );
+    }
+    let resp = w.get("/bunkers/nope/files").send().await.expect("get");
+    assert_eq!(error_of(resp).await.1.code, "INVALID_PATH");
+    let resp = w
+        .put("/bunkers/nope/files?path=/x&mode=9")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(error_of(resp).await.1.code, "VALIDATION_ERROR");
+    w.shutdown().await;
+}
+
+#[tokio::test]
+async fn start_kills_leftover_vms_and_removes_their_directories() {
+    // A stand-in for a QEMU left by a crashed worker: a program named like qemu whose
+    // command line names the bunker directory.
+    let data = tempfile::tempdir().expect("tempdir");
+    let dir = data.path().join("bunkers/leftover");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let fake_qemu = data.path().join("qemu-system-fake");
+    std::fs::copy("/usr/bin/tail", &fake_qemu).expect("copy tail");
+    std::fs::write(dir.join("console.log"), b"").expect("console.log");
+    let mut child = std::process::Command::new(&fake_qemu)
+        .arg("-f")
+        .arg(dir.join("console.log"))
+        .spawn()
+        .expect("spawn");
+    std::fs::write(dir.join("qemu.pid"), child.id().to_string()).expect("pid file");
+    // An unrelated process whose pid sits in a stale pid file must survive.
+    let bystander = std::process::Command::new("/bin/sleep")
+        .arg("1000")
+        .spawn()
+        .expect("spawn");
+    let stale = data.path().join("bunkers/stale");
+    std::fs::create_dir_all(&stale).expect("mkdir");
+    std::fs::write(stale.join("qemu.pid"), bystander.id().to_string()).expect("pid file");
+    let mut bystander = bystander;
+
+    let images = tempfile::tempdir().expect("tempdir");
+    let worker = scaibunker_worker::start(scaibunker_worker::WorkerConfig::standalone(
+        TOKEN.into(),
+        data.path().to_owned(),
+        images.path().to_owned(),
+    ))
+    .await
+    .expect("start");
+    let status = child.wait().expect("wait");
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "the leftover was killed: {status}"
+    );
+    assert!(!dir.exists());
+    assert!(!stale.exists());
+    assert!(
+        bystander.try_wait().expect("try_wait").is_none(),
+        "bystander killed"
+    );
+    bystander.kill().expect("kill bystander");
+    let _ = bystander.wait();
+    worker.shutdown().await;
+}
+
+#[derive(Default)]
+struct FakeController {
+    registrations: Vec<(RegisterRequest, Option<String>)>,
+    heartbeats: Vec<Heartbeat>,
+    /// Registration attempts to refuse before accepting.
+    refuse: usize,
+    /// Heartbeats to answer `known: false`.
+    forget: usize,
+}
+
+type Shared = Arc<Mutex<FakeController>>;
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+async fn register(
+    State(c): State<Shared>,
+    headers: HeaderMap,
+    Json(req): Json<RegisterRequest>,
+) -> Result<Json<RegisterResponse>, StatusCode> {
+    let mut c = c.lock().expect("lock");
+    if c.refuse > 0 {
+        c.refuse -= 1;
+        return Err(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    c.registrations.push((req, bearer(&headers)));
+    Ok(Json(RegisterResponse {
+        worker_id: format!("w-{}", c.registrations.len()),
+        heartbeat_interval_s: 1,
+    }))
+}
+
+async fn heartbeat(
+    State(c): State<Shared>,
+    Json(beat): Json<Heartbeat>,
+) -> Json<HeartbeatResponse> {
+    let mut c = c.lock().expect("lock");
+    c.heartbeats.push(beat);
+    let known = if c.forget > 0 {
+        c.forget -= 1;
+        false
+    } else {
+        true
+    };
+    Json(HeartbeatResponse {
+        known,
+        stop_bunkers: Vec::new(),
+    })
+}
+
+#[tokio::test]
+async fn registers_with_retries_heartbeats_and_reregisters_when_forgotten() {
+    let state: Shared = Arc::new(Mutex::new(FakeController {
+        refuse: 2,
+        forget: 1,
+        ..Default::default()
+    }));
+    let app = axum::Router::new()
+        .route("/v1/modules/scaibunker/workers/register", post(register))
+        .route("/v1/modules/scaibunker/heartbeat", post(heartbeat))
+        .with_state(Arc::clone(&state));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let controller_url = format!("http://{}", listener.local_addr().expect("addr"));
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let images = tempfile::tempdir().expect("tempdir");
+    let w = TestWorker::start_with(images.path(), |c| {
+        c.controller_url = Some(controller_url);
+        c.heartbeat_interval = Duration::from_millis(200);
+        c.name = "test-worker".into();
+    })
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "a second registration and heartbeats",
+        || {
+            let state = Arc::clone(&state);
+            async move {
+                let c = state.lock().expect("lock");
+                (c.registrations.len() >= 2 && c.heartbeats.len() >= 2).then_some(())
+            }
+        },
+    )
+    .await
+    .expect("registered twice");
+
+    {
+        let c = state.lock().expect("lock");
+        let (req, auth) = &c.registrations[0];
+        assert_eq!(auth.as_deref(), Some(format!("Bearer {TOKEN}").as_str()));
+        assert_eq!(req.protocol_version, PROTOCOL_VERSION);
+        assert_eq!(req.name, "test-worker");
+        assert_eq!(req.url, w.base.trim_end_matches("/v1/worker"));
+        assert!(req.runtime.starts_with("qemu/"), "{}", req.runtime);
+        assert!(req.capacity.cpu_millicores >= 1000);
+        assert!(req.capacity.memory_mb > 0);
+        assert!(req.capacity.disk_mb > 0);
+        // The first heartbeat was for w-1, which the controller forgot; later ones are for w-2.
+        assert_eq!(c.heartbeats[0].worker_id, "w-1");
+        let last = c.heartbeats.last().expect("heartbeats");
+        assert_eq!(last.worker_id, "w-2");
+        assert_eq!(last.active_bunkers, 0);
+        assert_eq!(last.capacity.cpu_millicores, req.capacity.cpu_millicores);
+        assert_eq!(last.cached_images, Some(Vec::new()));
+    }
+    w.shutdown().await;
+    server.abort();
+}

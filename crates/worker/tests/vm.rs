@@ -1,0 +1,593 @@
+//! The worker with real QEMU microVMs, driven through its HTTP API.
+//!
+//! Needs the guest artefacts of `images/build.sh`; fails with instructions without them.
+//! One VM at a time ([`common::vm_slot`]). Timings are printed (run with `--nocapture`),
+//! never asserted.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use common::{TestWorker, error_of, eventually, image_sha256, require_artefacts, vm_slot};
+use scaibunker_proto::worker::{
+    DirEntry, EntryType, ExecRequest, ExecResult, FileWritten, GuestUser, Program, VmInfo, VmStatus,
+};
+
+const TINY: [&str; 4] = [
+    "vmlinux",
+    "initramfs.cpio.gz",
+    "kernel.release",
+    "tiny.ext4",
+];
+
+fn shell(cmd: &str) -> ExecRequest {
+    ExecRequest {
+        program: Program::Shell(cmd.into()),
+        env: Default::default(),
+        cwd: None,
+        user: GuestUser::Root,
+        stdin_b64: None,
+        timeout_ms: 60_000,
+        output_limit_bytes: 1 << 20,
+    }
+}
+
+async fn exec(w: &TestWorker, id: &str, req: &ExecRequest) -> ExecResult {
+    let resp = w
+        .post(&format!("/bunkers/{id}/exec"))
+        .json(req)
+        .send()
+        .await
+        .expect("exec request");
+    let status = resp.status();
+    let text = resp.text().await.expect("body");
+    assert_eq!(status, 200, "exec failed: {text}");
+    serde_json::from_str(&text).expect("ExecResult")
+}
+
+fn stdout(r: &ExecResult) -> String {
+    String::from_utf8(BASE64.decode(&r.stdout_b64).expect("b64")).expect("utf8")
+}
+
+fn stderr(r: &ExecResult) -> String {
+    String::from_utf8(BASE64.decode(&r.stderr_b64).expect("b64")).expect("utf8")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_boots_and_runs_commands() {
+    let images = require_artefacts(&TINY);
+    let _slot = vm_slot().await;
+    let w = TestWorker::start(&images).await;
+    let sha = image_sha256(&images, "tiny");
+    let (info, wall) = w.create("b-tiny", &sha, 256).await;
+    let release = std::fs::read_to_string(images.join("kernel.release")).expect("kernel.release");
+    let release = release.trim();
+    eprintln!(
+        "TIMING tiny boot: worker boot_ms={} (qemu spawn → agent hello), create call {:?}",
+        info.boot_ms, wall
+    );
+    assert_eq!(info.guest_kernel.as_deref(), Some(release));
+
+    // The guest runs its own kernel, not the host's.
+    let r = exec(&w, "b-tiny", &shell("uname -r")).await;
+    assert_eq!(r.exit_code, Some(0), "stderr: {}", stderr(&r));
+    assert_eq!(stdout(&r).trim(), release);
+    assert_ne!(
+        stdout(&r).trim(),
+        common::host_kernel_release().expect("host")
+    );
+
+    // Exit code, both pipes, and the bunker's environment merged under the exec's.
+    let mut req = shell("echo out:$BUNKER_VAR:$EXEC_VAR; echo err >&2; exit 3");
+    req.env.insert("EXEC_VAR".into(), "e".into());
+    let r = exec(&w, "b-tiny", &req).await;
+    assert_eq!(r.exit_code, Some(3));
+    assert_eq!(stdout(&r), "out:from-create:e\n");
+    assert_eq!(stderr(&r), "err\n");
+    assert!(!r.timed_out);
+
+    // stdin, and the output limit keeps a prefix but counts everything.
+    let mut req = shell("cat; head -c 5000 /dev/zero");
+    req.stdin_b64 = Some(BASE64.encode(b"fed through stdin"));
+    req.output_limit_bytes = 20;
+    let r = exec(&w, "b-tiny", &req).await;
+    assert_eq!(r.exit_code, Some(0));
+    assert_eq!(stdout(&r), "fed through stdin\0\0\0");
+    assert_eq!(r.stdout_total_bytes, 17 + 5000);
+
+    // A program that cannot start looks like it does in a shell.
+    let mut req = shell("");
+    req.program = Program::Argv(vec!["/no/such/program".into()]);
+    let r = exec(&w, "b-tiny", &req).await;
+    assert_eq!(r.exit_code, Some(127));
+    assert!(!stderr(&r).is_empty());
+
+    // The unprivileged user is the default.
+    let mut req = shell("id -u");
+    req.user = GuestUser::User;
+    let r = exec(&w, "b-tiny", &req).await;
+    assert_eq!(stdout(&r).trim(), "1000");
+
+    // Round trip of `true` through the API against the agent's own measure.
+    let mut walls = Vec::new();
+    let mut guests = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let mut req = shell("");
+        req.program = Program::Argv(vec!["true".into()]);
+        let r = exec(&w, "b-tiny", &req).await;
+        walls.push(started.elapsed().as_millis());
+        guests.push(r.guest_duration_ms);
+        assert_eq!(r.exit_code, Some(0));
+    }
+    eprintln!("TIMING exec true (tiny): api round trip ms {walls:?}, guest duration ms {guests:?}");
+
+    // A second create of the same id is a conflict; the listing shows the bunker.
+    let resp = w.create_raw("b-tiny", &sha, 256).await;
+    let (status, err) = error_of(resp).await;
+    assert_eq!((status, err.code.as_str()), (409, "BUNKER_EXISTS"));
+    let list: Vec<VmInfo> = w
+        .get("/bunkers")
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].bunker_id, "b-tiny");
+
+    w.delete_bunker("b-tiny").await;
+    let resp = w
+        .delete("/bunkers/b-tiny")
+        .send()
+        .await
+        .expect("delete again");
+    let (status, err) = error_of(resp).await;
+    assert_eq!((status, err.code.as_str()), (404, "BUNKER_NOT_FOUND"));
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_round_trip() {
+    let images = require_artefacts(&TINY);
+    let _slot = vm_slot().await;
+    let w = TestWorker::start(&images).await;
+    w.create("b-files", "tiny", 256).await;
+
+    // Bigger than axum's default body limit and than one agent frame, and not a multiple of it.
+    let body: Vec<u8> = (0..3 * 1024 * 1024 + 17)
+        .map(|i: u32| (i * 7 % 251) as u8)
+        .collect();
+    let started = Instant::now();
+    let resp = w
+        .put("/bunkers/b-files/files?path=/tmp/dir/blob.bin&mode=600")
+        .body(body.clone())
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(resp.status(), 200);
+    let written: FileWritten = resp.json().await.expect("FileWritten");
+    assert_eq!(written.size_bytes, body.len() as u64);
+    let put_time = started.elapsed();
+
+    let started = Instant::now();
+    let resp = w
+        .get("/bunkers/b-files/files?path=/tmp/dir/blob.bin")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("application/octet-stream")
+    );
+    let back = resp.bytes().await.expect("bytes");
+    eprintln!(
+        "TIMING 3 MiB file: put {put_time:?}, get {:?}",
+        started.elapsed()
+    );
+    assert!(back == body, "downloaded bytes differ");
+
+    let resp = w
+        .get("/bunkers/b-files/files/list?path=/tmp/dir")
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(resp.status(), 200);
+    let entries: Vec<DirEntry> = resp.json().await.expect("entries");
+    let blob = entries
+        .iter()
+        .find(|e| e.name == "blob.bin")
+        .expect("listed");
+    assert_eq!(blob.entry_type, EntryType::File);
+    assert_eq!(blob.size_bytes, body.len() as u64);
+    assert_eq!(blob.mode & 0o777, 0o600);
+
+    // Errors keep their meaning.
+    let resp = w
+        .get("/bunkers/b-files/files?path=/tmp/nope")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(error_of(resp).await.1.code, "FILE_NOT_FOUND");
+    let resp = w
+        .get("/bunkers/b-files/files?path=/tmp/dir")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(error_of(resp).await.1.code, "IS_A_DIRECTORY");
+    let resp = w
+        .get("/bunkers/b-files/files?path=relative")
+        .send()
+        .await
+        .expect("get");
+    let (status, err) = error_of(resp).await;
+    assert_eq!((status, err.code.as_str()), (422, "INVALID_PATH"));
+    let resp = w
+        .delete("/bunkers/b-files/files?path=/tmp/dir")
+        .send()
+        .await
+        .expect("rm");
+    assert_eq!(error_of(resp).await.1.code, "DIRECTORY_NOT_EMPTY");
+
+    // An empty file is a file too.
+    let resp = w
+        .put("/bunkers/b-files/files?path=/tmp/empty")
+        .body(Vec::new())
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(resp.status(), 200);
+    let resp = w
+        .get("/bunkers/b-files/files?path=/tmp/empty")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(resp.status(), 200);
+    assert!(resp.bytes().await.expect("bytes").is_empty());
+
+    let resp = w
+        .delete("/bunkers/b-files/files?path=/tmp/dir/blob.bin")
+        .send()
+        .await
+        .expect("rm");
+    assert_eq!(resp.status(), 204);
+    let resp = w
+        .get("/bunkers/b-files/files?path=/tmp/dir/blob.bin")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(error_of(resp).await.1.code, "FILE_NOT_FOUND");
+    let resp = w
+        .delete("/bunkers/b-files/files?path=/tmp/dir&recursive=true")
+        .send()
+        .await
+        .expect("rm -r");
+    assert_eq!(resp.status(), 204);
+
+    w.delete_bunker("b-files").await;
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_over_the_cap_are_refused() {
+    let images = require_artefacts(&TINY);
+    let _slot = vm_slot().await;
+    let w = TestWorker::start_with(&images, |c| c.max_file_bytes = 100_000).await;
+    w.create("b-cap", "tiny", 256).await;
+
+    // Declared too large: refused before anything reaches the guest.
+    let resp = w
+        .put("/bunkers/b-cap/files?path=/tmp/big")
+        .body(vec![1u8; 100_001])
+        .send()
+        .await
+        .expect("put");
+    let (status, err) = error_of(resp).await;
+    assert_eq!((status, err.code.as_str()), (413, "FILE_TOO_LARGE"));
+
+    // Streamed without a length: cut off mid-way, and the partial upload is cancelled.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..4).map(|_| Ok(vec![2u8; 40_000])).collect();
+    let resp = w
+        .put("/bunkers/b-cap/files?path=/tmp/big")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .expect("put");
+    let (status, err) = error_of(resp).await;
+    assert_eq!((status, err.code.as_str()), (413, "FILE_TOO_LARGE"));
+    let resp = w
+        .get("/bunkers/b-cap/files?path=/tmp/big")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(error_of(resp).await.1.code, "FILE_NOT_FOUND");
+    let r = exec(&w, "b-cap", &shell("ls -a /tmp")).await;
+    assert_eq!(
+        stdout(&r).split_whitespace().collect::<Vec<_>>(),
+        [".", ".."],
+        "temp files left"
+    );
+
+    w.delete_bunker("b-cap").await;
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_then_resume_keeps_the_bunker_usable() {
+    let images = require_artefacts(&TINY);
+    let _slot = vm_slot().await;
+    let w = TestWorker::start(&images).await;
+    w.create("b-pause", "tiny", 256).await;
+
+    let resp = w
+        .post("/bunkers/b-pause/pause")
+        .send()
+        .await
+        .expect("pause");
+    assert_eq!(resp.status(), 200);
+    let info: VmInfo = resp.json().await.expect("info");
+    assert_eq!(info.status, VmStatus::Paused);
+
+    let resp = w
+        .post("/bunkers/b-pause/exec")
+        .json(&shell("true"))
+        .send()
+        .await
+        .expect("exec");
+    let (status, err) = error_of(resp).await;
+    assert_eq!((status, err.code.as_str()), (409, "BUNKER_NOT_RUNNING"));
+    let resp = w
+        .post("/bunkers/b-pause/pause")
+        .send()
+        .await
+        .expect("pause twice");
+    assert_eq!(error_of(resp).await.1.code, "BUNKER_NOT_RUNNING");
+
+    let resp = w
+        .post("/bunkers/b-pause/resume")
+        .send()
+        .await
+        .expect("resume");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.json::<VmInfo>().await.expect("info").status,
+        VmStatus::Running
+    );
+    let resp = w
+        .post("/bunkers/b-pause/resume")
+        .send()
+        .await
+        .expect("resume twice");
+    assert_eq!(error_of(resp).await.1.code, "BUNKER_NOT_RUNNING");
+
+    let r = exec(&w, "b-pause", &shell("echo alive")).await;
+    assert_eq!(stdout(&r), "alive\n");
+
+    // A paused bunker can be deleted too.
+    let resp = w
+        .post("/bunkers/b-pause/pause")
+        .send()
+        .await
+        .expect("pause");
+    assert_eq!(resp.status(), 200);
+    w.delete_bunker("b-pause").await;
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_boot_failure_is_reported_with_the_console_and_leaves_nothing() {
+    let real = require_artefacts(&TINY);
+    let _slot = vm_slot().await;
+    // Its own images directory: the real kernel and initramfs, and an image that is no ext4.
+    let images = tempfile::tempdir().expect("tempdir");
+    for f in ["vmlinux", "initramfs.cpio.gz"] {
+        std::os::unix::fs::symlink(real.join(f), images.path().join(f)).expect("symlink");
+    }
+    std::fs::write(
+        images.path().join("broken.ext4"),
+        vec![0x5a; 8 * 1024 * 1024],
+    )
+    .expect("write");
+    let w = TestWorker::start(images.path()).await;
+
+    let started = Instant::now();
+    let resp = w.create_raw("b-broken", "broken", 256).await;
+    let (status, err) = error_of(resp).await;
+    eprintln!("TIMING failed boot answered in {:?}", started.elapsed());
+    assert_eq!(
+        (status, err.code.as_str()),
+        (500, "BOOT_FAILED"),
+        "{}",
+        err.message
+    );
+    assert!(
+        err.message.contains("exited"),
+        "reason names the exit: {}",
+        err.message
+    );
+    assert!(
+        err.message.contains("console tail"),
+        "reason has the console: {}",
+        err.message
+    );
+    assert!(
+        err.message.contains("scaibunker-init"),
+        "the init's complaint: {}",
+        err.message
+    );
+    w.assert_nothing_left("b-broken");
+    let list: Vec<VmInfo> = w
+        .get("/bunkers")
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert!(list.is_empty(), "a failed create is not listed: {list:?}");
+
+    // Unknown images are not cached.
+    let resp = w.create_raw("b-none", &"ab".repeat(32), 256).await;
+    let (status, err) = error_of(resp).await;
+    assert_eq!((status, err.code.as_str()), (404, "IMAGE_NOT_CACHED"));
+    w.assert_nothing_left("b-none");
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_vm_marks_the_bunker_failed_and_is_cleaned_up() {
+    let images = require_artefacts(&TINY);
+    let _slot = vm_slot().await;
+    let w = TestWorker::start(&images).await;
+    w.create("b-kill", "tiny", 256).await;
+    let pid: i32 = std::fs::read_to_string(w.bunker_dir("b-kill").join("qemu.pid"))
+        .expect("qemu.pid")
+        .trim()
+        .parse()
+        .expect("pid");
+    let status = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+
+    let info = eventually(Duration::from_secs(30), "the bunker failing", || async {
+        let info = w.info("b-kill").await;
+        (info.status == VmStatus::Failed).then_some(info)
+    })
+    .await
+    .expect("failed");
+    assert_eq!(info.status, VmStatus::Failed);
+    // The reason goes where the controller reads it: the heartbeat's bunker reports.
+    let report = w
+        .handle()
+        .reports()
+        .into_iter()
+        .find(|r| r.id == "b-kill")
+        .expect("reported");
+    assert_eq!(report.status, VmStatus::Failed);
+    let reason = report.reason.expect("a reason");
+    assert!(
+        reason.contains("exited unexpectedly") && reason.contains("SIGKILL"),
+        "{reason}"
+    );
+    assert!(reason.contains("console tail"), "{reason}");
+    let resp = w
+        .post("/bunkers/b-kill/exec")
+        .json(&shell("true"))
+        .send()
+        .await
+        .expect("exec");
+    assert_eq!(error_of(resp).await.1.code, "BUNKER_NOT_RUNNING");
+    w.assert_nothing_left("b-kill");
+    w.delete_bunker("b-kill").await;
+    let resp = w.get("/bunkers/b-kill").send().await.expect("get");
+    assert_eq!(error_of(resp).await.1.code, "BUNKER_NOT_FOUND");
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_every_vm() {
+    let images = require_artefacts(&TINY);
+    let _slot = vm_slot().await;
+    let w = TestWorker::start(&images).await;
+    w.create("b-shutdown", "tiny", 256).await;
+    let data_dir = w.data_dir.clone();
+    assert!(!common::processes_mentioning(&data_dir).is_empty());
+    w.shutdown().await;
+    assert!(common::processes_mentioning(&data_dir).is_empty());
+    assert!(!data_dir.join("bunkers/b-shutdown").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_image_runs_python() {
+    let images = require_artefacts(&["vmlinux", "initramfs.cpio.gz", "default.ext4"]);
+    let _slot = vm_slot().await;
+    let w = TestWorker::start(&images).await;
+    let (info, wall) = w.create("b-default", "default", 512).await;
+    eprintln!(
+        "TIMING default boot: worker boot_ms={} (qemu spawn → agent hello), create call {wall:?}",
+        info.boot_ms
+    );
+    let started = Instant::now();
+    let r = exec(&w, "b-default", &shell("python3 -c 'print(6*7)'")).await;
+    eprintln!(
+        "TIMING python3 (default, cold): api {:?}, guest {} ms",
+        started.elapsed(),
+        r.guest_duration_ms
+    );
+    assert_eq!(r.exit_code, Some(0), "stderr: {}", stderr(&r));
+    assert_eq!(stdout(&r), "42\n");
+
+    let mut walls = Vec::new();
+    let mut guests = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let mut req = shell("");
+        req.program = Program::Argv(vec!["true".into()]);
+        let r = exec(&w, "b-default", &req).await;
+        walls.push(started.elapsed().as_millis());
+        guests.push(r.guest_duration_ms);
+    }
+    eprintln!(
+        "TIMING exec true (default): api round trip ms {walls:?}, guest duration ms {guests:?}"
+    );
+    w.delete_bunker("b-default").await;
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_booting_bunker_cancels_its_boot() {
+    let images = require_artefacts(&TINY);
+    let _slot = vm_slot().await;
+    let w = TestWorker::start(&images).await;
+    let create = {
+        let (http, url) = (w.http.clone(), w.url("/bunkers"));
+        tokio::spawn(async move {
+            let req = scaibunker_proto::worker::CreateVm {
+                bunker_id: "b-early".into(),
+                image_sha256: "tiny".into(),
+                cpu_millicores: 1000,
+                memory_mb: 256,
+                disk_mb: 64,
+                hostname: "early".into(),
+                env_vars: Default::default(),
+            };
+            http.post(url)
+                .bearer_auth(common::TOKEN)
+                .json(&req)
+                .send()
+                .await
+        })
+    };
+    eventually(Duration::from_secs(10), "qemu starting", || async {
+        w.bunker_dir("b-early")
+            .join("qemu.pid")
+            .exists()
+            .then_some(())
+    })
+    .await
+    .expect("booting");
+    assert_eq!(w.info("b-early").await.status, VmStatus::Booting);
+    let resp = w.delete("/bunkers/b-early").send().await.expect("delete");
+    assert_eq!(resp.status(), 204);
+    w.assert_nothing_left("b-early");
+    let resp = create.await.expect("join").expect("create answered");
+    let (status, err) = error_of(resp).await;
+    assert_eq!((status, err.code.as_str()), (500, "BOOT_FAILED"));
+    assert!(
+        err.message.contains("stopped during boot"),
+        "{}",
+        err.message
+    );
+    w.shutdown().await;
+}
