@@ -110,6 +110,24 @@ async fn tiny_boots_and_runs_commands() {
     let r = exec(&w, "b-tiny", &req).await;
     assert_eq!(stdout(&r).trim(), "1000");
 
+    // The agent enforces the exec timeout; execs run concurrently over the one channel.
+    let mut req = shell("echo started; sleep 30");
+    req.timeout_ms = 1_000;
+    let started = Instant::now();
+    let (echo_a, echo_b) = (shell("echo a"), shell("echo b"));
+    let (slow, a, b) = tokio::join!(
+        exec(&w, "b-tiny", &req),
+        exec(&w, "b-tiny", &echo_a),
+        exec(&w, "b-tiny", &echo_b)
+    );
+    assert!(slow.timed_out, "{slow:?}");
+    assert_eq!(stdout(&slow), "started\n");
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "the timeout was not enforced"
+    );
+    assert_eq!((stdout(&a).as_str(), stdout(&b).as_str()), ("a\n", "b\n"));
+
     // Round trip of `true` through the API against the agent's own measure.
     let mut walls = Vec::new();
     let mut guests = Vec::new();

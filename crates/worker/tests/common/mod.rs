@@ -55,8 +55,8 @@ pub fn require_artefacts(files: &[&str]) -> PathBuf {
         missing.is_empty(),
         "guest artefacts {missing:?} are missing from {}: build them with \
          `RUSTFLAGS=\"-C target-feature=+crt-static\" CARGO_TARGET_DIR=$HOME/.cache/scaibunker/target-agent \
-         cargo build --release -p scaibunker-agent && images/build.sh --agent \
-         $HOME/.cache/scaibunker/target-agent/release/scaibunker-agent` \
+         cargo build --release -p scaibunker-agent --target x86_64-unknown-linux-gnu && images/build.sh \
+         --agent $HOME/.cache/scaibunker/target-agent/x86_64-unknown-linux-gnu/release/scaibunker-agent` \
          (or point SCAIBUNKER_IMAGES_DIR at a directory that has them)",
         dir.display()
     );
