@@ -1,1 +1,120 @@
-//! controller
+//! The ScaiBunker controller: HTTP API, auth, bunker service, scheduler, worker registry and
+//! the SQL store. Stateless apart from the database: run as many as you like.
+//!
+//! [`start`] opens the store (migrating it), bootstraps the platform tenant on first start,
+//! binds the listener and serves until the handle is shut down.
+
+pub mod config;
+pub mod http;
+pub mod service;
+pub mod store;
+pub mod workers;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use config::ControllerConfig;
+use service::Services;
+use store::Store;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use workers::WorkerClient;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("opening the database")]
+    Store(#[from] store::StoreError),
+    #[error("bootstrapping the platform tenant")]
+    Bootstrap(#[from] service::auth::BootstrapError),
+    #[error("binding {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating the data directory {path}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running controller.
+pub struct ControllerHandle {
+    pub addr: SocketAddr,
+    /// The bootstrap admin key, only on the start that created it.
+    pub bootstrap_key: Option<String>,
+    pub services: Services,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl ControllerHandle {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting requests and waits for in-flight ones.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+
+    /// Waits until the server stops on its own (it does not, short of an error).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartError> {
+    if let Some(dir) = &config.data_dir {
+        std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+    }
+    let store = Store::open(&config.database_url).await?;
+    let key_file = config.data_dir.as_ref().map(|d| d.join("admin.key"));
+    let bootstrap_key =
+        service::auth::bootstrap(&store, config.bootstrap_key.as_deref(), key_file.as_deref())
+            .await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let services = Services {
+        store,
+        workers: WorkerClient::new(config.worker_token.clone()),
+        config: Arc::new(config),
+        placement_lock: Arc::new(tokio::sync::Mutex::new(())),
+    };
+    let app = http::router(services.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = rx.await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "controller server stopped");
+        }
+    });
+    tracing::info!(%addr, "controller listening");
+    Ok(ControllerHandle {
+        addr,
+        bootstrap_key,
+        services,
+        shutdown: Some(tx),
+        task,
+    })
+}

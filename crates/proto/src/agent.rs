@@ -102,11 +102,7 @@ impl Frame {
     /// Header and payload as one buffer, ready for a single write.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + self.payload.len());
-        out.extend_from_slice(&Self::header(
-            self.stream_id,
-            self.kind,
-            self.payload.len(),
-        ));
+        out.extend_from_slice(&Self::header(self.stream_id, self.kind, self.payload.len()));
         out.extend_from_slice(&self.payload);
         out
     }
@@ -171,7 +167,9 @@ impl std::fmt::Display for FrameError {
         match self {
             Self::Io(_) => write!(f, "i/o error on the agent channel"),
             Self::UnknownKind(k) => write!(f, "unknown frame kind {k}"),
-            Self::TooLarge(n) => write!(f, "frame payload of {n} bytes exceeds {MAX_FRAME_PAYLOAD}"),
+            Self::TooLarge(n) => {
+                write!(f, "frame payload of {n} bytes exceeds {MAX_FRAME_PAYLOAD}")
+            }
             Self::Json(_) => write!(f, "malformed json payload"),
         }
     }
@@ -246,11 +244,21 @@ pub enum Request {
     },
     /// Body follows as `DATA`…`END`; written to a temporary file in the same directory,
     /// fsynced and renamed over `path`; parents created.
-    WriteFile { path: String, mode: u32 },
+    WriteFile {
+        path: String,
+        mode: u32,
+    },
     /// Answered with `DATA` frames, then `REPLY` [`Reply::Read`].
-    ReadFile { path: String },
-    ListDir { path: String },
-    Remove { path: String, recursive: bool },
+    ReadFile {
+        path: String,
+    },
+    ListDir {
+        path: String,
+    },
+    Remove {
+        path: String,
+        recursive: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -350,10 +358,16 @@ mod tests {
     #[test]
     fn rejects_oversized_and_unknown_frames() {
         let h = Frame::header(1, FrameKind::Data, MAX_FRAME_PAYLOAD + 1);
-        assert!(matches!(Frame::parse_header(&h), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            Frame::parse_header(&h),
+            Err(FrameError::TooLarge(_))
+        ));
         let mut h = Frame::header(1, FrameKind::Data, 0);
         h[4] = 99;
-        assert!(matches!(Frame::parse_header(&h), Err(FrameError::UnknownKind(99))));
+        assert!(matches!(
+            Frame::parse_header(&h),
+            Err(FrameError::UnknownKind(99))
+        ));
     }
 
     #[test]

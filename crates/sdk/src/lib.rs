@@ -1,1 +1,259 @@
-//! sdk
+//! The typed Rust client of the ScaiBunker public API. Used by the CLI and the end-to-end
+//! tests. Errors carry the API's stable codes.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use scaibunker_api::MODULE_PREFIX;
+use scaibunker_api::bunkers::{Bunker, CreateBunker};
+use scaibunker_api::envelope::{Error as ErrorEnvelope, FieldDetail, List, Ok as Envelope};
+use scaibunker_api::exec::{ExecRequest, ExecResult};
+use scaibunker_api::files::{FileEntry, FileWritten};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SdkError {
+    /// The API answered with an error envelope.
+    #[error("{code} ({status}): {message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+        details: Vec<FieldDetail>,
+        request_id: String,
+    },
+    #[error("could not reach {url}")]
+    Transport {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("unexpected answer from the API ({status})")]
+    Decode {
+        status: u16,
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+impl SdkError {
+    /// The API's error code, if the API answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Api { status, .. } | Self::Decode { status, .. } => Some(*status),
+            Self::Transport { .. } => None,
+        }
+    }
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    /// A client of the API at `base` (e.g. `http://127.0.0.1:8080`) using `api_key`.
+    pub fn new(base: impl Into<String>, api_key: Option<String>) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .expect("a client without TLS always builds");
+        Self {
+            http,
+            base: base.into().trim_end_matches('/').to_owned(),
+            token: api_key,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{MODULE_PREFIX}{path}", self.base)
+    }
+
+    fn auth(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, SdkError> {
+        let resp = self
+            .auth(rb)
+            .send()
+            .await
+            .map_err(|source| SdkError::Transport {
+                url: self.base.clone(),
+                source,
+            })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        match resp.json::<ErrorEnvelope>().await {
+            Ok(e) => Err(SdkError::Api {
+                status,
+                code: e.error.code,
+                message: e.error.message,
+                details: e.error.details,
+                request_id: e.meta.request_id,
+            }),
+            Err(source) => Err(SdkError::Decode { status, source }),
+        }
+    }
+
+    async fn data<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, SdkError> {
+        let status = resp.status().as_u16();
+        resp.json::<Envelope<T>>()
+            .await
+            .map(|e| e.data)
+            .map_err(|source| SdkError::Decode { status, source })
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, SdkError> {
+        Self::data(self.send(self.http.post(self.url(path)).json(body)).await?).await
+    }
+
+    pub async fn create_bunker(&self, req: &CreateBunker) -> Result<Bunker, SdkError> {
+        self.post("/bunkers", req).await
+    }
+
+    pub async fn bunker(&self, id: &str) -> Result<Bunker, SdkError> {
+        Self::data(
+            self.send(self.http.get(self.url(&format!("/bunkers/{id}"))))
+                .await?,
+        )
+        .await
+    }
+
+    pub async fn bunkers(
+        &self,
+        status: Option<&str>,
+        limit: Option<u32>,
+        cursor: Option<&str>,
+    ) -> Result<Page<Bunker>, SdkError> {
+        let mut q: Vec<(&str, String)> = Vec::new();
+        if let Some(s) = status {
+            q.push(("status", s.to_owned()));
+        }
+        if let Some(l) = limit {
+            q.push(("limit", l.to_string()));
+        }
+        if let Some(c) = cursor {
+            q.push(("cursor", c.to_owned()));
+        }
+        let resp = self
+            .send(self.http.get(self.url("/bunkers")).query(&q))
+            .await?;
+        let status = resp.status().as_u16();
+        let list: List<Bunker> = resp
+            .json()
+            .await
+            .map_err(|source| SdkError::Decode { status, source })?;
+        Ok(Page {
+            items: list.data,
+            next_cursor: list.next_cursor,
+        })
+    }
+
+    pub async fn delete_bunker(&self, id: &str) -> Result<Bunker, SdkError> {
+        Self::data(
+            self.send(self.http.delete(self.url(&format!("/bunkers/{id}"))))
+                .await?,
+        )
+        .await
+    }
+
+    pub async fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecResult, SdkError> {
+        self.post(&format!("/bunkers/{id}/exec"), req).await
+    }
+
+    pub async fn write_file(
+        &self,
+        id: &str,
+        path: &str,
+        mode: Option<u32>,
+        content: impl Into<reqwest::Body>,
+    ) -> Result<FileWritten, SdkError> {
+        let mut q = vec![("path", path.to_owned())];
+        if let Some(m) = mode {
+            q.push(("mode", format!("{m:o}")));
+        }
+        let rb = self
+            .http
+            .put(self.url(&format!("/bunkers/{id}/files")))
+            .query(&q)
+            .body(content);
+        Self::data(self.send(rb).await?).await
+    }
+
+    /// Downloads a file whole. For large files use [`Client::read_file_stream`].
+    pub async fn read_file(&self, id: &str, path: &str) -> Result<Bytes, SdkError> {
+        let resp = self.read_file_stream(id, path).await?;
+        let status = resp.status().as_u16();
+        resp.bytes()
+            .await
+            .map_err(|source| SdkError::Decode { status, source })
+    }
+
+    /// Starts a download; read the body as a stream.
+    pub async fn read_file_stream(
+        &self,
+        id: &str,
+        path: &str,
+    ) -> Result<reqwest::Response, SdkError> {
+        let rb = self
+            .http
+            .get(self.url(&format!("/bunkers/{id}/files")))
+            .query(&[("path", path)]);
+        self.send(rb).await
+    }
+
+    pub async fn list_files(&self, id: &str, path: &str) -> Result<Vec<FileEntry>, SdkError> {
+        let rb = self
+            .http
+            .get(self.url(&format!("/bunkers/{id}/files/list")))
+            .query(&[("path", path)]);
+        Self::data(self.send(rb).await?).await
+    }
+
+    pub async fn delete_file(&self, id: &str, path: &str, recursive: bool) -> Result<(), SdkError> {
+        let rb = self
+            .http
+            .delete(self.url(&format!("/bunkers/{id}/files")))
+            .query(&[("path", path), ("recursive", &recursive.to_string())]);
+        self.send(rb).await.map(|_| ())
+    }
+
+    /// `GET /health`: whether the API answers.
+    pub async fn health(&self) -> Result<(), SdkError> {
+        let url = format!("{}/health", self.base);
+        self.http
+            .get(&url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map(|_| ())
+            .map_err(|source| SdkError::Transport { url, source })
+    }
+}

@@ -206,14 +206,34 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
     })
 }
 
-/// Runs the worker until SIGINT or SIGTERM, then shuts it down.
+/// Runs the worker until SIGINT or SIGTERM, then shuts it down. With
+/// `SCAIBUNKER_EXIT_WITH_PARENT=1` (set by `scaibunker up`) it also shuts down when the process
+/// that started it goes away, even by SIGKILL, so an embedded installation never leaves VMs
+/// behind.
 pub async fn run(config: WorkerConfig) -> Result<(), StartError> {
     let handle = start(config).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(StartError::Signal)?;
+    let watch_parent = std::env::var("SCAIBUNKER_EXIT_WITH_PARENT").is_ok_and(|v| v == "1");
+    let parent_gone = async move {
+        if !watch_parent {
+            return std::future::pending::<()>().await;
+        }
+        let parent = rustix::process::getppid();
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            // Orphans are re-parented (to init or a subreaper), so a changed ppid means the
+            // parent is gone.
+            if rustix::process::getppid() != parent {
+                tracing::warn!("parent process exited");
+                return;
+            }
+        }
+    };
     tokio::select! {
         r = tokio::signal::ctrl_c() => r.map_err(StartError::Signal)?,
         _ = term.recv() => {}
+        _ = parent_gone => {}
     }
     tracing::info!("shutting down");
     handle.shutdown().await;

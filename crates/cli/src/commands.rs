@@ -1,0 +1,196 @@
+//! Client commands over the SDK. The API address comes from `SCAIBUNKER_URL` (default
+//! `http://127.0.0.1:8080`); the key from `SCAIBUNKER_API_KEY`, else the `up` data dir's
+//! `admin.key`.
+
+use std::io::Write;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use scaibunker_api::bunkers::{Bunker, CreateBunker};
+use scaibunker_api::exec::{ExecRequest, ExecUser};
+use scaibunker_sdk::Client;
+
+#[derive(Subcommand)]
+pub enum BunkerCommand {
+    /// Create a bunker and wait until it runs.
+    Create {
+        #[arg(long, default_value = "default")]
+        image: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        cpu_millicores: Option<u64>,
+        #[arg(long)]
+        memory_mb: Option<u64>,
+        /// Return at once with the bunker `pending`.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    List {
+        #[arg(long)]
+        status: Option<String>,
+    },
+    Get {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Args)]
+pub struct ExecArgs {
+    /// The bunker id.
+    bunker: String,
+    #[arg(long)]
+    timeout_s: Option<u64>,
+    /// Run as root in the guest (needs `scaibunker:root`).
+    #[arg(long)]
+    root: bool,
+    #[arg(long)]
+    cwd: Option<String>,
+    /// The command and its arguments (after `--`), run without a shell.
+    #[arg(last = true, required = true)]
+    argv: Vec<String>,
+}
+
+pub fn client() -> Result<Client> {
+    let url =
+        std::env::var("SCAIBUNKER_URL").unwrap_or_else(|_| "http://127.0.0.1:8080".to_owned());
+    let key = match std::env::var("SCAIBUNKER_API_KEY") {
+        Ok(k) if !k.is_empty() => Some(k),
+        _ => {
+            let path = crate::up::default_data_dir()?.join("admin.key");
+            std::fs::read_to_string(&path)
+                .ok()
+                .map(|k| k.trim().to_owned())
+        }
+    };
+    Ok(Client::new(url, key))
+}
+
+fn print_bunker(b: &Bunker) {
+    println!(
+        "{}  {:<12} image={} cpu={}m mem={}MiB worker={}{}",
+        b.id,
+        b.status,
+        b.image,
+        b.cpu_millicores,
+        b.memory_mb,
+        b.worker_id.as_deref().unwrap_or("-"),
+        b.failure_reason
+            .as_deref()
+            .map(|r| format!("\n  failure: {r}"))
+            .unwrap_or_default()
+    );
+}
+
+fn emit<T: serde::Serialize>(json: bool, value: &T, human: impl FnOnce(&T)) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        human(value);
+    }
+    Ok(())
+}
+
+pub async fn bunker(cmd: BunkerCommand, json: bool) -> Result<()> {
+    let c = client()?;
+    match cmd {
+        BunkerCommand::Create {
+            image,
+            name,
+            cpu_millicores,
+            memory_mb,
+            no_wait,
+        } => {
+            if !json && !no_wait {
+                eprintln!("creating a bunker from `{image}` (a cold boot takes a few seconds)…");
+            }
+            let b = c
+                .create_bunker(&CreateBunker {
+                    image: Some(image),
+                    name,
+                    cpu_millicores,
+                    memory_mb,
+                    wait: Some(!no_wait),
+                    ..Default::default()
+                })
+                .await?;
+            emit(json, &b, print_bunker)?;
+            if b.status == "failed" {
+                anyhow::bail!("bunker {} failed to start", b.id);
+            }
+        }
+        BunkerCommand::List { status } => {
+            let mut cursor: Option<String> = None;
+            let mut all = Vec::new();
+            loop {
+                let page = c
+                    .bunkers(status.as_deref(), Some(500), cursor.as_deref())
+                    .await?;
+                all.extend(page.items);
+                match page.next_cursor {
+                    Some(next) => cursor = Some(next),
+                    None => break,
+                }
+            }
+            emit(json, &all, |bs| bs.iter().for_each(print_bunker))?;
+        }
+        BunkerCommand::Get { id } => {
+            let b = c.bunker(&id).await?;
+            emit(json, &b, print_bunker)?;
+        }
+        BunkerCommand::Delete { id } => {
+            let b = c.delete_bunker(&id).await?;
+            emit(json, &b, print_bunker)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the command and returns its exit code (128 + signal when killed, 124 on timeout).
+pub async fn exec(args: ExecArgs, json: bool) -> Result<i32> {
+    let c = client()?;
+    let out = c
+        .exec(
+            &args.bunker,
+            &ExecRequest {
+                argv: Some(args.argv),
+                timeout_s: args.timeout_s,
+                cwd: args.cwd,
+                user: args.root.then_some(ExecUser::Root),
+                ..Default::default()
+            },
+        )
+        .await
+        .context("exec failed")?;
+    let code = match (out.exit_code, out.timed_out) {
+        (_, true) => 124,
+        (Some(c), _) => c,
+        (None, _) => 137,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(code);
+    }
+    use base64::Engine as _;
+    let decode = |text: &Option<String>, b64: &Option<String>| -> Vec<u8> {
+        match (text, b64) {
+            (Some(t), _) => t.clone().into_bytes(),
+            (None, Some(b)) => base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    };
+    std::io::stdout().write_all(&decode(&out.stdout, &out.stdout_b64))?;
+    std::io::stderr().write_all(&decode(&out.stderr, &out.stderr_b64))?;
+    if out.truncated {
+        eprintln!("scaibunker: output truncated at the inline limit");
+    }
+    if out.timed_out {
+        eprintln!("scaibunker: command timed out");
+    }
+    Ok(code)
+}

@@ -1,0 +1,240 @@
+//! `scaibunker up` and `scaibunker serve`.
+//!
+//! `up`, step by step:
+//! 1. Build or refresh the guest artefacts (kernel, initramfs with the agent, `default` and
+//!    `tiny` images) with the embedded `images/build.sh`; it prints its own progress and is a
+//!    no-op when everything is current.
+//! 2. Start the controller in-process on SQLite under the data dir; on first start print the
+//!    bootstrap admin key once (it is also in `DIR/admin.key`, mode 0600).
+//! 3. Start `scaibunker-worker` as a child process with a per-installation worker token.
+//! 4. Wait until the worker registered with the `default` image, then print `ready`.
+//! 5. On Ctrl-C or SIGTERM stop the worker (which stops its VMs), then the controller.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use scaibunker_controller::config::ControllerConfig;
+
+const BUILD_SCRIPT: &str = include_str!("../../../images/build.sh");
+
+pub fn default_data_dir() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set; pass --data-dir")?;
+    Ok(PathBuf::from(home).join(".local/share/scaibunker"))
+}
+
+fn images_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("SCAIBUNKER_IMAGES_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    Ok(PathBuf::from(home).join(".cache/scaibunker/images"))
+}
+
+/// A sibling binary of this executable (cargo puts all of a workspace's binaries together).
+fn sibling(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let path = exe.with_file_name(name);
+    if !path.exists() {
+        bail!("{} not found next to {}", name, exe.display());
+    }
+    Ok(path)
+}
+
+fn agent_binary() -> Result<PathBuf> {
+    match std::env::var_os("SCAIBUNKER_AGENT_BIN") {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => sibling("scaibunker-agent"),
+    }
+}
+
+/// Runs the embedded image build script; it skips every step that is current.
+fn build_images(out: &Path) -> Result<()> {
+    let agent = agent_binary()?;
+    let script = std::env::temp_dir().join(format!("scaibunker-build-{}.sh", std::process::id()));
+    std::fs::write(&script, BUILD_SCRIPT).context("writing the image build script")?;
+    let status = std::process::Command::new("bash")
+        .arg(&script)
+        .arg("--out")
+        .arg(out)
+        .arg("--agent")
+        .arg(&agent)
+        .status();
+    let _ = std::fs::remove_file(&script);
+    let status = status.context("running bash")?;
+    if !status.success() {
+        bail!("building the guest images failed ({status}); see the [images] lines above");
+    }
+    Ok(())
+}
+
+/// Reads the installation's worker token, creating it (mode 0600) on first start.
+fn worker_token(dir: &Path) -> Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("worker.token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        return Ok(t.trim().to_owned());
+    }
+    let token = scaibunker_controller::service::auth::new_api_key().replacen("sgk_", "swt_", 1);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(token.as_bytes())?;
+    Ok(token)
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler works on unix");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+pub async fn serve(data_dir: Option<PathBuf>, listen: SocketAddr) -> Result<()> {
+    let dir = match data_dir {
+        Some(d) => d,
+        None => default_data_dir()?,
+    };
+    let token = std::env::var("SCAIBUNKER_WORKER_TOKEN")
+        .context("SCAIBUNKER_WORKER_TOKEN must be set for `serve`")?;
+    let config = ControllerConfig::embedded(dir, listen, token).with_env();
+    let handle = scaibunker_controller::start(config).await?;
+    if let Some(key) = &handle.bootstrap_key {
+        println!("admin key (shown once): {key}");
+    }
+    println!("listening on {}", handle.url());
+    shutdown_signal().await;
+    handle.shutdown().await;
+    Ok(())
+}
+
+pub async fn up(data_dir: Option<PathBuf>, listen: SocketAddr) -> Result<()> {
+    let dir = match data_dir {
+        Some(d) => d,
+        None => default_data_dir()?,
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let images = images_dir()?;
+
+    eprintln!("[up] preparing guest images in {}", images.display());
+    let images_for_build = images.clone();
+    tokio::task::spawn_blocking(move || build_images(&images_for_build)).await??;
+
+    let token = worker_token(&dir)?;
+    let config = ControllerConfig::embedded(dir.clone(), listen, token.clone()).with_env();
+    let heartbeat = config.heartbeat_interval;
+    let controller = scaibunker_controller::start(config).await?;
+    eprintln!("[up] controller listening on {}", controller.url());
+
+    let worker_bin = sibling("scaibunker-worker")?;
+    let log_path = dir.join("worker.log");
+    let log = std::fs::File::create(&log_path)?;
+    let mut worker = tokio::process::Command::new(worker_bin)
+        .env("SCAIBUNKER_CONTROLLER_URL", controller.url())
+        .env("SCAIBUNKER_WORKER_TOKEN", &token)
+        .env("SCAIBUNKER_WORKER_DATA_DIR", dir.join("worker"))
+        .env("SCAIBUNKER_IMAGES_DIR", &images)
+        .env(
+            "WORKER_HEARTBEAT_INTERVAL_S",
+            heartbeat.as_secs().to_string(),
+        )
+        .env("SCAIBUNKER_EXIT_WITH_PARENT", "1")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting scaibunker-worker")?;
+    eprintln!(
+        "[up] worker started (pid {}), log in {}",
+        worker.id().unwrap_or(0),
+        log_path.display()
+    );
+
+    // Ready once a worker holds the default image.
+    let started = Instant::now();
+    loop {
+        if let Some(status) = worker.try_wait()? {
+            bail!("the worker exited ({status}); see {}", log_path.display());
+        }
+        let svc = &controller.services;
+        if let Some(img) = svc.store.image_visible_to("", "default").await?
+            && let Some(sha) = img.sha256
+        {
+            let mut tx = svc.store.begin().await?;
+            if !svc
+                .store
+                .workers_with_image(&mut tx, &sha)
+                .await?
+                .is_empty()
+            {
+                break;
+            }
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!(
+                "the worker did not register within 120 s; see {}",
+                log_path.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let url = controller.url();
+    if let Some(key) = &controller.bootstrap_key {
+        println!(
+            "admin key (shown once; also in {}): {key}",
+            dir.join("admin.key").display()
+        );
+    } else {
+        println!("admin key: in {}", dir.join("admin.key").display());
+    }
+    println!("ready {url}");
+    println!();
+    println!("Create a bunker and run a command:");
+    println!(
+        "  export SCAIBUNKER_URL={url} SCAIBUNKER_API_KEY=$(cat {})",
+        dir.join("admin.key").display()
+    );
+    println!("  scaibunker bunker create --image default");
+    println!("  scaibunker exec <bunker-id> -- python3 -c 'print(6*7)'");
+    println!("or with curl:");
+    println!(
+        "  curl -s -H \"Authorization: Bearer $SCAIBUNKER_API_KEY\" -d '{{\"image\":\"default\"}}' {url}/v1/modules/scaibunker/bunkers"
+    );
+
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        status = worker.wait() => {
+            eprintln!("[up] the worker exited ({:?}); shutting down", status.ok());
+        }
+    }
+    eprintln!("[up] stopping");
+    stop_worker(&mut worker).await;
+    controller.shutdown().await;
+    Ok(())
+}
+
+/// SIGTERM, then SIGKILL after 20 s. The worker stops its VMs on SIGTERM.
+async fn stop_worker(worker: &mut tokio::process::Child) {
+    if let Some(pid) = worker.id() {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+        if tokio::time::timeout(Duration::from_secs(20), worker.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+    let _ = worker.kill().await;
+}

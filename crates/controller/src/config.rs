@@ -1,0 +1,66 @@
+//! Controller configuration, from the environment (`SCAIBUNKER_*`) with embedded defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    pub listen: SocketAddr,
+    /// `sqlite://…` (MariaDB arrives with the platform-core work).
+    pub database_url: String,
+    /// Where the bootstrap key file is written (`admin.key`); `None` writes none.
+    pub data_dir: Option<PathBuf>,
+    /// Shared secret of the controller ↔ worker tier.
+    pub worker_token: String,
+    /// Used once, on first start, instead of a generated key.
+    pub bootstrap_key: Option<String>,
+    pub heartbeat_interval: Duration,
+    /// Each of stdout and stderr is returned inline up to this many bytes.
+    pub exec_inline_limit_bytes: u64,
+    /// Uploads larger than this are refused with `413 FILE_TOO_LARGE`.
+    pub max_file_bytes: u64,
+    /// Largest JSON request body.
+    pub max_json_bytes: usize,
+}
+
+impl ControllerConfig {
+    /// Defaults for an embedded controller keeping its state under `data_dir`.
+    pub fn embedded(data_dir: PathBuf, listen: SocketAddr, worker_token: String) -> Self {
+        Self {
+            listen,
+            database_url: format!("sqlite://{}/scaibunker.db", data_dir.display()),
+            data_dir: Some(data_dir),
+            worker_token,
+            bootstrap_key: None,
+            heartbeat_interval: Duration::from_secs(10),
+            exec_inline_limit_bytes: 1024 * 1024,
+            max_file_bytes: 1024 * 1024 * 1024,
+            max_json_bytes: 4 * 1024 * 1024,
+        }
+    }
+
+    /// Applies `SCAIBUNKER_*` environment overrides.
+    pub fn with_env(mut self) -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        if let Some(v) = var("SCAIBUNKER_DATABASE_URL") {
+            self.database_url = v;
+        }
+        if let Some(v) = var("SCAIBUNKER_WORKER_TOKEN") {
+            self.worker_token = v;
+        }
+        if let Some(v) = var("SCAIBUNKER_BOOTSTRAP_KEY") {
+            self.bootstrap_key = Some(v);
+        }
+        if let Some(s) = var("WORKER_HEARTBEAT_INTERVAL_S").and_then(|v| v.parse().ok()) {
+            self.heartbeat_interval = Duration::from_secs(s);
+        }
+        if let Some(n) = var("SCAIBUNKER_EXEC_INLINE_LIMIT_BYTES").and_then(|v| v.parse().ok()) {
+            self.exec_inline_limit_bytes = n;
+        }
+        if let Some(n) = var("SCAIBUNKER_MAX_FILE_BYTES").and_then(|v| v.parse().ok()) {
+            self.max_file_bytes = n;
+        }
+        self
+    }
+}

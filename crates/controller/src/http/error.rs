@@ -1,0 +1,195 @@
+//! The HTTP error envelope and the mapping of every service error to a status and a stable code.
+//! 5xx causes are logged once here and never sent to the client.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use scaibunker_api::codes;
+use scaibunker_api::envelope::{Error, ErrorBody, ErrorMeta, FieldDetail};
+
+use super::request_id;
+use crate::service::auth::AuthError;
+use crate::service::bunkers::{BunkerError, worker_code_status};
+use crate::service::fleet::FleetError;
+use crate::workers::WorkerCallError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub details: Vec<FieldDetail>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            details: Vec::new(),
+        }
+    }
+
+    pub fn validation(details: Vec<FieldDetail>) -> Self {
+        Self {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: codes::VALIDATION_ERROR,
+            message: "request is invalid".into(),
+            details,
+        }
+    }
+
+    fn internal(cause: &dyn std::error::Error) -> Self {
+        let mut chain = cause.to_string();
+        let mut src = cause.source();
+        while let Some(s) = src {
+            chain.push_str(": ");
+            chain.push_str(&s.to_string());
+            src = s.source();
+        }
+        tracing::error!(request_id = request_id(), error = chain, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            codes::INTERNAL,
+            "internal error; see the server log for this request id",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Error {
+            status: "error".into(),
+            error: ErrorBody {
+                code: self.code.into(),
+                message: self.message,
+                details: self.details,
+            },
+            meta: ErrorMeta {
+                request_id: request_id(),
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Missing => Self::new(
+                StatusCode::UNAUTHORIZED,
+                codes::AUTH_TOKEN_MISSING,
+                "send `Authorization: Bearer <api key>`",
+            ),
+            AuthError::Invalid => Self::new(
+                StatusCode::UNAUTHORIZED,
+                codes::AUTH_TOKEN_INVALID,
+                "the token is invalid or revoked",
+            ),
+            AuthError::Store(ref s) => Self::internal(s),
+        }
+    }
+}
+
+impl From<WorkerCallError> for ApiError {
+    fn from(e: WorkerCallError) -> Self {
+        match &e {
+            WorkerCallError::Worker { body, .. } => {
+                let (status, code) = worker_code_status(&body.code);
+                if status >= 500 {
+                    return Self::internal(&e);
+                }
+                Self::new(
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                    code,
+                    body.message.clone(),
+                )
+            }
+            _ => {
+                tracing::error!(request_id = request_id(), error = %e, "worker call failed");
+                Self::new(
+                    StatusCode::BAD_GATEWAY,
+                    codes::WORKER_ERROR,
+                    "the bunker's worker could not complete the operation",
+                )
+            }
+        }
+    }
+}
+
+impl From<BunkerError> for ApiError {
+    fn from(e: BunkerError) -> Self {
+        use BunkerError as B;
+        let msg = e.to_string();
+        match e {
+            B::Validation(errs) => Self::validation(
+                errs.into_iter()
+                    .map(|f| FieldDetail {
+                        field: f.field.into(),
+                        message: f.message,
+                    })
+                    .collect(),
+            ),
+            B::PermissionDenied(_) => {
+                Self::new(StatusCode::FORBIDDEN, codes::AUTHZ_PERMISSION_DENIED, msg)
+            }
+            B::LifecycleModeDenied(..) => {
+                Self::new(StatusCode::FORBIDDEN, codes::LIFECYCLE_MODE_DENIED, msg)
+            }
+            B::NetworkProfileDenied(..) => {
+                Self::new(StatusCode::FORBIDDEN, codes::NETWORK_PROFILE_DENIED, msg)
+            }
+            B::InterfacesNotAllowed => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                codes::INTERFACES_NOT_ALLOWED,
+                msg,
+            ),
+            B::TransitMissingInterfaces => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                codes::TRANSIT_MISSING_INTERFACES,
+                msg,
+            ),
+            B::ImageNotFound(_) => Self::new(StatusCode::NOT_FOUND, codes::IMAGE_NOT_FOUND, msg),
+            B::SnapshotNotFound(_) => Self::new(StatusCode::NOT_FOUND, "SNAPSHOT_NOT_FOUND", msg),
+            B::NotFound => Self::new(StatusCode::NOT_FOUND, codes::BUNKER_NOT_FOUND, msg),
+            B::NotRunning(_) => Self::new(StatusCode::CONFLICT, codes::BUNKER_NOT_RUNNING, msg),
+            B::InvalidTransition(_) => {
+                Self::new(StatusCode::CONFLICT, codes::BUNKER_INVALID_TRANSITION, msg)
+            }
+            B::WorkerUnavailable => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                codes::WORKER_UNAVAILABLE,
+                msg,
+            ),
+            B::NoSuitableWorker => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                codes::NO_SUITABLE_WORKER,
+                msg,
+            ),
+            B::InvalidPath(_) => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, codes::INVALID_PATH, msg)
+            }
+            B::FileTooLarge { .. } => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, codes::FILE_TOO_LARGE, msg)
+            }
+            B::Worker(w) => w.into(),
+            B::Store(ref s) => Self::internal(s),
+        }
+    }
+}
+
+impl From<FleetError> for ApiError {
+    fn from(e: FleetError) -> Self {
+        match e {
+            FleetError::ProtocolMismatch { .. } => {
+                Self::new(StatusCode::CONFLICT, "PROTOCOL_MISMATCH", e.to_string())
+            }
+            FleetError::Invalid { field, ref message } => Self::validation(vec![FieldDetail {
+                field: field.into(),
+                message: message.clone(),
+            }]),
+            FleetError::Store(ref s) => Self::internal(s),
+        }
+    }
+}

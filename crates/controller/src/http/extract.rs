@@ -1,0 +1,125 @@
+//! Extractors: the authenticated caller, the worker token, and JSON bodies whose errors become
+//! `422 VALIDATION_ERROR` naming the offending field.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use scaibunker_api::codes;
+use scaibunker_api::envelope::FieldDetail;
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use crate::service::auth::{self, Principal};
+use crate::service::{RequestContext, Services};
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// The caller, authenticated by API key.
+pub struct Caller(pub Principal);
+
+impl FromRequestParts<Services> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, s: &Services) -> Result<Self, ApiError> {
+        Ok(Caller(auth::authenticate(&s.store, bearer(parts)).await?))
+    }
+}
+
+/// A request from a worker daemon, authenticated by the worker token.
+pub struct WorkerAuth;
+
+impl FromRequestParts<Services> for WorkerAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, s: &Services) -> Result<Self, ApiError> {
+        let Some(token) = bearer(parts) else {
+            return Err(auth::AuthError::Missing.into());
+        };
+        if constant_time_eq(token.as_bytes(), s.config.worker_token.as_bytes()) {
+            Ok(WorkerAuth)
+        } else {
+            Err(auth::AuthError::Invalid.into())
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Request id and client address, for audit rows.
+pub struct Ctx(pub RequestContext);
+
+impl<S: Send + Sync> FromRequestParts<S> for Ctx {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let ip = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip().to_string());
+        Ok(Ctx(RequestContext {
+            request_id: super::request_id(),
+            ip,
+        }))
+    }
+}
+
+/// A JSON body. Unknown fields, wrong types and malformed JSON are `422 VALIDATION_ERROR`
+/// with the field path in `details`.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<Services> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, s: &Services) -> Result<Self, ApiError> {
+        let limit = s.config.max_json_bytes;
+        let body = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    codes::PAYLOAD_TOO_LARGE,
+                    format!("request body exceeds {limit} bytes"),
+                )
+            })?;
+        parse_json(&body).map(ApiJson)
+    }
+}
+
+pub fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    let body: &[u8] = if body.is_empty() { b"{}" } else { body };
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let field = if path == "." || path.is_empty() {
+            // serde reports an unknown field at the parent level; name it from the message.
+            let msg = inner.to_string();
+            msg.strip_prefix("unknown field `")
+                .and_then(|r| r.split('`').next())
+                .map(str::to_owned)
+                .unwrap_or_else(|| "body".to_owned())
+        } else {
+            path
+        };
+        let message = inner.to_string();
+        let message = match message.split_once(" at line ") {
+            Some((m, _)) => m.to_owned(),
+            None => message,
+        };
+        ApiError::validation(vec![FieldDetail { field, message }])
+    })
+}

@@ -1,0 +1,76 @@
+//! The HTTP API (axum lives only here). One file per resource; a handler parses, calls one
+//! service function and maps the result. Every response carries `x-request-id`; error bodies
+//! carry it as `meta.request_id`.
+
+mod bunkers;
+mod error;
+mod extract;
+mod files;
+mod fleet;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use scaibunker_api::MODULE_PREFIX;
+use scaibunker_api::codes;
+use scaibunker_core::ids::encode_random;
+
+pub use error::ApiError;
+
+use crate::service::{Services, random_bytes};
+
+tokio::task_local! {
+    static REQUEST_ID: String;
+}
+
+/// The id of the request being served (empty outside a request).
+pub fn request_id() -> String {
+    REQUEST_ID.try_with(Clone::clone).unwrap_or_default()
+}
+
+async fn with_request_id(req: Request, next: Next) -> Response {
+    let id = format!("req_{}", encode_random(random_bytes()));
+    let mut resp = REQUEST_ID.scope(id.clone(), next.run(req)).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND, "no such route")
+}
+
+async fn health() -> impl IntoResponse {
+    axum::Json(serde_json::json!({"status": "ok"}))
+}
+
+pub fn router(s: Services) -> Router {
+    let module = Router::new()
+        .route("/bunkers", post(bunkers::create).get(bunkers::list))
+        .route("/bunkers/{id}", get(bunkers::get).delete(bunkers::delete))
+        .route("/bunkers/{id}/exec", post(bunkers::exec))
+        .route(
+            "/bunkers/{id}/files",
+            get(files::read).put(files::write).delete(files::remove),
+        )
+        .route("/bunkers/{id}/files/list", get(files::list))
+        .route("/workers/register", post(fleet::register))
+        .route("/heartbeat", post(fleet::heartbeat));
+    Router::new()
+        .nest(MODULE_PREFIX, module)
+        .route("/health", get(health))
+        .fallback(not_found)
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                codes::METHOD_NOT_ALLOWED,
+                "method not allowed on this route",
+            )
+        })
+        .layer(middleware::from_fn(with_request_id))
+        .with_state(s)
+}

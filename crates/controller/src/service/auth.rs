@@ -1,0 +1,261 @@
+//! Authentication (bearer API keys) and permissions.
+//!
+//! API keys are `sgk_` + 40 random alphanumerics, stored only as their SHA-256. A key carries
+//! its user's permissions (from the role and the user's module permissions), optionally
+//! narrowed at creation. Revocation is effective on the next request: every request looks the
+//! key up.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use rand::Rng;
+use rand::distr::Alphanumeric;
+use scaibunker_core::ids::{ApiKeyId, TenantId, UserId};
+use sha2::{Digest, Sha256};
+
+use super::random_bytes;
+use crate::store::identity::{NewApiKey, NewTenant, NewUser};
+use crate::store::{Store, StoreError};
+
+pub const CREATE: &str = "scaibunker:create";
+pub const CREATE_SESSION: &str = "scaibunker:create:session";
+pub const CREATE_PERSISTENT: &str = "scaibunker:create:persistent";
+pub const EXECUTE: &str = "scaibunker:execute";
+pub const SHELL: &str = "scaibunker:shell";
+pub const FILES: &str = "scaibunker:files";
+pub const ROOT: &str = "scaibunker:root";
+pub const NETWORK_REGISTRY: &str = "scaibunker:network:registry";
+pub const NETWORK_ALLOWLISTED: &str = "scaibunker:network:allowlisted";
+pub const NETWORK_UNRESTRICTED: &str = "scaibunker:network:unrestricted";
+pub const NETWORK_TRANSIT: &str = "scaibunker:network:transit";
+pub const L2_TRANSPARENCY: &str = "scaibunker:l2_transparency";
+pub const IMAGES_MANAGE: &str = "scaibunker:images:manage";
+pub const ADMIN: &str = "scaibunker:admin";
+pub const ADMIN_TENANT: &str = "scaibunker:admin:tenant";
+pub const ADMIN_PLATFORM: &str = "scaibunker:admin:platform";
+
+pub const ALL_PERMISSIONS: &[&str] = &[
+    CREATE,
+    CREATE_SESSION,
+    CREATE_PERSISTENT,
+    EXECUTE,
+    SHELL,
+    FILES,
+    ROOT,
+    NETWORK_REGISTRY,
+    NETWORK_ALLOWLISTED,
+    NETWORK_UNRESTRICTED,
+    NETWORK_TRANSIT,
+    L2_TRANSPARENCY,
+    IMAGES_MANAGE,
+    ADMIN,
+    ADMIN_TENANT,
+    ADMIN_PLATFORM,
+];
+
+/// The permissions a role grants, per API.md.
+pub fn role_permissions(role: &str) -> BTreeSet<String> {
+    let keys: Vec<&str> = match role {
+        "super_admin" => ALL_PERMISSIONS.to_vec(),
+        "tenant_admin" => ALL_PERMISSIONS
+            .iter()
+            .copied()
+            .filter(|p| *p != ADMIN_PLATFORM)
+            .collect(),
+        "tenant_user" => vec![CREATE, EXECUTE, FILES, SHELL],
+        // Viewers read only: `create` is the key that grants reading own bunkers and images;
+        // the create route itself is refused to viewers by their role.
+        "tenant_viewer" => vec![],
+        _ => vec![],
+    };
+    keys.into_iter().map(str::to_owned).collect()
+}
+
+/// The authenticated caller of one request.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub tenant_id: String,
+    pub user_id: String,
+    pub key_id: String,
+    pub role: String,
+    pub permissions: BTreeSet<String>,
+}
+
+impl Principal {
+    pub fn has(&self, permission: &str) -> bool {
+        self.permissions.contains(permission)
+    }
+
+    /// Whether the caller may read other tenants' bunkers.
+    pub fn is_admin(&self) -> bool {
+        self.has(ADMIN) && self.role == "super_admin"
+    }
+
+    /// Read access: viewers and anyone holding `scaibunker:create`.
+    pub fn can_read(&self) -> bool {
+        self.role == "tenant_viewer" || self.has(CREATE)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("no bearer token")]
+    Missing,
+    #[error("token is invalid or revoked")]
+    Invalid,
+    #[error("looking up the api key failed")]
+    Store(#[from] StoreError),
+}
+
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+pub fn new_api_key() -> String {
+    let body: String = rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(40)
+        .map(char::from)
+        .collect();
+    format!("sgk_{body}")
+}
+
+fn parse_permissions(json: Option<&str>) -> Option<BTreeSet<String>> {
+    json.and_then(|j| serde_json::from_str::<BTreeSet<String>>(j).ok())
+}
+
+pub async fn authenticate(store: &Store, token: Option<&str>) -> Result<Principal, AuthError> {
+    let token = token.ok_or(AuthError::Missing)?;
+    if !token.starts_with("sgk_") || token.len() < 36 {
+        return Err(AuthError::Invalid);
+    }
+    let row = store
+        .api_key_by_hash(&hash_key(token))
+        .await?
+        .ok_or(AuthError::Invalid)?;
+    let mut permissions = role_permissions(&row.role);
+    if let Some(extra) = parse_permissions(row.user_permissions.as_deref()) {
+        permissions.extend(extra);
+    }
+    if let Some(narrowed) = parse_permissions(row.permissions.as_deref()) {
+        permissions.retain(|p| narrowed.contains(p));
+    }
+    Ok(Principal {
+        tenant_id: row.tenant_id,
+        user_id: row.user_id,
+        key_id: row.id,
+        role: row.role,
+        permissions,
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("configured bootstrap key must start with `sgk_` and hold at least 32 more characters")]
+    BadConfiguredKey,
+    #[error("writing the admin key to {path}")]
+    WriteKey {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating the platform tenant")]
+    Store(#[from] StoreError),
+}
+
+/// On first start (no users), creates the platform tenant and a super admin with an API key:
+/// the configured one, or a fresh one that is returned (to be printed once) and written to
+/// `key_file` with mode 0600. Later starts return `None`.
+pub async fn bootstrap(
+    store: &Store,
+    configured_key: Option<&str>,
+    key_file: Option<&Path>,
+) -> Result<Option<String>, BootstrapError> {
+    if store.user_count().await? > 0 {
+        return Ok(None);
+    }
+    let key = match configured_key {
+        Some(k) if k.starts_with("sgk_") && k.len() >= 36 => k.to_owned(),
+        Some(_) => return Err(BootstrapError::BadConfiguredKey),
+        None => new_api_key(),
+    };
+    if let Some(path) = key_file {
+        write_secret(path, &key).map_err(|source| BootstrapError::WriteKey {
+            path: path.display().to_string(),
+            source,
+        })?;
+    }
+    let tenant_id = TenantId::from_random(random_bytes());
+    let user_id = UserId::from_random(random_bytes());
+    let key_id = ApiKeyId::from_random(random_bytes());
+    store
+        .insert_tenant_user_key(
+            NewTenant {
+                id: tenant_id.as_str(),
+                name: "Platform",
+                slug: "platform",
+            },
+            NewUser {
+                id: user_id.as_str(),
+                tenant_id: tenant_id.as_str(),
+                email: "admin@localhost",
+                role: "super_admin",
+            },
+            NewApiKey {
+                id: key_id.as_str(),
+                tenant_id: tenant_id.as_str(),
+                user_id: user_id.as_str(),
+                name: "bootstrap",
+                key_sha256: &hash_key(&key),
+                permissions: None,
+            },
+        )
+        .await?;
+    Ok(Some(key))
+}
+
+/// Writes a secret atomically with mode 0600 from the start (never world-readable).
+fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(secret.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_map_to_api_md_permissions() {
+        assert_eq!(role_permissions("super_admin").len(), ALL_PERMISSIONS.len());
+        let ta = role_permissions("tenant_admin");
+        assert!(ta.contains(ADMIN_TENANT) && !ta.contains(ADMIN_PLATFORM));
+        let tu = role_permissions("tenant_user");
+        let want: BTreeSet<String> = [CREATE, EXECUTE, FILES, SHELL]
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(tu, want);
+        assert!(role_permissions("tenant_viewer").is_empty());
+        assert!(role_permissions("nobody").is_empty());
+    }
+
+    #[test]
+    fn keys_have_the_documented_shape_and_hash_stably() {
+        let k = new_api_key();
+        assert!(k.starts_with("sgk_") && k.len() == 44);
+        assert_ne!(k, new_api_key());
+        assert_eq!(hash_key("sgk_x"), hash_key("sgk_x"));
+        assert_eq!(hash_key("sgk_x").len(), 64);
+    }
+}

@@ -1,0 +1,140 @@
+//! Workers: registration, heartbeats and reconciliation of bunker state against them.
+//!
+//! Reconciliation on every heartbeat:
+//! 1. A live bunker row (running or paused) on this worker that the worker does not report,
+//!    or reports failed, becomes `failed` with a reason.
+//! 2. A VM the worker reports whose bunker is terminal or unknown is returned in
+//!    `stop_bunkers`: the worker stops it, so no VM outlives its bunker.
+
+use std::collections::HashMap;
+
+use scaibunker_core::ids::{ImageId, WorkerId};
+use scaibunker_core::lifecycle::BunkerStatus;
+use scaibunker_proto::worker::{
+    Heartbeat, HeartbeatResponse, PROTOCOL_VERSION, RegisterRequest, RegisterResponse, VmStatus,
+};
+
+use super::{Services, random_bytes};
+use crate::store::StoreError;
+use crate::store::workers::{Committed, Registration};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("worker speaks protocol {got}, controller speaks {PROTOCOL_VERSION}")]
+    ProtocolMismatch { got: u32 },
+    #[error("field `{field}` is invalid: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("store failed")]
+    Store(#[from] StoreError),
+}
+
+pub async fn register(s: &Services, req: RegisterRequest) -> Result<RegisterResponse, FleetError> {
+    if req.protocol_version != PROTOCOL_VERSION {
+        return Err(FleetError::ProtocolMismatch {
+            got: req.protocol_version,
+        });
+    }
+    if req.name.is_empty() || req.name.len() > 128 {
+        return Err(FleetError::Invalid {
+            field: "name",
+            message: "must be 1 to 128 characters".into(),
+        });
+    }
+    if !(req.url.starts_with("http://") || req.url.starts_with("https://")) {
+        return Err(FleetError::Invalid {
+            field: "url",
+            message: "must be an http(s) URL".into(),
+        });
+    }
+    let new_id = WorkerId::from_random(random_bytes());
+    let c = req.capacity;
+    let worker_id = s
+        .store
+        .upsert_worker(&Registration {
+            id: new_id.as_str(),
+            name: &req.name,
+            url: &req.url,
+            runtime: &req.runtime,
+            cpu_millicores: c.cpu_millicores as i64,
+            memory_mb: c.memory_mb as i64,
+            disk_mb: c.disk_mb as i64,
+            gpu_count: c.gpu_count as i64,
+        })
+        .await?;
+    // Images a worker ships prebuilt become platform images, known by name and hash.
+    for img in &req.images {
+        s.store
+            .upsert_builtin_image(
+                ImageId::from_random(random_bytes()).as_str(),
+                &img.name,
+                &img.sha256,
+                img.size_bytes as i64,
+            )
+            .await?;
+    }
+    let shas: Vec<String> = req.images.iter().map(|i| i.sha256.clone()).collect();
+    s.store.set_worker_images(&worker_id, &shas).await?;
+    tracing::info!(
+        worker_id,
+        name = req.name,
+        url = req.url,
+        "worker registered"
+    );
+    Ok(RegisterResponse {
+        worker_id,
+        heartbeat_interval_s: s.config.heartbeat_interval.as_secs(),
+    })
+}
+
+pub async fn heartbeat(s: &Services, hb: Heartbeat) -> Result<HeartbeatResponse, FleetError> {
+    let free = Committed {
+        cpu_millicores: hb.capacity.cpu_millicores as i64,
+        memory_mb: hb.capacity.memory_mb as i64,
+        disk_mb: hb.capacity.disk_mb as i64,
+        gpu_count: hb.capacity.gpu_count as i64,
+    };
+    let known = s
+        .store
+        .record_heartbeat(&hb.worker_id, &free, hb.active_bunkers as i64)
+        .await?;
+    if !known {
+        return Ok(HeartbeatResponse {
+            known: false,
+            stop_bunkers: Vec::new(),
+        });
+    }
+    if let Some(cached) = &hb.cached_images {
+        s.store.set_worker_images(&hb.worker_id, cached).await?;
+    }
+
+    let reported: HashMap<&str, _> = hb.bunkers.iter().map(|b| (b.id.as_str(), b)).collect();
+    for row in s.store.admin_live_bunkers_on_worker(&hb.worker_id).await? {
+        let status = BunkerStatus::parse(&row.status);
+        if !matches!(status, Some(BunkerStatus::Running | BunkerStatus::Paused)) {
+            continue;
+        }
+        let reason = match reported.get(row.id.as_str()) {
+            None => Some("the worker no longer runs this bunker's VM".to_owned()),
+            Some(r) if r.status == VmStatus::Failed => Some(
+                r.reason
+                    .clone()
+                    .unwrap_or_else(|| "the VM failed".to_owned()),
+            ),
+            Some(_) => None,
+        };
+        if let Some(reason) = reason {
+            super::bunkers::mark_failed(s, &row.tenant_id, &row.id, &reason).await?;
+        }
+    }
+
+    let ids: Vec<String> = hb.bunkers.iter().map(|b| b.id.clone()).collect();
+    let live = s.store.admin_live_bunker_ids(&ids).await?;
+    let stop_bunkers = ids.into_iter().filter(|id| !live.contains(id)).collect();
+    Ok(HeartbeatResponse {
+        known: true,
+        stop_bunkers,
+    })
+}

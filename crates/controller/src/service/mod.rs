@@ -1,0 +1,39 @@
+//! Use cases of the controller. No axum and no SQL text here: handlers call these, these call
+//! the store, the worker client and the core.
+
+pub mod auth;
+pub mod bunkers;
+pub mod fleet;
+
+use std::sync::Arc;
+
+use rand::RngCore;
+
+use crate::config::ControllerConfig;
+use crate::store::Store;
+use crate::workers::WorkerClient;
+
+/// Everything a request handler needs, cheap to clone.
+#[derive(Clone)]
+pub struct Services {
+    pub store: Store,
+    pub workers: WorkerClient,
+    pub config: Arc<ControllerConfig>,
+    /// Serialises placement within this controller so two concurrent creates never both take
+    /// the last free slot of a worker.
+    pub placement_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Who made a request and from where, for audit rows.
+#[derive(Debug, Clone, Default)]
+pub struct RequestContext {
+    pub request_id: String,
+    pub ip: Option<String>,
+}
+
+/// 16 bytes from the OS's CSPRNG.
+pub fn random_bytes() -> [u8; 16] {
+    let mut b = [0u8; 16];
+    rand::rng().fill_bytes(&mut b);
+    b
+}

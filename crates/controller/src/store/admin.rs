@@ -1,0 +1,69 @@
+//! Cross-tenant reads, visibly apart: platform admins' listings and the controller's own
+//! fleet-wide bookkeeping (heartbeat reconciliation). Nothing here serves a tenant's request
+//! without a prior permission check for `scaibunker:admin`.
+
+use super::bunkers::{BunkerFilter, BunkerRow, COLUMNS, Cursor, bind, filter_sql, from_row};
+use super::{Store, StoreError};
+use sqlx::AssertSqlSafe;
+
+impl Store {
+    /// Any tenant's bunker by id.
+    pub async fn admin_bunker(&self, id: &str) -> Result<Option<BunkerRow>, StoreError> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM bunkers WHERE id = ?"
+        )))
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.as_ref().map(from_row))
+    }
+
+    pub async fn admin_bunkers(
+        &self,
+        filter: &BunkerFilter,
+        cursor: Option<&Cursor>,
+        limit: u32,
+    ) -> Result<Vec<BunkerRow>, StoreError> {
+        let mut sql = format!("SELECT {COLUMNS} FROM bunkers WHERE 1 = 1");
+        let binds = filter_sql(filter, cursor, &mut sql);
+        sql.push_str(" ORDER BY created_at DESC, id DESC LIMIT ?");
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for b in &binds {
+            q = bind(q, b);
+        }
+        let rows = q.bind(limit as i64).fetch_all(self.pool()).await?;
+        Ok(rows.iter().map(from_row).collect())
+    }
+
+    /// Bunkers placed on a worker that are not terminal.
+    pub async fn admin_live_bunkers_on_worker(
+        &self,
+        worker_id: &str,
+    ) -> Result<Vec<BunkerRow>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM bunkers WHERE worker_id = ? \
+             AND status NOT IN ('terminated', 'failed')"
+        )))
+        .bind(worker_id)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.iter().map(from_row).collect())
+    }
+
+    /// Of `ids`, those that exist and are not terminal.
+    pub async fn admin_live_bunker_ids(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders = vec!["?"; ids.len()].join(", ");
+        let sql = format!(
+            "SELECT id FROM bunkers WHERE id IN ({placeholders}) \
+             AND status NOT IN ('terminated', 'failed')"
+        );
+        let mut q = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql));
+        for id in ids {
+            q = q.bind(id);
+        }
+        Ok(q.fetch_all(self.pool()).await?)
+    }
+}

@@ -1,0 +1,221 @@
+//! Workers and their image cache ledger.
+
+use sqlx::Row;
+
+use super::{Store, StoreError, Tx, now_ms};
+
+#[derive(Debug, Clone)]
+pub struct WorkerRow {
+    pub id: String,
+    pub name: String,
+    pub url: String,
+    pub runtime: String,
+    pub status: String,
+    pub cpu_millicores: i64,
+    pub memory_mb: i64,
+    pub disk_mb: i64,
+    pub gpu_count: i64,
+    pub last_heartbeat_at: i64,
+}
+
+/// Resources held by the live bunkers placed on one worker.
+#[derive(Debug, Clone, Default)]
+pub struct Committed {
+    pub cpu_millicores: i64,
+    pub memory_mb: i64,
+    pub disk_mb: i64,
+    pub gpu_count: i64,
+}
+
+pub struct Registration<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+    pub url: &'a str,
+    pub runtime: &'a str,
+    pub cpu_millicores: i64,
+    pub memory_mb: i64,
+    pub disk_mb: i64,
+    pub gpu_count: i64,
+}
+
+impl Store {
+    /// Inserts a worker or, if one with this name exists, refreshes it and keeps its id.
+    /// Returns the id in force.
+    pub async fn upsert_worker(&self, r: &Registration<'_>) -> Result<String, StoreError> {
+        let now = now_ms();
+        let mut tx = self.begin().await?;
+        let existing: Option<String> = sqlx::query_scalar("SELECT id FROM workers WHERE name = ?")
+            .bind(r.name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let id = existing.unwrap_or_else(|| r.id.to_owned());
+        sqlx::query(
+            "INSERT INTO workers (id, name, url, runtime, status, cpu_millicores, memory_mb, disk_mb, \
+             gpu_count, free_cpu_millicores, free_memory_mb, free_disk_mb, free_gpu_count, \
+             active_bunkers, registered_at, last_heartbeat_at) \
+             VALUES (?, ?, ?, ?, 'online', ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?) \
+             ON CONFLICT(id) DO UPDATE SET url = excluded.url, runtime = excluded.runtime, \
+             status = CASE WHEN workers.status = 'draining' THEN 'draining' ELSE 'online' END, \
+             cpu_millicores = excluded.cpu_millicores, memory_mb = excluded.memory_mb, \
+             disk_mb = excluded.disk_mb, gpu_count = excluded.gpu_count, \
+             last_heartbeat_at = excluded.last_heartbeat_at",
+        )
+        .bind(&id)
+        .bind(r.name)
+        .bind(r.url)
+        .bind(r.runtime)
+        .bind(r.cpu_millicores)
+        .bind(r.memory_mb)
+        .bind(r.disk_mb)
+        .bind(r.gpu_count)
+        .bind(r.cpu_millicores)
+        .bind(r.memory_mb)
+        .bind(r.disk_mb)
+        .bind(r.gpu_count)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// Records a heartbeat. Returns false if the worker is unknown.
+    pub async fn record_heartbeat(
+        &self,
+        worker_id: &str,
+        free: &Committed,
+        active_bunkers: i64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE workers SET last_heartbeat_at = ?, free_cpu_millicores = ?, free_memory_mb = ?, \
+             free_disk_mb = ?, free_gpu_count = ?, active_bunkers = ?, \
+             status = CASE WHEN status = 'offline' THEN 'online' ELSE status END WHERE id = ?",
+        )
+        .bind(now_ms())
+        .bind(free.cpu_millicores)
+        .bind(free.memory_mb)
+        .bind(free.disk_mb)
+        .bind(free.gpu_count)
+        .bind(active_bunkers)
+        .bind(worker_id)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn worker(&self, id: &str) -> Result<Option<WorkerRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, name, url, runtime, status, cpu_millicores, memory_mb, disk_mb, gpu_count, \
+             last_heartbeat_at FROM workers WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.map(|r| worker_from_row(&r)))
+    }
+
+    pub async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, url, runtime, status, cpu_millicores, memory_mb, disk_mb, gpu_count, \
+             last_heartbeat_at FROM workers ORDER BY id",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.iter().map(worker_from_row).collect())
+    }
+
+    /// Resources held by non-terminal bunkers, per worker id.
+    pub async fn committed_by_worker(
+        &self,
+        tx: &mut Tx<'_>,
+    ) -> Result<Vec<(String, Committed)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT worker_id, SUM(cpu_millicores) AS cpu, SUM(memory_mb) AS mem, \
+             SUM(disk_mb) AS disk, SUM(gpu_count) AS gpu FROM bunkers \
+             WHERE worker_id IS NOT NULL AND status NOT IN ('terminated', 'failed') \
+             GROUP BY worker_id",
+        )
+        .fetch_all(&mut **tx)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get("worker_id"),
+                    Committed {
+                        cpu_millicores: r.get("cpu"),
+                        memory_mb: r.get("mem"),
+                        disk_mb: r.get("disk"),
+                        gpu_count: r.get("gpu"),
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Replaces a worker's cache ledger with what it reports holding.
+    pub async fn set_worker_images(
+        &self,
+        worker_id: &str,
+        sha256s: &[String],
+    ) -> Result<(), StoreError> {
+        let now = now_ms();
+        let mut tx = self.begin().await?;
+        sqlx::query("DELETE FROM worker_images WHERE worker_id = ?")
+            .bind(worker_id)
+            .execute(&mut *tx)
+            .await?;
+        for sha in sha256s {
+            sqlx::query(
+                "INSERT INTO worker_images (worker_id, sha256, state, updated_at) VALUES (?, ?, 'ready', ?)",
+            )
+            .bind(worker_id)
+            .bind(sha)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Ids of workers whose ledger holds `sha256` ready.
+    pub async fn workers_with_image(
+        &self,
+        tx: &mut Tx<'_>,
+        sha256: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT worker_id FROM worker_images WHERE sha256 = ? AND state = 'ready'",
+        )
+        .bind(sha256)
+        .fetch_all(&mut **tx)
+        .await?)
+    }
+
+    pub async fn workers_in_tx(&self, tx: &mut Tx<'_>) -> Result<Vec<WorkerRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, url, runtime, status, cpu_millicores, memory_mb, disk_mb, gpu_count, \
+             last_heartbeat_at FROM workers ORDER BY id",
+        )
+        .fetch_all(&mut **tx)
+        .await?;
+        Ok(rows.iter().map(worker_from_row).collect())
+    }
+}
+
+fn worker_from_row(r: &sqlx::sqlite::SqliteRow) -> WorkerRow {
+    WorkerRow {
+        id: r.get("id"),
+        name: r.get("name"),
+        url: r.get("url"),
+        runtime: r.get("runtime"),
+        status: r.get("status"),
+        cpu_millicores: r.get("cpu_millicores"),
+        memory_mb: r.get("memory_mb"),
+        disk_mb: r.get("disk_mb"),
+        gpu_count: r.get("gpu_count"),
+        last_heartbeat_at: r.get("last_heartbeat_at"),
+    }
+}

@@ -1,0 +1,192 @@
+//! The controller's client of worker daemons (their `/v1/worker` API), authenticated with the
+//! worker token. One `reqwest::Client` (connection pool) for every worker.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use scaibunker_proto::worker::{
+    CreateVm, DirEntry, ExecRequest, ExecResult, FileWritten, VmInfo, WORKER_API_PREFIX,
+    WorkerError,
+};
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerCallError {
+    /// The worker answered with an error body.
+    #[error("worker answered {status}: {}: {}", .body.code, .body.message)]
+    Worker { status: u16, body: WorkerError },
+    #[error("worker unreachable at {url}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("worker sent a malformed answer")]
+    Malformed(#[source] reqwest::Error),
+}
+
+impl WorkerCallError {
+    /// The worker's error code, if it answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Worker { body, .. } => Some(&body.code),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct WorkerClient {
+    http: reqwest::Client,
+    token: String,
+}
+
+/// Boots under TCG take seconds and a loaded host can take a minute; the worker enforces its
+/// own boot timeout, this only guards against a hung connection.
+const BOOT_CALL_TIMEOUT: Duration = Duration::from_secs(300);
+
+impl WorkerClient {
+    pub fn new(token: String) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .expect("a client without TLS always builds");
+        Self { http, token }
+    }
+
+    fn url(base: &str, path: &str) -> String {
+        format!("{}{WORKER_API_PREFIX}{path}", base.trim_end_matches('/'))
+    }
+
+    async fn send(
+        &self,
+        base: &str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, WorkerCallError> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|source| WorkerCallError::Unreachable {
+                url: base.to_owned(),
+                source,
+            })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let body = resp.json::<WorkerError>().await.unwrap_or(WorkerError {
+            code: "INTERNAL".into(),
+            message: format!("worker answered {status} without an error body"),
+        });
+        Err(WorkerCallError::Worker { status, body })
+    }
+
+    async fn json<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, WorkerCallError> {
+        resp.json::<T>().await.map_err(WorkerCallError::Malformed)
+    }
+
+    pub async fn create_vm(&self, base: &str, req: &CreateVm) -> Result<VmInfo, WorkerCallError> {
+        let r = self
+            .http
+            .post(Self::url(base, "/bunkers"))
+            .json(req)
+            .timeout(BOOT_CALL_TIMEOUT);
+        Self::json(self.send(base, r).await?).await
+    }
+
+    /// Stops and removes a VM. A VM the worker does not know counts as removed.
+    pub async fn delete_vm(&self, base: &str, bunker_id: &str) -> Result<(), WorkerCallError> {
+        let r = self
+            .http
+            .delete(Self::url(base, &format!("/bunkers/{bunker_id}")))
+            .timeout(Duration::from_secs(60));
+        match self.send(base, r).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("BUNKER_NOT_FOUND") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn exec(
+        &self,
+        base: &str,
+        bunker_id: &str,
+        req: &ExecRequest,
+    ) -> Result<ExecResult, WorkerCallError> {
+        // The command's own timeout is enforced in the guest; allow it plus a margin here.
+        let timeout = Duration::from_millis(req.timeout_ms) + Duration::from_secs(30);
+        let r = self
+            .http
+            .post(Self::url(base, &format!("/bunkers/{bunker_id}/exec")))
+            .json(req)
+            .timeout(timeout);
+        Self::json(self.send(base, r).await?).await
+    }
+
+    pub async fn write_file<S>(
+        &self,
+        base: &str,
+        bunker_id: &str,
+        path: &str,
+        mode: u32,
+        body: S,
+    ) -> Result<FileWritten, WorkerCallError>
+    where
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static,
+    {
+        let r = self
+            .http
+            .put(Self::url(base, &format!("/bunkers/{bunker_id}/files")))
+            .query(&[("path", path), ("mode", &format!("{mode:o}"))])
+            .body(reqwest::Body::wrap_stream(body));
+        Self::json(self.send(base, r).await?).await
+    }
+
+    /// Starts a download; the response body streams the file.
+    pub async fn read_file(
+        &self,
+        base: &str,
+        bunker_id: &str,
+        path: &str,
+    ) -> Result<reqwest::Response, WorkerCallError> {
+        let r = self
+            .http
+            .get(Self::url(base, &format!("/bunkers/{bunker_id}/files")))
+            .query(&[("path", path)]);
+        self.send(base, r).await
+    }
+
+    pub async fn list_dir(
+        &self,
+        base: &str,
+        bunker_id: &str,
+        path: &str,
+    ) -> Result<Vec<DirEntry>, WorkerCallError> {
+        let r = self
+            .http
+            .get(Self::url(base, &format!("/bunkers/{bunker_id}/files/list")))
+            .query(&[("path", path)])
+            .timeout(Duration::from_secs(60));
+        Self::json(self.send(base, r).await?).await
+    }
+
+    pub async fn remove_file(
+        &self,
+        base: &str,
+        bunker_id: &str,
+        path: &str,
+        recursive: bool,
+    ) -> Result<(), WorkerCallError> {
+        let r = self
+            .http
+            .delete(Self::url(base, &format!("/bunkers/{bunker_id}/files")))
+            .query(&[
+                ("path", path),
+                ("recursive", if recursive { "true" } else { "false" }),
+            ])
+            .timeout(Duration::from_secs(120));
+        self.send(base, r).await.map(|_| ())
+    }
+}
