@@ -70,7 +70,12 @@ pub async fn write(
     // reqwest wants a `Sync` body stream; the wrapper makes axum's `Send` stream one.
     let stream =
         sync_wrapper::SyncStream::new(body.into_data_stream().map_err(std::io::Error::other));
-    let written = svc::write_file(&s, &p, &ctx, &id, &path, mode, content_length, stream).await?;
+    let upload = svc::Upload {
+        path: &path,
+        mode,
+        content_length,
+    };
+    let written = svc::write_file(&s, &p, &ctx, &id, upload, stream).await?;
     Ok((StatusCode::CREATED, Json(Envelope::new(written))))
 }
 

@@ -1017,20 +1017,30 @@ async fn record_file_op(
     Ok(())
 }
 
+/// Where an upload goes and what the client declared about it.
+pub struct Upload<'a> {
+    pub path: &'a str,
+    pub mode: u32,
+    pub content_length: Option<u64>,
+}
+
 /// Streams an upload into the bunker; the agent writes it atomically.
 pub async fn write_file<S>(
     s: &Services,
     p: &Principal,
     ctx: &RequestContext,
     id: &str,
-    path: &str,
-    mode: u32,
-    content_length: Option<u64>,
+    upload: Upload<'_>,
     body: S,
 ) -> Result<FileWritten, BunkerError>
 where
     S: Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static,
 {
+    let Upload {
+        path,
+        mode,
+        content_length,
+    } = upload;
     if !p.has(auth::FILES) {
         return Err(BunkerError::PermissionDenied(auth::FILES));
     }
@@ -1266,7 +1276,7 @@ mod tests {
     #[test]
     fn rfc3339_formats_known_instants() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(1_795_862_034_123), "2026-11-28T10:20:34.123Z");
+        assert_eq!(rfc3339(1_795_862_034_123), "2026-11-28T10:33:54.123Z");
         assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
     }
 

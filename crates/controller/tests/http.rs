@@ -1,0 +1,761 @@
+//! The controller's HTTP API on a random port with a fresh SQLite database per test.
+//! Workers here are registered through the real worker routes; where a test needs a worker
+//! that is down, it registers one whose URL nothing listens on (a real failure mode).
+//! Booting real VMs is covered by the worker and end-to-end suites.
+
+use std::net::SocketAddr;
+
+use reqwest::StatusCode;
+use scaibunker_controller::config::ControllerConfig;
+use scaibunker_controller::service::auth::hash_key;
+use scaibunker_controller::store::identity::{NewApiKey, NewTenant, NewUser};
+use scaibunker_controller::{ControllerHandle, start};
+use scaibunker_proto::worker::{
+    CachedImage, Capacity, Heartbeat, PROTOCOL_VERSION, RegisterRequest,
+};
+use serde_json::{Value, json};
+
+const WORKER_TOKEN: &str = "swt_test_worker_token";
+
+struct Api {
+    handle: ControllerHandle,
+    http: reqwest::Client,
+    key: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Api {
+    async fn start() -> Api {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let listen: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let config =
+            ControllerConfig::embedded(dir.path().to_path_buf(), listen, WORKER_TOKEN.into());
+        let handle = start(config).await.expect("controller starts");
+        let key = handle
+            .bootstrap_key
+            .clone()
+            .expect("first start bootstraps a key");
+        let on_disk = std::fs::read_to_string(dir.path().join("admin.key")).expect("admin.key");
+        assert_eq!(on_disk.trim(), key);
+        Api {
+            handle,
+            http: reqwest::Client::new(),
+            key,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/v1/modules/scaibunker{path}", self.handle.url())
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut rb = self
+            .http
+            .request(method.parse().expect("method"), self.url(path));
+        if let Some(k) = key {
+            rb = rb.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let resp = rb.send().await.expect("request");
+        let status = resp.status();
+        let text = resp.text().await.expect("body");
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, v)
+    }
+
+    async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let key = self.key.clone();
+        self.call(method, path, Some(&key), body).await
+    }
+
+    async fn worker_call(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call("POST", path, Some(WORKER_TOKEN), Some(body))
+            .await
+    }
+
+    /// Registers a worker whose API nothing listens on, holding image `default`.
+    async fn register_dead_worker(
+        &self,
+        name: &str,
+        memory_mb: u64,
+        images: Vec<CachedImage>,
+    ) -> String {
+        let url = format!("http://127.0.0.1:{}", closed_port());
+        let req = RegisterRequest {
+            protocol_version: PROTOCOL_VERSION,
+            name: name.into(),
+            url,
+            capacity: Capacity {
+                cpu_millicores: 8000,
+                memory_mb,
+                disk_mb: 100_000,
+                gpu_count: 0,
+            },
+            images,
+            runtime: "qemu/tcg".into(),
+        };
+        let (st, v) = self
+            .worker_call(
+                "/workers/register",
+                serde_json::to_value(req).expect("json"),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        v["worker_id"].as_str().expect("worker id").to_owned()
+    }
+
+    /// A second tenant with a user of `role`; returns its API key.
+    async fn tenant_key(&self, slug: &str, role: &str) -> String {
+        let key = format!("sgk_{slug}_{}", "k".repeat(40));
+        self.handle
+            .services
+            .store
+            .insert_tenant_user_key(
+                NewTenant {
+                    id: &format!("tnt_{slug}"),
+                    name: slug,
+                    slug,
+                },
+                NewUser {
+                    id: &format!("usr_{slug}"),
+                    tenant_id: &format!("tnt_{slug}"),
+                    email: &format!("{slug}@example.com"),
+                    role,
+                },
+                NewApiKey {
+                    id: &format!("key_{slug}"),
+                    tenant_id: &format!("tnt_{slug}"),
+                    user_id: &format!("usr_{slug}"),
+                    name: "test",
+                    key_sha256: &hash_key(&key),
+                    permissions: None,
+                },
+            )
+            .await
+            .expect("tenant inserted");
+        key
+    }
+}
+
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+fn default_image() -> Vec<CachedImage> {
+    vec![CachedImage {
+        name: "default".into(),
+        sha256: "a".repeat(64),
+        size_bytes: 1 << 30,
+    }]
+}
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("<no code>")
+}
+
+#[tokio::test]
+async fn health_answers_without_auth_and_every_response_has_a_request_id() {
+    let api = Api::start().await;
+    let resp = reqwest::get(format!("{}/health", api.handle.url()))
+        .await
+        .expect("health");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().contains_key("x-request-id"));
+    let (st, v) = api.call("GET", "/nope", None, None).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    assert_eq!(code(&v), "NOT_FOUND");
+    assert!(
+        v["meta"]["request_id"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("req_"))
+    );
+}
+
+#[tokio::test]
+async fn rejects_missing_and_invalid_tokens() {
+    let api = Api::start().await;
+    let (st, v) = api.call("GET", "/bunkers", None, None).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNAUTHORIZED, "AUTH_TOKEN_MISSING")
+    );
+    let bad = format!("sgk_{}", "x".repeat(40));
+    let (st, v) = api.call("GET", "/bunkers", Some(&bad), None).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNAUTHORIZED, "AUTH_TOKEN_INVALID")
+    );
+    let (st, v) = api.call("GET", "/bunkers", Some("garbage"), None).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNAUTHORIZED, "AUTH_TOKEN_INVALID")
+    );
+    // The worker token is not an API key, and API keys are not the worker token.
+    let (st, _) = api.call("GET", "/bunkers", Some(WORKER_TOKEN), None).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    let (st, v) = api
+        .call(
+            "POST",
+            "/heartbeat",
+            Some(&api.key.clone()),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNAUTHORIZED, "AUTH_TOKEN_INVALID")
+    );
+}
+
+#[tokio::test]
+async fn validation_errors_name_each_field() {
+    let api = Api::start().await;
+    api.register_dead_worker("w1", 8000, default_image()).await;
+    let table: Vec<(Value, StatusCode, &str, &str)> = vec![
+        (
+            json!({"image": "default", "bogus": 1}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "VALIDATION_ERROR",
+            "bogus",
+        ),
+        (
+            json!({"image": 5}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "VALIDATION_ERROR",
+            "image",
+        ),
+        (
+            json!({}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "VALIDATION_ERROR",
+            "image",
+        ),
+        (
+            json!({"image": "default", "lifecycle_mode": "forever"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "VALIDATION_ERROR",
+            "lifecycle_mode",
+        ),
+        (
+            json!({"image": "default", "cpu_millicores": 10}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "VALIDATION_ERROR",
+            "cpu_millicores",
+        ),
+        (
+            json!({"image": "default", "memory_mb": 10_000_000}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "VALIDATION_ERROR",
+            "memory_mb",
+        ),
+        (
+            json!({"image": "default", "bandwidth_mbit": 0}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "VALIDATION_ERROR",
+            "bandwidth_mbit",
+        ),
+        (
+            json!({"image": "default", "idle_timeout_s": 0}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "VALIDATION_ERROR",
+            "idle_timeout_s",
+        ),
+        (
+            json!({"image": "default", "env_vars": {"1BAD": "x"}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "VALIDATION_ERROR",
+            "env_vars",
+        ),
+        (
+            json!({"image": "default", "network_allowlist": ["pypi.org"]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "VALIDATION_ERROR",
+            "network_allowlist",
+        ),
+        (
+            json!({"image": "default", "network_profile": "allowlisted", "network_allowlist": ["https://x.com"]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "VALIDATION_ERROR",
+            "network_allowlist",
+        ),
+        (
+            json!({"image": "default", "network_profile": "unrestricted"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "VALIDATION_ERROR",
+            "network_profile",
+        ),
+        (
+            json!({"image": "default", "interfaces": [{"if_name": "eth1", "bridge_name": "br0"}]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "INTERFACES_NOT_ALLOWED",
+            "",
+        ),
+        (
+            json!({"image": "default", "network_profile": "transit"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "TRANSIT_MISSING_INTERFACES",
+            "",
+        ),
+        (
+            json!({"image": "nope"}),
+            StatusCode::NOT_FOUND,
+            "IMAGE_NOT_FOUND",
+            "",
+        ),
+        (
+            json!({"image": "default", "snapshot_id": "snp_x"}),
+            StatusCode::NOT_FOUND,
+            "SNAPSHOT_NOT_FOUND",
+            "",
+        ),
+    ];
+    for (body, want_status, want_code, want_field) in table {
+        let (st, v) = api.admin("POST", "/bunkers", Some(body.clone())).await;
+        assert_eq!((st, code(&v)), (want_status, want_code), "{body}: {v}");
+        if !want_field.is_empty() {
+            let fields: Vec<&str> = v["error"]["details"]
+                .as_array()
+                .expect("details")
+                .iter()
+                .filter_map(|d| d["field"].as_str())
+                .collect();
+            assert!(fields.contains(&want_field), "{body}: {v}");
+        }
+    }
+    // Malformed JSON is a validation error too.
+    let resp = api
+        .http
+        .post(api.url("/bunkers"))
+        .bearer_auth(&api.key)
+        .body("{not json")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test]
+async fn placement_errors_distinguish_no_capacity_from_no_image() {
+    let api = Api::start().await;
+    // A worker with the image but only 256 MB free: a 512 MB bunker does not fit.
+    api.register_dead_worker("small", 256, default_image())
+        .await;
+    let (st, v) = api
+        .admin("POST", "/bunkers", Some(json!({"image": "default"})))
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::SERVICE_UNAVAILABLE, "WORKER_UNAVAILABLE"),
+        "{v}"
+    );
+    // The same worker re-registers without the image: the image row remains, no one holds it.
+    api.register_dead_worker("small", 256, vec![]).await;
+    let (st, v) = api
+        .admin(
+            "POST",
+            "/bunkers",
+            Some(json!({"image": "default", "memory_mb": 128})),
+        )
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::SERVICE_UNAVAILABLE, "NO_SUITABLE_WORKER"),
+        "{v}"
+    );
+    let (st, v) = api.admin("GET", "/bunkers", None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        v["data"].as_array().map(Vec::len),
+        Some(0),
+        "a refused create records nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_boot_on_an_unreachable_worker_fails_the_bunker_with_a_reason() {
+    let api = Api::start().await;
+    api.register_dead_worker("dead", 8000, default_image())
+        .await;
+    let (st, v) = api
+        .admin(
+            "POST",
+            "/bunkers",
+            Some(json!({"image": "default", "env_vars": {"SECRET": "s3cr3t"}, "label_set": {"team": "a"}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let b = &v["data"];
+    assert_eq!(b["status"], "failed");
+    assert!(
+        b["failure_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("unreachable")),
+        "{b}"
+    );
+    assert!(b.get("env_vars").is_none(), "env_vars are never echoed");
+    assert!(!v.to_string().contains("s3cr3t"));
+    assert_eq!(b["label_set"]["team"], "a");
+    assert_eq!(b["lifecycle_mode"], "ephemeral");
+    assert_eq!(b["max_lifetime_s"], 3600);
+    assert_eq!(b["idle_timeout_s"], 300);
+    let id = b["id"].as_str().expect("id").to_owned();
+
+    let (st, v) = api
+        .admin(
+            "POST",
+            &format!("/bunkers/{id}/exec"),
+            Some(json!({"command": "true"})),
+        )
+        .await;
+    assert_eq!((st, code(&v)), (StatusCode::CONFLICT, "BUNKER_NOT_RUNNING"));
+    let (st, v) = api
+        .admin("PUT", &format!("/bunkers/{id}/files?path=/tmp/x"), None)
+        .await;
+    assert_eq!((st, code(&v)), (StatusCode::CONFLICT, "BUNKER_NOT_RUNNING"));
+    // Deleting a bunker that already ended returns it unchanged.
+    let (st, v) = api.admin("DELETE", &format!("/bunkers/{id}"), None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(v["data"]["status"], "failed");
+
+    let audit: Vec<(String, String)> = sqlx::query_as(
+        "SELECT action, status FROM audit_events WHERE resource_id = ? ORDER BY time",
+    )
+    .bind(&id)
+    .fetch_all(api.handle.services.store.pool())
+    .await
+    .expect("audit rows");
+    let actions: Vec<&str> = audit.iter().map(|(a, _)| a.as_str()).collect();
+    assert_eq!(actions, ["bunker.create", "bunker.fail"]);
+}
+
+#[tokio::test]
+async fn exec_and_file_requests_are_validated_before_touching_the_bunker() {
+    let api = Api::start().await;
+    api.register_dead_worker("dead", 8000, default_image())
+        .await;
+    let (_, v) = api
+        .admin("POST", "/bunkers", Some(json!({"image": "default"})))
+        .await;
+    let id = v["data"]["id"].as_str().expect("id").to_owned();
+    let table = [
+        (json!({}), "command"),
+        (json!({"command": "x", "argv": ["x"]}), "command"),
+        (json!({"argv": []}), "command"),
+        (json!({"command": "x", "timeout_s": 0}), "timeout_s"),
+        (
+            json!({"command": "x", "stdin": "a", "stdin_b64": "YQ=="}),
+            "stdin",
+        ),
+        (json!({"command": "x", "stdin_b64": "%%%"}), "stdin_b64"),
+        (json!({"command": "x", "cwd": "relative"}), "cwd"),
+        (json!({"command": "x", "stream": true}), "stream"),
+        (json!({"command": "x", "nope": 1}), "nope"),
+    ];
+    for (body, field) in table {
+        let (st, v) = api
+            .admin("POST", &format!("/bunkers/{id}/exec"), Some(body.clone()))
+            .await;
+        assert_eq!(
+            (st, code(&v)),
+            (StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_ERROR"),
+            "{body}"
+        );
+        assert!(v.to_string().contains(field), "{body}: {v}");
+    }
+    for path in ["relative", "", "a/../b"] {
+        let (st, v) = api
+            .admin("GET", &format!("/bunkers/{id}/files?path={path}"), None)
+            .await;
+        assert_eq!(
+            (st, code(&v)),
+            (StatusCode::UNPROCESSABLE_ENTITY, "INVALID_PATH"),
+            "{path:?}"
+        );
+    }
+    let (st, v) = api
+        .admin(
+            "PUT",
+            &format!("/bunkers/{id}/files?path=/x&mode=999"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_ERROR")
+    );
+}
+
+#[tokio::test]
+async fn other_tenants_bunkers_are_not_found_and_permissions_are_enforced() {
+    let api = Api::start().await;
+    api.register_dead_worker("dead", 8000, default_image())
+        .await;
+    let (_, v) = api
+        .admin("POST", "/bunkers", Some(json!({"image": "default"})))
+        .await;
+    let id = v["data"]["id"].as_str().expect("id").to_owned();
+
+    let other = api.tenant_key("other", "tenant_user").await;
+    for (method, path, body) in [
+        ("GET", format!("/bunkers/{id}"), None),
+        ("DELETE", format!("/bunkers/{id}"), None),
+        (
+            "POST",
+            format!("/bunkers/{id}/exec"),
+            Some(json!({"command": "true"})),
+        ),
+        (
+            "GET",
+            format!("/bunkers/{id}/files?path=/etc/hostname"),
+            None,
+        ),
+        ("GET", format!("/bunkers/{id}/files/list?path=/"), None),
+        ("DELETE", format!("/bunkers/{id}/files?path=/tmp"), None),
+    ] {
+        let (st, v) = api.call(method, &path, Some(&other), body).await;
+        assert_eq!(
+            (st, code(&v)),
+            (StatusCode::NOT_FOUND, "BUNKER_NOT_FOUND"),
+            "{method} {path}"
+        );
+    }
+    let (_, v) = api.call("GET", "/bunkers", Some(&other), None).await;
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(0));
+    // Nothing changed for the owner.
+    let (_, v) = api.admin("GET", &format!("/bunkers/{id}"), None).await;
+    assert_eq!(v["data"]["status"], "failed");
+
+    // A tenant user lacks the session/persistent, network and root keys.
+    let (st, v) = api
+        .call(
+            "POST",
+            "/bunkers",
+            Some(&other),
+            Some(json!({"image": "default", "lifecycle_mode": "session"})),
+        )
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::FORBIDDEN, "LIFECYCLE_MODE_DENIED")
+    );
+    let (st, v) = api
+        .call(
+            "POST",
+            "/bunkers",
+            Some(&other),
+            Some(json!({"image": "default", "network_profile": "registry"})),
+        )
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::FORBIDDEN, "NETWORK_PROFILE_DENIED")
+    );
+    let (st, v) = api
+        .call(
+            "POST",
+            "/bunkers/bnk_x/exec",
+            Some(&other),
+            Some(json!({"command": "id", "user": "root"})),
+        )
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::FORBIDDEN, "AUTHZ_PERMISSION_DENIED")
+    );
+    // A viewer reads but cannot create, exec or touch files.
+    let viewer = api.tenant_key("viewer", "tenant_viewer").await;
+    let (st, _) = api.call("GET", "/bunkers", Some(&viewer), None).await;
+    assert_eq!(st, StatusCode::OK);
+    for (method, path, body) in [
+        (
+            "POST",
+            "/bunkers".to_owned(),
+            Some(json!({"image": "default"})),
+        ),
+        (
+            "POST",
+            "/bunkers/bnk_x/exec".to_owned(),
+            Some(json!({"command": "true"})),
+        ),
+        ("GET", "/bunkers/bnk_x/files?path=/x".to_owned(), None),
+        ("DELETE", "/bunkers/bnk_x".to_owned(), None),
+    ] {
+        let (st, v) = api.call(method, &path, Some(&viewer), body).await;
+        assert_eq!(
+            (st, code(&v)),
+            (StatusCode::FORBIDDEN, "AUTHZ_PERMISSION_DENIED"),
+            "{method} {path}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn listing_pages_with_cursors_and_filters() {
+    let api = Api::start().await;
+    api.register_dead_worker("dead", 64_000, default_image())
+        .await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let (_, v) = api
+            .admin(
+                "POST",
+                "/bunkers",
+                Some(json!({"image": "default", "label_set": {"n": i.to_string()}})),
+            )
+            .await;
+        ids.push(v["data"]["id"].as_str().expect("id").to_owned());
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/bunkers?limit=2&cursor={c}"),
+            None => "/bunkers?limit=2".to_owned(),
+        };
+        let (st, v) = api.admin("GET", &path, None).await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        for b in v["data"].as_array().expect("data") {
+            seen.push(b["id"].as_str().expect("id").to_owned());
+        }
+        assert_eq!(v["has_more"].as_bool(), Some(v["next_cursor"].is_string()));
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    ids.reverse();
+    assert_eq!(seen, ids, "newest first, every bunker exactly once");
+
+    let (_, v) = api.admin("GET", "/bunkers?label=n=3", None).await;
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(1));
+    let (_, v) = api.admin("GET", "/bunkers?status=running", None).await;
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(0));
+    let (st, v) = api.admin("GET", "/bunkers?limit=0", None).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_ERROR")
+    );
+    let (st, v) = api.admin("GET", "/bunkers?cursor=garbage", None).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_ERROR")
+    );
+    let (st, v) = api.admin("GET", "/bunkers/not-an-id", None).await;
+    assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "BUNKER_NOT_FOUND"));
+}
+
+#[tokio::test]
+async fn heartbeats_tell_workers_to_stop_vms_of_ended_bunkers() {
+    let api = Api::start().await;
+    let wid = api
+        .register_dead_worker("dead", 8000, default_image())
+        .await;
+    let (_, v) = api
+        .admin("POST", "/bunkers", Some(json!({"image": "default"})))
+        .await;
+    let failed_id = v["data"]["id"].as_str().expect("id").to_owned();
+    let hb = Heartbeat {
+        worker_id: wid.clone(),
+        capacity: Capacity::default(),
+        active_bunkers: 2,
+        bunkers: vec![
+            scaibunker_proto::worker::BunkerStatusReport {
+                id: failed_id.clone(),
+                status: scaibunker_proto::worker::VmStatus::Running,
+                reason: None,
+            },
+            scaibunker_proto::worker::BunkerStatusReport {
+                id: "bnk_unknown".into(),
+                status: scaibunker_proto::worker::VmStatus::Running,
+                reason: None,
+            },
+        ],
+        cached_images: Some(vec![]),
+    };
+    let (st, v) = api
+        .worker_call("/heartbeat", serde_json::to_value(&hb).expect("json"))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["known"], true);
+    let mut stop: Vec<&str> = v["stop_bunkers"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    stop.sort();
+    assert_eq!(stop, vec![failed_id.as_str(), "bnk_unknown"]);
+    // The reported cache list is authoritative: the worker no longer holds `default`.
+    let (st, v) = api
+        .admin("POST", "/bunkers", Some(json!({"image": "default"})))
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::SERVICE_UNAVAILABLE, "NO_SUITABLE_WORKER")
+    );
+    // An unknown worker is told to register again.
+    let mut hb2 = hb;
+    hb2.worker_id = "wrk_gone".into();
+    let (_, v) = api
+        .worker_call("/heartbeat", serde_json::to_value(&hb2).expect("json"))
+        .await;
+    assert_eq!(v["known"], false);
+    // A worker speaking another protocol version is refused.
+    let (st, v) = api
+        .worker_call(
+            "/workers/register",
+            json!({"protocol_version": 99, "name": "x", "url": "http://127.0.0.1:1", "capacity": {"cpu_millicores": 1, "memory_mb": 1, "disk_mb": 1, "gpu_count": 0}, "images": [], "runtime": "qemu/tcg"}),
+        )
+        .await;
+    assert_eq!((st, code(&v)), (StatusCode::CONFLICT, "PROTOCOL_MISMATCH"));
+}
+
+#[tokio::test]
+async fn a_second_start_on_the_same_data_dir_keeps_the_key_and_prints_none() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listen: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let first = start(ControllerConfig::embedded(
+        dir.path().into(),
+        listen,
+        WORKER_TOKEN.into(),
+    ))
+    .await
+    .expect("start");
+    let key = first.bootstrap_key.clone().expect("key");
+    first.shutdown().await;
+    let second = start(ControllerConfig::embedded(
+        dir.path().into(),
+        listen,
+        WORKER_TOKEN.into(),
+    ))
+    .await
+    .expect("restart");
+    assert!(second.bootstrap_key.is_none());
+    let resp = reqwest::Client::new()
+        .get(format!("{}/v1/modules/scaibunker/bunkers", second.url()))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::OK);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("admin.key"))
+        .expect("key file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
