@@ -53,3 +53,16 @@ pub struct ExecResult {
     pub truncated: bool,
     pub full_output_ref: Option<String>,
 }
+
+/// One row of `GET /bunkers/{id}/exec-log`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExecLogEntry {
+    pub exec_id: String,
+    pub command: String,
+    pub exit_code: Option<i32>,
+    pub duration_ms: u64,
+    pub timed_out: bool,
+    pub output_preview: String,
+    pub actor_id: String,
+    pub created_at: String,
+}

@@ -2,6 +2,7 @@
 //! Serde only: this crate is the contract shared by the controller, the SDK and the CLI.
 //! Field names, codes and defaults follow `API.md`.
 
+pub mod audit;
 pub mod bunkers;
 pub mod codes;
 pub mod envelope;

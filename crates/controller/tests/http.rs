@@ -759,3 +759,106 @@ async fn a_second_start_on_the_same_data_dir_keeps_the_key_and_prints_none() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+#[tokio::test]
+async fn pause_and_resume_follow_the_state_machine() {
+    let api = Api::start().await;
+    api.register_dead_worker("dead", 8000, default_image())
+        .await;
+    let (_, v) = api
+        .admin("POST", "/bunkers", Some(json!({"image": "default"})))
+        .await;
+    let id = v["data"]["id"].as_str().expect("id").to_owned();
+    for verb in ["pause", "resume"] {
+        let (st, v) = api
+            .admin("POST", &format!("/bunkers/{id}/{verb}"), None)
+            .await;
+        assert_eq!(
+            (st, code(&v)),
+            (StatusCode::CONFLICT, "BUNKER_INVALID_TRANSITION"),
+            "{verb} on a failed bunker"
+        );
+    }
+    let (st, v) = api.admin("POST", "/bunkers/bnk_nope/pause", None).await;
+    assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "BUNKER_NOT_FOUND"));
+}
+
+#[tokio::test]
+async fn audit_and_exec_logs_are_tenant_scoped_and_filterable() {
+    let api = Api::start().await;
+    api.register_dead_worker("dead", 8000, default_image())
+        .await;
+    let (_, v) = api
+        .admin("POST", "/bunkers", Some(json!({"image": "default"})))
+        .await;
+    let id = v["data"]["id"].as_str().expect("id").to_owned();
+
+    let (st, v) = api
+        .admin("GET", &format!("/audit?resource_id={id}"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let events = v["data"].as_array().expect("data");
+    let mut actions: Vec<&str> = events.iter().filter_map(|e| e["action"].as_str()).collect();
+    let times: Vec<&str> = events.iter().filter_map(|e| e["time"].as_str()).collect();
+    assert!(
+        times.windows(2).all(|w| w[0] >= w[1]),
+        "newest first: {times:?}"
+    );
+    actions.sort();
+    assert_eq!(actions, ["bunker.create", "bunker.fail"]);
+    let (_, v) = api
+        .admin("GET", "/audit?action=bunker.create&limit=1", None)
+        .await;
+    assert_eq!(v["data"][0]["actor_type"], "user");
+    assert!(
+        v["data"][0]["request_id"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("req_"))
+    );
+    // The platform route serves the same events.
+    let resp = api
+        .http
+        .get(format!(
+            "{}/v1/audit-log?resource_id={id}",
+            api.handle.url()
+        ))
+        .bearer_auth(&api.key)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let v: Value = resp.json().await.expect("json");
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(2));
+    // A time window in the future holds nothing; a malformed time is a validation error.
+    let (_, v) = api
+        .admin("GET", "/audit?start=2999-01-01T00:00:00Z", None)
+        .await;
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(0));
+    let (st, v) = api.admin("GET", "/audit?start=yesterday", None).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_ERROR")
+    );
+
+    // Another tenant's admin sees none of it; a plain user may not read the audit log.
+    let other_admin = api.tenant_key("otheradmin", "tenant_admin").await;
+    let (st, v) = api.call("GET", "/audit", Some(&other_admin), None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(0));
+    let user = api.tenant_key("plainuser", "tenant_user").await;
+    let (st, v) = api.call("GET", "/audit", Some(&user), None).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::FORBIDDEN, "AUTHZ_PERMISSION_DENIED")
+    );
+
+    let (st, v) = api
+        .admin("GET", &format!("/bunkers/{id}/exec-log"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(0));
+    let (st, v) = api
+        .call("GET", &format!("/bunkers/{id}/exec-log"), Some(&user), None)
+        .await;
+    assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "BUNKER_NOT_FOUND"));
+}

@@ -13,6 +13,7 @@ use super::extract::{ApiJson, Caller, Ctx};
 use crate::service::Services;
 use crate::service::bunkers::{self as svc, to_api};
 use crate::store::bunkers::BunkerFilter;
+use crate::workers::Pause;
 
 pub async fn create(
     State(s): State<Services>,
@@ -113,4 +114,24 @@ pub async fn exec(
 ) -> Result<Json<Envelope<ExecResult>>, ApiError> {
     let out = svc::exec(&s, &p, &ctx, &id, req).await?;
     Ok(Json(Envelope::new(out)))
+}
+
+pub async fn pause(
+    State(s): State<Services>,
+    Caller(p): Caller,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+) -> Result<Json<Envelope<Bunker>>, ApiError> {
+    let row = svc::set_paused(&s, &p, &ctx, &id, Pause::Pause).await?;
+    Ok(Json(Envelope::new(to_api(&row))))
+}
+
+pub async fn resume(
+    State(s): State<Services>,
+    Caller(p): Caller,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+) -> Result<Json<Envelope<Bunker>>, ApiError> {
+    let row = svc::set_paused(&s, &p, &ctx, &id, Pause::Resume).await?;
+    Ok(Json(Envelope::new(to_api(&row))))
 }

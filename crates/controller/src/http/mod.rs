@@ -7,6 +7,7 @@ mod error;
 mod extract;
 mod files;
 mod fleet;
+mod records;
 
 use axum::Router;
 use axum::extract::Request;
@@ -52,16 +53,21 @@ pub fn router(s: Services) -> Router {
     let module = Router::new()
         .route("/bunkers", post(bunkers::create).get(bunkers::list))
         .route("/bunkers/{id}", get(bunkers::get).delete(bunkers::delete))
+        .route("/bunkers/{id}/pause", post(bunkers::pause))
+        .route("/bunkers/{id}/resume", post(bunkers::resume))
         .route("/bunkers/{id}/exec", post(bunkers::exec))
         .route(
             "/bunkers/{id}/files",
             get(files::read).put(files::write).delete(files::remove),
         )
         .route("/bunkers/{id}/files/list", get(files::list))
+        .route("/bunkers/{id}/exec-log", get(records::exec_log))
+        .route("/audit", get(records::audit))
         .route("/workers/register", post(fleet::register))
         .route("/heartbeat", post(fleet::heartbeat));
     Router::new()
         .nest(MODULE_PREFIX, module)
+        .route("/v1/audit-log", get(records::audit))
         .route("/health", get(health))
         .fallback(not_found)
         .method_not_allowed_fallback(|| async {

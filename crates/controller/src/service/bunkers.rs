@@ -35,7 +35,7 @@ use crate::store::audit::{self, AuditEvent};
 use crate::store::bunkers::{self as bstore, BunkerFilter, BunkerRow, Cursor, StatusChange};
 use crate::store::exec_log::{self, ExecLogRow};
 use crate::store::{StoreError, now_ms};
-use crate::workers::WorkerCallError;
+use crate::workers::{Pause, WorkerCallError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BunkerError {
@@ -772,6 +772,64 @@ pub async fn delete(
         .unwrap_or(row))
 }
 
+/// Pauses a running bunker or resumes a paused one, at the VM level. Quota stays held while
+/// paused; exec and files on a paused bunker are `409 BUNKER_NOT_RUNNING`.
+pub async fn set_paused(
+    s: &Services,
+    p: &Principal,
+    ctx: &RequestContext,
+    id: &str,
+    op: Pause,
+) -> Result<BunkerRow, BunkerError> {
+    if !p.has(auth::CREATE) {
+        return Err(BunkerError::PermissionDenied(auth::CREATE));
+    }
+    let row = load(s, p, id).await?;
+    let from = BunkerStatus::parse(&row.status).ok_or(StoreError::Corrupt {
+        id: row.id.clone(),
+        column: "status",
+    })?;
+    let (event, action) = match op {
+        Pause::Pause => (LifecycleEvent::Pause, "bunker.pause"),
+        Pause::Resume => (LifecycleEvent::Resume, "bunker.resume"),
+    };
+    let to = lifecycle::transition(from, event).map_err(BunkerError::InvalidTransition)?;
+    let worker_id = row.worker_id.clone().ok_or(BunkerError::NotRunning(from))?;
+    let worker = s
+        .store
+        .worker(&worker_id)
+        .await?
+        .ok_or(BunkerError::NotRunning(from))?;
+    s.workers.set_paused(&worker.url, &row.id, op).await?;
+    let mut tx = s.store.begin().await?;
+    let moved = bstore::change_status(
+        &mut tx,
+        &row.tenant_id,
+        &row.id,
+        &StatusChange {
+            from: &[from.as_str()],
+            to: to.as_str(),
+            failure_reason: None,
+            started_at: None,
+            terminated_at: None,
+        },
+    )
+    .await?;
+    if moved {
+        audit::insert(
+            &mut tx,
+            &audit_event(p, ctx, action, &row.id, "success", serde_json::json!({})),
+        )
+        .await?;
+        bstore::touch_activity(&mut tx, &row.tenant_id, &row.id, now_ms()).await?;
+    }
+    tx.commit().await.map_err(StoreError::from)?;
+    Ok(s.store
+        .bunker(&row.tenant_id, &row.id)
+        .await?
+        .unwrap_or(row))
+}
+
 /// A running bunker the caller may act on, and its worker's URL.
 async fn running(
     s: &Services,
@@ -1201,6 +1259,33 @@ pub fn rfc3339(ms: i64) -> String {
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}.{millis:03}Z")
 }
 
+/// Parses `YYYY-MM-DDTHH:MM:SS[.fff]Z` (UTC only) into Unix milliseconds.
+pub fn parse_rfc3339(t: &str) -> Option<i64> {
+    let t = t.strip_suffix('Z').or_else(|| t.strip_suffix("+00:00"))?;
+    let (date, time) = t.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|x| x.parse::<i64>().ok());
+    let (y, mo, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = match time.split_once('.') {
+        Some((h, f)) => (h, f),
+        None => (time, "0"),
+    };
+    let mut h = hms.splitn(3, ':').map(|x| x.parse::<i64>().ok());
+    let (hh, mm, ss) = (h.next()??, h.next()??, h.next()??);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&day) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    let ms: i64 = format!("{frac:0<3}").get(..3)?.parse().ok()?;
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000) + ms)
+}
+
 /// The public record of a bunker row. `env_vars` are never included.
 pub fn to_api(r: &BunkerRow) -> api::Bunker {
     let parse_mode = |m: &str| match m {
@@ -1278,6 +1363,25 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(1_795_862_034_123), "2026-11-28T10:33:54.123Z");
         assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn rfc3339_parses_what_it_formats() {
+        for ms in [0, 951_782_400_000, 1_795_862_034_123] {
+            assert_eq!(parse_rfc3339(&rfc3339(ms)), Some(ms));
+        }
+        assert_eq!(
+            parse_rfc3339("2026-11-28T10:33:54Z"),
+            Some(1_795_862_034_000)
+        );
+        for bad in [
+            "",
+            "2026-11-28",
+            "2026-13-01T00:00:00Z",
+            "2026-11-28T10:33:54+02:00",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

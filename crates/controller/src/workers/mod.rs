@@ -36,6 +36,13 @@ impl WorkerCallError {
     }
 }
 
+/// Which way a pause call goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pause {
+    Pause,
+    Resume,
+}
+
 #[derive(Clone)]
 pub struct WorkerClient {
     http: reqwest::Client,
@@ -107,6 +114,24 @@ impl WorkerClient {
             Err(e) if e.code() == Some("BUNKER_NOT_FOUND") => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// Pauses (`stop`) or resumes (`cont`) a VM.
+    pub async fn set_paused(
+        &self,
+        base: &str,
+        bunker_id: &str,
+        paused: Pause,
+    ) -> Result<VmInfo, WorkerCallError> {
+        let verb = match paused {
+            Pause::Pause => "pause",
+            Pause::Resume => "resume",
+        };
+        let r = self
+            .http
+            .post(Self::url(base, &format!("/bunkers/{bunker_id}/{verb}")))
+            .timeout(Duration::from_secs(60));
+        Self::json(self.send(base, r).await?).await
     }
 
     pub async fn exec(
