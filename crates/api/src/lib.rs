@@ -8,6 +8,7 @@ pub mod codes;
 pub mod envelope;
 pub mod exec;
 pub mod files;
+pub mod platform;
 
 /// Prefix of every module route.
 pub const MODULE_PREFIX: &str = "/v1/modules/scaibunker";

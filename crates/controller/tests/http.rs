@@ -862,3 +862,257 @@ async fn audit_and_exec_logs_are_tenant_scoped_and_filterable() {
         .await;
     assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "BUNKER_NOT_FOUND"));
 }
+
+#[tokio::test]
+async fn platform_routes_create_tenants_users_groups_and_revocable_keys() {
+    let api = Api::start().await;
+    let platform = |path: &str| format!("{}/v1{path}", api.handle.url());
+    let call = |method: &'static str, path: String, key: String, body: Option<Value>| {
+        let http = api.http.clone();
+        async move {
+            let mut rb = http
+                .request(method.parse().expect("method"), path)
+                .bearer_auth(key);
+            if let Some(b) = body {
+                rb = rb.json(&b);
+            }
+            let resp = rb.send().await.expect("send");
+            let st = resp.status();
+            let v: Value = resp.json().await.unwrap_or(Value::Null);
+            (st, v)
+        }
+    };
+    let admin = api.key.clone();
+
+    let (st, v) = call(
+        "POST",
+        platform("/tenants"),
+        admin.clone(),
+        Some(json!({"name": "Acme", "slug": "acme"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let acme = v["data"]["id"].as_str().expect("tenant id").to_owned();
+    assert!(acme.starts_with("tnt_"));
+    let (st, v) = call(
+        "POST",
+        platform("/tenants"),
+        admin.clone(),
+        Some(json!({"name": "Again", "slug": "acme"})),
+    )
+    .await;
+    assert_eq!((st, code(&v)), (StatusCode::CONFLICT, "CONFLICT"));
+    let (st, v) = call(
+        "POST",
+        platform("/tenants"),
+        admin.clone(),
+        Some(json!({"name": "Bad", "slug": "Not OK"})),
+    )
+    .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_ERROR")
+    );
+    let (_, v) = call("GET", platform("/tenants"), admin.clone(), None).await;
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(2));
+
+    // The super admin makes Acme's first admin and mints its key.
+    let (st, v) = call(
+        "POST",
+        platform("/users"),
+        admin.clone(),
+        Some(json!({"email": "boss@acme.test", "tenant_id": acme, "role": "tenant_admin"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let boss = v["data"]["id"].as_str().expect("user id").to_owned();
+    let (st, v) = call(
+        "POST",
+        platform("/api-keys"),
+        admin.clone(),
+        Some(json!({"name": "boss", "user_id": boss})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let boss_key = v["data"]["key"].as_str().expect("key").to_owned();
+    assert!(boss_key.starts_with("sgk_") && boss_key.len() >= 36);
+
+    // The tenant admin works inside Acme only.
+    let (st, v) = call(
+        "POST",
+        platform("/users"),
+        boss_key.clone(),
+        Some(json!({"email": "dev@acme.test", "tenant_id": acme, "role": "tenant_user"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let dev = v["data"]["id"].as_str().expect("user id").to_owned();
+    let (st, v) = call(
+        "POST",
+        platform("/users"),
+        boss_key.clone(),
+        Some(json!({"email": "dev@acme.test", "tenant_id": acme, "role": "tenant_user"})),
+    )
+    .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::CONFLICT, "CONFLICT"),
+        "duplicate e-mail"
+    );
+    let platform_tenant = api.handle.services.store.tenants().await.expect("tenants")[0]
+        .id
+        .clone();
+    let (st, v) = call(
+        "POST",
+        platform("/users"),
+        boss_key.clone(),
+        Some(json!({"email": "x@y.z", "tenant_id": platform_tenant, "role": "tenant_user"})),
+    )
+    .await;
+    assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "TENANT_NOT_FOUND"));
+    let (st, v) = call(
+        "POST",
+        platform("/users"),
+        boss_key.clone(),
+        Some(json!({"email": "x@acme.test", "tenant_id": acme, "role": "super_admin"})),
+    )
+    .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::FORBIDDEN, "AUTHZ_PERMISSION_DENIED")
+    );
+    let (st, v) = call(
+        "POST",
+        platform("/tenants"),
+        boss_key.clone(),
+        Some(json!({"name": "Mine", "slug": "mine"})),
+    )
+    .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::FORBIDDEN, "AUTHZ_PERMISSION_DENIED")
+    );
+
+    let (st, v) = call(
+        "POST",
+        platform("/groups"),
+        boss_key.clone(),
+        Some(json!({"name": "devs"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let group = v["data"]["id"].as_str().expect("group id").to_owned();
+    let (st, v) = call(
+        "POST",
+        platform(&format!("/groups/{group}/members")),
+        boss_key.clone(),
+        Some(json!({"user_id": dev})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(v["data"]["members"], json!([dev]));
+    let (st, v) = call(
+        "POST",
+        platform(&format!("/groups/{group}/members")),
+        boss_key.clone(),
+        Some(json!({"user_id": boss.clone() + "x"})),
+    )
+    .await;
+    assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "USER_NOT_FOUND"));
+    // The platform admin's group is not Acme's.
+    let (st, v) = call(
+        "POST",
+        platform(&format!("/groups/{group}/members")),
+        admin.clone(),
+        Some(json!({"user_id": dev})),
+    )
+    .await;
+    assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "GROUP_NOT_FOUND"));
+
+    // A key for the developer, narrowed to reading: it lists bunkers but cannot exec, and
+    // cannot mint itself a broader key.
+    let (st, v) = call(
+        "POST",
+        platform("/api-keys"),
+        boss_key.clone(),
+        Some(json!({"name": "ro", "user_id": dev, "permissions": ["scaibunker:create"]})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let dev_key = v["data"]["key"].as_str().expect("key").to_owned();
+    let dev_key_id = v["data"]["id"].as_str().expect("id").to_owned();
+    let (st, _) = api.call("GET", "/bunkers", Some(&dev_key), None).await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, v) = api
+        .call(
+            "POST",
+            "/bunkers/bnk_x/exec",
+            Some(&dev_key),
+            Some(json!({"command": "id"})),
+        )
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::FORBIDDEN, "AUTHZ_PERMISSION_DENIED")
+    );
+    let (st, v) = call(
+        "POST",
+        platform("/api-keys"),
+        dev_key.clone(),
+        Some(json!({"name": "wider", "permissions": ["scaibunker:create", "scaibunker:execute"]})),
+    )
+    .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_ERROR")
+    );
+    let (st, v) = call(
+        "POST",
+        platform("/api-keys"),
+        dev_key.clone(),
+        Some(json!({"name": "same"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED);
+    assert_eq!(
+        v["data"]["permissions"],
+        json!(["scaibunker:create"]),
+        "stays as narrow as its parent"
+    );
+
+    // Listing shows keys without secrets; revocation is effective on the next request.
+    let (_, v) = call("GET", platform("/api-keys"), boss_key.clone(), None).await;
+    let listed = v["data"].as_array().expect("keys");
+    assert!(listed.iter().any(|k| k["id"] == dev_key_id.as_str()));
+    assert!(!v.to_string().contains(&dev_key));
+    let (_, v) = call("GET", platform("/api-keys"), dev_key.clone(), None).await;
+    assert!(
+        v["data"]
+            .as_array()
+            .expect("keys")
+            .iter()
+            .all(|k| k["user_id"] == dev.as_str())
+    );
+    let (st, _) = call(
+        "DELETE",
+        platform(&format!("/api-keys/{dev_key_id}")),
+        boss_key.clone(),
+        None,
+    )
+    .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let (st, v) = api.call("GET", "/bunkers", Some(&dev_key), None).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNAUTHORIZED, "AUTH_TOKEN_INVALID")
+    );
+    // Another tenant's key id is not found.
+    let (st, v) = call(
+        "DELETE",
+        platform(&format!("/api-keys/{dev_key_id}")),
+        admin.clone(),
+        None,
+    )
+    .await;
+    assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "API_KEY_NOT_FOUND"));
+}

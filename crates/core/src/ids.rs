@@ -89,6 +89,8 @@ prefixed_id!(/// An API key.
     ApiKeyId, "key_");
 prefixed_id!(/// A snapshot.
     SnapshotId, "snp_");
+prefixed_id!(/// A group of users.
+    GroupId, "grp_");
 prefixed_id!(/// An audit event.
     AuditId, "aud_");
 

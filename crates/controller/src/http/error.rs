@@ -11,6 +11,7 @@ use super::request_id;
 use crate::service::auth::AuthError;
 use crate::service::bunkers::{BunkerError, worker_code_status};
 use crate::service::fleet::FleetError;
+use crate::service::identity::IdentityError;
 use crate::workers::WorkerCallError;
 
 #[derive(Debug)]
@@ -175,6 +176,28 @@ impl From<BunkerError> for ApiError {
             }
             B::Worker(w) => w.into(),
             B::Store(ref s) => Self::internal(s),
+        }
+    }
+}
+
+impl From<IdentityError> for ApiError {
+    fn from(e: IdentityError) -> Self {
+        let msg = e.to_string();
+        match e {
+            IdentityError::Invalid { field, message } => Self::validation(vec![FieldDetail {
+                field: field.into(),
+                message,
+            }]),
+            IdentityError::PermissionDenied(_) => {
+                Self::new(StatusCode::FORBIDDEN, codes::AUTHZ_PERMISSION_DENIED, msg)
+            }
+            IdentityError::NotFound(kind) => Self::new(
+                StatusCode::NOT_FOUND,
+                IdentityError::not_found_code(kind),
+                msg,
+            ),
+            IdentityError::Conflict(_) => Self::new(StatusCode::CONFLICT, "CONFLICT", msg),
+            IdentityError::Store(ref s) => Self::internal(s),
         }
     }
 }

@@ -7,6 +7,7 @@ mod error;
 mod extract;
 mod files;
 mod fleet;
+mod platform;
 mod records;
 
 use axum::Router;
@@ -68,6 +69,21 @@ pub fn router(s: Services) -> Router {
     Router::new()
         .nest(MODULE_PREFIX, module)
         .route("/v1/audit-log", get(records::audit))
+        .route(
+            "/v1/tenants",
+            post(platform::create_tenant).get(platform::tenants),
+        )
+        .route("/v1/users", post(platform::create_user))
+        .route("/v1/groups", post(platform::create_group))
+        .route("/v1/groups/{id}/members", post(platform::add_member))
+        .route(
+            "/v1/api-keys",
+            post(platform::create_api_key).get(platform::api_keys),
+        )
+        .route(
+            "/v1/api-keys/{id}",
+            axum::routing::delete(platform::revoke_api_key),
+        )
         .route("/health", get(health))
         .fallback(not_found)
         .method_not_allowed_fallback(|| async {

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod bunkers;
 pub mod fleet;
+pub mod identity;
 pub mod records;
 
 use std::sync::Arc;

@@ -1,0 +1,120 @@
+//! Platform routes (`/v1/tenants`, `/v1/users`, `/v1/groups`, `/v1/api-keys`): the minimal
+//! ScaiGrid core ScaiBunker needs.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenant {
+    pub name: String,
+    pub slug: String,
+    #[serde(default)]
+    pub partner_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Tenant {
+    pub id: String,
+    pub name: String,
+    pub slug: String,
+    pub partner_id: Option<String>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    SuperAdmin,
+    TenantAdmin,
+    TenantUser,
+    TenantViewer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SuperAdmin => "super_admin",
+            Self::TenantAdmin => "tenant_admin",
+            Self::TenantUser => "tenant_user",
+            Self::TenantViewer => "tenant_viewer",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    pub email: String,
+    pub tenant_id: String,
+    pub role: Role,
+    /// Extra `scaibunker:*` permissions on top of the role's.
+    #[serde(default)]
+    pub module_permissions: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct User {
+    pub id: String,
+    pub tenant_id: String,
+    pub email: String,
+    pub role: String,
+    pub module_permissions: Vec<String>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CreateGroup {
+    pub name: String,
+    #[serde(default)]
+    pub parent_group_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Group {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub parent_group_id: Option<String>,
+    pub members: Vec<String>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddMember {
+    pub user_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApiKey {
+    pub name: String,
+    /// Defaults to the caller; another user of the tenant needs `scaibunker:admin:tenant`.
+    #[serde(default)]
+    pub user_id: Option<String>,
+    /// Narrows the key to these permissions (each must be one the user holds).
+    #[serde(default)]
+    pub permissions: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiKey {
+    pub id: String,
+    pub tenant_id: String,
+    pub user_id: String,
+    pub name: String,
+    pub permissions: Option<Vec<String>>,
+    pub created_at: String,
+    pub revoked_at: Option<String>,
+}
+
+/// The answer to `POST /v1/api-keys`: the only time `key` is shown.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiKeyCreated {
+    pub id: String,
+    pub key: String,
+    pub user_id: String,
+    pub name: String,
+    pub permissions: Option<Vec<String>>,
+}
