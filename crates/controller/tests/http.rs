@@ -17,19 +17,116 @@ use serde_json::{Value, json};
 
 const WORKER_TOKEN: &str = "swt_test_worker_token";
 
+/// The SQL backend a test runs on. Every scenario runs on both (see `both!` at the end).
+#[derive(Clone, Copy)]
+enum Db {
+    Sqlite,
+    MariaDb,
+}
+
+/// A database made for one test, dropped after it.
+struct TestDatabase {
+    url: String,
+    drop_name: Option<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn mariadb_server() -> String {
+    std::env::var("SCAIBUNKER_TEST_MARIADB_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".to_owned())
+}
+
+impl Db {
+    async fn create(self) -> TestDatabase {
+        match self {
+            Db::Sqlite => {
+                let dir = tempfile::tempdir().expect("tempdir");
+                TestDatabase {
+                    url: format!("sqlite://{}/test.db", dir.path().display()),
+                    drop_name: None,
+                    _dir: Some(dir),
+                }
+            }
+            Db::MariaDb => {
+                let server = mariadb_server();
+                let name = format!("sbtest_{:016x}", rand_u64());
+                let mut conn = <sqlx::MySqlConnection as sqlx::Connection>::connect(&server)
+                    .await
+                    .unwrap_or_else(|e| {
+                        panic!("MariaDB is not reachable at {server} ({e}); start it with `start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd` or set SCAIBUNKER_TEST_MARIADB_URL")
+                    });
+                sqlx::Executor::execute(
+                    &mut conn,
+                    sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")),
+                )
+                .await
+                .expect("create test database");
+                TestDatabase {
+                    url: format!("{server}/{name}"),
+                    drop_name: Some(name),
+                    _dir: None,
+                }
+            }
+        }
+    }
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let Some(name) = self.drop_name.take() else {
+            return;
+        };
+        let server = mariadb_server();
+        // Drop runs inside the test's runtime; a separate thread and runtime may block.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                if let Ok(mut conn) =
+                    <sqlx::MySqlConnection as sqlx::Connection>::connect(&server).await
+                {
+                    let _ = sqlx::Executor::execute(
+                        &mut conn,
+                        sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}")),
+                    )
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
 struct Api {
     handle: ControllerHandle,
     http: reqwest::Client,
     key: String,
     _dir: tempfile::TempDir,
+    _database: TestDatabase,
 }
 
 impl Api {
-    async fn start() -> Api {
+    async fn start(db: Db) -> Api {
         let dir = tempfile::tempdir().expect("tempdir");
         let listen: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-        let config =
+        let mut config =
             ControllerConfig::embedded(dir.path().to_path_buf(), listen, WORKER_TOKEN.into());
+        let database = db.create().await;
+        config.database_url = database.url.clone();
         let handle = start(config).await.expect("controller starts");
         let key = handle
             .bootstrap_key
@@ -42,6 +139,7 @@ impl Api {
             http: reqwest::Client::new(),
             key,
             _dir: dir,
+            _database: database,
         }
     }
 
@@ -167,9 +265,8 @@ fn code(v: &Value) -> &str {
     v["error"]["code"].as_str().unwrap_or("<no code>")
 }
 
-#[tokio::test]
-async fn health_answers_without_auth_and_every_response_has_a_request_id() {
-    let api = Api::start().await;
+async fn health_answers_without_auth_and_every_response_has_a_request_id(db: Db) {
+    let api = Api::start(db).await;
     let resp = reqwest::get(format!("{}/health", api.handle.url()))
         .await
         .expect("health");
@@ -185,9 +282,8 @@ async fn health_answers_without_auth_and_every_response_has_a_request_id() {
     );
 }
 
-#[tokio::test]
-async fn rejects_missing_and_invalid_tokens() {
-    let api = Api::start().await;
+async fn rejects_missing_and_invalid_tokens(db: Db) {
+    let api = Api::start(db).await;
     let (st, v) = api.call("GET", "/bunkers", None, None).await;
     assert_eq!(
         (st, code(&v)),
@@ -221,9 +317,8 @@ async fn rejects_missing_and_invalid_tokens() {
     );
 }
 
-#[tokio::test]
-async fn validation_errors_name_each_field() {
-    let api = Api::start().await;
+async fn validation_errors_name_each_field(db: Db) {
+    let api = Api::start(db).await;
     api.register_dead_worker("w1", 8000, default_image()).await;
     let table: Vec<(Value, StatusCode, &str, &str)> = vec![
         (
@@ -348,9 +443,8 @@ async fn validation_errors_name_each_field() {
     assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
 }
 
-#[tokio::test]
-async fn placement_errors_distinguish_no_capacity_from_no_image() {
-    let api = Api::start().await;
+async fn placement_errors_distinguish_no_capacity_from_no_image(db: Db) {
+    let api = Api::start(db).await;
     // A worker with the image but only 256 MB free: a 512 MB bunker does not fit.
     api.register_dead_worker("small", 256, default_image())
         .await;
@@ -385,9 +479,8 @@ async fn placement_errors_distinguish_no_capacity_from_no_image() {
     );
 }
 
-#[tokio::test]
-async fn a_boot_on_an_unreachable_worker_fails_the_bunker_with_a_reason() {
-    let api = Api::start().await;
+async fn a_boot_on_an_unreachable_worker_fails_the_bunker_with_a_reason(db: Db) {
+    let api = Api::start(db).await;
     api.register_dead_worker("dead", 8000, default_image())
         .await;
     let (st, v) = api
@@ -442,9 +535,8 @@ async fn a_boot_on_an_unreachable_worker_fails_the_bunker_with_a_reason() {
     assert_eq!(actions, ["bunker.create", "bunker.fail"]);
 }
 
-#[tokio::test]
-async fn exec_and_file_requests_are_validated_before_touching_the_bunker() {
-    let api = Api::start().await;
+async fn exec_and_file_requests_are_validated_before_touching_the_bunker(db: Db) {
+    let api = Api::start(db).await;
     api.register_dead_worker("dead", 8000, default_image())
         .await;
     let (_, v) = api
@@ -499,9 +591,8 @@ async fn exec_and_file_requests_are_validated_before_touching_the_bunker() {
     );
 }
 
-#[tokio::test]
-async fn other_tenants_bunkers_are_not_found_and_permissions_are_enforced() {
-    let api = Api::start().await;
+async fn other_tenants_bunkers_are_not_found_and_permissions_are_enforced(db: Db) {
+    let api = Api::start(db).await;
     api.register_dead_worker("dead", 8000, default_image())
         .await;
     let (_, v) = api
@@ -603,9 +694,8 @@ async fn other_tenants_bunkers_are_not_found_and_permissions_are_enforced() {
     }
 }
 
-#[tokio::test]
-async fn listing_pages_with_cursors_and_filters() {
-    let api = Api::start().await;
+async fn listing_pages_with_cursors_and_filters(db: Db) {
+    let api = Api::start(db).await;
     api.register_dead_worker("dead", 64_000, default_image())
         .await;
     let mut ids = Vec::new();
@@ -658,9 +748,8 @@ async fn listing_pages_with_cursors_and_filters() {
     assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "BUNKER_NOT_FOUND"));
 }
 
-#[tokio::test]
-async fn heartbeats_tell_workers_to_stop_vms_of_ended_bunkers() {
-    let api = Api::start().await;
+async fn heartbeats_tell_workers_to_stop_vms_of_ended_bunkers(db: Db) {
+    let api = Api::start(db).await;
     let wid = api
         .register_dead_worker("dead", 8000, default_image())
         .await;
@@ -724,26 +813,19 @@ async fn heartbeats_tell_workers_to_stop_vms_of_ended_bunkers() {
     assert_eq!((st, code(&v)), (StatusCode::CONFLICT, "PROTOCOL_MISMATCH"));
 }
 
-#[tokio::test]
-async fn a_second_start_on_the_same_data_dir_keeps_the_key_and_prints_none() {
+async fn a_second_start_on_the_same_data_dir_keeps_the_key_and_prints_none(db: Db) {
     let dir = tempfile::tempdir().expect("tempdir");
     let listen: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-    let first = start(ControllerConfig::embedded(
-        dir.path().into(),
-        listen,
-        WORKER_TOKEN.into(),
-    ))
-    .await
-    .expect("start");
+    let database = db.create().await;
+    let config = || {
+        let mut c = ControllerConfig::embedded(dir.path().into(), listen, WORKER_TOKEN.into());
+        c.database_url = database.url.clone();
+        c
+    };
+    let first = start(config()).await.expect("start");
     let key = first.bootstrap_key.clone().expect("key");
     first.shutdown().await;
-    let second = start(ControllerConfig::embedded(
-        dir.path().into(),
-        listen,
-        WORKER_TOKEN.into(),
-    ))
-    .await
-    .expect("restart");
+    let second = start(config()).await.expect("restart");
     assert!(second.bootstrap_key.is_none());
     let resp = reqwest::Client::new()
         .get(format!("{}/v1/modules/scaibunker/bunkers", second.url()))
@@ -760,9 +842,8 @@ async fn a_second_start_on_the_same_data_dir_keeps_the_key_and_prints_none() {
     assert_eq!(mode & 0o777, 0o600);
 }
 
-#[tokio::test]
-async fn pause_and_resume_follow_the_state_machine() {
-    let api = Api::start().await;
+async fn pause_and_resume_follow_the_state_machine(db: Db) {
+    let api = Api::start(db).await;
     api.register_dead_worker("dead", 8000, default_image())
         .await;
     let (_, v) = api
@@ -783,9 +864,8 @@ async fn pause_and_resume_follow_the_state_machine() {
     assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "BUNKER_NOT_FOUND"));
 }
 
-#[tokio::test]
-async fn audit_and_exec_logs_are_tenant_scoped_and_filterable() {
-    let api = Api::start().await;
+async fn audit_and_exec_logs_are_tenant_scoped_and_filterable(db: Db) {
+    let api = Api::start(db).await;
     api.register_dead_worker("dead", 8000, default_image())
         .await;
     let (_, v) = api
@@ -863,9 +943,8 @@ async fn audit_and_exec_logs_are_tenant_scoped_and_filterable() {
     assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "BUNKER_NOT_FOUND"));
 }
 
-#[tokio::test]
-async fn platform_routes_create_tenants_users_groups_and_revocable_keys() {
-    let api = Api::start().await;
+async fn platform_routes_create_tenants_users_groups_and_revocable_keys(db: Db) {
+    let api = Api::start(db).await;
     let platform = |path: &str| format!("{}/v1{path}", api.handle.url());
     let call = |method: &'static str, path: String, key: String, body: Option<Value>| {
         let http = api.http.clone();
@@ -1116,3 +1195,37 @@ async fn platform_routes_create_tenants_users_groups_and_revocable_keys() {
     .await;
     assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "API_KEY_NOT_FOUND"));
 }
+
+/// Runs each scenario on SQLite and on MariaDB.
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Db::Sqlite).await
+            })*
+        }
+        mod mariadb {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Db::MariaDb).await
+            })*
+        }
+    };
+}
+
+both!(
+    health_answers_without_auth_and_every_response_has_a_request_id,
+    rejects_missing_and_invalid_tokens,
+    validation_errors_name_each_field,
+    placement_errors_distinguish_no_capacity_from_no_image,
+    a_boot_on_an_unreachable_worker_fails_the_bunker_with_a_reason,
+    exec_and_file_requests_are_validated_before_touching_the_bunker,
+    other_tenants_bunkers_are_not_found_and_permissions_are_enforced,
+    listing_pages_with_cursors_and_filters,
+    heartbeats_tell_workers_to_stop_vms_of_ended_bunkers,
+    a_second_start_on_the_same_data_dir_keeps_the_key_and_prints_none,
+    pause_and_resume_follow_the_state_machine,
+    audit_and_exec_logs_are_tenant_scoped_and_filterable,
+    platform_routes_create_tenants_users_groups_and_revocable_keys,
+);

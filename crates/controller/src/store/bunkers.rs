@@ -3,7 +3,7 @@
 
 use sqlx::AssertSqlSafe;
 use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
+use sqlx::any::AnyRow;
 
 use super::{Store, StoreError, Tx};
 
@@ -48,7 +48,7 @@ pub(super) const COLUMNS: &str = "id, tenant_id, owner_id, name, image_name, ima
     env_vars, interfaces, bandwidth_mbit, worker_id, failure_reason, created_at, started_at, \
     last_activity_at, terminated_at";
 
-pub(super) fn from_row(r: &SqliteRow) -> BunkerRow {
+pub(super) fn from_row(r: &AnyRow) -> BunkerRow {
     BunkerRow {
         id: r.get("id"),
         tenant_id: r.get("tenant_id"),
@@ -213,10 +213,20 @@ pub(super) fn filter_sql(
         binds.push(Bind::Text(m.clone()));
     }
     for (k, v) in &filter.labels {
-        // Labels are a JSON object; json_extract is exact on the key path.
-        sql.push_str(" AND json_extract(label_set, ?) = ?");
-        binds.push(Bind::Text(format!("$.\"{}\"", k.replace('"', ""))));
-        binds.push(Bind::Text(v.clone()));
+        // Labels are stored as compact JSON (`{"k":"v",…}`); matching the encoded pair as a
+        // substring is exact (quotes inside keys and values are escaped) and portable across
+        // SQLite and MariaDB, whose JSON functions differ.
+        sql.push_str(" AND label_set LIKE ? ESCAPE '!'");
+        let pair = format!(
+            "{}:{}",
+            serde_json::Value::String(k.clone()),
+            serde_json::Value::String(v.clone())
+        );
+        let escaped = pair
+            .replace('!', "!!")
+            .replace('%', "!%")
+            .replace('_', "!_");
+        binds.push(Bind::Text(format!("%{escaped}%")));
     }
     if let Some(c) = cursor {
         sql.push_str(" AND (created_at < ? OR (created_at = ? AND id < ?))");
@@ -260,9 +270,9 @@ impl Store {
 }
 
 pub(super) fn bind<'q>(
-    q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
     value: &Bind,
-) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
     match value {
         Bind::Text(s) => q.bind(s.clone()),
         Bind::Int(n) => q.bind(*n),

@@ -317,7 +317,7 @@ impl Store {
 
     pub async fn insert_group(&self, g: &GroupRow) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO groups (id, tenant_id, name, parent_group_id, created_at) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO user_groups (id, tenant_id, name, parent_group_id, created_at) VALUES (?, ?, ?, ?, ?)",
         )
         .bind(&g.id)
         .bind(&g.tenant_id)
@@ -331,7 +331,7 @@ impl Store {
 
     pub async fn group(&self, tenant_id: &str, id: &str) -> Result<Option<GroupRow>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, tenant_id, name, parent_group_id, created_at FROM groups \
+            "SELECT id, tenant_id, name, parent_group_id, created_at FROM user_groups \
              WHERE tenant_id = ? AND id = ?",
         )
         .bind(tenant_id)
@@ -355,19 +355,22 @@ impl Store {
         user_id: &str,
     ) -> Result<(), StoreError> {
         // The tenant check rides in the statement so the row cannot cross tenants.
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO group_members (group_id, user_id, created_at) \
-             SELECT g.id, u.id, ? FROM groups g JOIN users u ON u.tenant_id = g.tenant_id \
-             WHERE g.tenant_id = ? AND g.id = ? AND u.id = ? \
-             ON CONFLICT (group_id, user_id) DO NOTHING",
+             SELECT g.id, u.id, ? FROM user_groups g JOIN users u ON u.tenant_id = g.tenant_id \
+             WHERE g.tenant_id = ? AND g.id = ? AND u.id = ?",
         )
         .bind(now_ms())
         .bind(tenant_id)
         .bind(group_id)
         .bind(user_id)
         .execute(self.pool())
-        .await?;
-        Ok(())
+        .await;
+        match inserted.map_err(StoreError::from) {
+            Ok(_) => Ok(()),
+            Err(e) if is_unique_violation(&e) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     pub async fn group_members(
@@ -376,7 +379,7 @@ impl Store {
         group_id: &str,
     ) -> Result<Vec<String>, StoreError> {
         Ok(sqlx::query_scalar(
-            "SELECT m.user_id FROM group_members m JOIN groups g ON g.id = m.group_id \
+            "SELECT m.user_id FROM group_members m JOIN user_groups g ON g.id = m.group_id \
              WHERE g.tenant_id = ? AND g.id = ? ORDER BY m.user_id",
         )
         .bind(tenant_id)

@@ -23,7 +23,7 @@ pub struct ImageRow {
 const COLUMNS: &str = "id, tenant_id, name, scope, status, sha256, size_bytes, lazy_pull, \
     default_cpu_millicores, default_memory_mb, default_disk_mb";
 
-fn from_row(r: &sqlx::sqlite::SqliteRow) -> ImageRow {
+fn from_row(r: &sqlx::any::AnyRow) -> ImageRow {
     ImageRow {
         id: r.get("id"),
         tenant_id: r.get("tenant_id"),

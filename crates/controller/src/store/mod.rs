@@ -13,13 +13,19 @@ pub mod identity;
 pub mod images;
 pub mod workers;
 
-use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use sqlx::SqlitePool;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyPool, Executor};
 
-pub type Tx<'a> = sqlx::Transaction<'a, sqlx::Sqlite>;
+pub type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
+
+/// Which SQL server is behind the pool; the few statements that differ branch on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    MariaDb,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -27,7 +33,7 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("unsupported database url `{0}` (expected sqlite://…)")]
+    #[error("unsupported database url `{0}` (expected sqlite://… or mysql://…)")]
     UnsupportedUrl(String),
     #[error("stored row {id} has a malformed column `{column}`")]
     Corrupt { id: String, column: &'static str },
@@ -35,33 +41,60 @@ pub enum StoreError {
 
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
+    backend: Backend,
 }
 
 impl Store {
-    /// Opens (creating if needed) the database and applies pending migrations.
+    /// Opens the database (`sqlite://PATH`, created if missing, or `mysql://…` for MariaDB)
+    /// and applies pending migrations of that backend's set.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        if !url.starts_with("sqlite:") {
+        sqlx::any::install_default_drivers();
+        let (backend, url) = if let Some(path) = url.strip_prefix("sqlite://") {
+            (
+                Backend::Sqlite,
+                format!(
+                    "sqlite://{path}{}",
+                    if path.contains('?') { "" } else { "?mode=rwc" }
+                ),
+            )
+        } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            (Backend::MariaDb, url.replacen("mariadb://", "mysql://", 1))
+        } else {
             return Err(StoreError::UnsupportedUrl(url.to_owned()));
-        }
-        let options = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
-            // WAL lets readers proceed while one writer commits; NORMAL sync is durable in WAL
-            // mode across process crashes, which is the failure we must survive.
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(std::time::Duration::from_secs(10))
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .connect_with(options)
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 8 } else { 16 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    let setup = match backend {
+                        // WAL lets readers proceed while one writer commits; NORMAL sync is
+                        // durable in WAL mode across process crashes, the failure we must survive.
+                        Backend::Sqlite => {
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                             PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;"
+                        }
+                        Backend::MariaDb => "SET time_zone = '+00:00'",
+                    };
+                    conn.execute(setup).await?;
+                    Ok(())
+                })
+            })
+            .connect(&url)
             .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(Self { pool })
+        match backend {
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&pool).await?,
+            Backend::MariaDb => sqlx::migrate!("./migrations/mysql").run(&pool).await?,
+        }
+        Ok(Self { pool, backend })
     }
 
-    pub fn pool(&self) -> &SqlitePool {
+    pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     pub async fn begin(&self) -> Result<Tx<'static>, StoreError> {

@@ -48,17 +48,33 @@ impl Store {
             .bind(r.name)
             .fetch_optional(&mut *tx)
             .await?;
-        let id = existing.unwrap_or_else(|| r.id.to_owned());
+        if let Some(id) = existing {
+            // A draining worker stays draining across a restart; anything else is online.
+            sqlx::query(
+                "UPDATE workers SET url = ?, runtime = ?, \
+                 status = CASE WHEN status = 'draining' THEN 'draining' ELSE 'online' END, \
+                 cpu_millicores = ?, memory_mb = ?, disk_mb = ?, gpu_count = ?, \
+                 last_heartbeat_at = ? WHERE id = ?",
+            )
+            .bind(r.url)
+            .bind(r.runtime)
+            .bind(r.cpu_millicores)
+            .bind(r.memory_mb)
+            .bind(r.disk_mb)
+            .bind(r.gpu_count)
+            .bind(now)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            return Ok(id);
+        }
+        let id = r.id.to_owned();
         sqlx::query(
             "INSERT INTO workers (id, name, url, runtime, status, cpu_millicores, memory_mb, disk_mb, \
              gpu_count, free_cpu_millicores, free_memory_mb, free_disk_mb, free_gpu_count, \
              active_bunkers, registered_at, last_heartbeat_at) \
-             VALUES (?, ?, ?, ?, 'online', ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?) \
-             ON CONFLICT(id) DO UPDATE SET url = excluded.url, runtime = excluded.runtime, \
-             status = CASE WHEN workers.status = 'draining' THEN 'draining' ELSE 'online' END, \
-             cpu_millicores = excluded.cpu_millicores, memory_mb = excluded.memory_mb, \
-             disk_mb = excluded.disk_mb, gpu_count = excluded.gpu_count, \
-             last_heartbeat_at = excluded.last_heartbeat_at",
+             VALUES (?, ?, ?, ?, 'online', ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
         )
         .bind(&id)
         .bind(r.name)
@@ -131,8 +147,10 @@ impl Store {
         tx: &mut Tx<'_>,
     ) -> Result<Vec<(String, Committed)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT worker_id, SUM(cpu_millicores) AS cpu, SUM(memory_mb) AS mem, \
-             SUM(disk_mb) AS disk, SUM(gpu_count) AS gpu FROM bunkers \
+            // MariaDB sums BIGINTs as DECIMAL, which the Any driver cannot decode: cast back.
+            "SELECT worker_id, CAST(SUM(cpu_millicores) AS SIGNED) AS cpu, \
+             CAST(SUM(memory_mb) AS SIGNED) AS mem, CAST(SUM(disk_mb) AS SIGNED) AS disk, \
+             CAST(SUM(gpu_count) AS SIGNED) AS gpu FROM bunkers \
              WHERE worker_id IS NOT NULL AND status NOT IN ('terminated', 'failed') \
              GROUP BY worker_id",
         )
@@ -205,7 +223,7 @@ impl Store {
     }
 }
 
-fn worker_from_row(r: &sqlx::sqlite::SqliteRow) -> WorkerRow {
+fn worker_from_row(r: &sqlx::any::AnyRow) -> WorkerRow {
     WorkerRow {
         id: r.get("id"),
         name: r.get("name"),
