@@ -1185,6 +1185,31 @@ async fn platform_routes_create_tenants_users_groups_and_revocable_keys(db: Db) 
         (st, code(&v)),
         (StatusCode::UNAUTHORIZED, "AUTH_TOKEN_INVALID")
     );
+    // Every platform change left an audit event in Acme's log (its creation included).
+    let (_, v) = call(
+        "GET",
+        platform("/audit-log?limit=500"),
+        boss_key.clone(),
+        None,
+    )
+    .await;
+    let mut actions: Vec<&str> = v["data"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    actions.sort();
+    actions.dedup();
+    let want = [
+        "api_key.create",
+        "api_key.revoke",
+        "group.create",
+        "group.member.add",
+        "tenant.create",
+        "user.create",
+    ];
+    assert_eq!(actions, want);
     // Another tenant's key id is not found.
     let (st, v) = call(
         "DELETE",

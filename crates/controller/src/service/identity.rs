@@ -12,11 +12,12 @@
 use std::collections::BTreeSet;
 
 use scaibunker_api::platform as api;
-use scaibunker_core::ids::{ApiKeyId, GroupId, TenantId, UserId};
+use scaibunker_core::ids::{ApiKeyId, AuditId, GroupId, TenantId, UserId};
 
 use super::auth::{self, ALL_PERMISSIONS, Principal, hash_key, new_api_key, role_permissions};
 use super::bunkers::rfc3339;
 use super::{Services, random_bytes};
+use crate::store::audit::AuditEvent;
 use crate::store::identity::{
     GroupRow, KeyRow, NewApiKey, TenantRow, UserRow, is_unique_violation,
 };
@@ -48,6 +49,30 @@ impl IdentityError {
             "group" => "GROUP_NOT_FOUND",
             _ => "API_KEY_NOT_FOUND",
         }
+    }
+}
+
+/// The audit event of a platform change by `p`.
+fn audit(
+    p: &Principal,
+    action: &'static str,
+    resource_type: &'static str,
+    resource_id: &str,
+    tenant_id: &str,
+) -> AuditEvent {
+    AuditEvent {
+        id: AuditId::from_random(random_bytes()).to_string(),
+        time_ms: now_ms(),
+        tenant_id: Some(tenant_id.to_owned()),
+        actor_id: Some(p.user_id.clone()),
+        actor_type: "user",
+        action,
+        resource_type,
+        resource_id: Some(resource_id.to_owned()),
+        status: "success",
+        ip: None,
+        request_id: Some(crate::http::request_id()),
+        details: serde_json::json!({}),
     }
 }
 
@@ -116,7 +141,7 @@ pub async fn create_tenant(
         created_at: now_ms(),
     };
     s.store
-        .insert_tenant(&row)
+        .insert_tenant(&row, &audit(p, "tenant.create", "tenant", &row.id, &row.id))
         .await
         .map_err(|e| conflict_on_unique(e, "slug"))?;
     Ok(tenant_api(row))
@@ -178,7 +203,10 @@ pub async fn create_user(
         created_at: now_ms(),
     };
     s.store
-        .insert_user(&row)
+        .insert_user(
+            &row,
+            &audit(p, "user.create", "user", &row.id, &row.tenant_id),
+        )
         .await
         .map_err(|e| conflict_on_unique(e, "email"))?;
     Ok(user_api(row))
@@ -218,7 +246,10 @@ pub async fn create_group(
         created_at: now_ms(),
     };
     s.store
-        .insert_group(&row)
+        .insert_group(
+            &row,
+            &audit(p, "group.create", "group", &row.id, &row.tenant_id),
+        )
         .await
         .map_err(|e| conflict_on_unique(e, "group name"))?;
     Ok(group_api(row, Vec::new()))
@@ -251,7 +282,12 @@ pub async fn add_member(
         return Err(IdentityError::NotFound("user"));
     }
     s.store
-        .add_group_member(&p.tenant_id, group_id, &req.user_id)
+        .add_group_member(
+            &p.tenant_id,
+            group_id,
+            &req.user_id,
+            &audit(p, "group.member.add", "group", group_id, &p.tenant_id),
+        )
         .await?;
     let members = s.store.group_members(&p.tenant_id, group_id).await?;
     Ok(group_api(group, members))
@@ -325,15 +361,19 @@ pub async fn create_api_key(
     let perms_json = narrowed
         .as_ref()
         .map(|n| serde_json::to_string(n).expect("strings serialise"));
+    let event = audit(p, "api_key.create", "api_key", &id, &tenant_id);
     s.store
-        .insert_api_key(&NewApiKey {
-            id: &id,
-            tenant_id: &tenant_id,
-            user_id: &user_id,
-            name: &req.name,
-            key_sha256: &hash_key(&key),
-            permissions: perms_json.as_deref(),
-        })
+        .insert_api_key(
+            &NewApiKey {
+                id: &id,
+                tenant_id: &tenant_id,
+                user_id: &user_id,
+                name: &req.name,
+                key_sha256: &hash_key(&key),
+                permissions: perms_json.as_deref(),
+            },
+            &event,
+        )
         .await?;
     Ok(api::ApiKeyCreated {
         id,
@@ -375,6 +415,7 @@ pub async fn revoke_api_key(s: &Services, p: &Principal, id: &str) -> Result<(),
     if owner != p.user_id && !p.has(auth::ADMIN_TENANT) {
         return Err(IdentityError::NotFound("api key"));
     }
-    s.store.revoke_api_key(&p.tenant_id, id).await?;
+    let event = audit(p, "api_key.revoke", "api_key", id, &p.tenant_id);
+    s.store.revoke_api_key(&p.tenant_id, id, &event).await?;
     Ok(())
 }

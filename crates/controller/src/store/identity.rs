@@ -2,6 +2,7 @@
 
 use sqlx::Row;
 
+use super::audit::AuditEvent;
 use super::{Store, StoreError, now_ms};
 
 #[derive(Debug, Clone)]
@@ -159,7 +160,8 @@ pub fn is_unique_violation(e: &StoreError) -> bool {
 }
 
 impl Store {
-    pub async fn insert_tenant(&self, t: &TenantRow) -> Result<(), StoreError> {
+    pub async fn insert_tenant(&self, t: &TenantRow, audit: &AuditEvent) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO tenants (id, name, slug, partner_id, created_at) VALUES (?, ?, ?, ?, ?)",
         )
@@ -168,8 +170,10 @@ impl Store {
         .bind(&t.slug)
         .bind(&t.partner_id)
         .bind(t.created_at)
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await?;
+        super::audit::insert(&mut tx, audit).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -199,7 +203,8 @@ impl Store {
         Ok(n > 0)
     }
 
-    pub async fn insert_user(&self, u: &UserRow) -> Result<(), StoreError> {
+    pub async fn insert_user(&self, u: &UserRow, audit: &AuditEvent) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO users (id, tenant_id, email, role, module_permissions, created_at) \
              VALUES (?, ?, ?, ?, ?, ?)",
@@ -210,8 +215,10 @@ impl Store {
         .bind(&u.role)
         .bind(&u.module_permissions)
         .bind(u.created_at)
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await?;
+        super::audit::insert(&mut tx, audit).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -246,7 +253,12 @@ impl Store {
         }
     }
 
-    pub async fn insert_api_key(&self, k: &NewApiKey<'_>) -> Result<(), StoreError> {
+    pub async fn insert_api_key(
+        &self,
+        k: &NewApiKey<'_>,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO api_keys (id, tenant_id, user_id, name, key_sha256, permissions, created_at) \
              VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -258,8 +270,10 @@ impl Store {
         .bind(k.key_sha256)
         .bind(k.permissions)
         .bind(now_ms())
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await?;
+        super::audit::insert(&mut tx, audit).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -293,16 +307,27 @@ impl Store {
     }
 
     /// Revokes a key. Returns false if the tenant has no such key.
-    pub async fn revoke_api_key(&self, tenant_id: &str, id: &str) -> Result<bool, StoreError> {
+    pub async fn revoke_api_key(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        audit: &AuditEvent,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
         let done = sqlx::query(
             "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE tenant_id = ? AND id = ?",
         )
         .bind(now_ms())
         .bind(tenant_id)
         .bind(id)
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await?;
-        Ok(done.rows_affected() == 1)
+        let revoked = done.rows_affected() == 1;
+        if revoked {
+            super::audit::insert(&mut tx, audit).await?;
+        }
+        tx.commit().await?;
+        Ok(revoked)
     }
 
     pub async fn key_owner(&self, tenant_id: &str, id: &str) -> Result<Option<String>, StoreError> {
@@ -315,7 +340,8 @@ impl Store {
         )
     }
 
-    pub async fn insert_group(&self, g: &GroupRow) -> Result<(), StoreError> {
+    pub async fn insert_group(&self, g: &GroupRow, audit: &AuditEvent) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO user_groups (id, tenant_id, name, parent_group_id, created_at) VALUES (?, ?, ?, ?, ?)",
         )
@@ -324,8 +350,10 @@ impl Store {
         .bind(&g.name)
         .bind(&g.parent_group_id)
         .bind(g.created_at)
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await?;
+        super::audit::insert(&mut tx, audit).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -353,7 +381,9 @@ impl Store {
         tenant_id: &str,
         group_id: &str,
         user_id: &str,
+        audit: &AuditEvent,
     ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
         // The tenant check rides in the statement so the row cannot cross tenants.
         let inserted = sqlx::query(
             "INSERT INTO group_members (group_id, user_id, created_at) \
@@ -364,10 +394,14 @@ impl Store {
         .bind(tenant_id)
         .bind(group_id)
         .bind(user_id)
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await;
         match inserted.map_err(StoreError::from) {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                super::audit::insert(&mut tx, audit).await?;
+                tx.commit().await?;
+                Ok(())
+            }
             Err(e) if is_unique_violation(&e) => Ok(()),
             Err(e) => Err(e),
         }
