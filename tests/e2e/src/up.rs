@@ -1,0 +1,308 @@
+//! [`Up`]: one `scaibunker up` installation in a temporary data directory.
+//!
+//! Start, step by step:
+//! 1. Find the binaries and the static agent (see [`crate::binaries`], [`crate::agent_bin`]).
+//! 2. Spawn `scaibunker up --data-dir <temp> --listen 127.0.0.1:0` with
+//!    `SCAIBUNKER_AGENT_BIN` passed through. Its stderr goes to `<temp>/up.log`; a thread
+//!    copies its stdout there line by line and hands the lines over.
+//! 3. Wait for `ready <url>` (at most [`READY_TIMEOUT`]: `up` may have to build images),
+//!    check the admin key it printed against `<temp>/admin.key`.
+//! 4. [`Up::stop`] or drop: SIGTERM, wait [`STOP_TIMEOUT`], then SIGKILL.
+//!
+//! On failure (a start that does not get ready, or a drop while the thread panics) the
+//! data directory is kept and `up.log` and `worker.log` are printed.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use rustix::process::{Pid, Signal, kill_process};
+use scaibunker_sdk::Client;
+
+/// How long `up` may take to print `ready`, image build included.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long `up` may take to stop after SIGTERM (it gives its worker 20 s).
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(45);
+/// `up`'s stdout and stderr, in the data directory.
+const UP_LOG: &str = "up.log";
+/// Lines of each log printed on failure.
+const LOG_TAIL_LINES: usize = 300;
+
+/// How to start an installation.
+#[derive(Debug, Clone, Default)]
+pub struct UpOptions {
+    /// `SCAIBUNKER_IMAGES_DIR` for `up` and its worker; inherited when `None`.
+    pub images_dir: Option<PathBuf>,
+}
+
+/// A running `scaibunker up`.
+pub struct Up {
+    child: Child,
+    exit: Option<ExitStatus>,
+    url: String,
+    key: String,
+    images_dir: PathBuf,
+    data_dir: PathBuf,
+    worker_pid: Option<u32>,
+    /// `None` once kept for inspection.
+    data: Option<tempfile::TempDir>,
+}
+
+impl Up {
+    /// Starts `up` and waits until it is ready.
+    pub fn start(options: UpOptions) -> Result<Self> {
+        let bins = crate::binaries()?;
+        let agent = crate::agent_bin()?;
+        let images_dir = match &options.images_dir {
+            Some(dir) => dir.clone(),
+            None => crate::images_dir()?,
+        };
+        let data = tempfile::Builder::new()
+            .prefix("sb-e2e-")
+            .tempdir()
+            .context("creating the data directory")?;
+        // `up` canonicalises its data directory; processes name it that way.
+        let data_dir = data
+            .path()
+            .canonicalize()
+            .context("canonicalising the data directory")?;
+        let log_path = data_dir.join(UP_LOG);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+
+        let mut command = Command::new(&bins.scaibunker);
+        command
+            .arg("up")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .env("SCAIBUNKER_AGENT_BIN", &agent)
+            // Plain logs for people reading them on failure.
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log.try_clone().context("duplicating the log file")?);
+        if let Some(dir) = &options.images_dir {
+            command.env("SCAIBUNKER_IMAGES_DIR", dir);
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("starting {}", bins.scaibunker.display()))?;
+        let stdout = child.stdout.take().context("up's stdout is piped")?;
+        let (lines_tx, lines) = mpsc::channel();
+        std::thread::spawn(move || copy_lines(stdout, log, lines_tx));
+
+        let mut up = Self {
+            child,
+            exit: None,
+            url: String::new(),
+            key: String::new(),
+            images_dir,
+            data_dir,
+            worker_pid: None,
+            data: Some(data),
+        };
+        match up.wait_ready(&lines) {
+            Ok(()) => Ok(up),
+            Err(e) => {
+                let _ = up.stop();
+                let kept = up.keep_data();
+                Err(e.context(format!(
+                    "`scaibunker up` did not get ready (data kept in {})\n{}",
+                    kept.display(),
+                    up.logs()
+                )))
+            }
+        }
+    }
+
+    fn wait_ready(&mut self, lines: &mpsc::Receiver<String>) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut printed_key = None;
+        let url = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(url) = line.strip_prefix("ready ") {
+                        break url.trim().to_owned();
+                    }
+                    if line.starts_with("admin key")
+                        && let Some((_, key)) = line.rsplit_once(": ")
+                    {
+                        printed_key = Some(key.trim().to_owned());
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    bail!("no `ready` line within {READY_TIMEOUT:?}")
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = self.child.wait().context("waiting for up")?;
+                    self.exit = Some(status);
+                    bail!("`scaibunker up` exited ({status}) before printing `ready`");
+                }
+            }
+        };
+        let key_path = self.data_dir.join("admin.key");
+        let key = std::fs::read_to_string(&key_path)
+            .with_context(|| format!("reading {}", key_path.display()))?
+            .trim()
+            .to_owned();
+        match printed_key {
+            Some(printed) if printed == key => {}
+            Some(printed) => bail!(
+                "up printed the admin key {printed:?} but {} holds {key:?}",
+                key_path.display()
+            ),
+            None => bail!("up did not print the admin key line before `ready`"),
+        }
+        self.url = url;
+        self.key = key;
+        self.worker_pid = worker_pid_from_log(&self.data_dir.join(UP_LOG));
+        Ok(())
+    }
+
+    /// The API base URL, e.g. `http://127.0.0.1:41234`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The bootstrap admin key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// An SDK client with the admin key.
+    pub fn client(&self) -> Client {
+        Client::new(self.url.clone(), Some(self.key.clone()))
+    }
+
+    /// An SDK client with the given key (or none).
+    pub fn client_with_key(&self, key: Option<&str>) -> Client {
+        Client::new(self.url.clone(), key.map(str::to_owned))
+    }
+
+    /// The canonical data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The guest artefacts directory this installation boots from.
+    pub fn images_dir(&self) -> &Path {
+        &self.images_dir
+    }
+
+    /// The worker's pid, from `up`'s `worker started (pid N)` line.
+    pub fn worker_pid(&self) -> Option<u32> {
+        self.worker_pid
+    }
+
+    /// Entries of the worker's bunker directory (one per bunker with a VM or leftovers).
+    pub fn bunker_dirs(&self) -> Vec<String> {
+        match std::fs::read_dir(self.data_dir.join("worker/bunkers")) {
+            Ok(entries) => entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// SIGTERM, and the exit status once `up` is gone; SIGKILL after [`STOP_TIMEOUT`].
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        if let Some(status) = self.exit {
+            return Ok(status);
+        }
+        if let Some(status) = self.child.try_wait().context("polling up")? {
+            self.exit = Some(status);
+            return Ok(status);
+        }
+        let pid = i32::try_from(self.child.id())
+            .ok()
+            .and_then(Pid::from_raw)
+            .context("up's pid is a valid pid")?;
+        kill_process(pid, Signal::TERM).context("sending SIGTERM to up")?;
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().context("polling up")? {
+                self.exit = Some(status);
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let status = self.child.wait().context("waiting for up")?;
+        self.exit = Some(status);
+        bail!("`scaibunker up` did not stop within {STOP_TIMEOUT:?} of SIGTERM; killed it")
+    }
+
+    /// Keeps the data directory (for its logs) instead of deleting it; returns its path.
+    pub fn keep_data(&mut self) -> PathBuf {
+        if let Some(data) = self.data.take() {
+            let _ = data.keep();
+        }
+        self.data_dir.clone()
+    }
+
+    /// The tails of `up.log` and `worker.log`.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for name in [UP_LOG, "worker.log"] {
+            let path = self.data_dir.join(name);
+            out.push_str(&format!("---- {} ----\n", path.display()));
+            match std::fs::read_to_string(&path) {
+                Ok(text) => {
+                    let lines: Vec<&str> = text.lines().collect();
+                    let from = lines.len().saturating_sub(LOG_TAIL_LINES);
+                    for line in &lines[from..] {
+                        out.push_str(line);
+                        out.push('\n');
+                    }
+                }
+                Err(e) => out.push_str(&format!("(unreadable: {e})\n")),
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let stopped = self.stop();
+        if std::thread::panicking() {
+            let kept = self.keep_data();
+            eprintln!(
+                "test failed: `scaibunker up` data kept in {} (stop: {stopped:?})\n{}",
+                kept.display(),
+                self.logs()
+            );
+        }
+    }
+}
+
+/// Copies `up`'s stdout into the log and hands each line to the waiting harness.
+fn copy_lines(stdout: ChildStdout, mut log: File, lines: mpsc::Sender<String>) {
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        // The log is for people; losing a line of it must not stop the copy.
+        let _ = writeln!(log, "{line}");
+        // Nobody listens after `ready`; the copy goes on so `up` never blocks on a full pipe.
+        let _ = lines.send(line);
+    }
+}
+
+/// The pid in `[up] worker started (pid N), …`.
+fn worker_pid_from_log(path: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| {
+        let rest = l.split_once("worker started (pid ")?.1;
+        rest.split(')').next()?.parse().ok()
+    })
+}
