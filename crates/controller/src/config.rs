@@ -22,6 +22,14 @@ pub struct ControllerConfig {
     pub max_file_bytes: u64,
     /// Largest JSON request body.
     pub max_json_bytes: usize,
+    /// `redis://…` shared by every controller; `None` keeps live state in-process.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key this installation writes.
+    pub redis_prefix: String,
+    /// How often background jobs tick.
+    pub job_interval: Duration,
+    /// Requests per minute one API key may make (its tenant: ten times that).
+    pub rate_limit_per_minute: u32,
 }
 
 impl ControllerConfig {
@@ -37,6 +45,10 @@ impl ControllerConfig {
             exec_inline_limit_bytes: 1024 * 1024,
             max_file_bytes: 1024 * 1024 * 1024,
             max_json_bytes: 4 * 1024 * 1024,
+            redis_url: None,
+            redis_prefix: "scaibunker:".into(),
+            job_interval: Duration::from_secs(30),
+            rate_limit_per_minute: 1200,
         }
     }
 
@@ -60,6 +72,18 @@ impl ControllerConfig {
         }
         if let Some(n) = var("SCAIBUNKER_MAX_FILE_BYTES").and_then(|v| v.parse().ok()) {
             self.max_file_bytes = n;
+        }
+        if let Some(v) = var("SCAIBUNKER_REDIS_URL") {
+            self.redis_url = Some(v);
+        }
+        if let Some(v) = var("SCAIBUNKER_REDIS_PREFIX") {
+            self.redis_prefix = v;
+        }
+        if let Some(s) = var("SCAIBUNKER_JOB_INTERVAL_S").and_then(|v| v.parse().ok()) {
+            self.job_interval = Duration::from_secs(s);
+        }
+        if let Some(n) = var("SCAIBUNKER_RATE_LIMIT_PER_MIN").and_then(|v| v.parse().ok()) {
+            self.rate_limit_per_minute = n;
         }
         self
     }

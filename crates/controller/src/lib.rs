@@ -6,6 +6,8 @@
 
 pub mod config;
 pub mod http;
+pub mod jobs;
+pub mod live;
 pub mod service;
 pub mod store;
 pub mod workers;
@@ -24,6 +26,8 @@ use workers::WorkerClient;
 pub enum StartError {
     #[error("opening the database")]
     Store(#[from] store::StoreError),
+    #[error("opening live state")]
+    Live(#[from] live::LiveError),
     #[error("bootstrapping the platform tenant")]
     Bootstrap(#[from] service::auth::BootstrapError),
     #[error("binding {addr}")]
@@ -48,6 +52,7 @@ pub struct ControllerHandle {
     pub services: Services,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    jobs: JoinHandle<()>,
 }
 
 impl ControllerHandle {
@@ -55,8 +60,22 @@ impl ControllerHandle {
         format!("http://{}", self.addr)
     }
 
+    /// The ticks this controller ran `job` for.
+    pub fn job_ticks(&self, job: &str) -> Vec<u128> {
+        let runs = self
+            .services
+            .job_runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        runs.iter()
+            .filter(|(j, _)| *j == job)
+            .map(|(_, t)| *t)
+            .collect()
+    }
+
     /// Stops accepting requests and waits for in-flight ones.
     pub async fn shutdown(mut self) {
+        self.jobs.abort();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -91,12 +110,20 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
         addr: config.listen,
         source,
     })?;
+    let live = live::open(config.redis_url.as_deref(), &config.redis_prefix).await?;
     let services = Services {
         store,
         workers: WorkerClient::new(config.worker_token.clone()),
         config: Arc::new(config),
         placement_lock: Arc::new(tokio::sync::Mutex::new(())),
+        live,
+        job_runs: Arc::default(),
+        controller_id: format!(
+            "ctl_{}",
+            scaibunker_core::ids::encode_random(service::random_bytes())
+        ),
     };
+    let jobs = jobs::spawn(services.clone());
     let app = http::router(services.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -116,5 +143,6 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
         services,
         shutdown: Some(tx),
         task,
+        jobs,
     })
 }

@@ -15,101 +15,11 @@ use scaibunker_proto::worker::{
 };
 use serde_json::{Value, json};
 
+mod common;
+
+use common::{Db, TestDatabase};
+
 const WORKER_TOKEN: &str = "swt_test_worker_token";
-
-/// The SQL backend a test runs on. Every scenario runs on both (see `both!` at the end).
-#[derive(Clone, Copy)]
-enum Db {
-    Sqlite,
-    MariaDb,
-}
-
-/// A database made for one test, dropped after it.
-struct TestDatabase {
-    url: String,
-    drop_name: Option<String>,
-    _dir: Option<tempfile::TempDir>,
-}
-
-fn mariadb_server() -> String {
-    std::env::var("SCAIBUNKER_TEST_MARIADB_URL")
-        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".to_owned())
-}
-
-impl Db {
-    async fn create(self) -> TestDatabase {
-        match self {
-            Db::Sqlite => {
-                let dir = tempfile::tempdir().expect("tempdir");
-                TestDatabase {
-                    url: format!("sqlite://{}/test.db", dir.path().display()),
-                    drop_name: None,
-                    _dir: Some(dir),
-                }
-            }
-            Db::MariaDb => {
-                let server = mariadb_server();
-                let name = format!("sbtest_{:016x}", rand_u64());
-                let mut conn = <sqlx::MySqlConnection as sqlx::Connection>::connect(&server)
-                    .await
-                    .unwrap_or_else(|e| {
-                        panic!("MariaDB is not reachable at {server} ({e}); start it with `start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd` or set SCAIBUNKER_TEST_MARIADB_URL")
-                    });
-                sqlx::Executor::execute(
-                    &mut conn,
-                    sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")),
-                )
-                .await
-                .expect("create test database");
-                TestDatabase {
-                    url: format!("{server}/{name}"),
-                    drop_name: Some(name),
-                    _dir: None,
-                }
-            }
-        }
-    }
-}
-
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish()
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        let Some(name) = self.drop_name.take() else {
-            return;
-        };
-        let server = mariadb_server();
-        // Drop runs inside the test's runtime; a separate thread and runtime may block.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                if let Ok(mut conn) =
-                    <sqlx::MySqlConnection as sqlx::Connection>::connect(&server).await
-                {
-                    let _ = sqlx::Executor::execute(
-                        &mut conn,
-                        sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}")),
-                    )
-                    .await;
-                }
-            });
-        })
-        .join();
-    }
-}
 
 struct Api {
     handle: ControllerHandle,

@@ -20,6 +20,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub details: Vec<FieldDetail>,
+    /// Seconds, sent as `Retry-After` (rate limits).
+    pub retry_after_s: Option<u64>,
 }
 
 impl ApiError {
@@ -29,6 +31,7 @@ impl ApiError {
             code,
             message: message.into(),
             details: Vec::new(),
+            retry_after_s: None,
         }
     }
 
@@ -38,6 +41,7 @@ impl ApiError {
             code: codes::VALIDATION_ERROR,
             message: "request is invalid".into(),
             details,
+            retry_after_s: None,
         }
     }
 
@@ -71,7 +75,14 @@ impl IntoResponse for ApiError {
                 request_id: request_id(),
             },
         };
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(s) = self.retry_after_s
+            && let Ok(v) = axum::http::HeaderValue::from_str(&s.to_string())
+        {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, v);
+        }
+        resp
     }
 }
 

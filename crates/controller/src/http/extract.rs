@@ -10,6 +10,7 @@ use scaibunker_api::envelope::FieldDetail;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
+use crate::live::RateDecision;
 use crate::service::auth::{self, Principal};
 use crate::service::{RequestContext, Services};
 
@@ -30,8 +31,42 @@ impl FromRequestParts<Services> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, s: &Services) -> Result<Self, ApiError> {
-        Ok(Caller(auth::authenticate(&s.store, bearer(parts)).await?))
+        let p = auth::authenticate(&s.store, bearer(parts)).await?;
+        rate_limit(s, &p).await?;
+        Ok(Caller(p))
     }
+}
+
+/// Counts the request against the key's window and its tenant's (ten times larger).
+/// Live state being down must not take the API with it: then the request passes, logged.
+async fn rate_limit(s: &Services, p: &Principal) -> Result<(), ApiError> {
+    let per_key = s.config.rate_limit_per_minute;
+    let window = std::time::Duration::from_secs(60);
+    for (key, limit) in [
+        (format!("key:{}", p.key_id), per_key),
+        (
+            format!("tenant:{}", p.tenant_id),
+            per_key.saturating_mul(10),
+        ),
+    ] {
+        match s.live.rate_hit(&key, window, limit).await {
+            Ok(RateDecision::Allowed) => {}
+            Ok(RateDecision::Limited { retry_after }) => {
+                let mut e = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    codes::RATE_LIMITED,
+                    format!("more than {limit} requests a minute; retry later"),
+                );
+                e.retry_after_s = Some(retry_after.as_secs_f64().ceil().max(1.0) as u64);
+                return Err(e);
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "rate limiting skipped: live state unavailable");
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A request from a worker daemon, authenticated by the worker token.

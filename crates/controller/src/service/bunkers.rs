@@ -759,17 +759,30 @@ pub async fn delete(
         // Someone else moved it meanwhile (a failure, another delete): report what is now.
         return Box::pin(delete(s, p, ctx, id)).await;
     }
-    if let Some(worker_id) = &row.worker_id
-        && let Some(worker) = s.store.worker(worker_id).await?
-        && let Err(e) = s.workers.delete_vm(&worker.url, &row.id).await
-    {
-        // The next heartbeat lists the VM and gets it back in `stop_bunkers`.
-        tracing::warn!(bunker_id = row.id, error = %e, "stopping the VM failed; heartbeat will retry");
-    }
+    stop_vm(s, &row).await;
     Ok(s.store
         .bunker(&row.tenant_id, &row.id)
         .await?
         .unwrap_or(row))
+}
+
+/// Asks the bunker's worker to stop its VM. Failures are logged, not returned: the next
+/// heartbeat lists the VM and gets it back in `stop_bunkers`.
+pub async fn stop_vm(s: &Services, row: &BunkerRow) {
+    let Some(worker_id) = &row.worker_id else {
+        return;
+    };
+    let worker = match s.store.worker(worker_id).await {
+        Ok(Some(w)) => w,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(bunker_id = row.id, error = %e, "looking up the worker failed");
+            return;
+        }
+    };
+    if let Err(e) = s.workers.delete_vm(&worker.url, &row.id).await {
+        tracing::warn!(bunker_id = row.id, error = %e, "stopping the VM failed; heartbeat will retry");
+    }
 }
 
 /// Pauses a running bunker or resumes a paused one, at the VM level. Quota stays held while

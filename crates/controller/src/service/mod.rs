@@ -24,6 +24,12 @@ pub struct Services {
     /// Serialises placement within this controller so two concurrent creates never both take
     /// the last free slot of a worker.
     pub placement_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Leases and rate windows (Redis, or in-process when embedded).
+    pub live: Arc<dyn crate::live::LiveState>,
+    /// This controller's identity as a lease holder.
+    pub controller_id: String,
+    /// The ticks this controller ran each job for (newest last, bounded): observability.
+    pub job_runs: Arc<std::sync::Mutex<std::collections::VecDeque<(&'static str, u128)>>>,
 }
 
 /// Who made a request and from where, for audit rows.

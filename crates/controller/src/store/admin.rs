@@ -67,3 +67,65 @@ impl Store {
         Ok(q.fetch_all(self.pool()).await?)
     }
 }
+
+impl Store {
+    /// Running or paused bunkers past their lifetime or idle timeout, with the reason.
+    /// Persistent bunkers have no lifetime cap and are not ended for idleness (they are
+    /// passivated by snapshot once snapshots exist).
+    pub async fn admin_expired_bunkers(
+        &self,
+        now_ms: i64,
+    ) -> Result<Vec<(BunkerRow, &'static str)>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM bunkers WHERE status IN ('running', 'paused') AND ( \
+             (max_lifetime_s IS NOT NULL AND COALESCE(started_at, created_at) + max_lifetime_s * 1000 < ?) \
+             OR (lifecycle_mode != 'persistent' AND \
+                 COALESCE(last_activity_at, started_at, created_at) + idle_timeout_s * 1000 < ?))"
+        )))
+        .bind(now_ms)
+        .bind(now_ms)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .iter()
+            .map(from_row)
+            .map(|b| {
+                let lifetime_over = b
+                    .max_lifetime_s
+                    .is_some_and(|m| b.started_at.unwrap_or(b.created_at) + m * 1000 < now_ms);
+                let reason = if lifetime_over {
+                    "max_lifetime_s reached"
+                } else {
+                    "idle_timeout_s reached"
+                };
+                (b, reason)
+            })
+            .collect())
+    }
+
+    /// Bunkers still pending or provisioning that were created before `created_before`.
+    pub async fn admin_stuck_bunkers(
+        &self,
+        created_before: i64,
+    ) -> Result<Vec<BunkerRow>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM bunkers WHERE status IN ('pending', 'provisioning') \
+             AND created_at < ?"
+        )))
+        .bind(created_before)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.iter().map(from_row).collect())
+    }
+
+    /// Flips online workers whose last heartbeat is older than `before` to offline.
+    pub async fn admin_mark_stale_workers_offline(&self, before: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE workers SET status = 'offline' WHERE status = 'online' AND last_heartbeat_at < ?",
+        )
+        .bind(before)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected())
+    }
+}

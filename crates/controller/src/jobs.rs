@@ -1,0 +1,161 @@
+//! Background jobs, run on a timer by every controller and guarded by a live-state lease so
+//! that, across all controllers sharing one database and Redis, each job runs once per tick.
+//!
+//! Protocol, per job and tick:
+//! 1. Every controller wakes every `job_interval` and computes the tick number
+//!    `now_ms / interval_ms` (wall clock, so controllers agree on it).
+//! 2. It tries the lease `job:{name}:{tick}` (TTL two intervals). Exactly one controller gets it.
+//! 3. The holder runs the job; the others skip this tick.
+//!
+//! If Redis loses its data, the tick in progress may run on a second controller; every job is
+//! compare-and-set work on the database, so a repeat changes nothing.
+//!
+//! Jobs: `sweep` ends bunkers past their lifetime or idle timeout and fails bunkers stuck in
+//! `pending`/`provisioning` (a controller that crashed mid-create); `monitor` flips workers
+//! whose heartbeats stopped to `offline`.
+
+use std::time::Duration;
+
+use scaibunker_core::ids::AuditId;
+
+use crate::service::{Services, bunkers, random_bytes};
+use crate::store::audit::AuditEvent;
+use crate::store::{StoreError, now_ms};
+
+/// Bunkers still `pending` or `provisioning` this long after creation are failed: the worker's
+/// boot timeout (120 s by default) is far shorter, so the create that owned them is gone.
+const STUCK_AFTER: Duration = Duration::from_secs(600);
+
+pub fn spawn(s: Services) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let interval = s.config.job_interval;
+        let mut timer = tokio::time::interval(interval);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The wall-clock tick and this timer drift apart, so the timer can fire twice within
+        // one tick; the lease holder may re-take its own lease, so remember what ran here.
+        let mut last_tick: Option<u128> = None;
+        loop {
+            timer.tick().await;
+            let tick = now_ms() as u128 / interval.as_millis().max(1);
+            if last_tick.is_some_and(|t| t >= tick) {
+                continue;
+            }
+            last_tick = Some(tick);
+            for job in [Job::Sweep, Job::Monitor] {
+                let lease = format!("job:{}:{tick}", job.name());
+                match s
+                    .live
+                    .try_lease(&lease, &s.controller_id, interval * 2)
+                    .await
+                {
+                    Ok(true) => {
+                        record_run(&s, job.name(), tick);
+                        if let Err(e) = job.run(&s).await {
+                            tracing::error!(job = job.name(), error = ?e, "background job failed");
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(job = job.name(), error = %e, "lease unavailable"),
+                }
+            }
+        }
+    })
+}
+
+/// Remembers that this controller ran `job` for `tick` (the last 4096 runs).
+fn record_run(s: &Services, job: &'static str, tick: u128) {
+    let mut runs = s.job_runs.lock().unwrap_or_else(|p| p.into_inner());
+    if runs.len() >= 4096 {
+        runs.pop_front();
+    }
+    runs.push_back((job, tick));
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Job {
+    Sweep,
+    Monitor,
+}
+
+impl Job {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Sweep => "sweep",
+            Self::Monitor => "monitor",
+        }
+    }
+
+    async fn run(self, s: &Services) -> Result<(), StoreError> {
+        match self {
+            Self::Sweep => sweep(s).await,
+            Self::Monitor => {
+                let stale_before = now_ms() - 3 * s.config.heartbeat_interval.as_millis() as i64;
+                let n = s
+                    .store
+                    .admin_mark_stale_workers_offline(stale_before)
+                    .await?;
+                if n > 0 {
+                    tracing::warn!(workers = n, "workers missed three heartbeats: offline");
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn sweep(s: &Services) -> Result<(), StoreError> {
+    let now = now_ms();
+    for (row, reason) in s.store.admin_expired_bunkers(now).await? {
+        let mut tx = s.store.begin().await?;
+        let moved = crate::store::bunkers::change_status(
+            &mut tx,
+            &row.tenant_id,
+            &row.id,
+            &crate::store::bunkers::StatusChange {
+                from: &[row.status.as_str()],
+                to: "terminated",
+                failure_reason: None,
+                started_at: None,
+                terminated_at: Some(now),
+            },
+        )
+        .await?;
+        if moved {
+            crate::store::audit::insert(
+                &mut tx,
+                &AuditEvent {
+                    id: AuditId::from_random(random_bytes()).to_string(),
+                    time_ms: now,
+                    tenant_id: Some(row.tenant_id.clone()),
+                    actor_id: None,
+                    actor_type: "system",
+                    action: "bunker.expire",
+                    resource_type: "bunker",
+                    resource_id: Some(row.id.clone()),
+                    status: "success",
+                    ip: None,
+                    request_id: None,
+                    details: serde_json::json!({ "reason": reason }),
+                },
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        if moved {
+            tracing::info!(bunker_id = row.id, reason, "bunker expired");
+            bunkers::stop_vm(s, &row).await;
+        }
+    }
+    let stuck_before = now - STUCK_AFTER.as_millis() as i64;
+    for row in s.store.admin_stuck_bunkers(stuck_before).await? {
+        bunkers::mark_failed(
+            s,
+            &row.tenant_id,
+            &row.id,
+            "provisioning did not finish (the controller handling it stopped)",
+        )
+        .await?;
+        bunkers::stop_vm(s, &row).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! The live-state contract, run against both implementations: in-process and a real Redis
+//! (`SCAIBUNKER_TEST_REDIS_URL`, default `redis://127.0.0.1:6379`; each test uses its own key
+//! prefix and deletes its keys).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use scaibunker_controller::live::{InProcess, LiveState, RateDecision, RedisLive};
+
+fn redis_url() -> String {
+    std::env::var("SCAIBUNKER_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+fn unique_prefix() -> String {
+    format!(
+        "sbtest:{}:",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    )
+}
+
+/// Deletes every key under `prefix`.
+pub async fn wipe(prefix: &str) {
+    let client = redis::Client::open(redis_url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis reachable");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    for k in keys {
+        let _: () = redis::cmd("DEL")
+            .arg(k)
+            .query_async(&mut conn)
+            .await
+            .expect("DEL");
+    }
+}
+
+async fn backends() -> Vec<(&'static str, Arc<dyn LiveState>, Option<String>)> {
+    let prefix = unique_prefix();
+    let redis = RedisLive::connect(&redis_url(), &prefix)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "Redis is not reachable at {} ({e}); start it or set SCAIBUNKER_TEST_REDIS_URL",
+                redis_url()
+            )
+        });
+    vec![
+        ("in-process", Arc::new(InProcess::default()), None),
+        ("redis", Arc::new(redis), Some(prefix)),
+    ]
+}
+
+#[tokio::test]
+async fn a_lease_has_one_holder_until_it_expires() {
+    for (name, live, prefix) in backends().await {
+        let ttl = Duration::from_millis(300);
+        assert!(
+            live.try_lease("job:x", "a", ttl).await.expect("lease"),
+            "{name}"
+        );
+        assert!(
+            !live.try_lease("job:x", "b", ttl).await.expect("lease"),
+            "{name}"
+        );
+        // The holder may renew; a different lease name is independent.
+        assert!(
+            live.try_lease("job:x", "a", ttl).await.expect("lease"),
+            "{name}"
+        );
+        assert!(
+            live.try_lease("job:y", "b", ttl).await.expect("lease"),
+            "{name}"
+        );
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        assert!(
+            live.try_lease("job:x", "b", ttl).await.expect("lease"),
+            "{name}: expired"
+        );
+        if let Some(p) = prefix {
+            wipe(&p).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn concurrent_lease_attempts_have_exactly_one_winner() {
+    for (name, live, prefix) in backends().await {
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let live = live.clone();
+            tasks.push(tokio::spawn(async move {
+                live.try_lease("job:race", &format!("holder-{i}"), Duration::from_secs(5))
+                    .await
+                    .expect("lease")
+            }));
+        }
+        let mut winners = 0;
+        for t in tasks {
+            winners += usize::from(t.await.expect("task"));
+        }
+        assert_eq!(winners, 1, "{name}");
+        if let Some(p) = prefix {
+            wipe(&p).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_rate_window_admits_its_limit_then_says_when_to_retry() {
+    for (name, live, prefix) in backends().await {
+        let window = Duration::from_millis(600);
+        for i in 0..3 {
+            assert_eq!(
+                live.rate_hit("key:k", window, 3).await.expect("hit"),
+                RateDecision::Allowed,
+                "{name} hit {i}"
+            );
+        }
+        match live.rate_hit("key:k", window, 3).await.expect("hit") {
+            RateDecision::Limited { retry_after } => {
+                assert!(
+                    retry_after > Duration::ZERO && retry_after <= window,
+                    "{name}: {retry_after:?}"
+                )
+            }
+            RateDecision::Allowed => panic!("{name}: a fourth hit in the window was admitted"),
+        }
+        // Another key has its own window.
+        assert_eq!(
+            live.rate_hit("key:other", window, 3).await.expect("hit"),
+            RateDecision::Allowed
+        );
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(
+            live.rate_hit("key:k", window, 3).await.expect("hit"),
+            RateDecision::Allowed,
+            "{name}: the window slid"
+        );
+        if let Some(p) = prefix {
+            wipe(&p).await;
+        }
+    }
+}
