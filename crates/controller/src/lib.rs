@@ -8,6 +8,7 @@ pub mod config;
 pub mod http;
 pub mod jobs;
 pub mod live;
+pub mod metrics;
 pub mod service;
 pub mod store;
 pub mod workers;
@@ -118,6 +119,7 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
         placement_lock: Arc::new(tokio::sync::Mutex::new(())),
         live,
         job_runs: Arc::default(),
+        metrics: Arc::default(),
         controller_id: format!(
             "ctl_{}",
             scaibunker_core::ids::encode_random(service::random_bytes())

@@ -1131,6 +1131,45 @@ async fn platform_routes_create_tenants_users_groups_and_revocable_keys(db: Db) 
     assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "API_KEY_NOT_FOUND"));
 }
 
+async fn metrics_count_requests_by_route_and_bunkers_by_status(db: Db) {
+    let api = Api::start(db).await;
+    api.register_dead_worker("dead", 8000, default_image())
+        .await;
+    let (_, v) = api
+        .admin("POST", "/bunkers", Some(json!({"image": "default"})))
+        .await;
+    let id = v["data"]["id"].as_str().expect("id").to_owned();
+    for _ in 0..3 {
+        api.admin("GET", &format!("/bunkers/{id}"), None).await;
+    }
+    api.call("GET", "/bunkers", None, None).await;
+    let text = reqwest::get(format!("{}/metrics", api.handle.url()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    let route = "route=\"/v1/modules/scaibunker/bunkers/{id}\",method=\"GET\",status=\"200\"";
+    assert!(
+        text.contains(&format!("scaibunker_http_requests_total{{{route}}} 3")),
+        "{text}"
+    );
+    assert!(text.contains(&format!(
+        "scaibunker_http_request_duration_seconds_count{{{route}}} 3"
+    )));
+    assert!(text.contains(
+        "scaibunker_http_requests_total{route=\"/v1/modules/scaibunker/bunkers\",method=\"GET\",status=\"401\"} 1"
+    ));
+    assert!(
+        text.contains("scaibunker_bunkers{status=\"failed\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("scaibunker_workers{status=\"online\"} 1"),
+        "{text}"
+    );
+}
+
 /// Runs each scenario on SQLite and on MariaDB.
 macro_rules! both {
     ($($name:ident),* $(,)?) => {
@@ -1150,6 +1189,7 @@ macro_rules! both {
 }
 
 both!(
+    metrics_count_requests_by_route_and_bunkers_by_status,
     health_answers_without_auth_and_every_response_has_a_request_id,
     rejects_missing_and_invalid_tokens,
     validation_errors_name_each_field,

@@ -42,6 +42,61 @@ async fn with_request_id(req: Request, next: Next) -> Response {
     resp
 }
 
+/// Records each request's route template, method, status and latency.
+async fn observe(
+    axum::extract::State(s): axum::extract::State<Services>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().to_string();
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    s.metrics
+        .observe(&route, &method, resp.status().as_u16(), started.elapsed());
+    resp
+}
+
+/// `GET /metrics`: Prometheus text. Open, or behind `SCAIBUNKER_METRICS_TOKEN` when set.
+async fn metrics(
+    axum::extract::State(s): axum::extract::State<Services>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    if let Ok(token) = std::env::var("SCAIBUNKER_METRICS_TOKEN")
+        && !token.is_empty()
+    {
+        let given = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(token.as_str()) {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                codes::AUTH_TOKEN_INVALID,
+                "metrics need the metrics token",
+            ));
+        }
+    }
+    let (bunkers, workers) = s
+        .store
+        .admin_status_counts()
+        .await
+        .map_err(|e| ApiError::from(crate::service::bunkers::BunkerError::Store(e)))?;
+    let body = s.metrics.render(&bunkers, &workers);
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response())
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND, "no such route")
 }
@@ -85,6 +140,7 @@ pub fn router(s: Services) -> Router {
             axum::routing::delete(platform::revoke_api_key),
         )
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -93,6 +149,7 @@ pub fn router(s: Services) -> Router {
                 "method not allowed on this route",
             )
         })
+        .layer(middleware::from_fn_with_state(s.clone(), observe))
         .layer(middleware::from_fn(with_request_id))
         .with_state(s)
 }

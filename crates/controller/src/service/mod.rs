@@ -28,6 +28,8 @@ pub struct Services {
     pub live: Arc<dyn crate::live::LiveState>,
     /// This controller's identity as a lease holder.
     pub controller_id: String,
+    /// HTTP request metrics of this controller.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// The ticks this controller ran each job for (newest last, bounded): observability.
     pub job_runs: Arc<std::sync::Mutex<std::collections::VecDeque<(&'static str, u128)>>>,
 }

@@ -118,6 +118,23 @@ impl Store {
         Ok(rows.iter().map(from_row).collect())
     }
 
+    /// Bunkers per status and workers per status, fleet-wide (for metrics).
+    pub async fn admin_status_counts(
+        &self,
+    ) -> Result<(Vec<(String, i64)>, Vec<(String, i64)>), StoreError> {
+        let bunkers = sqlx::query_as::<_, (String, i64)>(
+            "SELECT status, COUNT(*) FROM bunkers GROUP BY status ORDER BY status",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        let workers = sqlx::query_as::<_, (String, i64)>(
+            "SELECT status, COUNT(*) FROM workers GROUP BY status ORDER BY status",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        Ok((bunkers, workers))
+    }
+
     /// Flips online workers whose last heartbeat is older than `before` to offline.
     pub async fn admin_mark_stale_workers_offline(&self, before: i64) -> Result<u64, StoreError> {
         let done = sqlx::query(
