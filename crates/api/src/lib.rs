@@ -9,6 +9,7 @@ pub mod envelope;
 pub mod exec;
 pub mod files;
 pub mod platform;
+pub mod workers;
 
 /// Prefix of every module route.
 pub const MODULE_PREFIX: &str = "/v1/modules/scaibunker";

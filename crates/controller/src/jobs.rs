@@ -12,7 +12,8 @@
 //!
 //! Jobs: `sweep` ends bunkers past their lifetime or idle timeout and fails bunkers stuck in
 //! `pending`/`provisioning` (a controller that crashed mid-create); `monitor` flips workers
-//! whose heartbeats stopped to `offline`.
+//! whose heartbeats stopped to `offline` (three intervals) and fails the bunkers of workers
+//! silent for six.
 
 use std::time::Duration;
 
@@ -88,19 +89,37 @@ impl Job {
     async fn run(self, s: &Services) -> Result<(), StoreError> {
         match self {
             Self::Sweep => sweep(s).await,
-            Self::Monitor => {
-                let stale_before = now_ms() - 3 * s.config.heartbeat_interval.as_millis() as i64;
-                let n = s
-                    .store
-                    .admin_mark_stale_workers_offline(stale_before)
-                    .await?;
-                if n > 0 {
-                    tracing::warn!(workers = n, "workers missed three heartbeats: offline");
-                }
-                Ok(())
-            }
+            Self::Monitor => monitor(s).await,
         }
     }
+}
+
+/// Workers silent for this many heartbeat intervals are gone for good as far as their bunkers
+/// are concerned: the bunkers are failed (a returning worker is told to stop their VMs).
+const GONE_AFTER_INTERVALS: i64 = 6;
+
+async fn monitor(s: &Services) -> Result<(), StoreError> {
+    let interval = s.config.heartbeat_interval.as_millis() as i64;
+    let now = now_ms();
+    let n = s
+        .store
+        .admin_mark_stale_workers_offline(now - 3 * interval)
+        .await?;
+    if n > 0 {
+        tracing::warn!(workers = n, "workers missed three heartbeats: offline");
+    }
+    for row in s
+        .store
+        .admin_bunkers_on_silent_workers(now - GONE_AFTER_INTERVALS * interval)
+        .await?
+    {
+        let reason = format!(
+            "worker {} stopped sending heartbeats",
+            row.worker_id.as_deref().unwrap_or("?")
+        );
+        bunkers::mark_failed(s, &row.tenant_id, &row.id, &reason).await?;
+    }
+    Ok(())
 }
 
 async fn sweep(s: &Services) -> Result<(), StoreError> {

@@ -1170,6 +1170,63 @@ async fn metrics_count_requests_by_route_and_bunkers_by_status(db: Db) {
     );
 }
 
+async fn admins_list_drain_and_resume_workers(db: Db) {
+    let api = Api::start(db).await;
+    let wid = api.register_dead_worker("w1", 8000, default_image()).await;
+    let (st, v) = api.admin("GET", "/workers", None).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["data"][0]["id"], wid.as_str());
+    assert_eq!(v["data"][0]["status"], "online");
+    assert_eq!(v["data"][0]["cached_images"], json!(["a".repeat(64)]));
+    assert_eq!(v["data"][0]["capacity"]["memory_mb"], 8000);
+
+    let (st, v) = api
+        .admin("POST", &format!("/workers/{wid}/drain"), None)
+        .await;
+    assert_eq!(
+        (st, v["data"]["status"].as_str()),
+        (StatusCode::OK, Some("draining"))
+    );
+    let (st, v) = api
+        .admin("POST", "/bunkers", Some(json!({"image": "default"})))
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::SERVICE_UNAVAILABLE, "NO_SUITABLE_WORKER")
+    );
+    // A draining worker that re-registers (restarts) stays draining.
+    api.register_dead_worker("w1", 8000, default_image()).await;
+    let (_, v) = api.admin("GET", &format!("/workers/{wid}"), None).await;
+    assert_eq!(v["data"]["status"], "draining");
+    let (st, v) = api
+        .admin("POST", &format!("/workers/{wid}/resume"), None)
+        .await;
+    assert_eq!(
+        (st, v["data"]["status"].as_str()),
+        (StatusCode::OK, Some("online"))
+    );
+    let (st, _) = api
+        .admin("POST", "/bunkers", Some(json!({"image": "default"})))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "placed again after resume");
+
+    let (st, v) = api.admin("GET", "/workers/wrk_nope", None).await;
+    assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "WORKER_NOT_FOUND"));
+    let tenant_admin = api.tenant_key("tadmin", "tenant_admin").await;
+    for (method, path) in [
+        ("GET", "/workers".to_owned()),
+        ("GET", format!("/workers/{wid}")),
+        ("POST", format!("/workers/{wid}/drain")),
+    ] {
+        let (st, v) = api.call(method, &path, Some(&tenant_admin), None).await;
+        assert_eq!(
+            (st, code(&v)),
+            (StatusCode::FORBIDDEN, "AUTHZ_PERMISSION_DENIED"),
+            "{path}"
+        );
+    }
+}
+
 /// Runs each scenario on SQLite and on MariaDB.
 macro_rules! both {
     ($($name:ident),* $(,)?) => {
@@ -1189,6 +1246,7 @@ macro_rules! both {
 }
 
 both!(
+    admins_list_drain_and_resume_workers,
     metrics_count_requests_by_route_and_bunkers_by_status,
     health_answers_without_auth_and_every_response_has_a_request_id,
     rejects_missing_and_invalid_tokens,

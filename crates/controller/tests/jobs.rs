@@ -298,3 +298,62 @@ async fn rate_limits_are_shared_by_controllers_and_answer_429_with_retry_after()
     b.shutdown().await;
     wipe(&prefix).await;
 }
+
+#[tokio::test]
+async fn bunkers_on_a_worker_that_stays_silent_are_failed_with_a_reason() {
+    let db = Db::Sqlite.create().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let listen: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let mut c = ControllerConfig::embedded(dir.path().to_path_buf(), listen, "swt_jobs".into());
+    c.database_url = db.url.clone();
+    c.job_interval = Duration::from_millis(100);
+    c.heartbeat_interval = Duration::from_millis(100);
+    let h = start(c).await.expect("controller");
+    let resp = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/modules/scaibunker/workers/register",
+            h.url()
+        ))
+        .bearer_auth("swt_jobs")
+        .json(&serde_json::json!({
+            "protocol_version": scaibunker_proto::worker::PROTOCOL_VERSION,
+            "name": "silent", "url": "http://127.0.0.1:9", "runtime": "qemu/tcg", "images": [],
+            "capacity": {"cpu_millicores": 1000, "memory_mb": 1024, "disk_mb": 1024, "gpu_count": 0}
+        }))
+        .send()
+        .await
+        .expect("register");
+    let v: serde_json::Value = resp.json().await.expect("json");
+    let wid = v["worker_id"].as_str().expect("worker id").to_owned();
+    let tenant = h.services.store.tenants().await.expect("tenants")[0]
+        .id
+        .clone();
+    // Running and recently active: only the worker's silence can end it.
+    let mut row = expired_bunker("bnk_orphan", &tenant, "usr_x", "running", 0);
+    row.worker_id = Some(wid.clone());
+    seed(&h, &row).await;
+    wait_for_status(&h, &tenant, "bnk_orphan", "failed").await;
+    let b = h
+        .services
+        .store
+        .bunker(&tenant, "bnk_orphan")
+        .await
+        .expect("read")
+        .expect("row");
+    assert!(
+        b.failure_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("stopped sending heartbeats")),
+        "{:?}",
+        b.failure_reason
+    );
+    let w = h
+        .services
+        .store
+        .worker(&wid)
+        .await
+        .expect("read")
+        .expect("worker");
+    assert_eq!(w.status, "offline");
+    h.shutdown().await;
+}

@@ -223,6 +223,14 @@ impl From<FleetError> for ApiError {
                 field: field.into(),
                 message: message.clone(),
             }]),
+            FleetError::PermissionDenied(_) => Self::new(
+                StatusCode::FORBIDDEN,
+                codes::AUTHZ_PERMISSION_DENIED,
+                e.to_string(),
+            ),
+            FleetError::NotFound => {
+                Self::new(StatusCode::NOT_FOUND, "WORKER_NOT_FOUND", e.to_string())
+            }
             FleetError::Store(ref s) => Self::internal(s),
         }
     }

@@ -120,6 +120,10 @@ pub fn router(s: Services) -> Router {
         .route("/bunkers/{id}/exec-log", get(records::exec_log))
         .route("/audit", get(records::audit))
         .route("/workers/register", post(fleet::register))
+        .route("/workers", get(fleet::workers))
+        .route("/workers/{id}", get(fleet::worker))
+        .route("/workers/{id}/drain", post(fleet::drain))
+        .route("/workers/{id}/resume", post(fleet::resume))
         .route("/heartbeat", post(fleet::heartbeat));
     Router::new()
         .nest(MODULE_PREFIX, module)

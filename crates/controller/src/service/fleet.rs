@@ -27,8 +27,90 @@ pub enum FleetError {
         field: &'static str,
         message: String,
     },
+    #[error("missing permission `{0}`")]
+    PermissionDenied(&'static str),
+    #[error("worker not found")]
+    NotFound,
     #[error("store failed")]
     Store(#[from] StoreError),
+}
+
+fn worker_api(
+    w: crate::store::workers::WorkerRow,
+    images: Vec<String>,
+) -> scaibunker_api::workers::Worker {
+    use super::bunkers::rfc3339;
+    use scaibunker_api::workers::{Worker, WorkerCapacity};
+    Worker {
+        id: w.id,
+        name: w.name,
+        url: w.url,
+        runtime: w.runtime,
+        status: w.status,
+        capacity: WorkerCapacity {
+            cpu_millicores: w.cpu_millicores as u64,
+            memory_mb: w.memory_mb as u64,
+            disk_mb: w.disk_mb as u64,
+            gpu_count: w.gpu_count as u64,
+        },
+        free: WorkerCapacity {
+            cpu_millicores: w.free_cpu_millicores as u64,
+            memory_mb: w.free_memory_mb as u64,
+            disk_mb: w.free_disk_mb as u64,
+            gpu_count: w.free_gpu_count as u64,
+        },
+        active_bunkers: w.active_bunkers as u64,
+        cached_images: images,
+        registered_at: rfc3339(w.registered_at),
+        last_heartbeat: rfc3339(w.last_heartbeat_at),
+    }
+}
+
+/// Workers are platform infrastructure: only platform admins see or steer them.
+fn require_admin(p: &super::auth::Principal) -> Result<(), FleetError> {
+    if p.is_admin() {
+        Ok(())
+    } else {
+        Err(FleetError::PermissionDenied(super::auth::ADMIN))
+    }
+}
+
+pub async fn workers(
+    s: &Services,
+    p: &super::auth::Principal,
+) -> Result<Vec<scaibunker_api::workers::Worker>, FleetError> {
+    require_admin(p)?;
+    let mut out = Vec::new();
+    for w in s.store.workers().await? {
+        let images = s.store.worker_images(&w.id).await?;
+        out.push(worker_api(w, images));
+    }
+    Ok(out)
+}
+
+pub async fn worker(
+    s: &Services,
+    p: &super::auth::Principal,
+    id: &str,
+) -> Result<scaibunker_api::workers::Worker, FleetError> {
+    require_admin(p)?;
+    let w = s.store.worker(id).await?.ok_or(FleetError::NotFound)?;
+    let images = s.store.worker_images(&w.id).await?;
+    Ok(worker_api(w, images))
+}
+
+/// Drains (no new bunkers are placed; running ones keep running) or resumes a worker.
+pub async fn set_draining(
+    s: &Services,
+    p: &super::auth::Principal,
+    id: &str,
+    draining: bool,
+) -> Result<scaibunker_api::workers::Worker, FleetError> {
+    require_admin(p)?;
+    if !s.store.set_worker_draining(id, draining).await? {
+        return Err(FleetError::NotFound);
+    }
+    worker(s, p, id).await
 }
 
 pub async fn register(s: &Services, req: RegisterRequest) -> Result<RegisterResponse, FleetError> {

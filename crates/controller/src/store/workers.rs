@@ -16,6 +16,12 @@ pub struct WorkerRow {
     pub disk_mb: i64,
     pub gpu_count: i64,
     pub last_heartbeat_at: i64,
+    pub free_cpu_millicores: i64,
+    pub free_memory_mb: i64,
+    pub free_disk_mb: i64,
+    pub free_gpu_count: i64,
+    pub active_bunkers: i64,
+    pub registered_at: i64,
 }
 
 /// Resources held by the live bunkers placed on one worker.
@@ -123,7 +129,8 @@ impl Store {
     pub async fn worker(&self, id: &str) -> Result<Option<WorkerRow>, StoreError> {
         let row = sqlx::query(
             "SELECT id, name, url, runtime, status, cpu_millicores, memory_mb, disk_mb, gpu_count, \
-             last_heartbeat_at FROM workers WHERE id = ?",
+             last_heartbeat_at, free_cpu_millicores, free_memory_mb, free_disk_mb, free_gpu_count, \
+             active_bunkers, registered_at FROM workers WHERE id = ?",
         )
         .bind(id)
         .fetch_optional(self.pool())
@@ -134,7 +141,8 @@ impl Store {
     pub async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, name, url, runtime, status, cpu_millicores, memory_mb, disk_mb, gpu_count, \
-             last_heartbeat_at FROM workers ORDER BY id",
+             last_heartbeat_at, free_cpu_millicores, free_memory_mb, free_disk_mb, free_gpu_count, \
+             active_bunkers, registered_at FROM workers ORDER BY id",
         )
         .fetch_all(self.pool())
         .await?;
@@ -170,6 +178,32 @@ impl Store {
                 )
             })
             .collect())
+    }
+
+    /// Sets a worker draining (no new bunkers) or back online. Returns false if unknown.
+    pub async fn set_worker_draining(&self, id: &str, draining: bool) -> Result<bool, StoreError> {
+        let done = if draining {
+            sqlx::query("UPDATE workers SET status = 'draining' WHERE id = ?")
+        } else {
+            // Resuming a silent worker leaves it offline until it heartbeats again.
+            sqlx::query(
+                "UPDATE workers SET status = CASE WHEN status = 'draining' THEN 'online' ELSE status END WHERE id = ?",
+            )
+        }
+        .bind(id)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The image hashes a worker's ledger holds.
+    pub async fn worker_images(&self, worker_id: &str) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT sha256 FROM worker_images WHERE worker_id = ? ORDER BY sha256",
+        )
+        .bind(worker_id)
+        .fetch_all(self.pool())
+        .await?)
     }
 
     /// Replaces a worker's cache ledger with what it reports holding.
@@ -215,7 +249,8 @@ impl Store {
     pub async fn workers_in_tx(&self, tx: &mut Tx<'_>) -> Result<Vec<WorkerRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, name, url, runtime, status, cpu_millicores, memory_mb, disk_mb, gpu_count, \
-             last_heartbeat_at FROM workers ORDER BY id",
+             last_heartbeat_at, free_cpu_millicores, free_memory_mb, free_disk_mb, free_gpu_count, \
+             active_bunkers, registered_at FROM workers ORDER BY id",
         )
         .fetch_all(&mut **tx)
         .await?;
@@ -235,5 +270,11 @@ fn worker_from_row(r: &sqlx::any::AnyRow) -> WorkerRow {
         disk_mb: r.get("disk_mb"),
         gpu_count: r.get("gpu_count"),
         last_heartbeat_at: r.get("last_heartbeat_at"),
+        free_cpu_millicores: r.get("free_cpu_millicores"),
+        free_memory_mb: r.get("free_memory_mb"),
+        free_disk_mb: r.get("free_disk_mb"),
+        free_gpu_count: r.get("free_gpu_count"),
+        active_bunkers: r.get("active_bunkers"),
+        registered_at: r.get("registered_at"),
     }
 }

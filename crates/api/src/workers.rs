@@ -1,0 +1,27 @@
+//! Worker records (`GET /workers`, admin).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WorkerCapacity {
+    pub cpu_millicores: u64,
+    pub memory_mb: u64,
+    pub disk_mb: u64,
+    pub gpu_count: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Worker {
+    pub id: String,
+    pub name: String,
+    pub url: String,
+    pub runtime: String,
+    /// `online`, `offline` or `draining`.
+    pub status: String,
+    pub capacity: WorkerCapacity,
+    pub free: WorkerCapacity,
+    pub active_bunkers: u64,
+    pub cached_images: Vec<String>,
+    pub registered_at: String,
+    pub last_heartbeat: String,
+}
