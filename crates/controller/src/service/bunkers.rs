@@ -1158,6 +1158,20 @@ where
     })
 }
 
+/// The running bunker a file operation targets: checks the permission and the path first.
+async fn file_target(
+    s: &Services,
+    p: &Principal,
+    id: &str,
+    path: &str,
+) -> Result<(BunkerRow, String), BunkerError> {
+    if !p.has(auth::FILES) {
+        return Err(BunkerError::PermissionDenied(auth::FILES));
+    }
+    validate_path(path)?;
+    running(s, p, id).await
+}
+
 /// Starts a download: the worker's response, whose body streams the file.
 pub async fn read_file(
     s: &Services,
@@ -1166,11 +1180,7 @@ pub async fn read_file(
     id: &str,
     path: &str,
 ) -> Result<reqwest::Response, BunkerError> {
-    if !p.has(auth::FILES) {
-        return Err(BunkerError::PermissionDenied(auth::FILES));
-    }
-    validate_path(path)?;
-    let (row, worker_url) = running(s, p, id).await?;
+    let (row, worker_url) = file_target(s, p, id, path).await?;
     let resp = s.workers.read_file(&worker_url, &row.id, path).await?;
     record_file_op(
         s,
@@ -1191,11 +1201,7 @@ pub async fn list_files(
     id: &str,
     path: &str,
 ) -> Result<Vec<FileEntry>, BunkerError> {
-    if !p.has(auth::FILES) {
-        return Err(BunkerError::PermissionDenied(auth::FILES));
-    }
-    validate_path(path)?;
-    let (row, worker_url) = running(s, p, id).await?;
+    let (row, worker_url) = file_target(s, p, id, path).await?;
     let entries = s.workers.list_dir(&worker_url, &row.id, path).await?;
     record_file_op(
         s,
@@ -1232,11 +1238,7 @@ pub async fn delete_file(
     path: &str,
     recursive: bool,
 ) -> Result<(), BunkerError> {
-    if !p.has(auth::FILES) {
-        return Err(BunkerError::PermissionDenied(auth::FILES));
-    }
-    validate_path(path)?;
-    let (row, worker_url) = running(s, p, id).await?;
+    let (row, worker_url) = file_target(s, p, id, path).await?;
     s.workers
         .remove_file(&worker_url, &row.id, path, recursive)
         .await?;

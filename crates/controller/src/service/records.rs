@@ -18,6 +18,24 @@ pub struct Page<T> {
     pub next_cursor: Option<String>,
 }
 
+/// Cuts a listing fetched with one extra row to `limit`, and names the cursor of the next page
+/// (`<ms>.<id>` of the last row kept) when there is one.
+fn paginate<R, T>(
+    mut rows: Vec<R>,
+    limit: u32,
+    cursor_of: impl Fn(&R) -> String,
+    to_api: impl FnMut(R) -> T,
+) -> Page<T> {
+    let next_cursor = (rows.len() > limit as usize).then(|| {
+        rows.truncate(limit as usize);
+        rows.last().map(&cursor_of).unwrap_or_default()
+    });
+    Page {
+        items: rows.into_iter().map(to_api).collect(),
+        next_cursor,
+    }
+}
+
 fn parse_cursor(c: Option<&str>) -> Result<Option<(i64, String)>, BunkerError> {
     let Some(c) = c else { return Ok(None) };
     let bad = || {
@@ -39,7 +57,7 @@ pub async fn exec_log(
 ) -> Result<Page<ExecLogEntry>, BunkerError> {
     let bunker = get(s, p, bunker_id).await?;
     let before = parse_cursor(cursor)?;
-    let mut rows = exec_log::list(
+    let rows = exec_log::list(
         &s.store,
         &bunker.tenant_id,
         &bunker.id,
@@ -47,28 +65,21 @@ pub async fn exec_log(
         limit + 1,
     )
     .await?;
-    let next_cursor = (rows.len() > limit as usize).then(|| {
-        rows.truncate(limit as usize);
-        rows.last()
-            .map(|r| format!("{}.{}", r.created_at, r.id))
-            .unwrap_or_default()
-    });
-    Ok(Page {
-        items: rows
-            .into_iter()
-            .map(|r| ExecLogEntry {
-                exec_id: r.id,
-                command: r.command,
-                exit_code: r.exit_code,
-                duration_ms: r.duration_ms as u64,
-                timed_out: r.timed_out,
-                output_preview: r.output_preview,
-                actor_id: r.actor_id,
-                created_at: rfc3339(r.created_at),
-            })
-            .collect(),
-        next_cursor,
-    })
+    Ok(paginate(
+        rows,
+        limit,
+        |r| format!("{}.{}", r.created_at, r.id),
+        |r| ExecLogEntry {
+            exec_id: r.id,
+            command: r.command,
+            exit_code: r.exit_code,
+            duration_ms: r.duration_ms as u64,
+            timed_out: r.timed_out,
+            output_preview: r.output_preview,
+            actor_id: r.actor_id,
+            created_at: rfc3339(r.created_at),
+        },
+    ))
 }
 
 pub async fn audit_log(
@@ -87,7 +98,7 @@ pub async fn audit_log(
         Some(p.tenant_id.as_str())
     };
     let before = parse_cursor(cursor)?;
-    let mut rows = audit::list(
+    let rows = audit::list(
         &s.store,
         tenant,
         filter,
@@ -95,30 +106,23 @@ pub async fn audit_log(
         limit + 1,
     )
     .await?;
-    let next_cursor = (rows.len() > limit as usize).then(|| {
-        rows.truncate(limit as usize);
-        rows.last()
-            .map(|r| format!("{}.{}", r.time_ms, r.id))
-            .unwrap_or_default()
-    });
-    Ok(Page {
-        items: rows
-            .into_iter()
-            .map(|r| AuditEvent {
-                id: r.id,
-                time: rfc3339(r.time_ms),
-                tenant_id: r.tenant_id,
-                actor_id: r.actor_id,
-                actor_type: r.actor_type,
-                action: r.action,
-                resource_type: r.resource_type,
-                resource_id: r.resource_id,
-                status: r.status,
-                ip: r.ip,
-                request_id: r.request_id,
-                details: r.details,
-            })
-            .collect(),
-        next_cursor,
-    })
+    Ok(paginate(
+        rows,
+        limit,
+        |r| format!("{}.{}", r.time_ms, r.id),
+        |r| AuditEvent {
+            id: r.id,
+            time: rfc3339(r.time_ms),
+            tenant_id: r.tenant_id,
+            actor_id: r.actor_id,
+            actor_type: r.actor_type,
+            action: r.action,
+            resource_type: r.resource_type,
+            resource_id: r.resource_id,
+            status: r.status,
+            ip: r.ip,
+            request_id: r.request_id,
+            details: r.details,
+        },
+    ))
 }
