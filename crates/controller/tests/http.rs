@@ -526,6 +526,10 @@ async fn other_tenants_bunkers_are_not_found_and_permissions_are_enforced(db: Db
         ),
         ("GET", format!("/bunkers/{id}/files/list?path=/"), None),
         ("DELETE", format!("/bunkers/{id}/files?path=/tmp"), None),
+        ("POST", format!("/bunkers/{id}/pause"), None),
+        ("POST", format!("/bunkers/{id}/resume"), None),
+        ("GET", format!("/bunkers/{id}/exec-log"), None),
+        ("PUT", format!("/bunkers/{id}/files?path=/tmp/x"), None),
     ] {
         let (st, v) = api.call(method, &path, Some(&other), body).await;
         assert_eq!(
@@ -1227,6 +1231,105 @@ async fn admins_list_drain_and_resume_workers(db: Db) {
     }
 }
 
+async fn every_route_refuses_a_key_without_its_permission(db: Db) {
+    let api = Api::start(db).await;
+    let wid = api
+        .register_dead_worker("dead", 8000, default_image())
+        .await;
+    let (_, v) = api
+        .admin("POST", "/bunkers", Some(json!({"image": "default"})))
+        .await;
+    let id = v["data"]["id"].as_str().expect("id").to_owned();
+    // The super admin's own key, narrowed to a permission no route below needs.
+    let resp = api
+        .http
+        .post(format!("{}/v1/api-keys", api.handle.url()))
+        .bearer_auth(&api.key)
+        .json(&json!({"name": "narrow", "permissions": ["scaibunker:shell"]}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let v: Value = resp.json().await.expect("json");
+    let narrow = v["data"]["key"].as_str().expect("key").to_owned();
+    let module: Vec<(&str, String, Option<Value>)> = vec![
+        ("POST", "/bunkers".into(), Some(json!({"image": "default"}))),
+        ("GET", "/bunkers".into(), None),
+        ("GET", format!("/bunkers/{id}"), None),
+        ("DELETE", format!("/bunkers/{id}"), None),
+        ("POST", format!("/bunkers/{id}/pause"), None),
+        ("POST", format!("/bunkers/{id}/resume"), None),
+        (
+            "POST",
+            format!("/bunkers/{id}/exec"),
+            Some(json!({"command": "true"})),
+        ),
+        ("GET", format!("/bunkers/{id}/exec-log"), None),
+        ("PUT", format!("/bunkers/{id}/files?path=/tmp/x"), None),
+        ("GET", format!("/bunkers/{id}/files?path=/tmp/x"), None),
+        ("GET", format!("/bunkers/{id}/files/list?path=/tmp"), None),
+        ("DELETE", format!("/bunkers/{id}/files?path=/tmp/x"), None),
+        ("GET", "/audit".into(), None),
+        ("GET", "/workers".into(), None),
+        ("GET", format!("/workers/{wid}"), None),
+        ("POST", format!("/workers/{wid}/drain"), None),
+        ("POST", format!("/workers/{wid}/resume"), None),
+    ];
+    for (method, path, body) in module {
+        let (st, v) = api.call(method, &path, Some(&narrow), body).await;
+        assert_eq!(
+            (st, code(&v)),
+            (StatusCode::FORBIDDEN, "AUTHZ_PERMISSION_DENIED"),
+            "{method} {path}"
+        );
+    }
+    let platform: Vec<(&str, &str, Option<Value>)> = vec![
+        (
+            "POST",
+            "/v1/tenants",
+            Some(json!({"name": "x", "slug": "x"})),
+        ),
+        ("GET", "/v1/tenants", None),
+        (
+            "POST",
+            "/v1/users",
+            Some(json!({"email": "a@b.c", "tenant_id": "tnt_x", "role": "tenant_user"})),
+        ),
+        ("POST", "/v1/groups", Some(json!({"name": "g"}))),
+        (
+            "POST",
+            "/v1/groups/grp_x/members",
+            Some(json!({"user_id": "usr_x"})),
+        ),
+        ("GET", "/v1/audit-log", None),
+    ];
+    for (method, path, body) in platform {
+        let mut rb = api
+            .http
+            .request(
+                method.parse().expect("method"),
+                format!("{}{path}", api.handle.url()),
+            )
+            .bearer_auth(&narrow);
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let resp = rb.send().await.expect("send");
+        let st = resp.status();
+        let v: Value = resp.json().await.expect("json");
+        assert_eq!(
+            (st, code(&v)),
+            (StatusCode::FORBIDDEN, "AUTHZ_PERMISSION_DENIED"),
+            "{method} {path}"
+        );
+    }
+    // Nothing changed: the bunker is still there, the worker still online.
+    let (_, v) = api.admin("GET", &format!("/bunkers/{id}"), None).await;
+    assert_eq!(v["data"]["status"], "failed");
+    let (_, v) = api.admin("GET", &format!("/workers/{wid}"), None).await;
+    assert_eq!(v["data"]["status"], "online");
+}
+
 /// Runs each scenario on SQLite and on MariaDB.
 macro_rules! both {
     ($($name:ident),* $(,)?) => {
@@ -1246,6 +1349,7 @@ macro_rules! both {
 }
 
 both!(
+    every_route_refuses_a_key_without_its_permission,
     admins_list_drain_and_resume_workers,
     metrics_count_requests_by_route_and_bunkers_by_status,
     health_answers_without_auth_and_every_response_has_a_request_id,
