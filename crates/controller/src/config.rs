@@ -30,6 +30,14 @@ pub struct ControllerConfig {
     pub job_interval: Duration,
     /// Requests per minute one API key may make (its tenant: ten times that).
     pub rate_limit_per_minute: u32,
+    /// Shared secret for HS256 bearer JWTs; `None` refuses HS256 tokens.
+    pub jwt_hs256_secret: Option<String>,
+    /// PEM public key (SPKI or PKCS#1) for RS256 bearer JWTs; `None` refuses RS256 tokens.
+    pub jwt_rs256_public_pem: Option<String>,
+    /// When set, a JWT must carry this `iss`.
+    pub jwt_issuer: Option<String>,
+    /// When set, a JWT's `aud` must name this audience.
+    pub jwt_audience: Option<String>,
 }
 
 impl ControllerConfig {
@@ -49,6 +57,10 @@ impl ControllerConfig {
             redis_prefix: "scaibunker:".into(),
             job_interval: Duration::from_secs(30),
             rate_limit_per_minute: 1200,
+            jwt_hs256_secret: None,
+            jwt_rs256_public_pem: None,
+            jwt_issuer: None,
+            jwt_audience: None,
         }
     }
 
@@ -84,6 +96,28 @@ impl ControllerConfig {
         }
         if let Some(n) = var("SCAIBUNKER_RATE_LIMIT_PER_MIN").and_then(|v| v.parse().ok()) {
             self.rate_limit_per_minute = n;
+        }
+        if let Some(v) = var("SCAIBUNKER_JWT_HS256_SECRET") {
+            self.jwt_hs256_secret = Some(v);
+        }
+        if let Some(v) = var("SCAIBUNKER_JWT_RS256_PUBLIC_KEY_PEM") {
+            self.jwt_rs256_public_pem = Some(v);
+        } else if let Some(path) = var("SCAIBUNKER_JWT_RS256_PUBLIC_KEY_FILE") {
+            match std::fs::read_to_string(&path) {
+                Ok(pem) => self.jwt_rs256_public_pem = Some(pem),
+                // Configuration loading cannot fail here; an unreadable key leaves RS256 off, so
+                // RS256 tokens are refused (closed, not open), and says so once at start.
+                Err(error) => tracing::error!(
+                    %path, %error,
+                    "cannot read SCAIBUNKER_JWT_RS256_PUBLIC_KEY_FILE; RS256 tokens will be refused"
+                ),
+            }
+        }
+        if let Some(v) = var("SCAIBUNKER_JWT_ISSUER") {
+            self.jwt_issuer = Some(v);
+        }
+        if let Some(v) = var("SCAIBUNKER_JWT_AUDIENCE") {
+            self.jwt_audience = Some(v);
         }
         self
     }

@@ -24,14 +24,14 @@ fn bearer(parts: &Parts) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-/// The caller, authenticated by API key.
+/// The caller, authenticated by API key or JWT.
 pub struct Caller(pub Principal);
 
 impl FromRequestParts<Services> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, s: &Services) -> Result<Self, ApiError> {
-        let p = auth::authenticate(&s.store, bearer(parts)).await?;
+        let p = auth::authenticate(&s.store, &s.config, bearer(parts)).await?;
         rate_limit(s, &p).await?;
         Ok(Caller(p))
     }

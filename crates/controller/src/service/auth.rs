@@ -1,19 +1,35 @@
-//! Authentication (bearer API keys) and permissions.
+//! Authentication (bearer API keys and JWTs) and permissions.
 //!
 //! API keys are `sgk_` + 40 random alphanumerics, stored only as their SHA-256. A key carries
 //! its user's permissions (from the role and the user's module permissions), optionally
 //! narrowed at creation. Revocation is effective on the next request: every request looks the
 //! key up.
+//!
+//! Any other bearer token of three dot-separated parts is a JWT, verified like this:
+//! 1. The header's `alg` picks the key: HS256 the configured secret, RS256 the configured public
+//!    key. Any other algorithm (`none` included), or one whose key is not configured, is refused,
+//!    and the verifier accepts only that one algorithm, so a key never serves another family.
+//! 2. Signature, `exp` (required, 30 s leeway), `nbf` when present, and `iss`/`aud` as
+//!    configured. A token carrying `aud` is refused unless an audience is configured
+//!    (RFC 7519 §4.1.3).
+//! 3. `sub` must be a user of the tenant named by `tenant_id`; the user is looked up on every
+//!    request, like a key. Its permissions are the user's, narrowed by the `permissions` claim
+//!    exactly as a narrowed key's are.
+//!
+//! Every refusal is the same `AuthError::Invalid`; the reason is only logged at debug level.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use rand::Rng;
 use rand::distr::Alphanumeric;
 use scaibunker_core::ids::{ApiKeyId, TenantId, UserId};
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::random_bytes;
+use crate::config::ControllerConfig;
 use crate::store::identity::{NewApiKey, NewTenant, NewUser};
 use crate::store::{Store, StoreError};
 
@@ -124,9 +140,24 @@ fn parse_permissions(json: Option<&str>) -> Option<BTreeSet<String>> {
     json.and_then(|j| serde_json::from_str::<BTreeSet<String>>(j).ok())
 }
 
-pub async fn authenticate(store: &Store, token: Option<&str>) -> Result<Principal, AuthError> {
+/// The caller behind a bearer token: an API key, or a JWT as `config` allows.
+pub async fn authenticate(
+    store: &Store,
+    config: &ControllerConfig,
+    token: Option<&str>,
+) -> Result<Principal, AuthError> {
     let token = token.ok_or(AuthError::Missing)?;
-    if !token.starts_with("sgk_") || token.len() < 36 {
+    if token.starts_with("sgk_") {
+        authenticate_key(store, token).await
+    } else if looks_like_jwt(token) {
+        authenticate_jwt(store, config, token).await
+    } else {
+        Err(AuthError::Invalid)
+    }
+}
+
+async fn authenticate_key(store: &Store, token: &str) -> Result<Principal, AuthError> {
+    if token.len() < 36 {
         return Err(AuthError::Invalid);
     }
     let row = store
@@ -147,6 +178,135 @@ pub async fn authenticate(store: &Store, token: Option<&str>) -> Result<Principa
         role: row.role,
         permissions,
     })
+}
+
+/// Clock skew tolerated on `exp` and `nbf`.
+const JWT_LEEWAY_S: u64 = 30;
+
+/// RFC 7518 §3.2: an HS256 key must be at least as long as the hash output.
+const MIN_HS256_SECRET_BYTES: usize = 32;
+
+/// The claims ScaiBunker reads; others (`iat`, `iss`, `aud`, …) may be present.
+#[derive(Debug, Deserialize)]
+struct JwtClaims {
+    sub: String,
+    tenant_id: String,
+    #[serde(default)]
+    jti: Option<String>,
+    /// Narrows the user's permissions; strings of other modules are simply not granted.
+    #[serde(default)]
+    permissions: Option<BTreeSet<String>>,
+}
+
+/// Why a JWT was refused; logged, never sent (the client sees `AUTH_TOKEN_INVALID`).
+#[derive(Debug, thiserror::Error)]
+enum JwtRejection {
+    #[error("header is not a supported JWT header")]
+    Header(#[source] jsonwebtoken::errors::Error),
+    #[error("algorithm {0:?} is not configured")]
+    AlgorithmNotConfigured(Algorithm),
+    #[error("configured RS256 public key is not an RSA public key in PEM")]
+    BadPublicKey(#[source] jsonwebtoken::errors::Error),
+    #[error("signature or claims rejected")]
+    Token(#[source] jsonwebtoken::errors::Error),
+    #[error("user {sub} does not exist in tenant {tenant_id}")]
+    UnknownUser { sub: String, tenant_id: String },
+}
+
+/// Three non-empty base64url parts separated by dots (a JWS in compact form).
+fn looks_like_jwt(token: &str) -> bool {
+    let mut parts = 0;
+    for part in token.split('.') {
+        let b64url = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if part.is_empty() || !part.chars().all(b64url) {
+            return false;
+        }
+        parts += 1;
+    }
+    parts == 3
+}
+
+async fn authenticate_jwt(
+    store: &Store,
+    config: &ControllerConfig,
+    token: &str,
+) -> Result<Principal, AuthError> {
+    let claims = verify_jwt(config, token).map_err(refuse)?;
+    let user = store
+        .user(&claims.tenant_id, &claims.sub)
+        .await?
+        .ok_or_else(|| {
+            refuse(JwtRejection::UnknownUser {
+                sub: claims.sub.clone(),
+                tenant_id: claims.tenant_id.clone(),
+            })
+        })?;
+    let mut permissions = role_permissions(&user.role);
+    if let Some(extra) = parse_permissions(user.module_permissions.as_deref()) {
+        permissions.extend(extra);
+    }
+    if let Some(narrowed) = &claims.permissions {
+        permissions.retain(|p| narrowed.contains(p));
+    }
+    // The rate limit is keyed by this: one window per token id, else per user.
+    let handle = claims.jti.filter(|j| !j.is_empty()).unwrap_or(claims.sub);
+    Ok(Principal {
+        tenant_id: user.tenant_id,
+        user_id: user.id,
+        key_id: format!("jwt:{handle}"),
+        role: user.role,
+        permissions,
+    })
+}
+
+fn refuse(why: JwtRejection) -> AuthError {
+    tracing::debug!(reason = %why, "bearer jwt refused");
+    AuthError::Invalid
+}
+
+/// Checks the signature and the registered claims; see the module docs for the rules.
+fn verify_jwt(config: &ControllerConfig, token: &str) -> Result<JwtClaims, JwtRejection> {
+    // An `alg` outside the enum (`none` among them) fails to parse here.
+    let header = jsonwebtoken::decode_header(token).map_err(JwtRejection::Header)?;
+    let key = match header.alg {
+        Algorithm::HS256 => match config.jwt_hs256_secret.as_deref() {
+            Some(secret) if secret.len() >= MIN_HS256_SECRET_BYTES => {
+                DecodingKey::from_secret(secret.as_bytes())
+            }
+            Some(_) => {
+                tracing::error!(
+                    "SCAIBUNKER_JWT_HS256_SECRET is shorter than {MIN_HS256_SECRET_BYTES} bytes; \
+                     HS256 tokens are refused"
+                );
+                return Err(JwtRejection::AlgorithmNotConfigured(header.alg));
+            }
+            None => return Err(JwtRejection::AlgorithmNotConfigured(header.alg)),
+        },
+        Algorithm::RS256 => match config.jwt_rs256_public_pem.as_deref() {
+            Some(pem) => DecodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| {
+                tracing::error!(error = %e, "the configured RS256 public key cannot be read");
+                JwtRejection::BadPublicKey(e)
+            })?,
+            None => return Err(JwtRejection::AlgorithmNotConfigured(header.alg)),
+        },
+        other => return Err(JwtRejection::AlgorithmNotConfigured(other)),
+    };
+    let mut validation = Validation::new(header.alg);
+    validation.leeway = JWT_LEEWAY_S;
+    validation.validate_nbf = true;
+    let mut required = vec!["exp"];
+    if let Some(iss) = &config.jwt_issuer {
+        validation.set_issuer(&[iss]);
+        required.push("iss");
+    }
+    if let Some(aud) = &config.jwt_audience {
+        validation.set_audience(&[aud]);
+        required.push("aud");
+    }
+    validation.set_required_spec_claims(&required);
+    jsonwebtoken::decode::<JwtClaims>(token, &key, &validation)
+        .map(|data| data.claims)
+        .map_err(JwtRejection::Token)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -248,6 +408,17 @@ mod tests {
         assert_eq!(tu, want);
         assert!(role_permissions("tenant_viewer").is_empty());
         assert!(role_permissions("nobody").is_empty());
+    }
+
+    #[test]
+    fn only_three_base64url_parts_look_like_a_jwt() {
+        assert!(looks_like_jwt("eyJh.eyJz.c2ln"));
+        assert!(looks_like_jwt("a-_0.b.c"));
+        for not in [
+            "a.b", "a.b.c.d", "a.b.", ".b.c", "a..c", "a.b+.c", "a.b=.c", "a b.c.d", "",
+        ] {
+            assert!(!looks_like_jwt(not), "{not}");
+        }
     }
 
     #[test]
