@@ -100,24 +100,20 @@ const GONE_AFTER_INTERVALS: i64 = 6;
 
 async fn monitor(s: &Services) -> Result<(), StoreError> {
     let interval = s.config.heartbeat_interval.as_millis() as i64;
-    let now = now_ms();
-    let n = s
-        .store
-        .admin_mark_stale_workers_offline(now - 3 * interval)
-        .await?;
-    if n > 0 {
-        tracing::warn!(workers = n, "workers missed three heartbeats: offline");
-    }
-    for row in s
-        .store
-        .admin_bunkers_on_silent_workers(now - GONE_AFTER_INTERVALS * interval)
-        .await?
-    {
-        let reason = format!(
-            "worker {} stopped sending heartbeats",
-            row.worker_id.as_deref().unwrap_or("?")
-        );
-        bunkers::mark_failed(s, &row.tenant_id, &row.id, &reason).await?;
+    let workers = s.store.workers().await?;
+    let silences = crate::service::fleet::silences(s, &workers).await;
+    for w in &workers {
+        let silence = silences.get(&w.id).copied().unwrap_or(i64::MAX);
+        if silence > 3 * interval && w.status == "online" {
+            s.store.set_worker_offline(&w.id).await?;
+            tracing::warn!(worker_id = w.id, "worker missed three heartbeats: offline");
+        }
+        if silence > GONE_AFTER_INTERVALS * interval {
+            for row in s.store.admin_live_bunkers_on_worker(&w.id).await? {
+                let reason = format!("worker {} stopped sending heartbeats", w.id);
+                bunkers::mark_failed(s, &row.tenant_id, &row.id, &reason).await?;
+            }
+        }
     }
     Ok(())
 }

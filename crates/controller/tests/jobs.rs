@@ -357,3 +357,120 @@ async fn bunkers_on_a_worker_that_stays_silent_are_failed_with_a_reason() {
     assert_eq!(w.status, "offline");
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn worker_liveness_survives_a_redis_wipe_and_silence_still_takes_a_worker_offline() {
+    let db = Db::MariaDb.create().await;
+    let prefix = format!("sbtest:hb:{}:", now_ms());
+    let dir = tempfile::tempdir().expect("dir");
+    let listen: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let mut c = ControllerConfig::embedded(dir.path().to_path_buf(), listen, "swt_jobs".into());
+    c.database_url = db.url.clone();
+    c.job_interval = Duration::from_millis(100);
+    c.heartbeat_interval = Duration::from_millis(100);
+    c.redis_url = Some(redis_url());
+    c.redis_prefix = prefix.clone();
+    let h = start(c).await.expect("controller");
+    let key = h.bootstrap_key.clone().expect("key");
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("{}/v1/modules/scaibunker/workers/register", h.url()))
+        .bearer_auth("swt_jobs")
+        .json(&serde_json::json!({
+            "protocol_version": scaibunker_proto::worker::PROTOCOL_VERSION,
+            "name": "beating", "url": "http://127.0.0.1:9", "runtime": "qemu/tcg",
+            "images": [{"name": "default", "sha256": "b".repeat(64), "size_bytes": 1}],
+            "capacity": {"cpu_millicores": 8000, "memory_mb": 8192, "disk_mb": 10240, "gpu_count": 0}
+        }))
+        .send()
+        .await
+        .expect("register");
+    let wid = resp.json::<serde_json::Value>().await.expect("json")["worker_id"]
+        .as_str()
+        .expect("worker id")
+        .to_owned();
+    let beat = || {
+        let http = http.clone();
+        let url = format!("{}/v1/modules/scaibunker/heartbeat", h.url());
+        let wid = wid.clone();
+        async move {
+            let v: serde_json::Value = http
+                .post(url)
+                .bearer_auth("swt_jobs")
+                .json(&serde_json::json!({
+                    "worker_id": wid, "active_bunkers": 0, "bunkers": [],
+                    "capacity": {"cpu_millicores": 8000, "memory_mb": 8192, "disk_mb": 10240, "gpu_count": 0}
+                }))
+                .send()
+                .await
+                .expect("heartbeat")
+                .json()
+                .await
+                .expect("json");
+            assert_eq!(v["known"], true);
+        }
+    };
+    let status = |h: &ControllerHandle| {
+        let http = http.clone();
+        let url = format!("{}/v1/modules/scaibunker/workers/{wid}", h.url());
+        let key = key.clone();
+        async move {
+            let v: serde_json::Value = http
+                .get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .expect("get")
+                .json()
+                .await
+                .expect("json");
+            v["data"]["status"].as_str().unwrap_or("?").to_owned()
+        }
+    };
+    let create = || {
+        let http = http.clone();
+        let url = format!("{}/v1/modules/scaibunker/bunkers", h.url());
+        let key = key.clone();
+        async move {
+            http.post(url)
+                .bearer_auth(key)
+                .json(&serde_json::json!({"image": "default", "wait": false}))
+                .send()
+                .await
+                .expect("create")
+                .status()
+        }
+    };
+    // Beating for a while (well past the three-interval window): online, and placeable.
+    for _ in 0..8 {
+        beat().await;
+        tokio::time::sleep(Duration::from_millis(80)).await;
+    }
+    assert_eq!(status(&h).await, "online");
+    assert_eq!(create().await, StatusCode::CREATED);
+    // Redis loses everything; the worker stays placeable and online while it keeps beating.
+    wipe(&prefix).await;
+    assert_eq!(
+        create().await,
+        StatusCode::CREATED,
+        "placeable right after the wipe"
+    );
+    for _ in 0..8 {
+        beat().await;
+        tokio::time::sleep(Duration::from_millis(80)).await;
+    }
+    assert_eq!(status(&h).await, "online");
+    // Silence: offline within a few intervals, and no longer placeable.
+    let mut offline = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if status(&h).await == "offline" {
+            offline = true;
+            break;
+        }
+    }
+    assert!(offline, "a silent worker never went offline");
+    assert_eq!(create().await, StatusCode::SERVICE_UNAVAILABLE);
+    h.shutdown().await;
+    wipe(&prefix).await;
+}

@@ -150,3 +150,27 @@ async fn a_rate_window_admits_its_limit_then_says_when_to_retry() {
         }
     }
 }
+
+#[tokio::test]
+async fn heartbeats_are_kept_for_their_ttl_and_read_in_bulk() {
+    for (name, live, prefix) in backends().await {
+        let ttl = Duration::from_millis(300);
+        live.put_heartbeat("wrk_a", 1_000, ttl).await.expect("put");
+        live.put_heartbeat("wrk_b", 2_000, ttl).await.expect("put");
+        live.put_heartbeat("wrk_a", 3_000, ttl).await.expect("put");
+        let ids = vec!["wrk_a".to_owned(), "wrk_b".to_owned(), "wrk_c".to_owned()];
+        let got = live.heartbeats(&ids).await.expect("read");
+        assert_eq!(got.get("wrk_a"), Some(&3_000), "{name}: the newest wins");
+        assert_eq!(got.get("wrk_b"), Some(&2_000), "{name}");
+        assert!(!got.contains_key("wrk_c"), "{name}");
+        assert!(live.heartbeats(&[]).await.expect("read").is_empty());
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        assert!(
+            live.heartbeats(&ids).await.expect("read").is_empty(),
+            "{name}: expired"
+        );
+        if let Some(p) = prefix {
+            wipe(&p).await;
+        }
+    }
+}

@@ -10,6 +10,7 @@ use super::{LiveError, LiveState, RateDecision};
 pub struct InProcess {
     leases: Mutex<HashMap<String, (String, Instant)>>,
     windows: Mutex<HashMap<String, VecDeque<Instant>>>,
+    heartbeats: Mutex<HashMap<String, (i64, Instant)>>,
 }
 
 #[async_trait::async_trait]
@@ -29,6 +30,27 @@ impl LiveState for InProcess {
                 Ok(true)
             }
         }
+    }
+
+    async fn put_heartbeat(
+        &self,
+        worker_id: &str,
+        at_ms: i64,
+        ttl: Duration,
+    ) -> Result<(), LiveError> {
+        let mut hb = self.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
+        hb.insert(worker_id.to_owned(), (at_ms, Instant::now() + ttl));
+        Ok(())
+    }
+
+    async fn heartbeats(&self, worker_ids: &[String]) -> Result<HashMap<String, i64>, LiveError> {
+        let now = Instant::now();
+        let mut hb = self.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
+        hb.retain(|_, (_, until)| *until > now);
+        Ok(worker_ids
+            .iter()
+            .filter_map(|id| hb.get(id).map(|(at, _)| (id.clone(), *at)))
+            .collect())
     }
 
     async fn rate_hit(

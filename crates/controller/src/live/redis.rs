@@ -83,6 +83,43 @@ impl LiveState for RedisLive {
         Ok(got == 1)
     }
 
+    async fn put_heartbeat(
+        &self,
+        worker_id: &str,
+        at_ms: i64,
+        ttl: Duration,
+    ) -> Result<(), LiveError> {
+        let mut conn = self.conn.clone();
+        let _: () = redis::cmd("SET")
+            .arg(format!("{}hb:{worker_id}", self.prefix))
+            .arg(at_ms)
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn heartbeats(
+        &self,
+        worker_ids: &[String],
+    ) -> Result<std::collections::HashMap<String, i64>, LiveError> {
+        if worker_ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let mut conn = self.conn.clone();
+        let keys: Vec<String> = worker_ids
+            .iter()
+            .map(|id| format!("{}hb:{id}", self.prefix))
+            .collect();
+        let values: Vec<Option<i64>> = redis::cmd("MGET").arg(keys).query_async(&mut conn).await?;
+        Ok(worker_ids
+            .iter()
+            .zip(values)
+            .filter_map(|(id, v)| v.map(|at| (id.clone(), at)))
+            .collect())
+    }
+
     async fn rate_hit(
         &self,
         key: &str,

@@ -402,6 +402,7 @@ pub async fn create(
         let committed = s.store.committed_by_worker(&mut tx).await?;
         let with_image = s.store.workers_with_image(&mut tx, &image_sha).await?;
         let stale_after = s.config.heartbeat_interval.as_millis() as i64 * 3;
+        let silences = super::fleet::silences(s, &workers).await;
         let frees: Vec<Resources> = workers
             .iter()
             .map(|w| {
@@ -429,7 +430,7 @@ pub async fn create(
             .zip(&frees)
             .map(|(w, free)| Candidate {
                 worker_id: &w.id,
-                is_online: w.status != "offline" && now - w.last_heartbeat_at <= stale_after,
+                is_online: silences.get(&w.id).is_some_and(|ms| *ms <= stale_after),
                 is_draining: w.status == "draining",
                 has_image: with_image.contains(&w.id),
                 free: *free,

@@ -8,6 +8,9 @@
 
 use std::collections::HashMap;
 
+use crate::store::now_ms;
+use crate::store::workers::WorkerRow;
+
 use scaibunker_core::ids::{ImageId, WorkerId};
 use scaibunker_core::lifecycle::BunkerStatus;
 use scaibunker_proto::worker::{
@@ -171,7 +174,65 @@ pub async fn register(s: &Services, req: RegisterRequest) -> Result<RegisterResp
     })
 }
 
+/// How long each worker has been silent, in ms. Live state holds every heartbeat; the database
+/// holds a copy written at most every three intervals, so when live state has lost a worker's
+/// (Redis wiped) its database time is trusted with those three intervals forgiven.
+pub async fn silences(s: &Services, workers: &[WorkerRow]) -> HashMap<String, i64> {
+    let ids: Vec<String> = workers.iter().map(|w| w.id.clone()).collect();
+    let live = s.live.heartbeats(&ids).await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "live heartbeats unavailable; using the database's");
+        HashMap::new()
+    });
+    let slack = SQL_HEARTBEAT_EVERY * s.config.heartbeat_interval.as_millis() as i64;
+    let now = now_ms();
+    workers
+        .iter()
+        .map(|w| {
+            let silence = match live.get(&w.id) {
+                Some(at) => now - at.max(&w.last_heartbeat_at),
+                None => (now - w.last_heartbeat_at - slack).max(0),
+            };
+            (w.id.clone(), silence)
+        })
+        .collect()
+}
+
+/// The database's copy of a heartbeat is refreshed once per this many intervals.
+const SQL_HEARTBEAT_EVERY: i64 = 3;
+
 pub async fn heartbeat(s: &Services, hb: Heartbeat) -> Result<HeartbeatResponse, FleetError> {
+    let interval = s.config.heartbeat_interval;
+    if let Err(e) = s
+        .live
+        .put_heartbeat(&hb.worker_id, now_ms(), interval * 10)
+        .await
+    {
+        tracing::warn!(error = %e, "recording the heartbeat in live state failed");
+    }
+    // One durable write per worker every few intervals, whichever controller gets the claim
+    // (a fresh holder each time makes the lease a plain claim).
+    let claim = format!("hbsql:{}", hb.worker_id);
+    let holder = scaibunker_core::ids::encode_random(random_bytes());
+    let write_sql = s
+        .live
+        .try_lease(&claim, &holder, interval * SQL_HEARTBEAT_EVERY as u32)
+        .await
+        .unwrap_or(true);
+    if write_sql {
+        let known = record_durably(s, &hb).await?;
+        if !known {
+            return Ok(HeartbeatResponse {
+                known: false,
+                stop_bunkers: Vec::new(),
+            });
+        }
+    }
+    reconcile(s, &hb).await
+}
+
+/// Writes the heartbeat's capacity, time and cache list to the database. False if the worker
+/// is unknown.
+async fn record_durably(s: &Services, hb: &Heartbeat) -> Result<bool, FleetError> {
     let free = Committed {
         cpu_millicores: hb.capacity.cpu_millicores as i64,
         memory_mb: hb.capacity.memory_mb as i64,
@@ -182,16 +243,14 @@ pub async fn heartbeat(s: &Services, hb: Heartbeat) -> Result<HeartbeatResponse,
         .store
         .record_heartbeat(&hb.worker_id, &free, hb.active_bunkers as i64)
         .await?;
-    if !known {
-        return Ok(HeartbeatResponse {
-            known: false,
-            stop_bunkers: Vec::new(),
-        });
-    }
-    if let Some(cached) = &hb.cached_images {
+    if known && let Some(cached) = &hb.cached_images {
         s.store.set_worker_images(&hb.worker_id, cached).await?;
     }
+    Ok(known)
+}
 
+/// Reconciles bunker rows against what the worker reports (see the module docs).
+async fn reconcile(s: &Services, hb: &Heartbeat) -> Result<HeartbeatResponse, FleetError> {
     let reported: HashMap<&str, _> = hb.bunkers.iter().map(|b| (b.id.as_str(), b)).collect();
     for row in s.store.admin_live_bunkers_on_worker(&hb.worker_id).await? {
         let status = BunkerStatus::parse(&row.status);

@@ -134,30 +134,4 @@ impl Store {
         .await?;
         Ok((bunkers, workers))
     }
-
-    /// Live bunkers placed on workers silent since before `before`.
-    pub async fn admin_bunkers_on_silent_workers(
-        &self,
-        before: i64,
-    ) -> Result<Vec<BunkerRow>, StoreError> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM bunkers WHERE status IN ('provisioning', 'running', 'paused', 'snapshotting') \
-             AND worker_id IN (SELECT id FROM workers WHERE last_heartbeat_at < ?)"
-        )))
-        .bind(before)
-        .fetch_all(self.pool())
-        .await?;
-        Ok(rows.iter().map(from_row).collect())
-    }
-
-    /// Flips online workers whose last heartbeat is older than `before` to offline.
-    pub async fn admin_mark_stale_workers_offline(&self, before: i64) -> Result<u64, StoreError> {
-        let done = sqlx::query(
-            "UPDATE workers SET status = 'offline' WHERE status = 'online' AND last_heartbeat_at < ?",
-        )
-        .bind(before)
-        .execute(self.pool())
-        .await?;
-        Ok(done.rows_affected())
-    }
 }

@@ -196,6 +196,15 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Marks an online worker offline (a draining one stays draining).
+    pub async fn set_worker_offline(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE workers SET status = 'offline' WHERE id = ? AND status = 'online'")
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
     /// The image hashes a worker's ledger holds.
     pub async fn worker_images(&self, worker_id: &str) -> Result<Vec<String>, StoreError> {
         Ok(sqlx::query_scalar(
