@@ -176,3 +176,31 @@ pub struct WorkerError {
     pub code: String,
     pub message: String,
 }
+
+/// One line of `POST /v1/worker/bunkers/{id}/exec/stream` (NDJSON, `application/x-ndjson`):
+/// output as it is produced, then exactly one `exit` or `error` line, then the body ends.
+/// The request body is an [`ExecRequest`] (its `output_limit_bytes` is ignored: nothing is
+/// kept, everything is forwarded). The command keeps running if the reader goes away only
+/// until the worker notices the closed connection: then it is cancelled.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ExecStreamEvent {
+    Stdout {
+        data_b64: String,
+    },
+    Stderr {
+        data_b64: String,
+    },
+    Exit {
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+        guest_duration_ms: u64,
+        stdout_total_bytes: u64,
+        stderr_total_bytes: u64,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
+}
