@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ExecUser {
     #[default]
@@ -13,6 +14,7 @@ pub enum ExecUser {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     /// Run by `/bin/sh -c`. Exactly one of `command` and `argv`.
@@ -37,6 +39,7 @@ pub struct ExecRequest {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecResult {
     pub exec_id: String,
     /// `null` when the process was killed by a signal (including a timeout).
@@ -56,6 +59,7 @@ pub struct ExecResult {
 
 /// One row of `GET /bunkers/{id}/exec-log`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecLogEntry {
     pub exec_id: String,
     pub command: String,

@@ -14,11 +14,16 @@
 //!    [`AgentError::Unavailable`], and so does every later operation.
 //!
 //! Flow control: the protocol has none per stream, so a consumer that stops reading (a
-//! slow HTTP download) would stall every stream. Each stream buffers up to
-//! [`STREAM_BUFFER_FRAMES`] frames; a consumer that leaves them unread for
-//! [`ROUTE_TIMEOUT`] loses its stream (cancelled) rather than blocking the others.
+//! slow HTTP download, a slow exec stream reader) would stall every stream. Each stream
+//! buffers up to [`STREAM_BUFFER_FRAMES`] frames; while one is full the reader waits, which
+//! holds back the whole channel (and, through the full virtio-serial ring, the agent's
+//! writers); a consumer that leaves its buffer full for [`ROUTE_TIMEOUT`] loses its stream
+//! (cancelled, [`AgentError::Stalled`]) rather than blocking the others for longer.
+//!
+//! Exec is one code path: [`AgentClient::exec_stream`] yields output frame by frame
+//! ([`ExecStream`]); [`AgentClient::exec`] collects that stream up to the output limit.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -76,6 +81,10 @@ pub enum AgentError {
     Protocol { stream_id: u32, detail: String },
     #[error("no answer from the agent within {0:?}")]
     Timeout(Duration),
+    /// The consumer left the stream's buffer full this long; the stream was cancelled so
+    /// that the channel's other streams could go on.
+    #[error("the stream's output was left unread for {0:?}; the stream was cancelled")]
+    Stalled(Duration),
 }
 
 /// Why an upload failed: its body, or the agent.
@@ -101,7 +110,7 @@ pub struct ExecSpec {
     pub output_limit_bytes: u64,
 }
 
-/// What an exec produced.
+/// What an exec produced, collected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOutcome {
     pub exit_code: Option<i32>,
@@ -156,6 +165,8 @@ struct Router {
 #[derive(Default)]
 struct RouteTable {
     open: HashMap<u32, mpsc::Sender<Frame>>,
+    /// Streams cancelled because their consumer stalled, until the consumer learns it.
+    stalled: HashSet<u32>,
     /// Set once the channel is gone; says why.
     closed: Option<String>,
 }
@@ -248,8 +259,39 @@ impl AgentClient {
         lock(&self.shared.router.table).closed.clone()
     }
 
-    /// Runs a command and collects its output.
+    /// Runs a command and collects its output, keeping each pipe up to the spec's limit.
     pub async fn exec(&self, spec: ExecSpec) -> Result<ExecOutcome, AgentError> {
+        let limit = spec.output_limit_bytes;
+        let mut events = self.exec_stream(spec).await?;
+        let mut stdout = Kept::default();
+        let mut stderr = Kept::default();
+        loop {
+            match events.next().await {
+                Some(Ok(ExecEvent::Stdout(bytes))) => stdout.push(&bytes, limit),
+                Some(Ok(ExecEvent::Stderr(bytes))) => stderr.push(&bytes, limit),
+                Some(Ok(ExecEvent::Exited(exit))) => {
+                    return Ok(ExecOutcome {
+                        exit_code: exit.exit_code,
+                        signal: exit.signal,
+                        timed_out: exit.timed_out,
+                        duration_ms: exit.duration_ms,
+                        stdout: stdout.0,
+                        stderr: stderr.0,
+                        stdout_total_bytes: exit.stdout_total_bytes,
+                        stderr_total_bytes: exit.stderr_total_bytes,
+                    });
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Err(protocol(events.id(), "exec stream ended without an exit")),
+            }
+        }
+    }
+
+    /// Starts a command and hands back its output as it is produced ([`ExecStream`]).
+    /// Fails here only if the request cannot be sent; everything after, including a
+    /// program that cannot be spawned, comes through the stream. The spec's
+    /// `output_limit_bytes` is not applied: every byte is passed on.
+    pub async fn exec_stream(&self, spec: ExecSpec) -> Result<ExecStream, AgentError> {
         let timeout_ms = u64::try_from(spec.timeout.as_millis()).unwrap_or(u64::MAX);
         let request = Request::Exec {
             program: spec.program,
@@ -263,62 +305,22 @@ impl AgentClient {
             },
             timeout_ms,
         };
-        let mut stream = self.open(&request).await?;
-        let sender = stream.sender();
-        let feed = async {
-            if let Some(stdin) = spec.stdin {
-                for chunk in stdin.chunks(MAX_FRAME_PAYLOAD) {
-                    sender.send(FrameKind::Data, chunk.to_vec()).await?;
-                }
-                sender.send(FrameKind::End, Vec::new()).await?;
-            }
-            Ok::<(), AgentError>(())
-        };
-        let limit = spec.output_limit_bytes;
-        let collect = async {
-            let mut out = Output::default();
-            let mut err = Output::default();
-            loop {
-                let frame = stream.recv().await?;
-                match frame.kind {
-                    FrameKind::Stdout => out.push(&frame.payload, limit),
-                    FrameKind::Stderr => err.push(&frame.payload, limit),
-                    FrameKind::Reply => {
-                        return match stream.reply(&frame)? {
-                            Reply::Exited {
-                                exit_code,
-                                signal,
-                                timed_out,
-                                duration_ms,
-                            } => Ok(ExecOutcome {
-                                exit_code,
-                                signal,
-                                timed_out,
-                                duration_ms,
-                                stdout: out.kept,
-                                stderr: err.kept,
-                                stdout_total_bytes: out.total,
-                                stderr_total_bytes: err.total,
-                            }),
-                            other => Err(stream.unexpected(&format!("reply {other:?}"))),
-                        };
-                    }
-                    other => return Err(stream.unexpected(&format!("{other:?} frame"))),
-                }
-            }
-        };
-        let deadline = spec.timeout.saturating_add(EXEC_GRACE);
-        // stdin and output flow at once: a command may fill its output before reading input.
-        let (fed, outcome) = tokio::time::timeout(deadline, async { tokio::join!(feed, collect) })
-            .await
-            .map_err(|_| AgentError::Timeout(deadline))?;
-        // A failed feed surfaces through the outcome too (the channel is gone), unless
-        // the command finished without its input, which is the command's business.
-        let outcome = outcome?;
-        if let Err(e) = fed {
-            tracing::debug!(error = %e, "exec finished before its stdin was sent");
+        let stream = self.open(&request).await?;
+        if let Some(stdin) = spec.stdin {
+            // stdin and output flow at once: a command may fill its output before reading
+            // its input. The feed runs on its own so that a consumer that reads slowly
+            // never leaves it parked holding the writer lock halfway through a frame.
+            tokio::spawn(feed_stdin(stream.sender(), stdin));
         }
-        Ok(outcome)
+        let limit = spec.timeout.saturating_add(EXEC_GRACE);
+        Ok(ExecStream {
+            stream,
+            deadline: tokio::time::Instant::now() + limit,
+            limit,
+            stdout_total_bytes: 0,
+            stderr_total_bytes: 0,
+            ended: false,
+        })
     }
 
     /// Streams `body` into `path` (written atomically by the agent). If the body fails, the
@@ -531,7 +533,11 @@ async fn route(router: &Router, writer: &Arc<Writer>, frame: Frame) {
                 stream_id = id,
                 "stream consumer stalled; cancelling the stream"
             );
-            lock(&router.table).open.remove(&id);
+            {
+                let mut table = lock(&router.table);
+                table.open.remove(&id);
+                table.stalled.insert(id);
+            }
             let writer = Arc::clone(writer);
             tokio::spawn(async move {
                 let _ = write_frame(&writer, &Frame::new(id, FrameKind::Cancel, Vec::new())).await;
@@ -540,20 +546,129 @@ async fn route(router: &Router, writer: &Arc<Writer>, frame: Frame) {
     }
 }
 
-/// Output of one exec pipe: the kept prefix and the total count.
+/// The kept prefix of one exec pipe.
 #[derive(Default)]
-struct Output {
-    kept: Vec<u8>,
-    total: u64,
-}
+struct Kept(Vec<u8>);
 
-impl Output {
+impl Kept {
     fn push(&mut self, bytes: &[u8], limit: u64) {
-        self.total = self.total.saturating_add(bytes.len() as u64);
         let room = usize::try_from(limit)
             .unwrap_or(usize::MAX)
-            .saturating_sub(self.kept.len());
-        self.kept.extend_from_slice(&bytes[..bytes.len().min(room)]);
+            .saturating_sub(self.0.len());
+        self.0.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+}
+
+/// Sends an exec's stdin as `DATA` frames and one `END`. Stops early once the stream is
+/// over (the command exited, or the stream was cancelled), always between frames.
+async fn feed_stdin(sender: StreamSender, stdin: Bytes) {
+    let frames = stdin
+        .chunks(MAX_FRAME_PAYLOAD)
+        .map(|chunk| (FrameKind::Data, chunk))
+        .chain([(FrameKind::End, &[][..])]);
+    for (kind, payload) in frames {
+        if !sender.is_open() {
+            tracing::debug!(
+                stream_id = sender.id,
+                "exec ended before its stdin was sent"
+            );
+            return;
+        }
+        if let Err(e) = sender.send(kind, payload.to_vec()).await {
+            // The consumer sees the same failure on its side of the stream.
+            tracing::debug!(stream_id = sender.id, error = %e, "feeding stdin failed");
+            return;
+        }
+    }
+}
+
+/// One step of a running exec, in the order the agent sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    /// One `STDOUT` frame's bytes.
+    Stdout(Bytes),
+    /// One `STDERR` frame's bytes.
+    Stderr(Bytes),
+    /// The last event.
+    Exited(ExecExit),
+}
+
+/// How an exec ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecExit {
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    /// Guest time from spawn to exit.
+    pub duration_ms: u64,
+    pub stdout_total_bytes: u64,
+    pub stderr_total_bytes: u64,
+}
+
+/// A running exec's output, frame by frame, then its exit or one error.
+///
+/// Reading is pulling: the agent channel's reader pushes into this stream's bounded buffer
+/// ([`STREAM_BUFFER_FRAMES`]), and waits while it is full (see the module's flow control).
+/// Dropped before its end, the exec is cancelled.
+pub struct ExecStream {
+    stream: OpenStream,
+    /// When the worker stops waiting: the exec's timeout plus [`EXEC_GRACE`] from its start.
+    deadline: tokio::time::Instant,
+    limit: Duration,
+    stdout_total_bytes: u64,
+    stderr_total_bytes: u64,
+    ended: bool,
+}
+
+impl ExecStream {
+    /// The next event; `None` after [`ExecEvent::Exited`] or an error.
+    pub async fn next(&mut self) -> Option<Result<ExecEvent, AgentError>> {
+        if self.ended {
+            return None;
+        }
+        let event = self.next_event().await;
+        if !matches!(event, Ok(ExecEvent::Stdout(_) | ExecEvent::Stderr(_))) {
+            self.ended = true;
+        }
+        Some(event)
+    }
+
+    fn id(&self) -> u32 {
+        self.stream.sender.id
+    }
+
+    async fn next_event(&mut self) -> Result<ExecEvent, AgentError> {
+        let frame = tokio::time::timeout_at(self.deadline, self.stream.recv())
+            .await
+            .map_err(|_| AgentError::Timeout(self.limit))??;
+        let len = frame.payload.len() as u64;
+        match frame.kind {
+            FrameKind::Stdout => {
+                self.stdout_total_bytes = self.stdout_total_bytes.saturating_add(len);
+                Ok(ExecEvent::Stdout(Bytes::from(frame.payload)))
+            }
+            FrameKind::Stderr => {
+                self.stderr_total_bytes = self.stderr_total_bytes.saturating_add(len);
+                Ok(ExecEvent::Stderr(Bytes::from(frame.payload)))
+            }
+            FrameKind::Reply => match self.stream.reply(&frame)? {
+                Reply::Exited {
+                    exit_code,
+                    signal,
+                    timed_out,
+                    duration_ms,
+                } => Ok(ExecEvent::Exited(ExecExit {
+                    exit_code,
+                    signal,
+                    timed_out,
+                    duration_ms,
+                    stdout_total_bytes: self.stdout_total_bytes,
+                    stderr_total_bytes: self.stderr_total_bytes,
+                })),
+                other => Err(self.stream.unexpected(&format!("reply {other:?}"))),
+            },
+            other => Err(self.stream.unexpected(&format!("{other:?} frame"))),
+        }
     }
 }
 
@@ -578,6 +693,11 @@ impl StreamSender {
     async fn send(&self, kind: FrameKind, payload: Vec<u8>) -> Result<(), AgentError> {
         self.write(&Frame::new(self.id, kind, payload)).await
     }
+
+    /// Whether the stream still waits for its `REPLY` (not answered, cancelled or reset).
+    fn is_open(&self) -> bool {
+        lock(&self.router.table).open.contains_key(&self.id)
+    }
 }
 
 /// One open stream. Dropped before its `REPLY`, it is cancelled.
@@ -601,8 +721,13 @@ impl OpenStream {
                 Ok(frame)
             }
             None => {
-                // Whatever ended the stream (channel gone, agent reset) also ended it at the agent.
+                // Whatever ended the stream (channel gone, agent reset, a stall) also ended it
+                // at the agent.
                 self.finished = true;
+                let id = self.sender.id;
+                if lock(&self.sender.router.table).stalled.remove(&id) {
+                    return Err(AgentError::Stalled(ROUTE_TIMEOUT));
+                }
                 Err(self.sender.router.unavailable())
             }
         }
@@ -670,7 +795,11 @@ impl Drop for OpenStream {
             return;
         }
         let id = self.sender.id;
-        lock(&self.sender.router.table).open.remove(&id);
+        {
+            let mut table = lock(&self.sender.router.table);
+            table.open.remove(&id);
+            table.stalled.remove(&id);
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -827,6 +956,63 @@ mod tests {
         assert_eq!(outcome.stderr, b"oops");
         assert_eq!(outcome.stderr_total_bytes, 4);
         guest.await.expect("guest");
+    }
+
+    #[tokio::test]
+    async fn exec_stream_yields_each_frame_as_it_arrives_and_cancels_when_dropped() {
+        let (client, mut agent, _h) = connected().await;
+        // The output limit is for collecting; a stream passes every byte on.
+        let mut events = client
+            .exec_stream(exec_spec("x", None, 0))
+            .await
+            .expect("opens");
+        let id = agent.recv().await.stream_id;
+        for (kind, text) in [
+            (FrameKind::Stdout, "ab"),
+            (FrameKind::Stderr, "c"),
+            (FrameKind::Stdout, "d"),
+        ] {
+            agent.send(Frame::new(id, kind, text.into())).await;
+            let expected = match kind {
+                FrameKind::Stdout => ExecEvent::Stdout(Bytes::from(text)),
+                _ => ExecEvent::Stderr(Bytes::from(text)),
+            };
+            // Each frame is handed over before the agent has sent anything more.
+            assert_eq!(
+                events.next().await.expect("an event").expect("ok"),
+                expected
+            );
+        }
+        let exited = Reply::Exited {
+            exit_code: Some(1),
+            signal: None,
+            timed_out: false,
+            duration_ms: 7,
+        };
+        agent.reply(id, &exited).await;
+        let exit = ExecExit {
+            exit_code: Some(1),
+            signal: None,
+            timed_out: false,
+            duration_ms: 7,
+            stdout_total_bytes: 3,
+            stderr_total_bytes: 1,
+        };
+        assert_eq!(
+            events.next().await.expect("an event").expect("ok"),
+            ExecEvent::Exited(exit)
+        );
+        assert!(events.next().await.is_none(), "nothing after the exit");
+
+        // A stream dropped before its exit cancels the command.
+        let events = client
+            .exec_stream(exec_spec("sleep 100", None, 0))
+            .await
+            .expect("opens");
+        let id = agent.recv().await.stream_id;
+        drop(events);
+        let cancel = agent.recv().await;
+        assert_eq!((cancel.stream_id, cancel.kind), (id, FrameKind::Cancel));
     }
 
     #[tokio::test]

@@ -5,6 +5,11 @@
 //! [`Command`]; [`execute`] runs every command in one `match`, and errors become
 //! `{"code", "message"}` with a status.
 //!
+//! `exec/stream` answers errors found before the command starts (unknown bunker, not
+//! running, a bad request, the agent gone) as plain error responses, like `exec`; after
+//! that it is `200` with an NDJSON body ([`ExecStreamEvent`]) that ends in one `exit` or
+//! `error` line. A client that goes away cancels the command.
+//!
 //! File bodies stream in both directions: an upload is forwarded to the agent chunk by chunk
 //! (never buffered whole) and cut off at the configured cap; a download starts only once the
 //! agent has accepted the path, so not-found and is-a-directory are proper statuses.
@@ -27,12 +32,14 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use scaibunker_proto::agent::AgentErrorCode;
 use scaibunker_proto::worker::{
-    CreateVm, ExecRequest, ExecResult, FileWritten, WORKER_API_PREFIX, WorkerError,
+    CreateVm, ExecRequest, ExecResult, ExecStreamEvent, FileWritten, WORKER_API_PREFIX, WorkerError,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::agent_client::{AgentError, ExecOutcome, ExecSpec, WriteFileError};
+use crate::agent_client::{
+    AgentError, ExecEvent, ExecOutcome, ExecSpec, ExecStream, WriteFileError,
+};
 use crate::bunker::{BunkerOpError, Bunkers, CreateBunkerError};
 
 /// Exit code a shell gives a command it cannot run.
@@ -80,6 +87,7 @@ enum Command {
     PauseBunker(String),
     ResumeBunker(String),
     Exec(String, ExecRequest),
+    ExecStream(String, ExecRequest),
     WriteFile {
         id: String,
         path: String,
@@ -205,11 +213,13 @@ impl From<AgentError> for ApiError {
                 };
                 Self::new(status, code, message)
             }
-            AgentError::Unavailable(_) | AgentError::Timeout(_) => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "AGENT_UNAVAILABLE",
-                e.to_string(),
-            ),
+            AgentError::Unavailable(_) | AgentError::Timeout(_) | AgentError::Stalled(_) => {
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "AGENT_UNAVAILABLE",
+                    e.to_string(),
+                )
+            }
             AgentError::Protocol { .. } => Self::internal("the agent broke the protocol", &e),
         }
     }
@@ -223,6 +233,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/bunkers/{id}/pause", post(pause_bunker))
         .route("/bunkers/{id}/resume", post(resume_bunker))
         .route("/bunkers/{id}/exec", post(exec))
+        .route("/bunkers/{id}/exec/stream", post(exec_stream))
         .route(
             "/bunkers/{id}/files",
             get(read_file).put(write_file).delete(remove_file),
@@ -316,6 +327,14 @@ async fn exec(
     body: Result<Json<ExecRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     execute(&s, Command::Exec(id, json_body(body)?)).await
+}
+
+async fn exec_stream(
+    State(s): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    body: Result<Json<ExecRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    execute(&s, Command::ExecStream(id, json_body(body)?)).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -428,6 +447,16 @@ async fn execute(s: &ApiState, cmd: Command) -> Result<Response, ApiError> {
             };
             Json(exec_result(outcome)).into_response()
         }
+        Command::ExecStream(id, req) => {
+            let (agent, bunker_env) = bunkers.agent(&id)?;
+            let spec = exec_spec(req, bunker_env)?;
+            let events = agent.exec_stream(spec).await?;
+            (
+                [(header::CONTENT_TYPE, "application/x-ndjson")],
+                Body::from_stream(ndjson(events)),
+            )
+                .into_response()
+        }
         Command::WriteFile {
             id,
             path,
@@ -528,6 +557,90 @@ fn exec_result(o: ExecOutcome) -> ExecResult {
     }
 }
 
+/// The body of a streamed exec: one [`ExecStreamEvent`] per line, each output frame as it
+/// arrives, then one `exit` or `error` line, then the end. The body pulls from the exec's
+/// bounded buffer, so a slow reader holds the agent back instead of filling memory; the
+/// body dropped (the client went away) drops the exec stream, which cancels the command.
+fn ndjson(events: ExecStream) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> {
+    futures_util::stream::unfold(Some(events), |events| async move {
+        let mut events = events?;
+        let (lines, more) = match events.next().await? {
+            Ok(ExecEvent::Stdout(bytes)) => (
+                vec![ExecStreamEvent::Stdout {
+                    data_b64: BASE64.encode(&bytes),
+                }],
+                true,
+            ),
+            Ok(ExecEvent::Stderr(bytes)) => (
+                vec![ExecStreamEvent::Stderr {
+                    data_b64: BASE64.encode(&bytes),
+                }],
+                true,
+            ),
+            Ok(ExecEvent::Exited(exit)) => (
+                vec![ExecStreamEvent::Exit {
+                    exit_code: exit.exit_code,
+                    signal: exit.signal,
+                    timed_out: exit.timed_out,
+                    guest_duration_ms: exit.duration_ms,
+                    stdout_total_bytes: exit.stdout_total_bytes,
+                    stderr_total_bytes: exit.stderr_total_bytes,
+                }],
+                false,
+            ),
+            // As in the inline route: a command that cannot start exits 127, reason on stderr.
+            Err(AgentError::Agent {
+                code: AgentErrorCode::SpawnFailed,
+                message,
+            }) => (spawn_failed_events(message), false),
+            Err(e) => (vec![stream_error(e)], false),
+        };
+        let mut chunk = Vec::new();
+        for line in &lines {
+            serde_json::to_writer(&mut chunk, line).expect("stream events always serialise");
+            chunk.push(b'\n');
+        }
+        Some((Ok(Bytes::from(chunk)), more.then_some(events)))
+    })
+}
+
+fn spawn_failed_events(message: String) -> Vec<ExecStreamEvent> {
+    let o = spawn_failed(message);
+    vec![
+        ExecStreamEvent::Stderr {
+            data_b64: BASE64.encode(&o.stderr),
+        },
+        ExecStreamEvent::Exit {
+            exit_code: o.exit_code,
+            signal: o.signal,
+            timed_out: o.timed_out,
+            guest_duration_ms: o.duration_ms,
+            stdout_total_bytes: o.stdout_total_bytes,
+            stderr_total_bytes: o.stderr_total_bytes,
+        },
+    ]
+}
+
+/// The `error` line that ends a stream whose exec failed after the response began.
+fn stream_error(e: AgentError) -> ExecStreamEvent {
+    let code = match &e {
+        AgentError::Timeout(_) => "TIMEOUT",
+        AgentError::Stalled(_) => "STREAM_STALLED",
+        _ => {
+            // The same codes as the inline route; 5xx details are logged there, not sent.
+            let api = ApiError::from(e);
+            return ExecStreamEvent::Error {
+                code: api.code.to_owned(),
+                message: api.message,
+            };
+        }
+    };
+    ExecStreamEvent::Error {
+        code: code.to_owned(),
+        message: e.to_string(),
+    }
+}
+
 fn too_large(limit: u64) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
@@ -616,6 +729,38 @@ mod tests {
             BASE64.decode(r.stderr_b64).expect("b64"),
             b"nosuchcmd: not found\n"
         );
+    }
+
+    #[test]
+    fn stream_errors_keep_the_inline_codes_and_name_timeouts() {
+        let code = |e| match stream_error(e) {
+            ExecStreamEvent::Error { code, .. } => code,
+            other => panic!("not an error: {other:?}"),
+        };
+        assert_eq!(
+            code(AgentError::Unavailable("gone".into())),
+            "AGENT_UNAVAILABLE"
+        );
+        assert_eq!(code(AgentError::Timeout(Duration::from_secs(1))), "TIMEOUT");
+        assert_eq!(
+            code(AgentError::Stalled(Duration::from_secs(30))),
+            "STREAM_STALLED"
+        );
+        let events = spawn_failed_events("nosuchcmd: not found".into());
+        match &events[..] {
+            [
+                ExecStreamEvent::Stderr { data_b64 },
+                ExecStreamEvent::Exit {
+                    exit_code: Some(127),
+                    stderr_total_bytes: 21,
+                    ..
+                },
+            ] => assert_eq!(
+                BASE64.decode(data_b64).expect("b64"),
+                b"nosuchcmd: not found\n"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -99,6 +99,43 @@ async fn validates_requests_and_unknown_bunkers() {
     }
     let resp = w.get("/bunkers/nope/files").send().await.expect("get");
     assert_eq!(error_of(resp).await.1.code, "INVALID_PATH");
+
+    // Both exec routes answer errors found before the command starts as plain errors.
+    let exec = serde_json::json!({"program": {"shell": "true"}, "timeout_ms": 1000, "output_limit_bytes": 10});
+    for path in ["/bunkers/nope/exec", "/bunkers/nope/exec/stream"] {
+        let resp = w.post(path).json(&exec).send().await.expect("post");
+        let (status, err) = error_of(resp).await;
+        assert_eq!(
+            (status, err.code.as_str()),
+            (404, "BUNKER_NOT_FOUND"),
+            "{path}"
+        );
+        let resp = w
+            .post(path)
+            .json(&serde_json::json!({"program": {"shell": "true"}}))
+            .send()
+            .await
+            .expect("post");
+        let (status, err) = error_of(resp).await;
+        assert_eq!(
+            (status, err.code.as_str()),
+            (422, "VALIDATION_ERROR"),
+            "{path}"
+        );
+        let resp = w
+            .http
+            .post(w.url(path))
+            .json(&exec)
+            .send()
+            .await
+            .expect("post");
+        let (status, err) = error_of(resp).await;
+        assert_eq!(
+            (status, err.code.as_str()),
+            (401, "AUTH_TOKEN_INVALID"),
+            "{path}"
+        );
+    }
     let resp = w
         .put("/bunkers/nope/files?path=/x&mode=9")
         .send()

@@ -12,7 +12,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use common::{TestWorker, error_of, eventually, image_sha256, require_artefacts, vm_slot};
 use scaibunker_proto::worker::{
-    DirEntry, EntryType, ExecRequest, ExecResult, FileWritten, GuestUser, Program, VmInfo, VmStatus,
+    DirEntry, EntryType, ExecRequest, ExecResult, ExecStreamEvent, FileWritten, GuestUser, Program,
+    VmInfo, VmStatus,
 };
 
 const TINY: [&str; 4] = [
@@ -607,5 +608,255 @@ async fn deleting_a_booting_bunker_cancels_its_boot() {
         "{}",
         err.message
     );
+    w.shutdown().await;
+}
+
+/// Reads an NDJSON exec stream as it arrives, handing each event and its arrival time to
+/// `on_event`; checks the body ends with a whole line.
+async fn read_stream(
+    mut resp: reqwest::Response,
+    mut on_event: impl FnMut(Instant, ExecStreamEvent),
+) {
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("application/x-ndjson")
+    );
+    let mut buf = Vec::new();
+    while let Some(chunk) = resp.chunk().await.expect("body chunk") {
+        let at = Instant::now();
+        buf.extend_from_slice(&chunk);
+        while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=end).collect();
+            on_event(
+                at,
+                serde_json::from_slice(&line[..end]).expect("an ExecStreamEvent"),
+            );
+        }
+    }
+    assert!(buf.is_empty(), "the body ends mid-line");
+}
+
+/// The events of a whole stream, with their arrival times.
+async fn stream_events(
+    w: &TestWorker,
+    id: &str,
+    req: &ExecRequest,
+) -> Vec<(Instant, ExecStreamEvent)> {
+    let resp = w
+        .post(&format!("/bunkers/{id}/exec/stream"))
+        .json(req)
+        .send()
+        .await
+        .expect("exec stream request");
+    let mut events = Vec::new();
+    read_stream(resp, |at, ev| events.push((at, ev))).await;
+    events
+}
+
+/// Decoded stdout and stderr of stream events.
+fn outputs(events: &[(Instant, ExecStreamEvent)]) -> (String, String) {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    for (_, ev) in events {
+        match ev {
+            ExecStreamEvent::Stdout { data_b64 } => {
+                out.extend(BASE64.decode(data_b64).expect("b64"))
+            }
+            ExecStreamEvent::Stderr { data_b64 } => {
+                err.extend(BASE64.decode(data_b64).expect("b64"))
+            }
+            _ => {}
+        }
+    }
+    (
+        String::from_utf8(out).expect("utf8"),
+        String::from_utf8(err).expect("utf8"),
+    )
+}
+
+/// The one terminal event, which must be the last.
+fn last_event(events: &[(Instant, ExecStreamEvent)]) -> (Instant, ExecStreamEvent) {
+    let terminal = |ev: &ExecStreamEvent| {
+        matches!(
+            ev,
+            ExecStreamEvent::Exit { .. } | ExecStreamEvent::Error { .. }
+        )
+    };
+    let (last, rest) = events.split_last().expect("some events");
+    assert!(
+        terminal(&last.1),
+        "the stream ends with exit or error: {events:?}"
+    );
+    assert!(
+        !rest.iter().any(|(_, ev)| terminal(ev)),
+        "events after the end: {events:?}"
+    );
+    last.clone()
+}
+
+fn peak_rss_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_stream_forwards_output_as_it_is_produced() {
+    let images = require_artefacts(&TINY);
+    let _slot = vm_slot().await;
+    let w = TestWorker::start(&images).await;
+    w.create("b-stream", "tiny", 256).await;
+
+    // Output arrives while the command still runs, in order, then exactly one exit.
+    let req = shell("echo one; sleep 1; echo two >&2; sleep 1; echo three; exit 4");
+    let started = Instant::now();
+    let events = stream_events(&w, "b-stream", &req).await;
+    let (out, err) = outputs(&events);
+    assert_eq!(
+        (out.as_str(), err.as_str()),
+        ("one\nthree\n", "two\n"),
+        "{events:?}"
+    );
+    let (exit_at, exit) = last_event(&events);
+    match exit {
+        ExecStreamEvent::Exit {
+            exit_code,
+            timed_out,
+            stdout_total_bytes,
+            stderr_total_bytes,
+            ..
+        } => {
+            assert_eq!(exit_code, Some(4));
+            assert!(!timed_out);
+            assert_eq!((stdout_total_bytes, stderr_total_bytes), (10, 4));
+        }
+        other => panic!("not an exit: {other:?}"),
+    }
+    let one_at = events
+        .iter()
+        .find(|(_, ev)| matches!(ev, ExecStreamEvent::Stdout { data_b64 } if BASE64.decode(data_b64).expect("b64").starts_with(b"one")))
+        .map(|(at, _)| *at)
+        .expect("`one` was streamed");
+    eprintln!(
+        "TIMING exec stream: `one` after {:?}, exit after {:?}",
+        one_at - started,
+        exit_at - started
+    );
+    // Two seconds of sleep separate them; a buffered answer would deliver both at once.
+    assert!(
+        exit_at - one_at >= Duration::from_millis(800),
+        "`one` arrived {:?} before the exit: buffered, not streamed",
+        exit_at - one_at
+    );
+
+    // stdin is fed as in the inline route; a spawn failure is exit 127 with the reason.
+    let mut req = shell("cat");
+    req.stdin_b64 = Some(BASE64.encode(b"fed through stdin"));
+    let events = stream_events(&w, "b-stream", &req).await;
+    assert_eq!(outputs(&events).0, "fed through stdin");
+    assert!(matches!(
+        last_event(&events).1,
+        ExecStreamEvent::Exit {
+            exit_code: Some(0),
+            ..
+        }
+    ));
+    let mut req = shell("");
+    req.program = Program::Argv(vec!["/no/such/program".into()]);
+    let events = stream_events(&w, "b-stream", &req).await;
+    assert!(!outputs(&events).1.is_empty(), "{events:?}");
+    assert!(
+        matches!(
+            last_event(&events).1,
+            ExecStreamEvent::Exit {
+                exit_code: Some(127),
+                ..
+            }
+        ),
+        "{events:?}"
+    );
+
+    // A large output streams whole, and the worker (in this process) does not hold it.
+    const BIG: u64 = 20_000_000;
+    let peak_before = peak_rss_kb();
+    let started = Instant::now();
+    let resp = w
+        .post("/bunkers/b-stream/exec/stream")
+        .json(&shell(&format!("head -c {BIG} /dev/zero")))
+        .send()
+        .await
+        .expect("exec stream request");
+    let (mut decoded, mut chunks, mut last) = (0u64, 0u32, None);
+    read_stream(resp, |_, ev| match ev {
+        ExecStreamEvent::Stdout { data_b64 } => {
+            decoded += BASE64.decode(data_b64).expect("b64").len() as u64;
+            chunks += 1;
+        }
+        other => last = Some(other),
+    })
+    .await;
+    let peak_after = peak_rss_kb();
+    eprintln!(
+        "TIMING exec stream of {BIG} bytes: {:?} in {chunks} stdout events; test process \
+         peak RSS {peak_before:?} kB -> {peak_after:?} kB",
+        started.elapsed()
+    );
+    assert_eq!(decoded, BIG);
+    match last {
+        Some(ExecStreamEvent::Exit {
+            exit_code,
+            stdout_total_bytes,
+            ..
+        }) => {
+            assert_eq!(exit_code, Some(0));
+            assert_eq!(stdout_total_bytes, BIG);
+        }
+        other => panic!("the stream did not end with an exit: {other:?}"),
+    }
+    if let (Some(before), Some(after)) = (peak_before, peak_after) {
+        assert!(
+            after.saturating_sub(before) < 200 * 1024,
+            "peak RSS grew by {} kB streaming {BIG} bytes",
+            after - before
+        );
+    }
+
+    // A reader that goes away cancels the command.
+    let req = shell("echo $$ > /tmp/pid; echo started; sleep 300");
+    let mut resp = w
+        .post("/bunkers/b-stream/exec/stream")
+        .json(&req)
+        .send()
+        .await
+        .expect("exec stream request");
+    assert_eq!(resp.status(), 200);
+    let first = resp.chunk().await.expect("chunk").expect("a first event");
+    let first: ExecStreamEvent =
+        serde_json::from_slice(first.strip_suffix(b"\n").expect("a whole line")).expect("event");
+    assert!(matches!(first, ExecStreamEvent::Stdout { .. }), "{first:?}");
+    let alive = exec(&w, "b-stream", &shell("kill -0 $(cat /tmp/pid)")).await;
+    assert_eq!(alive.exit_code, Some(0), "the command runs while streamed");
+    let dropped = Instant::now();
+    drop(resp);
+    eventually(
+        Duration::from_secs(15),
+        "the command being killed",
+        || async {
+            let r = exec(&w, "b-stream", &shell("kill -0 $(cat /tmp/pid)")).await;
+            (r.exit_code != Some(0)).then_some(())
+        },
+    )
+    .await
+    .expect("cancelled");
+    eprintln!(
+        "TIMING exec stream reader gone -> command killed within {:?}",
+        dropped.elapsed()
+    );
+
+    w.delete_bunker("b-stream").await;
     w.shutdown().await;
 }

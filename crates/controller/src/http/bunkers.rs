@@ -1,10 +1,11 @@
-//! `/bunkers`: create, list, get, delete, exec.
+//! `/bunkers`: create, list, get, delete, pause, resume, exec. Each handler's `#[utoipa::path]`
+//! is its entry in the generated OpenAPI document (`GET /openapi.json`).
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use scaibunker_api::bunkers::{Bunker, CreateBunker};
-use scaibunker_api::envelope::{DEFAULT_PAGE_LIMIT, List, MAX_PAGE_LIMIT, Ok as Envelope};
+use scaibunker_api::envelope::{DEFAULT_PAGE_LIMIT, Error, List, MAX_PAGE_LIMIT, Ok as Envelope};
 use scaibunker_api::exec::{ExecRequest, ExecResult};
 use serde::Deserialize;
 
@@ -15,6 +16,24 @@ use crate::service::bunkers::{self as svc, to_api};
 use crate::store::bunkers::BunkerFilter;
 use crate::workers::Pause;
 
+/// Creates a bunker; with `wait` (default) answers once it is `running` or `failed`.
+#[utoipa::path(
+    post,
+    path = "/bunkers",
+    operation_id = "create_bunker",
+    tag = "bunkers",
+    request_body = CreateBunker,
+    responses(
+        (status = 201, description = "The bunker record", body = Envelope<Bunker>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED`, `LIFECYCLE_MODE_DENIED` or `NETWORK_PROFILE_DENIED`", body = Error),
+        (status = 404, description = "`IMAGE_NOT_FOUND` or `SNAPSHOT_NOT_FOUND`", body = Error),
+        (status = 422, description = "`VALIDATION_ERROR` (one `details` entry per field), `INTERFACES_NOT_ALLOWED` or `TRANSIT_MISSING_INTERFACES`", body = Error),
+        (status = 429, description = "`RATE_LIMITED` (see `Retry-After`) or `BUNKER_QUOTA_EXCEEDED`", body = Error),
+        (status = 503, description = "`WORKER_UNAVAILABLE` (no capacity) or `NO_SUITABLE_WORKER` (no worker holds the image)", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn create(
     State(s): State<Services>,
     Caller(p): Caller,
@@ -25,17 +44,38 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(Envelope::new(to_api(&row)))))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only bunkers in this status, e.g. `running`.
     status: Option<String>,
+    /// Only bunkers of this lifecycle mode (`ephemeral`, `session`, `persistent`).
     lifecycle: Option<String>,
     /// `key=value`; repeatable as a comma-separated list.
     label: Option<String>,
+    /// Page size, 1–500 (default 50).
     limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
+/// Lists the caller's tenant's bunkers, newest first (a platform super admin sees all).
+#[utoipa::path(
+    get,
+    path = "/bunkers",
+    operation_id = "list_bunkers",
+    tag = "bunkers",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of bunker records", body = List<Bunker>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED`", body = Error),
+        (status = 422, description = "`VALIDATION_ERROR` on a query parameter", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn list(
     State(s): State<Services>,
     Caller(p): Caller,
@@ -86,6 +126,22 @@ pub async fn list(
     }))
 }
 
+/// One bunker record.
+#[utoipa::path(
+    get,
+    path = "/bunkers/{id}",
+    operation_id = "get_bunker",
+    tag = "bunkers",
+    params(("id" = String, Path, description = "Bunker id (`bnk_…`)")),
+    responses(
+        (status = 200, description = "The bunker record", body = Envelope<Bunker>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED`", body = Error),
+        (status = 404, description = "`BUNKER_NOT_FOUND`: unknown or another tenant's bunker", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn get(
     State(s): State<Services>,
     Caller(p): Caller,
@@ -95,6 +151,24 @@ pub async fn get(
     Ok(Json(Envelope::new(to_api(&row))))
 }
 
+/// Stops the bunker's VM and answers with the `terminated` record; quota is released.
+#[utoipa::path(
+    delete,
+    path = "/bunkers/{id}",
+    operation_id = "delete_bunker",
+    tag = "bunkers",
+    params(("id" = String, Path, description = "Bunker id (`bnk_…`)")),
+    responses(
+        (status = 200, description = "The terminated bunker record", body = Envelope<Bunker>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED`", body = Error),
+        (status = 404, description = "`BUNKER_NOT_FOUND`: unknown or another tenant's bunker", body = Error),
+        (status = 409, description = "`BUNKER_INVALID_TRANSITION`", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+        (status = 502, description = "`WORKER_ERROR`: the bunker's worker could not complete the operation", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn delete(
     State(s): State<Services>,
     Caller(p): Caller,
@@ -105,6 +179,26 @@ pub async fn delete(
     Ok(Json(Envelope::new(to_api(&row))))
 }
 
+/// Runs a command in the bunker and answers with its exit code and output.
+#[utoipa::path(
+    post,
+    path = "/bunkers/{id}/exec",
+    operation_id = "exec",
+    tag = "exec",
+    params(("id" = String, Path, description = "Bunker id (`bnk_…`)")),
+    request_body = ExecRequest,
+    responses(
+        (status = 200, description = "The finished command", body = Envelope<ExecResult>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:execute`, or `scaibunker:root` for `user: root`)", body = Error),
+        (status = 404, description = "`BUNKER_NOT_FOUND`: unknown or another tenant's bunker", body = Error),
+        (status = 409, description = "`BUNKER_NOT_RUNNING`", body = Error),
+        (status = 422, description = "`VALIDATION_ERROR`", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+        (status = 502, description = "`WORKER_ERROR`: the bunker's worker could not complete the operation", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn exec(
     State(s): State<Services>,
     Caller(p): Caller,
@@ -116,6 +210,24 @@ pub async fn exec(
     Ok(Json(Envelope::new(out)))
 }
 
+/// Pauses the bunker's VM.
+#[utoipa::path(
+    post,
+    path = "/bunkers/{id}/pause",
+    operation_id = "pause_bunker",
+    tag = "bunkers",
+    params(("id" = String, Path, description = "Bunker id (`bnk_…`)")),
+    responses(
+        (status = 200, description = "The paused bunker record", body = Envelope<Bunker>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED`", body = Error),
+        (status = 404, description = "`BUNKER_NOT_FOUND`: unknown or another tenant's bunker", body = Error),
+        (status = 409, description = "`BUNKER_INVALID_TRANSITION`", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+        (status = 502, description = "`WORKER_ERROR`: the bunker's worker could not complete the operation", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn pause(
     State(s): State<Services>,
     Caller(p): Caller,
@@ -126,6 +238,24 @@ pub async fn pause(
     Ok(Json(Envelope::new(to_api(&row))))
 }
 
+/// Resumes a paused bunker's VM.
+#[utoipa::path(
+    post,
+    path = "/bunkers/{id}/resume",
+    operation_id = "resume_bunker",
+    tag = "bunkers",
+    params(("id" = String, Path, description = "Bunker id (`bnk_…`)")),
+    responses(
+        (status = 200, description = "The running bunker record", body = Envelope<Bunker>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED`", body = Error),
+        (status = 404, description = "`BUNKER_NOT_FOUND`: unknown or another tenant's bunker", body = Error),
+        (status = 409, description = "`BUNKER_INVALID_TRANSITION`", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+        (status = 502, description = "`WORKER_ERROR`: the bunker's worker could not complete the operation", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn resume(
     State(s): State<Services>,
     Caller(p): Caller,

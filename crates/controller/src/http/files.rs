@@ -6,7 +6,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::TryStreamExt;
-use scaibunker_api::envelope::{FieldDetail, Ok as Envelope};
+use scaibunker_api::envelope::{Error, FieldDetail, Ok as Envelope};
 use scaibunker_api::files::{FileEntry, FileWritten};
 use serde::Deserialize;
 
@@ -15,11 +15,16 @@ use super::extract::{Caller, Ctx};
 use crate::service::Services;
 use crate::service::bunkers as svc;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct FileQuery {
+    /// Absolute path in the guest.
+    #[param(required = true)]
     path: Option<String>,
+    /// Upload only: octal permission bits (default `0644`).
     mode: Option<String>,
+    /// Delete only: remove a non-empty directory (default `false`).
     recursive: Option<bool>,
 }
 
@@ -41,6 +46,28 @@ fn parse(q: QueryResult) -> Result<(FileQuery, String), ApiError> {
     Ok((q, path))
 }
 
+/// Uploads a file: the raw body is streamed to the guest and renamed into place (parents
+/// created); a failed upload leaves nothing.
+#[utoipa::path(
+    put,
+    path = "/bunkers/{id}/files",
+    operation_id = "write_file",
+    tag = "files",
+    params(("id" = String, Path, description = "Bunker id (`bnk_…`)"), FileQuery),
+    request_body(content(("application/octet-stream")), description = "The file's bytes"),
+    responses(
+        (status = 201, description = "The written file", body = Envelope<FileWritten>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:files`)", body = Error),
+        (status = 404, description = "`BUNKER_NOT_FOUND`", body = Error),
+        (status = 409, description = "`BUNKER_NOT_RUNNING` or `IS_A_DIRECTORY`", body = Error),
+        (status = 413, description = "`FILE_TOO_LARGE`", body = Error),
+        (status = 422, description = "`INVALID_PATH` (not absolute, NUL, over 4096 bytes) or `VALIDATION_ERROR` on a query parameter", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+        (status = 502, description = "`WORKER_ERROR`: the bunker's worker could not complete the operation", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn write(
     State(s): State<Services>,
     Caller(p): Caller,
@@ -79,6 +106,25 @@ pub async fn write(
     Ok((StatusCode::CREATED, Json(Envelope::new(written))))
 }
 
+/// Downloads a file's raw bytes, streamed; symlinks are followed.
+#[utoipa::path(
+    get,
+    path = "/bunkers/{id}/files",
+    operation_id = "read_file",
+    tag = "files",
+    params(("id" = String, Path, description = "Bunker id (`bnk_…`)"), FileQuery),
+    responses(
+        (status = 200, description = "The file's bytes", content(("application/octet-stream"))),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:files`)", body = Error),
+        (status = 404, description = "`BUNKER_NOT_FOUND` or `FILE_NOT_FOUND`", body = Error),
+        (status = 409, description = "`BUNKER_NOT_RUNNING` or `IS_A_DIRECTORY`", body = Error),
+        (status = 422, description = "`INVALID_PATH` (not absolute, NUL, over 4096 bytes) or `VALIDATION_ERROR` on a query parameter", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+        (status = 502, description = "`WORKER_ERROR`: the bunker's worker could not complete the operation", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn read(
     State(s): State<Services>,
     Caller(p): Caller,
@@ -92,6 +138,25 @@ pub async fn read(
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
 }
 
+/// Lists a directory, sorted by name; symlinks are not followed.
+#[utoipa::path(
+    get,
+    path = "/bunkers/{id}/files/list",
+    operation_id = "list_files",
+    tag = "files",
+    params(("id" = String, Path, description = "Bunker id (`bnk_…`)"), FileQuery),
+    responses(
+        (status = 200, description = "The directory's entries", body = Envelope<Vec<FileEntry>>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:files`)", body = Error),
+        (status = 404, description = "`BUNKER_NOT_FOUND` or `FILE_NOT_FOUND`", body = Error),
+        (status = 409, description = "`BUNKER_NOT_RUNNING` or `NOT_A_DIRECTORY`", body = Error),
+        (status = 422, description = "`INVALID_PATH` (not absolute, NUL, over 4096 bytes) or `VALIDATION_ERROR` on a query parameter", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+        (status = 502, description = "`WORKER_ERROR`: the bunker's worker could not complete the operation", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn list(
     State(s): State<Services>,
     Caller(p): Caller,
@@ -104,6 +169,25 @@ pub async fn list(
     Ok(Json(Envelope::new(entries)))
 }
 
+/// Removes a file, or a directory (non-empty ones only with `recursive=true`).
+#[utoipa::path(
+    delete,
+    path = "/bunkers/{id}/files",
+    operation_id = "delete_file",
+    tag = "files",
+    params(("id" = String, Path, description = "Bunker id (`bnk_…`)"), FileQuery),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:files`)", body = Error),
+        (status = 404, description = "`BUNKER_NOT_FOUND` or `FILE_NOT_FOUND`", body = Error),
+        (status = 409, description = "`BUNKER_NOT_RUNNING` or `DIRECTORY_NOT_EMPTY`", body = Error),
+        (status = 422, description = "`INVALID_PATH` (not absolute, NUL, over 4096 bytes) or `VALIDATION_ERROR` on a query parameter", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+        (status = 502, description = "`WORKER_ERROR`: the bunker's worker could not complete the operation", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn remove(
     State(s): State<Services>,
     Caller(p): Caller,

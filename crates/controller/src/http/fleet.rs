@@ -1,8 +1,8 @@
-//! Worker-only routes: registration and heartbeats (worker token).
+//! Worker-only routes (registration and heartbeats, worker token) and the admin worker routes.
 
 use axum::Json;
 use axum::extract::{Path, State};
-use scaibunker_api::envelope::Ok as Envelope;
+use scaibunker_api::envelope::{Error, Ok as Envelope};
 use scaibunker_api::workers::Worker;
 use scaibunker_proto::worker::{Heartbeat, HeartbeatResponse, RegisterRequest, RegisterResponse};
 
@@ -10,6 +10,22 @@ use super::error::ApiError;
 use super::extract::{ApiJson, Caller, WorkerAuth};
 use crate::service::{Services, fleet};
 
+/// A worker daemon announces itself (worker token); the body is `RegisterRequest` of
+/// `crates/proto/src/worker.rs`.
+#[utoipa::path(
+    post,
+    path = "/workers/register",
+    operation_id = "register_worker",
+    tag = "internal",
+    request_body = Object,
+    responses(
+        (status = 200, description = "`RegisterResponse`: the worker's id", body = Object),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID` (the worker token)", body = Error),
+        (status = 409, description = "`PROTOCOL_MISMATCH`", body = Error),
+        (status = 422, description = "`VALIDATION_ERROR`", body = Error),
+    ),
+    security(("worker_token" = []))
+)]
 pub async fn register(
     State(s): State<Services>,
     _: WorkerAuth,
@@ -18,6 +34,21 @@ pub async fn register(
     Ok(Json(fleet::register(&s, req).await?))
 }
 
+/// A worker daemon reports its capacity and bunkers (worker token); the body is `Heartbeat` of
+/// `crates/proto/src/worker.rs`.
+#[utoipa::path(
+    post,
+    path = "/heartbeat",
+    operation_id = "heartbeat",
+    tag = "internal",
+    request_body = Object,
+    responses(
+        (status = 200, description = "`HeartbeatResponse`: bunkers the worker must stop; `known: false` tells an unknown worker to register again", body = Object),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID` (the worker token)", body = Error),
+        (status = 422, description = "`VALIDATION_ERROR`", body = Error),
+    ),
+    security(("worker_token" = []))
+)]
 pub async fn heartbeat(
     State(s): State<Services>,
     _: WorkerAuth,
@@ -26,6 +57,20 @@ pub async fn heartbeat(
     Ok(Json(fleet::heartbeat(&s, hb).await?))
 }
 
+/// Lists workers (`scaibunker:admin`).
+#[utoipa::path(
+    get,
+    path = "/workers",
+    operation_id = "list_workers",
+    tag = "workers",
+    responses(
+        (status = 200, description = "Every worker", body = Envelope<Vec<Worker>>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:admin`)", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn workers(
     State(s): State<Services>,
     Caller(p): Caller,
@@ -33,6 +78,22 @@ pub async fn workers(
     Ok(Json(Envelope::new(fleet::workers(&s, &p).await?)))
 }
 
+/// One worker (`scaibunker:admin`).
+#[utoipa::path(
+    get,
+    path = "/workers/{id}",
+    operation_id = "get_worker",
+    tag = "workers",
+    params(("id" = String, Path, description = "Worker id (`wrk_…`)")),
+    responses(
+        (status = 200, description = "The worker", body = Envelope<Worker>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:admin`)", body = Error),
+        (status = 404, description = "`WORKER_NOT_FOUND`", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn worker(
     State(s): State<Services>,
     Caller(p): Caller,
@@ -41,6 +102,22 @@ pub async fn worker(
     Ok(Json(Envelope::new(fleet::worker(&s, &p, &id).await?)))
 }
 
+/// Stops placing new bunkers on a worker; running ones keep running.
+#[utoipa::path(
+    post,
+    path = "/workers/{id}/drain",
+    operation_id = "drain_worker",
+    tag = "workers",
+    params(("id" = String, Path, description = "Worker id (`wrk_…`)")),
+    responses(
+        (status = 200, description = "The draining worker", body = Envelope<Worker>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:admin`)", body = Error),
+        (status = 404, description = "`WORKER_NOT_FOUND`", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn drain(
     State(s): State<Services>,
     Caller(p): Caller,
@@ -51,6 +128,22 @@ pub async fn drain(
     )))
 }
 
+/// Places bunkers on a drained worker again.
+#[utoipa::path(
+    post,
+    path = "/workers/{id}/resume",
+    operation_id = "resume_worker",
+    tag = "workers",
+    params(("id" = String, Path, description = "Worker id (`wrk_…`)")),
+    responses(
+        (status = 200, description = "The worker", body = Envelope<Worker>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:admin`)", body = Error),
+        (status = 404, description = "`WORKER_NOT_FOUND`", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn resume(
     State(s): State<Services>,
     Caller(p): Caller,

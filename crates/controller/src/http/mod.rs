@@ -1,12 +1,17 @@
 //! The HTTP API (axum lives only here). One file per resource; a handler parses, calls one
 //! service function and maps the result. Every response carries `x-request-id`; error bodies
 //! carry it as `meta.request_id`.
+//!
+//! Every API route is registered with `routes!` from its `#[utoipa::path]` handler, so the
+//! router and the OpenAPI document (`GET /openapi.json`) are built from one list. Only `/health`,
+//! `/metrics` and `/openapi.json` itself are plain axum routes.
 
 mod bunkers;
 mod error;
 mod extract;
 mod files;
 mod fleet;
+mod openapi;
 mod platform;
 mod records;
 
@@ -15,10 +20,13 @@ use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use scaibunker_api::MODULE_PREFIX;
 use scaibunker_api::codes;
 use scaibunker_core::ids::encode_random;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use error::ApiError;
 
@@ -105,55 +113,69 @@ async fn health() -> impl IntoResponse {
     axum::Json(serde_json::json!({"status": "ok"}))
 }
 
-pub fn router(s: Services) -> Router {
-    let module = Router::new()
-        .route("/bunkers", post(bunkers::create).get(bunkers::list))
-        .route("/bunkers/{id}", get(bunkers::get).delete(bunkers::delete))
-        .route("/bunkers/{id}/pause", post(bunkers::pause))
-        .route("/bunkers/{id}/resume", post(bunkers::resume))
-        .route("/bunkers/{id}/exec", post(bunkers::exec))
-        .route(
-            "/bunkers/{id}/files",
-            get(files::read).put(files::write).delete(files::remove),
-        )
-        .route("/bunkers/{id}/files/list", get(files::list))
-        .route("/bunkers/{id}/exec-log", get(records::exec_log))
-        .route("/audit", get(records::audit))
-        .route("/workers/register", post(fleet::register))
-        .route("/workers", get(fleet::workers))
-        .route("/workers/{id}", get(fleet::worker))
-        .route("/workers/{id}/drain", post(fleet::drain))
-        .route("/workers/{id}/resume", post(fleet::resume))
-        .route("/heartbeat", post(fleet::heartbeat));
-    Router::new()
+/// Every documented route, with its handler and its OpenAPI operation.
+fn api_routes() -> OpenApiRouter<Services> {
+    let module = OpenApiRouter::default()
+        .routes(routes!(bunkers::create, bunkers::list))
+        .routes(routes!(bunkers::get, bunkers::delete))
+        .routes(routes!(bunkers::pause))
+        .routes(routes!(bunkers::resume))
+        .routes(routes!(bunkers::exec))
+        .routes(routes!(files::read, files::write, files::remove))
+        .routes(routes!(files::list))
+        .routes(routes!(records::exec_log))
+        .routes(routes!(records::audit))
+        .routes(routes!(fleet::register))
+        .routes(routes!(fleet::workers))
+        .routes(routes!(fleet::worker))
+        .routes(routes!(fleet::drain))
+        .routes(routes!(fleet::resume))
+        .routes(routes!(fleet::heartbeat));
+    let mut api = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .nest(MODULE_PREFIX, module)
-        .route("/v1/audit-log", get(records::audit))
-        .route(
-            "/v1/tenants",
-            post(platform::create_tenant).get(platform::tenants),
-        )
-        .route("/v1/users", post(platform::create_user))
-        .route("/v1/groups", post(platform::create_group))
-        .route("/v1/groups/{id}/members", post(platform::add_member))
-        .route(
-            "/v1/api-keys",
-            post(platform::create_api_key).get(platform::api_keys),
-        )
-        .route(
-            "/v1/api-keys/{id}",
-            axum::routing::delete(platform::revoke_api_key),
-        )
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .fallback(not_found)
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                codes::METHOD_NOT_ALLOWED,
-                "method not allowed on this route",
+        .routes(routes!(records::audit_log))
+        .routes(routes!(platform::create_tenant, platform::tenants))
+        .routes(routes!(platform::create_user))
+        .routes(routes!(platform::create_group))
+        .routes(routes!(platform::add_member))
+        .routes(routes!(platform::create_api_key, platform::api_keys))
+        .routes(routes!(platform::revoke_api_key));
+    openapi::reference_envelope_data(api.get_openapi_mut());
+    api
+}
+
+/// The OpenAPI 3.1 document of the API, as served at `GET /openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_routes().into_openapi()
+}
+
+pub fn router(s: Services) -> Router {
+    let (api, doc) = api_routes().split_for_parts();
+    // Serialised once: the document is fixed for the life of the process.
+    let doc = bytes::Bytes::from(
+        doc.to_json()
+            .expect("the OpenAPI document serialises to JSON"),
+    );
+    api.route(
+        "/openapi.json",
+        get(move || async move {
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                doc,
             )
-        })
-        .layer(middleware::from_fn_with_state(s.clone(), observe))
-        .layer(middleware::from_fn(with_request_id))
-        .with_state(s)
+        }),
+    )
+    .route("/health", get(health))
+    .route("/metrics", get(metrics))
+    .fallback(not_found)
+    .method_not_allowed_fallback(|| async {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            codes::METHOD_NOT_ALLOWED,
+            "method not allowed on this route",
+        )
+    })
+    .layer(middleware::from_fn_with_state(s.clone(), observe))
+    .layer(middleware::from_fn(with_request_id))
+    .with_state(s)
 }

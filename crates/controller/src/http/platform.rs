@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use scaibunker_api::envelope::Ok as Envelope;
+use scaibunker_api::envelope::{Error, Ok as Envelope};
 use scaibunker_api::platform as api;
 
 use super::error::ApiError;
@@ -16,6 +16,23 @@ fn created<T>(v: T) -> Created<T> {
     Ok((StatusCode::CREATED, Json(Envelope::new(v))))
 }
 
+/// Creates a tenant (platform super admins).
+#[utoipa::path(
+    post,
+    path = "/v1/tenants",
+    operation_id = "create_tenant",
+    tag = "platform",
+    request_body = api::CreateTenant,
+    responses(
+        (status = 201, description = "The tenant", body = Envelope<api::Tenant>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:admin:platform`)", body = Error),
+        (status = 409, description = "`CONFLICT`: the slug, e-mail or name is taken", body = Error),
+        (status = 422, description = "`VALIDATION_ERROR`", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn create_tenant(
     State(s): State<Services>,
     Caller(p): Caller,
@@ -24,6 +41,20 @@ pub async fn create_tenant(
     created(identity::create_tenant(&s, &p, req).await?)
 }
 
+/// Lists tenants (platform super admins).
+#[utoipa::path(
+    get,
+    path = "/v1/tenants",
+    operation_id = "list_tenants",
+    tag = "platform",
+    responses(
+        (status = 200, description = "Every tenant", body = Envelope<Vec<api::Tenant>>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:admin:platform`)", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn tenants(
     State(s): State<Services>,
     Caller(p): Caller,
@@ -31,6 +62,24 @@ pub async fn tenants(
     Ok(Json(Envelope::new(identity::tenants(&s, &p).await?)))
 }
 
+/// Creates a user in a tenant (super admins anywhere, tenant admins in their own tenant).
+#[utoipa::path(
+    post,
+    path = "/v1/users",
+    operation_id = "create_user",
+    tag = "platform",
+    request_body = api::CreateUser,
+    responses(
+        (status = 201, description = "The user", body = Envelope<api::User>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:admin:tenant`)", body = Error),
+        (status = 404, description = "`TENANT_NOT_FOUND`", body = Error),
+        (status = 409, description = "`CONFLICT`: the slug, e-mail or name is taken", body = Error),
+        (status = 422, description = "`VALIDATION_ERROR`", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn create_user(
     State(s): State<Services>,
     Caller(p): Caller,
@@ -39,6 +88,24 @@ pub async fn create_user(
     created(identity::create_user(&s, &p, req).await?)
 }
 
+/// Creates a group in the caller's tenant.
+#[utoipa::path(
+    post,
+    path = "/v1/groups",
+    operation_id = "create_group",
+    tag = "platform",
+    request_body = api::CreateGroup,
+    responses(
+        (status = 201, description = "The group", body = Envelope<api::Group>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:admin:tenant`)", body = Error),
+        (status = 404, description = "`GROUP_NOT_FOUND` (the parent)", body = Error),
+        (status = 409, description = "`CONFLICT`: the slug, e-mail or name is taken", body = Error),
+        (status = 422, description = "`VALIDATION_ERROR`", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn create_group(
     State(s): State<Services>,
     Caller(p): Caller,
@@ -47,6 +114,25 @@ pub async fn create_group(
     created(identity::create_group(&s, &p, req).await?)
 }
 
+/// Adds a user of the caller's tenant to a group.
+#[utoipa::path(
+    post,
+    path = "/v1/groups/{id}/members",
+    operation_id = "add_group_member",
+    tag = "platform",
+    params(("id" = String, Path, description = "Group id (`grp_…`)")),
+    request_body = api::AddMember,
+    responses(
+        (status = 201, description = "The group with its members", body = Envelope<api::Group>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:admin:tenant`)", body = Error),
+        (status = 404, description = "`GROUP_NOT_FOUND` or `USER_NOT_FOUND`", body = Error),
+        (status = 409, description = "`CONFLICT`: the slug, e-mail or name is taken", body = Error),
+        (status = 422, description = "`VALIDATION_ERROR`", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn add_member(
     State(s): State<Services>,
     Caller(p): Caller,
@@ -56,6 +142,23 @@ pub async fn add_member(
     created(identity::add_member(&s, &p, &id, req).await?)
 }
 
+/// Mints an API key; the answer is the only time `key` is shown.
+#[utoipa::path(
+    post,
+    path = "/v1/api-keys",
+    operation_id = "create_api_key",
+    tag = "platform",
+    request_body = api::CreateApiKey,
+    responses(
+        (status = 201, description = "The key, shown once", body = Envelope<api::ApiKeyCreated>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED`: another user needs `scaibunker:admin:tenant`; `permissions` may only name ones the calling key holds", body = Error),
+        (status = 404, description = "`USER_NOT_FOUND`", body = Error),
+        (status = 422, description = "`VALIDATION_ERROR`", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn create_api_key(
     State(s): State<Services>,
     Caller(p): Caller,
@@ -64,6 +167,19 @@ pub async fn create_api_key(
     created(identity::create_api_key(&s, &p, req).await?)
 }
 
+/// Lists one's own API keys (all the tenant's with `scaibunker:admin:tenant`), never secrets.
+#[utoipa::path(
+    get,
+    path = "/v1/api-keys",
+    operation_id = "list_api_keys",
+    tag = "platform",
+    responses(
+        (status = 200, description = "The keys", body = Envelope<Vec<api::ApiKey>>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn api_keys(
     State(s): State<Services>,
     Caller(p): Caller,
@@ -71,6 +187,22 @@ pub async fn api_keys(
     Ok(Json(Envelope::new(identity::api_keys(&s, &p).await?)))
 }
 
+/// Revokes an API key at once.
+#[utoipa::path(
+    delete,
+    path = "/v1/api-keys/{id}",
+    operation_id = "revoke_api_key",
+    tag = "platform",
+    params(("id" = String, Path, description = "Key id (`key_…`)")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:admin:tenant`)", body = Error),
+        (status = 404, description = "`API_KEY_NOT_FOUND`", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn revoke_api_key(
     State(s): State<Services>,
     Caller(p): Caller,

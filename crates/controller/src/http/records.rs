@@ -1,9 +1,10 @@
-//! `GET /bunkers/{id}/exec-log`, `GET /audit` and the platform's `GET /v1/audit-log`.
+//! `GET /bunkers/{id}/exec-log`, `GET /audit` and the platform's `GET /v1/audit-log` (the same
+//! query, registered twice because each OpenAPI operation has one path).
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use scaibunker_api::audit::AuditEvent;
-use scaibunker_api::envelope::{DEFAULT_PAGE_LIMIT, FieldDetail, List, MAX_PAGE_LIMIT};
+use scaibunker_api::envelope::{DEFAULT_PAGE_LIMIT, Error, FieldDetail, List, MAX_PAGE_LIMIT};
 use scaibunker_api::exec::ExecLogEntry;
 use serde::Deserialize;
 
@@ -45,13 +46,33 @@ fn list<T>(page: Page<T>) -> Json<List<T>> {
     })
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
+    /// Page size, 1–500 (default 50).
     limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
+/// The bunker's exec log, newest first.
+#[utoipa::path(
+    get,
+    path = "/bunkers/{id}/exec-log",
+    operation_id = "exec_log",
+    tag = "exec",
+    params(("id" = String, Path, description = "Bunker id (`bnk_…`)"), PageQuery),
+    responses(
+        (status = 200, description = "A page of exec-log rows", body = List<ExecLogEntry>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED`", body = Error),
+        (status = 404, description = "`BUNKER_NOT_FOUND`", body = Error),
+        (status = 422, description = "`VALIDATION_ERROR` on a query parameter", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn exec_log(
     State(s): State<Services>,
     Caller(p): Caller,
@@ -63,17 +84,24 @@ pub async fn exec_log(
     Ok(list(page))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
+    /// Events at or after this RFC 3339 UTC time.
     start: Option<String>,
+    /// Events before this RFC 3339 UTC time.
     end: Option<String>,
+    /// e.g. `bunker.exec`.
     action: Option<String>,
     actor_id: Option<String>,
     resource_type: Option<String>,
     resource_id: Option<String>,
+    /// e.g. `success`.
     status: Option<String>,
+    /// Page size, 1–500 (default 50).
     limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
@@ -89,6 +117,22 @@ fn time_param(field: &str, v: Option<&str>) -> Result<Option<i64>, ApiError> {
     .transpose()
 }
 
+/// The module's audit events, newest first.
+#[utoipa::path(
+    get,
+    path = "/audit",
+    operation_id = "module_audit",
+    tag = "audit",
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "A page of audit events", body = List<AuditEvent>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:admin:tenant`)", body = Error),
+        (status = 422, description = "`VALIDATION_ERROR` on a query parameter", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn audit(
     State(s): State<Services>,
     Caller(p): Caller,
@@ -106,4 +150,28 @@ pub async fn audit(
     };
     let page = records::audit_log(&s, &p, &filter, q.cursor.as_deref(), limit(q.limit)?).await?;
     Ok(list(page))
+}
+
+/// The platform's audit log, newest first: the same events and filters as the module's `/audit`.
+#[utoipa::path(
+    get,
+    path = "/v1/audit-log",
+    operation_id = "audit_log",
+    tag = "audit",
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "A page of audit events", body = List<AuditEvent>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:admin:tenant`)", body = Error),
+        (status = 422, description = "`VALIDATION_ERROR` on a query parameter", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn audit_log(
+    s: State<Services>,
+    caller: Caller,
+    q: QueryResult<AuditQuery>,
+) -> Result<Json<List<AuditEvent>>, ApiError> {
+    audit(s, caller, q).await
 }
