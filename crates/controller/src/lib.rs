@@ -120,6 +120,7 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
         live,
         job_runs: Arc::default(),
         metrics: Arc::default(),
+        exec_hub: Arc::default(),
         controller_id: format!(
             "ctl_{}",
             scaibunker_core::ids::encode_random(service::random_bytes())

@@ -464,7 +464,6 @@ async fn exec_and_file_requests_are_validated_before_touching_the_bunker(db: Db)
         ),
         (json!({"command": "x", "stdin_b64": "%%%"}), "stdin_b64"),
         (json!({"command": "x", "cwd": "relative"}), "cwd"),
-        (json!({"command": "x", "stream": true}), "stream"),
         (json!({"command": "x", "nope": 1}), "nope"),
     ];
     for (body, field) in table {

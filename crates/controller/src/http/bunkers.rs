@@ -9,7 +9,10 @@ use scaibunker_api::envelope::{DEFAULT_PAGE_LIMIT, Error, List, MAX_PAGE_LIMIT, 
 use scaibunker_api::exec::{ExecRequest, ExecResult};
 use serde::Deserialize;
 
+use axum::response::{IntoResponse, Response};
+
 use super::error::ApiError;
+use super::exec_stream;
 use super::extract::{ApiJson, Caller, Ctx};
 use crate::service::Services;
 use crate::service::bunkers::{self as svc, to_api};
@@ -188,7 +191,10 @@ pub async fn delete(
     params(("id" = String, Path, description = "Bunker id (`bnk_…`)")),
     request_body = ExecRequest,
     responses(
-        (status = 200, description = "The finished command", body = Envelope<ExecResult>),
+        (status = 200, description = "The finished command (JSON), or with `stream: true` Server-Sent Events `stdout`, `stderr`, `exit`, `error`, each with an `id:`, ending with `data: [DONE]`; the exec id is in the `x-exec-id` header", content(
+            (Envelope<ExecResult> = "application/json"),
+            (String = "text/event-stream")
+        )),
         (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
         (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:execute`, or `scaibunker:root` for `user: root`)", body = Error),
         (status = 404, description = "`BUNKER_NOT_FOUND`: unknown or another tenant's bunker", body = Error),
@@ -199,15 +205,66 @@ pub async fn delete(
     ),
     security(("bearer" = []))
 )]
+/// Inline (`{"status":"ok","data": result}`) or, with `stream: true`, Server-Sent Events whose
+/// exec id is also in the `x-exec-id` header (for resuming).
 pub async fn exec(
     State(s): State<Services>,
     Caller(p): Caller,
     Ctx(ctx): Ctx,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<ExecRequest>,
-) -> Result<Json<Envelope<ExecResult>>, ApiError> {
-    let out = svc::exec(&s, &p, &ctx, &id, req).await?;
-    Ok(Json(Envelope::new(out)))
+) -> Result<Response, ApiError> {
+    if req.stream == Some(true) {
+        let buffer = crate::service::exec_stream::start(&s, &p, &ctx, &id, req).await?;
+        let exec_id = buffer.exec_id.clone();
+        let mut resp = exec_stream::sse(buffer, 0).into_response();
+        if let Ok(v) = axum::http::HeaderValue::from_str(&exec_id) {
+            resp.headers_mut().insert("x-exec-id", v);
+        }
+        return Ok(resp);
+    }
+    let out: ExecResult = svc::exec(&s, &p, &ctx, &id, req).await?;
+    Ok(Json(Envelope::new(out)).into_response())
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    /// Alternative to the `Last-Event-ID` header.
+    last_event_id: Option<u64>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/bunkers/{id}/exec/{exec_id}/events",
+    operation_id = "exec_events",
+    tag = "exec",
+    params(
+        ("id" = String, Path, description = "Bunker id (`bnk_…`)"),
+        ("exec_id" = String, Path, description = "Exec id (`exe_…`) from the `x-exec-id` header"),
+        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event id"),
+        EventsQuery
+    ),
+    responses(
+        (status = 200, description = "The exec's Server-Sent Events after `Last-Event-ID` (all of them without it), live until `data: [DONE]`; a resume from before the kept window gets an `error` event `RESUME_WINDOW_EXCEEDED`", content_type = "text/event-stream", body = String),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:execute`)", body = Error),
+        (status = 404, description = "`EXEC_NOT_FOUND`: unknown, another tenant's, or finished more than 10 minutes ago on this controller", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
+/// Resumes a streamed exec after `Last-Event-ID`.
+pub async fn exec_events(
+    State(s): State<Services>,
+    Caller(p): Caller,
+    Path((id, exec_id)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    Query(q): Query<EventsQuery>,
+) -> Result<Response, ApiError> {
+    let buffer = crate::service::exec_stream::find(&s, &p, &id, &exec_id)?;
+    let after = exec_stream::resume_point(&headers, q.last_event_id);
+    Ok(exec_stream::sse(buffer, after).into_response())
 }
 
 /// Pauses the bunker's VM.

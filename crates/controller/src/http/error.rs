@@ -165,6 +165,7 @@ impl From<BunkerError> for ApiError {
             B::ImageNotFound(_) => Self::new(StatusCode::NOT_FOUND, codes::IMAGE_NOT_FOUND, msg),
             B::SnapshotNotFound(_) => Self::new(StatusCode::NOT_FOUND, "SNAPSHOT_NOT_FOUND", msg),
             B::NotFound => Self::new(StatusCode::NOT_FOUND, codes::BUNKER_NOT_FOUND, msg),
+            B::ExecNotFound => Self::new(StatusCode::NOT_FOUND, "EXEC_NOT_FOUND", msg),
             B::NotRunning(_) => Self::new(StatusCode::CONFLICT, codes::BUNKER_NOT_RUNNING, msg),
             B::InvalidTransition(_) => {
                 Self::new(StatusCode::CONFLICT, codes::BUNKER_INVALID_TRANSITION, msg)

@@ -8,6 +8,7 @@
 
 mod bunkers;
 mod error;
+mod exec_stream;
 mod extract;
 mod files;
 mod fleet;
@@ -121,6 +122,7 @@ fn api_routes() -> OpenApiRouter<Services> {
         .routes(routes!(bunkers::pause))
         .routes(routes!(bunkers::resume))
         .routes(routes!(bunkers::exec))
+        .routes(routes!(bunkers::exec_events))
         .routes(routes!(files::read, files::write, files::remove))
         .routes(routes!(files::list))
         .routes(routes!(records::exec_log))

@@ -57,6 +57,8 @@ pub enum BunkerError {
     SnapshotNotFound(String),
     #[error("bunker not found")]
     NotFound,
+    #[error("no streamed exec with this id on this bunker (finished ones are kept 10 minutes)")]
+    ExecNotFound,
     #[error("bunker is {0}, not running")]
     NotRunning(BunkerStatus),
     #[error("{0}")]
@@ -878,13 +880,22 @@ const DEFAULT_EXEC_TIMEOUT_S: u64 = 60;
 const MAX_STDIN_BYTES: usize = 1024 * 1024;
 const OUTPUT_PREVIEW_CHARS: usize = 512;
 
-pub async fn exec(
+/// An exec request checked and ready to send to the bunker's worker.
+pub struct PreparedExec {
+    pub row: BunkerRow,
+    pub worker_url: String,
+    pub request: wp::ExecRequest,
+    /// The command as the exec log records it.
+    pub command_text: String,
+}
+
+/// Checks permissions and every field, and that the bunker runs; builds the worker request.
+pub async fn prepare_exec(
     s: &Services,
     p: &Principal,
-    ctx: &RequestContext,
     id: &str,
-    req: ExecRequest,
-) -> Result<ExecResult, BunkerError> {
+    req: &ExecRequest,
+) -> Result<PreparedExec, BunkerError> {
     if !p.has(auth::EXECUTE) {
         return Err(BunkerError::PermissionDenied(auth::EXECUTE));
     }
@@ -947,12 +958,6 @@ pub async fn exec(
     }
     let env = req.env.clone().unwrap_or_default();
     validate_map(&mut errors, "env", &env, 128, 32 * 1024, true);
-    if req.stream == Some(true) {
-        errors.push(field(
-            "stream",
-            "streamed exec is not available on this deployment yet; omit `stream`",
-        ));
-    }
     let Some(program) = program.filter(|_| errors.is_empty()) else {
         return Err(BunkerError::Validation(errors));
     };
@@ -980,6 +985,54 @@ pub async fn exec(
         timeout_ms: timeout_s * 1000,
         output_limit_bytes: limit,
     };
+    Ok(PreparedExec {
+        row,
+        worker_url,
+        request: wreq,
+        command_text,
+    })
+}
+
+/// Records a finished exec: its exec-log row, its audit event and the bunker's activity.
+pub async fn record_exec(
+    s: &Services,
+    p: &Principal,
+    ctx: &RequestContext,
+    row: &BunkerRow,
+    entry: ExecLogRow,
+) -> Result<(), BunkerError> {
+    let mut tx = s.store.begin().await?;
+    let details = serde_json::json!({
+        "exec_id": entry.id,
+        "exit_code": entry.exit_code,
+        "timed_out": entry.timed_out,
+    });
+    exec_log::insert(&mut tx, &entry).await?;
+    audit::insert(
+        &mut tx,
+        &audit_event(p, ctx, "bunker.exec", &row.id, "success", details),
+    )
+    .await?;
+    bstore::touch_activity(&mut tx, &row.tenant_id, &row.id, now_ms()).await?;
+    tx.commit().await.map_err(StoreError::from)?;
+    Ok(())
+}
+
+/// Runs a command and answers with its whole result (`stream: false`).
+pub async fn exec(
+    s: &Services,
+    p: &Principal,
+    ctx: &RequestContext,
+    id: &str,
+    req: ExecRequest,
+) -> Result<ExecResult, BunkerError> {
+    let PreparedExec {
+        row,
+        worker_url,
+        request: wreq,
+        command_text,
+    } = prepare_exec(s, p, id, &req).await?;
+    let now = now_ms();
     let started = std::time::Instant::now();
     let out = s.workers.exec(&worker_url, &row.id, &wreq).await?;
     let duration_ms = started.elapsed().as_millis() as u64;
@@ -998,10 +1051,12 @@ pub async fn exec(
         .take(OUTPUT_PREVIEW_CHARS)
         .collect();
 
-    let mut tx = s.store.begin().await?;
-    exec_log::insert(
-        &mut tx,
-        &ExecLogRow {
+    record_exec(
+        s,
+        p,
+        ctx,
+        &row,
+        ExecLogRow {
             id: exec_id.clone(),
             tenant_id: row.tenant_id.clone(),
             bunker_id: row.id.clone(),
@@ -1015,20 +1070,6 @@ pub async fn exec(
         },
     )
     .await?;
-    audit::insert(
-        &mut tx,
-        &audit_event(
-            p,
-            ctx,
-            "bunker.exec",
-            &row.id,
-            "success",
-            serde_json::json!({"exec_id": exec_id, "exit_code": out.exit_code, "timed_out": out.timed_out}),
-        ),
-    )
-    .await?;
-    bstore::touch_activity(&mut tx, &row.tenant_id, &row.id, now_ms()).await?;
-    tx.commit().await.map_err(StoreError::from)?;
 
     Ok(ExecResult {
         exec_id,

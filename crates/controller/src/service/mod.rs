@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod bunkers;
+pub mod exec_stream;
 pub mod fleet;
 pub mod identity;
 pub mod records;
@@ -28,6 +29,8 @@ pub struct Services {
     pub live: Arc<dyn crate::live::LiveState>,
     /// This controller's identity as a lease holder.
     pub controller_id: String,
+    /// Streamed execs of this controller, resumable by id.
+    pub exec_hub: Arc<exec_stream::ExecHub>,
     /// HTTP request metrics of this controller.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The ticks this controller ran each job for (newest last, bounded): observability.

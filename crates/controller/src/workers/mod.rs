@@ -150,6 +150,26 @@ impl WorkerClient {
         Self::json(self.send(base, r).await?).await
     }
 
+    /// Starts a streamed exec; the response body is NDJSON `ExecStreamEvent` lines.
+    pub async fn exec_stream(
+        &self,
+        base: &str,
+        bunker_id: &str,
+        req: &ExecRequest,
+    ) -> Result<reqwest::Response, WorkerCallError> {
+        // The command's own timeout is enforced in the guest; this only bounds a hung worker.
+        let timeout = Duration::from_millis(req.timeout_ms) + Duration::from_secs(60);
+        let r = self
+            .http
+            .post(Self::url(
+                base,
+                &format!("/bunkers/{bunker_id}/exec/stream"),
+            ))
+            .json(req)
+            .timeout(timeout);
+        self.send(base, r).await
+    }
+
     pub async fn write_file<S>(
         &self,
         base: &str,

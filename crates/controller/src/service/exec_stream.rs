@@ -1,0 +1,464 @@
+//! Streamed, resumable exec.
+//!
+//! 1. `start` checks the request like an inline exec, registers an [`ExecBuffer`] under a new
+//!    exec id and spawns a pump task that reads the worker's NDJSON event stream.
+//! 2. The pump appends each output chunk as an event with the next id (1, 2, …) and wakes
+//!    subscribers; at the end it appends `exit` (or `error`), records the exec-log row and
+//!    audit event, and marks the buffer done. It runs whether or not a client is attached, so
+//!    the command keeps running while no one listens; it is the only reader of the worker.
+//! 3. A client follows a buffer from any id it has seen ([`ExecBuffer::follow`]): the SSE
+//!    response of the exec itself starts at 0; `GET …/exec/{exec_id}/events` with
+//!    `Last-Event-ID` resumes after that id with no byte lost or repeated.
+//!
+//! Memory is bounded: a buffer keeps at most `MAX_BUFFER_BYTES` of events; older ones are
+//! dropped, and a resume from before the window gets an `error` event
+//! (`RESUME_WINDOW_EXCEEDED`). Finished buffers are forgotten after `KEEP_FINISHED`.
+//! Buffers live in the controller that ran the exec: resuming needs the same controller.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use futures_util::StreamExt;
+use scaibunker_api::exec::ExecRequest;
+use scaibunker_core::ids::ExecId;
+use scaibunker_proto::worker::ExecStreamEvent;
+use tokio::sync::watch;
+
+use super::auth::Principal;
+use super::bunkers::{BunkerError, PreparedExec, prepare_exec, record_exec};
+use super::{RequestContext, Services, random_bytes};
+use crate::store::exec_log::ExecLogRow;
+use crate::store::now_ms;
+
+/// Output kept per exec for resuming.
+const MAX_BUFFER_BYTES: usize = 32 * 1024 * 1024;
+/// How long a finished exec's events stay resumable.
+const KEEP_FINISHED: Duration = Duration::from_secs(600);
+/// Characters of stdout kept as the exec log's preview.
+const PREVIEW_CHARS: usize = 512;
+
+/// The SSE event names of the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Stdout,
+    Stderr,
+    Exit,
+    Error,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stdout => "stdout",
+            Self::Stderr => "stderr",
+            Self::Exit => "exit",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// One event: its id, name and JSON payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub id: u64,
+    pub kind: EventKind,
+    pub data: String,
+}
+
+#[derive(Default)]
+struct State {
+    events: VecDeque<Event>,
+    bytes: usize,
+    /// Id of the last event appended (0: none yet).
+    last_id: u64,
+    /// Highest id dropped from the front to bound memory.
+    dropped_through: u64,
+    done: bool,
+}
+
+/// The events of one streamed exec.
+pub struct ExecBuffer {
+    pub exec_id: String,
+    pub tenant_id: String,
+    pub bunker_id: String,
+    state: Mutex<State>,
+    /// Carries the last appended id; `done` is read from the state.
+    wake: watch::Sender<u64>,
+}
+
+/// What a follower gets next.
+pub enum Next {
+    Events(Vec<Event>),
+    /// The requested position fell out of the bounded window.
+    Gone {
+        oldest_available: u64,
+    },
+    Finished,
+}
+
+impl ExecBuffer {
+    fn new(exec_id: String, tenant_id: String, bunker_id: String) -> Self {
+        Self {
+            exec_id,
+            tenant_id,
+            bunker_id,
+            state: Mutex::new(State::default()),
+            wake: watch::channel(0).0,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, kind: EventKind, data: String) {
+        let id = {
+            let mut st = self.lock();
+            st.last_id += 1;
+            let id = st.last_id;
+            st.bytes += data.len();
+            st.events.push_back(Event { id, kind, data });
+            while st.bytes > MAX_BUFFER_BYTES && st.events.len() > 1 {
+                if let Some(old) = st.events.pop_front() {
+                    st.bytes -= old.data.len();
+                    st.dropped_through = old.id;
+                }
+            }
+            id
+        };
+        self.wake.send_replace(id);
+    }
+
+    fn finish(&self) {
+        let last = {
+            let mut st = self.lock();
+            st.done = true;
+            st.last_id
+        };
+        self.wake.send_replace(last);
+    }
+
+    /// Events after `after`, waiting for some if there are none yet.
+    pub async fn next_after(&self, after: u64) -> Next {
+        let mut rx = self.wake.subscribe();
+        loop {
+            {
+                let st = self.lock();
+                if after < st.dropped_through {
+                    return Next::Gone {
+                        oldest_available: st.dropped_through + 1,
+                    };
+                }
+                let events: Vec<Event> =
+                    st.events.iter().filter(|e| e.id > after).cloned().collect();
+                if !events.is_empty() {
+                    return Next::Events(events);
+                }
+                if st.done {
+                    return Next::Finished;
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Next::Finished;
+            }
+        }
+    }
+}
+
+/// Every streamed exec this controller runs or ran recently.
+#[derive(Default)]
+pub struct ExecHub {
+    execs: Mutex<HashMap<String, Arc<ExecBuffer>>>,
+}
+
+impl ExecHub {
+    fn insert(&self, b: Arc<ExecBuffer>) {
+        let mut m = self.execs.lock().unwrap_or_else(|p| p.into_inner());
+        m.insert(b.exec_id.clone(), b);
+    }
+
+    fn remove(&self, exec_id: &str) {
+        let mut m = self.execs.lock().unwrap_or_else(|p| p.into_inner());
+        m.remove(exec_id);
+    }
+
+    fn get(&self, exec_id: &str) -> Option<Arc<ExecBuffer>> {
+        let m = self.execs.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(exec_id).cloned()
+    }
+}
+
+/// Starts a streamed exec and returns its buffer.
+pub async fn start(
+    s: &Services,
+    p: &Principal,
+    ctx: &RequestContext,
+    bunker_id: &str,
+    req: ExecRequest,
+) -> Result<Arc<ExecBuffer>, BunkerError> {
+    let prepared = prepare_exec(s, p, bunker_id, &req).await?;
+    let exec_id = ExecId::from_random(random_bytes()).to_string();
+    // Connect before answering, so a worker that refuses (not running, bad request) is an
+    // ordinary error response rather than an error event.
+    let upstream = s
+        .workers
+        .exec_stream(&prepared.worker_url, &prepared.row.id, &prepared.request)
+        .await?;
+    let buffer = Arc::new(ExecBuffer::new(
+        exec_id.clone(),
+        prepared.row.tenant_id.clone(),
+        prepared.row.id.clone(),
+    ));
+    s.exec_hub.insert(buffer.clone());
+    tokio::spawn(pump(
+        s.clone(),
+        p.clone(),
+        ctx.clone(),
+        prepared,
+        upstream,
+        buffer.clone(),
+    ));
+    Ok(buffer)
+}
+
+/// A streamed exec the caller may follow: same tenant (or a platform admin), same bunker.
+pub fn find(
+    s: &Services,
+    p: &Principal,
+    bunker_id: &str,
+    exec_id: &str,
+) -> Result<Arc<ExecBuffer>, BunkerError> {
+    if !p.has(super::auth::EXECUTE) {
+        return Err(BunkerError::PermissionDenied(super::auth::EXECUTE));
+    }
+    s.exec_hub
+        .get(exec_id)
+        .filter(|b| b.bunker_id == bunker_id && (b.tenant_id == p.tenant_id || p.is_admin()))
+        .ok_or(BunkerError::ExecNotFound)
+}
+
+/// Turns output bytes into event JSON: `{"data": text}`, or `{"data_b64": …}` for bytes that are
+/// not UTF-8. A UTF-8 sequence cut by a chunk boundary is carried into the next chunk.
+struct TextDecoder {
+    carry: Vec<u8>,
+}
+
+impl TextDecoder {
+    fn new() -> Self {
+        Self { carry: Vec::new() }
+    }
+
+    fn decode(&mut self, chunk: &[u8]) -> Option<String> {
+        let mut bytes = std::mem::take(&mut self.carry);
+        bytes.extend_from_slice(chunk);
+        match std::str::from_utf8(&bytes) {
+            Ok(text) => Some(serde_json::json!({ "data": text }).to_string()),
+            Err(e) if e.error_len().is_none() => {
+                // Incomplete sequence at the end: keep it for the next chunk.
+                let valid = e.valid_up_to();
+                self.carry = bytes[valid..].to_vec();
+                if valid == 0 {
+                    return None;
+                }
+                let text = std::str::from_utf8(&bytes[..valid]).expect("valid up to here");
+                Some(serde_json::json!({ "data": text }).to_string())
+            }
+            Err(_) => Some(serde_json::json!({ "data_b64": B64.encode(&bytes) }).to_string()),
+        }
+    }
+
+    fn flush(&mut self) -> Option<String> {
+        (!self.carry.is_empty()).then(|| {
+            serde_json::json!({ "data_b64": B64.encode(std::mem::take(&mut self.carry)) })
+                .to_string()
+        })
+    }
+}
+
+async fn pump(
+    s: Services,
+    p: Principal,
+    ctx: RequestContext,
+    prepared: PreparedExec,
+    upstream: reqwest::Response,
+    buffer: Arc<ExecBuffer>,
+) {
+    let started = std::time::Instant::now();
+    let created_at = now_ms();
+    let mut out = TextDecoder::new();
+    let mut err = TextDecoder::new();
+    let mut preview = String::new();
+    let mut outcome: Option<(Option<i32>, bool)> = None;
+    let mut body = upstream.bytes_stream();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut failure: Option<(String, String)> = None;
+    'read: while let Some(chunk) = body.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                failure = Some(("WORKER_ERROR".into(), format!("worker stream broke: {e}")));
+                break;
+            }
+        };
+        pending.extend_from_slice(&chunk);
+        while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=nl).collect();
+            let event: ExecStreamEvent = match serde_json::from_slice(&line[..line.len() - 1]) {
+                Ok(e) => e,
+                Err(e) => {
+                    failure = Some((
+                        "WORKER_ERROR".into(),
+                        format!("malformed worker event: {e}"),
+                    ));
+                    break 'read;
+                }
+            };
+            match event {
+                ExecStreamEvent::Stdout { data_b64 } | ExecStreamEvent::Stderr { data_b64 }
+                    if B64.decode(&data_b64).is_err() =>
+                {
+                    failure = Some(("WORKER_ERROR".into(), "malformed worker output".into()));
+                    break 'read;
+                }
+                ExecStreamEvent::Stdout { data_b64 } => {
+                    let bytes = B64.decode(&data_b64).unwrap_or_default();
+                    if preview.len() < PREVIEW_CHARS {
+                        preview.push_str(&String::from_utf8_lossy(&bytes));
+                    }
+                    if let Some(data) = out.decode(&bytes) {
+                        buffer.push(EventKind::Stdout, data);
+                    }
+                }
+                ExecStreamEvent::Stderr { data_b64 } => {
+                    let bytes = B64.decode(&data_b64).unwrap_or_default();
+                    if let Some(data) = err.decode(&bytes) {
+                        buffer.push(EventKind::Stderr, data);
+                    }
+                }
+                ExecStreamEvent::Exit {
+                    exit_code,
+                    timed_out,
+                    ..
+                } => {
+                    if let Some(data) = out.flush() {
+                        buffer.push(EventKind::Stdout, data);
+                    }
+                    if let Some(data) = err.flush() {
+                        buffer.push(EventKind::Stderr, data);
+                    }
+                    let duration_ms = started.elapsed().as_millis() as u64;
+                    buffer.push(
+                        EventKind::Exit,
+                        serde_json::json!({
+                            "exec_id": buffer.exec_id,
+                            "exit_code": exit_code,
+                            "duration_ms": duration_ms,
+                            "timed_out": timed_out,
+                        })
+                        .to_string(),
+                    );
+                    outcome = Some((exit_code, timed_out));
+                    break 'read;
+                }
+                ExecStreamEvent::Error { code, message } => {
+                    failure = Some((code, message));
+                    break 'read;
+                }
+            }
+        }
+    }
+    if outcome.is_none() {
+        let (code, message) = failure.unwrap_or_else(|| {
+            (
+                "WORKER_ERROR".into(),
+                "the worker ended the stream without an exit".into(),
+            )
+        });
+        buffer.push(
+            EventKind::Error,
+            serde_json::json!({ "code": code, "message": message }).to_string(),
+        );
+    }
+    let (exit_code, timed_out) = outcome.unwrap_or((None, false));
+    let entry = ExecLogRow {
+        id: buffer.exec_id.clone(),
+        tenant_id: prepared.row.tenant_id.clone(),
+        bunker_id: prepared.row.id.clone(),
+        actor_id: p.user_id.clone(),
+        command: prepared.command_text.chars().take(4096).collect(),
+        exit_code,
+        duration_ms: started.elapsed().as_millis() as i64,
+        timed_out,
+        output_preview: preview.chars().take(PREVIEW_CHARS).collect(),
+        created_at,
+    };
+    if let Err(e) = record_exec(&s, &p, &ctx, &prepared.row, entry).await {
+        tracing::error!(exec_id = buffer.exec_id, error = ?e, "recording a streamed exec failed");
+    }
+    buffer.finish();
+    tokio::time::sleep(KEEP_FINISHED).await;
+    s.exec_hub.remove(&buffer.exec_id);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf8_cut_by_a_chunk_boundary_is_carried() {
+        let mut d = TextDecoder::new();
+        let text = "héllo";
+        let bytes = text.as_bytes();
+        // Split inside the two-byte `é`.
+        let first = d.decode(&bytes[..2]).expect("h");
+        assert_eq!(first, r#"{"data":"h"}"#);
+        let rest = d.decode(&bytes[2..]).expect("rest");
+        assert_eq!(rest, r#"{"data":"éllo"}"#);
+        assert!(d.flush().is_none());
+        // Bytes that are not UTF-8 at all travel as base64.
+        let bin = d.decode(&[0xff, 0xfe, 0x00]).expect("binary");
+        assert_eq!(bin, r#"{"data_b64":"//4A"}"#);
+    }
+
+    #[tokio::test]
+    async fn followers_resume_after_any_id_and_see_the_end() {
+        let b = Arc::new(ExecBuffer::new("exe_x".into(), "t".into(), "b".into()));
+        b.push(EventKind::Stdout, "1".into());
+        b.push(EventKind::Stdout, "2".into());
+        let Next::Events(ev) = b.next_after(0).await else {
+            panic!("events expected")
+        };
+        assert_eq!(ev.iter().map(|e| e.id).collect::<Vec<_>>(), [1, 2]);
+        let waiter = {
+            let b = b.clone();
+            tokio::spawn(async move { b.next_after(2).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        b.push(EventKind::Exit, "{}".into());
+        b.finish();
+        match waiter.await.expect("task") {
+            Next::Events(ev) => assert_eq!(ev[0].id, 3),
+            _ => panic!("the exit event wakes the follower"),
+        }
+        assert!(matches!(b.next_after(3).await, Next::Finished));
+    }
+
+    #[tokio::test]
+    async fn a_resume_from_before_the_bounded_window_is_refused() {
+        let b = ExecBuffer::new("exe_x".into(), "t".into(), "b".into());
+        let big = "x".repeat(MAX_BUFFER_BYTES / 2 + 1);
+        b.push(EventKind::Stdout, big.clone());
+        b.push(EventKind::Stdout, big.clone());
+        b.push(EventKind::Stdout, big);
+        assert!(matches!(
+            b.next_after(0).await,
+            Next::Gone {
+                oldest_available: 3
+            }
+        ));
+        assert!(matches!(b.next_after(2).await, Next::Events(_)));
+    }
+}
