@@ -183,6 +183,9 @@ pub async fn delete(
 }
 
 /// Runs a command in the bunker and answers with its exit code and output.
+///
+/// Inline (`{"status":"ok","data": result}`) or, with `stream: true`, Server-Sent Events whose
+/// exec id is also in the `x-exec-id` header (for resuming).
 #[utoipa::path(
     post,
     path = "/bunkers/{id}/exec",
@@ -205,8 +208,6 @@ pub async fn delete(
     ),
     security(("bearer" = []))
 )]
-/// Inline (`{"status":"ok","data": result}`) or, with `stream: true`, Server-Sent Events whose
-/// exec id is also in the `x-exec-id` header (for resuming).
 pub async fn exec(
     State(s): State<Services>,
     Caller(p): Caller,
