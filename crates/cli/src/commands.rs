@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use scaibunker_api::bunkers::{Bunker, CreateBunker};
 use scaibunker_api::exec::{ExecRequest, ExecUser};
-use scaibunker_sdk::Client;
+use scaibunker_sdk::{Client, ExecEvent};
 
 #[derive(Subcommand)]
 pub enum BunkerCommand {
@@ -149,48 +149,62 @@ pub async fn bunker(cmd: BunkerCommand, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Runs the command and returns its exit code (128 + signal when killed, 124 on timeout).
+/// Runs the command, streaming its output as it is produced (it resumes by itself if the
+/// connection breaks), and returns its exit code: 124 on timeout, 137 when killed, 1 when the
+/// platform failed the exec. With `--json` it waits and prints the whole result instead.
 pub async fn exec(args: ExecArgs, json: bool) -> Result<i32> {
     let c = client()?;
-    let out = c
-        .exec(
-            &args.bunker,
-            &ExecRequest {
-                argv: Some(args.argv),
-                timeout_s: args.timeout_s,
-                cwd: args.cwd,
-                user: args.root.then_some(ExecUser::Root),
-                ..Default::default()
-            },
-        )
-        .await
-        .context("exec failed")?;
-    let code = match (out.exit_code, out.timed_out) {
-        (_, true) => 124,
-        (Some(c), _) => c,
-        (None, _) => 137,
+    let req = ExecRequest {
+        argv: Some(args.argv),
+        timeout_s: args.timeout_s,
+        cwd: args.cwd,
+        user: args.root.then_some(ExecUser::Root),
+        ..Default::default()
     };
     if json {
+        let out = c.exec(&args.bunker, &req).await.context("exec failed")?;
         println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(code);
+        return Ok(match (out.exit_code, out.timed_out) {
+            (_, true) => 124,
+            (Some(code), _) => code,
+            (None, _) => 137,
+        });
     }
-    use base64::Engine as _;
-    let decode = |text: &Option<String>, b64: &Option<String>| -> Vec<u8> {
-        match (text, b64) {
-            (Some(t), _) => t.clone().into_bytes(),
-            (None, Some(b)) => base64::engine::general_purpose::STANDARD
-                .decode(b)
-                .unwrap_or_default(),
-            _ => Vec::new(),
+    let mut stream = c
+        .exec_stream(&args.bunker, &req)
+        .await
+        .context("exec failed")?;
+    let mut code = 1;
+    while let Some(event) = stream.next().await {
+        match event.context("exec stream failed")? {
+            ExecEvent::Stdout(bytes) => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&bytes)?;
+                out.flush()?;
+            }
+            ExecEvent::Stderr(bytes) => {
+                let mut err = std::io::stderr().lock();
+                err.write_all(&bytes)?;
+                err.flush()?;
+            }
+            ExecEvent::Exit {
+                exit_code,
+                timed_out,
+                ..
+            } => {
+                code = match (exit_code, timed_out) {
+                    (_, true) => {
+                        eprintln!("scaibunker: command timed out");
+                        124
+                    }
+                    (Some(c), _) => c,
+                    (None, _) => 137,
+                };
+            }
+            ExecEvent::Error { code: c, message } => {
+                anyhow::bail!("exec failed: {c}: {message}");
+            }
         }
-    };
-    std::io::stdout().write_all(&decode(&out.stdout, &out.stdout_b64))?;
-    std::io::stderr().write_all(&decode(&out.stderr, &out.stderr_b64))?;
-    if out.truncated {
-        eprintln!("scaibunker: output truncated at the inline limit");
-    }
-    if out.timed_out {
-        eprintln!("scaibunker: command timed out");
     }
     Ok(code)
 }

@@ -1,6 +1,10 @@
 //! The typed Rust client of the ScaiBunker public API. Used by the CLI and the end-to-end
 //! tests. Errors carry the API's stable codes.
 
+mod stream;
+
+pub use stream::{ExecEvent, ExecStream};
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,6 +33,8 @@ pub enum SdkError {
         #[source]
         source: reqwest::Error,
     },
+    #[error("the stream of exec {exec_id} broke and could not be resumed")]
+    StreamBroken { exec_id: String },
     #[error("unexpected answer from the API ({status})")]
     Decode {
         status: u16,
@@ -49,7 +55,7 @@ impl SdkError {
     pub fn status(&self) -> Option<u16> {
         match self {
             Self::Api { status, .. } | Self::Decode { status, .. } => Some(*status),
-            Self::Transport { .. } => None,
+            Self::Transport { .. } | Self::StreamBroken { .. } => None,
         }
     }
 }
@@ -205,6 +211,41 @@ impl Client {
             .query(&q)
             .body(content);
         Self::data(self.send(rb).await?).await
+    }
+
+    /// Starts a streamed exec (`stream` is forced on); read events with [`ExecStream::next`],
+    /// which resumes by itself after a broken connection.
+    pub async fn exec_stream(&self, id: &str, req: &ExecRequest) -> Result<ExecStream, SdkError> {
+        let mut req = req.clone();
+        req.stream = Some(true);
+        let resp = self
+            .send(
+                self.http
+                    .post(self.url(&format!("/bunkers/{id}/exec")))
+                    .json(&req),
+            )
+            .await?;
+        let exec_id = resp
+            .headers()
+            .get("x-exec-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        Ok(ExecStream::new(self.clone(), id.to_owned(), exec_id, resp))
+    }
+
+    /// The events of a streamed exec after `last_event_id` (0: from the start).
+    pub async fn exec_events(
+        &self,
+        id: &str,
+        exec_id: &str,
+        last_event_id: u64,
+    ) -> Result<reqwest::Response, SdkError> {
+        let rb = self
+            .http
+            .get(self.url(&format!("/bunkers/{id}/exec/{exec_id}/events")))
+            .header("Last-Event-ID", last_event_id.to_string());
+        self.send(rb).await
     }
 
     /// Downloads a file whole. For large files use [`Client::read_file_stream`].

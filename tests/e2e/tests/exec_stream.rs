@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use scaibunker_api::bunkers::CreateBunker;
 use scaibunker_e2e::{Up, UpOptions, require_images};
+use scaibunker_sdk::ExecEvent;
 use serde_json::Value;
 
 /// One parsed SSE event.
@@ -182,6 +183,30 @@ async fn a_stream_survives_a_disconnect_and_resumes_without_loss_or_repeat() {
             .as_str()
             .is_some_and(|p| p.starts_with("line1"))
     );
+
+    // The SDK's stream: events in order, text and bytes decoded, the exit code last.
+    let mut stream = client
+        .exec_stream(
+            &bunker.id,
+            &scaibunker_api::exec::ExecRequest {
+                command: Some("printf 'a\\n'; printf 'b' >&2; printf '\\377'; exit 5".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("sdk stream");
+    let (mut out, mut err, mut code) = (Vec::new(), Vec::new(), None);
+    while let Some(ev) = stream.next().await {
+        match ev.expect("event") {
+            ExecEvent::Stdout(b) => out.extend(b),
+            ExecEvent::Stderr(b) => err.extend(b),
+            ExecEvent::Exit { exit_code, .. } => code = exit_code,
+            ExecEvent::Error { code, message } => panic!("{code}: {message}"),
+        }
+    }
+    assert_eq!(out, b"a\n\xff");
+    assert_eq!(err, b"b");
+    assert_eq!(code, Some(5));
 
     // Unknown exec ids and other bunkers' ids are not found.
     let missing = http
