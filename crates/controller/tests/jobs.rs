@@ -474,3 +474,54 @@ async fn worker_liveness_survives_a_redis_wipe_and_silence_still_takes_a_worker_
     h.shutdown().await;
     wipe(&prefix).await;
 }
+
+#[tokio::test]
+async fn a_users_keys_share_the_users_rate_window() {
+    let db = Db::Sqlite.create().await;
+    let dir = tempfile::tempdir().expect("dir");
+    // Each key: 4 a minute; the user: 8; the tenant: 40.
+    let h = controller(&db, dir.path(), None, 4).await;
+    let a = h.bootstrap_key.clone().expect("key");
+    let http = reqwest::Client::new();
+    let mint = |name: &'static str| {
+        let http = http.clone();
+        let url = format!("{}/v1/api-keys", h.url());
+        let a = a.clone();
+        async move {
+            let v: serde_json::Value = http
+                .post(url)
+                .bearer_auth(a)
+                .json(&serde_json::json!({ "name": name }))
+                .send()
+                .await
+                .expect("mint")
+                .json()
+                .await
+                .expect("json");
+            v["data"]["key"].as_str().expect("key").to_owned()
+        }
+    };
+    let get = |key: String| {
+        let http = http.clone();
+        let url = format!("{}/v1/modules/scaibunker/bunkers", h.url());
+        async move {
+            http.get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .expect("get")
+                .status()
+        }
+    };
+    let b = mint("b").await;
+    let c = mint("c").await;
+    for _ in 0..2 {
+        assert_eq!(get(a.clone()).await, StatusCode::OK);
+    }
+    for _ in 0..4 {
+        assert_eq!(get(b.clone()).await, StatusCode::OK);
+    }
+    // Key c has used nothing of its own window, but the user's eight are spent.
+    assert_eq!(get(c.clone()).await, StatusCode::TOO_MANY_REQUESTS);
+    h.shutdown().await;
+}

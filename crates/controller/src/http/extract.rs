@@ -37,13 +37,16 @@ impl FromRequestParts<Services> for Caller {
     }
 }
 
-/// Counts the request against the key's window and its tenant's (ten times larger).
+/// Counts the request against the key's window, its user's (twice as large) and its tenant's
+/// (ten times as large).
 /// Live state being down must not take the API with it: then the request passes, logged.
 async fn rate_limit(s: &Services, p: &Principal) -> Result<(), ApiError> {
     let per_key = s.config.rate_limit_per_minute;
     let window = std::time::Duration::from_secs(60);
     for (key, limit) in [
         (format!("key:{}", p.key_id), per_key),
+        // All of a user's keys together get twice one key's window; the tenant ten times.
+        (format!("user:{}", p.user_id), per_key.saturating_mul(2)),
         (
             format!("tenant:{}", p.tenant_id),
             per_key.saturating_mul(10),
