@@ -190,6 +190,18 @@ impl Client {
         .await
     }
 
+    /// Pauses a running bunker (its VM stops; quota stays held).
+    pub async fn pause_bunker(&self, id: &str) -> Result<Bunker, SdkError> {
+        self.post(&format!("/bunkers/{id}/pause"), &serde_json::json!({}))
+            .await
+    }
+
+    /// Resumes a paused bunker.
+    pub async fn resume_bunker(&self, id: &str) -> Result<Bunker, SdkError> {
+        self.post(&format!("/bunkers/{id}/resume"), &serde_json::json!({}))
+            .await
+    }
+
     pub async fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecResult, SdkError> {
         self.post(&format!("/bunkers/{id}/exec"), req).await
     }
