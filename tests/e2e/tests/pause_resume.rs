@@ -27,9 +27,9 @@ async fn pause_and_resume_keep_a_background_process_and_its_state() {
         .expect("create");
     assert_eq!(bunker.status, "running", "{:?}", bunker.failure_reason);
 
-    // A counter in the background, in its own session (a plain `&` job of the exec's process
-    // group does not outlive the exec today — see the closing note), detached from the exec's
-    // output pipes; it replaces the file atomically so a read never sees it half-written.
+    // A counter in the background, in its own session (the tiny image's busybox has `setsid`
+    // but no `nohup`), detached from the exec's output pipes; it replaces the file atomically
+    // so a read never sees it half-written.
     let start = client
         .exec(
             &bunker.id,
