@@ -97,8 +97,15 @@ impl Store {
         self.backend
     }
 
+    /// Begins a write transaction. On SQLite it takes the write lock up front (`BEGIN
+    /// IMMEDIATE`): a deferred transaction that read before another connection committed
+    /// cannot upgrade to a writer (`SQLITE_BUSY_SNAPSHOT`, which `busy_timeout` does not
+    /// retry), whereas an immediate one waits for the lock like any other writer.
     pub async fn begin(&self) -> Result<Tx<'static>, StoreError> {
-        Ok(self.pool.begin().await?)
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::MariaDb => self.pool.begin().await?,
+        })
     }
 }
 
