@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::io::Errno;
-use scaibunker_proto::agent::{Frame, FrameKind, Reply};
+use scaibunker_proto::agent::{Frame, FrameKind, Reply, WindowSize};
 
 /// How long a writer waits for room before re-checking whether the connection closed.
 const WRITE_RECHECK: Duration = Duration::from_millis(100);
@@ -32,6 +32,7 @@ pub enum StreamInput {
     Data(Vec<u8>),
     End,
     Cancel,
+    Resize(WindowSize),
 }
 
 /// Locks `m`, ignoring poisoning: every value guarded here stays consistent when a

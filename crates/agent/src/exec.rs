@@ -16,17 +16,23 @@
 //!    Output produced after that is not delivered and the pumps close their ends.
 //! 6. `REPLY` `Exited` with the exit code or signal, `timed_out` and the duration.
 //!
+//! With a terminal (`pty`), step 2 opens a pseudo-terminal, and the program leads a new
+//! session (so the same group kill applies) with the terminal's slave side as controlling
+//! tty, stdin, stdout and stderr; `DATA` is written to the master side, the master's output
+//! is sent as `STDOUT`, and `RESIZE` sets the window size (the kernel signals `SIGWINCH`).
+//!
 //! When the agent runs as root, `GuestUser::User` switches to uid/gid 1000; std drops
 //! the supplementary groups when it switches uid as root. When the agent is not root
 //! (tests, debugging) programs run as the agent's own user.
 
 use std::collections::BTreeMap;
-use std::fs;
+use std::fs::{self, File};
 use std::io::{self, PipeReader, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread;
@@ -35,8 +41,10 @@ use std::time::{Duration, Instant};
 use rustix::event::{PollFd, PollFlags, poll};
 use rustix::io::Errno;
 use rustix::process::{Pid, Signal, WaitOptions, kill_process_group};
+use rustix::pty::OpenptFlags;
+use rustix::termios::Winsize;
 use scaibunker_proto::agent::{
-    AgentErrorCode, FrameKind, GuestUser, MAX_FRAME_PAYLOAD, Program, Reply, Stdin,
+    AgentErrorCode, FrameKind, GuestUser, MAX_FRAME_PAYLOAD, Program, Reply, Stdin, WindowSize,
 };
 
 use crate::account::{self, USER_HOME, USER_ID, USER_NAME};
@@ -53,6 +61,9 @@ pub const OUTPUT_GRACE: Duration = Duration::from_millis(200);
 /// Stack of the small helper threads; they only copy buffers allocated on the heap.
 const HELPER_STACK: usize = 128 * 1024;
 
+/// `TERM` of programs run on a terminal unless the request sets its own.
+pub const DEFAULT_TERM: &str = "xterm-256color";
+
 /// An `Exec` request, as received.
 #[derive(Debug, Clone)]
 pub struct ExecRequest {
@@ -62,6 +73,7 @@ pub struct ExecRequest {
     pub user: GuestUser,
     pub stdin: Stdin,
     pub timeout_ms: u64,
+    pub pty: Option<WindowSize>,
 }
 
 /// Why an exec could not run to its end.
@@ -85,6 +97,8 @@ pub enum ExecError {
         #[source]
         source: io::Error,
     },
+    #[error("open a pseudo-terminal")]
+    Pty(#[source] io::Error),
     #[error("start the helper threads of `{program}`")]
     Helpers {
         program: String,
@@ -109,7 +123,7 @@ impl ExecError {
             Self::CwdMissing(_) | Self::CwdNotADirectory(_) | Self::Spawn { .. } => {
                 AgentErrorCode::SpawnFailed
             }
-            Self::Helpers { .. } | Self::Wait { .. } => AgentErrorCode::Io,
+            Self::Pty(_) | Self::Helpers { .. } | Self::Wait { .. } => AgentErrorCode::Io,
         }
     }
 }
@@ -183,7 +197,69 @@ fn working_dir(cwd: Option<&str>, home: &str) -> Result<String, ExecError> {
     }
 }
 
-fn build_command(req: &ExecRequest) -> Result<(String, Command), ExecError> {
+/// The program's side of its output, and how the handler reaches it.
+struct Io {
+    /// Where `DATA` goes: the stdin pipe or the terminal's master side.
+    input: Option<File>,
+    /// What the pumps read: stdout and stderr, or the master side alone.
+    outputs: [Option<OwnedFd>; 2],
+    /// The master side, for `RESIZE`.
+    terminal: Option<OwnedFd>,
+}
+
+/// A new pseudo-terminal of `size`: `(master, slave)`. The slave is owned by `owner` when
+/// the program switches user, as a login would leave it.
+fn open_pty(size: WindowSize, owner: Option<(u32, u32)>) -> io::Result<(OwnedFd, OwnedFd)> {
+    let master = rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY)?;
+    rustix::pty::grantpt(&master)?;
+    rustix::pty::unlockpt(&master)?;
+    let name = rustix::pty::ptsname(&master, Vec::new())?;
+    let slave = OwnedFd::from(
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(std::ffi::OsStr::from_bytes(name.as_bytes()))?,
+    );
+    set_size(&master, size)?;
+    if let Some((uid, gid)) = owner {
+        rustix::fs::fchown(
+            &slave,
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+        )?;
+    }
+    Ok((master, slave))
+}
+
+fn set_size(master: &OwnedFd, size: WindowSize) -> io::Result<()> {
+    rustix::termios::tcsetwinsize(
+        master,
+        Winsize {
+            ws_row: size.rows,
+            ws_col: size.cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        },
+    )?;
+    Ok(())
+}
+
+/// Makes the child a session leader whose controlling terminal is its stdin (the slave).
+#[allow(unsafe_code)]
+fn lead_a_terminal_session(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only makes two raw
+    // system calls (setsid, ioctl); it allocates nothing and takes no lock, so it is
+    // async-signal-safe. fd 0 is the slave: std has set up stdio before pre_exec hooks.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::setsid()?;
+            rustix::process::ioctl_tiocsctty(BorrowedFd::borrow_raw(0))?;
+            Ok(())
+        });
+    }
+}
+
+fn build_command(req: &ExecRequest) -> Result<(String, Command, Io), ExecError> {
     let (program, mut cmd) = match &req.program {
         Program::Shell(script) => {
             let mut cmd = Command::new("/bin/sh");
@@ -213,20 +289,45 @@ fn build_command(req: &ExecRequest) -> Result<(String, Command), ExecError> {
         .env("HOME", &id.home)
         .env("USER", &id.name)
         .env("LOGNAME", &id.name)
-        .env("LANG", "C.UTF-8")
-        .envs(&req.env)
-        .current_dir(cwd)
-        .process_group(0)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdin(match req.stdin {
-            Stdin::Null => Stdio::null(),
-            Stdin::Stream => Stdio::piped(),
-        });
+        .env("LANG", "C.UTF-8");
+    if req.pty.is_some() {
+        cmd.env("TERM", DEFAULT_TERM);
+    }
+    cmd.envs(&req.env).current_dir(cwd);
     if let Some((uid, gid)) = id.switch_to {
         cmd.uid(uid).gid(gid);
     }
-    Ok((program, cmd))
+    let io = match req.pty {
+        None => {
+            cmd.process_group(0)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .stdin(match req.stdin {
+                    Stdin::Null => Stdio::null(),
+                    Stdin::Stream => Stdio::piped(),
+                });
+            // Filled from the child once it is spawned.
+            Io {
+                input: None,
+                outputs: [None, None],
+                terminal: None,
+            }
+        }
+        Some(size) => {
+            let (master, slave) = open_pty(size, id.switch_to).map_err(ExecError::Pty)?;
+            let dup = |fd: &OwnedFd| fd.try_clone().map_err(ExecError::Pty);
+            cmd.stdin(Stdio::from(dup(&slave)?))
+                .stdout(Stdio::from(dup(&slave)?))
+                .stderr(Stdio::from(slave));
+            lead_a_terminal_session(&mut cmd);
+            Io {
+                input: Some(File::from(dup(&master)?)),
+                outputs: [Some(dup(&master)?), None],
+                terminal: Some(master),
+            }
+        }
+    };
+    Ok((program, cmd, io))
 }
 
 /// What the exec handler waits for.
@@ -251,7 +352,7 @@ fn try_run(
     tx: &Arc<StreamTx>,
     input: Receiver<StreamInput>,
 ) -> Result<Reply, ExecError> {
-    let (program, mut cmd) = build_command(&req)?;
+    let (program, mut cmd, mut io) = build_command(&req)?;
     let helpers = |source| ExecError::Helpers {
         program: program.clone(),
         source,
@@ -262,6 +363,20 @@ fn try_run(
         program: program.clone(),
         source,
     })?;
+    // The command holds our copies of a terminal's slave side: closing them lets the
+    // master report the end once the program and its children have closed theirs.
+    drop(cmd);
+    if io.terminal.is_none() {
+        io.input = child
+            .stdin
+            .take()
+            .map(|pipe| File::from(OwnedFd::from(pipe)));
+        io.outputs = [
+            child.stdout.take().map(OwnedFd::from),
+            child.stderr.take().map(OwnedFd::from),
+        ];
+    }
+    let terminal = io.terminal.take();
     let start = Instant::now();
     let pid = i32::try_from(child.id())
         .ok()
@@ -270,7 +385,8 @@ fn try_run(
     let (ev_tx, ev_rx) = mpsc::channel();
     let mut stdin_tx = None;
 
-    let started = start_helpers(&mut child, pid, tx, input, &ev_tx, &stop_r, &mut stdin_tx);
+    let started = start_helpers(io, pid, tx, input, &ev_tx, &stop_r, &mut stdin_tx);
+    drop(child);
     drop(ev_tx);
     if let Err(source) = started {
         kill_group(pid);
@@ -296,6 +412,13 @@ fn try_run(
                 }
             }
             Ok(Event::Input(StreamInput::End)) => stdin_tx = None,
+            Ok(Event::Input(StreamInput::Resize(size))) => {
+                if let Some(master) = &terminal
+                    && let Err(e) = set_size(master, size)
+                {
+                    log!("resize the terminal of {program}: {e}");
+                }
+            }
             Ok(Event::Input(StreamInput::Cancel) | Event::InputClosed) => {
                 if killed.is_none() {
                     kill_group(pid);
@@ -341,7 +464,7 @@ fn try_run(
 
 /// Starts the forwarder, stdin writer, output pumps and waiter (step 3).
 fn start_helpers(
-    child: &mut Child,
+    io: Io,
     pid: Pid,
     tx: &Arc<StreamTx>,
     input: Receiver<StreamInput>,
@@ -359,7 +482,7 @@ fn start_helpers(
         let _ = events.send(Event::InputClosed);
     })?;
 
-    if let Some(mut stdin) = child.stdin.take() {
+    if let Some(mut stdin) = io.input {
         let (chunks_tx, chunks_rx) = mpsc::channel::<Vec<u8>>();
         spawn_helper("exec-stdin", move || {
             for chunk in chunks_rx {
@@ -371,11 +494,8 @@ fn start_helpers(
         *stdin_tx = Some(chunks_tx);
     }
 
-    let outputs = [
-        child.stdout.take().map(OwnedFd::from),
-        child.stderr.take().map(OwnedFd::from),
-    ];
-    for (fd, kind) in outputs
+    for (fd, kind) in io
+        .outputs
         .into_iter()
         .zip([FrameKind::Stdout, FrameKind::Stderr])
     {

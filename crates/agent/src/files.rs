@@ -135,6 +135,8 @@ fn try_write_file(raw: &str, mode: u32, input: &Receiver<StreamInput>) -> Result
             }
             Ok(StreamInput::End) => break,
             Ok(StreamInput::Cancel) => return Err(FileError::Cancelled(path.to_string())),
+            // Only terminals have a size.
+            Ok(StreamInput::Resize(_)) => {}
             Err(_) => return Err(FileError::ChannelClosed(path.to_string())),
         }
     }

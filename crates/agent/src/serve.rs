@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use scaibunker_proto::agent::{
     AgentErrorCode, Frame, FrameError, FrameKind, Hello, PORT_NAME, PROTOCOL_VERSION, Reply,
-    Request,
+    Request, WindowSize,
 };
 
 use crate::channel::{Conn, StreamInput, StreamTx, lock};
@@ -222,6 +222,16 @@ impl Session {
             FrameKind::Data => StreamInput::Data(frame.payload),
             FrameKind::End => StreamInput::End,
             FrameKind::Cancel => StreamInput::Cancel,
+            FrameKind::Resize => match frame.decode_json::<WindowSize>() {
+                Ok(size) => StreamInput::Resize(size),
+                Err(e) => {
+                    log!(
+                        "ignoring a malformed RESIZE on stream {}: {e}",
+                        frame.stream_id
+                    );
+                    return;
+                }
+            },
             FrameKind::Hello | FrameKind::Stdout | FrameKind::Stderr | FrameKind::Reply => {
                 log!("ignoring a {:?} frame from the worker", frame.kind);
                 return;
@@ -290,6 +300,7 @@ fn handle(request: Request, tx: &Arc<StreamTx>, input: mpsc::Receiver<StreamInpu
             user,
             stdin,
             timeout_ms,
+            pty,
         } => exec::run(
             ExecRequest {
                 program,
@@ -298,6 +309,7 @@ fn handle(request: Request, tx: &Arc<StreamTx>, input: mpsc::Receiver<StreamInpu
                 user,
                 stdin,
                 timeout_ms,
+                pty,
             },
             tx,
             input,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use scaibunker_proto::agent::{
     AgentErrorCode, EntryType, Frame, FrameKind, GuestUser, Hello, MAX_FRAME_PAYLOAD,
-    PROTOCOL_VERSION, Program, Reply, Request, Stdin,
+    PROTOCOL_VERSION, Program, Reply, Request, Stdin, WindowSize,
 };
 use tempfile::TempDir;
 
@@ -207,6 +207,17 @@ impl Agent {
         self.collect(id)
     }
 
+    /// Reads `STDOUT` frames of stream `id` into `seen` until it contains `needle`.
+    fn read_until(&mut self, id: u32, seen: &mut String, needle: &str) {
+        while !seen.contains(needle) {
+            let frame = self.next_frame_of(id);
+            match frame.kind {
+                FrameKind::Stdout => seen.push_str(&String::from_utf8_lossy(&frame.payload)),
+                other => panic!("{other:?} before `{needle}` appeared; output so far: {seen:?}"),
+            }
+        }
+    }
+
     fn read_file(&mut self, path: &str) -> Outcome {
         self.call(&Request::ReadFile { path: path.into() })
     }
@@ -242,6 +253,7 @@ struct Exec {
     user: GuestUser,
     stdin: Stdin,
     timeout_ms: u64,
+    pty: Option<WindowSize>,
 }
 
 impl Exec {
@@ -261,6 +273,7 @@ impl Exec {
             user: GuestUser::Root,
             stdin: Stdin::Null,
             timeout_ms: 60_000,
+            pty: None,
         }
     }
 
@@ -272,6 +285,7 @@ impl Exec {
             user: self.user,
             stdin: self.stdin,
             timeout_ms: self.timeout_ms,
+            pty: self.pty,
         }
     }
 }
@@ -327,6 +341,52 @@ fn runs_a_shell_command_and_returns_stdout_stderr_and_exit_code() {
     assert_eq!(out.stdout(), "out\n");
     assert_eq!(out.stderr(), "err\n");
     assert_eq!(out.exited(), (Some(3), None, false));
+}
+
+#[test]
+fn a_terminal_session_has_a_tty_of_its_size_takes_input_and_resizes() {
+    let mut agent = Agent::start();
+    let mut exec = Exec::shell(
+        "test -t 0 && test -t 1 && echo on-a-tty; echo term=$TERM; stty size; \
+         read line; echo got:$line; stty size; exit 4",
+    );
+    exec.pty = Some(WindowSize { cols: 80, rows: 24 });
+    let id = agent.open(&exec.request());
+    let mut seen = String::new();
+    agent.read_until(id, &mut seen, "24 80");
+    assert!(seen.contains("on-a-tty"), "{seen:?}");
+    assert!(seen.contains("term=xterm-256color"), "{seen:?}");
+
+    agent.send(id, FrameKind::Resize, br#"{"cols":100,"rows":30}"#);
+    agent.send(id, FrameKind::Data, b"hello\n");
+    let mut rest = String::new();
+    agent.read_until(id, &mut rest, "30 100");
+    // The terminal echoes the input and ends lines with CR LF.
+    assert!(rest.contains("got:hello\r\n"), "{rest:?}");
+    let out = agent.collect(id);
+    assert_eq!(out.exited(), (Some(4), None, false));
+}
+
+#[test]
+fn cancelling_a_terminal_session_kills_its_whole_session() {
+    let mut agent = Agent::start();
+    let mut exec = Exec::shell("sleep 300 & echo bg:$!; wait");
+    exec.pty = Some(WindowSize { cols: 80, rows: 24 });
+    let id = agent.open(&exec.request());
+    let mut seen = String::new();
+    agent.read_until(id, &mut seen, "\n");
+    let bg: u32 = seen
+        .trim()
+        .strip_prefix("bg:")
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("a pid in {seen:?}"));
+    agent.send(id, FrameKind::Cancel, &[]);
+    let out = agent.collect(id);
+    assert_eq!(out.exited().1, Some(9), "killed by SIGKILL");
+    assert!(
+        process_ends(bg),
+        "the background sleep {bg} was killed with its session"
+    );
 }
 
 #[test]

@@ -24,6 +24,9 @@ pub const TRANSIT_MISSING_INTERFACES: &str = "TRANSIT_MISSING_INTERFACES";
 /// The bunker's worker could not be reached or failed the operation.
 pub const WORKER_ERROR: &str = "WORKER_ERROR";
 
+/// A WebSocket route was called without a WebSocket upgrade.
+pub const UPGRADE_REQUIRED: &str = "UPGRADE_REQUIRED";
+
 pub const INVALID_PATH: &str = "INVALID_PATH";
 pub const FILE_NOT_FOUND: &str = "FILE_NOT_FOUND";
 pub const FILE_TOO_LARGE: &str = "FILE_TOO_LARGE";

@@ -2,6 +2,7 @@
 //! `serve` runs a controller; `up` runs a whole embedded installation.
 
 mod commands;
+mod shell;
 mod up;
 
 use std::net::SocketAddr;
@@ -42,6 +43,8 @@ enum Command {
     },
     /// Run a command in a bunker; exits with the command's exit code.
     Exec(commands::ExecArgs),
+    /// Open an interactive shell in a bunker; exits with the shell's exit code.
+    Shell(shell::ShellArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -63,6 +66,7 @@ fn main() -> std::process::ExitCode {
             Command::Serve { data_dir, listen } => up::serve(data_dir, listen).await.map(|_| 0),
             Command::Bunker { command } => commands::bunker(command, cli.json).await.map(|_| 0),
             Command::Exec(args) => commands::exec(args, cli.json).await,
+            Command::Shell(args) => shell::shell(args).await,
         }
     });
     match result {

@@ -529,6 +529,7 @@ async fn other_tenants_bunkers_are_not_found_and_permissions_are_enforced(db: Db
         ("POST", format!("/bunkers/{id}/resume"), None),
         ("GET", format!("/bunkers/{id}/exec-log"), None),
         ("PUT", format!("/bunkers/{id}/files?path=/tmp/x"), None),
+        ("GET", format!("/bunkers/{id}/shell"), None),
     ] {
         let (st, v) = api.call(method, &path, Some(&other), body).await;
         assert_eq!(
@@ -1347,7 +1348,76 @@ macro_rules! both {
     };
 }
 
+/// The shell route authenticates by header or `?token=`, checks its permission and the
+/// bunker, and only then asks for the WebSocket upgrade (the real sessions are end to end).
+async fn the_shell_route_takes_a_query_token_and_checks_before_upgrading(db: Db) {
+    let api = Api::start(db).await;
+    api.register_dead_worker("dead", 8000, default_image())
+        .await;
+    let (_, v) = api
+        .admin("POST", "/bunkers", Some(json!({"image": "default"})))
+        .await;
+    let id = v["data"]["id"].as_str().expect("id").to_owned();
+    let shell = format!("/bunkers/{id}/shell");
+    let key = api.key.clone();
+
+    let (st, v) = api.call("GET", &shell, None, None).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNAUTHORIZED, "AUTH_TOKEN_MISSING")
+    );
+    let (st, v) = api
+        .call("GET", &format!("{shell}?token=sgk_not_a_key"), None, None)
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNAUTHORIZED, "AUTH_TOKEN_INVALID")
+    );
+    // The query token is the caller: the (failed) bunker is found and refused as not running.
+    let (st, v) = api
+        .call("GET", &format!("{shell}?token={key}"), None, None)
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::CONFLICT, "BUNKER_NOT_RUNNING"),
+        "{v}"
+    );
+    let (st, v) = api
+        .call("GET", &format!("{shell}?cols=0&token={key}"), None, None)
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_ERROR")
+    );
+    assert_eq!(v["error"]["details"][0]["field"], "cols", "{v}");
+    let (st, v) = api
+        .call("GET", &format!("{shell}?colour=red"), Some(&key), None)
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_ERROR")
+    );
+
+    // A key without `scaibunker:shell` (a viewer) is refused before the bunker is looked at;
+    // root needs `scaibunker:root`.
+    let viewer = api.tenant_key("viewer", "tenant_viewer").await;
+    let (st, v) = api.call("GET", &shell, Some(&viewer), None).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::FORBIDDEN, "AUTHZ_PERMISSION_DENIED")
+    );
+    let user = api.tenant_key("user", "tenant_user").await;
+    let (st, v) = api
+        .call("GET", &format!("{shell}?user=root"), Some(&user), None)
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::FORBIDDEN, "AUTHZ_PERMISSION_DENIED")
+    );
+}
+
 both!(
+    the_shell_route_takes_a_query_token_and_checks_before_upgrading,
     every_route_refuses_a_key_without_its_permission,
     admins_list_drain_and_resume_workers,
     metrics_count_requests_by_route_and_bunkers_by_status,

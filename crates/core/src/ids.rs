@@ -85,6 +85,8 @@ prefixed_id!(/// An image.
     ImageId, "img_");
 prefixed_id!(/// One exec call.
     ExecId, "exe_");
+prefixed_id!(/// One interactive shell session.
+    ShellId, "shl_");
 prefixed_id!(/// An API key.
     ApiKeyId, "key_");
 prefixed_id!(/// A snapshot.

@@ -19,6 +19,9 @@
 //!    `REPLY` always ends the stream; an error before any data is a `REPLY` with [`Reply::Error`].
 //! 5. The worker may send `CANCEL` on an open stream: the agent kills what the stream runs
 //!    and still answers with its `REPLY`.
+//! 6. An exec with a terminal ([`Request::Exec`] `pty`) reads its input from `DATA` frames,
+//!    sends the terminal's output as `STDOUT` frames, and takes `RESIZE` frames (a JSON
+//!    [`WindowSize`]) from the worker at any time before its `REPLY`.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -26,7 +29,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to frames or messages.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest payload of one frame; bigger bodies are split into several `DATA` frames.
 pub const MAX_FRAME_PAYLOAD: usize = 64 * 1024;
@@ -49,6 +52,7 @@ pub enum FrameKind {
     Stderr = 6,
     Reply = 7,
     Cancel = 8,
+    Resize = 9,
 }
 
 impl FrameKind {
@@ -62,6 +66,7 @@ impl FrameKind {
             6 => Self::Stderr,
             7 => Self::Reply,
             8 => Self::Cancel,
+            9 => Self::Resize,
             _ => return None,
         })
     }
@@ -215,6 +220,14 @@ pub enum GuestUser {
     Root,
 }
 
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WindowSize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
 /// Whether a request body (`DATA`…`END`) follows the request.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -241,6 +254,12 @@ pub enum Request {
         stdin: Stdin,
         /// The whole process group is killed after this long.
         timeout_ms: u64,
+        /// Run on a new pseudo-terminal of this size (an interactive shell): the program
+        /// leads a new session with the terminal as its controlling tty and stdin, stdout
+        /// and stderr; input comes from `DATA` frames whatever `stdin` says, output is
+        /// `STDOUT` only, and `RESIZE` frames change the size.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pty: Option<WindowSize>,
     },
     /// Body follows as `DATA`…`END`; written to a temporary file in the same directory,
     /// fsynced and renamed over `path`; parents created.
@@ -379,10 +398,12 @@ mod tests {
             user: GuestUser::Root,
             stdin: Stdin::Null,
             timeout_ms: 1000,
+            pty: None,
         };
         let v = serde_json::to_value(&r).expect("serialises");
         assert_eq!(v["op"], "exec");
         assert_eq!(v["program"]["argv"][0], "true");
         assert_eq!(v["user"], "root");
+        assert!(v.get("pty").is_none(), "no terminal, no field");
     }
 }

@@ -127,6 +127,42 @@ pub struct VmInfo {
     pub boot_ms: u64,
 }
 
+/// Query of `GET /v1/worker/bunkers/{id}/shell`, a WebSocket: binary messages carry terminal
+/// bytes both ways, text messages a [`ShellControl`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ShellQuery {
+    pub cols: u16,
+    pub rows: u16,
+    /// Run by `/bin/sh -c`.
+    pub command: String,
+    #[serde(default)]
+    pub user: GuestUser,
+    /// The session is killed after this long.
+    pub timeout_ms: u64,
+}
+
+/// The text messages of a shell WebSocket. The controller sends `resize`; the worker ends
+/// the session with one `exit` or `error`, then closes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ShellControl {
+    Resize {
+        cols: u16,
+        rows: u16,
+    },
+    Exit {
+        /// `None` when the shell was killed by a signal.
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
+}
+
 /// `POST /v1/worker/bunkers/{id}/exec`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

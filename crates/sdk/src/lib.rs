@@ -1,8 +1,10 @@
 //! The typed Rust client of the ScaiBunker public API. Used by the CLI and the end-to-end
 //! tests. Errors carry the API's stable codes.
 
+mod shell;
 mod stream;
 
+pub use shell::{ShellEvent, ShellOptions, ShellReader, ShellWriter};
 pub use stream::{ExecEvent, ExecStream};
 
 use std::time::Duration;
@@ -35,6 +37,12 @@ pub enum SdkError {
     },
     #[error("the stream of exec {exec_id} broke and could not be resumed")]
     StreamBroken { exec_id: String },
+    /// A shell's WebSocket could not be opened or broke.
+    #[error("shell: {message}")]
+    Shell { message: String },
+    /// The server ended a shell session with an error code.
+    #[error("shell failed: {code}: {message}")]
+    ShellFailed { code: String, message: String },
     #[error("unexpected answer from the API ({status})")]
     Decode {
         status: u16,
@@ -47,7 +55,7 @@ impl SdkError {
     /// The API's error code, if the API answered with one.
     pub fn code(&self) -> Option<&str> {
         match self {
-            Self::Api { code, .. } => Some(code),
+            Self::Api { code, .. } | Self::ShellFailed { code, .. } => Some(code),
             _ => None,
         }
     }
@@ -55,7 +63,10 @@ impl SdkError {
     pub fn status(&self) -> Option<u16> {
         match self {
             Self::Api { status, .. } | Self::Decode { status, .. } => Some(*status),
-            Self::Transport { .. } | Self::StreamBroken { .. } => None,
+            Self::Transport { .. }
+            | Self::StreamBroken { .. }
+            | Self::Shell { .. }
+            | Self::ShellFailed { .. } => None,
         }
     }
 }
@@ -299,6 +310,46 @@ impl Client {
     }
 
     /// `GET /health`: whether the API answers.
+    /// Opens an interactive shell in the bunker: a writer (keystrokes, resizes) and a reader
+    /// (output, then the exit).
+    pub async fn shell(
+        &self,
+        id: &str,
+        opts: &ShellOptions,
+    ) -> Result<(ShellWriter, ShellReader), SdkError> {
+        let mut url =
+            reqwest::Url::parse(&self.url(&format!("/bunkers/{id}/shell"))).map_err(|e| {
+                SdkError::Shell {
+                    message: format!("bad base URL {}: {e}", self.base),
+                }
+            })?;
+        let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
+        // http(s) → ws(s) on the same URL is always accepted.
+        let _ = url.set_scheme(scheme);
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(cols) = opts.cols {
+                q.append_pair("cols", &cols.to_string());
+            }
+            if let Some(rows) = opts.rows {
+                q.append_pair("rows", &rows.to_string());
+            }
+            if let Some(command) = &opts.command {
+                q.append_pair("command", command);
+            }
+            if let Some(user) = opts.user {
+                q.append_pair(
+                    "user",
+                    match user {
+                        scaibunker_api::exec::ExecUser::User => "user",
+                        scaibunker_api::exec::ExecUser::Root => "root",
+                    },
+                );
+            }
+        }
+        shell::open(url.to_string(), self.token.as_deref()).await
+    }
+
     pub async fn health(&self) -> Result<(), SdkError> {
         let url = format!("{}/health", self.base);
         self.http

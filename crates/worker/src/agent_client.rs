@@ -21,7 +21,9 @@
 //! (cancelled, [`AgentError::Stalled`]) rather than blocking the others for longer.
 //!
 //! Exec is one code path: [`AgentClient::exec_stream`] yields output frame by frame
-//! ([`ExecStream`]); [`AgentClient::exec`] collects that stream up to the output limit.
+//! ([`ExecStream`]); [`AgentClient::exec`] collects that stream up to the output limit;
+//! [`AgentClient::shell`] is an exec on a pseudo-terminal whose input ([`ShellInput`]) the
+//! caller feeds as it goes.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
@@ -33,7 +35,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use scaibunker_proto::agent::{
     AgentErrorCode, DirEntry, Frame, FrameError, FrameKind, GuestUser, HEADER_LEN, Hello,
-    MAX_FRAME_PAYLOAD, PROTOCOL_VERSION, Program, Reply, Request, Stdin,
+    MAX_FRAME_PAYLOAD, PROTOCOL_VERSION, Program, Reply, Request, Stdin, WindowSize,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
@@ -108,6 +110,18 @@ pub struct ExecSpec {
     pub timeout: Duration,
     /// Each of stdout and stderr is kept up to this many bytes; the rest is only counted.
     pub output_limit_bytes: u64,
+}
+
+/// An interactive program on a terminal in the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShellSpec {
+    pub program: Program,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub user: GuestUser,
+    pub size: WindowSize,
+    /// The session is killed after this long.
+    pub timeout: Duration,
 }
 
 /// What an exec produced, collected.
@@ -292,7 +306,6 @@ impl AgentClient {
     /// program that cannot be spawned, comes through the stream. The spec's
     /// `output_limit_bytes` is not applied: every byte is passed on.
     pub async fn exec_stream(&self, spec: ExecSpec) -> Result<ExecStream, AgentError> {
-        let timeout_ms = u64::try_from(spec.timeout.as_millis()).unwrap_or(u64::MAX);
         let request = Request::Exec {
             program: spec.program,
             env: spec.env,
@@ -303,7 +316,8 @@ impl AgentClient {
             } else {
                 Stdin::Null
             },
-            timeout_ms,
+            timeout_ms: millis(spec.timeout),
+            pty: None,
         };
         let stream = self.open(&request).await?;
         if let Some(stdin) = spec.stdin {
@@ -312,15 +326,28 @@ impl AgentClient {
             // never leaves it parked holding the writer lock halfway through a frame.
             tokio::spawn(feed_stdin(stream.sender(), stdin));
         }
-        let limit = spec.timeout.saturating_add(EXEC_GRACE);
-        Ok(ExecStream {
-            stream,
-            deadline: tokio::time::Instant::now() + limit,
-            limit,
-            stdout_total_bytes: 0,
-            stderr_total_bytes: 0,
-            ended: false,
-        })
+        Ok(ExecStream::new(stream, spec.timeout))
+    }
+
+    /// Starts an interactive program on a new terminal of `spec.size`. The terminal's output
+    /// comes through the [`ExecStream`] (as `Stdout`), then the exit; keystrokes and resizes
+    /// go through the [`ShellInput`]. Dropping the stream ends the session (its whole
+    /// process group is killed).
+    pub async fn shell(&self, spec: ShellSpec) -> Result<(ShellInput, ExecStream), AgentError> {
+        let request = Request::Exec {
+            program: spec.program,
+            env: spec.env,
+            cwd: spec.cwd,
+            user: spec.user,
+            stdin: Stdin::Stream,
+            timeout_ms: millis(spec.timeout),
+            pty: Some(spec.size),
+        };
+        let stream = self.open(&request).await?;
+        let input = ShellInput {
+            sender: stream.sender(),
+        };
+        Ok((input, ExecStream::new(stream, spec.timeout)))
     }
 
     /// Streams `body` into `path` (written atomically by the agent). If the body fails, the
@@ -621,6 +648,18 @@ pub struct ExecStream {
 }
 
 impl ExecStream {
+    fn new(stream: OpenStream, timeout: Duration) -> Self {
+        let limit = timeout.saturating_add(EXEC_GRACE);
+        Self {
+            stream,
+            deadline: tokio::time::Instant::now() + limit,
+            limit,
+            stdout_total_bytes: 0,
+            stderr_total_bytes: 0,
+            ended: false,
+        }
+    }
+
     /// The next event; `None` after [`ExecEvent::Exited`] or an error.
     pub async fn next(&mut self) -> Option<Result<ExecEvent, AgentError>> {
         if self.ended {
@@ -670,6 +709,32 @@ impl ExecStream {
             other => Err(self.stream.unexpected(&format!("{other:?} frame"))),
         }
     }
+}
+
+/// The keyboard of a [`AgentClient::shell`] session.
+pub struct ShellInput {
+    sender: StreamSender,
+}
+
+impl ShellInput {
+    /// Types `bytes` into the terminal.
+    pub async fn write(&self, bytes: &[u8]) -> Result<(), AgentError> {
+        for chunk in bytes.chunks(MAX_FRAME_PAYLOAD) {
+            self.sender.send(FrameKind::Data, chunk.to_vec()).await?;
+        }
+        Ok(())
+    }
+
+    /// Changes the terminal's size; the program gets `SIGWINCH`.
+    pub async fn resize(&self, size: WindowSize) -> Result<(), AgentError> {
+        self.sender
+            .write(&Frame::json(self.sender.id, FrameKind::Resize, &size))
+            .await
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The writing half of one stream.

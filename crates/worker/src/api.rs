@@ -10,6 +10,9 @@
 //! that it is `200` with an NDJSON body ([`ExecStreamEvent`]) that ends in one `exit` or
 //! `error` line. A client that goes away cancels the command.
 //!
+//! `shell` upgrades to a WebSocket once the session has started (so an unknown or stopped
+//! bunker is a plain error response); [`crate::shell`] bridges it to the terminal.
+//!
 //! File bodies stream in both directions: an upload is forwarded to the agent chunk by chunk
 //! (never buffered whole) and cut off at the configured cap; a download starts only once the
 //! agent has accepted the path, so not-found and is-a-directory are proper statuses.
@@ -20,6 +23,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -32,13 +36,14 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use scaibunker_proto::agent::AgentErrorCode;
 use scaibunker_proto::worker::{
-    CreateVm, ExecRequest, ExecResult, ExecStreamEvent, FileWritten, WORKER_API_PREFIX, WorkerError,
+    CreateVm, ExecRequest, ExecResult, ExecStreamEvent, FileWritten, ShellQuery, WORKER_API_PREFIX,
+    WorkerError,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::agent_client::{
-    AgentError, ExecEvent, ExecOutcome, ExecSpec, ExecStream, WriteFileError,
+    AgentError, ExecEvent, ExecOutcome, ExecSpec, ExecStream, ShellSpec, WriteFileError,
 };
 use crate::bunker::{BunkerOpError, Bunkers, CreateBunkerError};
 
@@ -234,6 +239,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/bunkers/{id}/resume", post(resume_bunker))
         .route("/bunkers/{id}/exec", post(exec))
         .route("/bunkers/{id}/exec/stream", post(exec_stream))
+        .route("/bunkers/{id}/shell", get(shell))
         .route(
             "/bunkers/{id}/files",
             get(read_file).put(write_file).delete(remove_file),
@@ -335,6 +341,46 @@ async fn exec_stream(
     body: Result<Json<ExecRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     execute(&s, Command::ExecStream(id, json_body(body)?)).await
+}
+
+/// Largest terminal side accepted, in cells.
+const MAX_TERMINAL_CELLS: u16 = 1000;
+
+async fn shell(
+    State(s): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    q: Result<Query<ShellQuery>, QueryRejection>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let q = query(q)?;
+    let sides = [q.cols, q.rows];
+    if sides.iter().any(|&n| n == 0 || n > MAX_TERMINAL_CELLS) {
+        return Err(ApiError::validation(format!(
+            "cols and rows must be 1..={MAX_TERMINAL_CELLS}"
+        )));
+    }
+    if q.timeout_ms == 0 || q.command.is_empty() || q.command.contains('\0') {
+        return Err(ApiError::validation(
+            "timeout_ms must be positive and command non-empty without NUL",
+        ));
+    }
+    let (agent, env) = s.bunkers.agent(&id)?;
+    let (input, output) = agent
+        .shell(ShellSpec {
+            program: scaibunker_proto::agent::Program::Shell(q.command),
+            env,
+            cwd: None,
+            user: q.user,
+            size: scaibunker_proto::agent::WindowSize {
+                cols: q.cols,
+                rows: q.rows,
+            },
+            timeout: Duration::from_millis(q.timeout_ms),
+        })
+        .await?;
+    Ok(ws
+        .max_message_size(crate::shell::MAX_MESSAGE_BYTES)
+        .on_upgrade(move |socket| crate::shell::bridge(socket, input, output)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -622,7 +668,7 @@ fn spawn_failed_events(message: String) -> Vec<ExecStreamEvent> {
 }
 
 /// The `error` line that ends a stream whose exec failed after the response began.
-fn stream_error(e: AgentError) -> ExecStreamEvent {
+pub(crate) fn stream_error(e: AgentError) -> ExecStreamEvent {
     let code = match &e {
         AgentError::Timeout(_) => "TIMEOUT",
         AgentError::Stalled(_) => "STREAM_STALLED",

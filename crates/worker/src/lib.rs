@@ -17,6 +17,7 @@ pub mod capacity;
 pub mod config;
 pub mod controller_client;
 pub mod images;
+pub mod shell;
 pub mod vmm;
 
 use std::net::SocketAddr;

@@ -243,6 +243,50 @@ impl Up {
         bail!("`scaibunker up` did not stop within {STOP_TIMEOUT:?} of SIGTERM; killed it")
     }
 
+    /// Creates a running bunker of the `tiny` image (256 MiB), the usual start of a test.
+    pub async fn tiny_bunker(&self) -> scaibunker_api::bunkers::Bunker {
+        let bunker = self
+            .client()
+            .create_bunker(&scaibunker_api::bunkers::CreateBunker {
+                image: Some("tiny".into()),
+                memory_mb: Some(256),
+                ..Default::default()
+            })
+            .await
+            .expect("create a tiny bunker");
+        assert_eq!(bunker.status, "running", "{:?}", bunker.failure_reason);
+        bunker
+    }
+
+    /// Runs the `scaibunker` CLI against this installation with `stdin` piped in; returns
+    /// its exit code, stdout and stderr.
+    pub async fn cli(&self, args: &[&str], stdin: &[u8]) -> (i32, String, String) {
+        use tokio::io::AsyncWriteExt as _;
+        let bins = crate::binaries().expect("binaries");
+        let mut child = tokio::process::Command::new(&bins.scaibunker)
+            .args(args)
+            .env("SCAIBUNKER_URL", self.url())
+            .env("SCAIBUNKER_API_KEY", self.key())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run the scaibunker CLI");
+        let mut input = child.stdin.take().expect("piped stdin");
+        let stdin = stdin.to_vec();
+        // Fed on the side: the CLI may write output before it reads all of its input.
+        let feed = tokio::spawn(async move {
+            let _ = input.write_all(&stdin).await;
+        });
+        let out = child.wait_with_output().await.expect("wait for the CLI");
+        let _ = feed.await;
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// Keeps the data directory (for its logs) instead of deleting it; returns its path.
     pub fn keep_data(&mut self) -> PathBuf {
         if let Some(data) = self.data.take() {

@@ -6,7 +6,6 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use scaibunker_api::bunkers::CreateBunker;
 use scaibunker_e2e::{Up, UpOptions, require_images};
 use scaibunker_sdk::ExecEvent;
 use serde_json::Value;
@@ -79,15 +78,7 @@ async fn a_stream_survives_a_disconnect_and_resumes_without_loss_or_repeat() {
     require_images(&["tiny.ext4"]).expect("guest images");
     let up = Up::start(UpOptions::default()).expect("scaibunker up gets ready");
     let client = up.client();
-    let bunker = client
-        .create_bunker(&CreateBunker {
-            image: Some("tiny".into()),
-            memory_mb: Some(256),
-            ..Default::default()
-        })
-        .await
-        .expect("create");
-    assert_eq!(bunker.status, "running", "{:?}", bunker.failure_reason);
+    let bunker = up.tiny_bunker().await;
     let http = reqwest::Client::new();
     let api = format!("{}/v1/modules/scaibunker/bunkers/{}", up.url(), bunker.id);
 

@@ -1,7 +1,6 @@
 //! A 50 MB random file up into a bunker and back down, byte-identical, through the real
 //! controller, worker and agent, streamed end to end; a failed upload leaves nothing behind.
 
-use scaibunker_api::bunkers::CreateBunker;
 use scaibunker_e2e::{Up, UpOptions, require_images};
 
 #[tokio::test]
@@ -9,15 +8,7 @@ async fn fifty_megabytes_round_trip_identically() {
     require_images(&["tiny.ext4"]).expect("guest images");
     let up = Up::start(UpOptions::default()).expect("scaibunker up gets ready");
     let client = up.client();
-    let bunker = client
-        .create_bunker(&CreateBunker {
-            image: Some("tiny".into()),
-            memory_mb: Some(256),
-            ..Default::default()
-        })
-        .await
-        .expect("create");
-    assert_eq!(bunker.status, "running", "{:?}", bunker.failure_reason);
+    let bunker = up.tiny_bunker().await;
 
     let size = 50 * 1024 * 1024;
     let mut blob = vec![0u8; size];

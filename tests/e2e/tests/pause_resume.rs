@@ -1,7 +1,6 @@
 //! Pause and resume through the public API on a real microVM: a background process keeps its
 //! state across the pause, nothing runs while paused, and a paused bunker refuses exec.
 
-use scaibunker_api::bunkers::CreateBunker;
 use scaibunker_api::exec::ExecRequest;
 use scaibunker_e2e::{Up, UpOptions, require_images};
 
@@ -17,15 +16,7 @@ async fn pause_and_resume_keep_a_background_process_and_its_state() {
     require_images(&["tiny.ext4"]).expect("guest images");
     let up = Up::start(UpOptions::default()).expect("scaibunker up gets ready");
     let client = up.client();
-    let bunker = client
-        .create_bunker(&CreateBunker {
-            image: Some("tiny".into()),
-            memory_mb: Some(256),
-            ..Default::default()
-        })
-        .await
-        .expect("create");
-    assert_eq!(bunker.status, "running", "{:?}", bunker.failure_reason);
+    let bunker = up.tiny_bunker().await;
 
     // A counter in the background, in its own session (the tiny image's busybox has `setsid`
     // but no `nohup`), detached from the exec's output pipes; it replaces the file atomically

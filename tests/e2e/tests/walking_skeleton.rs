@@ -120,23 +120,6 @@ fn is_alive(pid: u32) -> bool {
     }
 }
 
-/// Runs the CLI against `up`; returns exit code, stdout and stderr.
-async fn cli(up: &Up, args: &[&str]) -> (i32, String, String) {
-    let bins = scaibunker_e2e::binaries().expect("binaries");
-    let out = tokio::process::Command::new(&bins.scaibunker)
-        .args(args)
-        .env("SCAIBUNKER_URL", up.url())
-        .env("SCAIBUNKER_API_KEY", up.key())
-        .output()
-        .await
-        .expect("run the scaibunker CLI");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test]
 async fn default_bunker_runs_commands_and_files_then_leaves_nothing_behind() {
     let _one = ONE_UP_AT_A_TIME.lock().await;
@@ -176,10 +159,11 @@ async fn default_bunker_runs_commands_and_files_then_leaves_nothing_behind() {
     );
 
     // The CLI: exit codes pass through, listings see the bunker.
-    let (code, stdout, stderr) =
-        cli(&up, &["exec", &id, "--", "sh", "-c", "echo hi; exit 7"]).await;
+    let (code, stdout, stderr) = up
+        .cli(&["exec", &id, "--", "sh", "-c", "echo hi; exit 7"], b"")
+        .await;
     assert_eq!((code, stdout.as_str()), (7, "hi\n"), "stderr: {stderr}");
-    let (code, stdout, stderr) = cli(&up, &["bunker", "list", "--json"]).await;
+    let (code, stdout, stderr) = up.cli(&["bunker", "list", "--json"], b"").await;
     assert_eq!(code, 0, "bunker list failed: {stderr}");
     let listed: Vec<Bunker> = serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("not a bunker list ({e}): {stdout}"));

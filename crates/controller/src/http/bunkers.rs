@@ -84,12 +84,7 @@ pub async fn list(
     Caller(p): Caller,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<List<Bunker>>, ApiError> {
-    let Query(q) = q.map_err(|e| {
-        ApiError::validation(vec![scaibunker_api::envelope::FieldDetail {
-            field: "query".into(),
-            message: e.body_text(),
-        }])
-    })?;
+    let Query(q) = q.map_err(|e| ApiError::query(&e))?;
     let limit = q.limit.unwrap_or(DEFAULT_PAGE_LIMIT);
     if limit == 0 || limit > MAX_PAGE_LIMIT {
         return Err(ApiError::validation(vec![

@@ -45,6 +45,14 @@ impl ApiError {
         }
     }
 
+    /// A query string that does not parse: `422 VALIDATION_ERROR` on the field `query`.
+    pub fn query(e: &axum::extract::rejection::QueryRejection) -> Self {
+        Self::validation(vec![FieldDetail {
+            field: "query".into(),
+            message: e.body_text(),
+        }])
+    }
+
     fn internal(cause: &dyn std::error::Error) -> Self {
         let mut chain = cause.to_string();
         let mut src = cause.source();

@@ -37,6 +37,28 @@ impl FromRequestParts<Services> for Caller {
     }
 }
 
+/// The caller of a WebSocket route: authenticated by the `Authorization` header or, for
+/// clients that cannot set headers (browsers), a `token` query parameter.
+pub struct SocketCaller(pub Principal);
+
+impl FromRequestParts<Services> for SocketCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, s: &Services) -> Result<Self, ApiError> {
+        let from_query =
+            axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(
+                &parts.uri,
+            )
+            .ok()
+            .and_then(|q| q.0.get("token").cloned())
+            .filter(|t| !t.is_empty());
+        let token = bearer(parts).map(str::to_owned).or(from_query);
+        let p = auth::authenticate(&s.store, &s.config, token.as_deref()).await?;
+        rate_limit(s, &p).await?;
+        Ok(SocketCaller(p))
+    }
+}
+
 /// Counts the request against the key's window, its user's (twice as large) and its tenant's
 /// (ten times as large).
 /// Live state being down must not take the API with it: then the request passes, logged.

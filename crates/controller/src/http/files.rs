@@ -31,12 +31,7 @@ pub struct FileQuery {
 type QueryResult = Result<Query<FileQuery>, axum::extract::rejection::QueryRejection>;
 
 fn parse(q: QueryResult) -> Result<(FileQuery, String), ApiError> {
-    let Query(q) = q.map_err(|e| {
-        ApiError::validation(vec![FieldDetail {
-            field: "query".into(),
-            message: e.body_text(),
-        }])
-    })?;
+    let Query(q) = q.map_err(|e| ApiError::query(&e))?;
     let path = q.path.clone().ok_or_else(|| {
         ApiError::validation(vec![FieldDetail {
             field: "path".into(),

@@ -15,6 +15,7 @@ mod fleet;
 mod openapi;
 mod platform;
 mod records;
+mod shell;
 
 use axum::Router;
 use axum::extract::Request;
@@ -125,6 +126,7 @@ fn api_routes() -> OpenApiRouter<Services> {
         .routes(routes!(bunkers::exec_events))
         .routes(routes!(files::read, files::write, files::remove))
         .routes(routes!(files::list))
+        .routes(routes!(shell::open))
         .routes(routes!(records::exec_log))
         .routes(routes!(records::audit))
         .routes(routes!(fleet::register))

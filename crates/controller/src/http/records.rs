@@ -18,12 +18,7 @@ use crate::store::audit::AuditFilter;
 type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
 
 fn query<T>(q: QueryResult<T>) -> Result<T, ApiError> {
-    q.map(|Query(q)| q).map_err(|e| {
-        ApiError::validation(vec![FieldDetail {
-            field: "query".into(),
-            message: e.body_text(),
-        }])
-    })
+    q.map(|Query(q)| q).map_err(|e| ApiError::query(&e))
 }
 
 fn limit(l: Option<u32>) -> Result<u32, ApiError> {

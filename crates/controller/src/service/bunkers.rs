@@ -77,7 +77,7 @@ pub enum BunkerError {
     Store(#[from] StoreError),
 }
 
-fn field(field: &'static str, message: impl Into<String>) -> FieldError {
+pub(crate) fn field(field: &'static str, message: impl Into<String>) -> FieldError {
     FieldError {
         field,
         message: message.into(),
@@ -847,7 +847,7 @@ pub async fn set_paused(
 }
 
 /// A running bunker the caller may act on, and its worker's URL.
-async fn running(
+pub(crate) async fn running(
     s: &Services,
     p: &Principal,
     id: &str,
@@ -869,7 +869,7 @@ async fn running(
     Ok((row, worker.url))
 }
 
-fn remaining_lifetime_s(row: &BunkerRow, now: i64) -> Option<u64> {
+pub(crate) fn remaining_lifetime_s(row: &BunkerRow, now: i64) -> Option<u64> {
     let max = row.max_lifetime_s?;
     let started = row.started_at.unwrap_or(row.created_at);
     let end = started + max * 1000;
@@ -1111,7 +1111,7 @@ pub fn validate_path(path: &str) -> Result<(), BunkerError> {
     Ok(())
 }
 
-async fn record_file_op(
+pub(crate) async fn record_activity(
     s: &Services,
     p: &Principal,
     ctx: &RequestContext,
@@ -1185,7 +1185,7 @@ where
         return Err(BunkerError::FileTooLarge { limit });
     }
     let written = result?;
-    record_file_op(
+    record_activity(
         s,
         p,
         ctx,
@@ -1224,7 +1224,7 @@ pub async fn read_file(
 ) -> Result<reqwest::Response, BunkerError> {
     let (row, worker_url) = file_target(s, p, id, path).await?;
     let resp = s.workers.read_file(&worker_url, &row.id, path).await?;
-    record_file_op(
+    record_activity(
         s,
         p,
         ctx,
@@ -1245,7 +1245,7 @@ pub async fn list_files(
 ) -> Result<Vec<FileEntry>, BunkerError> {
     let (row, worker_url) = file_target(s, p, id, path).await?;
     let entries = s.workers.list_dir(&worker_url, &row.id, path).await?;
-    record_file_op(
+    record_activity(
         s,
         p,
         ctx,
@@ -1284,7 +1284,7 @@ pub async fn delete_file(
     s.workers
         .remove_file(&worker_url, &row.id, path, recursive)
         .await?;
-    record_file_op(
+    record_activity(
         s,
         p,
         ctx,

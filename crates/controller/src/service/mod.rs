@@ -7,6 +7,7 @@ pub mod exec_stream;
 pub mod fleet;
 pub mod identity;
 pub mod records;
+pub mod shell;
 
 use std::sync::Arc;
 

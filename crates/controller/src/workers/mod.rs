@@ -6,10 +6,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::Stream;
 use scaibunker_proto::worker::{
-    CreateVm, DirEntry, ExecRequest, ExecResult, FileWritten, VmInfo, WORKER_API_PREFIX,
-    WorkerError,
+    CreateVm, DirEntry, ExecRequest, ExecResult, FileWritten, ShellQuery, VmInfo,
+    WORKER_API_PREFIX, WorkerError,
 };
 use serde::de::DeserializeOwned;
+use tokio_tungstenite::tungstenite;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerCallError {
@@ -24,7 +26,22 @@ pub enum WorkerCallError {
     },
     #[error("worker sent a malformed answer")]
     Malformed(#[source] reqwest::Error),
+    #[error("opening a WebSocket to the worker at {url} failed")]
+    WebSocket {
+        url: String,
+        #[source]
+        source: Box<tungstenite::Error>,
+    },
 }
+
+/// A shell session's WebSocket to a worker.
+pub type WorkerSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Largest message taken from a worker's shell socket (the worker sends at most 64 KiB).
+const MAX_SHELL_MESSAGE_BYTES: usize = 1024 * 1024;
+/// How long opening a shell on a worker may take.
+const SHELL_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl WorkerCallError {
     /// The worker's error code, if it answered with one.
@@ -168,6 +185,68 @@ impl WorkerClient {
             .json(req)
             .timeout(timeout);
         self.send(base, r).await
+    }
+
+    /// Opens a shell session on the worker. Errors before the upgrade (unknown bunker, not
+    /// running) come back as [`WorkerCallError::Worker`] with the worker's code.
+    pub async fn open_shell(
+        &self,
+        base: &str,
+        bunker_id: &str,
+        q: &ShellQuery,
+    ) -> Result<WorkerSocket, WorkerCallError> {
+        let http_url = Self::url(base, &format!("/bunkers/{bunker_id}/shell"));
+        let ws_error = |source: tungstenite::Error| WorkerCallError::WebSocket {
+            url: base.to_owned(),
+            source: Box::new(source),
+        };
+        let mut url = reqwest::Url::parse(&http_url).map_err(|e| {
+            ws_error(tungstenite::Error::Url(
+                tungstenite::error::UrlError::UnableToConnect(e.to_string()),
+            ))
+        })?;
+        let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
+        // Only http(s) → ws(s) on the same URL, which `set_scheme` always accepts.
+        let _ = url.set_scheme(scheme);
+        let user = serde_json::to_value(q.user)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_else(|| "user".into());
+        url.query_pairs_mut()
+            .append_pair("cols", &q.cols.to_string())
+            .append_pair("rows", &q.rows.to_string())
+            .append_pair("command", &q.command)
+            .append_pair("user", &user)
+            .append_pair("timeout_ms", &q.timeout_ms.to_string());
+        let mut req = url.as_str().into_client_request().map_err(ws_error)?;
+        let auth = format!("Bearer {}", self.token)
+            .parse()
+            .expect("the worker token is a valid header value");
+        req.headers_mut()
+            .insert(tungstenite::http::header::AUTHORIZATION, auth);
+        let config = tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(Some(MAX_SHELL_MESSAGE_BYTES));
+        let connect = tokio_tungstenite::connect_async_with_config(req, Some(config), true);
+        match tokio::time::timeout(SHELL_OPEN_TIMEOUT, connect).await {
+            Ok(Ok((socket, _))) => Ok(socket),
+            Ok(Err(tungstenite::Error::Http(resp))) => {
+                let status = resp.status().as_u16();
+                let body = resp
+                    .body()
+                    .as_deref()
+                    .and_then(|b| serde_json::from_slice::<WorkerError>(b).ok())
+                    .unwrap_or(WorkerError {
+                        code: "INTERNAL".into(),
+                        message: format!("worker answered {status} without an error body"),
+                    });
+                Err(WorkerCallError::Worker { status, body })
+            }
+            Ok(Err(e)) => Err(ws_error(e)),
+            Err(_) => Err(ws_error(tungstenite::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "opening the shell timed out",
+            )))),
+        }
     }
 
     pub async fn write_file<S>(
