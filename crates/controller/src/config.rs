@@ -28,6 +28,8 @@ pub struct ControllerConfig {
     pub redis_prefix: String,
     /// How often background jobs tick.
     pub job_interval: Duration,
+    /// The length of one accounting usage tick.
+    pub usage_tick_interval: Duration,
     /// Requests per minute one API key may make (its tenant: ten times that).
     pub rate_limit_per_minute: u32,
     /// Shared secret for HS256 bearer JWTs; `None` refuses HS256 tokens.
@@ -56,6 +58,7 @@ impl ControllerConfig {
             redis_url: None,
             redis_prefix: "scaibunker:".into(),
             job_interval: Duration::from_secs(30),
+            usage_tick_interval: Duration::from_secs(60),
             rate_limit_per_minute: 1200,
             jwt_hs256_secret: None,
             jwt_rs256_public_pem: None,
@@ -93,6 +96,12 @@ impl ControllerConfig {
         }
         if let Some(s) = var("SCAIBUNKER_JOB_INTERVAL_S").and_then(|v| v.parse().ok()) {
             self.job_interval = Duration::from_secs(s);
+        }
+        if let Some(s) = var("SCAIBUNKER_USAGE_TICK_S")
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|s| *s > 0)
+        {
+            self.usage_tick_interval = Duration::from_secs(s);
         }
         if let Some(n) = var("SCAIBUNKER_RATE_LIMIT_PER_MIN").and_then(|v| v.parse().ok()) {
             self.rate_limit_per_minute = n;

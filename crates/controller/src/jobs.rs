@@ -13,13 +13,18 @@
 //! Jobs: `sweep` ends bunkers past their lifetime or idle timeout and fails bunkers stuck in
 //! `pending`/`provisioning` (a controller that crashed mid-create); `monitor` flips workers
 //! whose heartbeats stopped to `offline` (three intervals) and fails the bunkers of workers
-//! silent for six.
+//! silent for six; `quota` reconciles the live quota counters with the database.
+//!
+//! The usage tick runs on its own interval (`usage_tick_interval`, a minute by default) with the
+//! same lease protocol (`job:usage:{tick}`): at tick `t` it records the window of tick `t - 1`
+//! for every bunker that ran in it. Its rows are unique per bunker and window start and inserted
+//! with insert-ignore, so a tick run twice (Redis wiped mid-tick) counts once.
 
 use std::time::Duration;
 
 use scaibunker_core::ids::AuditId;
 
-use crate::service::{Services, bunkers, random_bytes};
+use crate::service::{Services, accounting, bunkers, quotas, random_bytes};
 use crate::store::audit::AuditEvent;
 use crate::store::{StoreError, now_ms};
 
@@ -30,19 +35,42 @@ const STUCK_AFTER: Duration = Duration::from_secs(600);
 pub fn spawn(s: Services) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let interval = s.config.job_interval;
-        let mut timer = tokio::time::interval(interval);
+        let usage_interval = s.config.usage_tick_interval;
+        let mut timer = tokio::time::interval(interval.min(usage_interval));
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The wall-clock tick and this timer drift apart, so the timer can fire twice within
         // one tick; the lease holder may re-take its own lease, so remember what ran here.
         let mut last_tick: Option<u128> = None;
+        let mut last_usage_tick: Option<u128> = None;
         loop {
             timer.tick().await;
+            let usage_tick = now_ms() as u128 / usage_interval.as_millis().max(1);
+            if last_usage_tick.is_none_or(|t| t < usage_tick) {
+                last_usage_tick = Some(usage_tick);
+                let lease = format!("job:usage:{usage_tick}");
+                match s
+                    .live
+                    .try_lease(&lease, &s.controller_id, usage_interval * 2)
+                    .await
+                {
+                    Ok(true) => {
+                        record_run(&s, "usage", usage_tick);
+                        if let Err(e) =
+                            accounting::tick(&s, usage_tick as i64, usage_interval).await
+                        {
+                            tracing::error!(job = "usage", error = ?e, "background job failed");
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(job = "usage", error = %e, "lease unavailable"),
+                }
+            }
             let tick = now_ms() as u128 / interval.as_millis().max(1);
             if last_tick.is_some_and(|t| t >= tick) {
                 continue;
             }
             last_tick = Some(tick);
-            for job in [Job::Sweep, Job::Monitor] {
+            for job in [Job::Sweep, Job::Monitor, Job::Quota] {
                 let lease = format!("job:{}:{tick}", job.name());
                 match s
                     .live
@@ -76,6 +104,15 @@ fn record_run(s: &Services, job: &'static str, tick: u128) {
 enum Job {
     Sweep,
     Monitor,
+    Quota,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum JobError {
+    #[error("store failed")]
+    Store(#[from] StoreError),
+    #[error("quota counters failed")]
+    Quota(#[from] quotas::CountersError),
 }
 
 impl Job {
@@ -83,13 +120,18 @@ impl Job {
         match self {
             Self::Sweep => "sweep",
             Self::Monitor => "monitor",
+            Self::Quota => "quota",
         }
     }
 
-    async fn run(self, s: &Services) -> Result<(), StoreError> {
+    async fn run(self, s: &Services) -> Result<(), JobError> {
         match self {
-            Self::Sweep => sweep(s).await,
-            Self::Monitor => monitor(s).await,
+            Self::Sweep => Ok(sweep(s).await?),
+            Self::Monitor => Ok(monitor(s).await?),
+            Self::Quota => {
+                quotas::reconcile(s).await?;
+                Ok(())
+            }
         }
     }
 }
@@ -158,6 +200,7 @@ async fn sweep(s: &Services) -> Result<(), StoreError> {
         tx.commit().await?;
         if moved {
             tracing::info!(bunker_id = row.id, reason, "bunker expired");
+            quotas::release(s, &row.id).await;
             bunkers::stop_vm(s, &row).await;
         }
     }

@@ -1274,6 +1274,27 @@ async fn every_route_refuses_a_key_without_its_permission(db: Db) {
         ("GET", format!("/workers/{wid}"), None),
         ("POST", format!("/workers/{wid}/drain"), None),
         ("POST", format!("/workers/{wid}/resume"), None),
+        ("POST", "/quota-profiles".into(), Some(json!({"name": "q"}))),
+        ("GET", "/quota-profiles".into(), None),
+        ("GET", "/quota-profiles/usage".into(), None),
+        ("GET", "/quota-profiles/qp_x".into(), None),
+        (
+            "PATCH",
+            "/quota-profiles/qp_x".into(),
+            Some(json!({"name": "q"})),
+        ),
+        ("DELETE", "/quota-profiles/qp_x".into(), None),
+        (
+            "POST",
+            "/quota-profiles/qp_x/assignments".into(),
+            Some(json!({"target_kind": "user", "target_id": "usr_x", "mode": "individual"})),
+        ),
+        ("GET", "/quota-profiles/qp_x/assignments".into(), None),
+        (
+            "DELETE",
+            "/quota-profiles/qp_x/assignments/qpa_x".into(),
+            None,
+        ),
     ];
     for (method, path, body) in module {
         let (st, v) = api.call(method, &path, Some(&narrow), body).await;
@@ -1302,6 +1323,7 @@ async fn every_route_refuses_a_key_without_its_permission(db: Db) {
             Some(json!({"user_id": "usr_x"})),
         ),
         ("GET", "/v1/audit-log", None),
+        ("GET", "/v1/accounting/usage", None),
     ];
     for (method, path, body) in platform {
         let mut rb = api

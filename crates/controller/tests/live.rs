@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use scaibunker_controller::live::{InProcess, LiveState, RateDecision, RedisLive};
+use scaibunker_controller::live::{
+    InProcess, LiveState, QuotaCharge, RateDecision, RedisLive, Reservation, Stash,
+};
 
 fn redis_url() -> String {
     std::env::var("SCAIBUNKER_TEST_REDIS_URL")
@@ -168,6 +170,169 @@ async fn heartbeats_are_kept_for_their_ttl_and_read_in_bulk() {
         assert!(
             live.heartbeats(&ids).await.expect("read").is_empty(),
             "{name}: expired"
+        );
+        if let Some(p) = prefix {
+            wipe(&p).await;
+        }
+    }
+}
+
+fn charge(counter: &str, amount: i64, cap: Option<i64>) -> QuotaCharge {
+    QuotaCharge {
+        counter: counter.into(),
+        amount,
+        cap,
+    }
+}
+
+#[tokio::test]
+async fn quota_counters_reserve_atomically_and_release_exactly_once() {
+    for (name, live, prefix) in backends().await {
+        let cpu = "quota:bucket:user:usr_a:cpu_millicores";
+        let n = "quota:bucket:user:usr_a:concurrent_bunkers";
+        let group = "quota:bucket:group:grp_g:concurrent_bunkers";
+        let counters = vec![cpu.to_owned(), n.to_owned(), group.to_owned()];
+        // Missing counters are reported, never silently taken as zero.
+        assert_eq!(
+            live.quota_counters(&counters).await.expect("read"),
+            None,
+            "{name}"
+        );
+        let charges = [
+            charge(cpu, 1000, None),
+            charge(n, 1, Some(2)),
+            charge(group, 1, Some(3)),
+        ];
+        assert_eq!(
+            live.quota_reserve("bnk_a", &charges, 1)
+                .await
+                .expect("reserve"),
+            Reservation::CountersMissing,
+            "{name}"
+        );
+        // A rebuild from the database sets counters and stashes; only the first one applies.
+        let rebuilt = [Stash {
+            bunker_id: "bnk_old".into(),
+            at_ms: 5,
+            charges: vec![(n.to_owned(), 1), (group.to_owned(), 1)],
+        }];
+        assert!(
+            live.quota_rebuild(&rebuilt).await.expect("rebuild"),
+            "{name}"
+        );
+        assert!(
+            !live.quota_rebuild(&[]).await.expect("rebuild"),
+            "{name}: once"
+        );
+        assert_eq!(
+            live.quota_counters(&counters).await.expect("read"),
+            Some(vec![0, 1, 1]),
+            "{name}"
+        );
+        assert_eq!(
+            live.quota_reserve("bnk_a", &charges, 10)
+                .await
+                .expect("reserve"),
+            Reservation::Reserved,
+            "{name}"
+        );
+        assert_eq!(
+            live.quota_reserve("bnk_a", &charges, 10)
+                .await
+                .expect("reserve"),
+            Reservation::AlreadyReserved,
+            "{name}: a bunker is charged once"
+        );
+        // The user's cap of two is full; nothing is incremented, not even the group's.
+        assert_eq!(
+            live.quota_reserve("bnk_b", &charges, 11)
+                .await
+                .expect("reserve"),
+            Reservation::Exceeded {
+                index: 1,
+                current: 2
+            },
+            "{name}"
+        );
+        assert_eq!(
+            live.quota_counters(&counters).await.expect("read"),
+            Some(vec![1000, 2, 2]),
+            "{name}"
+        );
+        let mut stashes = live.quota_stashes().await.expect("stashes");
+        stashes.sort();
+        assert_eq!(
+            stashes,
+            vec![("bnk_a".to_owned(), 10), ("bnk_old".to_owned(), 5)],
+            "{name}"
+        );
+        assert!(
+            live.quota_release("bnk_old").await.expect("release"),
+            "{name}"
+        );
+        assert!(
+            !live.quota_release("bnk_old").await.expect("release"),
+            "{name}: once"
+        );
+        assert_eq!(
+            live.quota_counters(&counters).await.expect("read"),
+            Some(vec![1000, 1, 1]),
+            "{name}"
+        );
+        // Recount repairs nothing when counters match the stashes.
+        assert_eq!(live.quota_recount().await.expect("recount"), 0, "{name}");
+        // Concurrent releases of one bunker: one applies.
+        let mut tasks = Vec::new();
+        for _ in 0..10 {
+            let live = live.clone();
+            tasks.push(tokio::spawn(async move {
+                live.quota_release("bnk_a").await.expect("release")
+            }));
+        }
+        let mut applied = 0;
+        for t in tasks {
+            applied += usize::from(t.await.expect("task"));
+        }
+        assert_eq!(applied, 1, "{name}");
+        assert_eq!(
+            live.quota_counters(&counters).await.expect("read"),
+            Some(vec![0, 0, 0]),
+            "{name}"
+        );
+        assert!(live.quota_stashes().await.expect("stashes").is_empty());
+        if let Some(p) = prefix {
+            wipe(&p).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn concurrent_quota_reservations_never_pass_a_cap() {
+    for (name, live, prefix) in backends().await {
+        assert!(live.quota_rebuild(&[]).await.expect("rebuild"));
+        let mut tasks = Vec::new();
+        for i in 0..50 {
+            let live = live.clone();
+            tasks.push(tokio::spawn(async move {
+                let c = [charge(
+                    "quota:bucket:group:grp_x:memory_mb",
+                    512,
+                    Some(512 * 7),
+                )];
+                live.quota_reserve(&format!("bnk_{i}"), &c, 1)
+                    .await
+                    .expect("reserve")
+            }));
+        }
+        let mut reserved = 0;
+        for t in tasks {
+            reserved += usize::from(t.await.expect("task") == Reservation::Reserved);
+        }
+        assert_eq!(reserved, 7, "{name}");
+        let c = vec!["quota:bucket:group:grp_x:memory_mb".to_owned()];
+        assert_eq!(
+            live.quota_counters(&c).await.expect("read"),
+            Some(vec![512 * 7])
         );
         if let Some(p) = prefix {
             wipe(&p).await;

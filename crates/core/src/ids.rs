@@ -95,6 +95,10 @@ prefixed_id!(/// A group of users.
     GroupId, "grp_");
 prefixed_id!(/// An audit event.
     AuditId, "aud_");
+prefixed_id!(/// A quota profile.
+    QuotaProfileId, "qp_");
+prefixed_id!(/// The assignment of a quota profile to a user or group.
+    QuotaAssignmentId, "qpa_");
 
 #[cfg(test)]
 mod tests {

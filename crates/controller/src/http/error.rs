@@ -8,10 +8,12 @@ use scaibunker_api::codes;
 use scaibunker_api::envelope::{Error, ErrorBody, ErrorMeta, FieldDetail};
 
 use super::request_id;
+use crate::service::accounting::AccountingError;
 use crate::service::auth::AuthError;
 use crate::service::bunkers::{BunkerError, worker_code_status};
 use crate::service::fleet::FleetError;
 use crate::service::identity::IdentityError;
+use crate::service::quotas::{QuotaError, QuotaExceeded};
 use crate::workers::WorkerCallError;
 
 #[derive(Debug)]
@@ -194,8 +196,79 @@ impl From<BunkerError> for ApiError {
             B::FileTooLarge { .. } => {
                 Self::new(StatusCode::PAYLOAD_TOO_LARGE, codes::FILE_TOO_LARGE, msg)
             }
+            B::QuotaExceeded(x) => Self::quota_exceeded(&x),
+            B::QuotaUnavailable(ref c) => Self::internal(c),
             B::Worker(w) => w.into(),
             B::Store(ref s) => Self::internal(s),
+        }
+    }
+}
+
+impl ApiError {
+    /// `429 BUNKER_QUOTA_EXCEEDED`, its details naming the profile, bucket, resource and the
+    /// numbers (one `{field, message}` each, as every error detail).
+    fn quota_exceeded(x: &QuotaExceeded) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            codes::BUNKER_QUOTA_EXCEEDED,
+            x.to_string(),
+        );
+        e.details = [
+            ("profile_id", x.profile_id.clone()),
+            ("bucket", x.bucket.clone()),
+            ("resource", x.resource.to_owned()),
+            ("current", x.current.to_string()),
+            ("cap", x.cap.to_string()),
+            ("requested", x.requested.to_string()),
+        ]
+        .into_iter()
+        .map(|(field, message)| FieldDetail {
+            field: field.into(),
+            message,
+        })
+        .collect();
+        e
+    }
+}
+
+impl From<QuotaError> for ApiError {
+    fn from(e: QuotaError) -> Self {
+        let msg = e.to_string();
+        match e {
+            QuotaError::Invalid { field, message } => Self::validation(vec![FieldDetail {
+                field: field.into(),
+                message,
+            }]),
+            QuotaError::PermissionDenied(_) => {
+                Self::new(StatusCode::FORBIDDEN, codes::AUTHZ_PERMISSION_DENIED, msg)
+            }
+            QuotaError::NotFound(kind) => {
+                let code = match kind {
+                    "quota profile" => codes::QUOTA_PROFILE_NOT_FOUND,
+                    "quota assignment" => codes::QUOTA_ASSIGNMENT_NOT_FOUND,
+                    other => IdentityError::not_found_code(other),
+                };
+                Self::new(StatusCode::NOT_FOUND, code, msg)
+            }
+            QuotaError::Conflict(_) => Self::new(StatusCode::CONFLICT, codes::CONFLICT, msg),
+            QuotaError::Unavailable(ref c) => Self::internal(c),
+            QuotaError::Store(ref s) => Self::internal(s),
+        }
+    }
+}
+
+impl From<AccountingError> for ApiError {
+    fn from(e: AccountingError) -> Self {
+        let msg = e.to_string();
+        match e {
+            AccountingError::Invalid { field, message } => Self::validation(vec![FieldDetail {
+                field: field.into(),
+                message,
+            }]),
+            AccountingError::PermissionDenied(_) => {
+                Self::new(StatusCode::FORBIDDEN, codes::AUTHZ_PERMISSION_DENIED, msg)
+            }
+            AccountingError::Store(ref s) => Self::internal(s),
         }
     }
 }

@@ -14,6 +14,7 @@ mod files;
 mod fleet;
 mod openapi;
 mod platform;
+mod quotas;
 mod records;
 mod shell;
 
@@ -134,10 +135,20 @@ fn api_routes() -> OpenApiRouter<Services> {
         .routes(routes!(fleet::worker))
         .routes(routes!(fleet::drain))
         .routes(routes!(fleet::resume))
-        .routes(routes!(fleet::heartbeat));
+        .routes(routes!(fleet::heartbeat))
+        .routes(routes!(quotas::create_profile, quotas::profiles))
+        .routes(routes!(quotas::usage))
+        .routes(routes!(
+            quotas::profile,
+            quotas::update_profile,
+            quotas::delete_profile
+        ))
+        .routes(routes!(quotas::create_assignment, quotas::assignments))
+        .routes(routes!(quotas::delete_assignment));
     let mut api = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .nest(MODULE_PREFIX, module)
         .routes(routes!(records::audit_log))
+        .routes(routes!(quotas::accounting_usage))
         .routes(routes!(platform::create_tenant, platform::tenants))
         .routes(routes!(platform::create_user))
         .routes(routes!(platform::create_group))

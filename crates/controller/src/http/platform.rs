@@ -10,9 +10,9 @@ use super::error::ApiError;
 use super::extract::{ApiJson, Caller};
 use crate::service::{Services, identity};
 
-type Created<T> = Result<(StatusCode, Json<Envelope<T>>), ApiError>;
+pub(super) type Created<T> = Result<(StatusCode, Json<Envelope<T>>), ApiError>;
 
-fn created<T>(v: T) -> Created<T> {
+pub(super) fn created<T>(v: T) -> Created<T> {
     Ok((StatusCode::CREATED, Json(Envelope::new(v))))
 }
 

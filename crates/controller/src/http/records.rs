@@ -15,9 +15,9 @@ use crate::service::bunkers::parse_rfc3339;
 use crate::service::records::{self, Page};
 use crate::store::audit::AuditFilter;
 
-type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
+pub(super) type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
 
-fn query<T>(q: QueryResult<T>) -> Result<T, ApiError> {
+pub(super) fn query<T>(q: QueryResult<T>) -> Result<T, ApiError> {
     q.map(|Query(q)| q).map_err(|e| ApiError::query(&e))
 }
 
@@ -100,7 +100,7 @@ pub struct AuditQuery {
     cursor: Option<String>,
 }
 
-fn time_param(field: &str, v: Option<&str>) -> Result<Option<i64>, ApiError> {
+pub(super) fn time_param(field: &str, v: Option<&str>) -> Result<Option<i64>, ApiError> {
     v.map(|t| {
         parse_rfc3339(t).ok_or_else(|| {
             ApiError::validation(vec![FieldDetail {

@@ -4,13 +4,29 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{LiveError, LiveState, RateDecision};
+use super::{LiveError, LiveState, QuotaCharge, RateDecision, Reservation, Stash};
 
 #[derive(Default)]
 pub struct InProcess {
     leases: Mutex<HashMap<String, (String, Instant)>>,
     windows: Mutex<HashMap<String, VecDeque<Instant>>>,
     heartbeats: Mutex<HashMap<String, (i64, Instant)>>,
+    quota: Mutex<Quota>,
+}
+
+/// The quota keys of the Redis layout, under one lock instead of one script.
+#[derive(Default)]
+struct Quota {
+    /// The `quota:epoch` sentinel: false until the first rebuild, as after a Redis wipe.
+    is_whole: bool,
+    counters: HashMap<String, i64>,
+    stashes: HashMap<String, (i64, Vec<(String, i64)>)>,
+}
+
+impl InProcess {
+    fn quota(&self) -> std::sync::MutexGuard<'_, Quota> {
+        self.quota.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 #[async_trait::async_trait]
@@ -77,5 +93,112 @@ impl LiveState for InProcess {
         Ok(RateDecision::Limited {
             retry_after: retry_after.max(Duration::from_millis(1)),
         })
+    }
+
+    async fn quota_reserve(
+        &self,
+        bunker_id: &str,
+        charges: &[QuotaCharge],
+        at_ms: i64,
+    ) -> Result<Reservation, LiveError> {
+        let mut q = self.quota();
+        if !q.is_whole {
+            return Ok(Reservation::CountersMissing);
+        }
+        if q.stashes.contains_key(bunker_id) {
+            return Ok(Reservation::AlreadyReserved);
+        }
+        for (index, c) in charges.iter().enumerate() {
+            let current = q.counters.get(&c.counter).copied().unwrap_or(0);
+            if c.cap.is_some_and(|cap| current + c.amount > cap) {
+                return Ok(Reservation::Exceeded { index, current });
+            }
+        }
+        for c in charges {
+            *q.counters.entry(c.counter.clone()).or_default() += c.amount;
+        }
+        let stash = charges
+            .iter()
+            .map(|c| (c.counter.clone(), c.amount))
+            .collect();
+        q.stashes.insert(bunker_id.to_owned(), (at_ms, stash));
+        Ok(Reservation::Reserved)
+    }
+
+    async fn quota_release(&self, bunker_id: &str) -> Result<bool, LiveError> {
+        let mut q = self.quota();
+        let Some((_, charges)) = q.stashes.remove(bunker_id) else {
+            return Ok(false);
+        };
+        for (counter, amount) in charges {
+            *q.counters.entry(counter).or_default() -= amount;
+        }
+        Ok(true)
+    }
+
+    async fn quota_counters(&self, counters: &[String]) -> Result<Option<Vec<i64>>, LiveError> {
+        let q = self.quota();
+        if !q.is_whole {
+            return Ok(None);
+        }
+        Ok(Some(
+            counters
+                .iter()
+                .map(|c| q.counters.get(c).copied().unwrap_or(0))
+                .collect(),
+        ))
+    }
+
+    async fn quota_rebuild(&self, stashes: &[Stash]) -> Result<bool, LiveError> {
+        let mut q = self.quota();
+        if q.is_whole {
+            return Ok(false);
+        }
+        q.counters.clear();
+        q.stashes.clear();
+        for s in stashes {
+            for (counter, amount) in &s.charges {
+                *q.counters.entry(counter.clone()).or_default() += amount;
+            }
+            q.stashes
+                .insert(s.bunker_id.clone(), (s.at_ms, s.charges.clone()));
+        }
+        q.is_whole = true;
+        Ok(true)
+    }
+
+    async fn quota_stashes(&self) -> Result<Vec<(String, i64)>, LiveError> {
+        Ok(self
+            .quota()
+            .stashes
+            .iter()
+            .map(|(id, (at, _))| (id.clone(), *at))
+            .collect())
+    }
+
+    async fn quota_recount(&self) -> Result<u64, LiveError> {
+        let mut q = self.quota();
+        if !q.is_whole {
+            return Ok(0);
+        }
+        let mut sums: HashMap<String, i64> = HashMap::new();
+        for (_, charges) in q.stashes.values() {
+            for (counter, amount) in charges {
+                *sums.entry(counter.clone()).or_default() += amount;
+            }
+        }
+        let mut changed = 0;
+        for (counter, value) in q.counters.iter_mut() {
+            let want = sums.remove(counter).unwrap_or(0);
+            if *value != want {
+                *value = want;
+                changed += 1;
+            }
+        }
+        for (counter, value) in sums {
+            q.counters.insert(counter, value);
+            changed += 1;
+        }
+        Ok(changed)
     }
 }

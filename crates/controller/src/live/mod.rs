@@ -1,10 +1,24 @@
 //! Live state: what is shared between controllers but need not be durable — worker heartbeats,
-//! job leases and rate-limit windows. Behind one trait with two real implementations: Redis (production,
-//! shared by every controller) and in-process (embedded, one controller).
+//! job leases, rate-limit windows and quota counters. Behind one trait with two real
+//! implementations: Redis (production, shared by every controller) and in-process (embedded, one
+//! controller).
 //!
 //! Losing it loses nothing that matters: heartbeats come back with the next one (and the
-//! database keeps a coarser copy meanwhile), a lease is re-taken on the next tick and a rate
-//! window starts over.
+//! database keeps a coarser copy meanwhile), a lease is re-taken on the next tick, a rate
+//! window starts over, and quota counters are rebuilt from the database.
+//!
+//! Quota keys (under the prefix): counters `quota:bucket:{kind}:{id}:{resource}`; per bunker
+//! the stash `quota:bunker:{bunker_id}` of what its create charged (field `@at`: when); the
+//! sets `quota:bunkers` (stashed bunker ids) and `quota:counters` (counter keys); and the
+//! sentinel `quota:epoch`, set when the counters are whole. Protocol:
+//! 1. `quota_reserve` checks every cap and increments every counter in one atomic step, and
+//!    stashes the charges; nothing changes if any cap would be passed, or if the sentinel is
+//!    absent (the counters were lost and must be rebuilt first).
+//! 2. `quota_release` applies the stash's decrements and deletes it in one atomic step, so
+//!    however many paths end a bunker, its quota is released once.
+//! 3. `quota_rebuild` replaces every counter and stash with the given ones and sets the
+//!    sentinel, only if the sentinel is absent (so one rebuild wins).
+//! 4. `quota_recount` sets every counter to the sum of the stashes (repairs drift).
 
 mod memory;
 mod redis;
@@ -36,6 +50,41 @@ pub enum RateDecision {
     },
 }
 
+/// The live counter key of one bucket's resource (without the installation prefix).
+pub fn quota_counter(bucket: &str, resource: &str) -> String {
+    format!("quota:bucket:{bucket}:{resource}")
+}
+
+/// One counter a create increments, and its cap (`None`: no cap).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaCharge {
+    /// A key from [`quota_counter`].
+    pub counter: String,
+    pub amount: i64,
+    pub cap: Option<i64>,
+}
+
+/// The outcome of [`LiveState::quota_reserve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// Every counter was incremented and the stash written.
+    Reserved,
+    /// The bunker already holds a reservation; nothing changed.
+    AlreadyReserved,
+    /// The charge at `index` would pass its cap; nothing changed.
+    Exceeded { index: usize, current: i64 },
+    /// The counters are missing (live state was wiped): rebuild, then retry.
+    CountersMissing,
+}
+
+/// What one live bunker was charged, as rebuilt from the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stash {
+    pub bunker_id: String,
+    pub at_ms: i64,
+    pub charges: Vec<(String, i64)>,
+}
+
 #[async_trait::async_trait]
 pub trait LiveState: Send + Sync {
     /// Takes the lease `name` for `holder` for `ttl` unless another holder has it.
@@ -63,6 +112,30 @@ pub trait LiveState: Send + Sync {
         window: Duration,
         limit: u32,
     ) -> Result<RateDecision, LiveError>;
+
+    /// Checks and increments every counter of `charges` for `bunker_id`, atomically.
+    async fn quota_reserve(
+        &self,
+        bunker_id: &str,
+        charges: &[QuotaCharge],
+        at_ms: i64,
+    ) -> Result<Reservation, LiveError>;
+
+    /// Applies and deletes the bunker's stash. Returns whether there was one to apply.
+    async fn quota_release(&self, bunker_id: &str) -> Result<bool, LiveError>;
+
+    /// The current values of `counters` (absent: 0), or `None` when the counters are missing.
+    async fn quota_counters(&self, counters: &[String]) -> Result<Option<Vec<i64>>, LiveError>;
+
+    /// Replaces every counter and stash with `stashes` and marks the counters whole, unless
+    /// they already are. Returns whether this call rebuilt them.
+    async fn quota_rebuild(&self, stashes: &[Stash]) -> Result<bool, LiveError>;
+
+    /// Every stashed bunker and when it was charged.
+    async fn quota_stashes(&self) -> Result<Vec<(String, i64)>, LiveError>;
+
+    /// Sets every counter to the sum of the stashes; returns how many counters changed.
+    async fn quota_recount(&self) -> Result<u64, LiveError>;
 }
 
 /// Opens the live state named by `SCAIBUNKER_REDIS_URL` (unset: in-process).

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::Script;
 use redis::aio::ConnectionManager;
 
-use super::{LiveError, LiveState, RateDecision};
+use super::{LiveError, LiveState, QuotaCharge, RateDecision, Reservation, Stash};
 
 const LEASE: &str = r"
 local cur = redis.call('GET', KEYS[1])
@@ -37,12 +37,114 @@ local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return math.max(1, tonumber(oldest[2]) + window - now)
 ";
 
+/// Quota check-and-increment. KEYS: epoch, stash, bunkers set, counters set, then one counter
+/// per charge. ARGV: at_ms, bunker id, then amount and cap (-1: none) per charge.
+/// Returns {1} reserved, {2} already reserved, {-2} counters missing, {-1, index, current}.
+const QUOTA_RESERVE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-2} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {2} end
+local n = #KEYS - 4
+for i = 1, n do
+  local cur = tonumber(redis.call('GET', KEYS[4 + i]) or '0')
+  local amount = tonumber(ARGV[1 + 2 * i])
+  local cap = tonumber(ARGV[2 + 2 * i])
+  if cap >= 0 and cur + amount > cap then return {-1, i - 1, cur} end
+end
+local stash = {'@at', ARGV[1]}
+for i = 1, n do
+  redis.call('INCRBY', KEYS[4 + i], ARGV[1 + 2 * i])
+  redis.call('SADD', KEYS[4], KEYS[4 + i])
+  table.insert(stash, KEYS[4 + i])
+  table.insert(stash, ARGV[1 + 2 * i])
+end
+redis.call('HSET', KEYS[2], unpack(stash))
+redis.call('SADD', KEYS[3], ARGV[2])
+return {1}
+";
+
+/// Quota release. KEYS: stash, bunkers set. ARGV: bunker id. Stash fields are full keys.
+const QUOTA_RELEASE: &str = r"
+local h = redis.call('HGETALL', KEYS[1])
+if #h == 0 then return 0 end
+for i = 1, #h, 2 do
+  if h[i] ~= '@at' then redis.call('DECRBY', h[i], h[i + 1]) end
+end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+return 1
+";
+
+/// Quota rebuild. KEYS: epoch, bunkers set, counters set. ARGV: prefix, then a JSON list of
+/// `[bunker_id, at_ms, [[counter, amount], …]]` with unprefixed counter keys.
+const QUOTA_REBUILD: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local prefix = ARGV[1]
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  redis.call('DEL', prefix .. 'quota:bunker:' .. id)
+end
+for _, c in ipairs(redis.call('SMEMBERS', KEYS[3])) do redis.call('DEL', c) end
+redis.call('DEL', KEYS[2], KEYS[3])
+for _, b in ipairs(cjson.decode(ARGV[2])) do
+  local stash = prefix .. 'quota:bunker:' .. b[1]
+  redis.call('HSET', stash, '@at', b[2])
+  for _, c in ipairs(b[3]) do
+    local key = prefix .. c[1]
+    redis.call('INCRBY', key, c[2])
+    redis.call('SADD', KEYS[3], key)
+    redis.call('HSET', stash, key, c[2])
+  end
+  redis.call('SADD', KEYS[2], b[1])
+end
+redis.call('SET', KEYS[1], ARGV[3])
+return 1
+";
+
+/// Quota recount. KEYS: epoch, bunkers set, counters set. ARGV: prefix. Returns how many
+/// counters changed (-1: counters missing).
+const QUOTA_RECOUNT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local sums = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local h = redis.call('HGETALL', ARGV[1] .. 'quota:bunker:' .. id)
+  for i = 1, #h, 2 do
+    if h[i] ~= '@at' then sums[h[i]] = (sums[h[i]] or 0) + tonumber(h[i + 1]) end
+  end
+end
+for _, c in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  if sums[c] == nil then sums[c] = 0 end
+end
+local changed = 0
+for c, v in pairs(sums) do
+  if tonumber(redis.call('GET', c) or '0') ~= v then
+    redis.call('SET', c, v)
+    changed = changed + 1
+  end
+  redis.call('SADD', KEYS[3], c)
+end
+return changed
+";
+
+/// Every stashed bunker id and its `@at`. KEYS: bunkers set. ARGV: prefix.
+const QUOTA_STASHES: &str = r"
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  table.insert(out, id)
+  table.insert(out, redis.call('HGET', ARGV[1] .. 'quota:bunker:' .. id, '@at') or '0')
+end
+return out
+";
+
 #[derive(Clone)]
 pub struct RedisLive {
     conn: ConnectionManager,
     prefix: String,
     lease: Script,
     rate: Script,
+    quota_reserve: Script,
+    quota_release: Script,
+    quota_rebuild: Script,
+    quota_recount: Script,
+    quota_stashes: Script,
 }
 
 impl RedisLive {
@@ -58,7 +160,32 @@ impl RedisLive {
             prefix: prefix.to_owned(),
             lease: Script::new(LEASE),
             rate: Script::new(RATE),
+            quota_reserve: Script::new(QUOTA_RESERVE),
+            quota_release: Script::new(QUOTA_RELEASE),
+            quota_rebuild: Script::new(QUOTA_REBUILD),
+            quota_recount: Script::new(QUOTA_RECOUNT),
+            quota_stashes: Script::new(QUOTA_STASHES),
         })
+    }
+
+    fn key(&self, k: &str) -> String {
+        format!("{}{k}", self.prefix)
+    }
+
+    fn epoch(&self) -> String {
+        self.key("quota:epoch")
+    }
+
+    fn stash(&self, bunker_id: &str) -> String {
+        self.key(&format!("quota:bunker:{bunker_id}"))
+    }
+
+    fn bunkers_set(&self) -> String {
+        self.key("quota:bunkers")
+    }
+
+    fn counters_set(&self) -> String {
+        self.key("quota:counters")
     }
 }
 
@@ -146,5 +273,110 @@ impl LiveState for RedisLive {
                 retry_after: Duration::from_millis(wait_ms),
             }
         })
+    }
+
+    async fn quota_reserve(
+        &self,
+        bunker_id: &str,
+        charges: &[QuotaCharge],
+        at_ms: i64,
+    ) -> Result<Reservation, LiveError> {
+        let mut conn = self.conn.clone();
+        let mut inv = self.quota_reserve.prepare_invoke();
+        inv.key(self.epoch())
+            .key(self.stash(bunker_id))
+            .key(self.bunkers_set())
+            .key(self.counters_set())
+            .arg(at_ms)
+            .arg(bunker_id);
+        for c in charges {
+            inv.key(self.key(&c.counter))
+                .arg(c.amount)
+                .arg(c.cap.unwrap_or(-1));
+        }
+        let out: Vec<i64> = inv.invoke_async(&mut conn).await?;
+        Ok(match out.as_slice() {
+            [1] => Reservation::Reserved,
+            [2] => Reservation::AlreadyReserved,
+            [-1, index, current] => Reservation::Exceeded {
+                index: *index as usize,
+                current: *current,
+            },
+            _ => Reservation::CountersMissing,
+        })
+    }
+
+    async fn quota_release(&self, bunker_id: &str) -> Result<bool, LiveError> {
+        let mut conn = self.conn.clone();
+        let done: i64 = self
+            .quota_release
+            .key(self.stash(bunker_id))
+            .key(self.bunkers_set())
+            .arg(bunker_id)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(done == 1)
+    }
+
+    async fn quota_counters(&self, counters: &[String]) -> Result<Option<Vec<i64>>, LiveError> {
+        let mut conn = self.conn.clone();
+        let mut keys = vec![self.epoch()];
+        keys.extend(counters.iter().map(|c| self.key(c)));
+        let values: Vec<Option<i64>> = redis::cmd("MGET").arg(keys).query_async(&mut conn).await?;
+        if values.first().is_none_or(Option::is_none) {
+            return Ok(None);
+        }
+        Ok(Some(values[1..].iter().map(|v| v.unwrap_or(0)).collect()))
+    }
+
+    async fn quota_rebuild(&self, stashes: &[Stash]) -> Result<bool, LiveError> {
+        let mut conn = self.conn.clone();
+        let payload: Vec<serde_json::Value> = stashes
+            .iter()
+            .map(|s| serde_json::json!([s.bunker_id, s.at_ms, s.charges]))
+            .collect();
+        // An empty Lua table encodes as an object, so the list is never sent empty-as-`{}`.
+        let payload = serde_json::to_string(&payload).expect("json values serialise");
+        let done: i64 = self
+            .quota_rebuild
+            .key(self.epoch())
+            .key(self.bunkers_set())
+            .key(self.counters_set())
+            .arg(&self.prefix)
+            .arg(payload)
+            .arg(now_ms())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(done == 1)
+    }
+
+    async fn quota_stashes(&self) -> Result<Vec<(String, i64)>, LiveError> {
+        let mut conn = self.conn.clone();
+        let flat: Vec<String> = self
+            .quota_stashes
+            .key(self.bunkers_set())
+            .arg(&self.prefix)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(flat
+            .chunks(2)
+            .filter_map(|p| match p {
+                [id, at] => Some((id.clone(), at.parse().unwrap_or(0))),
+                _ => None,
+            })
+            .collect())
+    }
+
+    async fn quota_recount(&self) -> Result<u64, LiveError> {
+        let mut conn = self.conn.clone();
+        let changed: i64 = self
+            .quota_recount
+            .key(self.epoch())
+            .key(self.bunkers_set())
+            .key(self.counters_set())
+            .arg(&self.prefix)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(changed.max(0) as u64)
     }
 }

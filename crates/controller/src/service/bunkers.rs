@@ -5,9 +5,11 @@
 //! 1. Validate every field (all problems reported at once) and check the permissions the
 //!    lifecycle mode and network profile need.
 //! 2. Resolve the image visible to the tenant.
-//! 3. Under the placement lock, in one transaction: read the fleet and what its live bunkers
-//!    hold, place with the core's pure policy, insert the `pending` row and its audit event.
-//! 4. A spawned task (it survives the client going away) moves the bunker to `provisioning`,
+//! 3. Reserve quota (atomically, in live state; see `quotas`): `429` if a cap would be passed.
+//! 4. Under the placement lock, in one transaction: read the fleet and what its live bunkers
+//!    hold, place with the core's pure policy, insert the `pending` row, its quota charges and
+//!    its audit event. If this fails, the reserved quota is released.
+//! 5. A spawned task (it survives the client going away) moves the bunker to `provisioning`,
 //!    asks the worker to boot it, then to `running` or `failed`. Every status change is a
 //!    compare-and-set, so a delete racing a boot wins cleanly and the VM is stopped.
 
@@ -67,6 +69,10 @@ pub enum BunkerError {
     WorkerUnavailable,
     #[error("no worker can run this image")]
     NoSuitableWorker,
+    #[error("{0}")]
+    QuotaExceeded(Box<super::quotas::QuotaExceeded>),
+    #[error("quota counters are unavailable")]
+    QuotaUnavailable(#[source] super::quotas::CountersError),
     #[error("invalid path: {0}")]
     InvalidPath(String),
     #[error("file exceeds the upload limit of {limit} bytes")]
@@ -397,12 +403,79 @@ pub async fn create(
         terminated_at: None,
     };
 
-    let worker_url = {
+    let demand = scaibunker_core::quota::Demand {
+        resources,
+        is_persistent: mode == LifecycleMode::Persistent,
+    };
+    let charges = super::quotas::reserve(s, &p.tenant_id, &p.user_id, &row.id, &demand)
+        .await
+        .map_err(|e| match e {
+            super::quotas::ReserveError::Exceeded(x) => BunkerError::QuotaExceeded(x),
+            super::quotas::ReserveError::Counters(c) => BunkerError::QuotaUnavailable(c),
+            super::quotas::ReserveError::Store(e) => BunkerError::Store(e),
+        })?;
+    let placed = place_and_record(
+        s, p, ctx, &mut row, &image, &image_sha, &resources, &charges,
+    )
+    .await;
+    let worker_url = match placed {
+        Ok(url) => url,
+        Err(e) => {
+            // Nothing was recorded: the quota this create reserved goes back.
+            super::quotas::release(s, &row.id).await;
+            return Err(e);
+        }
+    };
+
+    let create_vm = CreateVm {
+        bunker_id: row.id.clone(),
+        image_sha256: image_sha,
+        cpu_millicores: resources.cpu_millicores,
+        memory_mb: resources.memory_mb,
+        disk_mb: resources.disk_mb,
+        hostname: format!("bunker-{}", &row.id[4..12]),
+        env_vars: req.env_vars.clone().unwrap_or_default(),
+    };
+    let task = tokio::spawn(provision(s.clone(), row.clone(), worker_url, create_vm));
+    if req.wait.unwrap_or(true) {
+        // The task owns the boot; a panic there is a bug but must not leave the row pending.
+        if task.await.is_err() {
+            mark_failed(
+                s,
+                &row.tenant_id,
+                &row.id,
+                "internal error while provisioning",
+            )
+            .await?;
+        }
+        return Ok(s
+            .store
+            .bunker(&row.tenant_id, &row.id)
+            .await?
+            .unwrap_or(row));
+    }
+    Ok(row)
+}
+
+/// Places the bunker and records it (row, quota charges, audit event) in one transaction,
+/// under the placement lock. Returns the chosen worker's URL.
+#[allow(clippy::too_many_arguments)]
+async fn place_and_record(
+    s: &Services,
+    p: &Principal,
+    ctx: &RequestContext,
+    row: &mut BunkerRow,
+    image: &crate::store::images::ImageRow,
+    image_sha: &str,
+    resources: &Resources,
+    charges: &[(String, i64)],
+) -> Result<String, BunkerError> {
+    {
         let _guard = s.placement_lock.lock().await;
         let mut tx = s.store.begin().await?;
         let workers = s.store.workers_in_tx(&mut tx).await?;
         let committed = s.store.committed_by_worker(&mut tx).await?;
-        let with_image = s.store.workers_with_image(&mut tx, &image_sha).await?;
+        let with_image = s.store.workers_with_image(&mut tx, image_sha).await?;
         let stale_after = s.config.heartbeat_interval.as_millis() as i64 * 3;
         let silences = super::fleet::silences(s, &workers).await;
         let frees: Vec<Resources> = workers
@@ -443,7 +516,7 @@ pub async fn create(
         } else {
             ImagePull::Cached
         };
-        let chosen = placement::place(&candidates, &resources, pull).map_err(|e| match e {
+        let chosen = placement::place(&candidates, resources, pull).map_err(|e| match e {
             PlacementError::WorkerUnavailable => BunkerError::WorkerUnavailable,
             PlacementError::NoSuitableWorker => BunkerError::NoSuitableWorker,
         })?;
@@ -452,7 +525,8 @@ pub async fn create(
             .find(|w| w.id == chosen)
             .expect("placement picks among the candidates");
         row.worker_id = Some(worker.id.clone());
-        bstore::insert(&mut tx, &row).await?;
+        bstore::insert(&mut tx, row).await?;
+        crate::store::quotas::insert_charges(&mut tx, &row.id, charges).await?;
         audit::insert(
             &mut tx,
             &audit_event(
@@ -466,37 +540,8 @@ pub async fn create(
         )
         .await?;
         tx.commit().await.map_err(StoreError::from)?;
-        worker.url.clone()
-    };
-
-    let create_vm = CreateVm {
-        bunker_id: row.id.clone(),
-        image_sha256: image_sha,
-        cpu_millicores: resources.cpu_millicores,
-        memory_mb: resources.memory_mb,
-        disk_mb: resources.disk_mb,
-        hostname: format!("bunker-{}", &row.id[4..12]),
-        env_vars: req.env_vars.clone().unwrap_or_default(),
-    };
-    let task = tokio::spawn(provision(s.clone(), row.clone(), worker_url, create_vm));
-    if req.wait.unwrap_or(true) {
-        // The task owns the boot; a panic there is a bug but must not leave the row pending.
-        if task.await.is_err() {
-            mark_failed(
-                s,
-                &row.tenant_id,
-                &row.id,
-                "internal error while provisioning",
-            )
-            .await?;
-        }
-        return Ok(s
-            .store
-            .bunker(&row.tenant_id, &row.id)
-            .await?
-            .unwrap_or(row));
+        Ok(worker.url.clone())
     }
-    Ok(row)
 }
 
 /// Boots the VM on its worker and records the outcome.
@@ -628,6 +673,9 @@ pub async fn mark_failed(
         .await?;
     }
     tx.commit().await.map_err(StoreError::from)?;
+    if moved {
+        super::quotas::release(s, id).await;
+    }
     Ok(())
 }
 
@@ -762,6 +810,7 @@ pub async fn delete(
         // Someone else moved it meanwhile (a failure, another delete): report what is now.
         return Box::pin(delete(s, p, ctx, id)).await;
     }
+    super::quotas::release(s, &row.id).await;
     stop_vm(s, &row).await;
     Ok(s.store
         .bunker(&row.tenant_id, &row.id)

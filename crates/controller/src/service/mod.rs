@@ -1,11 +1,13 @@
 //! Use cases of the controller. No axum and no SQL text here: handlers call these, these call
 //! the store, the worker client and the core.
 
+pub mod accounting;
 pub mod auth;
 pub mod bunkers;
 pub mod exec_stream;
 pub mod fleet;
 pub mod identity;
+pub mod quotas;
 pub mod records;
 pub mod shell;
 

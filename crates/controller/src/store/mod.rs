@@ -11,6 +11,7 @@ pub mod bunkers;
 pub mod exec_log;
 pub mod identity;
 pub mod images;
+pub mod quotas;
 pub mod workers;
 
 use std::time::{SystemTime, UNIX_EPOCH};

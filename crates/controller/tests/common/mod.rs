@@ -94,3 +94,35 @@ impl Drop for TestDatabase {
         .join();
     }
 }
+
+/// The Redis of the live-state tests (`SCAIBUNKER_TEST_REDIS_URL`).
+pub fn redis_url() -> String {
+    std::env::var("SCAIBUNKER_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A Redis key prefix no other test uses.
+pub fn unique_redis_prefix() -> String {
+    format!("sbtest:{:016x}:", rand_u64())
+}
+
+/// Deletes every key under `prefix`: a Redis wipe as far as one installation can tell.
+pub async fn wipe_redis(prefix: &str) {
+    let client = redis::Client::open(redis_url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("Redis is not reachable at {} ({e})", redis_url()));
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    for k in keys {
+        let _: () = redis::cmd("DEL")
+            .arg(k)
+            .query_async(&mut conn)
+            .await
+            .expect("DEL");
+    }
+}

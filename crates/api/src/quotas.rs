@@ -1,0 +1,235 @@
+//! Quota profiles, their assignments and usage (`/quota-profiles`), and accounting
+//! (`GET /v1/accounting/usage`).
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Keeps "absent" (`None`) apart from "null" (`Some(None)`): on a profile, null means no cap
+/// (or the platform default for `tenant_id`) while absent means unchanged or the default.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// `POST /quota-profiles`. Every cap is optional; absent or `null` means no cap.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CreateQuotaProfile {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Absent: the caller's tenant. `null`: the platform default (`scaibunker:admin:platform`).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    pub tenant_id: Option<Option<String>>,
+    #[serde(default)]
+    pub max_concurrent_bunkers: Option<u64>,
+    #[serde(default)]
+    pub max_persistent_bunkers: Option<u64>,
+    #[serde(default)]
+    pub max_cpu_millicores: Option<u64>,
+    #[serde(default)]
+    pub max_memory_mb: Option<u64>,
+    #[serde(default)]
+    pub max_disk_mb: Option<u64>,
+    #[serde(default)]
+    pub max_gpu_count: Option<u64>,
+    #[serde(default)]
+    pub per_bunker_max_cpu: Option<u64>,
+    #[serde(default)]
+    pub per_bunker_max_memory: Option<u64>,
+    #[serde(default)]
+    pub per_bunker_max_disk: Option<u64>,
+    #[serde(default)]
+    pub per_bunker_max_gpu: Option<u64>,
+}
+
+/// `PATCH /quota-profiles/{id}`: absent fields stay, `null` removes a cap.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct UpdateQuotaProfile {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    pub description: Option<Option<String>>,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
+    pub max_concurrent_bunkers: Option<Option<u64>>,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
+    pub max_persistent_bunkers: Option<Option<u64>>,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
+    pub max_cpu_millicores: Option<Option<u64>>,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
+    pub max_memory_mb: Option<Option<u64>>,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
+    pub max_disk_mb: Option<Option<u64>>,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
+    pub max_gpu_count: Option<Option<u64>>,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
+    pub per_bunker_max_cpu: Option<Option<u64>>,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
+    pub per_bunker_max_memory: Option<Option<u64>>,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
+    pub per_bunker_max_disk: Option<Option<u64>>,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
+    pub per_bunker_max_gpu: Option<Option<u64>>,
+}
+
+/// A quota profile; `null` caps are no cap, `tenant_id: null` is the platform default.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct QuotaProfile {
+    pub id: String,
+    pub tenant_id: Option<String>,
+    pub name: String,
+    pub description: Option<String>,
+    pub max_concurrent_bunkers: Option<u64>,
+    pub max_persistent_bunkers: Option<u64>,
+    pub max_cpu_millicores: Option<u64>,
+    pub max_memory_mb: Option<u64>,
+    pub max_disk_mb: Option<u64>,
+    pub max_gpu_count: Option<u64>,
+    pub per_bunker_max_cpu: Option<u64>,
+    pub per_bunker_max_memory: Option<u64>,
+    pub per_bunker_max_disk: Option<u64>,
+    pub per_bunker_max_gpu: Option<u64>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum TargetKind {
+    User,
+    Group,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum AssignmentMode {
+    /// A user's own bucket (`target_kind: user` only).
+    Individual,
+    /// One bucket shared by every member of the group and its nested groups.
+    Shared,
+    /// Each member of the group (and its nested groups) gets its own copy.
+    PerUser,
+}
+
+/// `POST /quota-profiles/{id}/assignments`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CreateAssignment {
+    pub target_kind: TargetKind,
+    pub target_id: String,
+    pub mode: AssignmentMode,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Assignment {
+    pub id: String,
+    pub profile_id: String,
+    pub tenant_id: String,
+    pub target_kind: TargetKind,
+    pub target_id: String,
+    pub mode: AssignmentMode,
+    pub created_at: String,
+}
+
+/// One row of `GET /quota-profiles/usage`: a profile's cap on one resource of one bucket.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct QuotaUsage {
+    pub profile_id: String,
+    /// `user:{user_id}` or `group:{group_id}`.
+    pub bucket: String,
+    /// `concurrent_bunkers`, `persistent_bunkers`, `cpu_millicores`, `memory_mb`, `disk_mb` or
+    /// `gpu_count`.
+    pub resource: String,
+    pub current: i64,
+    /// `null`: no cap.
+    pub cap: Option<u64>,
+    /// `null` when there is no cap; never below zero.
+    pub remaining: Option<u64>,
+}
+
+/// One row of `GET /v1/accounting/usage`; the grouping columns not asked for are `null`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AccountingUsage {
+    pub tenant_id: Option<String>,
+    pub user_id: Option<String>,
+    /// Start of the period (RFC 3339) when grouped by `hour` or `day`.
+    pub period_start: Option<String>,
+    pub cpu_millicore_seconds: i64,
+    pub memory_mb_seconds: i64,
+    pub disk_mb_seconds: i64,
+    pub gpu_seconds: i64,
+    /// How many per-bunker usage ticks the row sums.
+    pub ticks: i64,
+}
