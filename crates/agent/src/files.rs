@@ -209,7 +209,7 @@ impl Drop for TempFile {
 /// A value that differs between calls and between processes: std's per-process random
 /// hash keys over a counter and the clock. Temporary names need uniqueness, not secrecy,
 /// and this never blocks on the early-boot entropy pool.
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut h = RandomState::new().build_hasher();
     h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));

@@ -12,6 +12,7 @@
 //! Std threads only: the agent is small, static and has a handful of streams at a time.
 
 pub mod account;
+pub mod archive;
 pub mod channel;
 pub mod exec;
 pub mod files;

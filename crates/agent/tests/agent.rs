@@ -218,6 +218,16 @@ impl Agent {
         }
     }
 
+    /// Uploads `tar` into the directory `path`.
+    fn write_archive(&mut self, path: &str, tar: &[u8]) -> Outcome {
+        let id = self.open(&Request::WriteArchive { path: path.into() });
+        for part in tar.chunks(MAX_FRAME_PAYLOAD) {
+            self.send(id, FrameKind::Data, part);
+        }
+        self.send(id, FrameKind::End, &[]);
+        self.collect(id)
+    }
+
     fn read_file(&mut self, path: &str) -> Outcome {
         self.call(&Request::ReadFile { path: path.into() })
     }
@@ -806,4 +816,172 @@ fn exits_cleanly_when_the_host_side_closes() {
     let agent = Agent::start();
     let status = agent.disconnect();
     assert!(status.success(), "agent exited with {status}");
+}
+
+/// A tree with nested directories, an empty one, an executable, a symlink.
+fn make_tree(root: &Path) {
+    fs::create_dir_all(root.join("src/deep/er")).expect("dirs");
+    fs::create_dir_all(root.join("empty")).expect("empty dir");
+    fs::write(root.join("README"), b"hello\n").expect("file");
+    fs::write(root.join("src/deep/er/data.bin"), pseudo_random(200_000, 7)).expect("file");
+    fs::write(root.join("run.sh"), b"#!/bin/sh\necho hi\n").expect("script");
+    fs::set_permissions(root.join("run.sh"), fs::Permissions::from_mode(0o755)).expect("chmod");
+    symlink("src/deep", root.join("shortcut")).expect("symlink");
+}
+
+/// `(relative path, kind, mode, content or link target)` of every entry under `root`.
+fn snapshot(root: &Path) -> Vec<(String, char, u32, Vec<u8>)> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, char, u32, Vec<u8>)>) {
+        for entry in fs::read_dir(dir).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            let rel = path
+                .strip_prefix(root)
+                .expect("under root")
+                .display()
+                .to_string();
+            let meta = fs::symlink_metadata(&path).expect("lstat");
+            let mode = meta.permissions().mode() & 0o7777;
+            if meta.file_type().is_symlink() {
+                let target = fs::read_link(&path).expect("readlink");
+                out.push((rel, 'l', 0, target.display().to_string().into_bytes()));
+            } else if meta.is_dir() {
+                out.push((rel, 'd', mode, Vec::new()));
+                walk(root, &path, out);
+            } else {
+                out.push((rel, 'f', mode, fs::read(&path).expect("read")));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, root, &mut out);
+    out.sort();
+    out
+}
+
+#[test]
+fn a_directory_tree_round_trips_through_archives() {
+    let mut agent = Agent::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src-tree");
+    make_tree(&src);
+
+    let out = agent.call(&Request::ReadArchive {
+        path: path_str(&src),
+    });
+    assert!(
+        matches!(out.reply(), Reply::Read { size_bytes } if *size_bytes == out.data.len() as u64)
+    );
+    let local = dir.path().join("unpacked-locally");
+    tar::Archive::new(out.data.as_slice())
+        .unpack(&local)
+        .expect("the agent's archive unpacks");
+    assert_eq!(snapshot(&local), snapshot(&src));
+
+    // Into a directory that does not exist yet (its parents neither).
+    let dst = dir.path().join("a/b/restored");
+    let up = agent.write_archive(&path_str(&dst), &out.data);
+    assert!(
+        matches!(up.reply(), Reply::Written { size_bytes } if *size_bytes == out.data.len() as u64),
+        "{:?}",
+        up.reply()
+    );
+    assert_eq!(snapshot(&dst), snapshot(&src));
+}
+
+#[test]
+fn an_archive_merges_into_an_existing_directory() {
+    let mut agent = Agent::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dst = dir.path().join("dst");
+    fs::create_dir_all(dst.join("src")).expect("dirs");
+    fs::write(dst.join("keep.txt"), b"kept").expect("file");
+    fs::write(dst.join("README"), b"old").expect("file");
+    let src = dir.path().join("src-tree");
+    make_tree(&src);
+    let tar = agent
+        .call(&Request::ReadArchive {
+            path: path_str(&src),
+        })
+        .data;
+
+    let up = agent.write_archive(&path_str(&dst), &tar);
+    assert!(
+        matches!(up.reply(), Reply::Written { .. }),
+        "{:?}",
+        up.reply()
+    );
+    assert_eq!(fs::read(dst.join("keep.txt")).expect("kept"), b"kept");
+    assert_eq!(fs::read(dst.join("README")).expect("replaced"), b"hello\n");
+    assert!(dst.join("src/deep/er/data.bin").is_file());
+    assert!(
+        !names_in(&dst).iter().any(|n| n.starts_with(".sbtmp")),
+        "{:?}",
+        names_in(&dst)
+    );
+}
+
+/// A tar holding one file at `name`, written raw so that `..` and `/` survive.
+fn raw_tar_entry(name: &str, body: &[u8]) -> Vec<u8> {
+    let mut header = tar::Header::new_old();
+    header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    header.set_size(body.len() as u64);
+    header.set_mode(0o644);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_cksum();
+    let mut out = header.as_bytes().to_vec();
+    out.extend_from_slice(body);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out.extend_from_slice(&[0u8; 1024]);
+    out
+}
+
+#[test]
+fn archives_that_escape_or_are_not_tar_change_nothing() {
+    let mut agent = Agent::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dst = dir.path().join("target");
+
+    for (what, tar) in [
+        ("a `..` entry", raw_tar_entry("../escaped", b"x")),
+        ("an absolute entry", raw_tar_entry("/tmp/escaped-abs", b"x")),
+        (
+            "not tar at all",
+            b"this is not a tar stream at all, just text".repeat(40),
+        ),
+    ] {
+        let out = agent.write_archive(&path_str(&dst), &tar);
+        assert_eq!(out.error_code(), AgentErrorCode::InvalidArchive, "{what}");
+        assert!(!dst.exists(), "{what}: the target it created is gone again");
+        assert!(!dir.path().join("escaped").exists(), "{what}");
+    }
+
+    // A symlink to outside, then a file through it.
+    let outside = dir.path().join("outside");
+    fs::create_dir(&outside).expect("outside dir");
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut link = tar::Header::new_gnu();
+    link.set_entry_type(tar::EntryType::Symlink);
+    link.set_size(0);
+    builder
+        .append_link(&mut link, "link", &outside)
+        .expect("symlink entry");
+    let mut file = tar::Header::new_gnu();
+    file.set_size(4);
+    file.set_mode(0o644);
+    builder
+        .append_data(&mut file, "link/evil", &b"evil"[..])
+        .expect("file entry");
+    let tar = builder.into_inner().expect("tar");
+    fs::create_dir(&dst).expect("existing target");
+    let out = agent.write_archive(&path_str(&dst), &tar);
+    assert_eq!(out.error_code(), AgentErrorCode::InvalidArchive);
+    assert!(
+        names_in(&outside).is_empty(),
+        "nothing written through the symlink"
+    );
+    assert!(
+        names_in(&dst).is_empty(),
+        "nothing staged is left: {:?}",
+        names_in(&dst)
+    );
 }

@@ -31,6 +31,8 @@ pub const WORKER_ERROR: &str = "WORKER_ERROR";
 pub const UPGRADE_REQUIRED: &str = "UPGRADE_REQUIRED";
 
 pub const INVALID_PATH: &str = "INVALID_PATH";
+/// An uploaded archive is not tar, or one of its entries escapes the target directory.
+pub const INVALID_ARCHIVE: &str = "INVALID_ARCHIVE";
 pub const FILE_NOT_FOUND: &str = "FILE_NOT_FOUND";
 pub const FILE_TOO_LARGE: &str = "FILE_TOO_LARGE";
 pub const IS_A_DIRECTORY: &str = "IS_A_DIRECTORY";

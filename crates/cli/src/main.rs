@@ -2,6 +2,7 @@
 //! `serve` runs a controller; `up` runs a whole embedded installation.
 
 mod commands;
+mod cp;
 mod shell;
 mod up;
 
@@ -45,6 +46,8 @@ enum Command {
     Exec(commands::ExecArgs),
     /// Open an interactive shell in a bunker; exits with the shell's exit code.
     Shell(shell::ShellArgs),
+    /// Copy files or directories between here and a bunker (`BUNKER:/path` on one side).
+    Cp(cp::CpArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -67,6 +70,7 @@ fn main() -> std::process::ExitCode {
             Command::Bunker { command } => commands::bunker(command, cli.json).await.map(|_| 0),
             Command::Exec(args) => commands::exec(args, cli.json).await,
             Command::Shell(args) => shell::shell(args).await,
+            Command::Cp(args) => cp::cp(args, cli.json).await.map(|_| 0),
         }
     });
     match result {

@@ -278,6 +278,16 @@ pub enum Request {
         path: String,
         recursive: bool,
     },
+    /// Body follows as `DATA`…`END`: a tar stream unpacked into the directory `path`
+    /// (created if missing), all or nothing; answered with [`Reply::Written`] (bytes read).
+    WriteArchive {
+        path: String,
+    },
+    /// Answered with `DATA` frames of a tar stream of the directory `path`, then
+    /// [`Reply::Read`].
+    ReadArchive {
+        path: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -313,6 +323,8 @@ pub enum AgentErrorCode {
     InvalidPath,
     SpawnFailed,
     BadRequest,
+    /// An uploaded archive is not tar, or an entry escapes its directory.
+    InvalidArchive,
     Io,
 }
 

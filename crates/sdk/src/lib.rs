@@ -236,6 +236,36 @@ impl Client {
         Self::data(self.send(rb).await?).await
     }
 
+    /// Uploads a tar stream, unpacked into the directory `path` (created if missing, merged
+    /// into if not), all or nothing.
+    pub async fn write_archive(
+        &self,
+        id: &str,
+        path: &str,
+        tar: impl Into<reqwest::Body>,
+    ) -> Result<FileWritten, SdkError> {
+        let rb = self
+            .http
+            .put(self.url(&format!("/bunkers/{id}/files/archive")))
+            .query(&[("path", path)])
+            .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
+            .body(tar);
+        Self::data(self.send(rb).await?).await
+    }
+
+    /// Starts a download of the directory `path` as a tar stream; read the body as a stream.
+    pub async fn read_archive_stream(
+        &self,
+        id: &str,
+        path: &str,
+    ) -> Result<reqwest::Response, SdkError> {
+        let rb = self
+            .http
+            .get(self.url(&format!("/bunkers/{id}/files/archive")))
+            .query(&[("path", path)]);
+        self.send(rb).await
+    }
+
     /// Starts a streamed exec (`stream` is forced on); read events with [`ExecStream::next`],
     /// which resumes by itself after a broken connection.
     pub async fn exec_stream(&self, id: &str, req: &ExecRequest) -> Result<ExecStream, SdkError> {

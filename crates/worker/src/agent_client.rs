@@ -361,7 +361,24 @@ impl AgentClient {
     where
         S: Stream<Item = Result<Bytes, E>> + Send,
     {
-        let mut stream = self.open(&Request::WriteFile { path, mode }).await?;
+        self.upload(&Request::WriteFile { path, mode }, body).await
+    }
+
+    /// Streams a tar `body` into the directory `path`; the agent unpacks it all or nothing.
+    /// Returns the number of archive bytes sent.
+    pub async fn write_archive<S, E>(&self, path: String, body: S) -> Result<u64, WriteFileError<E>>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+    {
+        self.upload(&Request::WriteArchive { path }, body).await
+    }
+
+    /// Sends `request` and `body` as its `DATA` frames; cancels the stream if the body fails.
+    async fn upload<S, E>(&self, request: &Request, body: S) -> Result<u64, WriteFileError<E>>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+    {
+        let mut stream = self.open(request).await?;
         let sender = stream.sender();
         let mut body = std::pin::pin!(body);
         loop {
@@ -397,7 +414,16 @@ impl AgentClient {
     /// Opens `path` for reading. Errors the agent reports before the first byte (not found,
     /// a directory) come back here, so callers can answer before they start streaming.
     pub async fn read_file(&self, path: String) -> Result<ByteStream, AgentError> {
-        let mut stream = self.open(&Request::ReadFile { path }).await?;
+        self.download(&Request::ReadFile { path }).await
+    }
+
+    /// A tar stream of the directory `path`; errors before the first byte come back here.
+    pub async fn read_archive(&self, path: String) -> Result<ByteStream, AgentError> {
+        self.download(&Request::ReadArchive { path }).await
+    }
+
+    async fn download(&self, request: &Request) -> Result<ByteStream, AgentError> {
+        let mut stream = self.open(request).await?;
         let first = stream.recv_within(REPLY_TIMEOUT).await?;
         let first = match first.kind {
             FrameKind::Data => Some(Bytes::from(first.payload)),

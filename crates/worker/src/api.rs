@@ -93,16 +93,20 @@ enum Command {
     ResumeBunker(String),
     Exec(String, ExecRequest),
     ExecStream(String, ExecRequest),
+    /// A file, or with `archive` a tar stream unpacked into the directory `path`.
     WriteFile {
         id: String,
         path: String,
         mode: u32,
+        archive: bool,
         declared_len: Option<u64>,
         body: Body,
     },
+    /// A file, or with `archive` the directory `path` as a tar stream.
     ReadFile {
         id: String,
         path: String,
+        archive: bool,
     },
     ListDir {
         id: String,
@@ -204,6 +208,9 @@ impl From<AgentError> for ApiError {
                     AgentErrorCode::InvalidPath => {
                         (StatusCode::UNPROCESSABLE_ENTITY, "INVALID_PATH")
                     }
+                    AgentErrorCode::InvalidArchive => {
+                        (StatusCode::UNPROCESSABLE_ENTITY, "INVALID_ARCHIVE")
+                    }
                     AgentErrorCode::PermissionDenied => {
                         (StatusCode::FORBIDDEN, "PERMISSION_DENIED")
                     }
@@ -245,6 +252,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
             get(read_file).put(write_file).delete(remove_file),
         )
         .route("/bunkers/{id}/files/list", get(list_dir))
+        .route(
+            "/bunkers/{id}/files/archive",
+            get(read_archive).put(write_archive),
+        )
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_token,
@@ -419,6 +430,27 @@ async fn write_file(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    upload(&s, id, q, &headers, body, false).await
+}
+
+async fn write_archive(
+    State(s): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    q: Result<Query<FileQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    upload(&s, id, q, &headers, body, true).await
+}
+
+async fn upload(
+    s: &ApiState,
+    id: String,
+    q: Result<Query<FileQuery>, QueryRejection>,
+    headers: &HeaderMap,
+    body: Body,
+    archive: bool,
+) -> Result<Response, ApiError> {
     let mut q = query(q)?;
     let declared_len = headers
         .get(header::CONTENT_LENGTH)
@@ -428,10 +460,11 @@ async fn write_file(
         id,
         path: q.path()?,
         mode: q.mode()?,
+        archive,
         declared_len,
         body,
     };
-    execute(&s, cmd).await
+    execute(s, cmd).await
 }
 
 async fn read_file(
@@ -440,7 +473,32 @@ async fn read_file(
     q: Result<Query<FileQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let path = query(q)?.path()?;
-    execute(&s, Command::ReadFile { id, path }).await
+    execute(
+        &s,
+        Command::ReadFile {
+            id,
+            path,
+            archive: false,
+        },
+    )
+    .await
+}
+
+async fn read_archive(
+    State(s): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    q: Result<Query<FileQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let path = query(q)?.path()?;
+    execute(
+        &s,
+        Command::ReadFile {
+            id,
+            path,
+            archive: true,
+        },
+    )
+    .await
 }
 
 async fn list_dir(
@@ -507,6 +565,7 @@ async fn execute(s: &ApiState, cmd: Command) -> Result<Response, ApiError> {
             id,
             path,
             mode,
+            archive,
             declared_len,
             body,
         } => {
@@ -515,7 +574,13 @@ async fn execute(s: &ApiState, cmd: Command) -> Result<Response, ApiError> {
                 return Err(too_large(limit));
             }
             let (agent, _) = bunkers.agent(&id)?;
-            match agent.write_file(path, mode, capped(body, limit)).await {
+            let body = capped(body, limit);
+            let written = if archive {
+                agent.write_archive(path, body).await
+            } else {
+                agent.write_file(path, mode, body).await
+            };
+            match written {
                 Ok(size_bytes) => Json(FileWritten { size_bytes }).into_response(),
                 Err(WriteFileError::Body(BodyError::TooLarge)) => return Err(too_large(limit)),
                 Err(WriteFileError::Body(BodyError::Read(e))) => {
@@ -528,11 +593,15 @@ async fn execute(s: &ApiState, cmd: Command) -> Result<Response, ApiError> {
                 Err(WriteFileError::Agent(e)) => return Err(e.into()),
             }
         }
-        Command::ReadFile { id, path } => {
+        Command::ReadFile { id, path, archive } => {
             let (agent, _) = bunkers.agent(&id)?;
-            let stream = agent.read_file(path).await?;
+            let (stream, content_type) = if archive {
+                (agent.read_archive(path).await?, "application/x-tar")
+            } else {
+                (agent.read_file(path).await?, "application/octet-stream")
+            };
             (
-                [(header::CONTENT_TYPE, "application/octet-stream")],
+                [(header::CONTENT_TYPE, content_type)],
                 Body::from_stream(stream),
             )
                 .into_response()

@@ -1,4 +1,5 @@
-//! `/bunkers/{id}/files`: streamed upload and download, listing, removal.
+//! `/bunkers/{id}/files`: streamed upload and download, listing, removal; directories as tar
+//! streams under `/files/archive`.
 
 use axum::Json;
 use axum::body::Body;
@@ -72,6 +73,54 @@ pub async fn write(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Envelope<FileWritten>>), ApiError> {
+    upload(&s, &p, &ctx, &id, q, &headers, body, false).await
+}
+
+/// Uploads a directory tree as a tar stream, unpacked into the directory `path` (created if
+/// missing; merged into if it exists): all or nothing.
+#[utoipa::path(
+    put,
+    path = "/bunkers/{id}/files/archive",
+    operation_id = "write_archive",
+    tag = "files",
+    params(("id" = String, Path, description = "Bunker id (`bnk_…`)"), FileQuery),
+    request_body(content(("application/x-tar")), description = "A tar stream; entry paths relative to `path`"),
+    responses(
+        (status = 201, description = "`size_bytes` is the archive's length", body = Envelope<FileWritten>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:files`)", body = Error),
+        (status = 404, description = "`BUNKER_NOT_FOUND`", body = Error),
+        (status = 409, description = "`BUNKER_NOT_RUNNING`, `NOT_A_DIRECTORY` or `IS_A_DIRECTORY` (a directory and a file meet)", body = Error),
+        (status = 413, description = "`FILE_TOO_LARGE`: the archive exceeds the upload cap", body = Error),
+        (status = 422, description = "`INVALID_PATH`, `INVALID_ARCHIVE` (not tar, or an entry absolute, with `..`, or through a symlink out of the directory) or `VALIDATION_ERROR`", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+        (status = 502, description = "`WORKER_ERROR`: the bunker's worker could not complete the operation", body = Error),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn write_archive(
+    State(s): State<Services>,
+    Caller(p): Caller,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+    q: QueryResult,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Envelope<FileWritten>>), ApiError> {
+    upload(&s, &p, &ctx, &id, q, &headers, body, true).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn upload(
+    s: &Services,
+    p: &crate::service::auth::Principal,
+    ctx: &crate::service::RequestContext,
+    id: &str,
+    q: QueryResult,
+    headers: &HeaderMap,
+    body: Body,
+    archive: bool,
+) -> Result<(StatusCode, Json<Envelope<FileWritten>>), ApiError> {
     let (q, path) = parse(q)?;
     let mode = match q.mode.as_deref() {
         None => 0o644,
@@ -96,8 +145,9 @@ pub async fn write(
         path: &path,
         mode,
         content_length,
+        archive,
     };
-    let written = svc::write_file(&s, &p, &ctx, &id, upload, stream).await?;
+    let written = svc::write_file(s, p, ctx, id, upload, stream).await?;
     Ok((StatusCode::CREATED, Json(Envelope::new(written))))
 }
 
@@ -128,9 +178,42 @@ pub async fn read(
     q: QueryResult,
 ) -> Result<Response, ApiError> {
     let (_, path) = parse(q)?;
-    let upstream = svc::read_file(&s, &p, &ctx, &id, &path).await?;
+    let upstream = svc::read_file(&s, &p, &ctx, &id, &path, false).await?;
     let body = Body::from_stream(upstream.bytes_stream());
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
+}
+
+/// Downloads a directory tree as a tar stream (paths relative to `path`; symlinks kept as
+/// symlinks).
+#[utoipa::path(
+    get,
+    path = "/bunkers/{id}/files/archive",
+    operation_id = "read_archive",
+    tag = "files",
+    params(("id" = String, Path, description = "Bunker id (`bnk_…`)"), FileQuery),
+    responses(
+        (status = 200, description = "A tar stream", content(("application/x-tar"))),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:files`)", body = Error),
+        (status = 404, description = "`BUNKER_NOT_FOUND` or `FILE_NOT_FOUND`", body = Error),
+        (status = 409, description = "`BUNKER_NOT_RUNNING` or `NOT_A_DIRECTORY`", body = Error),
+        (status = 422, description = "`INVALID_PATH` or `VALIDATION_ERROR` on a query parameter", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+        (status = 502, description = "`WORKER_ERROR`: the bunker's worker could not complete the operation", body = Error),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn read_archive(
+    State(s): State<Services>,
+    Caller(p): Caller,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+    q: QueryResult,
+) -> Result<Response, ApiError> {
+    let (_, path) = parse(q)?;
+    let upstream = svc::read_file(&s, &p, &ctx, &id, &path, true).await?;
+    let body = Body::from_stream(upstream.bytes_stream());
+    Ok(([(header::CONTENT_TYPE, "application/x-tar")], body).into_response())
 }
 
 /// Lists a directory, sorted by name; symlinks are not followed.

@@ -127,6 +127,7 @@ fn api_routes() -> OpenApiRouter<Services> {
         .routes(routes!(bunkers::exec_events))
         .routes(routes!(files::read, files::write, files::remove))
         .routes(routes!(files::list))
+        .routes(routes!(files::read_archive, files::write_archive))
         .routes(routes!(shell::open))
         .routes(routes!(records::exec_log))
         .routes(routes!(records::audit))

@@ -1184,6 +1184,8 @@ pub struct Upload<'a> {
     pub path: &'a str,
     pub mode: u32,
     pub content_length: Option<u64>,
+    /// The body is a tar stream unpacked into the directory `path`.
+    pub archive: bool,
 }
 
 /// Streams an upload into the bunker; the agent writes it atomically.
@@ -1202,6 +1204,7 @@ where
         path,
         mode,
         content_length,
+        archive,
     } = upload;
     if !p.has(auth::FILES) {
         return Err(BunkerError::PermissionDenied(auth::FILES));
@@ -1228,7 +1231,7 @@ where
     });
     let result = s
         .workers
-        .write_file(&worker_url, &row.id, path, mode, capped)
+        .write_file(&worker_url, &row.id, path, mode, archive, capped)
         .await;
     if over.load(Ordering::SeqCst) {
         return Err(BunkerError::FileTooLarge { limit });
@@ -1239,7 +1242,11 @@ where
         p,
         ctx,
         &row,
-        "bunker.file.write",
+        if archive {
+            "bunker.file.archive.write"
+        } else {
+            "bunker.file.write"
+        },
         serde_json::json!({"path": path, "size_bytes": written.size_bytes}),
     )
     .await?;
@@ -1270,15 +1277,23 @@ pub async fn read_file(
     ctx: &RequestContext,
     id: &str,
     path: &str,
+    archive: bool,
 ) -> Result<reqwest::Response, BunkerError> {
     let (row, worker_url) = file_target(s, p, id, path).await?;
-    let resp = s.workers.read_file(&worker_url, &row.id, path).await?;
+    let resp = s
+        .workers
+        .read_file(&worker_url, &row.id, path, archive)
+        .await?;
     record_activity(
         s,
         p,
         ctx,
         &row,
-        "bunker.file.read",
+        if archive {
+            "bunker.file.archive.read"
+        } else {
+            "bunker.file.read"
+        },
         serde_json::json!({"path": path}),
     )
     .await?;
@@ -1453,6 +1468,7 @@ pub fn worker_code_status(code: &str) -> (u16, &'static str) {
         "NOT_A_DIRECTORY" => (409, codes::NOT_A_DIRECTORY),
         "DIRECTORY_NOT_EMPTY" => (409, codes::DIRECTORY_NOT_EMPTY),
         "INVALID_PATH" => (422, codes::INVALID_PATH),
+        "INVALID_ARCHIVE" => (422, codes::INVALID_ARCHIVE),
         "PERMISSION_DENIED" => (403, codes::PERMISSION_DENIED),
         "FILE_TOO_LARGE" => (413, codes::FILE_TOO_LARGE),
         "BUNKER_NOT_RUNNING" | "BUNKER_NOT_FOUND" => (409, codes::BUNKER_NOT_RUNNING),

@@ -34,6 +34,14 @@ pub enum WorkerCallError {
     },
 }
 
+fn files_route(bunker_id: &str, archive: bool) -> String {
+    if archive {
+        format!("/bunkers/{bunker_id}/files/archive")
+    } else {
+        format!("/bunkers/{bunker_id}/files")
+    }
+}
+
 /// A shell session's WebSocket to a worker.
 pub type WorkerSocket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -249,12 +257,14 @@ impl WorkerClient {
         }
     }
 
+    /// Streams a file (or with `archive`, a tar stream unpacked into the directory `path`).
     pub async fn write_file<S>(
         &self,
         base: &str,
         bunker_id: &str,
         path: &str,
         mode: u32,
+        archive: bool,
         body: S,
     ) -> Result<FileWritten, WorkerCallError>
     where
@@ -262,22 +272,24 @@ impl WorkerClient {
     {
         let r = self
             .http
-            .put(Self::url(base, &format!("/bunkers/{bunker_id}/files")))
+            .put(Self::url(base, &files_route(bunker_id, archive)))
             .query(&[("path", path), ("mode", &format!("{mode:o}"))])
             .body(reqwest::Body::wrap_stream(body));
         Self::json(self.send(base, r).await?).await
     }
 
-    /// Starts a download; the response body streams the file.
+    /// Starts a download; the response body streams the file (or with `archive`, the
+    /// directory as a tar stream).
     pub async fn read_file(
         &self,
         base: &str,
         bunker_id: &str,
         path: &str,
+        archive: bool,
     ) -> Result<reqwest::Response, WorkerCallError> {
         let r = self
             .http
-            .get(Self::url(base, &format!("/bunkers/{bunker_id}/files")))
+            .get(Self::url(base, &files_route(bunker_id, archive)))
             .query(&[("path", path)]);
         self.send(base, r).await
     }
