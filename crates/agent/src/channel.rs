@@ -11,17 +11,21 @@
 //!    where the port can only be reopened once every descriptor of it is closed.
 //! 3. A [`StreamTx`] sends exactly one `REPLY`; after it, the stream's other senders (exec
 //!    output pumps) are refused under the same lock, so nothing follows the `REPLY`.
+//! 4. A [`StreamTx`] sends an output frame only with credit (the protocol's window): a
+//!    sender without credit waits (re-checking every 100 ms whether the stream or the
+//!    connection ended), so a worker that stops reading one stream stalls that stream's
+//!    producer only.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::Duration;
 
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::io::Errno;
-use scaibunker_proto::agent::{Frame, FrameKind, Reply, WindowSize};
+use scaibunker_proto::agent::{Frame, FrameKind, Reply, STREAM_WINDOW_FRAMES, WindowSize};
 
 /// How long a writer waits for room before re-checking whether the connection closed.
 const WRITE_RECHECK: Duration = Duration::from_millis(100);
@@ -175,6 +179,9 @@ pub struct StreamTx {
     conn: Arc<Conn>,
     id: u32,
     replied: Mutex<bool>,
+    /// Output frames the worker still allows (rule 4).
+    credit: Mutex<u32>,
+    credit_granted: Condvar,
 }
 
 impl StreamTx {
@@ -183,6 +190,8 @@ impl StreamTx {
             conn,
             id,
             replied: Mutex::new(false),
+            credit: Mutex::new(STREAM_WINDOW_FRAMES),
+            credit_granted: Condvar::new(),
         }
     }
 
@@ -190,9 +199,34 @@ impl StreamTx {
         self.id
     }
 
-    /// Sends a `DATA`, `STDOUT` or `STDERR` frame, unless the stream already replied or
-    /// the connection is closed.
+    /// Adds `frames` of credit (a `CREDIT` frame arrived).
+    pub fn grant(&self, frames: u32) {
+        let mut credit = lock(&self.credit);
+        *credit = credit.saturating_add(frames);
+        self.credit_granted.notify_all();
+    }
+
+    /// Takes one frame of credit, waiting for it while the stream and connection are open.
+    fn take_credit(&self) -> Result<(), StreamClosed> {
+        let mut credit = lock(&self.credit);
+        while *credit == 0 {
+            if !self.is_open() {
+                return Err(StreamClosed(self.id));
+            }
+            credit = self
+                .credit_granted
+                .wait_timeout(credit, WRITE_RECHECK)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        *credit -= 1;
+        Ok(())
+    }
+
+    /// Sends a `DATA`, `STDOUT` or `STDERR` frame once the stream has credit for it, unless
+    /// the stream already replied or the connection is closed.
     pub fn send(&self, kind: FrameKind, payload: &[u8]) -> Result<(), StreamClosed> {
+        self.take_credit()?;
         let replied = lock(&self.replied);
         if *replied || self.conn.is_closed() {
             return Err(StreamClosed(self.id));
@@ -253,6 +287,33 @@ mod tests {
         let second = Frame::read_from(&mut peer).expect("frame").expect("some");
         assert_eq!(second.kind, FrameKind::Reply);
         assert!(Frame::read_from(&mut peer).expect("clean eof").is_none());
+    }
+
+    #[test]
+    fn a_stream_without_credit_waits_until_granted_or_closed() {
+        let (conn, mut peer) = pair();
+        let tx = Arc::new(StreamTx::new(conn.clone(), 5));
+        for _ in 0..STREAM_WINDOW_FRAMES {
+            tx.send(FrameKind::Data, b"x").expect("within the window");
+        }
+        let blocked = {
+            let tx = Arc::clone(&tx);
+            thread::spawn(move || tx.send(FrameKind::Data, b"late"))
+        };
+        thread::sleep(Duration::from_millis(300));
+        assert!(!blocked.is_finished(), "no credit, no frame");
+        tx.grant(1);
+        blocked.join().expect("joins").expect("sent once granted");
+        for _ in 0..=STREAM_WINDOW_FRAMES {
+            let f = Frame::read_from(&mut peer).expect("frame").expect("some");
+            assert_eq!(f.kind, FrameKind::Data);
+        }
+        let waiting = {
+            let tx = Arc::clone(&tx);
+            thread::spawn(move || tx.send(FrameKind::Data, b"never"))
+        };
+        conn.close();
+        assert_eq!(waiting.join().expect("joins"), Err(StreamClosed(5)));
     }
 
     #[test]

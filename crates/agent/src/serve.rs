@@ -161,7 +161,8 @@ fn hello_frame() -> Frame {
 }
 
 /// The input channels of a session's open streams, by stream id.
-type Registry = Arc<Mutex<HashMap<u32, Sender<StreamInput>>>>;
+/// Open streams: where their input goes, and their sender (for `CREDIT`).
+type Registry = Arc<Mutex<HashMap<u32, (Sender<StreamInput>, Arc<StreamTx>)>>>;
 
 /// Number of running handler threads of a session, to wait for them at reset.
 #[derive(Debug, Default)]
@@ -232,12 +233,23 @@ impl Session {
                     return;
                 }
             },
+            FrameKind::Credit => {
+                match frame.credit_frames() {
+                    Some(n) => {
+                        if let Some((_, tx)) = lock(&self.streams).get(&frame.stream_id) {
+                            tx.grant(n);
+                        }
+                    }
+                    None => log!("ignoring a malformed CREDIT on stream {}", frame.stream_id),
+                }
+                return;
+            }
             FrameKind::Hello | FrameKind::Stdout | FrameKind::Stderr | FrameKind::Reply => {
                 log!("ignoring a {:?} frame from the worker", frame.kind);
                 return;
             }
         };
-        if let Some(sender) = lock(&self.streams).get(&frame.stream_id) {
+        if let Some((sender, _)) = lock(&self.streams).get(&frame.stream_id) {
             // The handler may have just finished; its input no longer matters.
             let _ = sender.send(input);
         }
@@ -250,17 +262,18 @@ impl Session {
             return;
         }
         let (input_tx, input_rx) = mpsc::channel();
+        let tx = Arc::new(StreamTx::new(Arc::clone(&self.conn), id));
         {
             let mut streams = lock(&self.streams);
             if streams.contains_key(&id) {
                 log!("ignoring a second REQUEST on open stream {id}");
                 return;
             }
-            streams.insert(id, input_tx);
+            streams.insert(id, (input_tx, Arc::clone(&tx)));
         }
         *lock(&self.active.count) += 1;
         let guard = StreamGuard {
-            tx: Arc::new(StreamTx::new(Arc::clone(&self.conn), id)),
+            tx,
             streams: Arc::clone(&self.streams),
             active: Arc::clone(&self.active),
         };

@@ -19,7 +19,13 @@
 //!    `REPLY` always ends the stream; an error before any data is a `REPLY` with [`Reply::Error`].
 //! 5. The worker may send `CANCEL` on an open stream: the agent kills what the stream runs
 //!    and still answers with its `REPLY`.
-//! 6. An exec with a terminal ([`Request::Exec`] `pty`) reads its input from `DATA` frames,
+//! 6. Flow control, per stream: the agent sends at most [`STREAM_WINDOW_FRAMES`] `STDOUT`,
+//!    `STDERR` and `DATA` frames on a stream beyond what the worker has granted back with
+//!    `CREDIT` frames (payload: a big-endian `u32` count of frames). A stream starts with a
+//!    full window; the worker grants frames back as its consumer takes them. A slow
+//!    consumer therefore holds back only its own stream, never the channel. `REPLY` needs no
+//!    credit.
+//! 7. An exec with a terminal ([`Request::Exec`] `pty`) reads its input from `DATA` frames,
 //!    sends the terminal's output as `STDOUT` frames, and takes `RESIZE` frames (a JSON
 //!    [`WindowSize`]) from the worker at any time before its `REPLY`.
 
@@ -29,10 +35,13 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to frames or messages.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest payload of one frame; bigger bodies are split into several `DATA` frames.
 pub const MAX_FRAME_PAYLOAD: usize = 64 * 1024;
+
+/// Output frames the agent may send on one stream before the worker grants more (rule 6).
+pub const STREAM_WINDOW_FRAMES: u32 = 32;
 
 /// Length of the fixed frame header.
 pub const HEADER_LEN: usize = 9;
@@ -53,6 +62,7 @@ pub enum FrameKind {
     Reply = 7,
     Cancel = 8,
     Resize = 9,
+    Credit = 10,
 }
 
 impl FrameKind {
@@ -67,6 +77,7 @@ impl FrameKind {
             7 => Self::Reply,
             8 => Self::Cancel,
             9 => Self::Resize,
+            10 => Self::Credit,
             _ => return None,
         })
     }
@@ -149,6 +160,17 @@ impl Frame {
     /// Writes the frame with one `write_all` so concurrent writers behind a lock never interleave.
     pub fn write_to<W: Write>(&self, w: &mut W) -> io::Result<()> {
         w.write_all(&self.encode())
+    }
+
+    /// A `CREDIT` frame granting `frames` more output frames on `stream_id`.
+    pub fn credit(stream_id: u32, frames: u32) -> Self {
+        Self::new(stream_id, FrameKind::Credit, frames.to_be_bytes().to_vec())
+    }
+
+    /// The count a `CREDIT` frame grants; `None` for a malformed payload.
+    pub fn credit_frames(&self) -> Option<u32> {
+        let bytes: [u8; 4] = self.payload.as_slice().try_into().ok()?;
+        Some(u32::from_be_bytes(bytes))
     }
 
     /// Decodes the payload as JSON.

@@ -13,12 +13,13 @@
 //! 5. When the byte stream ends or breaks, every open stream fails with
 //!    [`AgentError::Unavailable`], and so does every later operation.
 //!
-//! Flow control: the protocol has none per stream, so a consumer that stops reading (a
-//! slow HTTP download, a slow exec stream reader) would stall every stream. Each stream
-//! buffers up to [`STREAM_BUFFER_FRAMES`] frames; while one is full the reader waits, which
-//! holds back the whole channel (and, through the full virtio-serial ring, the agent's
-//! writers); a consumer that leaves its buffer full for [`ROUTE_TIMEOUT`] loses its stream
-//! (cancelled, [`AgentError::Stalled`]) rather than blocking the others for longer.
+//! Flow control is per stream (the protocol's window, [`STREAM_WINDOW_FRAMES`]): the agent
+//! sends a stream's output only as far as the worker has granted, and a stream grants
+//! frames back (`CREDIT`) as its consumer takes them. A consumer that stops reading (a slow
+//! HTTP download, a slow exec reader, a shell's client) therefore stalls its own stream in
+//! the guest and nothing else; the reader task never waits for a consumer. Each stream's
+//! buffer holds a whole window, so a frame that does not fit means the agent ignored the
+//! window: that stream is cancelled ([`AgentError::WindowExceeded`]).
 //!
 //! Exec is one code path: [`AgentClient::exec_stream`] yields output frame by frame
 //! ([`ExecStream`]); [`AgentClient::exec`] collects that stream up to the output limit;
@@ -35,7 +36,8 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use scaibunker_proto::agent::{
     AgentErrorCode, DirEntry, Frame, FrameError, FrameKind, GuestUser, HEADER_LEN, Hello,
-    MAX_FRAME_PAYLOAD, PROTOCOL_VERSION, Program, Reply, Request, Stdin, WindowSize,
+    MAX_FRAME_PAYLOAD, PROTOCOL_VERSION, Program, Reply, Request, STREAM_WINDOW_FRAMES, Stdin,
+    WindowSize,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
@@ -43,10 +45,10 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-/// Frames buffered per stream before the reader waits for its consumer.
-pub const STREAM_BUFFER_FRAMES: usize = 64;
-/// How long the reader waits for a consumer with a full buffer before cancelling it.
-pub const ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Frames buffered per stream: a whole window of output and its `REPLY`.
+pub const STREAM_BUFFER_FRAMES: usize = STREAM_WINDOW_FRAMES as usize + 1;
+/// Frames a consumer takes before they are granted back in one `CREDIT`.
+const CREDIT_BATCH: u32 = STREAM_WINDOW_FRAMES / 4;
 /// How long a file or directory operation may wait for the agent's next frame.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Slack over an exec's own timeout before the worker stops waiting for the agent, which
@@ -83,10 +85,9 @@ pub enum AgentError {
     Protocol { stream_id: u32, detail: String },
     #[error("no answer from the agent within {0:?}")]
     Timeout(Duration),
-    /// The consumer left the stream's buffer full this long; the stream was cancelled so
-    /// that the channel's other streams could go on.
-    #[error("the stream's output was left unread for {0:?}; the stream was cancelled")]
-    Stalled(Duration),
+    /// The agent sent more than the stream's window; the stream was cancelled.
+    #[error("the agent sent past the stream's flow-control window; the stream was cancelled")]
+    WindowExceeded,
 }
 
 /// Why an upload failed: its body, or the agent.
@@ -179,7 +180,7 @@ struct Router {
 #[derive(Default)]
 struct RouteTable {
     open: HashMap<u32, mpsc::Sender<Frame>>,
-    /// Streams cancelled because their consumer stalled, until the consumer learns it.
+    /// Streams cancelled because the agent broke their window, until the consumer learns it.
     stalled: HashSet<u32>,
     /// Set once the channel is gone; says why.
     closed: Option<String>,
@@ -506,6 +507,7 @@ impl AgentClient {
             },
             rx,
             finished: false,
+            consumed: 0,
         };
         stream
             .sender
@@ -558,13 +560,13 @@ async fn read_loop(mut read: OwnedReadHalf, router: Arc<Router>, writer: Arc<Wri
             tracing::warn!(kind = ?frame.kind, "ignoring a frame on stream 0");
             continue;
         }
-        route(&router, &writer, frame).await;
+        route(&router, &writer, frame);
     };
     tracing::debug!(%reason, "agent channel reader stopped");
     router.close(reason);
 }
 
-async fn route(router: &Router, writer: &Arc<Writer>, frame: Frame) {
+fn route(router: &Router, writer: &Arc<Writer>, frame: Frame) {
     let id = frame.stream_id;
     let is_reply = frame.kind == FrameKind::Reply;
     let tx = {
@@ -577,14 +579,14 @@ async fn route(router: &Router, writer: &Arc<Writer>, frame: Frame) {
     };
     // Frames of streams we cancelled or finished are late arrivals: drop them.
     let Some(tx) = tx else { return };
-    match tx.send_timeout(frame, ROUTE_TIMEOUT).await {
+    match tx.try_send(frame) {
         Ok(()) => {}
         // The consumer is gone; its stream guard has cancelled it.
-        Err(mpsc::error::SendTimeoutError::Closed(_)) => {}
-        Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
             tracing::warn!(
                 stream_id = id,
-                "stream consumer stalled; cancelling the stream"
+                "the agent sent past the stream's window; cancelling the stream"
             );
             {
                 let mut table = lock(&router.table);
@@ -796,6 +798,8 @@ struct OpenStream {
     sender: StreamSender,
     rx: mpsc::Receiver<Frame>,
     finished: bool,
+    /// Output frames taken since the last `CREDIT`.
+    consumed: u32,
 }
 
 impl OpenStream {
@@ -808,6 +812,14 @@ impl OpenStream {
             Some(frame) => {
                 if frame.kind == FrameKind::Reply {
                     self.finished = true;
+                } else {
+                    self.consumed += 1;
+                    if self.consumed >= CREDIT_BATCH {
+                        let credit = Frame::credit(self.sender.id, self.consumed);
+                        self.consumed = 0;
+                        // A failed write closed the channel; the next recv reports it.
+                        let _ = self.sender.write(&credit).await;
+                    }
                 }
                 Ok(frame)
             }
@@ -817,7 +829,7 @@ impl OpenStream {
                 self.finished = true;
                 let id = self.sender.id;
                 if lock(&self.sender.router.table).stalled.remove(&id) {
-                    return Err(AgentError::Stalled(ROUTE_TIMEOUT));
+                    return Err(AgentError::WindowExceeded);
                 }
                 Err(self.sender.router.unavailable())
             }
@@ -1137,6 +1149,89 @@ mod tests {
         let mut outs = [x.expect("x").stdout, y.expect("y").stdout];
         outs.sort();
         assert_eq!(outs, [b"A".to_vec(), b"BB".to_vec()]);
+        guest.await.expect("guest");
+    }
+
+    #[tokio::test]
+    async fn an_unread_stream_holds_back_only_itself_and_reading_grants_credit() {
+        let (client, mut agent, _h) = connected().await;
+        // Stream a: its consumer does not read. Stream b: read as it comes.
+        let mut a = client
+            .exec_stream(exec_spec("a", None, 0))
+            .await
+            .expect("open a");
+        let a_id = agent.recv().await.stream_id;
+        let mut b = client
+            .exec_stream(exec_spec("b", None, 0))
+            .await
+            .expect("open b");
+        let b_id = agent.recv().await.stream_id;
+        for _ in 0..STREAM_WINDOW_FRAMES {
+            agent
+                .send(Frame::new(a_id, FrameKind::Stdout, b"a".to_vec()))
+                .await;
+        }
+        // a's whole window is buffered; b still flows at once.
+        for i in 0..3u8 {
+            agent
+                .send(Frame::new(b_id, FrameKind::Stdout, vec![i]))
+                .await;
+            let got = tokio::time::timeout(Duration::from_secs(2), b.next())
+                .await
+                .expect("b is not held back by a");
+            assert_eq!(
+                got.expect("event").expect("ok"),
+                ExecEvent::Stdout(Bytes::from(vec![i]))
+            );
+        }
+        // Reading a grants its frames back in batches.
+        for _ in 0..CREDIT_BATCH {
+            a.next().await.expect("event").expect("ok");
+        }
+        let credit = agent.recv().await;
+        assert_eq!((credit.stream_id, credit.kind), (a_id, FrameKind::Credit));
+        assert_eq!(credit.credit_frames(), Some(CREDIT_BATCH));
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_ignores_the_window_loses_that_stream_only() {
+        let (client, mut agent, _h) = connected().await;
+        let mut a = client
+            .exec_stream(exec_spec("a", None, 0))
+            .await
+            .expect("open a");
+        let a_id = agent.recv().await.stream_id;
+        let b = client.exec(exec_spec("b", None, 10));
+        let guest = tokio::spawn(async move {
+            let b_id = agent.recv().await.stream_id;
+            for _ in 0..=STREAM_BUFFER_FRAMES {
+                agent
+                    .send(Frame::new(a_id, FrameKind::Stdout, b"a".to_vec()))
+                    .await;
+            }
+            let cancel = agent.recv().await;
+            assert_eq!((cancel.stream_id, cancel.kind), (a_id, FrameKind::Cancel));
+            agent
+                .send(Frame::new(b_id, FrameKind::Stdout, b"fine".to_vec()))
+                .await;
+            let exited = Reply::Exited {
+                exit_code: Some(0),
+                signal: None,
+                timed_out: false,
+                duration_ms: 1,
+            };
+            agent.reply(b_id, &exited).await;
+            agent
+        });
+        assert_eq!(b.await.expect("b completes").stdout, b"fine");
+        let mut last = None;
+        while let Some(event) = a.next().await {
+            last = Some(event);
+        }
+        assert!(
+            matches!(last, Some(Err(AgentError::WindowExceeded))),
+            "{last:?}"
+        );
         guest.await.expect("guest");
     }
 

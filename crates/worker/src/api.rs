@@ -225,7 +225,7 @@ impl From<AgentError> for ApiError {
                 };
                 Self::new(status, code, message)
             }
-            AgentError::Unavailable(_) | AgentError::Timeout(_) | AgentError::Stalled(_) => {
+            AgentError::Unavailable(_) | AgentError::Timeout(_) | AgentError::WindowExceeded => {
                 Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "AGENT_UNAVAILABLE",
@@ -740,7 +740,7 @@ fn spawn_failed_events(message: String) -> Vec<ExecStreamEvent> {
 pub(crate) fn stream_error(e: AgentError) -> ExecStreamEvent {
     let code = match &e {
         AgentError::Timeout(_) => "TIMEOUT",
-        AgentError::Stalled(_) => "STREAM_STALLED",
+        AgentError::WindowExceeded => "AGENT_PROTOCOL_ERROR",
         _ => {
             // The same codes as the inline route; 5xx details are logged there, not sent.
             let api = ApiError::from(e);
@@ -857,10 +857,7 @@ mod tests {
             "AGENT_UNAVAILABLE"
         );
         assert_eq!(code(AgentError::Timeout(Duration::from_secs(1))), "TIMEOUT");
-        assert_eq!(
-            code(AgentError::Stalled(Duration::from_secs(30))),
-            "STREAM_STALLED"
-        );
+        assert_eq!(code(AgentError::WindowExceeded), "AGENT_PROTOCOL_ERROR");
         let events = spawn_failed_events("nosuchcmd: not found".into());
         match &events[..] {
             [

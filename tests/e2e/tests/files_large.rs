@@ -1,6 +1,11 @@
 //! A 50 MB random file up into a bunker and back down, byte-identical, through the real
-//! controller, worker and agent, streamed end to end; a failed upload leaves nothing behind.
+//! controller, worker and agent, streamed end to end; a download left unread holds back
+//! nothing but itself (execs in the same bunker go on), and finishes intact when read.
 
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use scaibunker_api::exec::ExecRequest;
 use scaibunker_e2e::{Up, UpOptions, require_images};
 
 #[tokio::test]
@@ -51,6 +56,41 @@ async fn fifty_megabytes_round_trip_identically() {
     assert_eq!(entries[0].name, "blob.bin");
     assert_eq!(entries[0].mode, "0600");
     assert_eq!(entries[0].size_bytes, size as u64);
+
+    // A download whose reader stops after the first chunk: the bunker's channel stays free.
+    let mut stalled = client
+        .read_file_stream(&bunker.id, "/tmp/big/blob.bin")
+        .await
+        .expect("start a download")
+        .bytes_stream();
+    let mut got = stalled
+        .next()
+        .await
+        .expect("a first chunk")
+        .expect("ok")
+        .to_vec();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in 0..3 {
+        let started = Instant::now();
+        let out = client
+            .exec(
+                &bunker.id,
+                &ExecRequest {
+                    command: Some(format!("echo {i}")),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("exec beside a stalled download");
+        let took = started.elapsed();
+        assert_eq!(out.stdout.as_deref(), Some(format!("{i}\n").as_str()));
+        // Without per-stream flow control this waited for the stalled stream (30 s).
+        assert!(took < Duration::from_secs(10), "exec {i} took {took:?}");
+    }
+    while let Some(chunk) = stalled.next().await {
+        got.extend_from_slice(&chunk.expect("the rest of the download"));
+    }
+    assert!(got == blob, "the resumed download is intact");
 
     client.delete_bunker(&bunker.id).await.expect("delete");
 }
