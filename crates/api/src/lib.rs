@@ -9,6 +9,7 @@ pub mod envelope;
 pub mod exec;
 pub mod files;
 pub mod platform;
+pub mod storage;
 pub mod workers;
 
 /// Prefix of every module route.
