@@ -11,6 +11,8 @@ mod common;
 use common::garage::Garage;
 
 const MIB: usize = 1024 * 1024;
+/// `SCAIBUNKER_MAX_OBJECT_BYTES`'s default.
+const DEFAULT_CAP: u64 = 32 << 30;
 
 /// A deterministic body of `len` bytes in 64 KiB chunks, and its SHA-256.
 fn body(
@@ -162,14 +164,15 @@ async fn over_the_cap_or_a_broken_body_stores_nothing(o: &Objects) {
         o.put_stream("cap/y", stream, (9 * MIB - 1) as u64).await,
         Err(ObjectError::TooLarge { .. })
     ));
+    // Breaks off after one full 8 MiB part went up (S3: the multipart upload is aborted).
     let (good, _) = body(9 * MIB, 3);
     let broken = good
-        .take(100)
+        .take(140)
         .chain(futures_util::stream::iter([Err(std::io::Error::other(
             "client went away",
         ))]));
     assert!(matches!(
-        o.put_stream("cap/y", broken, u64::MAX).await,
+        o.put_stream("cap/y", broken, DEFAULT_CAP).await,
         Err(ObjectError::Body { .. })
     ));
     assert_eq!(read_all(o, "cap/y").await, b"old");
@@ -179,8 +182,9 @@ async fn over_the_cap_or_a_broken_body_stores_nothing(o: &Objects) {
 async fn a_large_object_streams_in_parts_and_back(o: &Objects) {
     let len = 20 * MIB + 12345;
     let (stream, sha) = body(len, 7);
+    // With the default cap S3 puts go in 8 MiB parts: this is three.
     let put = o
-        .put_stream("big/object.bin", stream, u64::MAX)
+        .put_stream("big/object.bin", stream, DEFAULT_CAP)
         .await
         .expect("put");
     assert_eq!(put.size_bytes, len as u64);
@@ -265,7 +269,22 @@ async fn local_directory_keeps_the_contract() {
 #[tokio::test]
 async fn s3_on_garage_keeps_the_contract() {
     let garage = Garage::start().await;
-    contract(&garage.objects()).await;
+    let o = garage.objects();
+    contract(&o).await;
+    // A body past one part went up as a multipart upload (S3's ETag says how many parts),
+    // one smaller as a single PutObject.
+    let (stream, _) = body(20 * MIB, 9);
+    let put = o
+        .put_stream("parts/x", stream, DEFAULT_CAP)
+        .await
+        .expect("put");
+    assert!(put.etag.ends_with("-3"), "etag {}", put.etag);
+    let (stream, _) = body(MIB, 9);
+    let put = o
+        .put_stream("parts/y", stream, DEFAULT_CAP)
+        .await
+        .expect("put");
+    assert!(!put.etag.contains('-'), "etag {}", put.etag);
 }
 
 #[tokio::test]

@@ -298,11 +298,40 @@ fn streamed(len: usize) -> (reqwest::Body, String) {
 
 async fn a_multi_mib_object_streams_through_the_proxy(db: Db) {
     let p = Proxy::start(db, 1 << 30).await;
+    round_trip_large_object(&p.http, &p.handle.url()).await;
+}
+
+/// The same through a storage proxy whose store is S3 on a real Garage.
+#[tokio::test]
+async fn a_multi_mib_object_streams_through_a_proxy_on_s3() {
+    let garage = common::garage::Garage::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = config(dir.path());
+    c.object_store = garage.url();
+    c.s3 = garage.settings();
+    let proxy = start_storage_proxy(c).await.expect("proxy starts");
+    round_trip_large_object(&reqwest::Client::new(), &proxy.url()).await;
+    let (st, _, b) = send(
+        &reqwest::Client::new(),
+        "GET",
+        &object_url(&proxy.url(), "missing/key"),
+        Some(WORKER_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (st, code(&json_of(&b))),
+        (StatusCode::NOT_FOUND, "OBJECT_NOT_FOUND")
+    );
+    proxy.shutdown().await;
+}
+
+/// Streams 24 MiB up and back down through `base`'s storage proxy, comparing SHA-256s.
+async fn round_trip_large_object(http: &reqwest::Client, base: &str) {
     let len = 24 * MIB + 7;
     let (body, sha) = streamed(len);
-    let url = p.object_url("snapshots/snp_1/memory.bin");
-    let resp = p
-        .http
+    let url = object_url(base, "snapshots/snp_1/memory.bin");
+    let resp = http
         .put(&url)
         .bearer_auth(WORKER_TOKEN)
         .body(body)
@@ -314,8 +343,7 @@ async fn a_multi_mib_object_streams_through_the_proxy(db: Db) {
     assert_eq!(v["data"]["size_bytes"], len as u64);
     assert_eq!(v["data"]["sha256"], sha);
 
-    let resp = p
-        .http
+    let resp = http
         .get(&url)
         .bearer_auth(WORKER_TOKEN)
         .send()

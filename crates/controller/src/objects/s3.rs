@@ -2,7 +2,8 @@
 //! (docs/decisions/0008) and sent with the controller's `reqwest` client.
 //!
 //! A put, step by step:
-//! 1. Read the body into a buffer until it holds one part ([`part_bytes`], 8 MiB or more).
+//! 1. Read the body into a buffer until it holds one part ([`part_bytes`]: 8 MiB, more for a
+//!    size cap past 80 GB, at most 64 MiB).
 //! 2. The body ended first: one `PutObject` of the buffer.
 //! 3. Otherwise `CreateMultipartUpload`, then one `UploadPart` per buffer, reading the next part
 //!    only after the previous one was sent, so at most one part is in memory; finally
@@ -30,6 +31,8 @@ use super::{
 const SIGN_FOR: Duration = Duration::from_secs(15 * 60);
 /// Smallest multipart part (S3's minimum is 5 MiB for every part but the last).
 const MIN_PART_BYTES: u64 = 8 * 1024 * 1024;
+/// Largest part: one part is what a put holds in memory. 10,000 of them make 640 GiB.
+const MAX_PART_BYTES: u64 = 64 * 1024 * 1024;
 /// S3 allows at most this many parts in one upload.
 const MAX_PARTS: u64 = 10_000;
 
@@ -62,6 +65,8 @@ pub enum S3ConfigError {
     Endpoint(String),
     #[error("building the bucket URL")]
     Bucket(#[from] rusty_s3::BucketError),
+    #[error("building the HTTP client")]
+    Client(#[source] reqwest::Error),
 }
 
 /// A failed S3 request.
@@ -84,10 +89,11 @@ pub struct S3 {
 }
 
 /// The part size for a body of at most `max_bytes`: large enough that it fits in
-/// [`MAX_PARTS`] parts.
+/// [`MAX_PARTS`] parts, within [`MIN_PART_BYTES`]..=[`MAX_PART_BYTES`] (the memory a put
+/// holds).
 fn part_bytes(max_bytes: u64) -> usize {
     let needed = max_bytes.div_ceil(MAX_PARTS);
-    needed.max(MIN_PART_BYTES) as usize
+    needed.clamp(MIN_PART_BYTES, MAX_PART_BYTES) as usize
 }
 
 fn s3_err(op: &'static str, key: &str) -> impl FnOnce(S3Error) -> ObjectError {
@@ -170,7 +176,13 @@ impl S3 {
         Ok(Self {
             bucket,
             credentials: Credentials::new(key.clone(), secret.clone()),
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                // A stalled S3 fails the request instead of holding it (and its client) forever;
+                // the read timeout is per read, so long streams are fine.
+                .connect_timeout(Duration::from_secs(10))
+                .read_timeout(Duration::from_secs(120))
+                .build()
+                .map_err(S3ConfigError::Client)?,
         })
     }
 
@@ -409,5 +421,19 @@ impl ObjectStore for S3 {
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_are_8_mib_unless_the_cap_needs_more_and_never_past_64_mib() {
+        const MIB: usize = 1024 * 1024;
+        assert_eq!(part_bytes(0), 8 * MIB);
+        assert_eq!(part_bytes(32 << 30), 8 * MIB);
+        assert_eq!(part_bytes(200 << 30), 200 * 1024 * MIB / 10_000 + 1);
+        assert_eq!(part_bytes(u64::MAX), 64 * MIB);
     }
 }
