@@ -39,3 +39,22 @@ pub const IS_A_DIRECTORY: &str = "IS_A_DIRECTORY";
 pub const NOT_A_DIRECTORY: &str = "NOT_A_DIRECTORY";
 pub const DIRECTORY_NOT_EMPTY: &str = "DIRECTORY_NOT_EMPTY";
 pub const PERMISSION_DENIED: &str = "PERMISSION_DENIED";
+
+/// Storage proxy: no object under that key.
+pub const OBJECT_NOT_FOUND: &str = "OBJECT_NOT_FOUND";
+/// Storage proxy: the key is not a valid object key (see docs/api.md).
+pub const OBJECT_KEY_INVALID: &str = "OBJECT_KEY_INVALID";
+/// Storage proxy: the body is larger than the configured object cap.
+pub const OBJECT_TOO_LARGE: &str = "OBJECT_TOO_LARGE";
+/// Storage proxy: the upload's body broke off (client error); nothing was stored.
+pub const OBJECT_UPLOAD_INCOMPLETE: &str = "OBJECT_UPLOAD_INCOMPLETE";
+/// Storage proxy: the object store (S3) failed the operation.
+pub const STORAGE_BACKEND_ERROR: &str = "STORAGE_BACKEND_ERROR";
+/// A capability token that is malformed or whose signature does not verify.
+pub const CAPABILITY_INVALID: &str = "CAPABILITY_INVALID";
+/// A capability token past its `expires_at`.
+pub const CAPABILITY_EXPIRED: &str = "CAPABILITY_EXPIRED";
+/// A capability token used on a key outside its prefix.
+pub const CAPABILITY_OUT_OF_SCOPE: &str = "CAPABILITY_OUT_OF_SCOPE";
+/// A capability token used for a verb it does not carry.
+pub const CAPABILITY_VERB_DENIED: &str = "CAPABILITY_VERB_DENIED";

@@ -30,7 +30,8 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
     },
-    /// Run the controller only (configured by SCAIBUNKER_* variables).
+    /// Run the controller only (configured by SCAIBUNKER_* variables); with
+    /// SCAIGRID_MODE=bunker_proxy only the storage proxy (no database, no Redis).
     Serve {
         #[arg(long)]
         data_dir: Option<PathBuf>,

@@ -1,4 +1,4 @@
-//! `scaibunker up` and `scaibunker serve`.
+//! `scaibunker up` and `scaibunker serve` (`SCAIGRID_MODE=bunker_proxy`: the storage proxy alone).
 //!
 //! `up`, step by step:
 //! 1. Build or refresh the guest artefacts (kernel, initramfs with the agent, `default` and
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use scaibunker_controller::config::ControllerConfig;
+use scaibunker_controller::config::{ControllerConfig, Mode};
 
 const BUILD_SCRIPT: &str = include_str!("../../../images/build.sh");
 
@@ -71,21 +71,38 @@ fn build_images(out: &Path) -> Result<()> {
 
 /// Reads the installation's worker token, creating it (mode 0600) on first start.
 fn worker_token(dir: &Path) -> Result<String> {
+    let token = scaibunker_controller::service::auth::new_api_key().replacen("sgk_", "swt_", 1);
+    persisted_secret(&dir.join("worker.token"), token)
+}
+
+/// The storage capability secret: `SCAIBUNKER_STORAGE_SECRET`, else the installation's own,
+/// created (mode 0600) on first start so tokens survive restarts.
+fn storage_secret(dir: &Path) -> Result<String> {
+    if let Ok(s) = std::env::var("SCAIBUNKER_STORAGE_SECRET")
+        && !s.is_empty()
+    {
+        return Ok(s);
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let fresh = scaibunker_controller::service::auth::new_api_key().replacen("sgk_", "sss_", 1);
+    persisted_secret(&dir.join("storage.secret"), fresh)
+}
+
+/// The secret in `path`, or `fresh` written there (mode 0600) when there is none yet.
+fn persisted_secret(path: &Path, fresh: String) -> Result<String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join("worker.token");
-    if let Ok(t) = std::fs::read_to_string(&path) {
+    if let Ok(t) = std::fs::read_to_string(path) {
         return Ok(t.trim().to_owned());
     }
-    let token = scaibunker_controller::service::auth::new_api_key().replacen("sgk_", "swt_", 1);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&path)
+        .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(token.as_bytes())?;
-    Ok(token)
+    f.write_all(fresh.as_bytes())?;
+    Ok(fresh)
 }
 
 async fn shutdown_signal() {
@@ -104,7 +121,17 @@ pub async fn serve(data_dir: Option<PathBuf>, listen: SocketAddr) -> Result<()> 
     };
     let token = std::env::var("SCAIBUNKER_WORKER_TOKEN")
         .context("SCAIBUNKER_WORKER_TOKEN must be set for `serve`")?;
-    let config = ControllerConfig::embedded(dir, listen, token).with_env();
+    let mode = Mode::from_env().map_err(anyhow::Error::msg)?;
+    let mut config = ControllerConfig::embedded(dir.clone(), listen, token);
+    config.storage_secret = storage_secret(&dir)?;
+    let config = config.with_env();
+    if mode == Mode::BunkerProxy {
+        let proxy = scaibunker_controller::start_storage_proxy(config).await?;
+        println!("storage proxy listening on {}", proxy.url());
+        shutdown_signal().await;
+        proxy.shutdown().await;
+        return Ok(());
+    }
     let handle = scaibunker_controller::start(config).await?;
     if let Some(key) = &handle.bootstrap_key {
         println!("admin key (shown once): {key}");
@@ -129,7 +156,9 @@ pub async fn up(data_dir: Option<PathBuf>, listen: SocketAddr) -> Result<()> {
     tokio::task::spawn_blocking(move || build_images(&images_for_build)).await??;
 
     let token = worker_token(&dir)?;
-    let config = ControllerConfig::embedded(dir.clone(), listen, token.clone()).with_env();
+    let mut config = ControllerConfig::embedded(dir.clone(), listen, token.clone());
+    config.storage_secret = storage_secret(&dir)?;
+    let config = config.with_env();
     let heartbeat = config.heartbeat_interval;
     let controller = scaibunker_controller::start(config).await?;
     eprintln!("[up] controller listening on {}", controller.url());

@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::objects::S3Settings;
+
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
     pub listen: SocketAddr,
@@ -40,11 +42,46 @@ pub struct ControllerConfig {
     pub jwt_issuer: Option<String>,
     /// When set, a JWT's `aud` must name this audience.
     pub jwt_audience: Option<String>,
+    /// `file:///dir` or `s3://bucket` (`SCAIBUNKER_OBJECT_STORE`); embedded default
+    /// `file://<data dir>/objects`.
+    pub object_store: String,
+    /// Endpoint and credentials of an `s3://` object store (`SCAIBUNKER_S3_*`).
+    pub s3: S3Settings,
+    /// Key of the HMAC that signs storage capability tokens (`SCAIBUNKER_STORAGE_SECRET`):
+    /// every controller and storage proxy of an installation needs the same one. `embedded`
+    /// makes a random one; the CLI persists it in the data dir.
+    pub storage_secret: String,
+    /// Largest object a storage proxy `PUT` may store (`SCAIBUNKER_MAX_OBJECT_BYTES`).
+    pub max_object_bytes: u64,
+}
+
+/// What `scaibunker serve` runs, from `SCAIGRID_MODE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The whole controller (unset or `controller`).
+    Controller,
+    /// Only the storage proxy and `/health`: no database, no Redis (`bunker_proxy`).
+    BunkerProxy,
+}
+
+impl Mode {
+    pub fn from_env() -> Result<Self, String> {
+        match std::env::var("SCAIGRID_MODE").ok().as_deref() {
+            None | Some("") | Some("controller") => Ok(Self::Controller),
+            Some("bunker_proxy") => Ok(Self::BunkerProxy),
+            Some(other) => Err(format!(
+                "SCAIGRID_MODE={other:?} is neither `controller` nor `bunker_proxy`"
+            )),
+        }
+    }
 }
 
 impl ControllerConfig {
     /// Defaults for an embedded controller keeping its state under `data_dir`.
     pub fn embedded(data_dir: PathBuf, listen: SocketAddr, worker_token: String) -> Self {
+        // A file:// URL needs an absolute path; a relative data dir is taken from here.
+        let objects_dir = std::path::absolute(data_dir.join("objects"))
+            .unwrap_or_else(|_| data_dir.join("objects"));
         Self {
             listen,
             database_url: format!("sqlite://{}/scaibunker.db", data_dir.display()),
@@ -64,6 +101,12 @@ impl ControllerConfig {
             jwt_rs256_public_pem: None,
             jwt_issuer: None,
             jwt_audience: None,
+            object_store: format!("file://{}", objects_dir.display()),
+            s3: S3Settings::default(),
+            storage_secret: hex::encode(crate::service::random_bytes())
+                + &hex::encode(crate::service::random_bytes()),
+            // Images and full snapshots are the largest objects; a multi-GiB rootfs fits.
+            max_object_bytes: 32 * 1024 * 1024 * 1024,
         }
     }
 
@@ -127,6 +170,25 @@ impl ControllerConfig {
         }
         if let Some(v) = var("SCAIBUNKER_JWT_AUDIENCE") {
             self.jwt_audience = Some(v);
+        }
+        if let Some(v) = var("SCAIBUNKER_OBJECT_STORE") {
+            self.object_store = v;
+        }
+        for (name, slot) in [
+            ("SCAIBUNKER_S3_ENDPOINT", &mut self.s3.endpoint),
+            ("SCAIBUNKER_S3_ACCESS_KEY", &mut self.s3.access_key),
+            ("SCAIBUNKER_S3_SECRET_KEY", &mut self.s3.secret_key),
+            ("SCAIBUNKER_S3_REGION", &mut self.s3.region),
+        ] {
+            if let Some(v) = var(name) {
+                *slot = Some(v);
+            }
+        }
+        if let Some(v) = var("SCAIBUNKER_STORAGE_SECRET") {
+            self.storage_secret = v;
+        }
+        if let Some(n) = var("SCAIBUNKER_MAX_OBJECT_BYTES").and_then(|v| v.parse().ok()) {
+            self.max_object_bytes = n;
         }
         self
     }

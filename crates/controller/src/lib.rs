@@ -1,14 +1,16 @@
 //! The ScaiBunker controller: HTTP API, auth, bunker service, scheduler, worker registry and
 //! the SQL store. Stateless apart from the database: run as many as you like.
 //!
-//! [`start`] opens the store (migrating it), bootstraps the platform tenant on first start,
-//! binds the listener and serves until the handle is shut down.
+//! [`start`] opens the store (migrating it) and the object store, bootstraps the platform
+//! tenant on first start, binds the listener and serves until the handle is shut down.
+//! [`start_storage_proxy`] serves only the storage proxy, with no database or Redis.
 
 pub mod config;
 pub mod http;
 pub mod jobs;
 pub mod live;
 pub mod metrics;
+pub mod objects;
 pub mod service;
 pub mod store;
 pub mod workers;
@@ -37,6 +39,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("opening the object store")]
+    Objects(#[from] objects::OpenError),
     #[error("creating the data directory {path}")]
     DataDir {
         path: String,
@@ -89,6 +93,83 @@ impl ControllerHandle {
     }
 }
 
+fn open_storage(config: &ControllerConfig) -> Result<service::storage::Storage, StartError> {
+    let objects = objects::Objects::open(&config.object_store, &config.s3)?;
+    Ok(service::storage::Storage::new(
+        objects,
+        &config.worker_token,
+        config.storage_secret.as_bytes(),
+        config.max_object_bytes,
+    ))
+}
+
+/// A running storage proxy (`SCAIGRID_MODE=bunker_proxy`).
+pub struct ProxyHandle {
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl ProxyHandle {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting requests and waits for in-flight ones.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// Serves only the storage proxy's object routes and `/health`: it opens the object store and
+/// nothing else (no database, no Redis), so any number of proxies scale out beside the
+/// controllers. Tokens verify against `config.storage_secret` and `config.worker_token`.
+pub async fn start_storage_proxy(config: ControllerConfig) -> Result<ProxyHandle, StartError> {
+    let storage = open_storage(&config)?;
+    let (listener, addr) = bind(config.listen).await?;
+    let (tx, task) = serve(listener, http::proxy_router(storage), "storage proxy");
+    tracing::info!(%addr, "storage proxy listening");
+    Ok(ProxyHandle {
+        addr,
+        shutdown: Some(tx),
+        task,
+    })
+}
+
+/// Serves `app` on `listener` until the returned sender fires (graceful shutdown).
+fn serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    what: &'static str,
+) -> (oneshot::Sender<()>, JoinHandle<()>) {
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = rx.await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "{what} stopped");
+        }
+    });
+    (tx, task)
+}
+
+async fn bind(listen: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
+    let err = |source| StartError::Bind {
+        addr: listen,
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(err)?;
+    let addr = listener.local_addr().map_err(err)?;
+    Ok((listener, addr))
+}
+
 pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartError> {
     if let Some(dir) = &config.data_dir {
         std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir {
@@ -96,21 +177,13 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
             source,
         })?;
     }
+    let storage = open_storage(&config)?;
     let store = Store::open(&config.database_url).await?;
     let key_file = config.data_dir.as_ref().map(|d| d.join("admin.key"));
     let bootstrap_key =
         service::auth::bootstrap(&store, config.bootstrap_key.as_deref(), key_file.as_deref())
             .await?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind {
-        addr: config.listen,
-        source,
-    })?;
+    let (listener, addr) = bind(config.listen).await?;
     let live = live::open(config.redis_url.as_deref(), &config.redis_prefix).await?;
     let services = Services {
         store,
@@ -125,20 +198,14 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
             "ctl_{}",
             scaibunker_core::ids::encode_random(service::random_bytes())
         ),
+        storage,
     };
     let jobs = jobs::spawn(services.clone());
-    let app = http::router(services.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = rx.await;
-            })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "controller server stopped");
-        }
-    });
+    let (tx, task) = serve(
+        listener,
+        http::router(services.clone()),
+        "controller server",
+    );
     tracing::info!(%addr, "controller listening");
     Ok(ControllerHandle {
         addr,

@@ -61,6 +61,11 @@ fn document_is_openapi_3_1_with_the_known_operations() {
         (format!("{m}/bunkers/{{id}}/files"), "get"),
         (format!("{m}/workers/register"), "post"),
         (format!("{m}/heartbeat"), "post"),
+        (format!("{m}/storage/objects/{{key}}"), "put"),
+        (format!("{m}/storage/objects/{{key}}"), "get"),
+        (format!("{m}/storage/objects/{{key}}"), "head"),
+        (format!("{m}/storage/objects/{{key}}"), "delete"),
+        (format!("{m}/storage/capabilities"), "post"),
         ("/v1/api-keys".to_owned(), "post"),
         ("/v1/audit-log".to_owned(), "get"),
     ] {

@@ -8,12 +8,14 @@ use scaibunker_api::codes;
 use scaibunker_api::envelope::{Error, ErrorBody, ErrorMeta, FieldDetail};
 
 use super::request_id;
+use crate::objects::ObjectError;
 use crate::service::accounting::AccountingError;
 use crate::service::auth::AuthError;
 use crate::service::bunkers::{BunkerError, worker_code_status};
 use crate::service::fleet::FleetError;
 use crate::service::identity::IdentityError;
 use crate::service::quotas::{QuotaError, QuotaExceeded};
+use crate::service::storage::{CreateCapabilityError, MintError};
 use crate::workers::WorkerCallError;
 
 #[derive(Debug)]
@@ -314,6 +316,69 @@ impl From<FleetError> for ApiError {
                 Self::new(StatusCode::NOT_FOUND, "WORKER_NOT_FOUND", e.to_string())
             }
             FleetError::Store(ref s) => Self::internal(s),
+        }
+    }
+}
+
+impl From<ObjectError> for ApiError {
+    fn from(e: ObjectError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ObjectError::InvalidKey { ref source, .. } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                codes::OBJECT_KEY_INVALID,
+                format!("{msg}: {source}"),
+            ),
+            ObjectError::NotFound(_) => {
+                Self::new(StatusCode::NOT_FOUND, codes::OBJECT_NOT_FOUND, msg)
+            }
+            ObjectError::TooLarge { .. } => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, codes::OBJECT_TOO_LARGE, msg)
+            }
+            ObjectError::Body { .. } => Self::new(
+                StatusCode::BAD_REQUEST,
+                codes::OBJECT_UPLOAD_INCOMPLETE,
+                "the request body broke off before its end; nothing was stored",
+            ),
+            ObjectError::S3 { .. } => {
+                let mut chain = msg;
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    chain.push_str(": ");
+                    chain.push_str(&s.to_string());
+                    src = s.source();
+                }
+                tracing::error!(
+                    request_id = request_id(),
+                    error = chain,
+                    "object store failed"
+                );
+                Self::new(
+                    StatusCode::BAD_GATEWAY,
+                    codes::STORAGE_BACKEND_ERROR,
+                    "the object store failed the operation; see the server log for this request id",
+                )
+            }
+            ObjectError::Io { .. } => Self::internal(&e),
+        }
+    }
+}
+
+impl From<CreateCapabilityError> for ApiError {
+    fn from(e: CreateCapabilityError) -> Self {
+        match e {
+            CreateCapabilityError::Mint(MintError::PermissionDenied(_)) => Self::new(
+                StatusCode::FORBIDDEN,
+                codes::AUTHZ_PERMISSION_DENIED,
+                e.to_string(),
+            ),
+            CreateCapabilityError::Mint(MintError::Invalid { field, message }) => {
+                Self::validation(vec![FieldDetail {
+                    field: field.into(),
+                    message,
+                }])
+            }
+            CreateCapabilityError::Store(ref s) => Self::internal(s),
         }
     }
 }

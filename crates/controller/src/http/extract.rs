@@ -14,7 +14,7 @@ use crate::live::RateDecision;
 use crate::service::auth::{self, Principal};
 use crate::service::{RequestContext, Services};
 
-fn bearer(parts: &Parts) -> Option<&str> {
+pub(super) fn bearer(parts: &Parts) -> Option<&str> {
     parts
         .headers
         .get(axum::http::header::AUTHORIZATION)

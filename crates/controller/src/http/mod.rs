@@ -17,6 +17,7 @@ mod platform;
 mod quotas;
 mod records;
 mod shell;
+mod storage;
 
 use axum::Router;
 use axum::extract::Request;
@@ -145,7 +146,9 @@ fn api_routes() -> OpenApiRouter<Services> {
             quotas::delete_profile
         ))
         .routes(routes!(quotas::create_assignment, quotas::assignments))
-        .routes(routes!(quotas::delete_assignment));
+        .routes(routes!(quotas::delete_assignment))
+        .routes(routes!(storage::create_capability))
+        .merge(storage::object_routes());
     let mut api = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .nest(MODULE_PREFIX, module)
         .routes(routes!(records::audit_log))
@@ -157,12 +160,34 @@ fn api_routes() -> OpenApiRouter<Services> {
         .routes(routes!(platform::create_api_key, platform::api_keys))
         .routes(routes!(platform::revoke_api_key));
     openapi::reference_envelope_data(api.get_openapi_mut());
+    openapi::document_wildcards(api.get_openapi_mut());
     api
 }
 
 /// The OpenAPI 3.1 document of the API, as served at `GET /openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     api_routes().into_openapi()
+}
+
+/// The storage proxy alone (`SCAIGRID_MODE=bunker_proxy`): the object routes and `/health`,
+/// on nothing but [`Storage`](crate::service::storage::Storage).
+pub fn proxy_router(st: crate::service::storage::Storage) -> Router {
+    let (api, _) = OpenApiRouter::default()
+        .nest(MODULE_PREFIX, storage::object_routes())
+        .split_for_parts();
+    api.route("/health", get(health))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(with_request_id))
+        .with_state(st)
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        codes::METHOD_NOT_ALLOWED,
+        "method not allowed on this route",
+    )
 }
 
 pub fn router(s: Services) -> Router {
@@ -184,13 +209,7 @@ pub fn router(s: Services) -> Router {
     .route("/health", get(health))
     .route("/metrics", get(metrics))
     .fallback(not_found)
-    .method_not_allowed_fallback(|| async {
-        ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            codes::METHOD_NOT_ALLOWED,
-            "method not allowed on this route",
-        )
-    })
+    .method_not_allowed_fallback(method_not_allowed)
     .layer(middleware::from_fn_with_state(s.clone(), observe))
     .layer(middleware::from_fn(with_request_id))
     .with_state(s)

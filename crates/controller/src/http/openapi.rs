@@ -36,6 +36,7 @@ use utoipa::openapi::{OpenApi, Ref, RefOr};
         (name = "workers", description = "Worker administration"),
         (name = "quotas", description = "Quota profiles, their assignments and usage"),
         (name = "internal", description = "Worker daemons only, authenticated by the worker token"),
+        (name = "storage", description = "The storage proxy: objects streamed in and out of object storage, by the worker token or a capability token"),
     )
 )]
 pub(super) struct ApiDoc;
@@ -65,6 +66,18 @@ impl Modify for SecuritySchemes {
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some(
                         "The shared worker token (`SCAIBUNKER_WORKER_TOKEN`); worker daemons only.",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "capability",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "A storage capability token (`sbc1.…`, from `POST /storage/capabilities`): \
+                         some verbs on the keys under one prefix, until it expires.",
                     ))
                     .build(),
             ),
@@ -104,6 +117,23 @@ pub(super) fn reference_envelope_data(doc: &mut OpenApi) {
             && let Some(r) = copy_of(items)
         {
             **items = RefOr::Ref(r);
+        }
+    }
+}
+
+/// Writes axum's catch-all parameters (`{*key}`, a key with `/` in it) as the plain OpenAPI
+/// parameters (`{key}`) that the operations declare.
+pub(super) fn document_wildcards(doc: &mut OpenApi) {
+    let wild: Vec<String> = doc
+        .paths
+        .paths
+        .keys()
+        .filter(|p| p.contains("{*"))
+        .cloned()
+        .collect();
+    for path in wild {
+        if let Some(item) = doc.paths.paths.remove(&path) {
+            doc.paths.paths.insert(path.replace("{*", "{"), item);
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod identity;
 pub mod quotas;
 pub mod records;
 pub mod shell;
+pub mod storage;
 
 use std::sync::Arc;
 
@@ -38,6 +39,16 @@ pub struct Services {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The ticks this controller ran each job for (newest last, bounded): observability.
     pub job_runs: Arc<std::sync::Mutex<std::collections::VecDeque<(&'static str, u128)>>>,
+    /// Object storage and the storage proxy's credentials.
+    pub storage: storage::Storage,
+}
+
+impl Services {
+    /// Object storage (images, snapshots, large exec outputs):
+    /// `services.objects().put_stream(key, stream, max_bytes)` and `.get_stream(key)`.
+    pub fn objects(&self) -> &crate::objects::Objects {
+        &self.storage.objects
+    }
 }
 
 /// Who made a request and from where, for audit rows.

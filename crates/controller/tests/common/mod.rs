@@ -1,6 +1,8 @@
 //! Test databases on both SQL backends, shared by the controller's integration tests.
 #![allow(dead_code)]
 
+pub mod garage;
+
 /// The SQL backend a test runs on. Every scenario runs on both (see `both!` at the end).
 #[derive(Clone, Copy)]
 pub enum Db {
