@@ -567,7 +567,8 @@ fn pump(fd: &OwnedFd, stop: &PipeReader, tx: &StreamTx, kind: FrameKind) {
         match rustix::io::read(fd, &mut buf[..]) {
             Ok(0) => return,
             Ok(n) => {
-                if tx.send(kind, &buf[..n]).is_err() {
+                let (n, eof) = fill(fd, &mut buf, n);
+                if tx.send(kind, &buf[..n]).is_err() || eof {
                     return;
                 }
             }
@@ -575,6 +576,28 @@ fn pump(fd: &OwnedFd, stop: &PipeReader, tx: &StreamTx, kind: FrameKind) {
             Err(_) => return,
         }
     }
+}
+
+/// Adds to the `n` bytes in `buf` whatever `fd` has ready right now, without waiting, so a
+/// program that writes in small pieces (a line at a time) still travels in full frames;
+/// output that trickles goes out at once. Returns the new length and whether `fd` ended.
+fn fill(fd: &OwnedFd, buf: &mut [u8], mut n: usize) -> (usize, bool) {
+    while n < buf.len() {
+        let mut fds = [PollFd::new(fd, PollFlags::IN)];
+        match poll(&mut fds, Some(&rustix::event::Timespec::default())) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(Errno::INTR) => continue,
+            Err(_) => break,
+        }
+        match rustix::io::read(fd, &mut buf[n..]) {
+            Ok(0) => return (n, true),
+            Ok(m) => n += m,
+            Err(Errno::INTR | Errno::AGAIN) => {}
+            Err(_) => return (n, true),
+        }
+    }
+    (n, false)
 }
 
 /// SIGKILLs the process group led by `pid`. It may already be gone.

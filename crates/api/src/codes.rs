@@ -27,6 +27,9 @@ pub const TRANSIT_MISSING_INTERFACES: &str = "TRANSIT_MISSING_INTERFACES";
 /// The bunker's worker could not be reached or failed the operation.
 pub const WORKER_ERROR: &str = "WORKER_ERROR";
 
+/// `GET …/exec/{exec_id}/output`: nothing stored for that exec and stream (its output fit
+/// inline, or the exec is unknown).
+pub const OUTPUT_NOT_FOUND: &str = "OUTPUT_NOT_FOUND";
 /// A WebSocket route was called without a WebSocket upgrade.
 pub const UPGRADE_REQUIRED: &str = "UPGRADE_REQUIRED";
 

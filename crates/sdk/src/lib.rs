@@ -236,6 +236,21 @@ impl Client {
         Self::data(self.send(rb).await?).await
     }
 
+    /// Starts a download of an exec's whole output (`stream`: `stdout` or `stderr`) when its
+    /// result was `truncated` with a `full_output_ref`; read the body as a stream.
+    pub async fn exec_output_stream(
+        &self,
+        id: &str,
+        exec_id: &str,
+        stream: &str,
+    ) -> Result<reqwest::Response, SdkError> {
+        let rb = self
+            .http
+            .get(self.url(&format!("/bunkers/{id}/exec/{exec_id}/output")))
+            .query(&[("stream", stream)]);
+        self.send(rb).await
+    }
+
     /// Uploads a tar stream, unpacked into the directory `path` (created if missing, merged
     /// into if not), all or nothing.
     pub async fn write_archive(

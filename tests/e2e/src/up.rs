@@ -200,6 +200,11 @@ impl Up {
     }
 
     /// The worker's pid, from `up`'s `worker started (pid N)` line.
+    /// The pid of `up` itself (the controller runs in it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn worker_pid(&self) -> Option<u32> {
         self.worker_pid
     }

@@ -263,6 +263,65 @@ pub async fn exec_events(
     Ok(exec_stream::sse(buffer, after).into_response())
 }
 
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct OutputQuery {
+    /// `stdout` (default) or `stderr`.
+    stream: Option<String>,
+}
+
+/// Streams the whole output of an exec whose result was `truncated` (its `full_output_ref`).
+#[utoipa::path(
+    get,
+    path = "/bunkers/{id}/exec/{exec_id}/output",
+    operation_id = "exec_output",
+    tag = "exec",
+    params(
+        ("id" = String, Path, description = "Bunker id (`bnk_…`)"),
+        ("exec_id" = String, Path, description = "The exec's id"),
+        OutputQuery
+    ),
+    responses(
+        (status = 200, description = "The pipe's bytes, streamed", content(("application/octet-stream"))),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:execute`)", body = Error),
+        (status = 404, description = "`BUNKER_NOT_FOUND` or `OUTPUT_NOT_FOUND` (the output fit inline, or no such exec)", body = Error),
+        (status = 422, description = "`VALIDATION_ERROR`: `stream` is not `stdout` or `stderr`", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+        (status = 502, description = "`STORAGE_BACKEND_ERROR`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn exec_output(
+    State(s): State<Services>,
+    Caller(p): Caller,
+    Path((id, exec_id)): Path<(String, String)>,
+    q: Result<Query<OutputQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    use crate::service::exec_output::{self, OutputPipe};
+    let Query(q) = q.map_err(|e| ApiError::query(&e))?;
+    let pipe = OutputPipe::parse(q.stream.as_deref().unwrap_or("stdout")).ok_or_else(|| {
+        ApiError::validation(vec![scaibunker_api::envelope::FieldDetail {
+            field: "stream".into(),
+            message: "must be `stdout` or `stderr`".into(),
+        }])
+    })?;
+    let read = exec_output::read(&s, &p, &id, &exec_id, pipe).await?;
+    let len = read.meta.size_bytes.to_string();
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/octet-stream".to_owned(),
+            ),
+            (axum::http::header::CONTENT_LENGTH, len),
+        ],
+        axum::body::Body::from_stream(read.body),
+    )
+        .into_response())
+}
+
 /// Pauses the bunker's VM.
 #[utoipa::path(
     post,

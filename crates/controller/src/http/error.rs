@@ -178,6 +178,21 @@ impl From<BunkerError> for ApiError {
             B::SnapshotNotFound(_) => Self::new(StatusCode::NOT_FOUND, "SNAPSHOT_NOT_FOUND", msg),
             B::NotFound => Self::new(StatusCode::NOT_FOUND, codes::BUNKER_NOT_FOUND, msg),
             B::ExecNotFound => Self::new(StatusCode::NOT_FOUND, "EXEC_NOT_FOUND", msg),
+            B::OutputNotFound => Self::new(StatusCode::NOT_FOUND, codes::OUTPUT_NOT_FOUND, msg),
+            B::Objects(e) => e.into(),
+            B::ExecFailed { code, message } => {
+                tracing::error!(
+                    request_id = request_id(),
+                    code,
+                    message,
+                    "an exec failed on the platform side"
+                );
+                Self::new(
+                    StatusCode::BAD_GATEWAY,
+                    codes::WORKER_ERROR,
+                    "the bunker's worker could not complete the exec",
+                )
+            }
             B::NotRunning(_) => Self::new(StatusCode::CONFLICT, codes::BUNKER_NOT_RUNNING, msg),
             B::InvalidTransition(_) => {
                 Self::new(StatusCode::CONFLICT, codes::BUNKER_INVALID_TRANSITION, msg)

@@ -126,6 +126,7 @@ fn api_routes() -> OpenApiRouter<Services> {
         .routes(routes!(bunkers::resume))
         .routes(routes!(bunkers::exec))
         .routes(routes!(bunkers::exec_events))
+        .routes(routes!(bunkers::exec_output))
         .routes(routes!(files::read, files::write, files::remove))
         .routes(routes!(files::list))
         .routes(routes!(files::read_archive, files::write_archive))

@@ -32,12 +32,13 @@ use scaibunker_core::spec::{self, FieldError, LifecycleMode, NetworkProfile, Res
 use scaibunker_proto::worker::{self as wp, CreateVm};
 
 use super::auth::{self, Principal};
+use super::exec_output::Pipe;
 use super::{RequestContext, Services, random_bytes};
 use crate::store::audit::{self, AuditEvent};
 use crate::store::bunkers::{self as bstore, BunkerFilter, BunkerRow, Cursor, StatusChange};
 use crate::store::exec_log::{self, ExecLogRow};
 use crate::store::{StoreError, now_ms};
-use crate::workers::{Pause, WorkerCallError};
+use crate::workers::{Pause, WorkerCallError, WorkerEvent, WorkerEvents};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BunkerError {
@@ -77,6 +78,14 @@ pub enum BunkerError {
     InvalidPath(String),
     #[error("file exceeds the upload limit of {limit} bytes")]
     FileTooLarge { limit: u64 },
+    #[error(
+        "no stored output for this exec and stream (only outputs past the inline limit are stored)"
+    )]
+    OutputNotFound,
+    #[error("object storage failed")]
+    Objects(#[source] crate::objects::ObjectError),
+    #[error("the exec failed: {code}: {message}")]
+    ExecFailed { code: String, message: String },
     #[error("worker call failed")]
     Worker(#[from] WorkerCallError),
     #[error("store failed")]
@@ -687,7 +696,7 @@ pub async fn get(s: &Services, p: &Principal, id: &str) -> Result<BunkerRow, Bun
     load(s, p, id).await
 }
 
-async fn load(s: &Services, p: &Principal, id: &str) -> Result<BunkerRow, BunkerError> {
+pub(crate) async fn load(s: &Services, p: &Principal, id: &str) -> Result<BunkerRow, BunkerError> {
     if BunkerId::parse(id).is_err() {
         return Err(BunkerError::NotFound);
     }
@@ -1083,16 +1092,49 @@ pub async fn exec(
     } = prepare_exec(s, p, id, &req).await?;
     let now = now_ms();
     let started = std::time::Instant::now();
-    let out = s.workers.exec(&worker_url, &row.id, &wreq).await?;
-    let duration_ms = started.elapsed().as_millis() as u64;
-
-    let stdout = B64.decode(&out.stdout_b64).unwrap_or_default();
-    let stderr = B64.decode(&out.stderr_b64).unwrap_or_default();
-    let truncated = out.stdout_total_bytes > stdout.len() as u64
-        || out.stderr_total_bytes > stderr.len() as u64;
-    let (stdout_text, stdout_b64) = text_or_b64(stdout);
-    let (stderr_text, stderr_b64) = text_or_b64(stderr);
     let exec_id = ExecId::from_random(random_bytes()).to_string();
+    let full_ref = super::exec_output::output_ref(&row.tenant_id, &row.id, &exec_id);
+    let limit = s.config.exec_inline_limit_bytes;
+    let objects = s.objects();
+    let mut out_pipe = Pipe::new(format!("{full_ref}/stdout"), limit);
+    let mut err_pipe = Pipe::new(format!("{full_ref}/stderr"), limit);
+    // The streaming route even inline: output past the limit is spilled as it arrives
+    // instead of being cut off at the worker.
+    let upstream = s.workers.exec_stream(&worker_url, &row.id, &wreq).await?;
+    let mut events = WorkerEvents::new(upstream);
+    let mut exit = None;
+    let mut failure = None;
+    while let Some(event) = events.next().await {
+        match event {
+            WorkerEvent::Stdout(bytes) => out_pipe.push(objects, bytes).await,
+            WorkerEvent::Stderr(bytes) => err_pipe.push(objects, bytes).await,
+            WorkerEvent::Exit {
+                exit_code,
+                timed_out,
+            } => exit = Some((exit_code, timed_out)),
+            WorkerEvent::Error { code, message } => failure = Some((code, message)),
+        }
+    }
+    let spilled = out_pipe.spilled() || err_pipe.spilled();
+    let out = out_pipe.finish(objects, spilled).await;
+    let err = err_pipe.finish(objects, spilled).await;
+    let Some((exit_code, timed_out)) = exit else {
+        let (code, message) = failure.unwrap_or_else(|| ("WORKER_ERROR".into(), "no exit".into()));
+        let (status, _) = worker_code_status(&code);
+        return Err(if status < 500 {
+            BunkerError::Worker(WorkerCallError::Worker {
+                status,
+                body: wp::WorkerError { code, message },
+            })
+        } else {
+            BunkerError::ExecFailed { code, message }
+        });
+    };
+    let duration_ms = started.elapsed().as_millis() as u64;
+    let truncated = out.total > out.kept.len() as u64 || err.total > err.kept.len() as u64;
+    let full_output_ref = (truncated && out.stored && err.stored).then_some(full_ref);
+    let (stdout_text, stdout_b64) = text_or_b64(out.kept);
+    let (stderr_text, stderr_b64) = text_or_b64(err.kept);
     let preview: String = stdout_text
         .as_deref()
         .unwrap_or("<binary>")
@@ -1111,9 +1153,9 @@ pub async fn exec(
             bunker_id: row.id.clone(),
             actor_id: p.user_id.clone(),
             command: command_text.chars().take(4096).collect(),
-            exit_code: out.exit_code,
+            exit_code,
             duration_ms: duration_ms as i64,
-            timed_out: out.timed_out,
+            timed_out,
             output_preview: preview,
             created_at: now,
         },
@@ -1122,16 +1164,15 @@ pub async fn exec(
 
     Ok(ExecResult {
         exec_id,
-        exit_code: out.exit_code,
+        exit_code,
         stdout: stdout_text,
         stderr: stderr_text,
         stdout_b64,
         stderr_b64,
         duration_ms,
-        timed_out: out.timed_out,
+        timed_out,
         truncated,
-        // Spilling large output to object storage arrives with the storage proxy.
-        full_output_ref: None,
+        full_output_ref,
     })
 }
 

@@ -21,10 +21,8 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use futures_util::StreamExt;
 use scaibunker_api::exec::ExecRequest;
 use scaibunker_core::ids::ExecId;
-use scaibunker_proto::worker::ExecStreamEvent;
 use tokio::sync::watch;
 
 use super::auth::Principal;
@@ -32,6 +30,7 @@ use super::bunkers::{BunkerError, PreparedExec, prepare_exec, record_exec};
 use super::{RequestContext, Services, random_bytes};
 use crate::store::exec_log::ExecLogRow;
 use crate::store::now_ms;
+use crate::workers::{WorkerEvent, WorkerEvents};
 
 /// Output kept per exec for resuming.
 const MAX_BUFFER_BYTES: usize = 32 * 1024 * 1024;
@@ -292,82 +291,47 @@ async fn pump(
     let mut err = TextDecoder::new();
     let mut preview = String::new();
     let mut outcome: Option<(Option<i32>, bool)> = None;
-    let mut body = upstream.bytes_stream();
-    let mut pending: Vec<u8> = Vec::new();
+    let mut events = WorkerEvents::new(upstream);
     let mut failure: Option<(String, String)> = None;
-    'read: while let Some(chunk) = body.next().await {
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => {
-                failure = Some(("WORKER_ERROR".into(), format!("worker stream broke: {e}")));
-                break;
-            }
-        };
-        pending.extend_from_slice(&chunk);
-        while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=nl).collect();
-            let event: ExecStreamEvent = match serde_json::from_slice(&line[..line.len() - 1]) {
-                Ok(e) => e,
-                Err(e) => {
-                    failure = Some((
-                        "WORKER_ERROR".into(),
-                        format!("malformed worker event: {e}"),
-                    ));
-                    break 'read;
+    while let Some(event) = events.next().await {
+        match event {
+            WorkerEvent::Stdout(bytes) => {
+                if preview.len() < PREVIEW_CHARS {
+                    preview.push_str(&String::from_utf8_lossy(&bytes));
                 }
-            };
-            match event {
-                ExecStreamEvent::Stdout { data_b64 } | ExecStreamEvent::Stderr { data_b64 }
-                    if B64.decode(&data_b64).is_err() =>
-                {
-                    failure = Some(("WORKER_ERROR".into(), "malformed worker output".into()));
-                    break 'read;
-                }
-                ExecStreamEvent::Stdout { data_b64 } => {
-                    let bytes = B64.decode(&data_b64).unwrap_or_default();
-                    if preview.len() < PREVIEW_CHARS {
-                        preview.push_str(&String::from_utf8_lossy(&bytes));
-                    }
-                    if let Some(data) = out.decode(&bytes) {
-                        buffer.push(EventKind::Stdout, data);
-                    }
-                }
-                ExecStreamEvent::Stderr { data_b64 } => {
-                    let bytes = B64.decode(&data_b64).unwrap_or_default();
-                    if let Some(data) = err.decode(&bytes) {
-                        buffer.push(EventKind::Stderr, data);
-                    }
-                }
-                ExecStreamEvent::Exit {
-                    exit_code,
-                    timed_out,
-                    ..
-                } => {
-                    if let Some(data) = out.flush() {
-                        buffer.push(EventKind::Stdout, data);
-                    }
-                    if let Some(data) = err.flush() {
-                        buffer.push(EventKind::Stderr, data);
-                    }
-                    let duration_ms = started.elapsed().as_millis() as u64;
-                    buffer.push(
-                        EventKind::Exit,
-                        serde_json::json!({
-                            "exec_id": buffer.exec_id,
-                            "exit_code": exit_code,
-                            "duration_ms": duration_ms,
-                            "timed_out": timed_out,
-                        })
-                        .to_string(),
-                    );
-                    outcome = Some((exit_code, timed_out));
-                    break 'read;
-                }
-                ExecStreamEvent::Error { code, message } => {
-                    failure = Some((code, message));
-                    break 'read;
+                if let Some(data) = out.decode(&bytes) {
+                    buffer.push(EventKind::Stdout, data);
                 }
             }
+            WorkerEvent::Stderr(bytes) => {
+                if let Some(data) = err.decode(&bytes) {
+                    buffer.push(EventKind::Stderr, data);
+                }
+            }
+            WorkerEvent::Exit {
+                exit_code,
+                timed_out,
+            } => {
+                if let Some(data) = out.flush() {
+                    buffer.push(EventKind::Stdout, data);
+                }
+                if let Some(data) = err.flush() {
+                    buffer.push(EventKind::Stderr, data);
+                }
+                let duration_ms = started.elapsed().as_millis() as u64;
+                buffer.push(
+                    EventKind::Exit,
+                    serde_json::json!({
+                        "exec_id": buffer.exec_id,
+                        "exit_code": exit_code,
+                        "duration_ms": duration_ms,
+                        "timed_out": timed_out,
+                    })
+                    .to_string(),
+                );
+                outcome = Some((exit_code, timed_out));
+            }
+            WorkerEvent::Error { code, message } => failure = Some((code, message)),
         }
     }
     if outcome.is_none() {

@@ -4,6 +4,7 @@
 pub mod accounting;
 pub mod auth;
 pub mod bunkers;
+pub mod exec_output;
 pub mod exec_stream;
 pub mod fleet;
 pub mod identity;

@@ -34,6 +34,92 @@ pub enum WorkerCallError {
     },
 }
 
+/// One step of a streamed exec, as decoded from the worker's NDJSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerEvent {
+    Stdout(Bytes),
+    Stderr(Bytes),
+    Exit {
+        exit_code: Option<i32>,
+        timed_out: bool,
+    },
+    /// The exec failed on the platform side, or the stream broke (`WORKER_ERROR`).
+    Error {
+        code: String,
+        message: String,
+    },
+}
+
+/// The events of a streamed exec ([`WorkerClient::exec_stream`]'s body): output as it comes,
+/// then exactly one `Exit` or `Error`, then `None`. A broken or malformed stream, or one that
+/// ends without an exit, ends with an `Error` whose code is `WORKER_ERROR`.
+pub struct WorkerEvents {
+    body: std::pin::Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    pending: Vec<u8>,
+    done: bool,
+}
+
+impl WorkerEvents {
+    pub fn new(resp: reqwest::Response) -> Self {
+        Self {
+            body: Box::pin(resp.bytes_stream()),
+            pending: Vec::new(),
+            done: false,
+        }
+    }
+
+    pub async fn next(&mut self) -> Option<WorkerEvent> {
+        use base64::Engine as _;
+        use futures_util::StreamExt as _;
+        if self.done {
+            return None;
+        }
+        let broken = |message: String| WorkerEvent::Error {
+            code: "WORKER_ERROR".into(),
+            message,
+        };
+        let event = loop {
+            if let Some(nl) = self.pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=nl).collect();
+                let decoded = serde_json::from_slice::<scaibunker_proto::worker::ExecStreamEvent>(
+                    &line[..line.len() - 1],
+                );
+                let b64 = base64::engine::general_purpose::STANDARD;
+                use scaibunker_proto::worker::ExecStreamEvent as E;
+                break match decoded {
+                    Ok(E::Stdout { data_b64 }) => match b64.decode(&data_b64) {
+                        Ok(bytes) => WorkerEvent::Stdout(bytes.into()),
+                        Err(_) => broken("malformed worker output".into()),
+                    },
+                    Ok(E::Stderr { data_b64 }) => match b64.decode(&data_b64) {
+                        Ok(bytes) => WorkerEvent::Stderr(bytes.into()),
+                        Err(_) => broken("malformed worker output".into()),
+                    },
+                    Ok(E::Exit {
+                        exit_code,
+                        timed_out,
+                        ..
+                    }) => WorkerEvent::Exit {
+                        exit_code,
+                        timed_out,
+                    },
+                    Ok(E::Error { code, message }) => WorkerEvent::Error { code, message },
+                    Err(e) => broken(format!("malformed worker event: {e}")),
+                };
+            }
+            match self.body.next().await {
+                Some(Ok(chunk)) => self.pending.extend_from_slice(&chunk),
+                Some(Err(e)) => break broken(format!("worker stream broke: {e}")),
+                None => break broken("the worker ended the stream without an exit".into()),
+            }
+        };
+        if matches!(event, WorkerEvent::Exit { .. } | WorkerEvent::Error { .. }) {
+            self.done = true;
+        }
+        Some(event)
+    }
+}
+
 fn files_route(bunker_id: &str, archive: bool) -> String {
     if archive {
         format!("/bunkers/{bunker_id}/files/archive")
