@@ -359,6 +359,7 @@ async fn stub_worker() -> String {
                     status: VmStatus::Running,
                     guest_kernel: None,
                     boot_ms: 1,
+                    boot_source: Default::default(),
                 }))
             }),
         )
@@ -378,6 +379,7 @@ async fn stub_worker() -> String {
                     },
                     guest_kernel: None,
                     boot_ms: 0,
+                    boot_source: Default::default(),
                 })
             }),
         );

@@ -125,6 +125,20 @@ pub struct VmInfo {
     /// Guest kernel release reported by the agent's hello.
     pub guest_kernel: Option<String>,
     pub boot_ms: u64,
+    /// How the VM came up; absent from workers that predate templates (cold).
+    #[serde(default)]
+    pub boot_source: BootSource,
+}
+
+/// How a bunker's VM came up.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BootSource {
+    /// Booted the kernel from scratch.
+    #[default]
+    Cold,
+    /// Restored from the worker's template snapshot of the bunker's shape.
+    Template,
 }
 
 /// Query of `GET /v1/worker/bunkers/{id}/shell`, a WebSocket: binary messages carry terminal

@@ -7,6 +7,24 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::templates::TemplateMode;
+
+impl std::str::FromStr for TemplateMode {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "on" => Ok(Self::On),
+            "off" => Ok(Self::Off),
+            other => Err(ConfigError::Invalid {
+                var: "SCAIBUNKER_TEMPLATES",
+                value: other.to_owned(),
+                expected: "on or off",
+            }),
+        }
+    }
+}
+
 /// Which accelerator the QEMU driver uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AccelChoice {
@@ -56,6 +74,8 @@ pub struct WorkerConfig {
     pub accel: AccelChoice,
     /// Largest file one upload may write.
     pub max_file_bytes: u64,
+    /// Template snapshots for fast creates (`<data_dir>/templates/`).
+    pub templates: TemplateMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +107,7 @@ impl WorkerConfig {
             boot_timeout: Duration::from_secs(120),
             accel: AccelChoice::Auto,
             max_file_bytes: 1 << 30,
+            templates: TemplateMode::On,
         }
     }
 
@@ -138,6 +159,9 @@ impl WorkerConfig {
         }
         if let Some(n) = parse_u64(&lookup, "SCAIBUNKER_MAX_FILE_BYTES")? {
             config.max_file_bytes = n;
+        }
+        if let Some(mode) = lookup("SCAIBUNKER_TEMPLATES") {
+            config.templates = mode.parse()?;
         }
         Ok(config)
     }
@@ -210,6 +234,7 @@ mod tests {
         assert_eq!(c.boot_timeout, Duration::from_secs(120));
         assert_eq!(c.accel, AccelChoice::Auto);
         assert_eq!(c.max_file_bytes, 1 << 30);
+        assert_eq!(c.templates, TemplateMode::On);
     }
 
     #[test]
@@ -222,6 +247,7 @@ mod tests {
             ("SCAIBUNKER_VMM_ACCEL", "hvf"),
             ("SCAIBUNKER_WORKER_LISTEN", "nowhere"),
             ("SCAIBUNKER_BOOT_TIMEOUT_S", "-1"),
+            ("SCAIBUNKER_TEMPLATES", "maybe"),
         ];
         for (var, value) in bad {
             let r = WorkerConfig::from_lookup(lookup_in(&[
@@ -250,6 +276,7 @@ mod tests {
             ("SCAIBUNKER_BOOT_TIMEOUT_S", "30"),
             ("SCAIBUNKER_VMM_ACCEL", "tcg"),
             ("SCAIBUNKER_MAX_FILE_BYTES", "1024"),
+            ("SCAIBUNKER_TEMPLATES", "off"),
         ]))
         .expect("valid");
         assert_eq!(c.controller_url.as_deref(), Some("http://c:1"));
@@ -262,5 +289,6 @@ mod tests {
         assert_eq!(c.boot_timeout, Duration::from_secs(30));
         assert_eq!(c.accel, AccelChoice::Tcg);
         assert_eq!(c.max_file_bytes, 1024);
+        assert_eq!(c.templates, TemplateMode::Off);
     }
 }

@@ -4,11 +4,13 @@
 //! 1. make `<data>/bunkers/` and clean up what a previous run left there (kill leftover
 //!    QEMU processes, remove their directories);
 //! 2. scan the images directory;
-//! 3. pick the VMM accelerator (KVM only with real hardware virtualisation, else TCG);
-//! 4. bind the HTTP listener and serve the API ([`api`]);
-//! 5. with a controller URL, register and heartbeat ([`controller_client`]).
+//! 3. open `<data>/templates/` (keep complete, current templates; remove the rest);
+//! 4. pick the VMM accelerator (KVM only with real hardware virtualisation, else TCG);
+//! 5. bind the HTTP listener and serve the API ([`api`]);
+//! 6. with a controller URL, register and heartbeat ([`controller_client`]).
 //!
-//! [`WorkerHandle::shutdown`] stops serving and stops every VM; nothing outlives the worker.
+//! [`WorkerHandle::shutdown`] stops serving, stops every VM and cancels template builds;
+//! nothing outlives the worker.
 
 pub mod agent_client;
 pub mod api;
@@ -18,6 +20,7 @@ pub mod config;
 pub mod controller_client;
 pub mod images;
 pub mod shell;
+pub mod templates;
 pub mod vmm;
 
 use std::net::SocketAddr;
@@ -33,6 +36,7 @@ use crate::capacity::HostResources;
 pub use crate::config::WorkerConfig;
 use crate::controller_client::ControllerLink;
 use crate::images::ImageCache;
+use crate::templates::{TemplateStatus, Templates};
 use crate::vmm::HostVirt;
 use crate::vmm::qemu::{QemuSetupError, QemuVmm};
 
@@ -49,6 +53,8 @@ pub enum StartError {
     },
     #[error("scan the images directory")]
     Images(#[from] images::ImageScanError),
+    #[error("open the templates directory")]
+    Templates(#[from] templates::OpenTemplatesError),
     #[error("set up the qemu driver")]
     Vmm(#[from] QemuSetupError),
     #[error("listen on {addr}")]
@@ -95,7 +101,12 @@ impl WorkerHandle {
         self.bunkers.reports()
     }
 
-    /// Stops registering, stops serving, and stops every VM.
+    /// Every template snapshot (built, being built, or failed), by key.
+    pub fn templates(&self) -> Vec<(String, TemplateStatus)> {
+        self.bunkers.templates().list()
+    }
+
+    /// Stops registering, stops serving, stops every VM and cancels template builds.
     pub async fn shutdown(self) {
         if let Some(controller) = self.controller {
             controller.abort();
@@ -103,6 +114,7 @@ impl WorkerHandle {
         // Stop accepting first, so no new bunker starts while the others stop.
         let _ = self.stop_serving.send(());
         self.bunkers.stop_all().await;
+        self.bunkers.templates().shutdown().await;
         let mut server = self.server;
         match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
             Ok(Ok(Ok(()))) => {}
@@ -140,6 +152,14 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
         "image cache scanned"
     );
 
+    let templates_dir = std::path::absolute(config.data_dir.join("templates"))
+        .unwrap_or_else(|_| config.data_dir.join("templates"));
+    let (mode, boot_timeout) = (config.templates, config.boot_timeout);
+    let templates =
+        tokio::task::spawn_blocking(move || Templates::open(templates_dir, mode, boot_timeout))
+            .await??;
+    tracing::info!(mode = ?config.templates, templates = templates.list().len(), "templates opened");
+
     let host = HostResources::probe();
     let vmm = QemuVmm::new(config.accel, &HostVirt::probe(), host.cores)?;
     let runtime = vmm::Vmm::runtime(&vmm);
@@ -149,6 +169,7 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
         images,
         bunkers_dir,
         config.boot_timeout,
+        Arc::new(templates),
     ));
 
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -407,10 +407,7 @@ async fn a_boot_failure_is_reported_with_the_console_and_leaves_nothing() {
     let real = require_artefacts(&TINY);
     let _slot = vm_slot().await;
     // Its own images directory: the real kernel and initramfs, and an image that is no ext4.
-    let images = tempfile::tempdir().expect("tempdir");
-    for f in ["vmlinux", "initramfs.cpio.gz"] {
-        std::os::unix::fs::symlink(real.join(f), images.path().join(f)).expect("symlink");
-    }
+    let images = common::images_with_guest(&real);
     std::fs::write(
         images.path().join("broken.ext4"),
         vec![0x5a; 8 * 1024 * 1024],

@@ -37,6 +37,9 @@ const LOG_TAIL_LINES: usize = 300;
 pub struct UpOptions {
     /// `SCAIBUNKER_IMAGES_DIR` for `up` and its worker; inherited when `None`.
     pub images_dir: Option<PathBuf>,
+    /// Let the worker build and restore template snapshots. Off by default: a background
+    /// template build is one more VM beside a scenario's own.
+    pub templates: bool,
 }
 
 /// A running `scaibunker up`.
@@ -93,6 +96,10 @@ impl Up {
         if let Some(dir) = &options.images_dir {
             command.env("SCAIBUNKER_IMAGES_DIR", dir);
         }
+        command.env(
+            "SCAIBUNKER_TEMPLATES",
+            if options.templates { "on" } else { "off" },
+        );
         let mut child = command
             .spawn()
             .with_context(|| format!("starting {}", bins.scaibunker.display()))?;

@@ -287,6 +287,7 @@ async fn bunker_whose_vm_cannot_boot_fails_with_a_reason_and_leaves_nothing_behi
 
     let up = Up::start(UpOptions {
         images_dir: Some(images.path().to_owned()),
+        ..UpOptions::default()
     })
     .expect("scaibunker up gets ready");
     let client = up.client();

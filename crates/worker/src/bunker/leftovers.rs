@@ -28,10 +28,7 @@ pub fn clean_leftovers(bunkers_dir: &Path) -> usize {
         if !dir.is_dir() {
             continue;
         }
-        if let Some(pid) = leftover_vm(&dir) {
-            tracing::warn!(dir = %dir.display(), pid, "killing a leftover qemu process");
-            kill_and_wait(pid);
-        }
+        kill_leftover_vm(&dir);
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {
                 tracing::warn!(dir = %dir.display(), "removed a leftover bunker directory");
@@ -43,6 +40,15 @@ pub fn clean_leftovers(bunkers_dir: &Path) -> usize {
         }
     }
     removed
+}
+
+/// Kills the QEMU a previous run left running from `dir`, if any, and waits for it to go.
+/// Blocking.
+pub fn kill_leftover_vm(dir: &Path) {
+    if let Some(pid) = leftover_vm(dir) {
+        tracing::warn!(dir = %dir.display(), pid, "killing a leftover qemu process");
+        kill_and_wait(pid);
+    }
 }
 
 /// The pid in `dir/qemu.pid`, if it is a live QEMU running from `dir`.

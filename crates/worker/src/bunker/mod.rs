@@ -16,11 +16,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
-use scaibunker_proto::worker::{BunkerStatusReport, CreateVm, VmInfo, VmStatus};
+use scaibunker_proto::worker::{BootSource, BunkerStatusReport, CreateVm, VmInfo, VmStatus};
 
 use self::supervisor::{BootPlan, Bunker, Resources, TransitionError};
 use crate::agent_client::AgentClient;
 use crate::images::ImageCache;
+use crate::templates::{Shape, Templates};
 use crate::vmm::Vmm;
 
 /// Smallest guest the kernel, initramfs and agent fit in.
@@ -55,6 +56,7 @@ pub struct Bunkers {
     images: RwLock<Arc<ImageCache>>,
     bunkers_dir: PathBuf,
     boot_timeout: Duration,
+    templates: Arc<Templates>,
     table: Arc<Table>,
     /// Serialises rescans of the images directory.
     rescan: tokio::sync::Mutex<()>,
@@ -71,12 +73,14 @@ impl Bunkers {
         images: ImageCache,
         bunkers_dir: PathBuf,
         boot_timeout: Duration,
+        templates: Arc<Templates>,
     ) -> Self {
         Self {
             vmm,
             images: RwLock::new(Arc::new(images)),
             bunkers_dir,
             boot_timeout,
+            templates,
             table: Arc::new(Mutex::new(HashMap::new())),
             rescan: tokio::sync::Mutex::new(()),
         }
@@ -86,11 +90,16 @@ impl Bunkers {
         self.vmm.runtime()
     }
 
+    pub fn templates(&self) -> &Arc<Templates> {
+        &self.templates
+    }
+
     pub fn images(&self) -> Arc<ImageCache> {
         Arc::clone(&self.images.read().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// Boots a bunker and answers once its agent is ready.
+    /// Boots a bunker (from its shape's template when there is one) and answers once its
+    /// agent is ready. A cold boot starts the background build of its shape's template.
     pub async fn create(&self, req: CreateVm) -> Result<VmInfo, CreateBunkerError> {
         validate_id(&req.bunker_id).map_err(CreateBunkerError::Invalid)?;
         validate_hostname(&req.hostname).map_err(CreateBunkerError::Invalid)?;
@@ -114,6 +123,19 @@ impl Bunkers {
                     images.dir().display()
                 ),
             })?;
+
+        let shape = if self.templates.is_on() {
+            Shape::of(
+                self.vmm.as_ref(),
+                &image,
+                &guest,
+                req.memory_mb,
+                req.cpu_millicores,
+            )
+        } else {
+            None
+        };
+        let template = shape.as_ref().and_then(|s| self.templates.lookup(s));
 
         let bunker = Arc::new(Bunker::new(
             req.bunker_id.clone(),
@@ -140,14 +162,20 @@ impl Bunkers {
         let vmm = Arc::clone(&self.vmm);
         let timeout = self.boot_timeout;
         let table = Arc::clone(&self.table);
+        let templates = Arc::clone(&self.templates);
+        let cpu_millicores = req.cpu_millicores;
         let task = tokio::spawn(async move {
             let booting = Arc::clone(&bunker);
+            let boot_vmm = Arc::clone(&vmm);
+            let boot_templates = Arc::clone(&templates);
             let boot = tokio::spawn(async move {
                 let plan = BootPlan {
-                    vmm: vmm.as_ref(),
+                    vmm: boot_vmm.as_ref(),
                     image: &image,
                     guest: &guest,
                     timeout,
+                    template,
+                    templates: &boot_templates,
                 };
                 booting.boot(plan).await
             });
@@ -161,8 +189,13 @@ impl Bunkers {
                 }
             };
             match booted {
-                Ok(()) => {
+                Ok(source) => {
                     spawn_watcher(&bunker);
+                    if source == BootSource::Cold
+                        && let Some(shape) = shape
+                    {
+                        templates.build_in_background(vmm, shape, cpu_millicores);
+                    }
                     Ok(bunker.info())
                 }
                 Err(reason) => {

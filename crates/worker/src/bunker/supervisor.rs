@@ -6,9 +6,13 @@
 //!
 //! Boot (see [`Bunker::boot`]):
 //! 1. Make the bunker directory and bind `agent.sock` in it.
-//! 2. Boot the VM through the driver.
-//! 3. Wait for the agent's hello, the VM exiting, a stop request, or the boot timeout.
-//! 4. On anything but the hello: kill the VM, keep the tail of the console for the reason,
+//! 2. With a template of the bunker's shape: restore it through the driver, wait for the
+//!    agent's (second) hello and run the identity script with the bunker's host name. If
+//!    any of that fails (unless a stop interrupted it), kill the VM, remove the directory,
+//!    discard the template, log why, and go on to a cold boot from step 1.
+//! 3. Cold: boot the VM through the driver.
+//! 4. Wait for the agent's hello, the VM exiting, a stop request, or the boot timeout.
+//! 5. On anything but the hello: kill the VM, keep the tail of the console for the reason,
 //!    and remove the directory. Nothing is left running or on disk.
 //!
 //! Invariants: the VM lock (`vm`) serialises boot, pause, resume and stop, and owns the VM;
@@ -21,14 +25,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use scaibunker_proto::worker::{BunkerStatusReport, VmInfo, VmStatus};
+use scaibunker_proto::worker::{BootSource, BunkerStatusReport, VmInfo, VmStatus};
 use tokio::net::UnixListener;
 use tokio::sync::Notify;
 
 use crate::agent_client::AgentClient;
 use crate::images::{GuestBoot, Image};
+use crate::templates::{Template, Templates, refresh_identity};
 use crate::vmm::qemu::cmdline::{CONSOLE_LOG, QEMU_LOG};
-use crate::vmm::{BootSpec, Vm, Vmm};
+use crate::vmm::{BootSpec, DiskFormat, Vm, VmExit, Vmm};
 
 /// File name of the agent channel socket in the bunker directory.
 pub const AGENT_SOCKET: &str = "agent.sock";
@@ -38,6 +43,8 @@ const CONSOLE_TAIL_LINES: usize = 20;
 const EXIT_AFTER_CLOSE: Duration = Duration::from_secs(2);
 /// Longest unix socket path the kernel accepts (`sun_path` minus its NUL).
 const MAX_SOCKET_PATH: usize = 107;
+/// How long a restored guest may take to say hello again; past it, a cold boot is cheaper.
+const RESTORE_HELLO_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Resources a bunker asked for; they count against the worker's free capacity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -53,6 +60,7 @@ struct State {
     reason: Option<String>,
     guest_kernel: Option<String>,
     boot_ms: u64,
+    boot_source: BootSource,
 }
 
 /// One bunker.
@@ -92,6 +100,9 @@ pub struct BootPlan<'a> {
     pub image: &'a Image,
     pub guest: &'a GuestBoot,
     pub timeout: Duration,
+    /// A template of the bunker's shape, restored instead of a cold boot if it works.
+    pub template: Option<Arc<Template>>,
+    pub templates: &'a Templates,
 }
 
 impl Bunker {
@@ -113,6 +124,7 @@ impl Bunker {
                 reason: None,
                 guest_kernel: None,
                 boot_ms: 0,
+                boot_source: BootSource::Cold,
             }),
             vm: tokio::sync::Mutex::new(None),
             agent: Mutex::new(None),
@@ -151,6 +163,7 @@ impl Bunker {
             status: state.status,
             guest_kernel: state.guest_kernel.clone(),
             boot_ms: state.boot_ms,
+            boot_source: state.boot_source,
         }
     }
 
@@ -183,12 +196,34 @@ impl Bunker {
         lock(&self.agent).take();
     }
 
-    /// Boots the VM and waits until the agent is ready. On failure nothing is left running
-    /// or on disk, and the error is the reason (with the console tail).
-    pub async fn boot(&self, plan: BootPlan<'_>) -> Result<(), String> {
+    /// Boots the VM (restoring the plan's template if it can) and waits until the agent is
+    /// ready. On failure nothing is left running or on disk, and the error is the reason
+    /// (with the console tail).
+    pub async fn boot(&self, plan: BootPlan<'_>) -> Result<BootSource, String> {
         let mut slot = self.vm.lock().await;
         let started = Instant::now();
-        let result = self.boot_locked(&plan, &mut slot, started).await;
+        if let Some(template) = &plan.template {
+            match self.restore_locked(plan.vmm, template, &mut slot).await {
+                Ok(()) => return Ok(self.running(started, BootSource::Template)),
+                Err(what) => {
+                    if let Some(vm) = slot.take() {
+                        vm.stop().await;
+                    }
+                    let reason = format!("{what}{}", diagnostics(&self.dir));
+                    remove_dir(&self.dir);
+                    if self.status() == VmStatus::Booting {
+                        tracing::warn!(
+                            bunker_id = %self.id,
+                            template = %template.key,
+                            %reason,
+                            "restore from the template failed; booting cold"
+                        );
+                        plan.templates.discard(template, &what);
+                    }
+                }
+            }
+        }
+        let result = self.boot_locked(&plan, &mut slot).await;
         if let Err(what) = &result {
             if let Some(vm) = slot.take() {
                 vm.stop().await;
@@ -198,20 +233,21 @@ impl Bunker {
             self.fail(reason.clone());
             return Err(reason);
         }
+        Ok(self.running(started, BootSource::Cold))
+    }
+
+    fn running(&self, started: Instant, source: BootSource) -> BootSource {
         let boot_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let mut state = lock(&self.state);
         state.status = VmStatus::Running;
         state.boot_ms = boot_ms;
-        tracing::info!(bunker_id = %self.id, boot_ms, "bunker running");
-        Ok(())
+        state.boot_source = source;
+        tracing::info!(bunker_id = %self.id, boot_ms, ?source, "bunker running");
+        source
     }
 
-    async fn boot_locked(
-        &self,
-        plan: &BootPlan<'_>,
-        slot: &mut Option<Box<dyn Vm>>,
-        started: Instant,
-    ) -> Result<(), String> {
+    /// Makes an empty bunker directory and binds the agent socket in it.
+    fn prepare_dir(&self) -> Result<(UnixListener, PathBuf), String> {
         if self.status() != VmStatus::Booting {
             return Err("stopped during boot".to_owned());
         }
@@ -230,26 +266,19 @@ impl Bunker {
         }
         let listener = UnixListener::bind(&socket)
             .map_err(|e| format!("bind agent socket {}: {e}", socket.display()))?;
-        let spec = BootSpec {
-            dir: self.dir.clone(),
-            kernel: plan.guest.kernel.clone(),
-            initramfs: plan.guest.initramfs.clone(),
-            base_image: plan.image.path.clone(),
-            agent_socket: socket,
-            cpu_millicores: self.resources.cpu_millicores,
-            memory_mb: self.resources.memory_mb,
-            hostname: self.hostname.clone(),
-        };
-        let vm = plan
-            .vmm
-            .boot(&spec)
-            .await
-            .map_err(|e| format!("start the vm: {}", error_chain(&e)))?;
-        let mut exited = vm.exited();
-        *slot = Some(vm);
+        Ok((listener, socket))
+    }
+
+    /// Waits for the agent's hello, the VM exiting, a stop request, or `timeout`.
+    async fn await_agent(
+        &self,
+        listener: &UnixListener,
+        mut exited: futures_util::future::BoxFuture<'static, VmExit>,
+        timeout: Duration,
+    ) -> Result<AgentClient, String> {
         let wait = async {
             tokio::select! {
-                agent = AgentClient::connect(&listener) => match agent {
+                agent = AgentClient::connect(listener) => match agent {
                     Ok(agent) => Ok(agent),
                     Err(e) => {
                         // A guest that powers off closes the channel just before QEMU exits:
@@ -267,23 +296,80 @@ impl Bunker {
                 () = self.cancel_boot.notified() => Err("stopped during boot".to_owned()),
             }
         };
-        let agent = tokio::time::timeout(plan.timeout, wait)
-            .await
-            .map_err(|_| {
-                format!(
-                    "the agent did not say hello within {}s of the vm starting",
-                    plan.timeout.as_secs()
-                )
-            })??;
+        tokio::time::timeout(timeout, wait).await.map_err(|_| {
+            format!(
+                "the agent did not say hello within {}s of the vm starting",
+                timeout.as_secs()
+            )
+        })?
+    }
+
+    fn agent_ready(&self, agent: AgentClient) {
         let hello = agent.hello();
         tracing::debug!(
             bunker_id = %self.id,
             agent_version = %hello.agent_version,
-            elapsed_ms = started.elapsed().as_millis(),
             "agent ready"
         );
         lock(&self.state).guest_kernel = Some(hello.kernel);
         *lock(&self.agent) = Some(agent);
+    }
+
+    async fn restore_locked(
+        &self,
+        vmm: &dyn Vmm,
+        template: &Template,
+        slot: &mut Option<Box<dyn Vm>>,
+    ) -> Result<(), String> {
+        let (listener, socket) = self.prepare_dir()?;
+        let spec = template.restore_spec(&self.dir, &socket);
+        let restore = async {
+            let vm = vmm
+                .restore(&spec, &template.state())
+                .await
+                .map_err(|e| format!("restore the template: {}", error_chain(&e)))?;
+            let exited = vm.exited();
+            *slot = Some(vm);
+            let agent = self
+                .await_agent(&listener, exited, RESTORE_HELLO_TIMEOUT)
+                .await?;
+            refresh_identity(&agent, &self.hostname).await?;
+            Ok::<_, String>(agent)
+        };
+        let agent = tokio::select! {
+            agent = restore => agent?,
+            () = self.cancel_boot.notified() => return Err("stopped during boot".to_owned()),
+        };
+        self.agent_ready(agent);
+        Ok(())
+    }
+
+    async fn boot_locked(
+        &self,
+        plan: &BootPlan<'_>,
+        slot: &mut Option<Box<dyn Vm>>,
+    ) -> Result<(), String> {
+        let (listener, socket) = self.prepare_dir()?;
+        let spec = BootSpec {
+            dir: self.dir.clone(),
+            kernel: plan.guest.kernel.clone(),
+            initramfs: plan.guest.initramfs.clone(),
+            base_image: plan.image.path.clone(),
+            base_format: DiskFormat::Raw,
+            agent_socket: socket,
+            cpu_millicores: self.resources.cpu_millicores,
+            memory_mb: self.resources.memory_mb,
+            hostname: self.hostname.clone(),
+        };
+        let vm = plan
+            .vmm
+            .boot(&spec)
+            .await
+            .map_err(|e| format!("start the vm: {}", error_chain(&e)))?;
+        let exited = vm.exited();
+        *slot = Some(vm);
+        let agent = self.await_agent(&listener, exited, plan.timeout).await?;
+        self.agent_ready(agent);
         Ok(())
     }
 

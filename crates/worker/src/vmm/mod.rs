@@ -2,18 +2,22 @@
 //! monitor, and the accelerator decision shared by drivers.
 //!
 //! - [`Vmm::boot`] starts a VM from a [`BootSpec`] and returns a [`Vm`].
+//! - [`Vm::save`] freezes a VM and writes its memory and device state to a file;
+//!   [`Vmm::restore`] starts a VM from such a file, with the same [`BootSpec`] shape (memory,
+//!   vCPUs, kernel, initramfs, command line) and a disk that holds what the saved guest saw.
 //! - [`Vm::pause`], [`Vm::resume`] and [`Vm::stop`] act on it; [`Vm::exited`] resolves when
 //!   its process is gone, for whatever reason.
 //!
-//! Invariants: a driver writes only inside `BootSpec::dir` and never writes the base image;
-//! dropping a [`Vm`] kills its process, so no VM outlives the handle that owns it.
+//! Invariants: a driver writes only inside `BootSpec::dir` (and the state file a save is
+//! given) and never writes the base disk; dropping a [`Vm`] kills its process, so no VM
+//! outlives the handle that owns it.
 //! The agent channel is not the driver's: the supervisor binds `BootSpec::agent_socket`
 //! before boot, and the driver only connects the guest's port to it.
 
 pub mod qemu;
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 
 use futures_util::future::BoxFuture;
@@ -25,14 +29,25 @@ pub struct BootSpec {
     pub dir: PathBuf,
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
-    /// The image's ext4 file; read-only to the driver.
+    /// The disk the VM's private copy-on-write overlay sits on: the image's ext4 file, or a
+    /// template's frozen overlay. Read-only to the driver.
     pub base_image: PathBuf,
+    pub base_format: DiskFormat,
     /// A unix socket the worker already listens on; the guest's agent port connects to it.
     pub agent_socket: PathBuf,
     pub cpu_millicores: u64,
     pub memory_mb: u64,
     /// Already validated as a host name (letters, digits, `-` and `.`).
     pub hostname: String,
+}
+
+/// The format of a base disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// An image's raw ext4 file.
+    Raw,
+    /// A template's overlay (itself over an image).
+    Qcow2,
 }
 
 /// How a VM process ended.
@@ -76,6 +91,13 @@ pub enum VmmError {
     },
     #[error("the vm process has exited")]
     Gone,
+    #[error("migration {status}: {detail}")]
+    Migration { status: String, detail: String },
+    #[error("{step} did not finish within {limit:?}")]
+    Timeout {
+        step: &'static str,
+        limit: std::time::Duration,
+    },
 }
 
 /// A virtual machine monitor driver.
@@ -83,8 +105,20 @@ pub trait Vmm: Send + Sync + 'static {
     /// Driver and accelerator, e.g. `qemu/tcg`.
     fn runtime(&self) -> String;
 
+    /// vCPUs a VM asking for `cpu_millicores` gets: part of a saved VM's shape.
+    fn vcpus(&self, cpu_millicores: u64) -> u32;
+
     /// Starts the VM; returns as soon as the process runs (not when the guest is ready).
     fn boot<'a>(&'a self, spec: &'a BootSpec) -> BoxFuture<'a, Result<Box<dyn Vm>, VmmError>>;
+
+    /// Starts a VM from the state [`Vm::save`] wrote to `state`; returns once the guest
+    /// runs again. `spec` must have the saved VM's shape, and its base disk must hold what
+    /// the saved guest saw.
+    fn restore<'a>(
+        &'a self,
+        spec: &'a BootSpec,
+        state: &'a Path,
+    ) -> BoxFuture<'a, Result<Box<dyn Vm>, VmmError>>;
 }
 
 /// One running VM. Dropping it kills the VM.
@@ -96,6 +130,10 @@ pub trait Vm: Send + Sync {
     fn pause(&self) -> BoxFuture<'_, Result<(), VmmError>>;
 
     fn resume(&self) -> BoxFuture<'_, Result<(), VmmError>>;
+
+    /// Freezes the guest and writes its memory and device state to `state`, once its disk
+    /// writes are flushed. The VM stays frozen; stop it, or resume it.
+    fn save<'a>(&'a self, state: &'a Path) -> BoxFuture<'a, Result<(), VmmError>>;
 
     /// Kills the VM and waits until its process is gone. Idempotent.
     fn stop(&self) -> BoxFuture<'_, VmExit>;

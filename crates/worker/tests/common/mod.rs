@@ -63,6 +63,16 @@ pub fn require_artefacts(files: &[&str]) -> PathBuf {
     dir
 }
 
+/// A fresh images directory with the real guest kernel and initramfs linked in, for a test
+/// that brings its own image.
+pub fn images_with_guest(real: &Path) -> tempfile::TempDir {
+    let images = tempfile::tempdir().expect("tempdir");
+    for f in ["vmlinux", "initramfs.cpio.gz"] {
+        std::os::unix::fs::symlink(real.join(f), images.path().join(f)).expect("symlink");
+    }
+    images
+}
+
 /// The SHA-256 of an image, as the worker computes it.
 pub fn image_sha256(images: &Path, name: &str) -> String {
     scaibunker_worker::images::sha256_file(&images.join(format!("{name}.ext4")))
@@ -84,11 +94,14 @@ impl TestWorker {
         Self::start_with(images_dir, |_| {}).await
     }
 
+    /// Starts a worker; templates are off (a background template build is one more VM
+    /// beside the test's) unless `tweak` turns them on.
     pub async fn start_with(images_dir: &Path, tweak: impl FnOnce(&mut WorkerConfig)) -> Self {
         init_tracing();
         let data = tempfile::tempdir().expect("tempdir");
         let mut config =
             WorkerConfig::standalone(TOKEN.into(), data.path().to_owned(), images_dir.to_owned());
+        config.templates = scaibunker_worker::config::TemplateMode::Off;
         tweak(&mut config);
         let handle = start(config).await.expect("worker starts");
         let base = format!("http://{}{WORKER_API_PREFIX}", handle.local_addr());
@@ -131,13 +144,24 @@ impl TestWorker {
 
     /// `POST /bunkers`; the raw response.
     pub async fn create_raw(&self, id: &str, image: &str, memory_mb: u64) -> reqwest::Response {
+        self.create_named(id, image, memory_mb, "testbox").await
+    }
+
+    /// `POST /bunkers` with a host name; the raw response.
+    pub async fn create_named(
+        &self,
+        id: &str,
+        image: &str,
+        memory_mb: u64,
+        hostname: &str,
+    ) -> reqwest::Response {
         let req = CreateVm {
             bunker_id: id.into(),
             image_sha256: image.into(),
             cpu_millicores: 1000,
             memory_mb,
             disk_mb: 1024,
-            hostname: "testbox".into(),
+            hostname: hostname.into(),
             env_vars: [("BUNKER_VAR".to_owned(), "from-create".to_owned())].into(),
         };
         self.post("/bunkers")
@@ -149,8 +173,20 @@ impl TestWorker {
 
     /// Boots a bunker and checks it is running; returns its info and the wall time.
     pub async fn create(&self, id: &str, image: &str, memory_mb: u64) -> (VmInfo, Duration) {
+        self.create_with_hostname(id, image, memory_mb, "testbox")
+            .await
+    }
+
+    /// [`Self::create`] with a host name.
+    pub async fn create_with_hostname(
+        &self,
+        id: &str,
+        image: &str,
+        memory_mb: u64,
+        hostname: &str,
+    ) -> (VmInfo, Duration) {
         let started = Instant::now();
-        let resp = self.create_raw(id, image, memory_mb).await;
+        let resp = self.create_named(id, image, memory_mb, hostname).await;
         let status = resp.status();
         let text = resp.text().await.expect("body");
         assert_eq!(status, 200, "create {id} failed: {text}");

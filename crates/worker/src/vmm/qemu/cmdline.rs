@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use scaibunker_proto::agent::PORT_NAME;
 
-use crate::vmm::Accel;
+use crate::vmm::{Accel, DiskFormat};
 
 /// Files QEMU uses inside the bunker directory.
 pub const DISK_FILE: &str = "disk.qcow2";
@@ -18,6 +18,8 @@ pub const CONSOLE_LOG: &str = "console.log";
 pub const PID_FILE: &str = "qemu.pid";
 /// QEMU's own stdout and stderr (option errors, warnings).
 pub const QEMU_LOG: &str = "qemu.log";
+/// The socket a save streams the VM state through (the worker listens, QEMU connects).
+pub const MIGRATE_SOCKET: &str = "migrate.sock";
 
 /// Everything the command line depends on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +34,9 @@ pub struct QemuCommand {
     pub dir: PathBuf,
     pub agent_socket: PathBuf,
     pub hostname: String,
+    /// Start from this saved state instead of booting (`-incoming`); the VM then waits,
+    /// paused, for `cont`.
+    pub incoming: Option<PathBuf>,
 }
 
 impl QemuCommand {
@@ -83,15 +88,28 @@ impl QemuCommand {
         push(&["-drive", &drive, "-device", "virtio-blk-device,drive=d0"]);
         push(&["-chardev", &chardev]);
         push(&["-device", "virtio-serial-device", "-device", &port]);
+        if let Some(state) = &self.incoming {
+            // QEMU runs an `exec:` URI with `/bin/sh -c`. QEMU ends the reader once the
+            // state is loaded, which is harmless for a reader (a save goes through a socket
+            // instead: see `MIGRATE_SOCKET`).
+            push(&[
+                "-incoming",
+                &format!("exec:cat {}", shell_quote(&path_str(state))),
+            ]);
+        }
         args
     }
 }
 
 /// The `qemu-img` arguments that make `overlay` a copy-on-write layer over `base`.
-pub fn overlay_args(base: &Path, overlay: &Path) -> Vec<OsString> {
+pub fn overlay_args(base: &Path, format: DiskFormat, overlay: &Path) -> Vec<OsString> {
     let base = path_str(base);
+    let format = match format {
+        DiskFormat::Raw => "raw",
+        DiskFormat::Qcow2 => "qcow2",
+    };
     // `-b` takes a file name, not an option string: commas need no escaping here.
-    ["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &base]
+    ["create", "-q", "-f", "qcow2", "-F", format, "-b", &base]
         .iter()
         .map(OsString::from)
         .chain([overlay.as_os_str().to_owned()])
@@ -121,6 +139,11 @@ fn file_arg(prefix: &str, path: &Path) -> String {
     format!("{prefix}{}", path_str(path))
 }
 
+/// A single-quoted shell word.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
 /// QEMU option values separate keys by commas; a literal comma is written twice.
 fn escape_commas(s: &str) -> String {
     s.replace(',', ",,")
@@ -141,6 +164,7 @@ mod tests {
             dir: "/data/bunkers/b1".into(),
             agent_socket: "/data/bunkers/b1/agent.sock".into(),
             hostname: "box".into(),
+            incoming: None,
         }
     }
 
@@ -196,11 +220,14 @@ mod tests {
 
     #[test]
     fn overlay_points_at_the_raw_base() {
-        let args: Vec<String> =
-            overlay_args(Path::new("/img/tiny.ext4"), Path::new("/d/disk.qcow2"))
-                .iter()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect();
+        let args: Vec<String> = overlay_args(
+            Path::new("/img/tiny.ext4"),
+            DiskFormat::Raw,
+            Path::new("/d/disk.qcow2"),
+        )
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
         assert_eq!(
             args,
             [
@@ -215,6 +242,30 @@ mod tests {
                 "/d/disk.qcow2"
             ]
         );
+    }
+
+    #[test]
+    fn a_restore_is_the_same_command_line_plus_incoming() {
+        let boot = command(Accel::Tcg);
+        let mut restore = boot.clone();
+        restore.incoming = Some("/data/templates/k1/it's.state".into());
+        let (boot, restore) = (boot.args(), restore.args());
+        assert_eq!(restore[..boot.len()], boot[..]);
+        assert_eq!(
+            restore[boot.len()..],
+            ["-incoming", r"exec:cat '/data/templates/k1/it'\''s.state'"].map(OsString::from)
+        );
+    }
+
+    #[test]
+    fn overlay_names_the_backing_format() {
+        let args = overlay_args(
+            Path::new("/t/disk.qcow2"),
+            DiskFormat::Qcow2,
+            Path::new("/d/disk.qcow2"),
+        );
+        assert_eq!(args[5], "qcow2");
+        assert_eq!(args[7], "/t/disk.qcow2");
     }
 
     #[test]

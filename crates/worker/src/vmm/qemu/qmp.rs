@@ -1,10 +1,12 @@
-//! A minimal QMP client: one connection per command.
+//! A minimal QMP client.
 //!
 //! 1. Connect to the VM's QMP socket; QEMU greets with `{"QMP": ...}`.
 //! 2. Send `qmp_capabilities` to leave negotiation mode; wait for its `return`.
-//! 3. Send the command; wait for its `return` or `error`.
+//! 3. Send each command (with its arguments); wait for its `return` or `error`.
 //!
-//! Asynchronous `event` lines may arrive at any point and are skipped.
+//! Asynchronous `event` lines may arrive at any point and are skipped. [`execute`] runs one
+//! command on a fresh connection; a [`Session`] keeps the connection for several (a save
+//! polls `query-migrate` on one connection).
 
 use std::path::Path;
 use std::time::Duration;
@@ -12,9 +14,10 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 /// A QMP exchange should take milliseconds; a stuck monitor must not hang the caller.
-const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+pub const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
@@ -32,47 +35,83 @@ pub enum QmpError {
 
 /// Runs `command` (without arguments) on the QMP socket at `path`.
 pub async fn execute(path: &Path, command: &str) -> Result<(), QmpError> {
-    tokio::time::timeout(QMP_TIMEOUT, execute_inner(path, command))
-        .await
-        .map_err(|_| QmpError::Timeout)?
+    let mut session = Session::connect(path).await?;
+    session.execute(command, None).await.map(drop)
 }
 
-async fn execute_inner(path: &Path, command: &str) -> Result<(), QmpError> {
-    let stream = UnixStream::connect(path).await?;
-    let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
-    loop {
-        let greeting = next_message(&mut lines).await?;
-        if greeting.get("QMP").is_some() {
-            break;
-        }
+/// One negotiated QMP connection.
+pub struct Session {
+    lines: tokio::io::Lines<BufReader<OwnedReadHalf>>,
+    write: OwnedWriteHalf,
+}
+
+impl Session {
+    /// Connects, reads the greeting and negotiates capabilities.
+    pub async fn connect(path: &Path) -> Result<Self, QmpError> {
+        tokio::time::timeout(QMP_TIMEOUT, Self::connect_inner(path))
+            .await
+            .map_err(|_| QmpError::Timeout)?
     }
-    for execute in ["qmp_capabilities", command] {
-        let mut line = serde_json::to_vec(&json!({ "execute": execute }))?;
-        line.push(b'\n');
-        write.write_all(&line).await?;
+
+    async fn connect_inner(path: &Path) -> Result<Self, QmpError> {
+        let stream = UnixStream::connect(path).await?;
+        let (read, write) = stream.into_split();
+        let mut session = Self {
+            lines: BufReader::new(read).lines(),
+            write,
+        };
         loop {
-            let msg = next_message(&mut lines).await?;
-            if msg.get("return").is_some() {
+            let greeting = session.next_message().await?;
+            if greeting.get("QMP").is_some() {
                 break;
+            }
+        }
+        session.execute_inner("qmp_capabilities", None).await?;
+        Ok(session)
+    }
+
+    /// Runs `command` with `arguments`; returns what QEMU returned.
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        tokio::time::timeout(QMP_TIMEOUT, self.execute_inner(command, arguments))
+            .await
+            .map_err(|_| QmpError::Timeout)?
+    }
+
+    async fn execute_inner(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        let request = match arguments {
+            Some(arguments) => json!({ "execute": command, "arguments": arguments }),
+            None => json!({ "execute": command }),
+        };
+        let mut line = serde_json::to_vec(&request)?;
+        line.push(b'\n');
+        self.write.write_all(&line).await?;
+        loop {
+            let mut msg = self.next_message().await?;
+            if let Some(ret) = msg.get_mut("return") {
+                return Ok(ret.take());
             }
             if let Some(err) = msg.get("error") {
                 return Err(QmpError::Refused(err.to_string()));
             }
         }
     }
-    Ok(())
-}
 
-async fn next_message(
-    lines: &mut tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
-) -> Result<Value, QmpError> {
-    loop {
-        let line = lines.next_line().await?.ok_or(QmpError::Closed)?;
-        if line.trim().is_empty() {
-            continue;
+    async fn next_message(&mut self) -> Result<Value, QmpError> {
+        loop {
+            let line = self.lines.next_line().await?.ok_or(QmpError::Closed)?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            return Ok(serde_json::from_str(&line)?);
         }
-        return Ok(serde_json::from_str(&line)?);
     }
 }
 
@@ -132,5 +171,25 @@ mod tests {
             "{err}"
         );
         monitor.await.expect("join");
+    }
+
+    #[tokio::test]
+    async fn a_session_runs_commands_with_arguments_and_returns_their_value() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let monitor = tokio::spawn(fake_monitor(listener, ""));
+        let mut session = Session::connect(&path).await.expect("connect");
+        let ret = session
+            .execute("migrate", Some(json!({ "uri": "unix:/x" })))
+            .await
+            .expect("migrate");
+        assert_eq!(ret, json!({}));
+        session.execute("query-migrate", None).await.expect("query");
+        drop(session);
+        assert_eq!(
+            monitor.await.expect("join"),
+            ["qmp_capabilities", "migrate", "query-migrate"]
+        );
     }
 }
