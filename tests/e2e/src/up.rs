@@ -40,6 +40,8 @@ pub struct UpOptions {
     /// Let the worker build and restore template snapshots. Off by default: a background
     /// template build is one more VM beside a scenario's own.
     pub templates: bool,
+    /// More environment for `up` (and so its controller and worker).
+    pub env: Vec<(String, String)>,
 }
 
 /// A running `scaibunker up`.
@@ -100,6 +102,7 @@ impl Up {
             "SCAIBUNKER_TEMPLATES",
             if options.templates { "on" } else { "off" },
         );
+        command.envs(options.env.iter().map(|(k, v)| (k, v)));
         let mut child = command
             .spawn()
             .with_context(|| format!("starting {}", bins.scaibunker.display()))?;
@@ -207,6 +210,35 @@ impl Up {
     }
 
     /// The worker's pid, from `up`'s `worker started (pid N)` line.
+    /// Starts one more worker daemon (`scaibunker-worker`) against this controller, with its
+    /// own data directory (`worker-NAME` under `up`'s) and `env` on top. The caller owns the
+    /// child; it also exits (stopping its VMs) when the test process goes away.
+    pub fn add_worker(&self, name: &str, env: &[(&str, &str)]) -> Result<Child> {
+        let bins = crate::binaries()?;
+        let token = std::fs::read_to_string(self.data_dir.join("worker.token"))
+            .context("reading the installation's worker token")?;
+        let dir = self.data_dir.join(format!("worker-{name}"));
+        std::fs::create_dir_all(&dir)?;
+        let log = File::create(dir.join("worker.log"))?;
+        let mut command = Command::new(&bins.worker);
+        command
+            .env("SCAIBUNKER_CONTROLLER_URL", &self.url)
+            .env("SCAIBUNKER_WORKER_TOKEN", token.trim())
+            .env("SCAIBUNKER_WORKER_DATA_DIR", &dir)
+            .env("SCAIBUNKER_IMAGES_DIR", &self.images_dir)
+            .env("SCAIBUNKER_WORKER_NAME", name)
+            .env("SCAIBUNKER_TEMPLATES", "off")
+            .env("SCAIBUNKER_EXIT_WITH_PARENT", "1")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        command.envs(env.iter().copied());
+        command
+            .spawn()
+            .with_context(|| format!("starting {}", bins.worker.display()))
+    }
+
     /// The pid of `up` itself (the controller runs in it).
     pub fn pid(&self) -> u32 {
         self.child.id()
