@@ -208,5 +208,96 @@ async fn a_stream_survives_a_disconnect_and_resumes_without_loss_or_repeat() {
         .expect("missing");
     assert_eq!(missing.status(), 404);
 
+    // The SDK resumes by itself: a proxy cuts the first connection after the first line.
+    let proxy = CuttingProxy::start(up.url(), b"line1").await;
+    let via_proxy = scaibunker_sdk::Client::new(proxy.url(), Some(up.key().to_owned()));
+    let mut stream = via_proxy
+        .exec_stream(
+            &bunker.id,
+            &scaibunker_api::exec::ExecRequest {
+                command: Some(script.into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("start through the proxy");
+    let (mut out, mut code) = (Vec::new(), None);
+    while let Some(event) = stream.next().await {
+        match event.expect("the SDK resumes instead of failing") {
+            ExecEvent::Stdout(b) => out.extend(b),
+            ExecEvent::Stderr(_) => {}
+            ExecEvent::Exit { exit_code, .. } => code = exit_code,
+            ExecEvent::Error { code, message } => panic!("{code}: {message}"),
+        }
+    }
+    assert!(proxy.cuts() >= 1, "the proxy did cut a connection");
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "line1\nline2\nline3\nline4\nline5\n"
+    );
+    assert_eq!(code, Some(3));
+
     client.delete_bunker(&bunker.id).await.expect("delete");
+}
+
+/// A TCP proxy in front of the API that cuts its first connection right after the upstream
+/// sent `needle`, and forwards every later connection untouched.
+struct CuttingProxy {
+    addr: std::net::SocketAddr,
+    cuts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CuttingProxy {
+    async fn start(upstream: &str, needle: &'static [u8]) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let upstream = upstream.trim_start_matches("http://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let cuts = std::sync::Arc::new(AtomicUsize::new(0));
+        let cut_count = cuts.clone();
+        tokio::spawn(async move {
+            let mut first = true;
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(&upstream)
+                    .await
+                    .expect("upstream");
+                let cut = std::mem::replace(&mut first, false);
+                let cut_count = cut_count.clone();
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = tokio::spawn(async move { tokio::io::copy(&mut cr, &mut sw).await });
+                    let mut seen = Vec::new();
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        if cut && seen.windows(needle.len()).any(|w| w == needle) {
+                            cut_count.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                    }
+                    up.abort();
+                });
+            }
+        });
+        Self { addr, cuts }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn cuts(&self) -> usize {
+        self.cuts.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
