@@ -1,8 +1,8 @@
 //! Workers and their image cache ledger.
 
-use sqlx::Row;
+use sqlx::{AssertSqlSafe, Row};
 
-use super::{Store, StoreError, Tx, now_ms};
+use super::{Backend, Store, StoreError, Tx, now_ms};
 
 #[derive(Debug, Clone)]
 pub struct WorkerRow {
@@ -255,12 +255,24 @@ impl Store {
         .await?)
     }
 
-    pub async fn workers_in_tx(&self, tx: &mut Tx<'_>) -> Result<Vec<WorkerRow>, StoreError> {
-        let rows = sqlx::query(
+    /// The fleet, read for placement: the rows stay locked until `tx` ends, so placements
+    /// are serialized across controllers and each one sees every bunker placed before it.
+    /// On MariaDB that takes `FOR UPDATE`, read before anything else in the transaction (its
+    /// snapshot is then taken after the previous placement committed); SQLite's
+    /// `BEGIN IMMEDIATE` already holds the database's single write lock.
+    pub async fn workers_for_placement(
+        &self,
+        tx: &mut Tx<'_>,
+    ) -> Result<Vec<WorkerRow>, StoreError> {
+        let lock = match self.backend {
+            Backend::MariaDb => " FOR UPDATE",
+            Backend::Sqlite => "",
+        };
+        let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT id, name, url, runtime, status, cpu_millicores, memory_mb, disk_mb, gpu_count, \
              last_heartbeat_at, free_cpu_millicores, free_memory_mb, free_disk_mb, free_gpu_count, \
-             active_bunkers, registered_at FROM workers ORDER BY id",
-        )
+             active_bunkers, registered_at FROM workers ORDER BY id{lock}"
+        )))
         .fetch_all(&mut **tx)
         .await?;
         Ok(rows.iter().map(worker_from_row).collect())
