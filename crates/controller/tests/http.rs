@@ -1352,6 +1352,71 @@ async fn every_route_refuses_a_key_without_its_permission(db: Db) {
     assert_eq!(v["data"]["status"], "online");
 }
 
+/// Every heartbeat that carries `cached_images` reconciles the worker's image ledger: an image
+/// it lost is evicted (and no longer placed there), one it gained is added, and a heartbeat
+/// without the list leaves the ledger alone. The heartbeats come back to back, inside the
+/// window in which capacity is not rewritten durably.
+async fn heartbeats_heal_the_worker_image_ledger(db: Db) {
+    let api = Api::start(db).await;
+    let wid = api.register_dead_worker("w1", 8000, default_image()).await;
+    let (a, b) = ("a".repeat(64), "b".repeat(64));
+    let beat = |cached: Option<Vec<String>>| {
+        serde_json::to_value(Heartbeat {
+            worker_id: wid.clone(),
+            capacity: Capacity::default(),
+            active_bunkers: 0,
+            bunkers: vec![],
+            cached_images: cached,
+        })
+        .expect("json")
+    };
+    let ledger = || async {
+        let (st, v) = api.admin("GET", &format!("/workers/{wid}"), None).await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        v["data"]["cached_images"].clone()
+    };
+
+    // The worker lost `default` (deleted by hand): evicted, and nothing else holds it.
+    let (st, v) = api.worker_call("/heartbeat", beat(Some(vec![]))).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(ledger().await, json!([]));
+    let (st, v) = api
+        .admin("POST", "/bunkers", Some(json!({"image": "default"})))
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::SERVICE_UNAVAILABLE, "NO_SUITABLE_WORKER"),
+        "{v}"
+    );
+
+    // It fetched `default` again and something else: both added, `default` placeable again.
+    let (st, v) = api
+        .worker_call("/heartbeat", beat(Some(vec![b.clone(), a.clone()])))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(ledger().await, json!([a, b]));
+    let (st, v) = api
+        .admin("POST", "/bunkers", Some(json!({"image": "default"})))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+
+    // No list: no change. A shorter list: only the missing hash goes.
+    let (st, _) = api.worker_call("/heartbeat", beat(None)).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(ledger().await, json!([a, b]));
+    let (st, _) = api
+        .worker_call("/heartbeat", beat(Some(vec![a.clone()])))
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(ledger().await, json!([a]));
+
+    // A heartbeat from a worker the controller does not know records nothing.
+    let mut stranger = beat(Some(vec![b.clone()]));
+    stranger["worker_id"] = json!("wrk_stranger");
+    let (st, v) = api.worker_call("/heartbeat", stranger).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+}
+
 /// Runs each scenario on SQLite and on MariaDB.
 macro_rules! both {
     ($($name:ident),* $(,)?) => {
@@ -1439,6 +1504,7 @@ async fn the_shell_route_takes_a_query_token_and_checks_before_upgrading(db: Db)
 }
 
 both!(
+    heartbeats_heal_the_worker_image_ledger,
     the_shell_route_takes_a_query_token_and_checks_before_upgrading,
     every_route_refuses_a_key_without_its_permission,
     admins_list_drain_and_resume_workers,

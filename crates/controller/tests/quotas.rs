@@ -4,6 +4,8 @@
 //! Bunkers here boot on a stub worker: a small axum server speaking the worker API's create and
 //! delete routes (the seam between controller and worker), so bunkers reach `running` without
 //! VMs. A create whose `env_vars` hold `FAIL_BOOT` is refused by the stub, as a failed boot.
+//! The same stub, registered with room for a few bunkers, takes the storm that shows placement
+//! never overcommits a worker.
 
 mod common;
 
@@ -258,11 +260,16 @@ impl Api {
 
     /// Registers the stub worker (with image `default`); returns its id.
     async fn register(&self, url: &str) -> String {
+        self.register_with(url, big()).await
+    }
+
+    /// Registers the stub worker (with image `default`) holding `capacity`; returns its id.
+    async fn register_with(&self, url: &str, capacity: Capacity) -> String {
         let req = RegisterRequest {
             protocol_version: PROTOCOL_VERSION,
             name: "stub".into(),
             url: url.to_owned(),
-            capacity: big(),
+            capacity,
             images: vec![CachedImage {
                 name: "default".into(),
                 sha256: "a".repeat(64),
@@ -414,13 +421,18 @@ fn details(v: &Value) -> std::collections::BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-/// Fires `n` concurrent creates; returns the ids of those that were created and how many were
-/// refused by quota. Any other outcome fails the test.
-async fn storm(api: &Api, key: &str, n: usize) -> (Vec<String>, usize) {
+/// Fires `n` concurrent creates, spread round-robin over the controllers at `bases`; returns
+/// each answer's status and body.
+async fn fire_creates(
+    http: &reqwest::Client,
+    bases: &[String],
+    key: &str,
+    n: usize,
+) -> Vec<(StatusCode, Value)> {
     let mut tasks = Vec::new();
-    for _ in 0..n {
-        let http = api.http.clone();
-        let url = format!("{}/v1/modules/scaibunker/bunkers", api.handle.url());
+    for i in 0..n {
+        let http = http.clone();
+        let url = format!("{}/v1/modules/scaibunker/bunkers", bases[i % bases.len()]);
         let key = key.to_owned();
         tasks.push(tokio::spawn(async move {
             let resp = http
@@ -435,9 +447,18 @@ async fn storm(api: &Api, key: &str, n: usize) -> (Vec<String>, usize) {
             (st, v)
         }));
     }
-    let (mut created, mut refused) = (Vec::new(), 0);
+    let mut out = Vec::new();
     for t in tasks {
-        let (st, v) = t.await.expect("task");
+        out.push(t.await.expect("task"));
+    }
+    out
+}
+
+/// Fires `n` concurrent creates; returns the ids of those that were created and how many were
+/// refused by quota. Any other outcome fails the test.
+async fn storm(api: &Api, key: &str, n: usize) -> (Vec<String>, usize) {
+    let (mut created, mut refused) = (Vec::new(), 0);
+    for (st, v) in fire_creates(&api.http, &[api.handle.url()], key, n).await {
         match st {
             StatusCode::CREATED => {
                 assert_eq!(v["data"]["status"], "running", "{v}");
@@ -1030,6 +1051,61 @@ async fn a_platform_default_applies_only_where_no_profile_does(db: Db, live: Liv
     api.finish().await;
 }
 
+/// A worker with room for exactly `K` default bunkers takes a storm of `4K` creates: `K` are
+/// placed, every other one is refused `503 WORKER_UNAVAILABLE`. On MariaDB the storm is split
+/// over two controllers sharing the database, so the guard cannot be an in-process lock.
+async fn a_storm_of_creates_never_overcommits_a_worker(db: Db, live: Live) {
+    const K: u64 = 6;
+    let api = Api::start(Setup::new(db, live)).await;
+    let room = Capacity {
+        cpu_millicores: K * 1000,
+        memory_mb: K * 512,
+        disk_mb: K * 1024,
+        gpu_count: 0,
+    };
+    let wid = api.register_with(&stub_worker().await, room).await;
+    let (_, _, key) = api.tenant("fleet", "tenant_admin").await;
+
+    let second_dir = tempfile::tempdir().expect("dir");
+    let second = match (db, &api.prefix) {
+        (Db::MariaDb, Some(prefix)) => {
+            let setup = Setup::new(db, live);
+            let url = api.handle.services.config.database_url.clone();
+            Some(start_controller(&setup, &url, Some(prefix), second_dir.path()).await)
+        }
+        _ => None,
+    };
+    let mut bases = vec![api.handle.url()];
+    bases.extend(second.iter().map(|c| c.url()));
+
+    let answers = fire_creates(&api.http, &bases, &key, 4 * K as usize).await;
+    let mut placed = 0;
+    for (st, v) in &answers {
+        match *st {
+            StatusCode::CREATED => {
+                assert_eq!(v["data"]["worker_id"], wid.as_str(), "{v}");
+                placed += 1;
+            }
+            StatusCode::SERVICE_UNAVAILABLE => assert_eq!(code(v), "WORKER_UNAVAILABLE", "{v}"),
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    assert_eq!(placed, K, "placed on a worker with room for {K}");
+
+    let (_, v) = api.call("GET", "/bunkers?limit=100", &key, None).await;
+    let live_ones = v["data"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter(|b| b["status"] != "failed" && b["status"] != "terminated")
+        .count();
+    assert_eq!(live_ones as u64, K);
+    if let Some(c) = second {
+        c.shutdown().await;
+    }
+    api.finish().await;
+}
+
 /// Runs each scenario on SQLite and MariaDB, with Redis and in-process live state.
 macro_rules! matrix {
     ($($name:ident),* $(,)?) => {
@@ -1050,6 +1126,7 @@ macro_rules! matrix {
 
 matrix!(
     a_storm_of_creates_never_passes_the_concurrent_cap,
+    a_storm_of_creates_never_overcommits_a_worker,
     shared_and_per_user_groups_nest_and_the_strictest_cap_wins,
     every_way_a_bunker_ends_releases_its_quota_once,
     profiles_are_tenant_scoped_audited_and_permission_checked,

@@ -6,8 +6,8 @@
 //!    lifecycle mode and network profile need.
 //! 2. Resolve the image visible to the tenant.
 //! 3. Reserve quota (atomically, in live state; see `quotas`): `429` if a cap would be passed.
-//! 4. Under the placement lock, in one transaction: read the fleet and what its live bunkers
-//!    hold, place with the core's pure policy, insert the `pending` row, its quota charges and
+//! 4. Under the placement lock, in one transaction: lock and read the fleet (the lock
+//!    serializes placements across controllers too) and what its live bunkers hold, place with the core's pure policy, insert the `pending` row, its quota charges and
 //!    its audit event. If this fails, the reserved quota is released.
 //! 5. A spawned task (it survives the client going away) moves the bunker to `provisioning`,
 //!    asks the worker to boot it, then to `running` or `failed`. Every status change is a
@@ -482,7 +482,7 @@ async fn place_and_record(
     {
         let _guard = s.placement_lock.lock().await;
         let mut tx = s.store.begin().await?;
-        let workers = s.store.workers_in_tx(&mut tx).await?;
+        let workers = s.store.workers_for_placement(&mut tx).await?;
         let committed = s.store.committed_by_worker(&mut tx).await?;
         let with_image = s.store.workers_with_image(&mut tx, image_sha).await?;
         let stale_after = s.config.heartbeat_interval.as_millis() as i64 * 3;

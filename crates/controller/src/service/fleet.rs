@@ -5,6 +5,11 @@
 //!    or reports failed, becomes `failed` with a reason.
 //! 2. A VM the worker reports whose bunker is terminal or unknown is returned in
 //!    `stop_bunkers`: the worker stops it, so no VM outlives its bunker.
+//! 3. When the heartbeat carries `cached_images` (the worker's authoritative cache list), the
+//!    worker's image ledger is reconciled against it: what the worker lost is evicted (the
+//!    scheduler stops sending it bunkers of that image unless the image is `lazy_pull`), what
+//!    it gained is added. This runs on every such heartbeat, not only on the ones whose
+//!    capacity is written durably, and writes only the difference.
 
 use std::collections::HashMap;
 
@@ -227,11 +232,24 @@ pub async fn heartbeat(s: &Services, hb: Heartbeat) -> Result<HeartbeatResponse,
             });
         }
     }
+    if let Some(cached) = &hb.cached_images {
+        let (added, evicted) = s
+            .store
+            .reconcile_worker_images(&hb.worker_id, cached)
+            .await?;
+        if added + evicted > 0 {
+            tracing::info!(
+                worker_id = hb.worker_id,
+                added,
+                evicted,
+                "worker image ledger reconciled"
+            );
+        }
+    }
     reconcile(s, &hb).await
 }
 
-/// Writes the heartbeat's capacity, time and cache list to the database. False if the worker
-/// is unknown.
+/// Writes the heartbeat's capacity and time to the database. False if the worker is unknown.
 async fn record_durably(s: &Services, hb: &Heartbeat) -> Result<bool, FleetError> {
     let free = Committed {
         cpu_millicores: hb.capacity.cpu_millicores as i64,
@@ -243,9 +261,6 @@ async fn record_durably(s: &Services, hb: &Heartbeat) -> Result<bool, FleetError
         .store
         .record_heartbeat(&hb.worker_id, &free, hb.active_bunkers as i64)
         .await?;
-    if known && let Some(cached) = &hb.cached_images {
-        s.store.set_worker_images(&hb.worker_id, cached).await?;
-    }
     Ok(known)
 }
 

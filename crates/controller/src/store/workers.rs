@@ -1,8 +1,8 @@
 //! Workers and their image cache ledger.
 
-use sqlx::Row;
+use sqlx::{AssertSqlSafe, Row};
 
-use super::{Store, StoreError, Tx, now_ms};
+use super::{Backend, Store, StoreError, Tx, now_ms};
 
 #[derive(Debug, Clone)]
 pub struct WorkerRow {
@@ -241,6 +241,67 @@ impl Store {
         Ok(())
     }
 
+    /// Reconciles a worker's cache ledger against the list it reports holding: rows for
+    /// hashes it no longer reports are evicted, reported hashes become `ready` rows. Writes
+    /// only the difference, so a heartbeat with an unchanged cache is one read. A worker the
+    /// database does not know gets no rows. Returns (added, evicted).
+    pub async fn reconcile_worker_images(
+        &self,
+        worker_id: &str,
+        reported: &[String],
+    ) -> Result<(usize, usize), StoreError> {
+        let ledger: Vec<(String, String)> =
+            sqlx::query_as("SELECT sha256, state FROM worker_images WHERE worker_id = ?")
+                .bind(worker_id)
+                .fetch_all(self.pool())
+                .await?;
+        let evict: Vec<&String> = ledger
+            .iter()
+            .map(|(sha, _)| sha)
+            .filter(|sha| !reported.contains(sha))
+            .collect();
+        let add: Vec<&String> = reported
+            .iter()
+            .filter(|sha| {
+                !ledger
+                    .iter()
+                    .any(|(l, state)| l == *sha && state == "ready")
+            })
+            .collect();
+        if evict.is_empty() && add.is_empty() {
+            return Ok((0, 0));
+        }
+        let now = now_ms();
+        let mut tx = self.begin().await?;
+        for sha in &evict {
+            sqlx::query("DELETE FROM worker_images WHERE worker_id = ? AND sha256 = ?")
+                .bind(worker_id)
+                .bind(*sha)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for sha in &add {
+            // Delete-then-insert is an upsert both backends speak; the insert selects from
+            // `workers` so an unknown worker gets nothing.
+            sqlx::query("DELETE FROM worker_images WHERE worker_id = ? AND sha256 = ?")
+                .bind(worker_id)
+                .bind(*sha)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT INTO worker_images (worker_id, sha256, state, updated_at) \
+                 SELECT id, ?, 'ready', ? FROM workers WHERE id = ?",
+            )
+            .bind(*sha)
+            .bind(now)
+            .bind(worker_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok((add.len(), evict.len()))
+    }
+
     /// Ids of workers whose ledger holds `sha256` ready.
     pub async fn workers_with_image(
         &self,
@@ -255,12 +316,24 @@ impl Store {
         .await?)
     }
 
-    pub async fn workers_in_tx(&self, tx: &mut Tx<'_>) -> Result<Vec<WorkerRow>, StoreError> {
-        let rows = sqlx::query(
+    /// The fleet, read for placement: the rows stay locked until `tx` ends, so placements
+    /// are serialized across controllers and each one sees every bunker placed before it.
+    /// On MariaDB that takes `FOR UPDATE`, read before anything else in the transaction (its
+    /// snapshot is then taken after the previous placement committed); SQLite's
+    /// `BEGIN IMMEDIATE` already holds the database's single write lock.
+    pub async fn workers_for_placement(
+        &self,
+        tx: &mut Tx<'_>,
+    ) -> Result<Vec<WorkerRow>, StoreError> {
+        let lock = match self.backend {
+            Backend::MariaDb => " FOR UPDATE",
+            Backend::Sqlite => "",
+        };
+        let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT id, name, url, runtime, status, cpu_millicores, memory_mb, disk_mb, gpu_count, \
              last_heartbeat_at, free_cpu_millicores, free_memory_mb, free_disk_mb, free_gpu_count, \
-             active_bunkers, registered_at FROM workers ORDER BY id",
-        )
+             active_bunkers, registered_at FROM workers ORDER BY id{lock}"
+        )))
         .fetch_all(&mut **tx)
         .await?;
         Ok(rows.iter().map(worker_from_row).collect())
