@@ -15,6 +15,7 @@ use scaibunker_proto::worker::{
 };
 use serde_json::{Value, json};
 
+#[macro_use]
 mod common;
 
 use common::{Db, TestDatabase};
@@ -1415,24 +1416,6 @@ async fn heartbeats_heal_the_worker_image_ledger(db: Db) {
     stranger["worker_id"] = json!("wrk_stranger");
     let (st, v) = api.worker_call("/heartbeat", stranger).await;
     assert_eq!(st, StatusCode::OK, "{v}");
-}
-
-/// Runs each scenario on SQLite and on MariaDB.
-macro_rules! both {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(super::Db::Sqlite).await
-            })*
-        }
-        mod mariadb {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(super::Db::MariaDb).await
-            })*
-        }
-    };
 }
 
 /// The shell route authenticates by header or `?token=`, checks its permission and the

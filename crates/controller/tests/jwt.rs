@@ -14,6 +14,7 @@ use scaibunker_controller::config::ControllerConfig;
 use scaibunker_controller::{ControllerHandle, start};
 use serde_json::{Value, json};
 
+#[macro_use]
 mod common;
 
 use common::{Db, TestDatabase};
@@ -367,24 +368,6 @@ async fn a_configured_issuer_and_audience_are_required(db: Db) {
         env.list_bunkers(&hs256(SECRET, &no_aud)).await,
         "missing aud",
     );
-}
-
-/// Runs each scenario on SQLite and on MariaDB.
-macro_rules! both {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(super::Db::Sqlite).await
-            })*
-        }
-        mod mariadb {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(super::Db::MariaDb).await
-            })*
-        }
-    };
 }
 
 both!(

@@ -14,6 +14,7 @@ use scaibunker_controller::{ControllerHandle, start, start_storage_proxy};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+#[macro_use]
 mod common;
 
 use common::{Db, TestDatabase};
@@ -635,24 +636,6 @@ async fn bunker_proxy_mode_serves_objects_with_no_database() {
         );
     }
     proxy.shutdown().await;
-}
-
-/// Runs each scenario on SQLite and on MariaDB.
-macro_rules! both {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(super::Db::Sqlite).await
-            })*
-        }
-        mod mariadb {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(super::Db::MariaDb).await
-            })*
-        }
-    };
 }
 
 both!(

@@ -15,17 +15,19 @@
 //! cargo bench -p scaibunker-e2e --bench walking_skeleton` (the bench uses the binaries of
 //! its own profile).
 
-use std::ffi::OsString;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use scaibunker_api::bunkers::CreateBunker;
 use scaibunker_api::exec::ExecRequest;
+use scaibunker_e2e::bench::{
+    HELLO_TIMEOUT, Machine, load_average, median, min_max, ms, percentile, qemu_args,
+};
 use scaibunker_e2e::{Up, UpOptions, eventually, qemu_processes_for};
-use scaibunker_proto::agent::{Frame, FrameKind, HEADER_LEN, Hello, PORT_NAME};
+use scaibunker_proto::agent::{Frame, FrameKind, HEADER_LEN, Hello};
 use scaibunker_sdk::Client;
 use tokio::io::AsyncReadExt as _;
 
@@ -40,7 +42,6 @@ const HOST_RUNS: usize = 100;
 const LOOP_SPAWNS: u32 = 50;
 const LOOP_REPEATS: usize = 3;
 /// Longest a raw boot may take to say hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest a deleted bunker's VM may take to go away.
 const CLEANUP: Duration = Duration::from_secs(10);
 
@@ -89,112 +90,6 @@ async fn run() -> Result<()> {
     println!("{section}");
     eprintln!("[bench] written to {}", Path::new(DOC).display());
     Ok(())
-}
-
-/// Where and on what the figures were measured.
-#[derive(Debug)]
-struct Machine {
-    nproc: usize,
-    cpu_model: String,
-    accel: Accel,
-    /// kHz given to the guest's TSC under TCG, as the worker computes it.
-    tsc_khz: Option<u64>,
-    date: String,
-    commit: String,
-    /// Profile of the `scaibunker` binaries (`release`, `debug`).
-    profile: String,
-    /// `/proc/loadavg` (1, 5, 15 min) before the first measurement: other work on the
-    /// host shows up in every figure.
-    load_start: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Accel {
-    Kvm,
-    Tcg,
-}
-
-impl Machine {
-    fn probe() -> Result<Self> {
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").context("reading /proc/cpuinfo")?;
-        let field = |name: &str| {
-            cpuinfo
-                .lines()
-                .filter(|l| l.starts_with(name))
-                .find_map(|l| l.split_once(':').map(|(_, v)| v.trim().to_owned()))
-        };
-        // The worker's rule (crates/worker/src/vmm/mod.rs): KVM only with vmx/svm, a
-        // /dev/kvm and no PVM module.
-        let hardware_virt = cpuinfo
-            .lines()
-            .filter(|l| l.starts_with("flags"))
-            .flat_map(|l| l.split(|c: char| c.is_whitespace() || c == ':'))
-            .any(|w| w == "vmx" || w == "svm");
-        let accel = if hardware_virt
-            && !Path::new("/sys/module/kvm_pvm").exists()
-            && Path::new("/dev/kvm").exists()
-        {
-            Accel::Kvm
-        } else {
-            Accel::Tcg
-        };
-        let tsc_khz = field("cpu MHz")
-            .and_then(|v| v.parse::<f64>().ok())
-            .filter(|mhz| mhz.is_finite() && *mhz > 0.0)
-            .map(|mhz| (mhz * 1000.0).round() as u64);
-        if accel == Accel::Tcg && tsc_khz.is_none() {
-            bail!("/proc/cpuinfo has no `cpu MHz`; TCG guests need it for their TSC");
-        }
-        let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
-        let mut commit = output("git", &["rev-parse", "--short", "HEAD"], root)?;
-        let dirty = output(
-            "git",
-            &[
-                "status",
-                "--porcelain",
-                "--",
-                "crates",
-                "images",
-                "Cargo.toml",
-                "Cargo.lock",
-            ],
-            root,
-        )?;
-        if !dirty.is_empty() {
-            commit.push_str(" with uncommitted changes to the product");
-        }
-        let profile = scaibunker_e2e::bin_dir()?
-            .file_name()
-            .map_or_else(|| "?".to_owned(), |n| n.to_string_lossy().into_owned());
-        Ok(Self {
-            nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
-            cpu_model: field("model name").unwrap_or_else(|| "unknown CPU".to_owned()),
-            accel,
-            tsc_khz,
-            date: output("date", &["-u", "+%Y-%m-%d %H:%M UTC"], root)?,
-            commit,
-            profile,
-            load_start: load_average(),
-        })
-    }
-}
-
-/// The 1, 5 and 15 minute load averages.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".to_owned())
-}
-
-/// A command's trimmed stdout.
-fn output(program: &str, args: &[&str], dir: &Path) -> Result<String> {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .with_context(|| format!("running {program}"))?;
-    ensure!(out.status.success(), "{program} {args:?}: {}", out.status);
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// `/bin/true` spawned and waited for from here.
@@ -331,7 +226,14 @@ async fn raw_boot(
     let log = std::fs::File::create(d.join("qemu.log")).context("creating qemu.log")?;
     let started = Instant::now();
     let mut qemu = tokio::process::Command::new("qemu-system-x86_64")
-        .args(qemu_args(machine, images, d, memory_mb))
+        .args(qemu_args(
+            machine,
+            &images.join("vmlinux"),
+            &images.join("initramfs.cpio.gz"),
+            d,
+            memory_mb,
+            "bunker-rawboot0",
+        ))
         .current_dir(d)
         .stdin(Stdio::null())
         .stdout(log.try_clone().context("duplicating qemu.log")?)
@@ -382,63 +284,6 @@ async fn raw_boot(
             )))
         }
     }
-}
-
-/// The worker's QEMU arguments (crates/worker/src/vmm/qemu/cmdline.rs) for one vCPU, with
-/// this benchmark's directory in place of the bunker's.
-fn qemu_args(machine: &Machine, images: &Path, dir: &Path, memory_mb: u64) -> Vec<OsString> {
-    let p = |path: PathBuf| path.to_string_lossy().into_owned();
-    let mut append = String::from("console=ttyS0 quiet panic=-1");
-    let accel: &[&str] = match machine.accel {
-        Accel::Tcg => {
-            if let Some(khz) = machine.tsc_khz {
-                let _ = write!(append, " tsc_early_khz={khz}");
-            }
-            append.push_str(" tsc=reliable");
-            &["-accel", "tcg", "-M", "microvm", "-cpu", "max"]
-        }
-        Accel::Kvm => &["-accel", "kvm", "-M", "microvm", "-cpu", "host"],
-    };
-    append.push_str(" scaibunker.hostname=bunker-rawboot0");
-    let mut args: Vec<String> = accel.iter().map(|s| (*s).to_owned()).collect();
-    args.extend([
-        "-m".to_owned(),
-        memory_mb.to_string(),
-        "-smp".to_owned(),
-        "1".to_owned(),
-        "-nographic".to_owned(),
-        "-no-reboot".to_owned(),
-        "-nodefaults".to_owned(),
-        "-serial".to_owned(),
-        format!("file:{}", p(dir.join("console.log"))),
-        "-qmp".to_owned(),
-        format!("unix:{},server=on,wait=off", p(dir.join("qmp.sock"))),
-        "-pidfile".to_owned(),
-        p(dir.join("qemu.pid")),
-        "-kernel".to_owned(),
-        p(images.join("vmlinux")),
-        "-initrd".to_owned(),
-        p(images.join("initramfs.cpio.gz")),
-        "-append".to_owned(),
-        append,
-        "-drive".to_owned(),
-        format!(
-            "id=d0,file={},format=qcow2,if=none",
-            p(dir.join("disk.qcow2")).replace(',', ",,")
-        ),
-        "-device".to_owned(),
-        "virtio-blk-device,drive=d0".to_owned(),
-        "-chardev".to_owned(),
-        format!(
-            "socket,id=agent,path={}",
-            p(dir.join("agent.sock")).replace(',', ",,")
-        ),
-        "-device".to_owned(),
-        "virtio-serial-device".to_owned(),
-        "-device".to_owned(),
-        format!("virtserialport,chardev=agent,name={PORT_NAME}"),
-    ]);
-    args.into_iter().map(OsString::from).collect()
 }
 
 fn argv(args: &[&str]) -> ExecRequest {
@@ -534,38 +379,8 @@ async fn exec_round_trips(up: &Up, client: &Client) -> Result<ExecRoundTrips> {
     })
 }
 
-/// Nearest-rank percentile (`p` in 0..=100) of unsorted samples.
-fn percentile(samples: &[Duration], p: u32) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = (sorted.len() * p as usize).div_ceil(100).max(1);
-    sorted[rank - 1]
-}
-
-fn median(samples: &[Duration]) -> Duration {
-    percentile(samples, 50)
-}
-
-fn min_max(samples: &[Duration]) -> (Duration, Duration) {
-    let min = samples.iter().min().copied().unwrap_or_default();
-    let max = samples.iter().max().copied().unwrap_or_default();
-    (min, max)
-}
-
 fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
-}
-
-fn ms(d: Duration) -> String {
-    let v = d.as_secs_f64() * 1000.0;
-    if v < 10.0 {
-        format!("{v:.2} ms")
-    } else {
-        format!("{v:.0} ms")
-    }
 }
 
 fn spread_s(samples: &[Duration]) -> String {
@@ -579,10 +394,7 @@ fn spread_s(samples: &[Duration]) -> String {
 }
 
 fn render(m: &Machine, host: &[Duration], cold: &[ColdBoots], exec: &ExecRoundTrips) -> String {
-    let accel = match m.accel {
-        Accel::Tcg => "tcg",
-        Accel::Kvm => "kvm",
-    };
+    let accel = m.accel();
     let mut s = String::new();
     let _ = writeln!(s, "{HEADING}\n");
     let _ = writeln!(

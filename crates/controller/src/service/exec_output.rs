@@ -73,24 +73,23 @@ impl Pipe {
 
     /// Takes the next chunk of the pipe.
     pub async fn push(&mut self, objects: &Objects, bytes: Bytes) {
+        // Until a spill starts, `kept` holds every byte so far: the upload begins with it.
+        if self.upload.is_none()
+            && !self.failed
+            && self.total + bytes.len() as u64 > self.limit as u64
+        {
+            self.start(objects).await;
+        }
         self.total += bytes.len() as u64;
         let room = self.limit.saturating_sub(self.kept.len());
         self.kept.extend_from_slice(&bytes[..bytes.len().min(room)]);
-        if self.failed {
-            return;
+        if self.upload.is_some() {
+            self.send(bytes).await;
         }
-        if self.upload.is_none() {
-            if self.total <= self.limit as u64 {
-                return;
-            }
-            self.start(objects, Some(&bytes)).await;
-            return;
-        }
-        self.send(bytes).await;
     }
 
-    /// Starts the upload with what was kept (and `also`, the chunk beyond the kept part).
-    async fn start(&mut self, objects: &Objects, also: Option<&Bytes>) {
+    /// Starts the upload with everything kept so far.
+    async fn start(&mut self, objects: &Objects) {
         let (tx, mut rx) = mpsc::channel(SPILL_CHANNEL_CHUNKS);
         let body = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
         let objects = objects.clone();
@@ -98,18 +97,7 @@ impl Pipe {
         let handle =
             tokio::spawn(async move { objects.put_stream(&key, body, MAX_SPILL_BYTES).await });
         self.upload = Some((tx, handle));
-        // Everything so far: the kept prefix, plus what of the last chunk did not fit.
-        let prefix_len = match also {
-            Some(chunk) => (self.total - chunk.len() as u64) as usize,
-            None => self.kept.len(),
-        };
-        self.send(Bytes::copy_from_slice(
-            &self.kept[..prefix_len.min(self.kept.len())],
-        ))
-        .await;
-        if let Some(chunk) = also {
-            self.send(chunk.clone()).await;
-        }
+        self.send(Bytes::copy_from_slice(&self.kept)).await;
     }
 
     async fn send(&mut self, bytes: Bytes) {
@@ -124,7 +112,7 @@ impl Pipe {
     /// Ends the pipe; with `store`, a pipe that did not spill is stored from memory.
     pub async fn finish(mut self, objects: &Objects, store: bool) -> PipeEnd {
         if store && self.upload.is_none() && !self.failed {
-            self.start(objects, None).await;
+            self.start(objects).await;
         }
         let mut stored = false;
         if let Some((tx, handle)) = self.upload.take() {

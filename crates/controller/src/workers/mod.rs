@@ -3,11 +3,13 @@
 
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt as _};
 use scaibunker_proto::worker::{
-    CreateVm, DirEntry, ExecRequest, ExecResult, FileWritten, ShellQuery, VmInfo,
-    WORKER_API_PREFIX, WorkerError,
+    CreateVm, DirEntry, ExecRequest, ExecResult, ExecStreamEvent as E, FileWritten, ShellQuery,
+    VmInfo, WORKER_API_PREFIX, WorkerError,
 };
 use serde::de::DeserializeOwned;
 use tokio_tungstenite::tungstenite;
@@ -69,8 +71,6 @@ impl WorkerEvents {
     }
 
     pub async fn next(&mut self) -> Option<WorkerEvent> {
-        use base64::Engine as _;
-        use futures_util::StreamExt as _;
         if self.done {
             return None;
         }
@@ -81,17 +81,13 @@ impl WorkerEvents {
         let event = loop {
             if let Some(nl) = self.pending.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = self.pending.drain(..=nl).collect();
-                let decoded = serde_json::from_slice::<scaibunker_proto::worker::ExecStreamEvent>(
-                    &line[..line.len() - 1],
-                );
-                let b64 = base64::engine::general_purpose::STANDARD;
-                use scaibunker_proto::worker::ExecStreamEvent as E;
+                let decoded = serde_json::from_slice::<E>(&line[..line.len() - 1]);
                 break match decoded {
-                    Ok(E::Stdout { data_b64 }) => match b64.decode(&data_b64) {
+                    Ok(E::Stdout { data_b64 }) => match B64.decode(&data_b64) {
                         Ok(bytes) => WorkerEvent::Stdout(bytes.into()),
                         Err(_) => broken("malformed worker output".into()),
                     },
-                    Ok(E::Stderr { data_b64 }) => match b64.decode(&data_b64) {
+                    Ok(E::Stderr { data_b64 }) => match B64.decode(&data_b64) {
                         Ok(bytes) => WorkerEvent::Stderr(bytes.into()),
                         Err(_) => broken("malformed worker output".into()),
                     },

@@ -3,7 +3,27 @@
 
 pub mod garage;
 
-/// The SQL backend a test runs on. Every scenario runs on both (see `both!` at the end).
+/// Runs each named `async fn(Db)` scenario as two tests, one per SQL backend
+/// (`sqlite::name`, `mariadb::name`). Test files take it with `#[macro_use] mod common;`.
+#[allow(unused_macros)]
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Db::Sqlite).await
+            })*
+        }
+        mod mariadb {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Db::MariaDb).await
+            })*
+        }
+    };
+}
+
+/// The SQL backend a test runs on. Every scenario runs on both (see `both!`).
 #[derive(Clone, Copy)]
 pub enum Db {
     Sqlite,
