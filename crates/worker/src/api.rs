@@ -773,17 +773,39 @@ enum BodyError {
     Read(#[source] axum::Error),
 }
 
-/// The body as a stream that fails once more than `limit` bytes have passed.
+/// How much of an over-limit upload is still read (and discarded) before the refusal is
+/// sent, so that a client still writing its body reads the `413` instead of a reset.
+const DRAIN_MAX_BYTES: u64 = 8 << 20;
+/// How long that draining may take at most.
+const DRAIN_MAX: Duration = Duration::from_secs(5);
+
+/// The body as a stream that fails once more than `limit` bytes have passed. Before failing
+/// it reads what the client still sends, up to [`DRAIN_MAX_BYTES`] or [`DRAIN_MAX`]: a
+/// server that answers and closes while the client is mid-body makes the client see a
+/// broken pipe rather than the error.
 fn capped(body: Body, limit: u64) -> impl Stream<Item = Result<Bytes, BodyError>> + Send {
-    let mut seen: u64 = 0;
-    body.into_data_stream().map(move |chunk| {
-        let chunk = chunk.map_err(BodyError::Read)?;
-        seen = seen.saturating_add(chunk.len() as u64);
-        if seen > limit {
-            Err(BodyError::TooLarge)
-        } else {
-            Ok(chunk)
+    let chunks = body.into_data_stream();
+    futures_util::stream::unfold(Some((chunks, 0u64)), move |state| async move {
+        let (mut chunks, seen) = state?;
+        let chunk = match chunks.next().await? {
+            Ok(chunk) => chunk,
+            Err(e) => return Some((Err(BodyError::Read(e)), None)),
+        };
+        let seen = seen.saturating_add(chunk.len() as u64);
+        if seen <= limit {
+            return Some((Ok(chunk), Some((chunks, seen))));
         }
+        let drain = async {
+            let mut drained = 0u64;
+            while let Some(Ok(chunk)) = chunks.next().await {
+                drained += chunk.len() as u64;
+                if drained > DRAIN_MAX_BYTES {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_MAX, drain).await;
+        Some((Err(BodyError::TooLarge), None))
     })
 }
 
@@ -891,5 +913,26 @@ mod tests {
         let body = Body::from(vec![0u8; 10]);
         let items: Vec<_> = capped(body, 10).collect().await;
         assert!(items.iter().all(Result::is_ok));
+
+        // Past the limit, the rest of the body is read before the stream fails, and
+        // nothing follows the failure.
+        let read = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = read.clone();
+        let chunks = futures_util::stream::iter(0..4).map(move |_| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok::<_, std::io::Error>(Bytes::from(vec![1u8; 6]))
+        });
+        let mut stream = Box::pin(capped(Body::from_stream(chunks), 10));
+        assert!(matches!(stream.next().await, Some(Ok(_))));
+        assert!(matches!(
+            stream.next().await,
+            Some(Err(BodyError::TooLarge))
+        ));
+        assert_eq!(
+            read.load(std::sync::atomic::Ordering::SeqCst),
+            4,
+            "the rest was read"
+        );
+        assert!(stream.next().await.is_none());
     }
 }

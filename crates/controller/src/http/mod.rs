@@ -18,6 +18,7 @@ mod quotas;
 mod records;
 mod shell;
 mod storage;
+mod upload;
 
 use axum::Router;
 use axum::extract::Request;
