@@ -689,6 +689,7 @@ async fn heartbeats_tell_workers_to_stop_vms_of_ended_bunkers(db: Db) {
             },
         ],
         cached_images: Some(vec![]),
+        image_failures: Vec::new(),
     };
     let (st, v) = api
         .worker_call("/heartbeat", serde_json::to_value(&hb).expect("json"))
@@ -1368,6 +1369,7 @@ async fn heartbeats_heal_the_worker_image_ledger(db: Db) {
             active_bunkers: 0,
             bunkers: vec![],
             cached_images: cached,
+            image_failures: Vec::new(),
         })
         .expect("json")
     };

@@ -115,6 +115,7 @@ impl ControllerLink {
                 Ok(HeartbeatResponse {
                     known: true,
                     stop_bunkers,
+                    ..
                 }) => self.stop_orphans(stop_bunkers),
                 Ok(HeartbeatResponse { known: false, .. }) => return,
                 Err(e) => {
@@ -159,6 +160,7 @@ impl ControllerLink {
                     .map(|i| i.sha256)
                     .collect(),
             ),
+            image_failures: Vec::new(),
         }
     }
 

@@ -247,6 +247,7 @@ async fn heartbeat(
     Json(HeartbeatResponse {
         known,
         stop_bunkers: Vec::new(),
+        pull_images: Vec::new(),
     })
 }
 

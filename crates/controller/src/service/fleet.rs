@@ -229,6 +229,7 @@ pub async fn heartbeat(s: &Services, hb: Heartbeat) -> Result<HeartbeatResponse,
             return Ok(HeartbeatResponse {
                 known: false,
                 stop_bunkers: Vec::new(),
+                pull_images: Vec::new(),
             });
         }
     }
@@ -292,5 +293,6 @@ async fn reconcile(s: &Services, hb: &Heartbeat) -> Result<HeartbeatResponse, Fl
     Ok(HeartbeatResponse {
         known: true,
         stop_bunkers,
+        pull_images: Vec::new(),
     })
 }
