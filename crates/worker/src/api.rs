@@ -13,6 +13,10 @@
 //! `shell` upgrades to a WebSocket once the session has started (so an unknown or stopped
 //! bunker is a plain error response); [`crate::shell`] bridges it to the terminal.
 //!
+//! `images/{sha256}` streams a cached image (prebuilt or pulled) to a peer worker, with its
+//! `Content-Length`; the path must be a digest (64 lowercase hex), never a name. `/metrics`
+//! (no token, like `/health`) has the image pull counters in Prometheus text.
+//!
 //! File bodies stream in both directions: an upload is forwarded to the agent chunk by chunk
 //! (never buffered whole) and cut off at the configured cap; a download starts only once the
 //! agent has accepted the path, so not-found and is-a-directory are proper statuses.
@@ -46,6 +50,9 @@ use crate::agent_client::{
     AgentError, ExecEvent, ExecOutcome, ExecSpec, ExecStream, ShellSpec, WriteFileError,
 };
 use crate::bunker::{BunkerOpError, Bunkers, CreateBunkerError};
+
+/// Read size when streaming an image to a peer.
+const IMAGE_CHUNK_BYTES: usize = 256 << 10;
 
 /// Exit code a shell gives a command it cannot run.
 const SPAWN_FAILED_EXIT_CODE: i32 = 127;
@@ -117,6 +124,8 @@ enum Command {
         path: String,
         recursive: bool,
     },
+    /// The bytes of a cached image (prebuilt or pulled), for a peer worker.
+    ReadImage(String),
 }
 
 /// An error response.
@@ -171,6 +180,10 @@ impl From<CreateBunkerError> for ApiError {
             }
             CreateBunkerError::ImageNotCached(_) => {
                 Self::new(StatusCode::NOT_FOUND, "IMAGE_NOT_CACHED", message)
+            }
+            // No peer or proxy served the image: an upstream failure, with its reason.
+            CreateBunkerError::ImagePull { .. } => {
+                Self::new(StatusCode::BAD_GATEWAY, "IMAGE_PULL_FAILED", message)
             }
             // The reason (with the console tail) is what the controller needs to show.
             CreateBunkerError::BootFailed { .. } => {
@@ -252,6 +265,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             get(read_file).put(write_file).delete(remove_file),
         )
         .route("/bunkers/{id}/files/list", get(list_dir))
+        .route("/images/{sha256}", get(read_image))
         .route(
             "/bunkers/{id}/files/archive",
             get(read_archive).put(write_archive),
@@ -264,6 +278,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .nest(WORKER_API_PREFIX, api)
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route") })
         .with_state(state)
 }
@@ -287,6 +302,23 @@ async fn require_token(State(state): State<Arc<ApiState>>, req: Request, next: N
 
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Prometheus text: the image pull counters (no secrets, so no token, like `/health`).
+async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
+    let c = s.bunkers.pulls().counters();
+    let text = format!(
+        "# HELP scaibunker_worker_image_pull_bytes_total Bytes of completed image pulls, by source.\n\
+         # TYPE scaibunker_worker_image_pull_bytes_total counter\n\
+         scaibunker_worker_image_pull_bytes_total{{source=\"peer\"}} {}\n\
+         scaibunker_worker_image_pull_bytes_total{{source=\"proxy\"}} {}\n\
+         # HELP scaibunker_worker_image_pulls_total Image pulls ended, by outcome.\n\
+         # TYPE scaibunker_worker_image_pulls_total counter\n\
+         scaibunker_worker_image_pulls_total{{outcome=\"completed\"}} {}\n\
+         scaibunker_worker_image_pulls_total{{outcome=\"failed\"}} {}\n",
+        c.peer_bytes, c.proxy_bytes, c.completed, c.failed
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
@@ -524,6 +556,18 @@ async fn remove_file(
     execute(&s, cmd).await
 }
 
+async fn read_image(
+    State(s): State<Arc<ApiState>>,
+    Path(sha256): Path<String>,
+) -> Result<Response, ApiError> {
+    if !crate::pulls::is_sha256_hex(&sha256) {
+        return Err(ApiError::validation(
+            "sha256 must be 64 lowercase hex digits",
+        ));
+    }
+    execute(&s, Command::ReadImage(sha256)).await
+}
+
 /// Runs one command.
 async fn execute(s: &ApiState, cmd: Command) -> Result<Response, ApiError> {
     let bunkers = &s.bunkers;
@@ -618,6 +662,39 @@ async fn execute(s: &ApiState, cmd: Command) -> Result<Response, ApiError> {
             let (agent, _) = bunkers.agent(&id)?;
             agent.remove(path, recursive).await?;
             StatusCode::NO_CONTENT.into_response()
+        }
+        Command::ReadImage(sha256) => {
+            let not_held = || {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "IMAGE_NOT_CACHED",
+                    format!("image {sha256} is not in the local cache"),
+                )
+            };
+            let image = bunkers.image_by_sha256(&sha256).ok_or_else(not_held)?;
+            let file = match tokio::fs::File::open(&image.path).await {
+                Ok(file) => file,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_held()),
+                Err(e) => return Err(ApiError::internal("open a cached image", &e)),
+            };
+            // The length of the open file, not of the scan: what is sent is what is announced.
+            let len = file
+                .metadata()
+                .await
+                .map_err(|e| ApiError::internal("stat a cached image", &e))?
+                .len();
+            tracing::info!(%sha256, bytes = len, "serving an image to a peer");
+            (
+                [
+                    (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+                    (header::CONTENT_LENGTH, len.to_string()),
+                ],
+                Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+                    file,
+                    IMAGE_CHUNK_BYTES,
+                )),
+            )
+                .into_response()
         }
     })
 }
