@@ -15,7 +15,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use common::{TOKEN, TestWorker, error_of, eventually};
 use scaibunker_proto::worker::{
-    CreateVm, Heartbeat, HeartbeatResponse, ImagePull, PROTOCOL_VERSION, PeersResponse,
+    CreateVm, Heartbeat, HeartbeatResponse, ImagePull, PROTOCOL_VERSION, Peer, PeersResponse,
     RegisterRequest, RegisterResponse,
 };
 use sha2::{Digest as _, Sha256};
@@ -214,6 +214,8 @@ struct FakeController {
     objects: HashMap<String, Vec<u8>>,
     /// Keys of the objects fetched.
     object_gets: Vec<String>,
+    /// Answer of `GET /peers/{sha256}`, whatever the digest.
+    peers: Vec<Peer>,
 }
 
 type Shared = Arc<Mutex<FakeController>>;
@@ -272,13 +274,15 @@ async fn heartbeat(
 }
 
 async fn peers(
+    State(c): State<Shared>,
     headers: HeaderMap,
     Path(_sha256): Path<String>,
 ) -> Result<Json<PeersResponse>, StatusCode> {
     if bearer(&headers) != Some(format!("Bearer {TOKEN}")) {
         return Err(StatusCode::UNAUTHORIZED);
     }
-    Ok(Json(PeersResponse { peers: Vec::new() }))
+    let peers = c.lock().expect("lock").peers.clone();
+    Ok(Json(PeersResponse { peers }))
 }
 
 async fn object(
@@ -598,5 +602,57 @@ async fn a_create_pulls_a_missing_image_before_booting() {
         ["images/gone.ext4", "images/lazy.ext4"]
     );
     w.shutdown().await;
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_worker_pulls_from_a_peer_worker_rather_than_the_proxy() {
+    // Worker A holds a prebuilt image; worker B is asked to warm it, and the controller
+    // names A as a peer. The proxy has the bytes too, but must not be asked.
+    let image = b"an image both could serve".repeat(20_000);
+    let sha = sha256_hex(&image);
+    let a_images = tempfile::tempdir().expect("tempdir");
+    std::fs::write(a_images.path().join("shared.ext4"), &image).expect("write");
+    let a = TestWorker::start(a_images.path()).await;
+    let a_url = a.base.trim_end_matches("/v1/worker").to_owned();
+
+    let state: Shared = Arc::new(Mutex::new(FakeController {
+        pull_images: vec![ImagePull {
+            sha256: sha.clone(),
+            size_bytes: image.len() as u64,
+            object_key: Some("images/shared.ext4".into()),
+        }],
+        objects: [("images/shared.ext4".to_owned(), image.clone())].into(),
+        peers: vec![Peer {
+            worker_id: "wrk_a".into(),
+            url: a_url,
+        }],
+        ..Default::default()
+    }));
+    let (controller_url, server) = fake_controller(&state).await;
+    let b_images = tempfile::tempdir().expect("tempdir");
+    let b = TestWorker::start_with(b_images.path(), |c| {
+        c.controller_url = Some(controller_url);
+        c.heartbeat_interval = Duration::from_millis(200);
+    })
+    .await;
+
+    let pulls = Arc::clone(b.handle().pulls());
+    let held = eventually(Duration::from_secs(30), "the pull from the peer", || {
+        let pulls = Arc::clone(&pulls);
+        let sha = sha.clone();
+        async move { pulls.lookup(&sha) }
+    })
+    .await
+    .expect("pulled");
+    assert_eq!(std::fs::read(&held.path).expect("read"), image);
+    let counters = pulls.counters();
+    assert_eq!(
+        (counters.peer_bytes, counters.proxy_bytes),
+        (image.len() as u64, 0)
+    );
+    assert!(state.lock().expect("lock").object_gets.is_empty());
+    b.shutdown().await;
+    a.shutdown().await;
     server.abort();
 }
