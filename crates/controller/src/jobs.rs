@@ -70,7 +70,7 @@ pub fn spawn(s: Services) -> tokio::task::JoinHandle<()> {
                 continue;
             }
             last_tick = Some(tick);
-            for job in [Job::Sweep, Job::Monitor, Job::Quota] {
+            for job in [Job::Sweep, Job::Monitor, Job::Quota, Job::Images] {
                 let lease = format!("job:{}:{tick}", job.name());
                 match s
                     .live
@@ -105,6 +105,8 @@ enum Job {
     Sweep,
     Monitor,
     Quota,
+    /// Re-bakes images whose controller died mid-bake.
+    Images,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +115,8 @@ enum JobError {
     Store(#[from] StoreError),
     #[error("quota counters failed")]
     Quota(#[from] quotas::CountersError),
+    #[error("image recovery failed")]
+    Images(#[from] crate::service::images::ImageError),
 }
 
 impl Job {
@@ -121,6 +125,7 @@ impl Job {
             Self::Sweep => "sweep",
             Self::Monitor => "monitor",
             Self::Quota => "quota",
+            Self::Images => "images",
         }
     }
 
@@ -130,6 +135,10 @@ impl Job {
             Self::Monitor => Ok(monitor(s).await?),
             Self::Quota => {
                 quotas::reconcile(s).await?;
+                Ok(())
+            }
+            Self::Images => {
+                crate::service::images::recover_stale_bakes(s).await?;
                 Ok(())
             }
         }

@@ -99,6 +99,8 @@ prefixed_id!(/// A quota profile.
     QuotaProfileId, "qp_");
 prefixed_id!(/// The assignment of a quota profile to a user or group.
     QuotaAssignmentId, "qpa_");
+prefixed_id!(/// An availability group (workers and the images warmed on them).
+    AvailabilityGroupId, "ag_");
 
 #[cfg(test)]
 mod tests {

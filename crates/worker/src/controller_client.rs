@@ -72,6 +72,7 @@ impl ControllerLink {
         loop {
             let registered = self.register(&http).await;
             tracing::info!(worker_id = %registered.worker_id, "registered with the controller");
+            self.bunkers.pulls().set_worker_id(&registered.worker_id);
             self.heartbeat_until_unknown(&http, &registered.worker_id)
                 .await;
             tracing::warn!("the controller no longer knows this worker; registering again");

@@ -190,6 +190,9 @@ pub struct Pulls {
     stats: Stats,
     /// Cancelled at shutdown: pulls in flight stop and delete their part files.
     cancel: CancellationToken,
+    /// This worker's id at the controller (set once registered): peers are the workers
+    /// sharing an availability group with it.
+    worker_id: std::sync::RwLock<Option<String>>,
 }
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -279,7 +282,16 @@ impl Pulls {
             permits: Semaphore::new(MAX_CONCURRENT_PULLS),
             stats: Stats::default(),
             cancel: CancellationToken::new(),
+            worker_id: std::sync::RwLock::new(None),
         })
+    }
+
+    /// Records the id the controller gave this worker; peers are asked for under it.
+    pub fn set_worker_id(&self, id: &str) {
+        *self
+            .worker_id
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(id.to_owned());
     }
 
     pub fn dir(&self) -> &Path {
@@ -523,7 +535,16 @@ impl Pulls {
         controller: &ControllerAccess,
         sha256: &str,
     ) -> Result<PeersResponse, FetchError> {
-        let url = format!("{}{PEERS_PATH}/{sha256}", controller.url);
+        let worker_id = self
+            .worker_id
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_default();
+        let url = format!(
+            "{}{PEERS_PATH}/{sha256}?worker_id={worker_id}",
+            controller.url
+        );
         let http_err = |source| FetchError::Http {
             url: url.clone(),
             source,

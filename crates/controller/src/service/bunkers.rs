@@ -328,9 +328,10 @@ pub async fn create(
         return Err(BunkerError::SnapshotNotFound(snap.clone()));
     }
     let image_ref = req.image.clone().unwrap_or_default();
+    let partner = s.store.tenant_partner(&p.tenant_id).await?;
     let image = s
         .store
-        .image_visible_to(&p.tenant_id, &image_ref)
+        .image_visible_to(&p.tenant_id, partner.as_deref(), &image_ref)
         .await?
         .filter(|i| i.status == "ready")
         .ok_or_else(|| BunkerError::ImageNotFound(image_ref.clone()))?;
@@ -438,13 +439,20 @@ pub async fn create(
 
     let create_vm = CreateVm {
         bunker_id: row.id.clone(),
-        image_sha256: image_sha,
+        image_sha256: image_sha.clone(),
         cpu_millicores: resources.cpu_millicores,
         memory_mb: resources.memory_mb,
         disk_mb: resources.disk_mb,
         hostname: format!("bunker-{}", &row.id[4..12]),
         env_vars: req.env_vars.clone().unwrap_or_default(),
-        image_pull: None,
+        // A lazy image may land on a worker without it: tell the worker where the bytes are.
+        image_pull: image
+            .lazy_pull
+            .then(|| scaibunker_proto::worker::ImagePull {
+                sha256: image_sha.clone(),
+                size_bytes: image.size_bytes.unwrap_or(0) as u64,
+                object_key: image.object_key.clone(),
+            }),
     };
     let task = tokio::spawn(provision(s.clone(), row.clone(), worker_url, create_vm));
     if req.wait.unwrap_or(true) {

@@ -10,6 +10,8 @@
 //!    scheduler stops sending it bunkers of that image unless the image is `lazy_pull`), what
 //!    it gained is added. This runs on every such heartbeat, not only on the ones whose
 //!    capacity is written durably, and writes only the difference.
+//! 4. Pull failures the worker reports mark its ledger rows `failed`; the answer carries the
+//!    pulls still queued for it (see `service/images.rs`).
 
 use std::collections::HashMap;
 
@@ -166,7 +168,8 @@ pub async fn register(s: &Services, req: RegisterRequest) -> Result<RegisterResp
             .await?;
     }
     let shas: Vec<String> = req.images.iter().map(|i| i.sha256.clone()).collect();
-    s.store.set_worker_images(&worker_id, &shas).await?;
+    // Reconciled, not replaced: pulls queued for the worker survive its re-registration.
+    s.store.reconcile_worker_images(&worker_id, &shas).await?;
     tracing::info!(
         worker_id,
         name = req.name,
@@ -233,6 +236,9 @@ pub async fn heartbeat(s: &Services, hb: Heartbeat) -> Result<HeartbeatResponse,
             });
         }
     }
+    if !hb.image_failures.is_empty() {
+        super::images::record_failures(s, &hb.worker_id, &hb.image_failures).await?;
+    }
     if let Some(cached) = &hb.cached_images {
         let (added, evicted) = s
             .store
@@ -293,6 +299,6 @@ async fn reconcile(s: &Services, hb: &Heartbeat) -> Result<HeartbeatResponse, Fl
     Ok(HeartbeatResponse {
         known: true,
         stop_bunkers,
-        pull_images: Vec::new(),
+        pull_images: super::images::pulls_for(s, &hb.worker_id).await?,
     })
 }

@@ -208,41 +208,16 @@ impl Store {
     /// The image hashes a worker's ledger holds.
     pub async fn worker_images(&self, worker_id: &str) -> Result<Vec<String>, StoreError> {
         Ok(sqlx::query_scalar(
-            "SELECT sha256 FROM worker_images WHERE worker_id = ? ORDER BY sha256",
+            "SELECT sha256 FROM worker_images WHERE worker_id = ? AND state = 'ready' ORDER BY sha256",
         )
         .bind(worker_id)
         .fetch_all(self.pool())
         .await?)
     }
 
-    /// Replaces a worker's cache ledger with what it reports holding.
-    pub async fn set_worker_images(
-        &self,
-        worker_id: &str,
-        sha256s: &[String],
-    ) -> Result<(), StoreError> {
-        let now = now_ms();
-        let mut tx = self.begin().await?;
-        sqlx::query("DELETE FROM worker_images WHERE worker_id = ?")
-            .bind(worker_id)
-            .execute(&mut *tx)
-            .await?;
-        for sha in sha256s {
-            sqlx::query(
-                "INSERT INTO worker_images (worker_id, sha256, state, updated_at) VALUES (?, ?, 'ready', ?)",
-            )
-            .bind(worker_id)
-            .bind(sha)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    /// Reconciles a worker's cache ledger against the list it reports holding: rows for
-    /// hashes it no longer reports are evicted, reported hashes become `ready` rows. Writes
+    /// Reconciles a worker's cache ledger against the list it reports holding: `ready` rows
+    /// for hashes it no longer reports are evicted, reported hashes become `ready` rows
+    /// (whatever they were: a `queued` pull that finished, a failed one that healed). Writes
     /// only the difference, so a heartbeat with an unchanged cache is one read. A worker the
     /// database does not know gets no rows. Returns (added, evicted).
     pub async fn reconcile_worker_images(
@@ -255,10 +230,12 @@ impl Store {
                 .bind(worker_id)
                 .fetch_all(self.pool())
                 .await?;
+        // Only `ready` rows are the worker's word; `queued` and `failed` rows are the
+        // controller's (asked to fetch, or the fetch failed) and stay until reported.
         let evict: Vec<&String> = ledger
             .iter()
+            .filter(|(sha, state)| state == "ready" && !reported.contains(sha))
             .map(|(sha, _)| sha)
-            .filter(|sha| !reported.contains(sha))
             .collect();
         let add: Vec<&String> = reported
             .iter()
