@@ -303,9 +303,18 @@ impl Pulls {
         lock(&self.state).held.get(sha256).cloned()
     }
 
-    /// The digests of every pulled image.
+    /// The digests of every pulled image still on disk. One deleted by hand is forgotten
+    /// here, so the next heartbeat leaves it out and the controller's ledger heals.
     pub fn held_sha256s(&self) -> Vec<String> {
-        lock(&self.state).held.keys().cloned().collect()
+        let mut state = lock(&self.state);
+        state.held.retain(|sha, image| {
+            let there = image.path.exists();
+            if !there {
+                tracing::warn!(sha256 = %sha, path = %image.path.display(), "a pulled image disappeared from disk");
+            }
+            there
+        });
+        state.held.keys().cloned().collect()
     }
 
     /// Whether a pull of `sha256` is transferring or waiting for its turn.
