@@ -2047,7 +2047,100 @@ async fn images_are_tenant_scoped_and_permissioned(db: Db) {
     assert_eq!(v["data"].as_array().expect("events").len(), 1, "{v}");
 }
 
+/// Bridges are admin records, unique per worker and name, that placement matches against a
+/// `transit` bunker's interfaces (the rule itself is table-tested in `core::placement`).
+/// `transit` bunkers are refused until the worker can attach them.
+async fn bridges_are_admin_records_and_transit_is_refused_plainly(db: Db) {
+    let api = Api::start(db).await;
+    let w1 = api.register_dead_worker("w1", 16000, default_image()).await;
+    let w2 = api.register_dead_worker("w2", 8000, default_image()).await;
+    let bridge = |name: &str, worker: &str| json!({"name": name, "worker_id": worker});
+    for (name, worker) in [("br-lan", &w1), ("br-lan", &w2), ("br-dmz", &w2)] {
+        let (st, v) = api
+            .admin("POST", "/bridges", Some(bridge(name, worker)))
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        assert_eq!(v["data"]["worker_id"], json!(worker));
+    }
+    let (st, v) = api
+        .admin("POST", "/bridges", Some(bridge("br-lan", &w1)))
+        .await;
+    assert_eq!((st, code(&v)), (StatusCode::CONFLICT, "NAME_TAKEN"));
+    let (st, v) = api
+        .admin("POST", "/bridges", Some(bridge("bad name!", &w1)))
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_ERROR")
+    );
+    let (st, v) = api
+        .admin("POST", "/bridges", Some(bridge("br0", "wrk_nope")))
+        .await;
+    assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "WORKER_NOT_FOUND"));
+
+    let (_, v) = api.admin("GET", "/bridges", None).await;
+    let listed: Vec<(String, String)> = v["data"]
+        .as_array()
+        .expect("bridges")
+        .iter()
+        .map(|b| {
+            (
+                b["worker_id"].as_str().unwrap_or_default().to_owned(),
+                b["name"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let mut want = vec![
+        (w1.clone(), "br-lan".to_owned()),
+        (w2.clone(), "br-dmz".to_owned()),
+        (w2.clone(), "br-lan".to_owned()),
+    ];
+    want.sort();
+    assert_eq!(listed, want);
+    let dmz = v["data"]
+        .as_array()
+        .expect("bridges")
+        .iter()
+        .find(|b| b["name"] == "br-dmz")
+        .and_then(|b| b["id"].as_str())
+        .expect("br-dmz")
+        .to_owned();
+    let (st, _) = api.admin("DELETE", &format!("/bridges/{dmz}"), None).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let (st, v) = api.admin("DELETE", &format!("/bridges/{dmz}"), None).await;
+    assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "BRIDGE_NOT_FOUND"));
+
+    let transit = json!({
+        "image": "default",
+        "network_profile": "transit",
+        "interfaces": [{"if_name": "eth1", "bridge_name": "br-lan"}]
+    });
+    let (st, v) = api.admin("POST", "/bunkers", Some(transit)).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_ERROR"),
+        "{v}"
+    );
+    assert_eq!(v["error"]["details"][0]["field"], "network_profile");
+
+    // Bridges are admin records.
+    let tenant = api.tenant_key("bridgeless", "tenant_admin").await;
+    for (method, path, body) in [
+        ("GET", "/bridges".to_owned(), None),
+        ("POST", "/bridges".to_owned(), Some(bridge("br9", &w1))),
+        ("DELETE", "/bridges/brg_x".to_owned(), None),
+    ] {
+        let (st, v) = api.call(method, &path, Some(&tenant), body).await;
+        assert_eq!(
+            (st, code(&v)),
+            (StatusCode::FORBIDDEN, "AUTHZ_PERMISSION_DENIED"),
+            "{method} {path}"
+        );
+    }
+}
+
 both!(
+    bridges_are_admin_records_and_transit_is_refused_plainly,
     images_bake_and_fan_out_through_availability_groups,
     bad_image_content_is_refused_and_nothing_is_kept,
     images_are_tenant_scoped_and_permissioned,

@@ -55,7 +55,10 @@ async fn run() -> Result<()> {
     let machine = Machine::probe()?;
     eprintln!("[bench] {machine:?}");
     let mut up = Up::start(UpOptions {
-        env: FAST.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        env: FAST
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         ..UpOptions::default()
     })?;
     let mut b = up.add_worker("b", &FAST[..1])?;
@@ -207,12 +210,16 @@ async fn measure(up: &Up, f: &mut Figures) -> Result<()> {
         );
         let log = std::fs::read_to_string(&b_log).unwrap_or_default();
         ensure!(
-            log.lines()
-                .any(|l| l.contains("image pulled") && l.contains(&sha) && l.contains("source=peer")),
+            log.lines().any(|l| l.contains("image pulled")
+                && l.contains(&sha)
+                && l.contains("source=peer")),
             "b's pull of {sha} did not come from a peer"
         );
         // Floor: read the pulled file (now in the page cache) and hash it.
-        let path = up.data_dir().join("worker-b/images").join(format!("{sha}.ext4"));
+        let path = up
+            .data_dir()
+            .join("worker-b/images")
+            .join(format!("{sha}.ext4"));
         let started = Instant::now();
         let mut file = std::fs::File::open(&path)?;
         let mut hash = sha2::Sha256::new();
@@ -225,7 +232,10 @@ async fn measure(up: &Up, f: &mut Figures) -> Result<()> {
             hash.update(&buf[..n]);
         }
         f.floor.push(started.elapsed());
-        ensure!(hex_of(&hash.finalize()) == sha, "b's copy hashes to the image's sha");
+        ensure!(
+            hex_of(&hash.finalize()) == sha,
+            "b's copy hashes to the image's sha"
+        );
         eprintln!(
             "[bench] round {round}: bake {:?}, proxy {:?}, peer {:?}, floor {:?}",
             f.bake[round], f.proxy[round], f.peer[round], f.floor[round]
@@ -278,8 +288,14 @@ fn render(m: &Machine, f: &Figures) -> String {
     };
     for (name, d) in [
         ("pull through the storage proxy (`a`)", &f.proxy),
-        ("pull from peer `a` (`b`; the proxy's copy deleted)", &f.peer),
-        ("floor: read + SHA-256 of the same file, page cache", &f.floor),
+        (
+            "pull from peer `a` (`b`; the proxy's copy deleted)",
+            &f.peer,
+        ),
+        (
+            "floor: read + SHA-256 of the same file, page cache",
+            &f.floor,
+        ),
         ("upload + bake (tar → ext4) through the API", &f.bake),
     ] {
         let _ = writeln!(

@@ -35,3 +35,12 @@ CREATE TABLE availability_group_images (
     FOREIGN KEY (group_id) REFERENCES availability_groups(id),
     FOREIGN KEY (image_id) REFERENCES images(id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+CREATE TABLE bridges (
+    id VARCHAR(64) PRIMARY KEY,
+    name VARCHAR(64) NOT NULL,
+    worker_id VARCHAR(64) NOT NULL,
+    created_at BIGINT NOT NULL,
+    UNIQUE KEY bridges_by_worker_name (worker_id, name),
+    FOREIGN KEY (worker_id) REFERENCES workers(id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;

@@ -30,3 +30,12 @@ CREATE TABLE availability_group_images (
     image_id TEXT NOT NULL REFERENCES images(id),
     PRIMARY KEY (group_id, image_id)
 );
+
+-- Host bridges a worker offers for `transit` interfaces (placement requires every named one).
+CREATE TABLE bridges (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    worker_id TEXT NOT NULL REFERENCES workers(id),
+    created_at BIGINT NOT NULL,
+    UNIQUE (worker_id, name)
+);

@@ -328,8 +328,18 @@ impl From<FleetError> for ApiError {
                 codes::AUTHZ_PERMISSION_DENIED,
                 e.to_string(),
             ),
-            FleetError::NotFound => {
-                Self::new(StatusCode::NOT_FOUND, "WORKER_NOT_FOUND", e.to_string())
+            FleetError::NotFound => Self::new(
+                StatusCode::NOT_FOUND,
+                codes::WORKER_NOT_FOUND,
+                e.to_string(),
+            ),
+            FleetError::BridgeNotFound => Self::new(
+                StatusCode::NOT_FOUND,
+                codes::BRIDGE_NOT_FOUND,
+                e.to_string(),
+            ),
+            FleetError::BridgeTaken { .. } => {
+                Self::new(StatusCode::CONFLICT, codes::NAME_TAKEN, e.to_string())
             }
             FleetError::Store(ref s) => Self::internal(s),
         }

@@ -141,6 +141,8 @@ fn api_routes() -> OpenApiRouter<Services> {
         .routes(routes!(fleet::drain))
         .routes(routes!(fleet::resume))
         .routes(routes!(fleet::heartbeat))
+        .routes(routes!(fleet::create_bridge, fleet::bridges))
+        .routes(routes!(fleet::delete_bridge))
         .routes(routes!(images::create, images::list))
         .routes(routes!(images::get))
         .routes(routes!(images::upload_content))

@@ -494,6 +494,11 @@ async fn place_and_record(
         let workers = s.store.workers_for_placement(&mut tx).await?;
         let committed = s.store.committed_by_worker(&mut tx).await?;
         let with_image = s.store.workers_with_image(&mut tx, image_sha).await?;
+        // `transit` interfaces name host bridges; only workers owning all of them qualify.
+        let interfaces: Vec<api::Interface> =
+            serde_json::from_str(&row.interfaces).unwrap_or_default();
+        let bridge_names: Vec<String> = interfaces.iter().map(|i| i.bridge_name.clone()).collect();
+        let with_bridges = s.store.workers_with_bridges(&mut tx, &bridge_names).await?;
         let stale_after = s.config.heartbeat_interval.as_millis() as i64 * 3;
         let silences = super::fleet::silences(s, &workers).await;
         let frees: Vec<Resources> = workers
@@ -526,6 +531,7 @@ async fn place_and_record(
                 is_online: silences.get(&w.id).is_some_and(|ms| *ms <= stale_after),
                 is_draining: w.status == "draining",
                 has_image: with_image.contains(&w.id),
+                has_bridges: bridge_names.is_empty() || with_bridges.contains(&w.id),
                 free: *free,
             })
             .collect();

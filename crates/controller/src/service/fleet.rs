@@ -41,6 +41,10 @@ pub enum FleetError {
     PermissionDenied(&'static str),
     #[error("worker not found")]
     NotFound,
+    #[error("bridge not found")]
+    BridgeNotFound,
+    #[error("worker {worker_id} already has a bridge named {name:?}")]
+    BridgeTaken { worker_id: String, name: String },
     #[error("store failed")]
     Store(#[from] StoreError),
 }
@@ -301,4 +305,79 @@ async fn reconcile(s: &Services, hb: &Heartbeat) -> Result<HeartbeatResponse, Fl
         stop_bunkers,
         pull_images: super::images::pulls_for(s, &hb.worker_id).await?,
     })
+}
+
+fn bridge_api(b: crate::store::workers::BridgeRow) -> scaibunker_api::workers::Bridge {
+    scaibunker_api::workers::Bridge {
+        id: b.id,
+        name: b.name,
+        worker_id: b.worker_id,
+        created_at: super::bunkers::rfc3339(b.created_at),
+    }
+}
+
+/// Bridge names are host interface names: 1–15 of `A-Z a-z 0-9 . _ -`.
+pub fn valid_bridge_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// `POST /bridges`: records that a worker offers a host bridge to `transit` bunkers.
+pub async fn create_bridge(
+    s: &Services,
+    p: &super::auth::Principal,
+    req: scaibunker_api::workers::CreateBridge,
+) -> Result<scaibunker_api::workers::Bridge, FleetError> {
+    require_admin(p)?;
+    if !valid_bridge_name(&req.name) {
+        return Err(FleetError::Invalid {
+            field: "name",
+            message: "1 to 15 characters of A-Z a-z 0-9 . _ -".into(),
+        });
+    }
+    s.store
+        .worker(&req.worker_id)
+        .await?
+        .ok_or(FleetError::NotFound)?;
+    let row = crate::store::workers::BridgeRow {
+        id: scaibunker_core::ids::BridgeId::from_random(random_bytes()).to_string(),
+        name: req.name.clone(),
+        worker_id: req.worker_id.clone(),
+        created_at: now_ms(),
+    };
+    if !s.store.insert_bridge(&row).await? {
+        return Err(FleetError::BridgeTaken {
+            worker_id: req.worker_id,
+            name: req.name,
+        });
+    }
+    Ok(bridge_api(row))
+}
+
+pub async fn bridges(
+    s: &Services,
+    p: &super::auth::Principal,
+) -> Result<Vec<scaibunker_api::workers::Bridge>, FleetError> {
+    require_admin(p)?;
+    Ok(s.store
+        .bridges()
+        .await?
+        .into_iter()
+        .map(bridge_api)
+        .collect())
+}
+
+/// Removes a bridge record; bunkers already attached keep running.
+pub async fn delete_bridge(
+    s: &Services,
+    p: &super::auth::Principal,
+    id: &str,
+) -> Result<(), FleetError> {
+    require_admin(p)?;
+    if !s.store.delete_bridge(id).await? {
+        return Err(FleetError::BridgeNotFound);
+    }
+    Ok(())
 }
