@@ -150,7 +150,7 @@ async fn a_baked_image_fans_out_peer_to_peer_and_boots() {
     })
     .expect("scaibunker up gets ready");
     let client = up.client();
-    let _b = up.add_worker("b", &FAST[..1]).expect("start worker b");
+    let mut worker_b = up.add_worker("b", &FAST[..1]).expect("start worker b");
     let fleet = within(Duration::from_secs(60), "two workers online", || async {
         let ws = workers(&up).await;
         (ws.len() == 2 && ws.iter().all(|w| w.status == "online")).then_some(ws)
@@ -294,4 +294,6 @@ async fn a_baked_image_fans_out_peer_to_peer_and_boots() {
         },
     )
     .await;
+    let _ = worker_b.kill();
+    let _ = worker_b.wait();
 }
