@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use scaibunker_api::bunkers::CreateBunker;
 use scaibunker_api::exec::ExecRequest;
-use scaibunker_api::images::{CreateAvailabilityGroup, CreateImage, Image, ImageSource};
+use scaibunker_api::images::{CreateAvailabilityGroup, Image};
 use scaibunker_api::workers::Worker;
 use scaibunker_e2e::{Up, UpOptions, require_images};
 
@@ -159,32 +159,54 @@ async fn a_baked_image_fans_out_peer_to_peer_and_boots() {
     let b = fleet.iter().find(|w| w.name == "b").expect("b").clone();
     let a = fleet.iter().find(|w| w.name != "b").expect("a").clone();
 
-    // Upload and bake.
-    let image = client
-        .create_image(&CreateImage {
-            name: "busybox-baked".into(),
-            source: ImageSource { kind: "tar".into() },
-            size_mib: Some(64),
-            scope: None,
-            lazy_pull: None,
-            default_cpu_millicores: None,
-            default_memory_mb: Some(256),
-            default_disk_mb: None,
-        })
-        .await
-        .expect("create image");
+    // Upload and bake, through the CLI (the tarball streamed from a file).
     let started = Instant::now();
     let tarball = busybox_rootfs("baked by scaibunker\n");
-    let ready = client
-        .upload_image_content(&image.id, tarball.clone())
-        .await
-        .expect("upload and bake");
+    let tar_path = up.data_dir().join("busybox.tar");
+    std::fs::write(&tar_path, &tarball).expect("write the tarball");
+    let (code, stdout, stderr) = up
+        .cli(
+            &[
+                "--json",
+                "image",
+                "create",
+                "busybox-baked",
+                "--tar",
+                tar_path.to_str().expect("utf-8 path"),
+                "--size-mib",
+                "64",
+                "--memory-mb",
+                "256",
+            ],
+            b"",
+        )
+        .await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let ready: Image = serde_json::from_str(&stdout).expect("image json");
+    let image = ready.clone();
     eprintln!(
         "uploaded {} bytes and baked in {:?}",
         tarball.len(),
         started.elapsed()
     );
     assert_eq!(ready.status, "ready");
+    assert_eq!(ready.size_bytes, Some(64 << 20));
+    // The CLI refuses garbage with the API's code.
+    std::fs::write(&tar_path, b"not a tarball").expect("write");
+    let (code, _, stderr) = up
+        .cli(
+            &[
+                "image",
+                "create",
+                "junk",
+                "--tar",
+                tar_path.to_str().expect("utf-8"),
+            ],
+            b"",
+        )
+        .await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("IMAGE_CONTENT_INVALID"), "{stderr}");
     let sha = ready.sha256.clone().expect("sha256");
 
     // Fan-out to a through the group: nobody else has it, so it comes from the proxy.
