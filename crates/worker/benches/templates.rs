@@ -191,6 +191,7 @@ async fn create_exec(
             disk_mb: 1024,
             hostname: format!("bench-{id}"),
             env_vars: Default::default(),
+            snapshot: None,
         })
         .send()
         .await?;

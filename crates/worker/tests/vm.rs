@@ -577,6 +577,7 @@ async fn deleting_a_booting_bunker_cancels_its_boot() {
                 disk_mb: 64,
                 hostname: "early".into(),
                 env_vars: Default::default(),
+                snapshot: None,
             };
             http.post(url)
                 .bearer_auth(common::TOKEN)

@@ -444,6 +444,7 @@ pub async fn create(
         disk_mb: resources.disk_mb,
         hostname: format!("bunker-{}", &row.id[4..12]),
         env_vars: req.env_vars.clone().unwrap_or_default(),
+        snapshot: None,
     };
     let task = tokio::spawn(provision(s.clone(), row.clone(), worker_url, create_vm));
     if req.wait.unwrap_or(true) {

@@ -163,6 +163,7 @@ impl TestWorker {
             disk_mb: 1024,
             hostname: hostname.into(),
             env_vars: [("BUNKER_VAR".to_owned(), "from-create".to_owned())].into(),
+            snapshot: None,
         };
         self.post("/bunkers")
             .json(&req)
