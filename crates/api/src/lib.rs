@@ -11,6 +11,7 @@ pub mod files;
 pub mod platform;
 pub mod quotas;
 pub mod shell;
+pub mod snapshots;
 pub mod storage;
 pub mod workers;
 

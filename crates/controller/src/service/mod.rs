@@ -11,6 +11,7 @@ pub mod identity;
 pub mod quotas;
 pub mod records;
 pub mod shell;
+pub mod snapshots;
 pub mod storage;
 
 use std::sync::Arc;
