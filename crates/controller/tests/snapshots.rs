@@ -12,7 +12,10 @@ use axum::routing::post;
 use reqwest::StatusCode;
 use scaibunker_controller::config::ControllerConfig;
 use scaibunker_controller::service::auth::hash_key;
+use scaibunker_controller::store::bunkers::{StatusChange, change_status};
 use scaibunker_controller::store::identity::{NewApiKey, NewTenant, NewUser};
+use scaibunker_controller::store::now_ms;
+use scaibunker_controller::store::snapshots::{SnapshotRow, insert};
 use scaibunker_controller::{ControllerHandle, start};
 use scaibunker_proto::worker::{
     BootSource, CachedImage, Capacity, CreateVm, PROTOCOL_VERSION, RegisterRequest, SnapshotFile,
@@ -624,6 +627,49 @@ async fn the_cleanup_job_deletes_expired_snapshots(db: Db) {
         )
         .await;
     let kept = v["data"]["id"].as_str().expect("id").to_owned();
+    // A capture whose controller died an hour ago: the bunker stayed `snapshotting`.
+    let store = &api.handle.services.store;
+    let bunker = store
+        .bunker(&tenant, &id)
+        .await
+        .expect("read")
+        .expect("bunker");
+    let abandoned = SnapshotRow {
+        id: "snp_abandoned".into(),
+        tenant_id: tenant.clone(),
+        owner_id: bunker.owner_id.clone(),
+        bunker_id: id.clone(),
+        status: "pending".into(),
+        kind: "full".into(),
+        size_bytes: 0,
+        image_name: bunker.image_name.clone(),
+        image_id: bunker.image_id.clone(),
+        cpu_millicores: bunker.cpu_millicores,
+        memory_mb: bunker.memory_mb,
+        disk_mb: bunker.disk_mb,
+        manifest: None,
+        failure_reason: None,
+        created_at: now_ms() - 2 * 3600 * 1000,
+        expires_at: None,
+    };
+    let mut tx = store.begin().await.expect("begin");
+    let moved = change_status(
+        &mut tx,
+        &tenant,
+        &id,
+        &StatusChange {
+            from: &["running"],
+            to: "snapshotting",
+            failure_reason: None,
+            started_at: None,
+            terminated_at: None,
+        },
+    )
+    .await
+    .expect("status");
+    assert!(moved);
+    insert(&mut tx, &abandoned).await.expect("insert");
+    tx.commit().await.expect("commit");
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
 
     scaibunker_controller::service::snapshots::cleanup(&api.handle.services)
@@ -643,6 +689,10 @@ async fn the_cleanup_job_deletes_expired_snapshots(db: Db) {
         api.has_object(&format!("snapshots/{tenant}/{kept}/disk.qcow2"))
             .await
     );
+    let (_, v) = api.admin("GET", "/snapshots/snp_abandoned", None).await;
+    assert_eq!(v["data"]["status"], "failed", "{v}");
+    let (_, v) = api.admin("GET", &format!("/bunkers/{id}"), None).await;
+    assert_eq!(v["data"]["status"], "running", "back from snapshotting");
 }
 
 both!(

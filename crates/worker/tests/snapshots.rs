@@ -340,3 +340,68 @@ async fn disk_snapshot_keeps_files_and_boots_cold() {
     w.assert_nothing_left("disk-bad");
     w.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_a_template_restored_bunker_needs_only_the_image() {
+    let images = require_artefacts(&TINY);
+    let tiny = image_sha256(&images, "tiny");
+    let _vm = vm_slot().await;
+    let proxy = FakeProxy::start().await;
+    let url = proxy.url();
+    let w = TestWorker::start_with(&images, move |c| {
+        c.storage_url = Some(url);
+        c.templates = scaibunker_worker::config::TemplateMode::On;
+    })
+    .await;
+
+    // The first cold boot starts the template build; deleted at once, so the build's VM
+    // runs alone.
+    w.create_with_hostname("tpl-first", &tiny, MEMORY_MB, "first-box")
+        .await;
+    // (The build's processes mention the data directory: no `delete_bunker` check here.)
+    let resp = w.delete("/bunkers/tpl-first").send().await.expect("delete");
+    assert_eq!(resp.status(), 204);
+    let give_up = Instant::now() + Duration::from_secs(240);
+    loop {
+        let ready = w.handle().templates().into_iter().any(|(_, s)| {
+            matches!(
+                s,
+                scaibunker_worker::templates::TemplateStatus::Ready { .. }
+            )
+        });
+        if ready {
+            break;
+        }
+        assert!(Instant::now() < give_up, "no template within 240 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (info, _) = w
+        .create_with_hostname("tpl-src", &tiny, MEMORY_MB, "templated-box")
+        .await;
+    assert_eq!(info.boot_source, BootSource::Template);
+    stdout_of(&w, "tpl-src", COUNTER).await;
+    stdout_of(&w, "tpl-src", "echo from-template > /root/file").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = counter(&w, "tpl-src").await;
+    let full = snapshot(&w, "tpl-src", "snp_tpl1", SnapshotKind::Full).await;
+    w.delete_bunker("tpl-src").await;
+    w.shutdown().await;
+
+    // Another worker, with no templates at all, restores it: the disk stands on the image.
+    let other = start_worker(&proxy, &images).await;
+    restore(&other, "tpl-dst", &full, "elsewhere-box").await;
+    assert_eq!(
+        stdout_of(&other, "tpl-dst", "cat /root/file").await,
+        "from-template"
+    );
+    let resumed = counter(&other, "tpl-dst").await;
+    assert!(resumed >= before, "{before} → {resumed}");
+    assert_eq!(
+        stdout_of(&other, "tpl-dst", "hostname").await,
+        "elsewhere-box"
+    );
+    // The guest's whole filesystem is intact, template layer included.
+    stdout_of(&other, "tpl-dst", "ls /bin/busybox /etc >/dev/null").await;
+    other.delete_bunker("tpl-dst").await;
+    other.shutdown().await;
+}

@@ -364,7 +364,8 @@ async fn delete_objects(s: &Services, snap: &SnapshotRow, manifest: Option<&Snap
 }
 
 /// The cleanup job: deletes expired snapshots (objects, then rows) and fails those a dead
-/// controller left `pending`. Errors on one snapshot are logged; the next tick retries it.
+/// controller left `pending`, putting their bunker back to `running`. Errors on one snapshot
+/// are logged; the next tick retries it.
 pub async fn cleanup(s: &Services) -> Result<(), StoreError> {
     let now = now_ms();
     for snap in s
@@ -375,7 +376,7 @@ pub async fn cleanup(s: &Services) -> Result<(), StoreError> {
         let expired = snap.expires_at.is_some_and(|e| e < now);
         if !expired {
             let mut tx = s.store.begin().await?;
-            sstore::finish(
+            let failed = sstore::finish(
                 &mut tx,
                 &snap.tenant_id,
                 &snap.id,
@@ -387,6 +388,23 @@ pub async fn cleanup(s: &Services) -> Result<(), StoreError> {
                 },
             )
             .await?;
+            if failed {
+                // Its bunker was left `snapshotting` too; the worker has long resumed it (or
+                // reports it failed on its next heartbeat).
+                bstore::change_status(
+                    &mut tx,
+                    &snap.tenant_id,
+                    &snap.bunker_id,
+                    &StatusChange {
+                        from: &["snapshotting"],
+                        to: "running",
+                        failure_reason: None,
+                        started_at: None,
+                        terminated_at: None,
+                    },
+                )
+                .await?;
+            }
             tx.commit().await?;
             continue;
         }
