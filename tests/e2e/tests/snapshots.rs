@@ -165,16 +165,23 @@ async fn snapshots_restore_into_new_bunkers_on_another_worker() {
 
     // A disk snapshot of the restored bunker keeps a file written (not synced) just before.
     stdout(&client, &restored.id, "echo on-disk > $HOME/written").await;
-    let disk = client
-        .snapshot_bunker(
-            &restored.id,
-            &CreateSnapshot {
-                kind: Some(SnapshotKind::Disk),
-                expires_in_s: None,
-            },
+    // Through the CLI this time.
+    let (code, out, err) = up
+        .cli(
+            &[
+                "--json",
+                "bunker",
+                "snapshot",
+                &restored.id,
+                "--kind",
+                "disk",
+            ],
+            b"",
         )
-        .await
-        .expect("disk snapshot");
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let disk: scaibunker_api::snapshots::Snapshot =
+        serde_json::from_str(&out).expect("a snapshot record");
     assert_eq!(disk.kind, SnapshotKind::Disk);
     let restored_worker = restored.worker_id.clone().expect("placed");
     client.delete_bunker(&restored.id).await.expect("delete");
