@@ -12,6 +12,7 @@ pub mod images;
 pub mod platform;
 pub mod quotas;
 pub mod shell;
+pub mod snapshots;
 pub mod storage;
 pub mod workers;
 

@@ -8,14 +8,19 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use scaibunker_api::bunkers::{Bunker, CreateBunker};
 use scaibunker_api::exec::{ExecRequest, ExecUser};
+use scaibunker_api::snapshots::{CreateSnapshot, Snapshot, SnapshotKind};
 use scaibunker_sdk::{Client, ExecEvent};
 
 #[derive(Subcommand)]
 pub enum BunkerCommand {
     /// Create a bunker and wait until it runs.
     Create {
-        #[arg(long, default_value = "default")]
-        image: String,
+        /// Image name or id (default `default`).
+        #[arg(long)]
+        image: Option<String>,
+        /// Restore this snapshot (`snp_…`) instead of booting an image.
+        #[arg(long, conflicts_with = "image")]
+        snapshot: Option<String>,
         #[arg(long)]
         name: Option<String>,
         #[arg(long)]
@@ -35,6 +40,19 @@ pub enum BunkerCommand {
     },
     Delete {
         id: String,
+        /// Take a final `full` snapshot first; its id is printed.
+        #[arg(long)]
+        snapshot: bool,
+    },
+    /// Snapshot a running bunker into object storage; prints the snapshot once ready.
+    Snapshot {
+        id: String,
+        /// `full` (memory, devices and disk: a restore resumes the processes) or `disk`.
+        #[arg(long, default_value = "full")]
+        kind: String,
+        /// Delete the snapshot after this many seconds (default: keep it).
+        #[arg(long)]
+        expires_in_s: Option<u64>,
     },
 }
 
@@ -85,6 +103,24 @@ fn print_bunker(b: &Bunker) {
     );
 }
 
+fn print_snapshot(s: &Snapshot) {
+    println!(
+        "{}  {:<8} kind={} bunker={} size={}B{}",
+        s.id,
+        s.status,
+        match s.kind {
+            SnapshotKind::Disk => "disk",
+            SnapshotKind::Full => "full",
+        },
+        s.bunker_id,
+        s.size_bytes,
+        s.expires_at
+            .as_deref()
+            .map(|e| format!(" expires={e}"))
+            .unwrap_or_default()
+    );
+}
+
 pub fn emit<T: serde::Serialize>(json: bool, value: &T, human: impl FnOnce(&T)) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(value)?);
@@ -99,17 +135,29 @@ pub async fn bunker(cmd: BunkerCommand, json: bool) -> Result<()> {
     match cmd {
         BunkerCommand::Create {
             image,
+            snapshot,
             name,
             cpu_millicores,
             memory_mb,
             no_wait,
         } => {
+            let image = match (&image, &snapshot) {
+                (None, None) => Some("default".to_owned()),
+                _ => image,
+            };
             if !json && !no_wait {
-                eprintln!("creating a bunker from `{image}` (a cold boot takes a few seconds)…");
+                match (&image, &snapshot) {
+                    (_, Some(snap)) => eprintln!("restoring snapshot `{snap}`…"),
+                    (Some(image), None) => eprintln!(
+                        "creating a bunker from `{image}` (a cold boot takes a few seconds)…"
+                    ),
+                    (None, None) => {}
+                }
             }
             let b = c
                 .create_bunker(&CreateBunker {
-                    image: Some(image),
+                    image,
+                    snapshot_id: snapshot,
                     name,
                     cpu_millicores,
                     memory_mb,
@@ -141,9 +189,39 @@ pub async fn bunker(cmd: BunkerCommand, json: bool) -> Result<()> {
             let b = c.bunker(&id).await?;
             emit(json, &b, print_bunker)?;
         }
-        BunkerCommand::Delete { id } => {
+        BunkerCommand::Delete { id, snapshot } => {
+            if snapshot {
+                let snap = c
+                    .snapshot_bunker(&id, &CreateSnapshot::default())
+                    .await
+                    .context("final snapshot failed; the bunker was not deleted")?;
+                if !json {
+                    print_snapshot(&snap);
+                }
+            }
             let b = c.delete_bunker(&id).await?;
             emit(json, &b, print_bunker)?;
+        }
+        BunkerCommand::Snapshot {
+            id,
+            kind,
+            expires_in_s,
+        } => {
+            let kind = match kind.as_str() {
+                "full" => SnapshotKind::Full,
+                "disk" => SnapshotKind::Disk,
+                other => anyhow::bail!("--kind must be `full` or `disk`, not `{other}`"),
+            };
+            let snap = c
+                .snapshot_bunker(
+                    &id,
+                    &CreateSnapshot {
+                        kind: Some(kind),
+                        expires_in_s,
+                    },
+                )
+                .await?;
+            emit(json, &snap, print_snapshot)?;
         }
     }
     Ok(())

@@ -13,7 +13,8 @@
 //! Jobs: `sweep` ends bunkers past their lifetime or idle timeout and fails bunkers stuck in
 //! `pending`/`provisioning` (a controller that crashed mid-create); `monitor` flips workers
 //! whose heartbeats stopped to `offline` (three intervals) and fails the bunkers of workers
-//! silent for six; `quota` reconciles the live quota counters with the database.
+//! silent for six; `quota` reconciles the live quota counters with the database;
+//! `snapshots` deletes expired snapshots (objects, then rows) and fails abandoned captures.
 //!
 //! The usage tick runs on its own interval (`usage_tick_interval`, a minute by default) with the
 //! same lease protocol (`job:usage:{tick}`): at tick `t` it records the window of tick `t - 1`
@@ -24,7 +25,7 @@ use std::time::Duration;
 
 use scaibunker_core::ids::AuditId;
 
-use crate::service::{Services, accounting, bunkers, quotas, random_bytes};
+use crate::service::{Services, accounting, bunkers, quotas, random_bytes, snapshots};
 use crate::store::audit::AuditEvent;
 use crate::store::{StoreError, now_ms};
 
@@ -70,7 +71,13 @@ pub fn spawn(s: Services) -> tokio::task::JoinHandle<()> {
                 continue;
             }
             last_tick = Some(tick);
-            for job in [Job::Sweep, Job::Monitor, Job::Quota, Job::Images] {
+            for job in [
+                Job::Sweep,
+                Job::Monitor,
+                Job::Quota,
+                Job::Images,
+                Job::Snapshots,
+            ] {
                 let lease = format!("job:{}:{tick}", job.name());
                 match s
                     .live
@@ -107,6 +114,7 @@ enum Job {
     Quota,
     /// Re-bakes images whose controller died mid-bake.
     Images,
+    Snapshots,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +134,7 @@ impl Job {
             Self::Monitor => "monitor",
             Self::Quota => "quota",
             Self::Images => "images",
+            Self::Snapshots => "snapshots",
         }
     }
 
@@ -141,6 +150,7 @@ impl Job {
                 crate::service::images::recover_stale_bakes(s).await?;
                 Ok(())
             }
+            Self::Snapshots => Ok(snapshots::cleanup(s).await?),
         }
     }
 }

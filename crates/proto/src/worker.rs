@@ -66,6 +66,8 @@ pub enum VmStatus {
     Booting,
     Running,
     Paused,
+    /// A snapshot is being captured; exec and files wait until it is `running` again.
+    Snapshotting,
     Stopping,
     /// The VM process is gone (crashed or killed); `reason` says why.
     Failed,
@@ -168,6 +170,9 @@ pub struct CreateVm {
     /// For a `lazy_pull` image the worker may not hold yet: where to fetch it before booting.
     #[serde(default)]
     pub image_pull: Option<ImagePull>,
+    /// Restore this snapshot (of an image with `image_sha256`) instead of booting the image.
+    #[serde(default)]
+    pub snapshot: Option<SnapshotManifest>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -192,6 +197,70 @@ pub enum BootSource {
     Cold,
     /// Restored from the worker's template snapshot of the bunker's shape.
     Template,
+    /// Restored from a bunker snapshot in object storage.
+    Snapshot,
+}
+
+/// What a bunker snapshot holds.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotKind {
+    /// The root disk only; a restore boots it cold.
+    Disk,
+    /// Memory and device state plus the disk; a restore resumes the processes.
+    Full,
+}
+
+/// `POST /v1/worker/bunkers/{id}/snapshot`: capture the bunker and upload it through the
+/// storage proxy under `object_prefix`; answers with the manifest once every object is
+/// stored. The bunker is running again before the upload starts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotVm {
+    pub snapshot_id: String,
+    pub kind: SnapshotKind,
+    /// Object key prefix, without a trailing `/` (`snapshots/{tenant}/{snapshot_id}`).
+    pub object_prefix: String,
+}
+
+/// One object of a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotFile {
+    /// `disk.qcow2` or `vm.state`.
+    pub name: String,
+    pub key: String,
+    pub size_bytes: u64,
+    pub sha256: String,
+}
+
+/// Everything a worker needs to restore a snapshot, and to check it can.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotManifest {
+    pub kind: SnapshotKind,
+    /// The disk is a qcow2 overlay over this image (raw ext4), which the restoring worker
+    /// must hold.
+    pub image_sha256: String,
+    /// The saved VM's shape: a `full` restore must use the same.
+    pub memory_mb: u64,
+    pub cpu_millicores: u64,
+    pub vcpus: u32,
+    /// The host name on the saved VM's kernel command line (not the guest's host name).
+    pub cmdline_hostname: String,
+    /// VMM driver and accelerator that saved the state, e.g. `qemu/tcg`.
+    pub runtime: String,
+    /// Sizes of the guest kernel and initramfs the saved VM booted.
+    pub kernel_bytes: u64,
+    pub initramfs_bytes: u64,
+    pub files: Vec<SnapshotFile>,
+}
+
+impl SnapshotManifest {
+    /// Bytes stored for the snapshot.
+    pub fn size_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size_bytes).sum()
+    }
 }
 
 /// Query of `GET /v1/worker/bunkers/{id}/shell`, a WebSocket: binary messages carry terminal

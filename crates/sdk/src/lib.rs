@@ -16,6 +16,7 @@ use scaibunker_api::bunkers::{Bunker, CreateBunker};
 use scaibunker_api::envelope::{Error as ErrorEnvelope, FieldDetail, List, Ok as Envelope};
 use scaibunker_api::exec::{ExecRequest, ExecResult};
 use scaibunker_api::files::{FileEntry, FileWritten};
+use scaibunker_api::snapshots::{CreateSnapshot, Snapshot};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -212,6 +213,47 @@ impl Client {
     pub async fn resume_bunker(&self, id: &str) -> Result<Bunker, SdkError> {
         self.post(&format!("/bunkers/{id}/resume"), &serde_json::json!({}))
             .await
+    }
+
+    /// Snapshots a running bunker into object storage; returns once the snapshot is ready.
+    pub async fn snapshot_bunker(
+        &self,
+        id: &str,
+        req: &CreateSnapshot,
+    ) -> Result<Snapshot, SdkError> {
+        self.post(&format!("/bunkers/{id}/snapshot"), req).await
+    }
+
+    pub async fn snapshot(&self, id: &str) -> Result<Snapshot, SdkError> {
+        Self::data(
+            self.send(self.http.get(self.url(&format!("/snapshots/{id}"))))
+                .await?,
+        )
+        .await
+    }
+
+    /// The first page (up to 500) of the caller's snapshots, optionally of one bunker.
+    pub async fn snapshots(&self, bunker_id: Option<&str>) -> Result<Vec<Snapshot>, SdkError> {
+        let mut q: Vec<(&str, String)> = vec![("limit", "500".to_owned())];
+        if let Some(b) = bunker_id {
+            q.push(("bunker_id", b.to_owned()));
+        }
+        let resp = self
+            .send(self.http.get(self.url("/snapshots")).query(&q))
+            .await?;
+        let status = resp.status().as_u16();
+        let list: List<Snapshot> = resp
+            .json()
+            .await
+            .map_err(|source| SdkError::Decode { status, source })?;
+        Ok(list.data)
+    }
+
+    /// Deletes a snapshot and its objects.
+    pub async fn delete_snapshot(&self, id: &str) -> Result<(), SdkError> {
+        self.send(self.http.delete(self.url(&format!("/snapshots/{id}"))))
+            .await
+            .map(|_| ())
     }
 
     pub async fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecResult, SdkError> {

@@ -269,6 +269,18 @@ impl AgentClient {
         lock(&self.shared.router.hello).clone()
     }
 
+    /// Closes the channel now, whatever other clones (operations in flight) still hold it:
+    /// the guest sees the host side go away, its agent resets the session (in-flight
+    /// commands are killed) and reopens its port for a new `HELLO`.
+    pub async fn close(&self, reason: &str) {
+        self.shared.router.close(reason.to_owned());
+        self.shared.reader.abort();
+        let shutdown = async { self.shared.writer.lock().await.shutdown().await };
+        if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), shutdown).await {
+            tracing::debug!(error = %e, "shut down the agent channel");
+        }
+    }
+
     /// Why the channel closed, once it has.
     pub fn closed_reason(&self) -> Option<String> {
         lock(&self.shared.router.table).closed.clone()

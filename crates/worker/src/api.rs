@@ -40,8 +40,8 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use scaibunker_proto::agent::AgentErrorCode;
 use scaibunker_proto::worker::{
-    CreateVm, ExecRequest, ExecResult, ExecStreamEvent, FileWritten, ShellQuery, WORKER_API_PREFIX,
-    WorkerError,
+    CreateVm, ExecRequest, ExecResult, ExecStreamEvent, FileWritten, ShellQuery, SnapshotVm,
+    WORKER_API_PREFIX, WorkerError,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -98,6 +98,7 @@ enum Command {
     DeleteBunker(String),
     PauseBunker(String),
     ResumeBunker(String),
+    SnapshotBunker(String, SnapshotVm),
     Exec(String, ExecRequest),
     ExecStream(String, ExecRequest),
     /// A file, or with `archive` a tar stream unpacked into the directory `path`.
@@ -203,6 +204,15 @@ impl From<BunkerOpError> for ApiError {
                 Self::new(StatusCode::CONFLICT, "BUNKER_NOT_RUNNING", e.to_string())
             }
             BunkerOpError::Vmm { .. } => Self::internal("the vmm failed", &e),
+            // The detail (a storage proxy status, a qemu-img message) is the controller's to log.
+            BunkerOpError::Snapshot { .. } => {
+                tracing::error!(error = %e, "snapshot failed");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "SNAPSHOT_FAILED",
+                    e.to_string(),
+                )
+            }
         }
     }
 }
@@ -257,6 +267,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/bunkers/{id}", get(get_bunker).delete(delete_bunker))
         .route("/bunkers/{id}/pause", post(pause_bunker))
         .route("/bunkers/{id}/resume", post(resume_bunker))
+        .route("/bunkers/{id}/snapshot", post(snapshot_bunker))
         .route("/bunkers/{id}/exec", post(exec))
         .route("/bunkers/{id}/exec/stream", post(exec_stream))
         .route("/bunkers/{id}/shell", get(shell))
@@ -368,6 +379,14 @@ async fn resume_bunker(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     execute(&s, Command::ResumeBunker(id)).await
+}
+
+async fn snapshot_bunker(
+    State(s): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    body: Result<Json<SnapshotVm>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    execute(&s, Command::SnapshotBunker(id, json_body(body)?)).await
 }
 
 async fn exec(
@@ -581,6 +600,7 @@ async fn execute(s: &ApiState, cmd: Command) -> Result<Response, ApiError> {
         }
         Command::PauseBunker(id) => Json(bunkers.pause(&id).await?).into_response(),
         Command::ResumeBunker(id) => Json(bunkers.resume(&id).await?).into_response(),
+        Command::SnapshotBunker(id, req) => Json(bunkers.snapshot(&id, req).await?).into_response(),
         Command::Exec(id, req) => {
             let (agent, bunker_env) = bunkers.agent(&id)?;
             let spec = exec_spec(req, bunker_env)?;

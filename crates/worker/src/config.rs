@@ -56,6 +56,8 @@ impl std::str::FromStr for AccelChoice {
 pub struct WorkerConfig {
     /// Base URL of the controller; `None` runs the worker standalone.
     pub controller_url: Option<String>,
+    /// Base URL of the storage proxy (snapshots go through it); the controller's by default.
+    pub storage_url: Option<String>,
     /// The one credential of the worker: the controller presents it, and the worker
     /// presents it to the controller.
     pub worker_token: String,
@@ -97,6 +99,7 @@ impl WorkerConfig {
     pub fn standalone(worker_token: String, data_dir: PathBuf, images_dir: PathBuf) -> Self {
         Self {
             controller_url: None,
+            storage_url: None,
             worker_token,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertised_url: None,
@@ -136,6 +139,9 @@ impl WorkerConfig {
         let mut config = Self::standalone(worker_token, data_dir, images_dir);
         config.controller_url =
             lookup("SCAIBUNKER_CONTROLLER_URL").map(|url| url.trim_end_matches('/').to_owned());
+        config.storage_url = lookup("SCAIBUNKER_STORAGE_URL")
+            .map(|url| url.trim_end_matches('/').to_owned())
+            .or_else(|| config.controller_url.clone());
         config.advertised_url =
             lookup("SCAIBUNKER_WORKER_URL").map(|url| url.trim_end_matches('/').to_owned());
         if let Some(listen) = lookup("SCAIBUNKER_WORKER_LISTEN") {

@@ -21,6 +21,7 @@ pub mod controller_client;
 pub mod images;
 pub mod pulls;
 pub mod shell;
+pub mod snapshots;
 pub mod templates;
 pub mod vmm;
 
@@ -190,14 +191,27 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
     let vmm = QemuVmm::new(config.accel, &HostVirt::probe(), host.cores)?;
     let runtime = vmm::Vmm::runtime(&vmm);
     tracing::info!(%runtime, "vmm ready");
-    let bunkers = Arc::new(Bunkers::new(
+    // Captures left half-done by a previous run are of no use.
+    let _ = std::fs::remove_dir_all(config.data_dir.join("snapshots"));
+    let mut bunkers = Bunkers::new(
         Arc::new(vmm),
         images,
         Arc::clone(&pulls),
         bunkers_dir,
         config.boot_timeout,
         Arc::new(templates),
-    ));
+    );
+    if let Some(url) = config
+        .storage_url
+        .as_ref()
+        .or(config.controller_url.as_ref())
+    {
+        match snapshots::ObjectClient::new(url, &config.worker_token) {
+            Ok(objects) => bunkers = bunkers.with_objects(objects),
+            Err(e) => tracing::warn!(error = %e, "no storage proxy client: snapshots are off"),
+        }
+    }
+    let bunkers = Arc::new(bunkers);
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

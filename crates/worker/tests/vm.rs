@@ -578,6 +578,7 @@ async fn deleting_a_booting_bunker_cancels_its_boot() {
                 hostname: "early".into(),
                 env_vars: Default::default(),
                 image_pull: None,
+                snapshot: None,
             };
             http.post(url)
                 .bearer_auth(common::TOKEN)
@@ -940,6 +941,7 @@ async fn a_lazily_pulled_image_boots() {
             size_bytes,
             object_key: Some("images/tiny.ext4".into()),
         }),
+        snapshot: None,
     };
     let started = Instant::now();
     let resp = w.post("/bunkers").json(&req).send().await.expect("create");

@@ -149,15 +149,24 @@ pub async fn get(
     Ok(Json(Envelope::new(to_api(&row))))
 }
 
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteQuery {
+    /// Take a final `full` snapshot first (the bunker must be running); its id is in the
+    /// `x-snapshot-id` header. If the snapshot fails, the bunker is not deleted.
+    snapshot: Option<bool>,
+}
+
 /// Stops the bunker's VM and answers with the `terminated` record; quota is released.
 #[utoipa::path(
     delete,
     path = "/bunkers/{id}",
     operation_id = "delete_bunker",
     tag = "bunkers",
-    params(("id" = String, Path, description = "Bunker id (`bnk_…`)")),
+    params(("id" = String, Path, description = "Bunker id (`bnk_…`)"), DeleteQuery),
     responses(
-        (status = 200, description = "The terminated bunker record", body = Envelope<Bunker>),
+        (status = 200, description = "The terminated bunker record; with `snapshot=true` the final snapshot's id is in the `x-snapshot-id` header", body = Envelope<Bunker>),
         (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
         (status = 403, description = "`AUTHZ_PERMISSION_DENIED`", body = Error),
         (status = 404, description = "`BUNKER_NOT_FOUND`: unknown or another tenant's bunker", body = Error),
@@ -172,9 +181,23 @@ pub async fn delete(
     Caller(p): Caller,
     Ctx(ctx): Ctx,
     Path(id): Path<String>,
-) -> Result<Json<Envelope<Bunker>>, ApiError> {
+    q: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::query(&e))?;
+    let snapshot = if q.snapshot == Some(true) {
+        let req = scaibunker_api::snapshots::CreateSnapshot::default();
+        Some(crate::service::snapshots::create(&s, &p, &ctx, &id, req).await?)
+    } else {
+        None
+    };
     let row = svc::delete(&s, &p, &ctx, &id).await?;
-    Ok(Json(Envelope::new(to_api(&row))))
+    let mut resp = Json(Envelope::new(to_api(&row))).into_response();
+    if let Some(snap) = snapshot
+        && let Ok(v) = axum::http::HeaderValue::from_str(&snap.id)
+    {
+        resp.headers_mut().insert("x-snapshot-id", v);
+    }
+    Ok(resp)
 }
 
 /// Runs a command in the bunker and answers with its exit code and output.

@@ -176,7 +176,12 @@ impl From<BunkerError> for ApiError {
                 msg,
             ),
             B::ImageNotFound(_) => Self::new(StatusCode::NOT_FOUND, codes::IMAGE_NOT_FOUND, msg),
-            B::SnapshotNotFound(_) => Self::new(StatusCode::NOT_FOUND, "SNAPSHOT_NOT_FOUND", msg),
+            B::SnapshotNotFound(_) => {
+                Self::new(StatusCode::NOT_FOUND, codes::SNAPSHOT_NOT_FOUND, msg)
+            }
+            B::SnapshotNotReady(..) => {
+                Self::new(StatusCode::CONFLICT, codes::SNAPSHOT_NOT_READY, msg)
+            }
             B::NotFound => Self::new(StatusCode::NOT_FOUND, codes::BUNKER_NOT_FOUND, msg),
             B::ExecNotFound => Self::new(StatusCode::NOT_FOUND, "EXEC_NOT_FOUND", msg),
             B::OutputNotFound => Self::new(StatusCode::NOT_FOUND, codes::OUTPUT_NOT_FOUND, msg),

@@ -18,6 +18,7 @@ mod platform;
 mod quotas;
 mod records;
 mod shell;
+mod snapshots;
 mod storage;
 mod upload;
 
@@ -127,6 +128,9 @@ fn api_routes() -> OpenApiRouter<Services> {
         .routes(routes!(bunkers::pause))
         .routes(routes!(bunkers::resume))
         .routes(routes!(bunkers::exec))
+        .routes(routes!(snapshots::create))
+        .routes(routes!(snapshots::list))
+        .routes(routes!(snapshots::get, snapshots::delete))
         .routes(routes!(bunkers::exec_events))
         .routes(routes!(bunkers::exec_output))
         .routes(routes!(files::read, files::write, files::remove))

@@ -31,6 +31,7 @@ use utoipa::openapi::{OpenApi, Ref, RefOr};
         (name = "bunkers", description = "Create, list, inspect, pause, resume and delete bunkers"),
         (name = "exec", description = "Run commands in a bunker and read its exec log"),
         (name = "files", description = "Upload, download, list and remove files in a bunker"),
+        (name = "snapshots", description = "Snapshots of bunkers in object storage, restored with `POST /bunkers {\"snapshot_id\"}`"),
         (name = "audit", description = "Audit events of the module and the platform"),
         (name = "platform", description = "Tenants, users, groups and API keys (the minimal ScaiGrid core)"),
         (name = "workers", description = "Worker administration"),

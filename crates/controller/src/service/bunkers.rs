@@ -37,6 +37,7 @@ use super::{RequestContext, Services, random_bytes};
 use crate::store::audit::{self, AuditEvent};
 use crate::store::bunkers::{self as bstore, BunkerFilter, BunkerRow, Cursor, StatusChange};
 use crate::store::exec_log::{self, ExecLogRow};
+use crate::store::snapshots::SnapshotRow;
 use crate::store::{StoreError, now_ms};
 use crate::workers::{Pause, WorkerCallError, WorkerEvent, WorkerEvents};
 
@@ -58,6 +59,8 @@ pub enum BunkerError {
     ImageNotFound(String),
     #[error("snapshot `{0}` not found")]
     SnapshotNotFound(String),
+    #[error("snapshot `{0}` is {1}, not ready")]
+    SnapshotNotReady(String, String),
     #[error("bunker not found")]
     NotFound,
     #[error("no streamed exec with this id on this bunker (finished ones are kept 10 minutes)")]
@@ -323,11 +326,14 @@ pub async fn create(
     req: api::CreateBunker,
 ) -> Result<BunkerRow, BunkerError> {
     check_create(p, &req)?;
-    if let Some(snap) = &req.snapshot_id {
-        // No snapshot can exist before snapshots are implemented; say so precisely.
-        return Err(BunkerError::SnapshotNotFound(snap.clone()));
-    }
-    let image_ref = req.image.clone().unwrap_or_default();
+    let restore = match &req.snapshot_id {
+        Some(id) => Some(restorable(s, p, id, &req).await?),
+        None => None,
+    };
+    let image_ref = match &restore {
+        Some((snap, _)) => snap.image_id.clone(),
+        None => req.image.clone().unwrap_or_default(),
+    };
     let partner = s.store.tenant_partner(&p.tenant_id).await?;
     let image = s
         .store
@@ -340,23 +346,34 @@ pub async fn create(
         .clone()
         .ok_or_else(|| BunkerError::ImageNotFound(image_ref.clone()))?;
 
+    if let Some((snap, manifest)) = &restore
+        && manifest.image_sha256 != image_sha
+    {
+        return Err(BunkerError::SnapshotNotReady(
+            snap.id.clone(),
+            "of an image whose content changed since".to_owned(),
+        ));
+    }
+
     let pick = |asked: Option<u64>, image_default: Option<i64>, platform: u64| {
         asked.unwrap_or_else(|| image_default.map(|d| d as u64).unwrap_or(platform))
     };
+    // A restore defaults to the snapshotted bunker's resources.
+    let snap_default = |of: fn(&SnapshotRow) -> i64| restore.as_ref().map(|(snap, _)| of(snap));
     let resources = Resources {
         cpu_millicores: pick(
             req.cpu_millicores,
-            image.default_cpu_millicores,
+            snap_default(|s| s.cpu_millicores).or(image.default_cpu_millicores),
             spec::DEFAULT_RESOURCES.cpu_millicores,
         ),
         memory_mb: pick(
             req.memory_mb,
-            image.default_memory_mb,
+            snap_default(|s| s.memory_mb).or(image.default_memory_mb),
             spec::DEFAULT_RESOURCES.memory_mb,
         ),
         disk_mb: pick(
             req.disk_mb,
-            image.default_disk_mb,
+            snap_default(|s| s.disk_mb).or(image.default_disk_mb),
             spec::DEFAULT_RESOURCES.disk_mb,
         ),
         gpu_count: req.gpu_count.unwrap_or(0),
@@ -376,7 +393,7 @@ pub async fn create(
         name: req.name.clone(),
         image_name: image.name.clone(),
         image_id: image.id.clone(),
-        snapshot_id: None,
+        snapshot_id: req.snapshot_id.clone(),
         lifecycle_mode: mode.as_str().to_owned(),
         status: BunkerStatus::Pending.as_str().to_owned(),
         network_profile: profile_of(req.network_profile).as_str().to_owned(),
@@ -453,6 +470,7 @@ pub async fn create(
                 size_bytes: image.size_bytes.unwrap_or(0) as u64,
                 object_key: image.object_key.clone(),
             }),
+        snapshot: restore.map(|(_, manifest)| manifest),
     };
     let task = tokio::spawn(provision(s.clone(), row.clone(), worker_url, create_vm));
     if req.wait.unwrap_or(true) {
@@ -473,6 +491,57 @@ pub async fn create(
             .unwrap_or(row));
     }
     Ok(row)
+}
+
+/// The ready snapshot a create restores, checked against the request: a `full` snapshot
+/// resumes a saved VM, so its memory and CPU cannot change.
+async fn restorable(
+    s: &Services,
+    p: &Principal,
+    id: &str,
+    req: &api::CreateBunker,
+) -> Result<(SnapshotRow, wp::SnapshotManifest), BunkerError> {
+    let (snap, manifest) = super::snapshots::for_restore(s, p, id).await?;
+    let mut errors = Vec::new();
+    if let Some(image) = &req.image
+        && *image != snap.image_name
+        && *image != snap.image_id
+    {
+        errors.push(field(
+            "image",
+            format!(
+                "the snapshot is of image `{}`; leave `image` out or name that one",
+                snap.image_name
+            ),
+        ));
+    }
+    if manifest.kind == wp::SnapshotKind::Full {
+        if req.memory_mb.is_some_and(|m| m as i64 != snap.memory_mb) {
+            errors.push(field(
+                "memory_mb",
+                format!(
+                    "a full snapshot resumes with the memory it was saved with ({} MB)",
+                    snap.memory_mb
+                ),
+            ));
+        }
+        if req
+            .cpu_millicores
+            .is_some_and(|c| c as i64 != snap.cpu_millicores)
+        {
+            errors.push(field(
+                "cpu_millicores",
+                format!(
+                    "a full snapshot resumes with the CPU it was saved with ({} millicores)",
+                    snap.cpu_millicores
+                ),
+            ));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(BunkerError::Validation(errors));
+    }
+    Ok((snap, manifest))
 }
 
 /// Places the bunker and records it (row, quota charges, audit event) in one transaction,

@@ -12,6 +12,7 @@ pub mod images;
 pub mod quotas;
 pub mod records;
 pub mod shell;
+pub mod snapshots;
 pub mod storage;
 
 use std::sync::Arc;

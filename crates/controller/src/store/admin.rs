@@ -135,3 +135,26 @@ impl Store {
         Ok((bunkers, workers))
     }
 }
+
+impl Store {
+    /// Snapshots of any tenant that expired before `now_ms`, or are still `pending` though
+    /// created before `pending_before` (the controller capturing them died), oldest first.
+    pub async fn admin_expired_snapshots(
+        &self,
+        now_ms: i64,
+        pending_before: i64,
+        limit: u32,
+    ) -> Result<Vec<super::snapshots::SnapshotRow>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {} FROM snapshots WHERE (expires_at IS NOT NULL AND expires_at < ?) \
+             OR (status = 'pending' AND created_at < ?) ORDER BY created_at LIMIT ?",
+            super::snapshots::COLUMNS
+        )))
+        .bind(now_ms)
+        .bind(pending_before)
+        .bind(limit as i64)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.iter().map(super::snapshots::from_row).collect())
+    }
+}

@@ -13,6 +13,7 @@ pub mod exec_log;
 pub mod identity;
 pub mod images;
 pub mod quotas;
+pub mod snapshots;
 pub mod workers;
 
 use std::time::{SystemTime, UNIX_EPOCH};

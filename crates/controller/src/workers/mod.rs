@@ -224,6 +224,22 @@ impl WorkerClient {
     }
 
     /// Pauses (`stop`) or resumes (`cont`) a VM.
+    /// Captures a bunker and uploads it; answers with the manifest once it is stored.
+    pub async fn snapshot_vm(
+        &self,
+        base: &str,
+        bunker_id: &str,
+        req: &scaibunker_proto::worker::SnapshotVm,
+    ) -> Result<scaibunker_proto::worker::SnapshotManifest, WorkerCallError> {
+        let r = self
+            .http
+            .post(Self::url(base, &format!("/bunkers/{bunker_id}/snapshot")))
+            .json(req)
+            // A save, a copy and an upload of a few GiB of state through the proxy.
+            .timeout(Duration::from_secs(1800));
+        Self::json(self.send(base, r).await?).await
+    }
+
     pub async fn set_paused(
         &self,
         base: &str,

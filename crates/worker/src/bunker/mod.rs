@@ -17,13 +17,15 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
 use scaibunker_proto::worker::{
-    BootSource, BunkerStatusReport, CreateVm, ImagePull, VmInfo, VmStatus,
+    BootSource, BunkerStatusReport, CreateVm, ImagePull, SnapshotManifest, SnapshotVm, VmInfo,
+    VmStatus,
 };
 
-use self::supervisor::{BootPlan, Bunker, Resources, TransitionError};
+use self::supervisor::{BootPlan, Bunker, Resources, SnapshotRestore, TransitionError};
 use crate::agent_client::AgentClient;
 use crate::images::{Image, ImageCache};
 use crate::pulls::Pulls;
+use crate::snapshots::{self, ObjectClient};
 use crate::templates::{Shape, Templates};
 use crate::vmm::Vmm;
 
@@ -53,6 +55,8 @@ pub enum BunkerOpError {
     NotRunning { id: String, status: VmStatus },
     #[error("bunker {id}: {detail}")]
     Vmm { id: String, detail: String },
+    #[error("snapshot of bunker {id}: {detail}")]
+    Snapshot { id: String, detail: String },
 }
 
 /// Every bunker on this worker.
@@ -66,6 +70,10 @@ pub struct Bunkers {
     table: Arc<Table>,
     /// Serialises rescans of the images directory.
     rescan: tokio::sync::Mutex<()>,
+    /// The storage proxy, for snapshots; `None` when no controller or proxy is configured.
+    objects: Option<ObjectClient>,
+    /// Staging directory of snapshot captures (`<data>/snapshots/<snapshot id>/`).
+    staging_dir: PathBuf,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -86,12 +94,20 @@ impl Bunkers {
             vmm,
             images: RwLock::new(Arc::new(images)),
             pulls,
-            bunkers_dir,
             boot_timeout,
             templates,
             table: Arc::new(Mutex::new(HashMap::new())),
             rescan: tokio::sync::Mutex::new(()),
+            objects: None,
+            staging_dir: bunkers_dir_sibling(&bunkers_dir, "snapshots"),
+            bunkers_dir,
         }
+    }
+
+    /// Snapshots go through this storage proxy client.
+    pub fn with_objects(mut self, objects: ObjectClient) -> Self {
+        self.objects = Some(objects);
+        self
     }
 
     pub fn runtime(&self) -> String {
@@ -169,7 +185,21 @@ impl Bunkers {
                 ),
             })?;
 
-        let shape = if self.templates.is_on() {
+        let snapshot = req.snapshot.clone();
+        if let Some(m) = &snapshot {
+            if m.image_sha256 != req.image_sha256 {
+                return Err(CreateBunkerError::Invalid(format!(
+                    "the snapshot is of image {}, the request names {}",
+                    m.image_sha256, req.image_sha256
+                )));
+            }
+            if self.objects.is_none() {
+                return Err(CreateBunkerError::Invalid(
+                    "this worker has no storage proxy configured to fetch snapshots".to_owned(),
+                ));
+            }
+        }
+        let shape = if self.templates.is_on() && snapshot.is_none() {
             Shape::of(
                 self.vmm.as_ref(),
                 &image,
@@ -209,11 +239,16 @@ impl Bunkers {
         let table = Arc::clone(&self.table);
         let templates = Arc::clone(&self.templates);
         let cpu_millicores = req.cpu_millicores;
+        let objects = self.objects.clone();
         let task = tokio::spawn(async move {
             let booting = Arc::clone(&bunker);
             let boot_vmm = Arc::clone(&vmm);
             let boot_templates = Arc::clone(&templates);
             let boot = tokio::spawn(async move {
+                let restore = match (&snapshot, &objects) {
+                    (Some(manifest), Some(objects)) => Some(SnapshotRestore { manifest, objects }),
+                    _ => None,
+                };
                 let plan = BootPlan {
                     vmm: boot_vmm.as_ref(),
                     image: &image,
@@ -221,6 +256,7 @@ impl Bunkers {
                     timeout,
                     template,
                     templates: &boot_templates,
+                    snapshot: restore,
                 };
                 booting.boot(plan).await
             });
@@ -400,6 +436,45 @@ impl Bunkers {
         Ok(bunker.info())
     }
 
+    /// Captures a running bunker and uploads it under the request's prefix; answers once
+    /// every object is stored (the bunker runs again before the upload starts).
+    pub async fn snapshot(
+        &self,
+        id: &str,
+        req: SnapshotVm,
+    ) -> Result<SnapshotManifest, BunkerOpError> {
+        let bunker = self.get(id)?;
+        let failed = |detail: String| BunkerOpError::Snapshot {
+            id: id.to_owned(),
+            detail,
+        };
+        let objects = self
+            .objects
+            .as_ref()
+            .ok_or_else(|| failed(snapshots::SnapshotError::NoStorage.to_string()))?;
+        validate_id(&req.snapshot_id).map_err(failed)?;
+        let staging = self.staging_dir.join(&req.snapshot_id);
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir_all(&staging)
+            .map_err(|e| failed(format!("create {}: {e}", staging.display())))?;
+        let result = async {
+            let captured = bunker.capture(self.vmm.as_ref(), req.kind, &staging).await;
+            if req.kind == scaibunker_proto::worker::SnapshotKind::Full
+                && bunker.status() == VmStatus::Running
+            {
+                // The bunker runs in a new VM now.
+                spawn_watcher(&bunker);
+            }
+            let captured = captured.map_err(|e| transition_error(id, e))?;
+            snapshots::upload(objects, &captured, &req.object_prefix)
+                .await
+                .map_err(|e| failed(supervisor::error_chain(&e)))
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&staging);
+        result
+    }
+
     /// The agent of a running bunker, with the bunker's default environment.
     pub fn agent(
         &self,
@@ -417,6 +492,13 @@ impl Bunkers {
 }
 
 type Table = Mutex<HashMap<String, Arc<Bunker>>>;
+
+/// `<parent of the bunkers directory>/<name>`.
+fn bunkers_dir_sibling(bunkers_dir: &std::path::Path, name: &str) -> PathBuf {
+    bunkers_dir
+        .parent()
+        .map_or_else(|| bunkers_dir.join(name), |p| p.join(name))
+}
 
 /// Removes `bunker` from the table, if that entry is still this bunker.
 fn forget(table: &Table, bunker: &Arc<Bunker>) {

@@ -25,18 +25,23 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use scaibunker_proto::worker::{BootSource, BunkerStatusReport, VmInfo, VmStatus};
+use scaibunker_proto::worker::{
+    BootSource, BunkerStatusReport, SnapshotKind, SnapshotManifest, VmInfo, VmStatus,
+};
 use tokio::net::UnixListener;
 use tokio::sync::Notify;
 
-use crate::agent_client::AgentClient;
+use crate::agent_client::{AgentClient, ExecSpec};
 use crate::images::{GuestBoot, Image};
+use crate::snapshots::{self, Captured, ObjectClient};
 use crate::templates::{Template, Templates, refresh_identity};
-use crate::vmm::qemu::cmdline::{CONSOLE_LOG, QEMU_LOG};
+use crate::vmm::qemu::cmdline::{CONSOLE_LOG, DISK_FILE, QEMU_LOG};
 use crate::vmm::{BootSpec, DiskFormat, Vm, VmExit, Vmm};
 
 /// File name of the agent channel socket in the bunker directory.
 pub const AGENT_SOCKET: &str = "agent.sock";
+/// Where a restore puts the snapshot's files, in the bunker directory.
+const SNAPSHOT_DIR: &str = "snapshot";
 /// Lines of console output kept in a failure reason.
 const CONSOLE_TAIL_LINES: usize = 20;
 /// How long a closed agent channel waits for QEMU's exit, to report it.
@@ -45,6 +50,12 @@ const EXIT_AFTER_CLOSE: Duration = Duration::from_secs(2);
 const MAX_SOCKET_PATH: usize = 107;
 /// How long a restored guest may take to say hello again; past it, a cold boot is cheaper.
 const RESTORE_HELLO_TIMEOUT: Duration = Duration::from_secs(20);
+/// What the agent logs on the console when the host side of its port went away.
+const AGENT_REOPENING: &str = "disconnected; reopening";
+/// How long the agent may take to notice its channel closed.
+const REOPEN_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest the guest's `sync` before a disk snapshot may take.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Resources a bunker asked for; they count against the worker's free capacity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -77,6 +88,18 @@ pub struct Bunker {
     agent: Mutex<Option<AgentClient>>,
     /// Interrupts a boot in progress (a stop arrived).
     cancel_boot: Notify,
+    /// How the running VM was started: what a snapshot records and a restart reuses.
+    booted: Mutex<Option<Booted>>,
+    /// Counts the frozen disk layers full snapshots leave under the running overlay.
+    layers: Mutex<u32>,
+}
+
+/// The command line a bunker's VM runs with, and the image under its disk.
+#[derive(Debug, Clone)]
+struct Booted {
+    spec: BootSpec,
+    image_path: PathBuf,
+    image_sha256: String,
 }
 
 impl std::fmt::Debug for Bunker {
@@ -103,6 +126,14 @@ pub struct BootPlan<'a> {
     /// A template of the bunker's shape, restored instead of a cold boot if it works.
     pub template: Option<Arc<Template>>,
     pub templates: &'a Templates,
+    /// A bunker snapshot to restore instead of booting the image.
+    pub snapshot: Option<SnapshotRestore<'a>>,
+}
+
+/// A snapshot in object storage and the client that fetches it.
+pub struct SnapshotRestore<'a> {
+    pub manifest: &'a SnapshotManifest,
+    pub objects: &'a ObjectClient,
 }
 
 impl Bunker {
@@ -129,6 +160,8 @@ impl Bunker {
             vm: tokio::sync::Mutex::new(None),
             agent: Mutex::new(None),
             cancel_boot: Notify::new(),
+            booted: Mutex::new(None),
+            layers: Mutex::new(0),
         }
     }
 
@@ -202,6 +235,21 @@ impl Bunker {
     pub async fn boot(&self, plan: BootPlan<'_>) -> Result<BootSource, String> {
         let mut slot = self.vm.lock().await;
         let started = Instant::now();
+        if let Some(snapshot) = &plan.snapshot {
+            let result = self
+                .restore_snapshot_locked(&plan, snapshot, &mut slot)
+                .await;
+            if let Err(what) = result {
+                if let Some(vm) = slot.take() {
+                    vm.stop().await;
+                }
+                let reason = format!("{what}{}", diagnostics(&self.dir));
+                remove_dir(&self.dir);
+                self.fail(reason.clone());
+                return Err(reason);
+            }
+            return Ok(self.running(started, BootSource::Snapshot));
+        }
         if let Some(template) = &plan.template {
             match self.restore_locked(plan.vmm, template, &mut slot).await {
                 Ok(()) => return Ok(self.running(started, BootSource::Template)),
@@ -323,6 +371,11 @@ impl Bunker {
     ) -> Result<(), String> {
         let (listener, socket) = self.prepare_dir()?;
         let spec = template.restore_spec(&self.dir, &socket);
+        self.set_booted(
+            &spec,
+            &template.meta.shape.image.path,
+            &template.meta.shape.image_sha256,
+        );
         let restore = async {
             let vm = vmm
                 .restore(&spec, &template.state())
@@ -361,6 +414,7 @@ impl Bunker {
             memory_mb: self.resources.memory_mb,
             hostname: self.hostname.clone(),
         };
+        self.set_booted(&spec, &plan.image.path, &plan.image.sha256);
         let vm = plan
             .vmm
             .boot(&spec)
@@ -376,10 +430,10 @@ impl Bunker {
     /// Waits for the VM of a running bunker to exit; an exit nobody asked for fails the
     /// bunker and removes its directory.
     pub async fn watch_vm(self: Arc<Self>) {
-        let exited = {
+        let (exited, pid) = {
             let slot = self.vm.lock().await;
             match slot.as_ref() {
-                Some(vm) => vm.exited(),
+                Some(vm) => (vm.exited(), vm.pid()),
                 None => return,
             }
         };
@@ -389,6 +443,10 @@ impl Bunker {
             // A stop is (or was) in charge of the VM and its directory.
             return;
         }
+        if slot.as_ref().map(|vm| vm.pid()) != Some(pid) {
+            // A full snapshot replaced the VM; a watcher of the new one is running.
+            return;
+        }
         slot.take();
         let reason = format!(
             "qemu exited unexpectedly ({exit}){}",
@@ -396,6 +454,273 @@ impl Bunker {
         );
         remove_dir(&self.dir);
         self.fail(reason);
+    }
+
+    fn set_booted(&self, spec: &BootSpec, image_path: &Path, image_sha256: &str) {
+        *lock(&self.booted) = Some(Booted {
+            spec: spec.clone(),
+            image_path: image_path.to_owned(),
+            image_sha256: image_sha256.to_owned(),
+        });
+    }
+
+    /// Downloads a bunker snapshot into the bunker directory, then restores its memory
+    /// state (`full`, with a fresh identity as after a template restore) or boots its disk
+    /// cold (`disk`). No cold boot of the image on failure: the caller asked for this state.
+    async fn restore_snapshot_locked(
+        &self,
+        plan: &BootPlan<'_>,
+        snapshot: &SnapshotRestore<'_>,
+        slot: &mut Option<Box<dyn Vm>>,
+    ) -> Result<(), String> {
+        let manifest = snapshot.manifest;
+        snapshots::check_compatible(
+            manifest,
+            &plan.vmm.runtime(),
+            &plan.guest.kernel,
+            &plan.guest.initramfs,
+        )
+        .map_err(|e| error_chain(&e))?;
+        if manifest.kind == SnapshotKind::Full
+            && plan.vmm.vcpus(manifest.cpu_millicores) != manifest.vcpus
+        {
+            return Err(format!(
+                "the snapshot was saved with {} vCPUs, this worker would give {}",
+                manifest.vcpus,
+                plan.vmm.vcpus(manifest.cpu_millicores)
+            ));
+        }
+        let (listener, socket) = self.prepare_dir()?;
+        let files = self.dir.join(SNAPSHOT_DIR);
+        std::fs::create_dir_all(&files).map_err(|e| format!("create {}: {e}", files.display()))?;
+        let fetched = tokio::select! {
+            r = snapshots::download(snapshot.objects, manifest, &files, &plan.image.path) => r,
+            () = self.cancel_boot.notified() => return Err("stopped during boot".to_owned()),
+        };
+        let (disk, state) =
+            fetched.map_err(|e| format!("fetch the snapshot: {}", error_chain(&e)))?;
+        let mut spec = BootSpec {
+            dir: self.dir.clone(),
+            kernel: plan.guest.kernel.clone(),
+            initramfs: plan.guest.initramfs.clone(),
+            base_image: disk,
+            base_format: DiskFormat::Qcow2,
+            agent_socket: socket,
+            cpu_millicores: self.resources.cpu_millicores,
+            memory_mb: self.resources.memory_mb,
+            hostname: self.hostname.clone(),
+        };
+        let start = async {
+            let (vm, timeout) = match &state {
+                Some(state) => {
+                    // The saved VM's command line, so the state fits it.
+                    spec.cpu_millicores = manifest.cpu_millicores;
+                    spec.memory_mb = manifest.memory_mb;
+                    spec.hostname = manifest.cmdline_hostname.clone();
+                    let vm = plan
+                        .vmm
+                        .restore(&spec, state)
+                        .await
+                        .map_err(|e| format!("restore the snapshot: {}", error_chain(&e)))?;
+                    (vm, RESTORE_HELLO_TIMEOUT)
+                }
+                None => {
+                    let vm = plan
+                        .vmm
+                        .boot(&spec)
+                        .await
+                        .map_err(|e| format!("start the vm: {}", error_chain(&e)))?;
+                    (vm, plan.timeout)
+                }
+            };
+            self.set_booted(&spec, &plan.image.path, &plan.image.sha256);
+            let exited = vm.exited();
+            *slot = Some(vm);
+            let agent = self.await_agent(&listener, exited, timeout).await?;
+            if let Some(state) = &state {
+                refresh_identity(&agent, &self.hostname).await?;
+                // Loaded: QEMU no longer reads it.
+                let _ = std::fs::remove_file(state);
+            }
+            Ok::<_, String>(agent)
+        };
+        let agent = tokio::select! {
+            agent = start => agent?,
+            () = self.cancel_boot.notified() => return Err("stopped during boot".to_owned()),
+        };
+        self.agent_ready(agent);
+        Ok(())
+    }
+
+    /// Captures the running bunker into `staging` (`disk.qcow2`, and `vm.state` for
+    /// `full`) and leaves it running again; see [`crate::snapshots`] for what happens next.
+    ///
+    /// `disk`: `sync` in the guest, pause, copy the overlay, resume. Nothing else changes.
+    ///
+    /// `full`, as a template build but on a live bunker:
+    /// 1. Close the agent channel (in-flight commands end) and wait for the agent to
+    ///    reopen its port, so the saved agent greets whichever host connects next.
+    /// 2. Save the VM state; the VM stays frozen, so its overlay is what the state saw.
+    /// 3. Rename the overlay to a frozen layer, kill the VM, and restore the bunker from
+    ///    the state just saved on a new overlay over that layer: the same path a restore
+    ///    elsewhere takes. Its processes go on where they were.
+    ///
+    /// A `full` capture that fails after step 1 fails the bunker: its agent is gone.
+    pub async fn capture(
+        &self,
+        vmm: &dyn Vmm,
+        kind: SnapshotKind,
+        staging: &Path,
+    ) -> Result<Captured, TransitionError> {
+        let mut slot = self.vm.lock().await;
+        let status = self.status();
+        let booted = lock(&self.booted).clone();
+        let booted = match (slot.as_ref(), booted) {
+            (Some(_), Some(booted)) if status == VmStatus::Running => booted,
+            _ => return Err(TransitionError::WrongState(status)),
+        };
+        self.set_status(VmStatus::Snapshotting);
+        let captured = Captured {
+            kind,
+            dir: staging.to_owned(),
+            image_path: booted.image_path.clone(),
+            image_sha256: booted.image_sha256.clone(),
+            memory_mb: booted.spec.memory_mb,
+            cpu_millicores: booted.spec.cpu_millicores,
+            vcpus: vmm.vcpus(booted.spec.cpu_millicores),
+            cmdline_hostname: booted.spec.hostname.clone(),
+            runtime: vmm.runtime(),
+            kernel: booted.spec.kernel.clone(),
+            initramfs: booted.spec.initramfs.clone(),
+        };
+        let result = match kind {
+            SnapshotKind::Disk => self.capture_disk(&slot, staging).await,
+            SnapshotKind::Full => {
+                let r = self.capture_full(vmm, &booted, &mut slot, staging).await;
+                if let Err(what) = &r {
+                    if let Some(vm) = slot.take() {
+                        vm.stop().await;
+                    }
+                    let reason = format!("full snapshot failed: {what}{}", diagnostics(&self.dir));
+                    remove_dir(&self.dir);
+                    self.fail(reason);
+                    return Err(TransitionError::Vmm(what.clone()));
+                }
+                r
+            }
+        };
+        self.set_status(VmStatus::Running);
+        result.map_err(TransitionError::Vmm)?;
+        Ok(captured)
+    }
+
+    async fn capture_disk(&self, slot: &Option<Box<dyn Vm>>, staging: &Path) -> Result<(), String> {
+        let agent = lock(&self.agent)
+            .clone()
+            .ok_or_else(|| "the agent is not connected".to_owned())?;
+        // Written data may sit in the guest's page cache; put it on the disk first.
+        let synced = agent
+            .exec(ExecSpec {
+                program: scaibunker_proto::agent::Program::Shell("sync".to_owned()),
+                env: Default::default(),
+                cwd: None,
+                user: scaibunker_proto::agent::GuestUser::Root,
+                stdin: None,
+                timeout: SYNC_TIMEOUT,
+                output_limit_bytes: 4096,
+            })
+            .await
+            .map_err(|e| format!("sync the guest: {}", error_chain(&e)))?;
+        if synced.exit_code != Some(0) {
+            return Err(format!("sync in the guest exited {:?}", synced.exit_code));
+        }
+        let vm = slot.as_ref().ok_or_else(|| "the vm is gone".to_owned())?;
+        // QEMU's `stop` drains and flushes the disk before it returns.
+        vm.pause()
+            .await
+            .map_err(|e| format!("pause: {}", error_chain(&e)))?;
+        let copied = tokio::fs::copy(
+            self.dir.join(DISK_FILE),
+            staging.join(snapshots::DISK_OBJECT),
+        )
+        .await
+        .map_err(|e| format!("copy the disk: {e}"));
+        let resumed = vm
+            .resume()
+            .await
+            .map_err(|e| format!("resume: {}", error_chain(&e)));
+        copied?;
+        resumed
+    }
+
+    async fn capture_full(
+        &self,
+        vmm: &dyn Vmm,
+        booted: &Booted,
+        slot: &mut Option<Box<dyn Vm>>,
+        staging: &Path,
+    ) -> Result<(), String> {
+        // Step 1.
+        let console = self.dir.join(CONSOLE_LOG);
+        let seen = std::fs::metadata(&console).map_or(0, |m| m.len());
+        let agent = lock(&self.agent).take();
+        if let Some(agent) = agent {
+            agent.close("a full snapshot is being taken").await;
+        }
+        let reopening = async {
+            while !console_since(&console, seen).contains(AGENT_REOPENING) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(REOPEN_TIMEOUT, reopening)
+            .await
+            .map_err(|_| format!("the agent did not reopen its port within {REOPEN_TIMEOUT:?}"))?;
+
+        // Step 2.
+        let state = staging.join(snapshots::STATE_OBJECT);
+        {
+            let vm = slot.as_ref().ok_or_else(|| "the vm is gone".to_owned())?;
+            vm.save(&state)
+                .await
+                .map_err(|e| format!("save the vm: {}", error_chain(&e)))?;
+        }
+
+        // Step 3.
+        let layer = {
+            let mut layers = lock(&self.layers);
+            *layers += 1;
+            self.dir.join(format!("disk.{}.qcow2", *layers))
+        };
+        std::fs::rename(self.dir.join(DISK_FILE), &layer)
+            .map_err(|e| format!("freeze the disk as {}: {e}", layer.display()))?;
+        if let Some(vm) = slot.take() {
+            vm.stop().await;
+        }
+        let socket = self.dir.join(AGENT_SOCKET);
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket)
+            .map_err(|e| format!("bind agent socket {}: {e}", socket.display()))?;
+        let spec = BootSpec {
+            base_image: layer.clone(),
+            base_format: DiskFormat::Qcow2,
+            ..booted.spec.clone()
+        };
+        let vm = vmm
+            .restore(&spec, &state)
+            .await
+            .map_err(|e| format!("restore the bunker from its state: {}", error_chain(&e)))?;
+        let exited = vm.exited();
+        *slot = Some(vm);
+        let agent = self
+            .await_agent(&listener, exited, RESTORE_HELLO_TIMEOUT)
+            .await?;
+        self.agent_ready(agent);
+        self.set_booted(&spec, &booted.image_path, &booted.image_sha256);
+        // The layer is read-only now (the new overlay's backing file): copy it at leisure.
+        tokio::fs::copy(&layer, staging.join(snapshots::DISK_OBJECT))
+            .await
+            .map_err(|e| format!("copy the disk: {e}"))?;
+        Ok(())
     }
 
     /// Pauses a running bunker.
@@ -490,6 +815,21 @@ fn diagnostics(dir: &Path) -> String {
         out.push_str(&console);
     }
     out
+}
+
+/// What was appended to a file after its first `offset` bytes (all of it if it shrank).
+fn console_since(path: &Path, offset: u64) -> String {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = if len < offset { 0 } else { offset };
+    if file.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    let _ = file.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 /// The last `n` lines of a file (reading at most its last 64 KiB); empty if unreadable.
