@@ -223,6 +223,7 @@ async fn sweep(s: &Services) -> Result<(), StoreError> {
             bunkers::stop_vm(s, &row).await;
         }
     }
+    crate::service::passivation::sweep(s).await?;
     let stuck_before = now - STUCK_AFTER.as_millis() as i64;
     for row in s.store.admin_stuck_bunkers(stuck_before).await? {
         bunkers::mark_failed(

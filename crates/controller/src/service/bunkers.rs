@@ -544,6 +544,76 @@ async fn restorable(
     Ok((snap, manifest))
 }
 
+/// Picks the worker for a bunker needing `resources` of the image `image_sha` and the bridges
+/// `bridge_names`, reading the fleet inside `tx` with its rows locked (see
+/// `workers_for_placement`); the caller holds `placement_lock` and records its choice in the
+/// same transaction.
+pub(crate) async fn choose_worker(
+    s: &Services,
+    tx: &mut crate::store::Tx<'_>,
+    lazy_pull: bool,
+    image_sha: &str,
+    resources: &Resources,
+    bridge_names: &[String],
+) -> Result<crate::store::workers::WorkerRow, BunkerError> {
+    let workers = s.store.workers_for_placement(tx).await?;
+    let committed = s.store.committed_by_worker(tx).await?;
+    let with_image = s.store.workers_with_image(tx, image_sha).await?;
+    let with_bridges = s.store.workers_with_bridges(tx, bridge_names).await?;
+    let stale_after = s.config.heartbeat_interval.as_millis() as i64 * 3;
+    let silences = super::fleet::silences(s, &workers).await;
+    let frees: Vec<Resources> = workers
+        .iter()
+        .map(|w| {
+            let used = committed
+                .iter()
+                .find(|(id, _)| *id == w.id)
+                .map(|(_, c)| Resources {
+                    cpu_millicores: c.cpu_millicores as u64,
+                    memory_mb: c.memory_mb as u64,
+                    disk_mb: c.disk_mb as u64,
+                    gpu_count: c.gpu_count as u64,
+                })
+                .unwrap_or_default();
+            Resources {
+                cpu_millicores: w.cpu_millicores as u64,
+                memory_mb: w.memory_mb as u64,
+                disk_mb: w.disk_mb as u64,
+                gpu_count: w.gpu_count as u64,
+            }
+            .saturating_sub(&used)
+        })
+        .collect();
+    let candidates: Vec<Candidate> = workers
+        .iter()
+        .zip(&frees)
+        .map(|(w, free)| Candidate {
+            worker_id: &w.id,
+            is_online: silences.get(&w.id).is_some_and(|ms| *ms <= stale_after),
+            is_draining: w.status == "draining",
+            has_image: with_image.contains(&w.id),
+            has_bridges: bridge_names.is_empty() || with_bridges.contains(&w.id),
+            free: *free,
+        })
+        .collect();
+    let pull = if lazy_pull {
+        ImagePull::Lazy
+    } else {
+        ImagePull::Cached
+    };
+    let chosen = placement::place(&candidates, resources, pull)
+        .map_err(|e| match e {
+            PlacementError::WorkerUnavailable => BunkerError::WorkerUnavailable,
+            PlacementError::NoSuitableWorker => BunkerError::NoSuitableWorker,
+        })?
+        .to_owned();
+    drop(candidates);
+    Ok(workers
+        .into_iter()
+        .find(|w| w.id == chosen)
+        .expect("placement picks among the candidates"))
+}
+
 /// Places the bunker and records it (row, quota charges, audit event) in one transaction,
 /// under the placement lock. Returns the chosen worker's URL.
 #[allow(clippy::too_many_arguments)]
@@ -560,63 +630,19 @@ async fn place_and_record(
     {
         let _guard = s.placement_lock.lock().await;
         let mut tx = s.store.begin().await?;
-        let workers = s.store.workers_for_placement(&mut tx).await?;
-        let committed = s.store.committed_by_worker(&mut tx).await?;
-        let with_image = s.store.workers_with_image(&mut tx, image_sha).await?;
         // `transit` interfaces name host bridges; only workers owning all of them qualify.
         let interfaces: Vec<api::Interface> =
             serde_json::from_str(&row.interfaces).unwrap_or_default();
         let bridge_names: Vec<String> = interfaces.iter().map(|i| i.bridge_name.clone()).collect();
-        let with_bridges = s.store.workers_with_bridges(&mut tx, &bridge_names).await?;
-        let stale_after = s.config.heartbeat_interval.as_millis() as i64 * 3;
-        let silences = super::fleet::silences(s, &workers).await;
-        let frees: Vec<Resources> = workers
-            .iter()
-            .map(|w| {
-                let used = committed
-                    .iter()
-                    .find(|(id, _)| *id == w.id)
-                    .map(|(_, c)| Resources {
-                        cpu_millicores: c.cpu_millicores as u64,
-                        memory_mb: c.memory_mb as u64,
-                        disk_mb: c.disk_mb as u64,
-                        gpu_count: c.gpu_count as u64,
-                    })
-                    .unwrap_or_default();
-                Resources {
-                    cpu_millicores: w.cpu_millicores as u64,
-                    memory_mb: w.memory_mb as u64,
-                    disk_mb: w.disk_mb as u64,
-                    gpu_count: w.gpu_count as u64,
-                }
-                .saturating_sub(&used)
-            })
-            .collect();
-        let candidates: Vec<Candidate> = workers
-            .iter()
-            .zip(&frees)
-            .map(|(w, free)| Candidate {
-                worker_id: &w.id,
-                is_online: silences.get(&w.id).is_some_and(|ms| *ms <= stale_after),
-                is_draining: w.status == "draining",
-                has_image: with_image.contains(&w.id),
-                has_bridges: bridge_names.is_empty() || with_bridges.contains(&w.id),
-                free: *free,
-            })
-            .collect();
-        let pull = if image.lazy_pull {
-            ImagePull::Lazy
-        } else {
-            ImagePull::Cached
-        };
-        let chosen = placement::place(&candidates, resources, pull).map_err(|e| match e {
-            PlacementError::WorkerUnavailable => BunkerError::WorkerUnavailable,
-            PlacementError::NoSuitableWorker => BunkerError::NoSuitableWorker,
-        })?;
-        let worker = workers
-            .iter()
-            .find(|w| w.id == chosen)
-            .expect("placement picks among the candidates");
+        let worker = choose_worker(
+            s,
+            &mut tx,
+            image.lazy_pull,
+            image_sha,
+            resources,
+            &bridge_names,
+        )
+        .await?;
         row.worker_id = Some(worker.id.clone());
         bstore::insert(&mut tx, row).await?;
         crate::store::quotas::insert_charges(&mut tx, &row.id, charges).await?;
@@ -943,6 +969,11 @@ pub async fn set_paused(
         return Err(BunkerError::PermissionDenied(auth::CREATE));
     }
     let row = load(s, p, id).await?;
+    if matches!(op, Pause::Resume)
+        && let Some(restored) = super::passivation::reactivate(s, &row).await?
+    {
+        return Ok(restored);
+    }
     let from = BunkerStatus::parse(&row.status).ok_or(StoreError::Corrupt {
         id: row.id.clone(),
         column: "status",
@@ -994,7 +1025,11 @@ pub(crate) async fn running(
     p: &Principal,
     id: &str,
 ) -> Result<(BunkerRow, String), BunkerError> {
-    let row = load(s, p, id).await?;
+    let mut row = load(s, p, id).await?;
+    // A passivated bunker comes back transparently on its next request.
+    if let Some(restored) = super::passivation::reactivate(s, &row).await? {
+        row = restored;
+    }
     let status = BunkerStatus::parse(&row.status).unwrap_or(BunkerStatus::Failed);
     if status != BunkerStatus::Running {
         return Err(BunkerError::NotRunning(status));

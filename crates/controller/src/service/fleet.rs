@@ -284,6 +284,8 @@ async fn reconcile(s: &Services, hb: &Heartbeat) -> Result<HeartbeatResponse, Fl
             continue;
         }
         let reason = match reported.get(row.id.as_str()) {
+            // Being restored from its passivation snapshot onto this worker.
+            None if s.store.passivation(&row.id).await?.is_some() => None,
             None => Some("the worker no longer runs this bunker's VM".to_owned()),
             Some(r) if r.status == VmStatus::Failed => Some(
                 r.reason
@@ -298,7 +300,7 @@ async fn reconcile(s: &Services, hb: &Heartbeat) -> Result<HeartbeatResponse, Fl
     }
 
     let ids: Vec<String> = hb.bunkers.iter().map(|b| b.id.clone()).collect();
-    let live = s.store.admin_live_bunker_ids(&ids).await?;
+    let live = s.store.admin_live_bunker_ids(&hb.worker_id, &ids).await?;
     let stop_bunkers = ids.into_iter().filter(|id| !live.contains(id)).collect();
     Ok(HeartbeatResponse {
         known: true,

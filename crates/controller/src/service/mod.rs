@@ -9,6 +9,7 @@ pub mod exec_stream;
 pub mod fleet;
 pub mod identity;
 pub mod images;
+pub mod passivation;
 pub mod quotas;
 pub mod records;
 pub mod shell;

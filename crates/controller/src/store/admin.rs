@@ -50,21 +50,26 @@ impl Store {
         Ok(rows.iter().map(from_row).collect())
     }
 
-    /// Of `ids`, those that exist and are not terminal.
-    pub async fn admin_live_bunker_ids(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+    /// Of `ids`, those that exist, are not terminal and live on `worker_id` (a VM of a bunker
+    /// placed elsewhere, or passivated, is an orphan there).
+    pub async fn admin_live_bunker_ids(
+        &self,
+        worker_id: &str,
+        ids: &[String],
+    ) -> Result<Vec<String>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
         let placeholders = vec!["?"; ids.len()].join(", ");
         let sql = format!(
             "SELECT id FROM bunkers WHERE id IN ({placeholders}) \
-             AND status NOT IN ('terminated', 'failed')"
+             AND status NOT IN ('terminated', 'failed') AND worker_id = ?"
         );
         let mut q = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql));
         for id in ids {
             q = q.bind(id);
         }
-        Ok(q.fetch_all(self.pool()).await?)
+        Ok(q.bind(worker_id).fetch_all(self.pool()).await?)
     }
 }
 

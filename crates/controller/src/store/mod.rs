@@ -12,6 +12,7 @@ pub mod bunkers;
 pub mod exec_log;
 pub mod identity;
 pub mod images;
+pub mod passivation;
 pub mod quotas;
 pub mod snapshots;
 pub mod workers;

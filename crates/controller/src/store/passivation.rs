@@ -1,0 +1,141 @@
+//! Passivated persistent bunkers (see `service/passivation.rs`).
+
+use sqlx::AssertSqlSafe;
+
+use super::bunkers::{BunkerRow, COLUMNS, from_row};
+use super::{Store, StoreError, Tx, now_ms};
+
+impl Store {
+    /// Running persistent bunkers idle past their `idle_timeout_s`.
+    pub async fn admin_idle_persistent_bunkers(
+        &self,
+        now_ms: i64,
+    ) -> Result<Vec<BunkerRow>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM bunkers WHERE status = 'running' \
+             AND lifecycle_mode = 'persistent' \
+             AND COALESCE(last_activity_at, started_at, created_at) + idle_timeout_s * 1000 < ?"
+        )))
+        .bind(now_ms)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.iter().map(from_row).collect())
+    }
+
+    /// The snapshot a passivated bunker comes back from.
+    pub async fn passivation(&self, bunker_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT snapshot_id FROM passivations WHERE bunker_id = ?")
+                .bind(bunker_id)
+                .fetch_optional(self.pool())
+                .await?,
+        )
+    }
+
+    /// Passivation rows whose bunker has ended: (bunker id, tenant id, snapshot id).
+    pub async fn admin_ended_passivations(
+        &self,
+    ) -> Result<Vec<(String, String, String)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT p.bunker_id, p.tenant_id, p.snapshot_id FROM passivations p \
+             JOIN bunkers b ON b.id = p.bunker_id WHERE b.status IN ('terminated', 'failed')",
+        )
+        .fetch_all(self.pool())
+        .await?)
+    }
+}
+
+/// Moves a running bunker idle since before `idle_since` to `paused` with no worker and
+/// records its passivation snapshot. False (nothing changed) if it is no longer running or
+/// was used meanwhile.
+pub async fn passivate(
+    tx: &mut Tx<'_>,
+    tenant_id: &str,
+    bunker_id: &str,
+    snapshot_id: &str,
+    idle_since: i64,
+) -> Result<bool, StoreError> {
+    let moved = sqlx::query(
+        "UPDATE bunkers SET status = 'paused', worker_id = NULL WHERE tenant_id = ? AND id = ? \
+         AND status = 'running' AND COALESCE(last_activity_at, started_at, created_at) <= ?",
+    )
+    .bind(tenant_id)
+    .bind(bunker_id)
+    .bind(idle_since)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if moved {
+        sqlx::query(
+            "INSERT INTO passivations (bunker_id, tenant_id, snapshot_id, passivated_at) \
+             VALUES (?, ?, ?, ?)",
+        )
+        .bind(bunker_id)
+        .bind(tenant_id)
+        .bind(snapshot_id)
+        .bind(now_ms())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(moved)
+}
+
+/// Claims a passivated bunker for a restore on `worker_id`: false if another request already
+/// did (its worker is set) or it is no longer paused.
+pub async fn claim_restore(
+    tx: &mut Tx<'_>,
+    tenant_id: &str,
+    bunker_id: &str,
+    worker_id: &str,
+) -> Result<bool, StoreError> {
+    Ok(sqlx::query(
+        "UPDATE bunkers SET worker_id = ? WHERE tenant_id = ? AND id = ? AND status = 'paused' \
+         AND worker_id IS NULL",
+    )
+    .bind(worker_id)
+    .bind(tenant_id)
+    .bind(bunker_id)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// Gives up a claim after a failed restore: the bunker stays passivated.
+pub async fn release_claim(
+    store: &Store,
+    tenant_id: &str,
+    bunker_id: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE bunkers SET worker_id = NULL WHERE tenant_id = ? AND id = ? AND status = 'paused'",
+    )
+    .bind(tenant_id)
+    .bind(bunker_id)
+    .execute(store.pool())
+    .await?;
+    Ok(())
+}
+
+/// Ends a passivation: the row goes and the snapshot expires now (the snapshots job deletes
+/// it and its objects).
+pub async fn finish(
+    tx: &mut Tx<'_>,
+    tenant_id: &str,
+    bunker_id: &str,
+    snapshot_id: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM passivations WHERE bunker_id = ? AND tenant_id = ?")
+        .bind(bunker_id)
+        .bind(tenant_id)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("UPDATE snapshots SET expires_at = ? WHERE tenant_id = ? AND id = ?")
+        .bind(now_ms())
+        .bind(tenant_id)
+        .bind(snapshot_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
