@@ -180,7 +180,7 @@ fn hostname_from_cmdline(cmdline: &str) -> Option<&str> {
 }
 
 /// A hostname is 1–64 bytes of letters, digits, `-` and `.`.
-fn is_valid_hostname(name: &str) -> bool {
+pub(crate) fn is_valid_hostname(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name
             .bytes()
@@ -209,7 +209,7 @@ fn set_hostname() -> Result<(), InitError> {
 }
 
 /// The `/etc/hosts` line to append so that `name` resolves, if none names it yet.
-fn hosts_line(hosts: &str, name: &str) -> Option<String> {
+pub(crate) fn hosts_line(hosts: &str, name: &str) -> Option<String> {
     let known = hosts.lines().any(|line| {
         let line = line.split('#').next().unwrap_or_default();
         line.split_whitespace().skip(1).any(|alias| alias == name)

@@ -16,6 +16,7 @@ pub mod archive;
 pub mod channel;
 pub mod exec;
 pub mod files;
+pub mod identity;
 pub mod init;
 pub mod paths;
 pub mod serve;

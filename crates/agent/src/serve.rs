@@ -31,7 +31,7 @@ use scaibunker_proto::agent::{
 
 use crate::channel::{Conn, StreamInput, StreamTx, lock};
 use crate::exec::{self, ExecRequest};
-use crate::{AGENT_VERSION, archive, error_reply, files, log};
+use crate::{AGENT_VERSION, archive, error_reply, files, identity, log};
 
 /// Where `/sys` lists virtio-serial ports.
 const VIRTIO_PORTS_DIR: &str = "/sys/class/virtio-ports";
@@ -333,6 +333,11 @@ fn handle(request: Request, tx: &Arc<StreamTx>, input: mpsc::Receiver<StreamInpu
         Request::Remove { path, recursive } => files::remove(&path, recursive),
         Request::WriteArchive { path } => archive::write_archive(&path, &input),
         Request::ReadArchive { path } => archive::read_archive(&path, tx, &input),
+        Request::SetIdentity {
+            hostname,
+            machine_id,
+            seed_hex,
+        } => identity::set(&hostname, &machine_id, &seed_hex),
     }
 }
 

@@ -17,6 +17,21 @@ pub const BUNKER_QUOTA_EXCEEDED: &str = "BUNKER_QUOTA_EXCEEDED";
 pub const IMAGE_NOT_FOUND: &str = "IMAGE_NOT_FOUND";
 pub const SNAPSHOT_NOT_FOUND: &str = "SNAPSHOT_NOT_FOUND";
 pub const SNAPSHOT_NOT_READY: &str = "SNAPSHOT_NOT_READY";
+/// `PUT /images/{id}/content` on an image that is not waiting for content (baking, ready,
+/// failed or inactive), or a warm of an image that is not ready.
+pub const IMAGE_NOT_PENDING: &str = "IMAGE_NOT_PENDING";
+/// The image's source kind is not accepted here (`oci`).
+pub const IMAGE_SOURCE_UNSUPPORTED: &str = "IMAGE_SOURCE_UNSUPPORTED";
+/// The uploaded content is not what the source kind says (not a tarball, not ext4, an entry
+/// with an absolute or `..` path) or does not fit `size_mib`; nothing was kept.
+pub const IMAGE_CONTENT_INVALID: &str = "IMAGE_CONTENT_INVALID";
+/// The uploaded content is larger than the image upload cap.
+pub const IMAGE_TOO_LARGE: &str = "IMAGE_TOO_LARGE";
+/// An image or availability group name already taken in its scope.
+pub const NAME_TAKEN: &str = "NAME_TAKEN";
+pub const AVAILABILITY_GROUP_NOT_FOUND: &str = "AVAILABILITY_GROUP_NOT_FOUND";
+pub const WORKER_NOT_FOUND: &str = "WORKER_NOT_FOUND";
+pub const BRIDGE_NOT_FOUND: &str = "BRIDGE_NOT_FOUND";
 pub const QUOTA_PROFILE_NOT_FOUND: &str = "QUOTA_PROFILE_NOT_FOUND";
 pub const QUOTA_ASSIGNMENT_NOT_FOUND: &str = "QUOTA_ASSIGNMENT_NOT_FOUND";
 pub const CONFLICT: &str = "CONFLICT";

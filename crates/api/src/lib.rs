@@ -8,6 +8,7 @@ pub mod codes;
 pub mod envelope;
 pub mod exec;
 pub mod files;
+pub mod images;
 pub mod platform;
 pub mod quotas;
 pub mod shell;

@@ -27,3 +27,22 @@ pub struct Worker {
     pub registered_at: String,
     pub last_heartbeat: String,
 }
+
+/// `POST /bridges` (`scaibunker:admin`): a host bridge the worker offers to `transit` bunkers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CreateBridge {
+    /// The bridge's interface name on the worker host: 1–15 of `A-Z a-z 0-9 . _ -`.
+    pub name: String,
+    pub worker_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Bridge {
+    pub id: String,
+    pub name: String,
+    pub worker_id: String,
+    pub created_at: String,
+}

@@ -3,6 +3,7 @@
 
 mod commands;
 mod cp;
+mod image;
 mod shell;
 mod up;
 
@@ -49,6 +50,11 @@ enum Command {
     Shell(shell::ShellArgs),
     /// Copy files or directories between here and a bunker (`BUNKER:/path` on one side).
     Cp(cp::CpArgs),
+    /// Register, upload (tarball or ext4), list, warm and deactivate images.
+    Image {
+        #[command(subcommand)]
+        command: image::ImageCommand,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -72,6 +78,7 @@ fn main() -> std::process::ExitCode {
             Command::Exec(args) => commands::exec(args, cli.json).await,
             Command::Shell(args) => shell::shell(args).await,
             Command::Cp(args) => cp::cp(args, cli.json).await.map(|_| 0),
+            Command::Image { command } => image::image(command, cli.json).await.map(|_| 0),
         }
     });
     match result {

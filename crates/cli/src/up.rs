@@ -194,7 +194,7 @@ pub async fn up(data_dir: Option<PathBuf>, listen: SocketAddr) -> Result<()> {
             bail!("the worker exited ({status}); see {}", log_path.display());
         }
         let svc = &controller.services;
-        if let Some(img) = svc.store.image_visible_to("", "default").await?
+        if let Some(img) = svc.store.image_visible_to("", None, "default").await?
             && let Some(sha) = img.sha256
         {
             let mut tx = svc.store.begin().await?;

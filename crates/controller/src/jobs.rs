@@ -71,7 +71,13 @@ pub fn spawn(s: Services) -> tokio::task::JoinHandle<()> {
                 continue;
             }
             last_tick = Some(tick);
-            for job in [Job::Sweep, Job::Monitor, Job::Quota, Job::Snapshots] {
+            for job in [
+                Job::Sweep,
+                Job::Monitor,
+                Job::Quota,
+                Job::Images,
+                Job::Snapshots,
+            ] {
                 let lease = format!("job:{}:{tick}", job.name());
                 match s
                     .live
@@ -107,6 +113,8 @@ enum Job {
     Monitor,
     Quota,
     Snapshots,
+    /// Re-bakes images whose controller died mid-bake.
+    Images,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +123,8 @@ enum JobError {
     Store(#[from] StoreError),
     #[error("quota counters failed")]
     Quota(#[from] quotas::CountersError),
+    #[error("image recovery failed")]
+    Images(#[from] crate::service::images::ImageError),
 }
 
 impl Job {
@@ -124,6 +134,7 @@ impl Job {
             Self::Monitor => "monitor",
             Self::Quota => "quota",
             Self::Snapshots => "snapshots",
+            Self::Images => "images",
         }
     }
 
@@ -136,6 +147,10 @@ impl Job {
                 Ok(())
             }
             Self::Snapshots => Ok(snapshots::cleanup(s).await?),
+            Self::Images => {
+                crate::service::images::recover_stale_bakes(s).await?;
+                Ok(())
+            }
         }
     }
 }

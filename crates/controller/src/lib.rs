@@ -5,6 +5,7 @@
 //! tenant on first start, binds the listener and serves until the handle is shut down.
 //! [`start_storage_proxy`] serves only the storage proxy, with no database or Redis.
 
+pub mod bake;
 pub mod config;
 pub mod http;
 pub mod jobs;

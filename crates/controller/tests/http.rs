@@ -689,6 +689,7 @@ async fn heartbeats_tell_workers_to_stop_vms_of_ended_bunkers(db: Db) {
             },
         ],
         cached_images: Some(vec![]),
+        image_failures: Vec::new(),
     };
     let (st, v) = api
         .worker_call("/heartbeat", serde_json::to_value(&hb).expect("json"))
@@ -1368,6 +1369,7 @@ async fn heartbeats_heal_the_worker_image_ledger(db: Db) {
             active_bunkers: 0,
             bunkers: vec![],
             cached_images: cached,
+            image_failures: Vec::new(),
         })
         .expect("json")
     };
@@ -1486,7 +1488,662 @@ async fn the_shell_route_takes_a_query_token_and_checks_before_upgrading(db: Db)
     );
 }
 
+/// A tarball of a tiny root filesystem: `bin/hello` (0755) and `etc/motd`.
+fn rootfs_tar(extra: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, data: &[u8], mode: u32| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        h.set_entry_type(tar::EntryType::Regular);
+        let raw = &mut h.as_old_mut().name;
+        raw[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_cksum();
+        b.append(&h, data).expect("append");
+    };
+    add("bin/hello", b"#!/bin/sh\necho hello\n", 0o755);
+    add("etc/motd", b"baked\n", 0o644);
+    for (name, data) in extra {
+        add(name, data, 0o644);
+    }
+    b.into_inner().expect("tar")
+}
+
+impl Api {
+    async fn put_content(&self, key: &str, id: &str, bytes: Vec<u8>) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .put(self.url(&format!("/images/{id}/content")))
+            .bearer_auth(key)
+            .body(bytes)
+            .send()
+            .await
+            .expect("put");
+        let status = resp.status();
+        (status, resp.json().await.expect("json"))
+    }
+
+    async fn heartbeat_images(
+        &self,
+        worker_id: &str,
+        cached: Vec<String>,
+        failures: Vec<scaibunker_proto::worker::ImageFailure>,
+    ) -> scaibunker_proto::worker::HeartbeatResponse {
+        let hb = Heartbeat {
+            worker_id: worker_id.into(),
+            capacity: Capacity::default(),
+            active_bunkers: 0,
+            bunkers: vec![],
+            cached_images: Some(cached),
+            image_failures: failures,
+        };
+        let (st, v) = self
+            .worker_call("/heartbeat", serde_json::to_value(hb).expect("json"))
+            .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        serde_json::from_value(v).expect("heartbeat response")
+    }
+
+    async fn peers(&self, worker_id: &str, sha: &str) -> Vec<String> {
+        let (st, v) = self
+            .call(
+                "GET",
+                &format!("/peers/{sha}?worker_id={worker_id}"),
+                Some(WORKER_TOKEN),
+                None,
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        v["peers"]
+            .as_array()
+            .expect("peers")
+            .iter()
+            .map(|p| p["worker_id"].as_str().expect("id").to_owned())
+            .collect()
+    }
+}
+
+/// A tarball uploaded to a new image is baked into ext4 (stored through the storage proxy,
+/// its hash recorded) and fanned out through an availability group: its workers are asked to
+/// pull it in heartbeat answers until they report it, failures are recorded and retried by a
+/// warm, a worker added later is asked too, and peers are the group's workers that hold it.
+async fn images_bake_and_fan_out_through_availability_groups(db: Db) {
+    let api = Api::start(db).await;
+    let (st, v) = api
+        .admin(
+            "POST",
+            "/images",
+            Some(json!({"name": "hello", "source": {"kind": "tar"}, "size_mib": 16, "default_memory_mb": 256})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(v["data"]["status"], "pending");
+    let id = v["data"]["id"].as_str().expect("id").to_owned();
+
+    let (st, v) = api
+        .put_content(&api.key.clone(), &id, rootfs_tar(&[]))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let img = &v["data"];
+    assert_eq!(img["status"], "ready", "{v}");
+    let sha = img["sha256"].as_str().expect("sha").to_owned();
+    assert_eq!(img["size_bytes"], 16 << 20);
+    // The baked bytes are in object storage under the image, and hash to the recorded sha.
+    let resp = api
+        .http
+        .get(api.url(&format!("/storage/objects/images/{id}/rootfs.ext4")))
+        .bearer_auth(WORKER_TOKEN)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let bytes = resp.bytes().await.expect("bytes");
+    use sha2::Digest as _;
+    assert_eq!(hex::encode(sha2::Sha256::digest(&bytes)), sha);
+    assert_eq!(&bytes[1080..1082], &[0x53, 0xEF], "ext4 magic");
+    // The source is gone once baked; a second upload is refused.
+    let resp = api
+        .http
+        .head(api.url(&format!("/storage/objects/images/{id}/source")))
+        .bearer_auth(WORKER_TOKEN)
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let (st, v) = api
+        .put_content(&api.key.clone(), &id, rootfs_tar(&[]))
+        .await;
+    assert_eq!((st, code(&v)), (StatusCode::CONFLICT, "IMAGE_NOT_PENDING"));
+
+    // A group with one worker; adding the image queues it there.
+    let w1 = api.register_dead_worker("w1", 8000, vec![]).await;
+    let w2 = api.register_dead_worker("w2", 8000, vec![]).await;
+    let (st, v) = api
+        .admin("POST", "/availability-groups", Some(json!({"name": "eu"})))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let g = v["data"]["id"].as_str().expect("id").to_owned();
+    let (st, v) = api
+        .admin("POST", "/availability-groups", Some(json!({"name": "eu"})))
+        .await;
+    assert_eq!((st, code(&v)), (StatusCode::CONFLICT, "NAME_TAKEN"));
+    let (st, _) = api
+        .admin(
+            "POST",
+            &format!("/availability-groups/{g}/workers/{w1}"),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, v) = api
+        .admin(
+            "POST",
+            &format!("/availability-groups/{g}/images/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["data"]["worker_ids"], json!([w1]));
+    assert_eq!(v["data"]["image_ids"], json!([id]));
+    let (_, v) = api.admin("GET", &format!("/images/{id}"), None).await;
+    assert_eq!(
+        v["data"]["warm"],
+        json!({"queued": 1, "ready": 0, "failed": 0, "skipped": 0})
+    );
+
+    // The queued pull rides every heartbeat answer until the worker reports the image.
+    let answer = api.heartbeat_images(&w1, vec![], vec![]).await;
+    assert_eq!(answer.pull_images.len(), 1);
+    assert_eq!(answer.pull_images[0].sha256, sha);
+    assert_eq!(answer.pull_images[0].size_bytes, 16 << 20);
+    let key = format!("images/{id}/rootfs.ext4");
+    assert_eq!(
+        answer.pull_images[0].object_key.as_deref(),
+        Some(key.as_str())
+    );
+    let answer = api.heartbeat_images(&w1, vec![], vec![]).await;
+    assert_eq!(answer.pull_images.len(), 1, "still owed");
+    let answer = api.heartbeat_images(&w1, vec![sha.clone()], vec![]).await;
+    assert!(answer.pull_images.is_empty());
+    let (_, v) = api.admin("GET", &format!("/images/{id}"), None).await;
+    assert_eq!(v["data"]["warm"]["ready"], 1);
+    assert_eq!(v["data"]["workers"][0]["worker_id"], json!(w1));
+    assert_eq!(v["data"]["workers"][0]["state"], "ready");
+
+    // A worker added later is asked for every image of the group; its peer is w1.
+    let (st, _) = api
+        .admin(
+            "POST",
+            &format!("/availability-groups/{g}/workers/{w2}"),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(api.peers(&w2, &sha).await, vec![w1.clone()]);
+    assert!(
+        api.peers(&w1, &sha).await.is_empty(),
+        "w2 holds nothing yet"
+    );
+    let answer = api.heartbeat_images(&w2, vec![], vec![]).await;
+    assert_eq!(answer.pull_images.len(), 1);
+
+    // Its pull fails: recorded with the reason, no longer asked; a warm asks again.
+    let failure = scaibunker_proto::worker::ImageFailure {
+        sha256: sha.clone(),
+        reason: "disk full".into(),
+    };
+    let answer = api.heartbeat_images(&w2, vec![], vec![failure]).await;
+    assert!(answer.pull_images.is_empty());
+    let (_, v) = api.admin("GET", &format!("/images/{id}"), None).await;
+    assert_eq!(
+        v["data"]["warm"],
+        json!({"queued": 0, "ready": 1, "failed": 1, "skipped": 0})
+    );
+    let w2_state = v["data"]["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .find(|w| w["worker_id"] == json!(w2))
+        .expect("w2")
+        .clone();
+    assert_eq!(
+        (w2_state["state"].as_str(), w2_state["error"].as_str()),
+        (Some("failed"), Some("disk full"))
+    );
+    let (st, v) = api.admin("POST", &format!("/images/{id}/warm"), None).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["data"]["warm"]["queued"], 1);
+    let answer = api.heartbeat_images(&w2, vec![sha.clone()], vec![]).await;
+    assert!(answer.pull_images.is_empty());
+    assert_eq!(api.peers(&w1, &sha).await, vec![w2.clone()]);
+
+    // A worker outside the group has no peers; a stranger's digest has none either.
+    let w3 = api.register_dead_worker("w3", 8000, vec![]).await;
+    assert!(api.peers(&w3, &sha).await.is_empty());
+    assert!(api.peers(&w2, &"c".repeat(64)).await.is_empty());
+    let (st, v) = api
+        .call("GET", "/peers/nothex?worker_id=x", Some(WORKER_TOKEN), None)
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_ERROR")
+    );
+
+    // The baked image is bootable by name: placement picks a worker holding it.
+    let (st, v) = api
+        .admin(
+            "POST",
+            "/bunkers",
+            Some(json!({"image": "hello", "wait": false})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert!(
+        [w1.clone(), w2.clone()].contains(
+            &v["data"]["worker_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        ),
+        "{v}"
+    );
+    assert_eq!(v["data"]["memory_mb"], 256, "the image's default memory");
+
+    // Removing members and deleting the group leaves the caches alone.
+    let (st, v) = api
+        .admin(
+            "DELETE",
+            &format!("/availability-groups/{g}/workers/{w2}"),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(v["data"]["worker_ids"], json!([w1]));
+    let (st, _) = api
+        .admin("DELETE", &format!("/availability-groups/{g}"), None)
+        .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let (st, v) = api
+        .admin("GET", &format!("/availability-groups/{g}"), None)
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::NOT_FOUND, "AVAILABILITY_GROUP_NOT_FOUND")
+    );
+    let (_, v) = api.admin("GET", &format!("/images/{id}"), None).await;
+    assert_eq!(v["data"]["warm"]["ready"], 2);
+
+    // Deactivated: no new bunkers from it.
+    let (st, v) = api
+        .admin("POST", &format!("/images/{id}/deactivate"), None)
+        .await;
+    assert_eq!(
+        (st, v["data"]["status"].as_str()),
+        (StatusCode::OK, Some("inactive"))
+    );
+    let (st, v) = api
+        .admin("POST", "/bunkers", Some(json!({"image": "hello"})))
+        .await;
+    assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "IMAGE_NOT_FOUND"));
+}
+
+/// Bad image content is refused with a clear code and leaves nothing behind: not a tarball,
+/// a member escaping the root, files that do not fit, an ext4 over its size, a non-ext4;
+/// the image can take a good upload afterwards.
+async fn bad_image_content_is_refused_and_nothing_is_kept(db: Db) {
+    let api = Api::start(db).await;
+    let key = api.key.clone();
+    let create = |name: &'static str, kind: &'static str, size: u64| {
+        let api = &api;
+        async move {
+            let (st, v) = api
+                .admin(
+                    "POST",
+                    "/images",
+                    Some(json!({"name": name, "source": {"kind": kind}, "size_mib": size})),
+                )
+                .await;
+            assert_eq!(st, StatusCode::CREATED, "{v}");
+            v["data"]["id"].as_str().expect("id").to_owned()
+        }
+    };
+    let id = create("t", "tar", 16).await;
+    let (st, v) = api.put_content(&key, &id, vec![7u8; 8192]).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "IMAGE_CONTENT_INVALID"),
+        "{v}"
+    );
+    let (_, v) = api.admin("GET", &format!("/images/{id}"), None).await;
+    assert_eq!(v["data"]["status"], "failed");
+    assert!(
+        v["data"]["error"]
+            .as_str()
+            .expect("error")
+            .contains("tarball"),
+        "{v}"
+    );
+    let (st, v) = api
+        .put_content(&key, &id, rootfs_tar(&[("../../etc/evil", b"x")]))
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "IMAGE_CONTENT_INVALID")
+    );
+    assert!(
+        v["error"]["message"].as_str().expect("msg").contains(".."),
+        "{v}"
+    );
+    let big = vec![1u8; 17 << 20];
+    let (st, v) = api
+        .put_content(&key, &id, rootfs_tar(&[("big", &big)]))
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "IMAGE_CONTENT_INVALID")
+    );
+    // Nothing of the refused uploads is stored.
+    let listing = api
+        .handle
+        .services
+        .objects()
+        .list(&format!("images/{id}/"))
+        .await
+        .expect("list");
+    assert!(listing.is_empty(), "{listing:?}");
+    // A good upload after all that: ready.
+    let (st, v) = api.put_content(&key, &id, rootfs_tar(&[])).await;
+    assert_eq!(
+        (st, v["data"]["status"].as_str()),
+        (StatusCode::OK, Some("ready")),
+        "{v}"
+    );
+
+    let ext = create("e", "ext4", 16).await;
+    let (st, v) = api.put_content(&key, &ext, vec![0u8; 17 << 20]).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::PAYLOAD_TOO_LARGE, "IMAGE_TOO_LARGE"),
+        "{v}"
+    );
+    let (st, v) = api.put_content(&key, &ext, vec![0u8; 1 << 20]).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "IMAGE_CONTENT_INVALID"),
+        "{v}"
+    );
+
+    // Refused at creation: oci, bad names, taken names, bad sizes and scopes.
+    let bad = [
+        (
+            json!({"name": "o", "source": {"kind": "oci"}}),
+            "IMAGE_SOURCE_UNSUPPORTED",
+        ),
+        (
+            json!({"name": "Bad Name", "source": {"kind": "tar"}}),
+            "VALIDATION_ERROR",
+        ),
+        (
+            json!({"name": "x", "source": {"kind": "zip"}}),
+            "VALIDATION_ERROR",
+        ),
+        (
+            json!({"name": "x", "source": {"kind": "tar"}, "size_mib": 1}),
+            "VALIDATION_ERROR",
+        ),
+        (
+            json!({"name": "x", "source": {"kind": "tar"}, "scope": "galaxy"}),
+            "VALIDATION_ERROR",
+        ),
+        (
+            json!({"name": "x", "source": {"kind": "tar"}, "scope": "partner"}),
+            "VALIDATION_ERROR",
+        ),
+    ];
+    for (body, want) in bad {
+        let (st, v) = api.admin("POST", "/images", Some(body.clone())).await;
+        assert_eq!(code(&v), want, "{body} → {st} {v}");
+    }
+    let (st, v) = api
+        .admin(
+            "POST",
+            "/images",
+            Some(json!({"name": "t", "source": {"kind": "tar"}})),
+        )
+        .await;
+    assert_eq!((st, code(&v)), (StatusCode::CONFLICT, "NAME_TAKEN"));
+}
+
+/// Tenants see their own, their partner's and the platform's images only; managing needs
+/// `scaibunker:images:manage` on one's own image, platform scope and availability groups
+/// need the platform admin.
+async fn images_are_tenant_scoped_and_permissioned(db: Db) {
+    let api = Api::start(db).await;
+    let (st, v) = api
+        .admin(
+            "POST",
+            "/images",
+            Some(json!({"name": "base", "source": {"kind": "tar"}, "scope": "platform", "size_mib": 16})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let platform_img = v["data"]["id"].as_str().expect("id").to_owned();
+    assert_eq!(v["data"]["tenant_id"], Value::Null);
+
+    let acme = api.tenant_key("acme", "tenant_admin").await;
+    let globex = api.tenant_key("globex", "tenant_admin").await;
+    let acme_user = api.tenant_key("acmeuser", "tenant_user").await;
+    let (st, v) = api
+        .call(
+            "POST",
+            "/images",
+            Some(&acme),
+            Some(json!({"name": "mine", "source": {"kind": "tar"}, "size_mib": 16})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let acme_img = v["data"]["id"].as_str().expect("id").to_owned();
+
+    // Visibility.
+    let names = |v: &Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|i| i["name"].as_str().expect("name").to_owned())
+            .collect()
+    };
+    let (_, v) = api.call("GET", "/images", Some(&globex), None).await;
+    assert!(
+        names(&v).contains(&"base".to_owned()) && !names(&v).contains(&"mine".to_owned()),
+        "{v}"
+    );
+    let (st, v) = api
+        .call("GET", &format!("/images/{acme_img}"), Some(&globex), None)
+        .await;
+    assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "IMAGE_NOT_FOUND"));
+    let (st, v) = api
+        .call(
+            "PUT",
+            &format!("/images/{acme_img}/content"),
+            Some(&globex),
+            None,
+        )
+        .await;
+    assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "IMAGE_NOT_FOUND"));
+    // Same names in different tenants do not clash.
+    let (st, _) = api
+        .call(
+            "POST",
+            "/images",
+            Some(&globex),
+            Some(json!({"name": "mine", "source": {"kind": "tar"}, "size_mib": 16})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED);
+
+    // Permissions.
+    let denied = [
+        (
+            "POST",
+            "/images".to_owned(),
+            Some(json!({"name": "u", "source": {"kind": "tar"}})),
+            &acme_user,
+        ),
+        (
+            "POST",
+            "/images".to_owned(),
+            Some(json!({"name": "p", "source": {"kind": "tar"}, "scope": "platform"})),
+            &acme,
+        ),
+        (
+            "PUT",
+            format!("/images/{platform_img}/content"),
+            None,
+            &acme,
+        ),
+        (
+            "POST",
+            format!("/images/{platform_img}/deactivate"),
+            None,
+            &acme,
+        ),
+        (
+            "POST",
+            format!("/images/{acme_img}/deactivate"),
+            None,
+            &acme_user,
+        ),
+        (
+            "POST",
+            "/availability-groups".to_owned(),
+            Some(json!({"name": "g"})),
+            &acme,
+        ),
+        ("GET", "/availability-groups".to_owned(), None, &acme),
+    ];
+    for (method, path, body, key) in denied {
+        let (st, v) = api.call(method, &path, Some(key.as_str()), body).await;
+        assert_eq!(
+            (st, code(&v)),
+            (StatusCode::FORBIDDEN, "AUTHZ_PERMISSION_DENIED"),
+            "{method} {path}"
+        );
+    }
+    // The peers route is for workers only.
+    let (st, _) = api
+        .call(
+            "GET",
+            &format!("/peers/{}?worker_id=x", "a".repeat(64)),
+            Some(&acme),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    // The audit trail has the creations.
+    let (_, v) = api
+        .call("GET", "/audit?action=image.create", Some(&acme), None)
+        .await;
+    assert_eq!(v["data"].as_array().expect("events").len(), 1, "{v}");
+}
+
+/// Bridges are admin records, unique per worker and name, that placement matches against a
+/// `transit` bunker's interfaces (the rule itself is table-tested in `core::placement`).
+/// `transit` bunkers are refused until the worker can attach them.
+async fn bridges_are_admin_records_and_transit_is_refused_plainly(db: Db) {
+    let api = Api::start(db).await;
+    let w1 = api.register_dead_worker("w1", 16000, default_image()).await;
+    let w2 = api.register_dead_worker("w2", 8000, default_image()).await;
+    let bridge = |name: &str, worker: &str| json!({"name": name, "worker_id": worker});
+    for (name, worker) in [("br-lan", &w1), ("br-lan", &w2), ("br-dmz", &w2)] {
+        let (st, v) = api
+            .admin("POST", "/bridges", Some(bridge(name, worker)))
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        assert_eq!(v["data"]["worker_id"], json!(worker));
+    }
+    let (st, v) = api
+        .admin("POST", "/bridges", Some(bridge("br-lan", &w1)))
+        .await;
+    assert_eq!((st, code(&v)), (StatusCode::CONFLICT, "NAME_TAKEN"));
+    let (st, v) = api
+        .admin("POST", "/bridges", Some(bridge("bad name!", &w1)))
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_ERROR")
+    );
+    let (st, v) = api
+        .admin("POST", "/bridges", Some(bridge("br0", "wrk_nope")))
+        .await;
+    assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "WORKER_NOT_FOUND"));
+
+    let (_, v) = api.admin("GET", "/bridges", None).await;
+    let listed: Vec<(String, String)> = v["data"]
+        .as_array()
+        .expect("bridges")
+        .iter()
+        .map(|b| {
+            (
+                b["worker_id"].as_str().unwrap_or_default().to_owned(),
+                b["name"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let mut want = vec![
+        (w1.clone(), "br-lan".to_owned()),
+        (w2.clone(), "br-dmz".to_owned()),
+        (w2.clone(), "br-lan".to_owned()),
+    ];
+    want.sort();
+    assert_eq!(listed, want);
+    let dmz = v["data"]
+        .as_array()
+        .expect("bridges")
+        .iter()
+        .find(|b| b["name"] == "br-dmz")
+        .and_then(|b| b["id"].as_str())
+        .expect("br-dmz")
+        .to_owned();
+    let (st, _) = api.admin("DELETE", &format!("/bridges/{dmz}"), None).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let (st, v) = api.admin("DELETE", &format!("/bridges/{dmz}"), None).await;
+    assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "BRIDGE_NOT_FOUND"));
+
+    let transit = json!({
+        "image": "default",
+        "network_profile": "transit",
+        "interfaces": [{"if_name": "eth1", "bridge_name": "br-lan"}]
+    });
+    let (st, v) = api.admin("POST", "/bunkers", Some(transit)).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_ERROR"),
+        "{v}"
+    );
+    assert_eq!(v["error"]["details"][0]["field"], "network_profile");
+
+    // Bridges are admin records.
+    let tenant = api.tenant_key("bridgeless", "tenant_admin").await;
+    for (method, path, body) in [
+        ("GET", "/bridges".to_owned(), None),
+        ("POST", "/bridges".to_owned(), Some(bridge("br9", &w1))),
+        ("DELETE", "/bridges/brg_x".to_owned(), None),
+    ] {
+        let (st, v) = api.call(method, &path, Some(&tenant), body).await;
+        assert_eq!(
+            (st, code(&v)),
+            (StatusCode::FORBIDDEN, "AUTHZ_PERMISSION_DENIED"),
+            "{method} {path}"
+        );
+    }
+}
+
 both!(
+    bridges_are_admin_records_and_transit_is_refused_plainly,
+    images_bake_and_fan_out_through_availability_groups,
+    bad_image_content_is_refused_and_nothing_is_kept,
+    images_are_tenant_scoped_and_permissioned,
     heartbeats_heal_the_worker_image_ledger,
     the_shell_route_takes_a_query_token_and_checks_before_upgrading,
     every_route_refuses_a_key_without_its_permission,

@@ -304,6 +304,7 @@ impl Api {
                 })
                 .collect(),
             cached_images: None,
+            image_failures: Vec::new(),
         };
         let (st, v) = self
             .call(

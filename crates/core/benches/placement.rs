@@ -23,6 +23,7 @@ fn fleet(ids: &[String]) -> Vec<Candidate<'_>> {
                 is_online: i % 20 != 0,
                 is_draining: i % 20 == 1,
                 has_image: i % 2 == 0,
+                has_bridges: true,
                 free: Resources {
                     cpu_millicores: 500 + h % 32_000,
                     memory_mb: 256 + (h >> 5) % 64_000,

@@ -99,6 +99,10 @@ prefixed_id!(/// A quota profile.
     QuotaProfileId, "qp_");
 prefixed_id!(/// The assignment of a quota profile to a user or group.
     QuotaAssignmentId, "qpa_");
+prefixed_id!(/// An availability group (workers and the images warmed on them).
+    AvailabilityGroupId, "ag_");
+prefixed_id!(/// A host bridge a worker offers to `transit` bunkers.
+    BridgeId, "brg_");
 
 #[cfg(test)]
 mod tests {

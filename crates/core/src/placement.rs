@@ -1,10 +1,11 @@
 //! Placement: which worker gets a new bunker. A pure function over a snapshot of the fleet.
 //!
 //! Policy: among workers that are online, not draining, hold the image (unless the image is
-//! lazily pulled) and have room for the request, pick the one with the most free memory
+//! lazily pulled), own every bridge a `transit` bunker's interfaces name, and have room for
+//! the request, pick the one with the most free memory
 //! (spreading load), ties broken by most free CPU, then by worker id so the choice is
-//! deterministic. No worker with the image at all: `NoSuitableWorker`; workers with the image
-//! but no room: `WorkerUnavailable`.
+//! deterministic. No worker with the image and bridges at all: `NoSuitableWorker`; workers
+//! with them but no room: `WorkerUnavailable`.
 
 use crate::spec::Resources;
 
@@ -14,6 +15,9 @@ pub struct Candidate<'a> {
     pub is_online: bool,
     pub is_draining: bool,
     pub has_image: bool,
+    /// Whether the worker owns every bridge the bunker's interfaces name (always true for
+    /// bunkers without interfaces).
+    pub has_bridges: bool,
     pub free: Resources,
 }
 
@@ -42,6 +46,7 @@ pub fn place<'a>(
         .iter()
         .filter(|c| c.is_online && !c.is_draining)
         .filter(|c| c.has_image || pull == ImagePull::Lazy)
+        .filter(|c| c.has_bridges)
         .collect();
     if eligible.is_empty() {
         return Err(PlacementError::NoSuitableWorker);
@@ -78,6 +83,7 @@ mod tests {
             is_online: online,
             is_draining: draining,
             has_image: image,
+            has_bridges: true,
             free,
         }
     }
@@ -156,6 +162,39 @@ mod tests {
                 ],
                 ImagePull::Cached,
                 Ok("w1"),
+            ),
+            (
+                "bridges missing: not a candidate at all",
+                vec![Candidate {
+                    has_bridges: false,
+                    ..cand("w1", true, false, true, big)
+                }],
+                ImagePull::Cached,
+                Err(PlacementError::NoSuitableWorker),
+            ),
+            (
+                "the worker with the bridges wins over a bigger one without",
+                vec![
+                    Candidate {
+                        has_bridges: false,
+                        ..cand("w1", true, false, true, res(8000, 16000))
+                    },
+                    cand("w2", true, false, true, big),
+                ],
+                ImagePull::Cached,
+                Ok("w2"),
+            ),
+            (
+                "bridges but no room",
+                vec![
+                    Candidate {
+                        has_bridges: false,
+                        ..cand("w1", true, false, true, big)
+                    },
+                    cand("w2", true, false, true, small),
+                ],
+                ImagePull::Cached,
+                Err(PlacementError::WorkerUnavailable),
             ),
             (
                 "fitting worker beats bigger full one",

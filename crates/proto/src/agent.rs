@@ -35,7 +35,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to frames or messages.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest payload of one frame; bigger bodies are split into several `DATA` frames.
 pub const MAX_FRAME_PAYLOAD: usize = 64 * 1024;
@@ -310,6 +310,17 @@ pub enum Request {
     ReadArchive {
         path: String,
     },
+    /// Gives a guest restored from a saved state its own identity: the host name (kernel,
+    /// `/etc/hostname`, a `127.0.1.1` line in `/etc/hosts` if none names it), `/etc/machine-id`,
+    /// and `seed_hex` credited to the kernel's entropy pool, then the generator reseeded, so
+    /// clones of one state never share random numbers. Answered with [`Reply::Done`].
+    SetIdentity {
+        hostname: String,
+        /// 32 lowercase hex digits.
+        machine_id: String,
+        /// 32–512 bytes of host randomness, hex.
+        seed_hex: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -370,6 +381,8 @@ pub enum Reply {
         entries: Vec<DirEntry>,
     },
     Removed,
+    /// A request without a result of its own succeeded.
+    Done,
     Error {
         code: AgentErrorCode,
         message: String,

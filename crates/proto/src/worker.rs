@@ -92,6 +92,51 @@ pub struct Heartbeat {
     pub bunkers: Vec<BunkerStatusReport>,
     #[serde(default)]
     pub cached_images: Option<Vec<String>>,
+    /// Pulls that failed since the last heartbeat (the controller marks them `failed` in the
+    /// worker's cache ledger and stops asking until the image is warmed again).
+    #[serde(default)]
+    pub image_failures: Vec<ImageFailure>,
+}
+
+/// An image the controller asks a worker to hold in its cache. The worker fetches the ext4
+/// bytes from a peer that has them (`GET /v1/modules/scaibunker/peers/{sha256}` names them,
+/// then `GET {peer}/v1/worker/images/{sha256}`), else through the storage proxy
+/// (`GET /v1/modules/scaibunker/storage/objects/{object_key}`, worker token), and keeps
+/// them only if their SHA-256 is `sha256`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ImagePull {
+    /// Lowercase hex.
+    pub sha256: String,
+    pub size_bytes: u64,
+    /// Where the storage proxy holds the bytes; `None` for images only workers hold (the
+    /// prebuilt ones), which come from peers or not at all.
+    #[serde(default)]
+    pub object_key: Option<String>,
+}
+
+/// A pull that failed on the worker.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ImageFailure {
+    pub sha256: String,
+    pub reason: String,
+}
+
+/// `GET /v1/modules/scaibunker/peers/{sha256}` (worker token): the online workers sharing an
+/// availability group with the caller whose cache holds the image, the caller excluded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PeersResponse {
+    pub peers: Vec<Peer>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub worker_id: String,
+    /// Base URL of the peer's worker API; the image is `GET {url}/v1/worker/images/{sha256}`.
+    pub url: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -103,6 +148,11 @@ pub struct HeartbeatResponse {
     /// the worker stops them, so no VM outlives its bunker.
     #[serde(default)]
     pub stop_bunkers: Vec<String>,
+    /// Images to fetch into the cache (warmed through an availability group or
+    /// `POST /images/{id}/warm`). Repeated every heartbeat until the worker reports the image
+    /// in `cached_images` or in `image_failures`; a pull already in flight is not restarted.
+    #[serde(default)]
+    pub pull_images: Vec<ImagePull>,
 }
 
 /// `POST /v1/worker/bunkers`: boot a bunker; answers once the agent is ready or boot failed.
@@ -120,6 +170,9 @@ pub struct CreateVm {
     /// Restore this snapshot (of an image with `image_sha256`) instead of booting the image.
     #[serde(default)]
     pub snapshot: Option<SnapshotManifest>,
+    /// For a `lazy_pull` image the worker may not hold yet: where to fetch it before booting.
+    #[serde(default)]
+    pub image_pull: Option<ImagePull>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -1,6 +1,7 @@
 //! The typed Rust client of the ScaiBunker public API. Used by the CLI and the end-to-end
 //! tests. Errors carry the API's stable codes.
 
+mod images;
 mod shell;
 mod stream;
 

@@ -258,6 +258,7 @@ impl Bench {
                 hostname: format!("bench-{}", id.replace('_', "-")),
                 env_vars: Default::default(),
                 snapshot,
+                image_pull: None,
             })
             .send()
             .await?;

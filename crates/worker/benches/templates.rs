@@ -192,6 +192,7 @@ async fn create_exec(
             hostname: format!("bench-{id}"),
             env_vars: Default::default(),
             snapshot: None,
+            image_pull: None,
         })
         .send()
         .await?;

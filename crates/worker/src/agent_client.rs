@@ -487,6 +487,25 @@ impl AgentClient {
         }
     }
 
+    /// Gives a restored guest its own host name and machine id, and credits `seed` to its
+    /// entropy pool with a reseed (see [`Request::SetIdentity`]).
+    pub async fn set_identity(
+        &self,
+        hostname: &str,
+        machine_id: &str,
+        seed: &[u8],
+    ) -> Result<(), AgentError> {
+        let request = Request::SetIdentity {
+            hostname: hostname.to_owned(),
+            machine_id: machine_id.to_owned(),
+            seed_hex: hex::encode(seed),
+        };
+        match self.call(&request).await? {
+            Reply::Done => Ok(()),
+            other => Err(protocol(0, &format!("set_identity answered {other:?}"))),
+        }
+    }
+
     /// A request without a body whose only answer is its `REPLY`.
     async fn call(&self, request: &Request) -> Result<Reply, AgentError> {
         let mut stream = self.open(request).await?;

@@ -13,6 +13,10 @@
 //! `shell` upgrades to a WebSocket once the session has started (so an unknown or stopped
 //! bunker is a plain error response); [`crate::shell`] bridges it to the terminal.
 //!
+//! `images/{sha256}` streams a cached image (prebuilt or pulled) to a peer worker, with its
+//! `Content-Length`; the path must be a digest (64 lowercase hex), never a name. `/metrics`
+//! (no token, like `/health`) has the image pull counters in Prometheus text.
+//!
 //! File bodies stream in both directions: an upload is forwarded to the agent chunk by chunk
 //! (never buffered whole) and cut off at the configured cap; a download starts only once the
 //! agent has accepted the path, so not-found and is-a-directory are proper statuses.
@@ -46,6 +50,9 @@ use crate::agent_client::{
     AgentError, ExecEvent, ExecOutcome, ExecSpec, ExecStream, ShellSpec, WriteFileError,
 };
 use crate::bunker::{BunkerOpError, Bunkers, CreateBunkerError};
+
+/// Read size when streaming an image to a peer.
+const IMAGE_CHUNK_BYTES: usize = 256 << 10;
 
 /// Exit code a shell gives a command it cannot run.
 const SPAWN_FAILED_EXIT_CODE: i32 = 127;
@@ -118,6 +125,8 @@ enum Command {
         path: String,
         recursive: bool,
     },
+    /// The bytes of a cached image (prebuilt or pulled), for a peer worker.
+    ReadImage(String),
 }
 
 /// An error response.
@@ -172,6 +181,10 @@ impl From<CreateBunkerError> for ApiError {
             }
             CreateBunkerError::ImageNotCached(_) => {
                 Self::new(StatusCode::NOT_FOUND, "IMAGE_NOT_CACHED", message)
+            }
+            // No peer or proxy served the image: an upstream failure, with its reason.
+            CreateBunkerError::ImagePull { .. } => {
+                Self::new(StatusCode::BAD_GATEWAY, "IMAGE_PULL_FAILED", message)
             }
             // The reason (with the console tail) is what the controller needs to show.
             CreateBunkerError::BootFailed { .. } => {
@@ -263,6 +276,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             get(read_file).put(write_file).delete(remove_file),
         )
         .route("/bunkers/{id}/files/list", get(list_dir))
+        .route("/images/{sha256}", get(read_image))
         .route(
             "/bunkers/{id}/files/archive",
             get(read_archive).put(write_archive),
@@ -275,6 +289,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .nest(WORKER_API_PREFIX, api)
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route") })
         .with_state(state)
 }
@@ -298,6 +313,23 @@ async fn require_token(State(state): State<Arc<ApiState>>, req: Request, next: N
 
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Prometheus text: the image pull counters (no secrets, so no token, like `/health`).
+async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
+    let c = s.bunkers.pulls().counters();
+    let text = format!(
+        "# HELP scaibunker_worker_image_pull_bytes_total Bytes of completed image pulls, by source.\n\
+         # TYPE scaibunker_worker_image_pull_bytes_total counter\n\
+         scaibunker_worker_image_pull_bytes_total{{source=\"peer\"}} {}\n\
+         scaibunker_worker_image_pull_bytes_total{{source=\"proxy\"}} {}\n\
+         # HELP scaibunker_worker_image_pulls_total Image pulls ended, by outcome.\n\
+         # TYPE scaibunker_worker_image_pulls_total counter\n\
+         scaibunker_worker_image_pulls_total{{outcome=\"completed\"}} {}\n\
+         scaibunker_worker_image_pulls_total{{outcome=\"failed\"}} {}\n",
+        c.peer_bytes, c.proxy_bytes, c.completed, c.failed
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
@@ -543,6 +575,18 @@ async fn remove_file(
     execute(&s, cmd).await
 }
 
+async fn read_image(
+    State(s): State<Arc<ApiState>>,
+    Path(sha256): Path<String>,
+) -> Result<Response, ApiError> {
+    if !crate::pulls::is_sha256_hex(&sha256) {
+        return Err(ApiError::validation(
+            "sha256 must be 64 lowercase hex digits",
+        ));
+    }
+    execute(&s, Command::ReadImage(sha256)).await
+}
+
 /// Runs one command.
 async fn execute(s: &ApiState, cmd: Command) -> Result<Response, ApiError> {
     let bunkers = &s.bunkers;
@@ -638,6 +682,39 @@ async fn execute(s: &ApiState, cmd: Command) -> Result<Response, ApiError> {
             let (agent, _) = bunkers.agent(&id)?;
             agent.remove(path, recursive).await?;
             StatusCode::NO_CONTENT.into_response()
+        }
+        Command::ReadImage(sha256) => {
+            let not_held = || {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "IMAGE_NOT_CACHED",
+                    format!("image {sha256} is not in the local cache"),
+                )
+            };
+            let image = bunkers.image_by_sha256(&sha256).ok_or_else(not_held)?;
+            let file = match tokio::fs::File::open(&image.path).await {
+                Ok(file) => file,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_held()),
+                Err(e) => return Err(ApiError::internal("open a cached image", &e)),
+            };
+            // The length of the open file, not of the scan: what is sent is what is announced.
+            let len = file
+                .metadata()
+                .await
+                .map_err(|e| ApiError::internal("stat a cached image", &e))?
+                .len();
+            tracing::info!(%sha256, bytes = len, "serving an image to a peer");
+            (
+                [
+                    (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+                    (header::CONTENT_LENGTH, len.to_string()),
+                ],
+                Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+                    file,
+                    IMAGE_CHUNK_BYTES,
+                )),
+            )
+                .into_response()
         }
     })
 }
@@ -793,17 +870,39 @@ enum BodyError {
     Read(#[source] axum::Error),
 }
 
-/// The body as a stream that fails once more than `limit` bytes have passed.
+/// How much of an over-limit upload is still read (and discarded) before the refusal is
+/// sent, so that a client still writing its body reads the `413` instead of a reset.
+const DRAIN_MAX_BYTES: u64 = 8 << 20;
+/// How long that draining may take at most.
+const DRAIN_MAX: Duration = Duration::from_secs(5);
+
+/// The body as a stream that fails once more than `limit` bytes have passed. Before failing
+/// it reads what the client still sends, up to [`DRAIN_MAX_BYTES`] or [`DRAIN_MAX`]: a
+/// server that answers and closes while the client is mid-body makes the client see a
+/// broken pipe rather than the error.
 fn capped(body: Body, limit: u64) -> impl Stream<Item = Result<Bytes, BodyError>> + Send {
-    let mut seen: u64 = 0;
-    body.into_data_stream().map(move |chunk| {
-        let chunk = chunk.map_err(BodyError::Read)?;
-        seen = seen.saturating_add(chunk.len() as u64);
-        if seen > limit {
-            Err(BodyError::TooLarge)
-        } else {
-            Ok(chunk)
+    let chunks = body.into_data_stream();
+    futures_util::stream::unfold(Some((chunks, 0u64)), move |state| async move {
+        let (mut chunks, seen) = state?;
+        let chunk = match chunks.next().await? {
+            Ok(chunk) => chunk,
+            Err(e) => return Some((Err(BodyError::Read(e)), None)),
+        };
+        let seen = seen.saturating_add(chunk.len() as u64);
+        if seen <= limit {
+            return Some((Ok(chunk), Some((chunks, seen))));
         }
+        let drain = async {
+            let mut drained = 0u64;
+            while let Some(Ok(chunk)) = chunks.next().await {
+                drained += chunk.len() as u64;
+                if drained > DRAIN_MAX_BYTES {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_MAX, drain).await;
+        Some((Err(BodyError::TooLarge), None))
     })
 }
 
@@ -911,5 +1010,26 @@ mod tests {
         let body = Body::from(vec![0u8; 10]);
         let items: Vec<_> = capped(body, 10).collect().await;
         assert!(items.iter().all(Result::is_ok));
+
+        // Past the limit, the rest of the body is read before the stream fails, and
+        // nothing follows the failure.
+        let read = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = read.clone();
+        let chunks = futures_util::stream::iter(0..4).map(move |_| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok::<_, std::io::Error>(Bytes::from(vec![1u8; 6]))
+        });
+        let mut stream = Box::pin(capped(Body::from_stream(chunks), 10));
+        assert!(matches!(stream.next().await, Some(Ok(_))));
+        assert!(matches!(
+            stream.next().await,
+            Some(Err(BodyError::TooLarge))
+        ));
+        assert_eq!(
+            read.load(std::sync::atomic::Ordering::SeqCst),
+            4,
+            "the rest was read"
+        );
+        assert!(stream.next().await.is_none());
     }
 }

@@ -4,8 +4,10 @@
 //!    URL, total capacity, cached images and runtime; retried with a backoff from 0.5 s to
 //!    5 s until it succeeds.
 //! 2. Every heartbeat interval, `POST {controller}/v1/modules/scaibunker/heartbeat` with the
-//!    free capacity, every bunker's status (failed ones with their reason) and the cached
-//!    images' digests.
+//!    free capacity, every bunker's status (failed ones with their reason), the digests of
+//!    the cached images (prebuilt and pulled) and the pulls that failed since the last one
+//!    (put back if the heartbeat does not land, so each is reported once). The answer's
+//!    `pull_images` start background pulls ([`crate::pulls`]).
 //! 3. A heartbeat answered `known: false` (the controller lost the worker) goes back to 1.
 //!
 //! Both carry the worker token. Failures are logged and retried, never fatal: bunkers keep
@@ -70,6 +72,7 @@ impl ControllerLink {
         loop {
             let registered = self.register(&http).await;
             tracing::info!(worker_id = %registered.worker_id, "registered with the controller");
+            self.bunkers.pulls().set_worker_id(&registered.worker_id);
             self.heartbeat_until_unknown(&http, &registered.worker_id)
                 .await;
             tracing::warn!("the controller no longer knows this worker; registering again");
@@ -115,10 +118,19 @@ impl ControllerLink {
                 Ok(HeartbeatResponse {
                     known: true,
                     stop_bunkers,
-                }) => self.stop_orphans(stop_bunkers),
-                Ok(HeartbeatResponse { known: false, .. }) => return,
+                    pull_images,
+                }) => {
+                    self.stop_orphans(stop_bunkers);
+                    self.bunkers.pull_in_background(pull_images);
+                }
+                Ok(HeartbeatResponse { known: false, .. }) => {
+                    // Failures go to whichever worker id the controller knows next.
+                    self.bunkers.pulls().requeue_failures(beat.image_failures);
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!(error = %crate::bunker::supervisor::error_chain(&e), "heartbeat");
+                    self.bunkers.pulls().requeue_failures(beat.image_failures);
                 }
             }
         }
@@ -146,19 +158,13 @@ impl ControllerLink {
 
     fn heartbeat(&self, worker_id: &str) -> Heartbeat {
         let free = capacity::free(self.host.total(&self.data_dir), self.bunkers.reserved());
-        let images = self.bunkers.images();
         Heartbeat {
             worker_id: worker_id.to_owned(),
             capacity: free,
             active_bunkers: self.bunkers.active_count(),
             bunkers: self.bunkers.reports(),
-            cached_images: Some(
-                images
-                    .cached_images()
-                    .into_iter()
-                    .map(|i| i.sha256)
-                    .collect(),
-            ),
+            cached_images: Some(self.bunkers.cached_sha256s()),
+            image_failures: self.bunkers.pulls().take_failures(),
         }
     }
 

@@ -6,6 +6,8 @@
 //!   so the digest is kept beside it in `<name>.ext4.sha256` as `<hex> <size> <mtime_ns>`
 //!   and reused while size and mtime are unchanged.
 //! - Images are read-only to the worker: bunkers boot from copy-on-write overlays.
+//! - Images pulled from peers or the storage proxy live apart, in `<data>/images/`
+//!   ([`crate::pulls`]), known by digest only.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -134,6 +136,11 @@ impl ImageCache {
             .or_else(|| self.images.get(key))
     }
 
+    /// Finds an image by its SHA-256 alone (lowercase hex); a name never matches.
+    pub fn by_sha256(&self, sha256: &str) -> Option<&Image> {
+        self.images.values().find(|i| i.sha256 == sha256)
+    }
+
     /// Every image, by name.
     pub fn images(&self) -> impl Iterator<Item = &Image> {
         self.images.values()
@@ -156,7 +163,7 @@ impl ImageCache {
 }
 
 /// The digest of `path`, from its `.sha256` file when that still matches size and mtime.
-fn hash_image(name: &str, path: &Path) -> Result<Image, ImageScanError> {
+pub(crate) fn hash_image(name: &str, path: &Path) -> Result<Image, ImageScanError> {
     let hash_err = |source| ImageScanError::Hash {
         path: path.to_owned(),
         source,
@@ -169,9 +176,7 @@ fn hash_image(name: &str, path: &Path) -> Result<Image, ImageScanError> {
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos());
-    let mut digest_path = path.as_os_str().to_owned();
-    digest_path.push(DIGEST_SUFFIX);
-    let digest_path = PathBuf::from(digest_path);
+    let digest_path = digest_path(path);
     let sha256 = match read_digest_file(&digest_path, size, mtime_ns) {
         Some(hex) => hex,
         None => {
@@ -190,6 +195,31 @@ fn hash_image(name: &str, path: &Path) -> Result<Image, ImageScanError> {
         size_bytes: size,
         path: path.to_owned(),
     })
+}
+
+/// Writes the digest cache of the image at `path`, whose SHA-256 is known to be `sha256`,
+/// so the next scan need not hash it. Blocking; best effort like the scan's own.
+pub(crate) fn record_digest(path: &Path, sha256: &str) {
+    let Ok(meta) = fs::metadata(path) else {
+        return;
+    };
+    let mtime_ns = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let digest_path = digest_path(path);
+    let line = format!("{sha256} {} {mtime_ns}\n", meta.len());
+    if let Err(e) = fs::write(&digest_path, line) {
+        tracing::warn!(path = %digest_path.display(), error = %e, "cannot cache image digest");
+    }
+}
+
+/// `<image>.sha256` beside `<image>`.
+pub(crate) fn digest_path(path: &Path) -> PathBuf {
+    let mut digest_path = path.as_os_str().to_owned();
+    digest_path.push(DIGEST_SUFFIX);
+    PathBuf::from(digest_path)
 }
 
 fn read_digest_file(path: &Path, size: u64, mtime_ns: u128) -> Option<String> {

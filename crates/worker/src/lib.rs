@@ -3,7 +3,7 @@
 //! [`start`] composes the daemon:
 //! 1. make `<data>/bunkers/` and clean up what a previous run left there (kill leftover
 //!    QEMU processes, remove their directories);
-//! 2. scan the images directory;
+//! 2. scan the images directory, and `<data>/images/` for pulled images ([`pulls`]);
 //! 3. open `<data>/templates/` (keep complete, current templates; remove the rest);
 //! 4. pick the VMM accelerator (KVM only with real hardware virtualisation, else TCG);
 //! 5. bind the HTTP listener and serve the API ([`api`]);
@@ -19,6 +19,7 @@ pub mod capacity;
 pub mod config;
 pub mod controller_client;
 pub mod images;
+pub mod pulls;
 pub mod shell;
 pub mod snapshots;
 pub mod templates;
@@ -37,6 +38,7 @@ use crate::capacity::HostResources;
 pub use crate::config::WorkerConfig;
 use crate::controller_client::ControllerLink;
 use crate::images::ImageCache;
+use crate::pulls::Pulls;
 use crate::templates::{TemplateStatus, Templates};
 use crate::vmm::HostVirt;
 use crate::vmm::qemu::{QemuSetupError, QemuVmm};
@@ -54,6 +56,8 @@ pub enum StartError {
     },
     #[error("scan the images directory")]
     Images(#[from] images::ImageScanError),
+    #[error("open the pulled images directory")]
+    Pulls(#[from] pulls::OpenPullsError),
     #[error("open the templates directory")]
     Templates(#[from] templates::OpenTemplatesError),
     #[error("set up the qemu driver")]
@@ -76,6 +80,7 @@ pub struct WorkerHandle {
     url: String,
     runtime: String,
     bunkers: Arc<Bunkers>,
+    pulls: Arc<Pulls>,
     stop_serving: oneshot::Sender<()>,
     server: JoinHandle<std::io::Result<()>>,
     controller: Option<JoinHandle<()>>,
@@ -107,7 +112,12 @@ impl WorkerHandle {
         self.bunkers.templates().list()
     }
 
-    /// Stops registering, stops serving, stops every VM and cancels template builds.
+    /// The image pulls: pulled images, pulls in flight, counters.
+    pub fn pulls(&self) -> &Arc<Pulls> {
+        &self.pulls
+    }
+
+    /// Stops registering, stops serving, stops every VM, cancels template builds and pulls.
     pub async fn shutdown(self) {
         if let Some(controller) = self.controller {
             controller.abort();
@@ -116,6 +126,7 @@ impl WorkerHandle {
         let _ = self.stop_serving.send(());
         self.bunkers.stop_all().await;
         self.bunkers.templates().shutdown().await;
+        self.pulls.shutdown();
         let mut server = self.server;
         match tokio::time::timeout(DRAIN_TIMEOUT, &mut server).await {
             Ok(Ok(Ok(()))) => {}
@@ -152,6 +163,21 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
         images = ?images.images().map(|i| &i.name).collect::<Vec<_>>(),
         "image cache scanned"
     );
+    let pulls_dir = config.data_dir.join("images");
+    let access = config
+        .controller_url
+        .clone()
+        .map(|url| pulls::ControllerAccess {
+            url,
+            worker_token: config.worker_token.clone(),
+        });
+    let pulls =
+        Arc::new(tokio::task::spawn_blocking(move || Pulls::open(&pulls_dir, access)).await??);
+    tracing::info!(
+        dir = %pulls.dir().display(),
+        images = pulls.held_sha256s().len(),
+        "pulled images scanned"
+    );
 
     let templates_dir = std::path::absolute(config.data_dir.join("templates"))
         .unwrap_or_else(|_| config.data_dir.join("templates"));
@@ -170,6 +196,7 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
     let mut bunkers = Bunkers::new(
         Arc::new(vmm),
         images,
+        Arc::clone(&pulls),
         bunkers_dir,
         config.boot_timeout,
         Arc::new(templates),
@@ -236,6 +263,7 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
         url,
         runtime,
         bunkers,
+        pulls,
         stop_serving,
         server,
         controller,

@@ -10,8 +10,8 @@
 //! one; one build at a time per worker; two creates racing for the same shape start one
 //! build, through the slot table):
 //! 1. Boot the image in `<key>.building/` and wait for the agent's hello.
-//! 2. Run the identity script once (it also warms the guest's page cache for the same
-//!    script after every restore).
+//! 2. Set an identity once and spawn `/bin/sh -c true` (so the saved page cache holds what
+//!    a restored bunker's first exec needs).
 //! 3. Close the agent channel and wait for the agent to log that it is reopening its port,
 //!    so the saved agent sends a fresh `HELLO` to whichever host connects after a restore.
 //! 4. Save the VM state, kill the VM, make the disk read-only, write `template.json`
@@ -19,7 +19,8 @@
 //!
 //! Restore (see `bunker::supervisor`): a private qcow2 overlay whose backing file is the
 //! template's `disk.qcow2`, the template's command line plus `-incoming`, `cont`, the
-//! agent's hello, then the identity script with the bunker's host name and a fresh seed.
+//! agent's hello, then `SetIdentity` with the bunker's host name, a fresh machine id and a
+//! seed credited to the guest's entropy pool (with a reseed).
 //!
 //! Invariants: a template's `disk.qcow2` is never written after its save (its VM is dead
 //! before the template is published; restored bunkers only ever use it as a read-only
@@ -51,7 +52,7 @@ pub const STATE_FILE: &str = "vm.state";
 pub const META_FILE: &str = "template.json";
 /// Suffix of a template directory whose build has not finished.
 const BUILDING_SUFFIX: &str = ".building";
-/// The template VM's host name; restored bunkers get their own through the identity script.
+/// The template VM's host name; restored bunkers get their own through `SetIdentity`.
 const TEMPLATE_HOSTNAME: &str = "scaibunker-template";
 /// What the agent logs on the console when the host side of its port went away.
 const AGENT_REOPENING: &str = "disconnected; reopening";
@@ -59,23 +60,8 @@ const AGENT_REOPENING: &str = "disconnected; reopening";
 const REOPEN_TIMEOUT: Duration = Duration::from_secs(20);
 /// After a failed build, how long before a cold boot of the shape tries again.
 const BUILD_RETRY_AFTER: Duration = Duration::from_secs(600);
-/// Longest the identity script may run (a shell spawn under TCG takes ~0.2 s).
+/// Longest the identity request and the build's warm-up exec may take.
 const IDENTITY_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Sets the host name (kernel, `/etc/hostname`, `/etc/hosts` as the agent's init does) and
-/// mixes a seed from the host into the guest's entropy pool. Shell builtins only: every
-/// process spawned in a TCG guest costs about 0.2 s. `$1` is the host name, `$2` the seed.
-const IDENTITY_SCRIPT: &str = r##"n="$1"
-echo "$n" > /proc/sys/kernel/hostname || exit 1
-echo "$n" > /etc/hostname
-known=
-while read -r addr names; do
-  case "$addr" in "#"*|"") continue ;; esac
-  for a in $names; do [ "$a" = "$n" ] && known=1; done
-done < /etc/hosts
-[ -n "$known" ] || printf '127.0.1.1\t%s\n' "$n" >> /etc/hosts
-echo "$2" > /dev/urandom
-"##;
 
 /// Whether the worker builds and restores templates (`SCAIBUNKER_TEMPLATES`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -548,6 +534,23 @@ async fn build_in(
     };
     let boot_ms = millis(started.elapsed());
     refresh_identity(&agent, TEMPLATE_HOSTNAME).await?;
+    // One spawn of the shell, so the saved page cache already holds what a bunker's first
+    // exec after a restore needs.
+    let warm = agent
+        .exec(ExecSpec {
+            program: Program::Argv(vec!["/bin/sh".into(), "-c".into(), "true".into()]),
+            env: Default::default(),
+            cwd: None,
+            user: GuestUser::Root,
+            stdin: None,
+            timeout: IDENTITY_TIMEOUT,
+            output_limit_bytes: 4096,
+        })
+        .await
+        .map_err(|e| format!("warm-up exec: {}", error_chain(&e)))?;
+    if warm.exit_code != Some(0) {
+        return Err(format!("warm-up exec exited with {:?}", warm.exit_code));
+    }
 
     // Step 3: the agent must be between sessions when the state is saved.
     drop(agent);
@@ -592,52 +595,25 @@ async fn build_in(
     Ok(meta)
 }
 
-/// Gives a restored guest its own host name and mixes fresh host entropy into its pool.
-/// One exec of `/bin/sh`; fails unless the script exits 0.
-///
-/// The protocol has no request to credit entropy or reseed the kernel's generator, so the
-/// seed is mixed in (written to `/dev/urandom`), not credited.
+/// Gives a restored guest its own identity: host name, a fresh machine id, and 64 bytes of
+/// host randomness credited to its entropy pool with a forced reseed, so no two restores of
+/// one saved state share random numbers. One agent request (no process is spawned).
 pub async fn refresh_identity(agent: &AgentClient, hostname: &str) -> Result<(), String> {
-    let mut seed = [0u8; 32];
+    let mut random = [0u8; 80];
     {
         use std::io::Read as _;
         std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut seed))
-            .map_err(|e| format!("read a seed from /dev/urandom: {e}"))?;
+            .and_then(|mut f| f.read_exact(&mut random))
+            .map_err(|e| format!("read randomness from /dev/urandom: {e}"))?;
     }
-    let spec = ExecSpec {
-        program: Program::Argv(
-            [
-                "/bin/sh",
-                "-c",
-                IDENTITY_SCRIPT,
-                "sh",
-                hostname,
-                &hex::encode(seed),
-            ]
-            .map(str::to_owned)
-            .to_vec(),
-        ),
-        env: Default::default(),
-        cwd: None,
-        user: GuestUser::Root,
-        stdin: None,
-        timeout: IDENTITY_TIMEOUT,
-        output_limit_bytes: 4096,
-    };
-    let outcome = agent
-        .exec(spec)
-        .await
-        .map_err(|e| format!("run the identity script: {}", error_chain(&e)))?;
-    if outcome.exit_code != Some(0) {
-        return Err(format!(
-            "the identity script failed ({:?}, signal {:?}): {}",
-            outcome.exit_code,
-            outcome.signal,
-            String::from_utf8_lossy(&outcome.stderr).trim()
-        ));
-    }
-    Ok(())
+    let (machine_id, seed) = random.split_at(16);
+    tokio::time::timeout(
+        IDENTITY_TIMEOUT,
+        agent.set_identity(hostname, &hex::encode(machine_id), seed),
+    )
+    .await
+    .map_err(|_| format!("the identity request took longer than {IDENTITY_TIMEOUT:?}"))?
+    .map_err(|e| format!("set the identity: {}", error_chain(&e)))
 }
 
 /// Reads `<dir>/template.json`, if `dir` is a published template named `key`.

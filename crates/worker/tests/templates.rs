@@ -120,6 +120,16 @@ async fn a_shapes_second_bunker_is_restored_from_its_template_with_its_own_disk(
             .collect::<Vec<_>>(),
         ["box-b", "1"]
     );
+    // Each restore gets its own machine id and draws its own random numbers.
+    let ident = "cat /etc/machine-id; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+    let a_id = stdout_of(&w, "b-a", ident).await;
+    let b_id = stdout_of(&w, "b-b", ident).await;
+    let (a_mid, a_rand) = a_id.split_once('\n').expect("two lines");
+    let (b_mid, b_rand) = b_id.split_once('\n').expect("two lines");
+    assert_eq!(a_mid.len(), 32, "{a_id}");
+    assert_ne!(a_mid, b_mid, "machine ids");
+    assert_eq!(a_rand.len(), 32, "{a_id}");
+    assert_ne!(a_rand, b_rand, "random bytes");
 
     // Each restored bunker writes its own overlay, whose backing file is the template's disk.
     stdout_of(&w, "b-a", "echo only-a > /only-in-a && sync").await;

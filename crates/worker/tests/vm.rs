@@ -578,6 +578,7 @@ async fn deleting_a_booting_bunker_cancels_its_boot() {
                 hostname: "early".into(),
                 env_vars: Default::default(),
                 snapshot: None,
+                image_pull: None,
             };
             http.post(url)
                 .bearer_auth(common::TOKEN)
@@ -856,5 +857,111 @@ async fn exec_stream_forwards_output_as_it_is_produced() {
     );
 
     w.delete_bunker("b-stream").await;
+    w.shutdown().await;
+}
+
+/// A controller that only answers what a lazy pull needs: registration and heartbeats (so
+/// the worker's link stays quiet), no peers, and `tiny.ext4` streamed from the storage proxy
+/// under `images/tiny.ext4`.
+async fn fake_proxy_controller(tiny: std::path::PathBuf) -> String {
+    use axum::body::Body;
+    use axum::routing::{get, post};
+    use scaibunker_proto::worker::{HeartbeatResponse, PeersResponse, RegisterResponse};
+
+    let app = axum::Router::new()
+        .route(
+            "/v1/modules/scaibunker/workers/register",
+            post(|| async {
+                axum::Json(RegisterResponse {
+                    worker_id: "wrk_vm".into(),
+                    heartbeat_interval_s: 10,
+                })
+            }),
+        )
+        .route(
+            "/v1/modules/scaibunker/heartbeat",
+            post(|| async {
+                axum::Json(HeartbeatResponse {
+                    known: true,
+                    stop_bunkers: Vec::new(),
+                    pull_images: Vec::new(),
+                })
+            }),
+        )
+        .route(
+            "/v1/modules/scaibunker/peers/{sha256}",
+            get(|| async { axum::Json(PeersResponse { peers: Vec::new() }) }),
+        )
+        .route(
+            "/v1/modules/scaibunker/storage/objects/images/tiny.ext4",
+            get(move || async move {
+                let file = tokio::fs::File::open(&tiny).await.expect("open tiny.ext4");
+                let len = file.metadata().await.expect("stat").len();
+                (
+                    [(axum::http::header::CONTENT_LENGTH, len.to_string())],
+                    Body::from_stream(tokio_util::io::ReaderStream::new(file)),
+                )
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazily_pulled_image_boots() {
+    let images = require_artefacts(&TINY);
+    let _slot = vm_slot().await;
+    // The worker's own images directory has the guest kernel and initramfs, no root image:
+    // tiny comes through the storage proxy when the create asks for it.
+    let guest = common::images_with_guest(&images);
+    let sha = image_sha256(&images, "tiny");
+    let size_bytes = std::fs::metadata(images.join("tiny.ext4"))
+        .expect("stat tiny.ext4")
+        .len();
+    let controller_url = fake_proxy_controller(images.join("tiny.ext4")).await;
+    let w = TestWorker::start_with(guest.path(), |c| {
+        c.controller_url = Some(controller_url);
+    })
+    .await;
+
+    let req = scaibunker_proto::worker::CreateVm {
+        bunker_id: "b-lazy".into(),
+        image_sha256: sha.clone(),
+        cpu_millicores: 1000,
+        memory_mb: 256,
+        disk_mb: 1024,
+        hostname: "lazybox".into(),
+        env_vars: Default::default(),
+        snapshot: None,
+        image_pull: Some(scaibunker_proto::worker::ImagePull {
+            sha256: sha.clone(),
+            size_bytes,
+            object_key: Some("images/tiny.ext4".into()),
+        }),
+    };
+    let started = Instant::now();
+    let resp = w.post("/bunkers").json(&req).send().await.expect("create");
+    let status = resp.status();
+    let text = resp.text().await.expect("body");
+    assert_eq!(status, 200, "create failed: {text}");
+    let info: VmInfo = serde_json::from_str(&text).expect("VmInfo");
+    assert_eq!(info.status, VmStatus::Running);
+    eprintln!(
+        "TIMING lazy pull ({size_bytes} bytes) + boot: create call {:?}, boot_ms={}",
+        started.elapsed(),
+        info.boot_ms
+    );
+    let counters = w.handle().pulls().counters();
+    assert_eq!((counters.proxy_bytes, counters.peer_bytes), (size_bytes, 0));
+    assert!(w.data_dir.join(format!("images/{sha}.ext4")).is_file());
+
+    let r = exec(&w, "b-lazy", &shell("hostname; echo booted from a pull")).await;
+    assert_eq!(r.exit_code, Some(0), "stderr: {}", stderr(&r));
+    assert_eq!(stdout(&r), "lazybox\nbooted from a pull\n");
+    w.delete_bunker("b-lazy").await;
     w.shutdown().await;
 }

@@ -14,6 +14,7 @@ use crate::service::auth::AuthError;
 use crate::service::bunkers::{BunkerError, worker_code_status};
 use crate::service::fleet::FleetError;
 use crate::service::identity::IdentityError;
+use crate::service::images::ImageError;
 use crate::service::quotas::{QuotaError, QuotaExceeded};
 use crate::service::storage::{CreateCapabilityError, MintError};
 use crate::workers::WorkerCallError;
@@ -332,8 +333,18 @@ impl From<FleetError> for ApiError {
                 codes::AUTHZ_PERMISSION_DENIED,
                 e.to_string(),
             ),
-            FleetError::NotFound => {
-                Self::new(StatusCode::NOT_FOUND, "WORKER_NOT_FOUND", e.to_string())
+            FleetError::NotFound => Self::new(
+                StatusCode::NOT_FOUND,
+                codes::WORKER_NOT_FOUND,
+                e.to_string(),
+            ),
+            FleetError::BridgeNotFound => Self::new(
+                StatusCode::NOT_FOUND,
+                codes::BRIDGE_NOT_FOUND,
+                e.to_string(),
+            ),
+            FleetError::BridgeTaken { .. } => {
+                Self::new(StatusCode::CONFLICT, codes::NAME_TAKEN, e.to_string())
             }
             FleetError::Store(ref s) => Self::internal(s),
         }
@@ -399,6 +410,54 @@ impl From<CreateCapabilityError> for ApiError {
                 }])
             }
             CreateCapabilityError::Store(ref s) => Self::internal(s),
+        }
+    }
+}
+
+impl From<ImageError> for ApiError {
+    fn from(e: ImageError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ImageError::Invalid { field, message } => Self::validation(vec![FieldDetail {
+                field: field.into(),
+                message,
+            }]),
+            ImageError::PermissionDenied(_) => {
+                Self::new(StatusCode::FORBIDDEN, codes::AUTHZ_PERMISSION_DENIED, msg)
+            }
+            ImageError::NotFound(kind) => {
+                let code = match kind {
+                    "availability group" => codes::AVAILABILITY_GROUP_NOT_FOUND,
+                    "worker" => codes::WORKER_NOT_FOUND,
+                    _ => codes::IMAGE_NOT_FOUND,
+                };
+                Self::new(StatusCode::NOT_FOUND, code, msg)
+            }
+            ImageError::NameTaken(_) => Self::new(StatusCode::CONFLICT, codes::NAME_TAKEN, msg),
+            ImageError::NotPending { .. } | ImageError::NotReady { .. } => {
+                Self::new(StatusCode::CONFLICT, codes::IMAGE_NOT_PENDING, msg)
+            }
+            ImageError::Unsupported(_) => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                codes::IMAGE_SOURCE_UNSUPPORTED,
+                msg,
+            ),
+            ImageError::ContentInvalid(_) => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                codes::IMAGE_CONTENT_INVALID,
+                msg,
+            ),
+            ImageError::TooLarge { .. } => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, codes::IMAGE_TOO_LARGE, msg)
+            }
+            ImageError::Object(o) => match o {
+                ObjectError::Body { .. } => o.into(),
+                ObjectError::S3 { .. } => o.into(),
+                other => Self::internal(&other),
+            },
+            ImageError::Bake(ref b) => Self::internal(b),
+            ImageError::Io(ref io) => Self::internal(io),
+            ImageError::Store(ref st) => Self::internal(st),
         }
     }
 }

@@ -6,7 +6,6 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::TryStreamExt;
 use scaibunker_api::envelope::{Error, FieldDetail, Ok as Envelope};
 use scaibunker_api::files::{FileEntry, FileWritten};
 use serde::Deserialize;
@@ -138,16 +137,16 @@ async fn upload(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
-    // reqwest wants a `Sync` body stream; the wrapper makes axum's `Send` stream one.
-    let stream =
-        sync_wrapper::SyncStream::new(body.into_data_stream().map_err(std::io::Error::other));
+    let (stream, rest) = super::upload::split(body);
     let upload = svc::Upload {
         path: &path,
         mode,
         content_length,
         archive,
     };
-    let written = svc::write_file(s, p, ctx, id, upload, stream).await?;
+    let written = rest
+        .after(svc::write_file(s, p, ctx, id, upload, stream).await)
+        .await?;
     Ok((StatusCode::CREATED, Json(Envelope::new(written))))
 }
 

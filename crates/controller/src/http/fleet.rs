@@ -153,3 +153,73 @@ pub async fn resume(
         fleet::set_draining(&s, &p, &id, false).await?,
     )))
 }
+
+/// Records a host bridge a worker offers to `transit` bunkers (`scaibunker:admin`).
+#[utoipa::path(
+    post,
+    path = "/bridges",
+    operation_id = "create_bridge",
+    tag = "workers",
+    request_body = scaibunker_api::workers::CreateBridge,
+    responses(
+        (status = 201, description = "The bridge", body = Envelope<scaibunker_api::workers::Bridge>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:admin`)", body = Error),
+        (status = 404, description = "`WORKER_NOT_FOUND`", body = Error),
+        (status = 409, description = "`NAME_TAKEN`: the worker has a bridge of that name", body = Error),
+        (status = 422, description = "`VALIDATION_ERROR`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn create_bridge(
+    State(s): State<Services>,
+    Caller(p): Caller,
+    ApiJson(req): ApiJson<scaibunker_api::workers::CreateBridge>,
+) -> super::platform::Created<scaibunker_api::workers::Bridge> {
+    super::platform::created(fleet::create_bridge(&s, &p, req).await?)
+}
+
+/// Lists bridges by worker (`scaibunker:admin`).
+#[utoipa::path(
+    get,
+    path = "/bridges",
+    operation_id = "list_bridges",
+    tag = "workers",
+    responses(
+        (status = 200, description = "The bridges", body = Envelope<Vec<scaibunker_api::workers::Bridge>>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:admin`)", body = Error),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn bridges(
+    State(s): State<Services>,
+    Caller(p): Caller,
+) -> Result<Json<Envelope<Vec<scaibunker_api::workers::Bridge>>>, ApiError> {
+    Ok(Json(Envelope::new(fleet::bridges(&s, &p).await?)))
+}
+
+/// Removes a bridge record (`scaibunker:admin`); new `transit` bunkers naming it no longer
+/// land on that worker.
+#[utoipa::path(
+    delete,
+    path = "/bridges/{id}",
+    operation_id = "delete_bridge",
+    tag = "workers",
+    params(("id" = String, Path, description = "Bridge id (`brg_…`)")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:admin`)", body = Error),
+        (status = 404, description = "`BRIDGE_NOT_FOUND`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn delete_bridge(
+    State(s): State<Services>,
+    Caller(p): Caller,
+    Path(id): Path<String>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    fleet::delete_bridge(&s, &p, &id).await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}

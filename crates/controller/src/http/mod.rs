@@ -12,6 +12,7 @@ mod exec_stream;
 mod extract;
 mod files;
 mod fleet;
+mod images;
 mod openapi;
 mod platform;
 mod quotas;
@@ -19,6 +20,7 @@ mod records;
 mod shell;
 mod snapshots;
 mod storage;
+mod upload;
 
 use axum::Router;
 use axum::extract::Request;
@@ -143,6 +145,18 @@ fn api_routes() -> OpenApiRouter<Services> {
         .routes(routes!(fleet::drain))
         .routes(routes!(fleet::resume))
         .routes(routes!(fleet::heartbeat))
+        .routes(routes!(fleet::create_bridge, fleet::bridges))
+        .routes(routes!(fleet::delete_bridge))
+        .routes(routes!(images::create, images::list))
+        .routes(routes!(images::get))
+        .routes(routes!(images::upload_content))
+        .routes(routes!(images::warm))
+        .routes(routes!(images::deactivate))
+        .routes(routes!(images::create_group, images::groups))
+        .routes(routes!(images::group, images::delete_group))
+        .routes(routes!(images::add_worker, images::remove_worker))
+        .routes(routes!(images::add_image, images::remove_image))
+        .routes(routes!(images::peers))
         .routes(routes!(quotas::create_profile, quotas::profiles))
         .routes(routes!(quotas::usage))
         .routes(routes!(

@@ -35,6 +35,7 @@ use utoipa::openapi::{OpenApi, Ref, RefOr};
         (name = "audit", description = "Audit events of the module and the platform"),
         (name = "platform", description = "Tenants, users, groups and API keys (the minimal ScaiGrid core)"),
         (name = "workers", description = "Worker administration"),
+        (name = "images", description = "Images (upload, baking, warm) and availability groups"),
         (name = "quotas", description = "Quota profiles, their assignments and usage"),
         (name = "internal", description = "Worker daemons only, authenticated by the worker token"),
         (name = "storage", description = "The storage proxy: objects streamed in and out of object storage, by the worker token or a capability token"),

@@ -13,7 +13,6 @@ use axum::extract::{FromRef, FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::TryStreamExt;
 use scaibunker_api::codes;
 use scaibunker_api::envelope::{Error, Ok as Envelope};
 use scaibunker_api::storage::{Capability, CreateCapability, ObjectWritten, StorageVerb};
@@ -133,11 +132,14 @@ pub async fn put_object(
         }
         .into());
     }
-    let stream = body.into_data_stream().map_err(std::io::Error::other);
-    let put = st
-        .objects
-        .store()
-        .put(&key, Box::pin(stream), st.max_object_bytes)
+    let (stream, rest) = super::upload::split(body);
+    let put = rest
+        .after(
+            st.objects
+                .store()
+                .put(&key, Box::pin(stream), st.max_object_bytes)
+                .await,
+        )
         .await?;
     Ok((
         StatusCode::CREATED,

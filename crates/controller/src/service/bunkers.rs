@@ -334,9 +334,10 @@ pub async fn create(
         Some((snap, _)) => snap.image_id.clone(),
         None => req.image.clone().unwrap_or_default(),
     };
+    let partner = s.store.tenant_partner(&p.tenant_id).await?;
     let image = s
         .store
-        .image_visible_to(&p.tenant_id, &image_ref)
+        .image_visible_to(&p.tenant_id, partner.as_deref(), &image_ref)
         .await?
         .filter(|i| i.status == "ready")
         .ok_or_else(|| BunkerError::ImageNotFound(image_ref.clone()))?;
@@ -455,13 +456,21 @@ pub async fn create(
 
     let create_vm = CreateVm {
         bunker_id: row.id.clone(),
-        image_sha256: image_sha,
+        image_sha256: image_sha.clone(),
         cpu_millicores: resources.cpu_millicores,
         memory_mb: resources.memory_mb,
         disk_mb: resources.disk_mb,
         hostname: format!("bunker-{}", &row.id[4..12]),
         env_vars: req.env_vars.clone().unwrap_or_default(),
         snapshot: restore.map(|(_, manifest)| manifest),
+        // A lazy image may land on a worker without it: tell the worker where the bytes are.
+        image_pull: image
+            .lazy_pull
+            .then(|| scaibunker_proto::worker::ImagePull {
+                sha256: image_sha.clone(),
+                size_bytes: image.size_bytes.unwrap_or(0) as u64,
+                object_key: image.object_key.clone(),
+            }),
     };
     let task = tokio::spawn(provision(s.clone(), row.clone(), worker_url, create_vm));
     if req.wait.unwrap_or(true) {
@@ -554,6 +563,11 @@ async fn place_and_record(
         let workers = s.store.workers_for_placement(&mut tx).await?;
         let committed = s.store.committed_by_worker(&mut tx).await?;
         let with_image = s.store.workers_with_image(&mut tx, image_sha).await?;
+        // `transit` interfaces name host bridges; only workers owning all of them qualify.
+        let interfaces: Vec<api::Interface> =
+            serde_json::from_str(&row.interfaces).unwrap_or_default();
+        let bridge_names: Vec<String> = interfaces.iter().map(|i| i.bridge_name.clone()).collect();
+        let with_bridges = s.store.workers_with_bridges(&mut tx, &bridge_names).await?;
         let stale_after = s.config.heartbeat_interval.as_millis() as i64 * 3;
         let silences = super::fleet::silences(s, &workers).await;
         let frees: Vec<Resources> = workers
@@ -586,6 +600,7 @@ async fn place_and_record(
                 is_online: silences.get(&w.id).is_some_and(|ms| *ms <= stale_after),
                 is_draining: w.status == "draining",
                 has_image: with_image.contains(&w.id),
+                has_bridges: bridge_names.is_empty() || with_bridges.contains(&w.id),
                 free: *free,
             })
             .collect();

@@ -10,6 +10,8 @@
 //!    scheduler stops sending it bunkers of that image unless the image is `lazy_pull`), what
 //!    it gained is added. This runs on every such heartbeat, not only on the ones whose
 //!    capacity is written durably, and writes only the difference.
+//! 4. Pull failures the worker reports mark its ledger rows `failed`; the answer carries the
+//!    pulls still queued for it (see `service/images.rs`).
 
 use std::collections::HashMap;
 
@@ -39,6 +41,10 @@ pub enum FleetError {
     PermissionDenied(&'static str),
     #[error("worker not found")]
     NotFound,
+    #[error("bridge not found")]
+    BridgeNotFound,
+    #[error("worker {worker_id} already has a bridge named {name:?}")]
+    BridgeTaken { worker_id: String, name: String },
     #[error("store failed")]
     Store(#[from] StoreError),
 }
@@ -166,7 +172,8 @@ pub async fn register(s: &Services, req: RegisterRequest) -> Result<RegisterResp
             .await?;
     }
     let shas: Vec<String> = req.images.iter().map(|i| i.sha256.clone()).collect();
-    s.store.set_worker_images(&worker_id, &shas).await?;
+    // Reconciled, not replaced: pulls queued for the worker survive its re-registration.
+    s.store.reconcile_worker_images(&worker_id, &shas).await?;
     tracing::info!(
         worker_id,
         name = req.name,
@@ -229,8 +236,12 @@ pub async fn heartbeat(s: &Services, hb: Heartbeat) -> Result<HeartbeatResponse,
             return Ok(HeartbeatResponse {
                 known: false,
                 stop_bunkers: Vec::new(),
+                pull_images: Vec::new(),
             });
         }
+    }
+    if !hb.image_failures.is_empty() {
+        super::images::record_failures(s, &hb.worker_id, &hb.image_failures).await?;
     }
     if let Some(cached) = &hb.cached_images {
         let (added, evicted) = s
@@ -292,5 +303,81 @@ async fn reconcile(s: &Services, hb: &Heartbeat) -> Result<HeartbeatResponse, Fl
     Ok(HeartbeatResponse {
         known: true,
         stop_bunkers,
+        pull_images: super::images::pulls_for(s, &hb.worker_id).await?,
     })
+}
+
+fn bridge_api(b: crate::store::workers::BridgeRow) -> scaibunker_api::workers::Bridge {
+    scaibunker_api::workers::Bridge {
+        id: b.id,
+        name: b.name,
+        worker_id: b.worker_id,
+        created_at: super::bunkers::rfc3339(b.created_at),
+    }
+}
+
+/// Bridge names are host interface names: 1–15 of `A-Z a-z 0-9 . _ -`.
+pub fn valid_bridge_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// `POST /bridges`: records that a worker offers a host bridge to `transit` bunkers.
+pub async fn create_bridge(
+    s: &Services,
+    p: &super::auth::Principal,
+    req: scaibunker_api::workers::CreateBridge,
+) -> Result<scaibunker_api::workers::Bridge, FleetError> {
+    require_admin(p)?;
+    if !valid_bridge_name(&req.name) {
+        return Err(FleetError::Invalid {
+            field: "name",
+            message: "1 to 15 characters of A-Z a-z 0-9 . _ -".into(),
+        });
+    }
+    s.store
+        .worker(&req.worker_id)
+        .await?
+        .ok_or(FleetError::NotFound)?;
+    let row = crate::store::workers::BridgeRow {
+        id: scaibunker_core::ids::BridgeId::from_random(random_bytes()).to_string(),
+        name: req.name.clone(),
+        worker_id: req.worker_id.clone(),
+        created_at: now_ms(),
+    };
+    if !s.store.insert_bridge(&row).await? {
+        return Err(FleetError::BridgeTaken {
+            worker_id: req.worker_id,
+            name: req.name,
+        });
+    }
+    Ok(bridge_api(row))
+}
+
+pub async fn bridges(
+    s: &Services,
+    p: &super::auth::Principal,
+) -> Result<Vec<scaibunker_api::workers::Bridge>, FleetError> {
+    require_admin(p)?;
+    Ok(s.store
+        .bridges()
+        .await?
+        .into_iter()
+        .map(bridge_api)
+        .collect())
+}
+
+/// Removes a bridge record; bunkers already attached keep running.
+pub async fn delete_bridge(
+    s: &Services,
+    p: &super::auth::Principal,
+    id: &str,
+) -> Result<(), FleetError> {
+    require_admin(p)?;
+    if !s.store.delete_bridge(id).await? {
+        return Err(FleetError::BridgeNotFound);
+    }
+    Ok(())
 }

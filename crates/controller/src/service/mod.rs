@@ -8,6 +8,7 @@ pub mod exec_output;
 pub mod exec_stream;
 pub mod fleet;
 pub mod identity;
+pub mod images;
 pub mod quotas;
 pub mod records;
 pub mod shell;

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod availability;
 pub mod bunkers;
 pub mod exec_log;
 pub mod identity;

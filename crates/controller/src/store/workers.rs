@@ -208,41 +208,16 @@ impl Store {
     /// The image hashes a worker's ledger holds.
     pub async fn worker_images(&self, worker_id: &str) -> Result<Vec<String>, StoreError> {
         Ok(sqlx::query_scalar(
-            "SELECT sha256 FROM worker_images WHERE worker_id = ? ORDER BY sha256",
+            "SELECT sha256 FROM worker_images WHERE worker_id = ? AND state = 'ready' ORDER BY sha256",
         )
         .bind(worker_id)
         .fetch_all(self.pool())
         .await?)
     }
 
-    /// Replaces a worker's cache ledger with what it reports holding.
-    pub async fn set_worker_images(
-        &self,
-        worker_id: &str,
-        sha256s: &[String],
-    ) -> Result<(), StoreError> {
-        let now = now_ms();
-        let mut tx = self.begin().await?;
-        sqlx::query("DELETE FROM worker_images WHERE worker_id = ?")
-            .bind(worker_id)
-            .execute(&mut *tx)
-            .await?;
-        for sha in sha256s {
-            sqlx::query(
-                "INSERT INTO worker_images (worker_id, sha256, state, updated_at) VALUES (?, ?, 'ready', ?)",
-            )
-            .bind(worker_id)
-            .bind(sha)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    /// Reconciles a worker's cache ledger against the list it reports holding: rows for
-    /// hashes it no longer reports are evicted, reported hashes become `ready` rows. Writes
+    /// Reconciles a worker's cache ledger against the list it reports holding: `ready` rows
+    /// for hashes it no longer reports are evicted, reported hashes become `ready` rows
+    /// (whatever they were: a `queued` pull that finished, a failed one that healed). Writes
     /// only the difference, so a heartbeat with an unchanged cache is one read. A worker the
     /// database does not know gets no rows. Returns (added, evicted).
     pub async fn reconcile_worker_images(
@@ -255,10 +230,12 @@ impl Store {
                 .bind(worker_id)
                 .fetch_all(self.pool())
                 .await?;
+        // Only `ready` rows are the worker's word; `queued` and `failed` rows are the
+        // controller's (asked to fetch, or the fetch failed) and stay until reported.
         let evict: Vec<&String> = ledger
             .iter()
+            .filter(|(sha, state)| state == "ready" && !reported.contains(sha))
             .map(|(sha, _)| sha)
-            .filter(|sha| !reported.contains(sha))
             .collect();
         let add: Vec<&String> = reported
             .iter()
@@ -358,5 +335,93 @@ fn worker_from_row(r: &sqlx::any::AnyRow) -> WorkerRow {
         free_gpu_count: r.get("free_gpu_count"),
         active_bunkers: r.get("active_bunkers"),
         registered_at: r.get("registered_at"),
+    }
+}
+
+/// A host bridge on a worker.
+#[derive(Debug, Clone)]
+pub struct BridgeRow {
+    pub id: String,
+    pub name: String,
+    pub worker_id: String,
+    pub created_at: i64,
+}
+
+impl Store {
+    /// Records a bridge; `false` when the worker already has one of that name.
+    pub async fn insert_bridge(&self, b: &BridgeRow) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO bridges (id, name, worker_id, created_at) SELECT ?, ?, ?, ? \
+             WHERE NOT EXISTS (SELECT 1 FROM bridges WHERE worker_id = ? AND name = ?)",
+        )
+        .bind(&b.id)
+        .bind(&b.name)
+        .bind(&b.worker_id)
+        .bind(b.created_at)
+        .bind(&b.worker_id)
+        .bind(&b.name)
+        .execute(self.pool())
+        .await;
+        match done {
+            Ok(d) => Ok(d.rows_affected() == 1),
+            Err(e) => {
+                let e = StoreError::from(e);
+                if super::identity::is_unique_violation(&e) {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    pub async fn bridges(&self) -> Result<Vec<BridgeRow>, StoreError> {
+        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+            "SELECT id, name, worker_id, created_at FROM bridges ORDER BY worker_id, name",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, name, worker_id, created_at)| BridgeRow {
+                id,
+                name,
+                worker_id,
+                created_at,
+            })
+            .collect())
+    }
+
+    pub async fn delete_bridge(&self, id: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM bridges WHERE id = ?")
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Ids of workers that own a bridge of every name in `names` (all workers' ids when
+    /// `names` is empty is the caller's business: this returns none then).
+    pub async fn workers_with_bridges(
+        &self,
+        tx: &mut Tx<'_>,
+        names: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        let mut names: Vec<&String> = names.iter().collect();
+        names.sort();
+        names.dedup();
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let marks = vec!["?"; names.len()].join(", ");
+        let sql = format!(
+            "SELECT worker_id FROM bridges WHERE name IN ({marks}) GROUP BY worker_id \
+             HAVING COUNT(DISTINCT name) = ?"
+        );
+        let mut q = sqlx::query_scalar(AssertSqlSafe(sql));
+        for n in &names {
+            q = q.bind(*n);
+        }
+        Ok(q.bind(names.len() as i64).fetch_all(&mut **tx).await?)
     }
 }

@@ -11,18 +11,20 @@
 pub mod leftovers;
 pub mod supervisor;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
 use scaibunker_proto::worker::{
-    BootSource, BunkerStatusReport, CreateVm, SnapshotManifest, SnapshotVm, VmInfo, VmStatus,
+    BootSource, BunkerStatusReport, CreateVm, ImagePull, SnapshotManifest, SnapshotVm, VmInfo,
+    VmStatus,
 };
 
 use self::supervisor::{BootPlan, Bunker, Resources, SnapshotRestore, TransitionError};
 use crate::agent_client::AgentClient;
-use crate::images::ImageCache;
+use crate::images::{Image, ImageCache};
+use crate::pulls::Pulls;
 use crate::snapshots::{self, ObjectClient};
 use crate::templates::{Shape, Templates};
 use crate::vmm::Vmm;
@@ -39,6 +41,8 @@ pub enum CreateBunkerError {
     Exists(String),
     #[error("image {0} is not in the local cache")]
     ImageNotCached(String),
+    #[error("pull image {sha256}: {reason}")]
+    ImagePull { sha256: String, reason: String },
     #[error("bunker {id} failed to boot: {reason}")]
     BootFailed { id: String, reason: String },
 }
@@ -59,6 +63,7 @@ pub enum BunkerOpError {
 pub struct Bunkers {
     vmm: Arc<dyn Vmm>,
     images: RwLock<Arc<ImageCache>>,
+    pulls: Arc<Pulls>,
     bunkers_dir: PathBuf,
     boot_timeout: Duration,
     templates: Arc<Templates>,
@@ -80,6 +85,7 @@ impl Bunkers {
     pub fn new(
         vmm: Arc<dyn Vmm>,
         images: ImageCache,
+        pulls: Arc<Pulls>,
         bunkers_dir: PathBuf,
         boot_timeout: Duration,
         templates: Arc<Templates>,
@@ -87,6 +93,7 @@ impl Bunkers {
         Self {
             vmm,
             images: RwLock::new(Arc::new(images)),
+            pulls,
             boot_timeout,
             templates,
             table: Arc::new(Mutex::new(HashMap::new())),
@@ -115,9 +122,48 @@ impl Bunkers {
         Arc::clone(&self.images.read().unwrap_or_else(PoisonError::into_inner))
     }
 
+    pub fn pulls(&self) -> &Arc<Pulls> {
+        &self.pulls
+    }
+
+    /// Any image this worker holds, prebuilt or pulled, by digest alone.
+    pub fn image_by_sha256(&self, sha256: &str) -> Option<Image> {
+        self.images()
+            .by_sha256(sha256)
+            .cloned()
+            .or_else(|| self.pulls.lookup(sha256))
+    }
+
+    /// The digests heartbeats report as `cached_images`: prebuilt and pulled images, none
+    /// while nothing can boot (no guest kernel and initramfs).
+    pub fn cached_sha256s(&self) -> Vec<String> {
+        let images = self.images();
+        if images.boot().is_none() {
+            return Vec::new();
+        }
+        let all: BTreeSet<String> = images
+            .images()
+            .map(|i| i.sha256.clone())
+            .chain(self.pulls.held_sha256s())
+            .collect();
+        all.into_iter().collect()
+    }
+
+    /// Asks for the images a heartbeat named to be pulled in the background; those held
+    /// (prebuilt or pulled) or already in flight are left alone.
+    pub fn pull_in_background(&self, pulls: Vec<ImagePull>) {
+        let images = self.images();
+        for pull in pulls {
+            if images.by_sha256(&pull.sha256).is_none() {
+                self.pulls.request(pull);
+            }
+        }
+    }
+
     /// Boots a bunker (from its shape's template when there is one) and answers once its
-    /// agent is ready. A cold boot starts the background build of its shape's template.
-    pub async fn create(&self, req: CreateVm) -> Result<VmInfo, CreateBunkerError> {
+    /// agent is ready. A cold boot starts the background build of its shape's template. An
+    /// image the worker does not hold is pulled first when the request says from where.
+    pub async fn create(&self, mut req: CreateVm) -> Result<VmInfo, CreateBunkerError> {
         validate_id(&req.bunker_id).map_err(CreateBunkerError::Invalid)?;
         validate_hostname(&req.hostname).map_err(CreateBunkerError::Invalid)?;
         if req.memory_mb < MIN_MEMORY_MB {
@@ -125,11 +171,9 @@ impl Bunkers {
                 "memory_mb must be at least {MIN_MEMORY_MB}"
             )));
         }
-        let images = self.images_with(&req.image_sha256).await;
-        let image = images
-            .lookup(&req.image_sha256)
-            .cloned()
-            .ok_or_else(|| CreateBunkerError::ImageNotCached(req.image_sha256.clone()))?;
+        let (image, images) = self
+            .resolve_image(&req.image_sha256, req.image_pull.take())
+            .await?;
         let guest = images
             .boot()
             .cloned()
@@ -250,6 +294,45 @@ impl Bunkers {
                 reason: format!("the boot supervisor failed: {join}"),
             })
         })
+    }
+
+    /// The image `key` names (a digest, or a prebuilt image's name) and the prebuilt cache
+    /// (for the guest kernel): prebuilt, else pulled, else prebuilt after a rescan, else
+    /// pulled now if the create says from where (a `lazy_pull` image).
+    async fn resolve_image(
+        &self,
+        key: &str,
+        pull: Option<ImagePull>,
+    ) -> Result<(Image, Arc<ImageCache>), CreateBunkerError> {
+        let images = self.images();
+        if let Some(image) = images.lookup(key) {
+            return Ok((image.clone(), images));
+        }
+        if let Some(image) = self.pulls.lookup(key) {
+            return Ok((image, images));
+        }
+        let images = self.images_with(key).await;
+        if let Some(image) = images.lookup(key) {
+            return Ok((image.clone(), images));
+        }
+        let Some(pull) = pull else {
+            return Err(CreateBunkerError::ImageNotCached(key.to_owned()));
+        };
+        if pull.sha256 != key {
+            return Err(CreateBunkerError::Invalid(format!(
+                "image_pull.sha256 {} is not image_sha256 {key}",
+                pull.sha256
+            )));
+        }
+        let image = self
+            .pulls
+            .pull(pull)
+            .await
+            .map_err(|reason| CreateBunkerError::ImagePull {
+                sha256: key.to_owned(),
+                reason,
+            })?;
+        Ok((image, images))
     }
 
     /// The image cache, rescanned once if it does not know `key` (images may have been

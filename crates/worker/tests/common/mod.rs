@@ -164,6 +164,7 @@ impl TestWorker {
             hostname: hostname.into(),
             env_vars: [("BUNKER_VAR".to_owned(), "from-create".to_owned())].into(),
             snapshot: None,
+            image_pull: None,
         };
         self.post("/bunkers")
             .json(&req)
