@@ -462,11 +462,21 @@ async fn snapshots_are_taken_listed_restored_and_deleted(db: Db) {
         (v["data"]["status"].clone(), v["data"]["kind"].clone()),
         (json!("ready"), json!("full"))
     );
-    // Not running any more: no snapshot.
+    // Not running any more: no snapshot; a repeated delete answers as for any ended bunker.
     let (st, v) = api
         .admin("POST", &format!("/bunkers/{id}/snapshot"), Some(json!({})))
         .await;
     assert_eq!((st, code(&v)), (StatusCode::CONFLICT, "BUNKER_NOT_RUNNING"));
+    let resp = api
+        .send(
+            "DELETE",
+            &format!("/bunkers/{id}?snapshot=true"),
+            Some(&api.key),
+            None,
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().get("x-snapshot-id").is_none());
     let (st, v) = api
         .admin(
             "POST",

@@ -296,5 +296,23 @@ mod tests {
         assert_eq!(c.accel, AccelChoice::Tcg);
         assert_eq!(c.max_file_bytes, 1024);
         assert_eq!(c.templates, TemplateMode::Off);
+        assert_eq!(
+            c.storage_url.as_deref(),
+            Some("http://c:1"),
+            "snapshots go through the controller's storage proxy by default"
+        );
+    }
+
+    #[test]
+    fn a_separate_storage_proxy_may_be_named() {
+        let c = WorkerConfig::from_lookup(lookup_in(&[
+            ("SCAIBUNKER_WORKER_TOKEN", "t"),
+            ("SCAIBUNKER_WORKER_DATA_DIR", "/d"),
+            ("SCAIBUNKER_IMAGES_DIR", "/i"),
+            ("SCAIBUNKER_CONTROLLER_URL", "http://c:1"),
+            ("SCAIBUNKER_STORAGE_URL", "http://proxy:9/"),
+        ]))
+        .expect("valid");
+        assert_eq!(c.storage_url.as_deref(), Some("http://proxy:9"));
     }
 }

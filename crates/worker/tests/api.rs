@@ -553,6 +553,7 @@ async fn a_create_pulls_a_missing_image_before_booting() {
         disk_mb: 1024,
         hostname: "lazy".into(),
         env_vars: Default::default(),
+        snapshot: None,
         image_pull: Some(ImagePull {
             sha256: lazy_sha.clone(),
             size_bytes: lazy.len() as u64,

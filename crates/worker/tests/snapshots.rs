@@ -28,9 +28,10 @@ use tokio::io::AsyncWriteExt;
 
 const TINY: [&str; 3] = ["vmlinux", "initramfs.cpio.gz", "tiny.ext4"];
 const MEMORY_MB: u64 = 256;
-/// Counts once a second into /root/counter, in its own session so no exec owns it.
-const COUNTER: &str = "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /root/counter; sleep 1; done' \
-                       </dev/null >/dev/null 2>&1 &";
+/// Counts once a second into /root/counter, in its own session so no exec owns it; the file
+/// is replaced whole (a read never sees it truncated).
+const COUNTER: &str = "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /root/counter.new; \
+                       mv /root/counter.new /root/counter; sleep 1; done' </dev/null >/dev/null 2>&1 &";
 
 /// The storage proxy's object routes over a directory: what the worker sees of a
 /// controller, without one.

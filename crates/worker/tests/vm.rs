@@ -936,6 +936,7 @@ async fn a_lazily_pulled_image_boots() {
         disk_mb: 1024,
         hostname: "lazybox".into(),
         env_vars: Default::default(),
+        snapshot: None,
         image_pull: Some(scaibunker_proto::worker::ImagePull {
             sha256: sha.clone(),
             size_bytes,

@@ -186,7 +186,12 @@ pub async fn delete(
     let Query(q) = q.map_err(|e| ApiError::query(&e))?;
     let snapshot = if q.snapshot == Some(true) {
         let req = scaibunker_api::snapshots::CreateSnapshot::default();
-        Some(crate::service::snapshots::create(&s, &p, &ctx, &id, req).await?)
+        match crate::service::snapshots::create(&s, &p, &ctx, &id, req).await {
+            Ok(snap) => Some(snap),
+            // A bunker that already ended has nothing to snapshot; its delete answers as usual.
+            Err(svc::BunkerError::NotRunning(status)) if status.is_terminal() => None,
+            Err(e) => return Err(e.into()),
+        }
     } else {
         None
     };

@@ -1,11 +1,14 @@
 //! One bunker's supervisor: its state, its VM, its agent channel, and the tasks that boot
 //! and watch it.
 //!
-//! States: `Booting → Running ⇄ Paused → Stopping`, and `Failed` (with a reason) from
-//! `Booting`, `Running` or `Paused`.
+//! States: `Booting → Running ⇄ Paused → Stopping`, `Running → Snapshotting → Running`, and
+//! `Failed` (with a reason) from `Booting`, `Running`, `Paused` or `Snapshotting`.
 //!
 //! Boot (see [`Bunker::boot`]):
 //! 1. Make the bunker directory and bind `agent.sock` in it.
+//!    With a bunker snapshot to restore: download and check it into `snapshot/`, restore its
+//!    state (`full`: then the identity request) or boot its disk (`disk`), and wait for the
+//!    agent as in step 4; a failure fails the bunker (no cold boot of the image instead).
 //! 2. With a template of the bunker's shape: restore it through the driver, wait for the
 //!    agent's (second) hello and run the identity script with the bunker's host name. If
 //!    any of that fails (unless a stop interrupted it), kill the VM, remove the directory,
@@ -15,7 +18,10 @@
 //! 5. On anything but the hello: kill the VM, keep the tail of the console for the reason,
 //!    and remove the directory. Nothing is left running or on disk.
 //!
-//! Invariants: the VM lock (`vm`) serialises boot, pause, resume and stop, and owns the VM;
+//! Snapshot captures: see [`Bunker::capture`].
+//!
+//! Invariants: the VM lock (`vm`) serialises boot, pause, resume, capture and stop, and owns
+//! the VM (a `full` capture replaces it: the watcher of the old one stands down);
 //! a bunker whose VM is gone has no directory; a `Failed` bunker stays listed, with its
 //! reason, until it is deleted.
 
