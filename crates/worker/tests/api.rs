@@ -559,7 +559,6 @@ async fn a_create_pulls_a_missing_image_before_booting() {
             size_bytes: lazy.len() as u64,
             object_key: Some(key.into()),
         }),
-        snapshot: None,
     };
 
     let resp = w

@@ -942,7 +942,6 @@ async fn a_lazily_pulled_image_boots() {
             size_bytes,
             object_key: Some("images/tiny.ext4".into()),
         }),
-        snapshot: None,
     };
     let started = Instant::now();
     let resp = w.post("/bunkers").json(&req).send().await.expect("create");
