@@ -129,6 +129,25 @@ pub fn host_kernel_release() -> Result<String> {
 
 /// Calls `check` every 100 ms until it returns `Some`, or fails after `limit` with the
 /// last `Err` it gave as the reason.
+/// Polls `check` every 250 ms until it gives a value; panics after `limit` (tests only).
+pub async fn within<T, F: std::future::Future<Output = Option<T>>>(
+    limit: Duration,
+    what: &str,
+    mut check: impl FnMut() -> F,
+) -> T {
+    let give_up = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "{what} did not happen within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 pub async fn eventually<T>(
     limit: Duration,
     what: &str,

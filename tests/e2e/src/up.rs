@@ -239,6 +239,20 @@ impl Up {
             .with_context(|| format!("starting {}", bins.worker.display()))
     }
 
+    /// Every worker the controller knows (`GET /workers`, admin key).
+    pub async fn workers(&self) -> Vec<scaibunker_api::workers::Worker> {
+        let v: serde_json::Value = reqwest::Client::new()
+            .get(format!("{}/v1/modules/scaibunker/workers", self.url))
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .expect("list workers")
+            .json()
+            .await
+            .expect("json");
+        serde_json::from_value(v["data"].clone()).expect("worker records")
+    }
+
     /// The pid of `up` itself (the controller runs in it).
     pub fn pid(&self) -> u32 {
         self.child.id()

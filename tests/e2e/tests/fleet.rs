@@ -7,46 +7,13 @@ use std::time::{Duration, Instant};
 
 use scaibunker_api::bunkers::Bunker;
 use scaibunker_api::exec::ExecRequest;
-use scaibunker_api::workers::Worker;
-use scaibunker_e2e::{Up, UpOptions, qemu_processes_for, require_images};
+use scaibunker_e2e::{Up, UpOptions, qemu_processes_for, require_images, within};
 
 /// Heartbeats and job ticks every second, so losses show within seconds.
 const FAST: [(&str, &str); 2] = [
     ("WORKER_HEARTBEAT_INTERVAL_S", "1"),
     ("SCAIBUNKER_JOB_INTERVAL_S", "1"),
 ];
-
-async fn workers(up: &Up) -> Vec<Worker> {
-    let v: serde_json::Value = reqwest::Client::new()
-        .get(format!("{}/v1/modules/scaibunker/workers", up.url()))
-        .bearer_auth(up.key())
-        .send()
-        .await
-        .expect("list workers")
-        .json()
-        .await
-        .expect("json");
-    serde_json::from_value(v["data"].clone()).expect("worker records")
-}
-
-/// Polls `check` every 250 ms for up to `limit`.
-async fn within<T, F: std::future::Future<Output = Option<T>>>(
-    limit: Duration,
-    what: &str,
-    mut check: impl FnMut() -> F,
-) -> T {
-    let give_up = Instant::now() + limit;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < give_up,
-            "{what} did not happen within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
 
 fn echo(text: &str) -> ExecRequest {
     ExecRequest {
@@ -69,7 +36,7 @@ async fn a_killed_worker_goes_offline_its_bunker_fails_and_new_ones_land_elsewhe
     let client = up.client();
     let mut b = up.add_worker("b", &FAST[..1]).expect("start worker b");
     let fleet = within(Duration::from_secs(60), "two workers online", || async {
-        let ws = workers(&up).await;
+        let ws = up.workers().await;
         (ws.len() == 2 && ws.iter().all(|w| w.status == "online")).then_some(ws)
     })
     .await;
@@ -104,7 +71,7 @@ async fn a_killed_worker_goes_offline_its_bunker_fails_and_new_ones_land_elsewhe
     let _ = b.wait();
     let killed = Instant::now();
     within(Duration::from_secs(15), "worker b offline", || async {
-        workers(&up)
+        up.workers()
             .await
             .iter()
             .any(|w| w.id == b_id && w.status == "offline")
@@ -170,7 +137,7 @@ async fn a_killed_worker_goes_offline_its_bunker_fails_and_new_ones_land_elsewhe
     )
     .await;
     within(Duration::from_secs(30), "worker b online again", || async {
-        workers(&up)
+        up.workers()
             .await
             .iter()
             .any(|w| w.name == "b" && w.status == "online")

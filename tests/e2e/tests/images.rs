@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 use scaibunker_api::bunkers::CreateBunker;
 use scaibunker_api::exec::ExecRequest;
 use scaibunker_api::images::{CreateAvailabilityGroup, Image};
-use scaibunker_api::workers::Worker;
-use scaibunker_e2e::{Up, UpOptions, require_images};
+use scaibunker_e2e::{Up, UpOptions, require_images, within};
 
 /// Heartbeats and job ticks every second.
 const FAST: [(&str, &str); 2] = [
@@ -76,38 +75,6 @@ fn busybox_rootfs(marker: &str) -> Vec<u8> {
     b.into_inner().expect("tar")
 }
 
-async fn workers(up: &Up) -> Vec<Worker> {
-    let v: serde_json::Value = reqwest::Client::new()
-        .get(format!("{}/v1/modules/scaibunker/workers", up.url()))
-        .bearer_auth(up.key())
-        .send()
-        .await
-        .expect("list workers")
-        .json()
-        .await
-        .expect("json");
-    serde_json::from_value(v["data"].clone()).expect("worker records")
-}
-
-/// Polls `check` every 250 ms for up to `limit`.
-async fn within<T, F: std::future::Future<Output = Option<T>>>(
-    limit: Duration,
-    what: &str,
-    mut check: impl FnMut() -> F,
-) -> T {
-    let give_up = Instant::now() + limit;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < give_up,
-            "{what} did not happen within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 /// A worker's pull counters from its `/metrics`: (bytes from peers, bytes from the proxy).
 async fn pulled_bytes(worker_url: &str) -> (u64, u64) {
     let text = reqwest::get(format!("{worker_url}/metrics"))
@@ -152,7 +119,7 @@ async fn a_baked_image_fans_out_peer_to_peer_and_boots() {
     let client = up.client();
     let mut worker_b = up.add_worker("b", &FAST[..1]).expect("start worker b");
     let fleet = within(Duration::from_secs(60), "two workers online", || async {
-        let ws = workers(&up).await;
+        let ws = up.workers().await;
         (ws.len() == 2 && ws.iter().all(|w| w.status == "online")).then_some(ws)
     })
     .await;

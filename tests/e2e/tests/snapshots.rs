@@ -46,8 +46,7 @@ async fn admin(up: &Up, method: reqwest::Method, path: &str) -> serde_json::Valu
 }
 
 async fn online_workers(up: &Up) -> Vec<Worker> {
-    let v = admin(up, reqwest::Method::GET, "/workers").await;
-    let all: Vec<Worker> = serde_json::from_value(v["data"].clone()).expect("workers");
+    let all = up.workers().await;
     all.into_iter().filter(|w| w.status == "online").collect()
 }
 

@@ -20,16 +20,16 @@ use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use scaibunker_api::images as api;
-use scaibunker_core::ids::{AuditId, AvailabilityGroupId, ImageId};
+use scaibunker_core::ids::{AvailabilityGroupId, ImageId};
 use scaibunker_proto::worker::{ImageFailure, ImagePull, Peer, PeersResponse};
 use tokio::io::AsyncWriteExt;
 
 use super::auth::{self, Principal};
 use super::bunkers::rfc3339;
+use super::quotas::audit;
 use super::{Services, random_bytes};
 use crate::bake::{self, BakeError, SourceKind};
 use crate::objects::ObjectError;
-use crate::store::audit::AuditEvent;
 use crate::store::availability::{GroupMember, GroupRow};
 use crate::store::images::{ImageRow, NewImage};
 use crate::store::{StoreError, now_ms};
@@ -88,30 +88,6 @@ fn require(p: &Principal, perm: &'static str) -> Result<(), ImageError> {
         Ok(())
     } else {
         Err(ImageError::PermissionDenied(perm))
-    }
-}
-
-fn audit(
-    p: &Principal,
-    action: &'static str,
-    resource_type: &'static str,
-    resource_id: &str,
-    tenant_id: Option<&str>,
-    details: serde_json::Value,
-) -> AuditEvent {
-    AuditEvent {
-        id: AuditId::from_random(random_bytes()).to_string(),
-        time_ms: now_ms(),
-        tenant_id: tenant_id.map(str::to_owned),
-        actor_id: Some(p.user_id.clone()),
-        actor_type: "user",
-        action,
-        resource_type,
-        resource_id: Some(resource_id.to_owned()),
-        status: "success",
-        ip: None,
-        request_id: Some(crate::http::request_id()),
-        details,
     }
 }
 

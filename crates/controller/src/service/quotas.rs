@@ -113,7 +113,8 @@ fn require(p: &Principal, perm: &'static str) -> Result<(), QuotaError> {
     }
 }
 
-fn audit(
+/// An audit event of an administrative change made by `p` (not tied to a request context).
+pub(crate) fn audit(
     p: &Principal,
     action: &'static str,
     resource_type: &'static str,
