@@ -209,11 +209,13 @@ async fn measure(up: &Up, f: &mut Figures) -> Result<()> {
             .await?,
         );
         let log = std::fs::read_to_string(&b_log).unwrap_or_default();
+        let line = log
+            .lines()
+            .find(|l| l.contains("image pulled") && l.contains(&sha))
+            .unwrap_or_default();
         ensure!(
-            log.lines().any(|l| l.contains("image pulled")
-                && l.contains(&sha)
-                && l.contains("source=peer")),
-            "b's pull of {sha} did not come from a peer"
+            line.contains("source=peer") || line.contains("source=\"peer\""),
+            "b's pull of {sha} did not come from a peer: {line}"
         );
         // Floor: read the pulled file (now in the page cache) and hash it.
         let path = up
