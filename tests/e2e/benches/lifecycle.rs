@@ -246,6 +246,8 @@ struct QemuMemory {
     other_private: u64,
     /// Of `other_rss`, anonymous executable mappings: TCG's translated code.
     code_rss: u64,
+    /// Of `other_rss`, mappings of files: QEMU's binary and libraries, the guest kernel.
+    file_rss: u64,
     swap: u64,
 }
 
@@ -327,6 +329,9 @@ fn qemu_memory(pid: u32, memory_mb: u64) -> Result<QemuMemory> {
         m.other_private += map.private;
         if map.path.is_empty() && map.perms.contains('x') {
             m.code_rss += map.rss;
+        }
+        if map.path.starts_with('/') {
+            m.file_rss += map.rss;
         }
     }
     Ok(m)
@@ -634,18 +639,20 @@ fn render(m: &Machine, f: &Figures) -> String {
     let _ = writeln!(
         s,
         "| QEMU | guest RAM mapping: size / resident | RSS outside guest RAM | PSS outside \
-         | private outside | of which TCG code (RSS) |\n|---|---|---|---|---|---|"
+         | private outside | of which TCG code (RSS) | of which files (RSS) \
+         |\n|---|---|---|---|---|---|---|"
     );
     let mut qemu_row = |what: &str, q: &QemuMemory| {
         let _ = writeln!(
             s,
-            "| {what} | {} / {} | {} | {} | {} | {} |",
+            "| {what} | {} / {} | {} | {} | {} | {} | {} |",
             mib(q.guest_size),
             mib(q.guest_rss),
             mib(q.other_rss),
             mib(q.other_pss),
             mib(q.other_private),
             mib(q.code_rss),
+            mib(q.file_rss),
         );
     };
     qemu_row("bunker, the only one", &mem.alone);
@@ -774,10 +781,13 @@ fn render(m: &Machine, f: &Figures) -> String {
          hello {} ms, save {} ms, state file {:.1} MB), and everything after restores it. \
          Guest RAM is the anonymous mapping of the guest's size in QEMU's smaps; its resident \
          part is what the restore wrote (zero pages are not) plus what the guest touched. \
-         Everything else QEMU maps counts as overhead: RSS counts shared library pages in \
-         full, PSS divides them among the processes mapping them, private counts only pages \
-         no other process maps (the marginal cost of one more bunker); page cache (the \
-         template's state file and disk) is not counted. Worker growth is its `VmRSS` with \
+         Everything else QEMU maps counts as overhead: RSS counts shared pages in full, PSS \
+         divides them among the processes mapping them, private counts only pages no other \
+         process maps (the marginal cost of one more bunker). \"TCG code\" is QEMU's \
+         anonymous executable mapping, the translation cache of the TCG accelerator; \
+         \"files\" are mapped files: QEMU's binary and libraries and the guest kernel image. \
+         Page cache not mapped by QEMU (the template's state file and disk) is not counted; \
+         swap used by the QEMUs measured: {} KiB. Worker growth is its `VmRSS` with \
          two idle bunkers minus with none, over two, after a warm-up create, so allocator \
          reuse makes it noisy. A lane loops create (`wait: true`) → exec `true` → delete \
          (which returns once the VM is stopped, checked each cycle), so at most two VMs run; \
@@ -791,6 +801,7 @@ fn render(m: &Machine, f: &Figures) -> String {
         meta["boot_ms"],
         meta["save_ms"],
         meta["state_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        mem.alone.swap + mem.pair[0].swap + mem.pair[1].swap + mem.raw.swap,
     );
     s
 }
