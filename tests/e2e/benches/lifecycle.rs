@@ -113,8 +113,9 @@ async fn measure(machine: &Machine, up: &Up) -> Result<Figures> {
     };
 
     let mut memory = idle_memory(up, &client).await?;
-    let (raw_memory, raw_hello) = raw_floor(machine, &images, &restore).await?;
+    let (raw_memory, raw_qemus, raw_hello) = raw_floor(machine, &images, &restore).await?;
     memory.raw = raw_memory;
+    memory.host_qemus[2] = raw_qemus;
     let load_after_memory = load_average();
 
     let mut platform = Sustained::default();
@@ -362,6 +363,23 @@ struct IdleMemory {
     raw: QemuMemory,
     /// Processes other than QEMU naming a bunker, summed over the two.
     other_processes: usize,
+    /// QEMU processes on the whole host at the readings of `alone`, `pair` and `raw`
+    /// (others' too: they share QEMU's file pages, so they lower PSS and private).
+    host_qemus: [usize; 3],
+}
+
+/// QEMU processes running on the host, whoever started them.
+fn host_qemus() -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm"))
+                .is_ok_and(|c| c.trim().starts_with("qemu-system"))
+        })
+        .count()
 }
 
 async fn idle_memory(up: &Up, client: &Client) -> Result<IdleMemory> {
@@ -374,6 +392,7 @@ async fn idle_memory(up: &Up, client: &Client) -> Result<IdleMemory> {
         tokio::time::sleep(SETTLE).await;
         let a_pid = bunker_qemu(up, &a.id)?;
         m.alone = qemu_memory(a_pid, MEMORY_MB)?;
+        m.host_qemus[0] = host_qemus();
         m.daemons[1] = daemons(up, worker)?;
         let b = create_exec(client).await?;
         let measured = async {
@@ -382,6 +401,7 @@ async fn idle_memory(up: &Up, client: &Client) -> Result<IdleMemory> {
                 qemu_memory(a_pid, MEMORY_MB)?,
                 qemu_memory(bunker_qemu(up, &b.id)?, MEMORY_MB)?,
             ];
+            m.host_qemus[1] = host_qemus();
             m.daemons[2] = daemons(up, worker)?;
             m.other_processes = other_processes(up, &a.id) + other_processes(up, &b.id);
             anyhow::Ok(())
@@ -405,7 +425,7 @@ async fn raw_floor(
     machine: &Machine,
     images: &Path,
     restore: &RawStart,
-) -> Result<(QemuMemory, Vec<Duration>)> {
+) -> Result<(QemuMemory, usize, Vec<Duration>)> {
     let mut hello = Vec::new();
     let mut vm = RawVm::start(machine, images, restore, MEMORY_MB).await?;
     hello.push(vm.times.total);
@@ -413,11 +433,12 @@ async fn raw_floor(
         let exec = vm.exec(Program::Argv(vec!["true".to_owned()])).await?;
         ensure!(exec.exit_code == Some(0), "raw exec: {exec:?}");
         tokio::time::sleep(SETTLE).await;
-        qemu_memory(vm.pid().context("raw QEMU has exited")?, MEMORY_MB)
+        let memory = qemu_memory(vm.pid().context("raw QEMU has exited")?, MEMORY_MB)?;
+        Ok((memory, host_qemus()))
     }
     .await;
     vm.stop().await;
-    let memory = measured?;
+    let (memory, qemus) = measured?;
     for _ in 1..RAW_RUNS {
         let vm = RawVm::start(machine, images, restore, MEMORY_MB).await?;
         hello.push(vm.times.total);
@@ -427,7 +448,7 @@ async fn raw_floor(
         "[bench] raw: {memory:?}, restore → HELLO {}",
         spread_ms(&hello)
     );
-    Ok((memory, hello))
+    Ok((memory, qemus, hello))
 }
 
 // ---- sustained creates ----
@@ -699,10 +720,15 @@ fn render(m: &Machine, f: &Figures) -> String {
          ({worker_growth:.1} MiB) = **{per_bunker:.1} MiB** (goal ≤ 30 MiB: {}); counting \
          only QEMU's private memory instead of its PSS, {:.1} MiB. A bunker's QEMU holds \
          {over_raw:+.1} MiB RSS outside guest RAM against the bare QEMU of the same command \
-         line. Other processes per bunker besides QEMU: {}.\n",
+         line. Other processes per bunker besides QEMU: {}. QEMU processes on the whole host \
+         at the readings (others' included; they share QEMU's file pages, so they lower PSS \
+         and private): {}, {} and {} for the bunker alone, the two and the raw QEMU.\n",
         if per_bunker <= 30.0 { "met" } else { "missed" },
         pair_private + worker_growth,
         mem.other_processes,
+        mem.host_qemus[0],
+        mem.host_qemus[1],
+        mem.host_qemus[2],
     );
 
     // Sustained creates.
