@@ -17,13 +17,15 @@
 //! cargo bench -p scaibunker-e2e --bench api_templates`
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use scaibunker_api::bunkers::CreateBunker;
 use scaibunker_api::exec::ExecRequest;
-use scaibunker_e2e::bench::{Machine, RawStart, RawVm, load_average, median, ms, spread_ms};
+use scaibunker_e2e::bench::{
+    Machine, RawStart, RawVm, load_average, median, ms, spread_ms, wait_template,
+};
 use scaibunker_e2e::{Up, UpOptions, eventually, qemu_processes_for};
 use scaibunker_proto::agent::Program;
 use scaibunker_sdk::Client;
@@ -133,39 +135,6 @@ async fn no_vm(up: &Up) -> Result<()> {
     .await
 }
 
-/// The worker's ready template directory (one with `template.json` and no build going on).
-async fn wait_template(up: &Up) -> Result<PathBuf> {
-    let dir = up.data_dir().join("worker/templates");
-    let deadline = Instant::now() + TEMPLATE_TIMEOUT;
-    loop {
-        let mut ready = None;
-        let mut building = false;
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for e in entries.flatten() {
-                let path = e.path();
-                if path.to_string_lossy().ends_with(".building") {
-                    building = true;
-                } else if path.join("template.json").is_file() {
-                    ready = Some(path);
-                }
-            }
-        }
-        if let (Some(path), false) = (ready, building)
-            && qemu_processes_for(up.data_dir()).is_empty()
-        {
-            return Ok(path);
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "no template in {} within {TEMPLATE_TIMEOUT:?}\n{}",
-                dir.display(),
-                up.logs()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// The boot source the worker logged for the last bunker that came up.
 fn last_source(up: &Up) -> String {
     let log = std::fs::read_to_string(up.data_dir().join("worker.log")).unwrap_or_default();
@@ -202,7 +171,7 @@ async fn measure(machine: &Machine, warm: &Up, cold: &Up, f: &mut Figures) -> Re
     ensure!(source.contains("Cold"), "the first create was {source}");
     delete(warm, &warm_client, &id).await?;
     let waited = Instant::now();
-    let template = wait_template(warm).await?;
+    let template = wait_template(warm, TEMPLATE_TIMEOUT).await?;
     f.template_wait = waited.elapsed();
     f.template_meta = std::fs::read_to_string(template.join("template.json"))?;
     eprintln!("[bench] template {} ready", template.display());

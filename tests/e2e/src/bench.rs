@@ -16,6 +16,8 @@ use scaibunker_proto::agent::{
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::UnixStream;
 
+use crate::{Up, qemu_processes_for};
+
 /// Longest a raw boot or restore may take to say hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(120);
 /// Output frames granted back to the agent at a time (the worker's batch).
@@ -180,6 +182,40 @@ pub fn spread_ms(samples: &[Duration]) -> String {
 /// Decimal megabytes per second of `bytes` moved in `d`.
 pub fn mb_per_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / 1e6 / d.as_secs_f64().max(1e-9)
+}
+
+/// The ready template directory of `up`'s worker (one with `template.json` and no build
+/// going on, with no VM left running), waiting up to `timeout` for it.
+pub async fn wait_template(up: &Up, timeout: Duration) -> Result<PathBuf> {
+    let dir = up.data_dir().join("worker/templates");
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut ready = None;
+        let mut building = false;
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let path = e.path();
+                if path.to_string_lossy().ends_with(".building") {
+                    building = true;
+                } else if path.join("template.json").is_file() {
+                    ready = Some(path);
+                }
+            }
+        }
+        if let (Some(path), false) = (ready, building)
+            && qemu_processes_for(up.data_dir()).is_empty()
+        {
+            return Ok(path);
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "no template in {} within {timeout:?}\n{}",
+                dir.display(),
+                up.logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// What a raw VM starts from.
@@ -351,6 +387,11 @@ impl RawVm {
                 )))
             }
         }
+    }
+
+    /// QEMU's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.qemu.id()
     }
 
     /// Kills QEMU and removes the VM's directory.
