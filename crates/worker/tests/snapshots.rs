@@ -301,6 +301,8 @@ async fn disk_snapshot_keeps_files_and_boots_cold() {
     stdout_of(&w, "disk-src", COUNTER).await;
     // Not synced by the test: the snapshot must sync the guest itself.
     stdout_of(&w, "disk-src", "echo written > /root/file").await;
+    let source_id = stdout_of(&w, "disk-src", "cat /etc/machine-id").await;
+    assert_eq!(source_id.len(), 32, "{source_id}");
     let disk = snapshot(&w, "disk-src", "snp_disk1", SnapshotKind::Disk).await;
     let names: Vec<&str> = disk.files.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(names, ["disk.qcow2"]);
@@ -312,6 +314,10 @@ async fn disk_snapshot_keeps_files_and_boots_cold() {
     restore(&w, "disk-dst", &disk, "disk-box").await;
     assert_eq!(stdout_of(&w, "disk-dst", "cat /root/file").await, "written");
     assert_eq!(stdout_of(&w, "disk-dst", "hostname").await, "disk-box");
+    // The saved disk carried the source's machine id; the restore has its own.
+    let restored_id = stdout_of(&w, "disk-dst", "cat /etc/machine-id").await;
+    assert_eq!(restored_id.len(), 32, "{restored_id}");
+    assert_ne!(restored_id, source_id);
     // A cold boot: the counter's process is not there, only its last value on disk.
     let first = counter(&w, "disk-dst").await;
     tokio::time::sleep(Duration::from_secs(2)).await;

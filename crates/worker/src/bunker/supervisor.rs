@@ -429,6 +429,8 @@ impl Bunker {
         let exited = vm.exited();
         *slot = Some(vm);
         let agent = self.await_agent(&listener, exited, plan.timeout).await?;
+        // Its own machine id and a credited seed, whatever the image carries.
+        refresh_identity(&agent, &self.hostname).await?;
         self.agent_ready(agent);
         Ok(())
     }
@@ -543,8 +545,10 @@ impl Bunker {
             let exited = vm.exited();
             *slot = Some(vm);
             let agent = self.await_agent(&listener, exited, timeout).await?;
+            // A fresh identity whether the saved memory or only the saved disk came back:
+            // a disk keeps the machine id it was saved with otherwise.
+            refresh_identity(&agent, &self.hostname).await?;
             if let Some(state) = &state {
-                refresh_identity(&agent, &self.hostname).await?;
                 // Loaded: QEMU no longer reads it.
                 let _ = std::fs::remove_file(state);
             }
