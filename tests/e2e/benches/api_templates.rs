@@ -297,7 +297,7 @@ fn render(m: &Machine, f: &Figures) -> String {
         "- The API figures run from the SDK's `POST /bunkers` (`wait: true`) to the answer of \
          the first exec: controller (auth, quota, scheduling, the database), the worker's \
          create (overlay, QEMU, restore or boot, the agent's hello, and for a restore the \
-         identity exec: host name and seed), then one exec through both.\n\
+         identity request: host name, machine id and a credited seed), then one exec through both.\n\
          - The raw floors are this benchmark alone driving QEMU with the worker's command \
          line: `qemu-img create` of the overlay (median {} for a restore, {} for a boot) \
          included, as the worker's driver does, until the agent's `HELLO` on the \
