@@ -21,8 +21,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use common::{TOKEN, TestWorker, error_of, image_sha256, require_artefacts, vm_slot};
 use futures_util::StreamExt;
 use scaibunker_proto::worker::{
-    BootSource, CreateVm, ExecRequest, ExecResult, GuestUser, Program, SnapshotKind,
-    SnapshotManifest, SnapshotVm, VmInfo, VmStatus,
+    BootSource, CreateVm, SnapshotKind, SnapshotManifest, SnapshotVm, VmInfo, VmStatus,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -116,30 +115,8 @@ impl Drop for FakeProxy {
     }
 }
 
-async fn exec(w: &TestWorker, id: &str, cmd: &str) -> ExecResult {
-    let req = ExecRequest {
-        program: Program::Shell(cmd.into()),
-        env: Default::default(),
-        cwd: None,
-        user: GuestUser::Root,
-        stdin_b64: None,
-        timeout_ms: 60_000,
-        output_limit_bytes: 1 << 20,
-    };
-    let resp = w
-        .post(&format!("/bunkers/{id}/exec"))
-        .json(&req)
-        .send()
-        .await
-        .expect("exec request");
-    let status = resp.status();
-    let text = resp.text().await.expect("body");
-    assert_eq!(status, 200, "exec failed: {text}");
-    serde_json::from_str(&text).expect("ExecResult")
-}
-
 async fn stdout_of(w: &TestWorker, id: &str, cmd: &str) -> String {
-    let r = exec(w, id, cmd).await;
+    let r = w.exec_sh(id, cmd).await;
     assert_eq!(r.exit_code, Some(0), "`{cmd}` failed: {r:?}");
     String::from_utf8(BASE64.decode(&r.stdout_b64).expect("b64"))
         .expect("utf8")

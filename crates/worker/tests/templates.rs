@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use common::{TestWorker, eventually, image_sha256, require_artefacts, vm_slot};
-use scaibunker_proto::worker::{BootSource, ExecRequest, ExecResult, GuestUser, Program, VmInfo};
+use scaibunker_proto::worker::{BootSource, VmInfo};
 use scaibunker_worker::config::TemplateMode;
 use scaibunker_worker::templates::TemplateStatus;
 
@@ -25,30 +25,8 @@ async fn start(images: &Path) -> TestWorker {
     TestWorker::start_with(images, |c| c.templates = TemplateMode::On).await
 }
 
-async fn exec(w: &TestWorker, id: &str, cmd: &str) -> ExecResult {
-    let req = ExecRequest {
-        program: Program::Shell(cmd.into()),
-        env: Default::default(),
-        cwd: None,
-        user: GuestUser::Root,
-        stdin_b64: None,
-        timeout_ms: 60_000,
-        output_limit_bytes: 1 << 20,
-    };
-    let resp = w
-        .post(&format!("/bunkers/{id}/exec"))
-        .json(&req)
-        .send()
-        .await
-        .expect("exec request");
-    let status = resp.status();
-    let text = resp.text().await.expect("body");
-    assert_eq!(status, 200, "exec failed: {text}");
-    serde_json::from_str(&text).expect("ExecResult")
-}
-
 async fn stdout_of(w: &TestWorker, id: &str, cmd: &str) -> String {
-    let r = exec(w, id, cmd).await;
+    let r = w.exec_sh(id, cmd).await;
     assert_eq!(r.exit_code, Some(0), "`{cmd}` failed: {r:?}");
     String::from_utf8(BASE64.decode(&r.stdout_b64).expect("b64")).expect("utf8")
 }

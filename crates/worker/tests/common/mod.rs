@@ -130,6 +130,30 @@ impl TestWorker {
         self.http.get(self.url(path)).bearer_auth(TOKEN)
     }
 
+    /// Runs `cmd` with `/bin/sh -c` as root in bunker `id`; panics unless the worker answers.
+    pub async fn exec_sh(&self, id: &str, cmd: &str) -> scaibunker_proto::worker::ExecResult {
+        use scaibunker_proto::worker::{ExecRequest, GuestUser, Program};
+        let req = ExecRequest {
+            program: Program::Shell(cmd.into()),
+            env: Default::default(),
+            cwd: None,
+            user: GuestUser::Root,
+            stdin_b64: None,
+            timeout_ms: 60_000,
+            output_limit_bytes: 1 << 20,
+        };
+        let resp = self
+            .post(&format!("/bunkers/{id}/exec"))
+            .json(&req)
+            .send()
+            .await
+            .expect("exec request");
+        let status = resp.status();
+        let text = resp.text().await.expect("body");
+        assert_eq!(status, 200, "exec failed: {text}");
+        serde_json::from_str(&text).expect("ExecResult")
+    }
+
     pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
         self.http.post(self.url(path)).bearer_auth(TOKEN)
     }
