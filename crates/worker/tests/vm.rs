@@ -307,6 +307,12 @@ async fn uploads_over_the_cap_are_refused() {
         .send()
         .await
         .expect("put");
+    // The body is left unread, so the connection cannot be reused: the answer says so, and
+    // the client's next request goes out on a new connection.
+    assert_eq!(
+        resp.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
     let (status, err) = error_of(resp).await;
     assert_eq!((status, err.code.as_str()), (413, "FILE_TOO_LARGE"));
 

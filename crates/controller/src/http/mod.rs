@@ -198,6 +198,7 @@ pub fn proxy_router(st: crate::service::storage::Storage) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(with_request_id))
+        .layer(middleware::from_fn(scaibunker_http::close_unread))
         .with_state(st)
 }
 
@@ -231,5 +232,6 @@ pub fn router(s: Services) -> Router {
     .method_not_allowed_fallback(method_not_allowed)
     .layer(middleware::from_fn_with_state(s.clone(), observe))
     .layer(middleware::from_fn(with_request_id))
+    .layer(middleware::from_fn(scaibunker_http::close_unread))
     .with_state(s)
 }
