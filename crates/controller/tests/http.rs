@@ -2139,7 +2139,67 @@ async fn bridges_are_admin_records_and_transit_is_refused_plainly(db: Db) {
     }
 }
 
+/// An image whose controller died mid-bake (left `baking`, its source stored) is baked by the
+/// `images` job once it has been untouched for 15 minutes; a bake still in its window is left.
+async fn the_images_job_rebakes_interrupted_bakes(db: Db) {
+    let api = Api::start(db).await;
+    let mut ids = Vec::new();
+    for name in ["interrupted", "recent"] {
+        let (st, v) = api
+            .admin(
+                "POST",
+                "/images",
+                Some(json!({"name": name, "source": {"kind": "tar"}, "size_mib": 16})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        let id = v["data"]["id"].as_str().expect("id").to_owned();
+        // What the upload stored before its controller died.
+        let resp = api
+            .http
+            .put(api.url(&format!("/storage/objects/images/{id}/source")))
+            .bearer_auth(WORKER_TOKEN)
+            .body(rootfs_tar(&[]))
+            .send()
+            .await
+            .expect("put source");
+        assert!(resp.status().is_success(), "{}", resp.status());
+        ids.push(id);
+    }
+    let pool = api.handle.services.store.pool();
+    let now = scaibunker_controller::store::now_ms();
+    for (id, age_ms) in [(&ids[0], 16 * 60 * 1000), (&ids[1], 60 * 1000)] {
+        sqlx::query("UPDATE images SET status = 'baking', updated_at = ? WHERE id = ?")
+            .bind(now - age_ms)
+            .bind(id)
+            .execute(pool)
+            .await
+            .expect("update");
+    }
+
+    let services = &api.handle.services;
+    let recovered = scaibunker_controller::service::images::recover_stale_bakes(services)
+        .await
+        .expect("job");
+    assert_eq!(recovered, 1);
+    let (st, v) = api.admin("GET", &format!("/images/{}", ids[0]), None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(v["data"]["status"], "ready", "{v}");
+    assert_eq!(v["data"]["sha256"].as_str().map(str::len), Some(64), "{v}");
+    let (_, v) = api.admin("GET", &format!("/images/{}", ids[1]), None).await;
+    assert_eq!(
+        v["data"]["status"], "baking",
+        "a bake in its window is left alone"
+    );
+    // Nothing is stale any more.
+    let recovered = scaibunker_controller::service::images::recover_stale_bakes(services)
+        .await
+        .expect("job");
+    assert_eq!(recovered, 0);
+}
+
 both!(
+    the_images_job_rebakes_interrupted_bakes,
     bridges_are_admin_records_and_transit_is_refused_plainly,
     images_bake_and_fan_out_through_availability_groups,
     bad_image_content_is_refused_and_nothing_is_kept,
