@@ -116,18 +116,74 @@ async fn concurrent_lease_attempts_have_exactly_one_winner() {
     }
 }
 
+fn one(key: &str, limit: u32) -> Vec<(String, u32)> {
+    vec![(key.to_owned(), limit)]
+}
+
+#[tokio::test]
+async fn a_hit_on_several_windows_counts_in_all_or_none() {
+    for (name, live, prefix) in backends().await {
+        let window = Duration::from_secs(60);
+        let limits = |user: u32| {
+            vec![
+                ("key:a".to_owned(), 10),
+                ("user:u".to_owned(), user),
+                ("tenant:t".to_owned(), 10),
+            ]
+        };
+        for _ in 0..2 {
+            let hit = live.rate_hit(&limits(2), window).await.expect("hit");
+            assert_eq!(hit, RateDecision::Allowed, "{name}");
+        }
+        // The user's window is full: refused, with a wait within the window …
+        match live.rate_hit(&limits(2), window).await.expect("hit") {
+            RateDecision::Limited { retry_after } => {
+                assert!(retry_after <= window, "{name}: {retry_after:?}")
+            }
+            RateDecision::Allowed => panic!("{name}: a third hit on a user limited to 2"),
+        }
+        // … and counted nowhere: the key's and the tenant's windows hold 2 hits, not 3.
+        let hit = live.rate_hit(&one("key:a", 3), window).await.expect("hit");
+        assert_eq!(
+            hit,
+            RateDecision::Allowed,
+            "{name}: the refused hit was counted"
+        );
+        let hit = live.rate_hit(&one("key:a", 3), window).await.expect("hit");
+        assert!(matches!(hit, RateDecision::Limited { .. }), "{name}");
+        let hit = live
+            .rate_hit(&one("tenant:t", 3), window)
+            .await
+            .expect("hit");
+        assert_eq!(
+            hit,
+            RateDecision::Allowed,
+            "{name}: the refused hit was counted"
+        );
+        // A window with no room at all.
+        let hit = live
+            .rate_hit(&one("key:zero", 0), window)
+            .await
+            .expect("hit");
+        assert!(matches!(hit, RateDecision::Limited { .. }), "{name}");
+        if let Some(p) = prefix {
+            wipe(&p).await;
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_rate_window_admits_its_limit_then_says_when_to_retry() {
     for (name, live, prefix) in backends().await {
         let window = Duration::from_millis(600);
         for i in 0..3 {
             assert_eq!(
-                live.rate_hit("key:k", window, 3).await.expect("hit"),
+                live.rate_hit(&one("key:k", 3), window).await.expect("hit"),
                 RateDecision::Allowed,
                 "{name} hit {i}"
             );
         }
-        match live.rate_hit("key:k", window, 3).await.expect("hit") {
+        match live.rate_hit(&one("key:k", 3), window).await.expect("hit") {
             RateDecision::Limited { retry_after } => {
                 assert!(
                     retry_after > Duration::ZERO && retry_after <= window,
@@ -138,12 +194,14 @@ async fn a_rate_window_admits_its_limit_then_says_when_to_retry() {
         }
         // Another key has its own window.
         assert_eq!(
-            live.rate_hit("key:other", window, 3).await.expect("hit"),
+            live.rate_hit(&one("key:other", 3), window)
+                .await
+                .expect("hit"),
             RateDecision::Allowed
         );
         tokio::time::sleep(Duration::from_millis(700)).await;
         assert_eq!(
-            live.rate_hit("key:k", window, 3).await.expect("hit"),
+            live.rate_hit(&one("key:k", 3), window).await.expect("hit"),
             RateDecision::Allowed,
             "{name}: the window slid"
         );

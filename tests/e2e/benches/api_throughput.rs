@@ -581,17 +581,15 @@ async fn time_pieces(s: Services, key: String, bunker_id: String) -> Result<Piec
         let authenticated = started.elapsed();
 
         let started = Instant::now();
-        for (key, limit) in &windows {
-            let decision = s
-                .live
-                .rate_hit(key, RATE_WINDOW, *limit)
-                .await
-                .context("counting a rate window")?;
-            ensure!(
-                decision == RateDecision::Allowed,
-                "rate limited: {decision:?}"
-            );
-        }
+        let decision = s
+            .live
+            .rate_hit(&windows, RATE_WINDOW)
+            .await
+            .context("counting the rate windows")?;
+        ensure!(
+            decision == RateDecision::Allowed,
+            "rate limited: {decision:?}"
+        );
         let rate_limited = started.elapsed();
 
         let started = Instant::now();
@@ -1142,10 +1140,10 @@ fn render(machine: &Machine, quiet: &Quiet, load_after: &str, backends: &[Backen
     let _ = writeln!(s, "|---|{}", "---|".repeat(backends.len()));
     let names = [
         "key lookup (`auth::authenticate`: SHA-256 of the key, one SQL query by the hash)",
-        "rate limit (`LiveState::rate_hit` on the key's, the user's and the tenant's windows)",
+        "rate limit (`LiveState::rate_hit`: the key's, the user's and the tenant's windows in one call)",
         "bunker row (`Store::bunker`: one SQL query by tenant and id)",
-        "of which, in each query: a connection from the pool (`Pool::acquire`, which pings \
-         it first: sqlx's `test_before_acquire` is on)",
+        "of which, in each query: a connection from the pool (`Pool::acquire`; no ping \
+         first: `test_before_acquire` is off)",
     ];
     for (i, name) in names.into_iter().enumerate() {
         let cells: Vec<String> = backends

@@ -71,28 +71,34 @@ impl LiveState for InProcess {
 
     async fn rate_hit(
         &self,
-        key: &str,
+        limits: &[(String, u32)],
         window: Duration,
-        limit: u32,
     ) -> Result<RateDecision, LiveError> {
         let now = Instant::now();
         let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        let hits = windows.entry(key.to_owned()).or_default();
-        while hits
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= window)
-        {
-            hits.pop_front();
+        let mut wait = Duration::ZERO;
+        for (key, limit) in limits {
+            let hits = windows.entry(key.clone()).or_default();
+            while hits
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= window)
+            {
+                hits.pop_front();
+            }
+            if hits.len() >= *limit as usize {
+                let until = hits.front().map_or(window, |oldest| {
+                    (*oldest + window).saturating_duration_since(now)
+                });
+                wait = wait.max(until.max(Duration::from_millis(1)));
+            }
         }
-        if hits.len() < limit as usize {
-            hits.push_back(now);
-            return Ok(RateDecision::Allowed);
+        if !wait.is_zero() {
+            return Ok(RateDecision::Limited { retry_after: wait });
         }
-        let oldest = *hits.front().expect("a full window has an oldest hit");
-        let retry_after = (oldest + window).saturating_duration_since(now);
-        Ok(RateDecision::Limited {
-            retry_after: retry_after.max(Duration::from_millis(1)),
-        })
+        for (key, _) in limits {
+            windows.entry(key.clone()).or_default().push_back(now);
+        }
+        Ok(RateDecision::Allowed)
     }
 
     async fn quota_reserve(

@@ -105,12 +105,13 @@ pub trait LiveState: Send + Sync {
         worker_ids: &[String],
     ) -> Result<std::collections::HashMap<String, i64>, LiveError>;
 
-    /// Counts one event under `key` in a sliding window of `window` holding at most `limit`.
+    /// Counts one event in every one of `limits` (`(key, limit)`: a sliding window of
+    /// `window` under `key` holding at most `limit`), in one step: when any window is full the
+    /// event is counted in none and the answer is the longest wait.
     async fn rate_hit(
         &self,
-        key: &str,
+        limits: &[(String, u32)],
         window: Duration,
-        limit: u32,
     ) -> Result<RateDecision, LiveError>;
 
     /// Checks and increments every counter of `charges` for `bunker_id`, atomically.

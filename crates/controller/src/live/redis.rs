@@ -23,18 +23,28 @@ return 0
 
 /// Sliding window on a sorted set of hit timestamps (ms). Returns 0 when the hit is counted,
 /// else the milliseconds until the oldest hit leaves the window.
+/// Sliding windows, one per key, all counted or none. KEYS: the windows. ARGV: now (ms), window
+/// (ms), the hit's unique member, then each key's limit. Returns 0 (counted everywhere) or the
+/// milliseconds until the fullest window has room.
 const RATE: &str = r"
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
-local limit = tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-if redis.call('ZCARD', KEYS[1]) < limit then
-  redis.call('ZADD', KEYS[1], now, ARGV[4])
-  redis.call('PEXPIRE', KEYS[1], window)
-  return 0
+local wait = 0
+for i = 1, #KEYS do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
+  if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[3 + i]) then
+    local oldest = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+    local until_free = window
+    if oldest[2] then until_free = tonumber(oldest[2]) + window - now end
+    wait = math.max(wait, 1, until_free)
+  end
 end
-local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return math.max(1, tonumber(oldest[2]) + window - now)
+if wait > 0 then return wait end
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[i], window)
+end
+return 0
 ";
 
 /// Quota check-and-increment. KEYS: epoch, stash, bunkers set, counters set, then one counter
@@ -249,23 +259,23 @@ impl LiveState for RedisLive {
 
     async fn rate_hit(
         &self,
-        key: &str,
+        limits: &[(String, u32)],
         window: Duration,
-        limit: u32,
     ) -> Result<RateDecision, LiveError> {
         let mut conn = self.conn.clone();
         let now = now_ms();
+        let mut inv = self.rate.prepare_invoke();
+        for (key, _) in limits {
+            inv.key(format!("{}rate:{key}", self.prefix));
+        }
         // A unique member per hit: two hits in one millisecond must both count.
-        let member = format!("{now}-{}", rand::random::<u64>());
-        let wait_ms: u64 = self
-            .rate
-            .key(format!("{}rate:{key}", self.prefix))
-            .arg(now)
+        inv.arg(now)
             .arg(window.as_millis() as u64)
-            .arg(limit)
-            .arg(member)
-            .invoke_async(&mut conn)
-            .await?;
+            .arg(format!("{now}-{}", rand::random::<u64>()));
+        for (_, limit) in limits {
+            inv.arg(*limit);
+        }
+        let wait_ms: u64 = inv.invoke_async(&mut conn).await?;
         Ok(if wait_ms == 0 {
             RateDecision::Allowed
         } else {

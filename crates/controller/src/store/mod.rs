@@ -69,6 +69,11 @@ impl Store {
         };
         let pool = AnyPoolOptions::new()
             .max_connections(if backend == Backend::Sqlite { 8 } else { 16 })
+            // No ping before every query (a round trip to MariaDB each time). A connection the
+            // server dropped fails its query once and is discarded; idle connections are closed
+            // well before MariaDB's `wait_timeout` (8 h by default) drops them from its side.
+            .test_before_acquire(false)
+            .idle_timeout(std::time::Duration::from_secs(300))
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     let setup = match backend {
