@@ -1213,7 +1213,7 @@ fn render(machine: &Machine, quiet: &Quiet, load_after: &str, backends: &[Backen
          worker is down, so it is `failed`: a real row, read the same way as a running \
          bunker's); the response body is {body}. Each request looks the key up by its SHA-256 \
          (one SQL query), counts it in the key's, the user's and the tenant's rate windows (live \
-         state, one call each) and reads the bunker by tenant and id (one SQL query).\n\
+         state, one call for the three) and reads the bunker by tenant and id (one SQL query).\n\
          - The rate limiter stays on but its limit is raised from 1,200 to {} requests a \
          minute per key, so that it never refuses; its sliding windows then hold every hit of \
          the last minute (hundreds of thousands of entries, more than a key at the default \
