@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use common::{TestWorker, error_of, eventually, image_sha256, require_artefacts, vm_slot};
+use common::{TestWorker, error_of, eventually, image_sha256, require_artefacts, shell, vm_slot};
 use scaibunker_proto::worker::{
     DirEntry, EntryType, ExecRequest, ExecResult, ExecStreamEvent, FileWritten, GuestUser, Program,
     VmInfo, VmStatus,
@@ -22,18 +22,6 @@ const TINY: [&str; 4] = [
     "kernel.release",
     "tiny.ext4",
 ];
-
-fn shell(cmd: &str) -> ExecRequest {
-    ExecRequest {
-        program: Program::Shell(cmd.into()),
-        env: Default::default(),
-        cwd: None,
-        user: GuestUser::Root,
-        stdin_b64: None,
-        timeout_ms: 60_000,
-        output_limit_bytes: 1 << 20,
-    }
-}
 
 async fn exec(w: &TestWorker, id: &str, req: &ExecRequest) -> ExecResult {
     let resp = w

@@ -44,6 +44,19 @@ pub struct UpOptions {
     pub env: Vec<(String, String)>,
 }
 
+impl UpOptions {
+    /// The defaults plus `env` for `up`.
+    pub fn with_env(env: &[(&str, &str)]) -> Self {
+        Self {
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Self::default()
+        }
+    }
+}
+
 /// A running `scaibunker up`.
 pub struct Up {
     child: Child,

@@ -25,14 +25,7 @@ fn echo(text: &str) -> ExecRequest {
 #[tokio::test]
 async fn a_killed_worker_goes_offline_its_bunker_fails_and_new_ones_land_elsewhere() {
     require_images(&["tiny.ext4"]).expect("guest images");
-    let up = Up::start(UpOptions {
-        env: FAST
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ..UpOptions::default()
-    })
-    .expect("scaibunker up gets ready");
+    let up = Up::start(UpOptions::with_env(&FAST)).expect("scaibunker up gets ready");
     let client = up.client();
     let mut b = up.add_worker("b", &FAST[..1]).expect("start worker b");
     let fleet = within(Duration::from_secs(60), "two workers online", || async {

@@ -108,14 +108,7 @@ fn state_on(image: &Image, worker_id: &str) -> Option<String> {
 #[tokio::test]
 async fn a_baked_image_fans_out_peer_to_peer_and_boots() {
     require_images(&["tiny.ext4"]).expect("guest images");
-    let up = Up::start(UpOptions {
-        env: FAST
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ..UpOptions::default()
-    })
-    .expect("scaibunker up gets ready");
+    let up = Up::start(UpOptions::with_env(&FAST)).expect("scaibunker up gets ready");
     let client = up.client();
     let mut worker_b = up.add_worker("b", &FAST[..1]).expect("start worker b");
     let fleet = within(Duration::from_secs(60), "two workers online", || async {

@@ -32,14 +32,7 @@ async fn stdout(c: &Client, id: &str, cmd: &str) -> String {
 #[tokio::test]
 async fn an_idle_persistent_bunker_is_passivated_and_comes_back_on_exec() {
     require_images(&["tiny.ext4"]).expect("guest images");
-    let up = Up::start(UpOptions {
-        env: FAST
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ..UpOptions::default()
-    })
-    .expect("scaibunker up gets ready");
+    let up = Up::start(UpOptions::with_env(&FAST)).expect("scaibunker up gets ready");
     let client = up.client();
     let bunker = client
         .create_bunker(&CreateBunker {

@@ -68,14 +68,7 @@ async fn restore(c: &Client, snapshot_id: &str) -> (Bunker, Duration) {
 #[tokio::test]
 async fn snapshots_restore_into_new_bunkers_on_another_worker() {
     require_images(&["tiny.ext4"]).expect("guest images");
-    let up = Up::start(UpOptions {
-        env: FAST
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ..UpOptions::default()
-    })
-    .expect("scaibunker up gets ready");
+    let up = Up::start(UpOptions::with_env(&FAST)).expect("scaibunker up gets ready");
     let client = up.client();
     let mut b = up.add_worker("b", &FAST).expect("start worker b");
     let give_up = Instant::now() + Duration::from_secs(60);

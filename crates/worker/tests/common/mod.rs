@@ -132,16 +132,7 @@ impl TestWorker {
 
     /// Runs `cmd` with `/bin/sh -c` as root in bunker `id`; panics unless the worker answers.
     pub async fn exec_sh(&self, id: &str, cmd: &str) -> scaibunker_proto::worker::ExecResult {
-        use scaibunker_proto::worker::{ExecRequest, GuestUser, Program};
-        let req = ExecRequest {
-            program: Program::Shell(cmd.into()),
-            env: Default::default(),
-            cwd: None,
-            user: GuestUser::Root,
-            stdin_b64: None,
-            timeout_ms: 60_000,
-            output_limit_bytes: 1 << 20,
-        };
+        let req = shell(cmd);
         let resp = self
             .post(&format!("/bunkers/{id}/exec"))
             .json(&req)
@@ -332,4 +323,18 @@ pub fn host_kernel_release() -> Result<String> {
         .context("read osrelease")?
         .trim()
         .to_owned())
+}
+
+/// An exec request running `cmd` with `/bin/sh -c` as root (60 s, 1 MiB of output inline).
+pub fn shell(cmd: &str) -> scaibunker_proto::worker::ExecRequest {
+    use scaibunker_proto::worker::{ExecRequest, GuestUser, Program};
+    ExecRequest {
+        program: Program::Shell(cmd.into()),
+        env: Default::default(),
+        cwd: None,
+        user: GuestUser::Root,
+        stdin_b64: None,
+        timeout_ms: 60_000,
+        output_limit_bytes: 1 << 20,
+    }
 }
