@@ -765,6 +765,16 @@ async fn every_way_a_bunker_ends_releases_its_quota_once(db: Db, live: Live) {
     api.assign(&key, &qp, "user", &user, "individual").await;
     let bucket = format!("user:{user}");
     let current = || api.current(&key, &qp, &bucket, "concurrent_bunkers");
+    // A job commits a bunker's end, then releases its quota: wait briefly for the release.
+    let released = || async {
+        for _ in 0..50 {
+            if current().await == Some(0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        current().await
+    };
     let create = |body: Value| async {
         api.heartbeat(&wid, &[]).await;
         let (st, v) = api.create(&key, body).await;
@@ -811,7 +821,7 @@ async fn every_way_a_bunker_ends_releases_its_quota_once(db: Db, live: Live) {
     }
     api.wait_status(&key, &d, "terminated", Duration::from_secs(10))
         .await;
-    assert_eq!(current().await, Some(0));
+    assert_eq!(released().await, Some(0));
 
     // Pause keeps the quota; then the monitor fails the bunkers of a worker that went silent.
     let e = create(json!({"image": "default"})).await;
@@ -827,7 +837,7 @@ async fn every_way_a_bunker_ends_releases_its_quota_once(db: Db, live: Live) {
     assert_eq!(current().await, Some(1));
     api.wait_status(&key, &e, "failed", Duration::from_secs(20))
         .await;
-    assert_eq!(current().await, Some(0));
+    assert_eq!(released().await, Some(0));
 
     // Every end is seen again by reconciliation: nothing to release twice.
     assert_eq!(
