@@ -1,0 +1,510 @@
+use std::path::PathBuf;
+
+use tokio::net::UnixStream;
+
+use futures_util::StreamExt;
+use scaibunker_proto::agent::{MAX_FRAME_PAYLOAD, Stdin};
+
+use super::*;
+
+/// The guest side of a channel, scripted by each test.
+struct FakeAgent {
+    read: OwnedReadHalf,
+    write: OwnedWriteHalf,
+}
+
+impl FakeAgent {
+    async fn recv(&mut self) -> Frame {
+        read_frame(&mut self.read)
+            .await
+            .expect("frame")
+            .expect("not closed")
+    }
+
+    async fn send(&mut self, frame: Frame) {
+        self.write.write_all(&frame.encode()).await.expect("send");
+    }
+
+    async fn reply(&mut self, id: u32, reply: &Reply) {
+        self.send(Frame::json(id, FrameKind::Reply, reply)).await;
+    }
+
+    async fn hello(&mut self, version: u32) {
+        let hello = Hello {
+            protocol_version: version,
+            agent_version: "test".into(),
+            kernel: "6.1.0-test".into(),
+        };
+        self.send(Frame::json(0, FrameKind::Hello, &hello)).await;
+    }
+}
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    listener: UnixListener,
+}
+
+fn harness() -> Harness {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agent.sock");
+    let listener = UnixListener::bind(&path).expect("bind");
+    Harness {
+        _dir: dir,
+        path,
+        listener,
+    }
+}
+
+async fn connected() -> (AgentClient, FakeAgent, Harness) {
+    let h = harness();
+    let stream = UnixStream::connect(&h.path).await.expect("connect");
+    let (read, write) = stream.into_split();
+    let mut agent = FakeAgent { read, write };
+    agent.hello(PROTOCOL_VERSION).await;
+    let client = AgentClient::connect(&h.listener).await.expect("hello");
+    (client, agent, h)
+}
+
+fn exec_spec(cmd: &str, stdin: Option<&'static [u8]>, limit: u64) -> ExecSpec {
+    ExecSpec {
+        program: Program::Shell(cmd.into()),
+        env: BTreeMap::new(),
+        cwd: None,
+        user: GuestUser::Root,
+        stdin: stdin.map(Bytes::from_static),
+        timeout: Duration::from_secs(5),
+        output_limit_bytes: limit,
+    }
+}
+
+#[tokio::test]
+async fn refuses_an_agent_of_another_protocol_version() {
+    let h = harness();
+    let stream = UnixStream::connect(&h.path).await.expect("connect");
+    let (read, write) = stream.into_split();
+    let mut agent = FakeAgent { read, write };
+    agent.hello(PROTOCOL_VERSION + 1).await;
+    let err = AgentClient::connect(&h.listener)
+        .await
+        .expect_err("mismatch");
+    let text = err.to_string();
+    assert!(text.contains(&(PROTOCOL_VERSION + 1).to_string()), "{text}");
+    assert!(text.contains(&PROTOCOL_VERSION.to_string()), "{text}");
+}
+
+#[tokio::test]
+async fn exec_feeds_stdin_and_keeps_output_up_to_the_limit() {
+    let (client, mut agent, _h) = connected().await;
+    let guest = tokio::spawn(async move {
+        let req = agent.recv().await;
+        assert_eq!(req.kind, FrameKind::Request);
+        let id = req.stream_id;
+        assert_ne!(id, 0);
+        match req.decode_json::<Request>().expect("request") {
+            Request::Exec {
+                stdin, timeout_ms, ..
+            } => {
+                assert_eq!(stdin, Stdin::Stream);
+                assert_eq!(timeout_ms, 5000);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let data = agent.recv().await;
+        assert_eq!(
+            (data.kind, &data.payload[..]),
+            (FrameKind::Data, &b"input"[..])
+        );
+        assert_eq!(agent.recv().await.kind, FrameKind::End);
+        agent
+            .send(Frame::new(id, FrameKind::Stdout, b"hello ".to_vec()))
+            .await;
+        agent
+            .send(Frame::new(id, FrameKind::Stderr, b"oops".to_vec()))
+            .await;
+        agent
+            .send(Frame::new(id, FrameKind::Stdout, b"world".to_vec()))
+            .await;
+        let exited = Reply::Exited {
+            exit_code: Some(3),
+            signal: None,
+            timed_out: false,
+            duration_ms: 12,
+        };
+        agent.reply(id, &exited).await;
+        agent
+    });
+    let outcome = client
+        .exec(exec_spec("cat", Some(b"input"), 8))
+        .await
+        .expect("exec");
+    assert_eq!(outcome.exit_code, Some(3));
+    assert_eq!(outcome.duration_ms, 12);
+    assert_eq!(outcome.stdout, b"hello wo");
+    assert_eq!(outcome.stdout_total_bytes, 11);
+    assert_eq!(outcome.stderr, b"oops");
+    assert_eq!(outcome.stderr_total_bytes, 4);
+    guest.await.expect("guest");
+}
+
+#[tokio::test]
+async fn exec_stream_yields_each_frame_as_it_arrives_and_cancels_when_dropped() {
+    let (client, mut agent, _h) = connected().await;
+    // The output limit is for collecting; a stream passes every byte on.
+    let mut events = client
+        .exec_stream(exec_spec("x", None, 0))
+        .await
+        .expect("opens");
+    let id = agent.recv().await.stream_id;
+    for (kind, text) in [
+        (FrameKind::Stdout, "ab"),
+        (FrameKind::Stderr, "c"),
+        (FrameKind::Stdout, "d"),
+    ] {
+        agent.send(Frame::new(id, kind, text.into())).await;
+        let expected = match kind {
+            FrameKind::Stdout => ExecEvent::Stdout(Bytes::from(text)),
+            _ => ExecEvent::Stderr(Bytes::from(text)),
+        };
+        // Each frame is handed over before the agent has sent anything more.
+        assert_eq!(
+            events.next().await.expect("an event").expect("ok"),
+            expected
+        );
+    }
+    let exited = Reply::Exited {
+        exit_code: Some(1),
+        signal: None,
+        timed_out: false,
+        duration_ms: 7,
+    };
+    agent.reply(id, &exited).await;
+    let exit = ExecExit {
+        exit_code: Some(1),
+        signal: None,
+        timed_out: false,
+        duration_ms: 7,
+        stdout_total_bytes: 3,
+        stderr_total_bytes: 1,
+    };
+    assert_eq!(
+        events.next().await.expect("an event").expect("ok"),
+        ExecEvent::Exited(exit)
+    );
+    assert!(events.next().await.is_none(), "nothing after the exit");
+
+    // A stream dropped before its exit cancels the command.
+    let events = client
+        .exec_stream(exec_spec("sleep 100", None, 0))
+        .await
+        .expect("opens");
+    let id = agent.recv().await.stream_id;
+    drop(events);
+    let cancel = agent.recv().await;
+    assert_eq!((cancel.stream_id, cancel.kind), (id, FrameKind::Cancel));
+}
+
+#[tokio::test]
+async fn concurrent_streams_are_routed_by_id() {
+    let (client, mut agent, _h) = connected().await;
+    let guest = tokio::spawn(async move {
+        let a = agent.recv().await.stream_id;
+        let b = agent.recv().await.stream_id;
+        assert_ne!(a, b);
+        // Answer in reverse order, interleaved.
+        for (id, text) in [(b, "B"), (a, "A"), (b, "B")] {
+            agent
+                .send(Frame::new(id, FrameKind::Stdout, text.into()))
+                .await;
+        }
+        for id in [b, a] {
+            let exited = Reply::Exited {
+                exit_code: Some(0),
+                signal: None,
+                timed_out: false,
+                duration_ms: 1,
+            };
+            agent.reply(id, &exited).await;
+        }
+        agent
+    });
+    let (x, y) = tokio::join!(
+        client.exec(exec_spec("x", None, 100)),
+        client.exec(exec_spec("y", None, 100))
+    );
+    let mut outs = [x.expect("x").stdout, y.expect("y").stdout];
+    outs.sort();
+    assert_eq!(outs, [b"A".to_vec(), b"BB".to_vec()]);
+    guest.await.expect("guest");
+}
+
+#[tokio::test]
+async fn an_unread_stream_holds_back_only_itself_and_reading_grants_credit() {
+    let (client, mut agent, _h) = connected().await;
+    // Stream a: its consumer does not read. Stream b: read as it comes.
+    let mut a = client
+        .exec_stream(exec_spec("a", None, 0))
+        .await
+        .expect("open a");
+    let a_id = agent.recv().await.stream_id;
+    let mut b = client
+        .exec_stream(exec_spec("b", None, 0))
+        .await
+        .expect("open b");
+    let b_id = agent.recv().await.stream_id;
+    for _ in 0..STREAM_WINDOW_FRAMES {
+        agent
+            .send(Frame::new(a_id, FrameKind::Stdout, b"a".to_vec()))
+            .await;
+    }
+    // a's whole window is buffered; b still flows at once.
+    for i in 0..3u8 {
+        agent
+            .send(Frame::new(b_id, FrameKind::Stdout, vec![i]))
+            .await;
+        let got = tokio::time::timeout(Duration::from_secs(2), b.next())
+            .await
+            .expect("b is not held back by a");
+        assert_eq!(
+            got.expect("event").expect("ok"),
+            ExecEvent::Stdout(Bytes::from(vec![i]))
+        );
+    }
+    // Reading a grants its frames back in batches.
+    for _ in 0..CREDIT_BATCH {
+        a.next().await.expect("event").expect("ok");
+    }
+    let credit = agent.recv().await;
+    assert_eq!((credit.stream_id, credit.kind), (a_id, FrameKind::Credit));
+    assert_eq!(credit.credit_frames(), Some(CREDIT_BATCH));
+}
+
+#[tokio::test]
+async fn an_agent_that_ignores_the_window_loses_that_stream_only() {
+    let (client, mut agent, _h) = connected().await;
+    let mut a = client
+        .exec_stream(exec_spec("a", None, 0))
+        .await
+        .expect("open a");
+    let a_id = agent.recv().await.stream_id;
+    let b = client.exec(exec_spec("b", None, 10));
+    let guest = tokio::spawn(async move {
+        let b_id = agent.recv().await.stream_id;
+        for _ in 0..=STREAM_BUFFER_FRAMES {
+            agent
+                .send(Frame::new(a_id, FrameKind::Stdout, b"a".to_vec()))
+                .await;
+        }
+        let cancel = agent.recv().await;
+        assert_eq!((cancel.stream_id, cancel.kind), (a_id, FrameKind::Cancel));
+        agent
+            .send(Frame::new(b_id, FrameKind::Stdout, b"fine".to_vec()))
+            .await;
+        let exited = Reply::Exited {
+            exit_code: Some(0),
+            signal: None,
+            timed_out: false,
+            duration_ms: 1,
+        };
+        agent.reply(b_id, &exited).await;
+        agent
+    });
+    assert_eq!(b.await.expect("b completes").stdout, b"fine");
+    let mut last = None;
+    while let Some(event) = a.next().await {
+        last = Some(event);
+    }
+    assert!(
+        matches!(last, Some(Err(AgentError::WindowExceeded))),
+        "{last:?}"
+    );
+    guest.await.expect("guest");
+}
+
+#[tokio::test]
+async fn spawn_failure_is_an_agent_error() {
+    let (client, mut agent, _h) = connected().await;
+    let guest = tokio::spawn(async move {
+        let id = agent.recv().await.stream_id;
+        let err = Reply::Error {
+            code: AgentErrorCode::SpawnFailed,
+            message: "no such file".into(),
+        };
+        agent.reply(id, &err).await;
+        agent
+    });
+    let err = client
+        .exec(exec_spec("nope", None, 10))
+        .await
+        .expect_err("fails");
+    assert!(
+        matches!(
+            err,
+            AgentError::Agent {
+                code: AgentErrorCode::SpawnFailed,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    guest.await.expect("guest");
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("client went away")]
+struct BodyGone;
+
+#[tokio::test]
+async fn upload_is_split_into_frames_and_cancelled_when_the_body_fails() {
+    let (client, mut agent, _h) = connected().await;
+    let guest = tokio::spawn(async move {
+        // First upload: a body larger than one frame.
+        let req = agent.recv().await;
+        let id = req.stream_id;
+        assert!(matches!(
+            req.decode_json::<Request>().expect("json"),
+            Request::WriteFile { mode: 0o600, .. }
+        ));
+        let mut got = 0;
+        loop {
+            let f = agent.recv().await;
+            match f.kind {
+                FrameKind::Data => {
+                    assert!(f.payload.len() <= MAX_FRAME_PAYLOAD);
+                    got += f.payload.len();
+                }
+                FrameKind::End => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        agent
+            .reply(
+                id,
+                &Reply::Written {
+                    size_bytes: got as u64,
+                },
+            )
+            .await;
+        // Second upload: the body breaks after one chunk.
+        let id = agent.recv().await.stream_id;
+        assert_eq!(agent.recv().await.kind, FrameKind::Data);
+        let cancel = agent.recv().await;
+        assert_eq!((cancel.stream_id, cancel.kind), (id, FrameKind::Cancel));
+        let err = Reply::Error {
+            code: AgentErrorCode::Io,
+            message: "cancelled".into(),
+        };
+        agent.reply(id, &err).await;
+        agent
+    });
+    let big = Bytes::from(vec![7u8; MAX_FRAME_PAYLOAD * 2 + 5]);
+    let body = futures_util::stream::iter([Ok::<_, BodyGone>(big)]);
+    let size = client
+        .write_file("/f".into(), 0o600, body)
+        .await
+        .expect("written");
+    assert_eq!(size, (MAX_FRAME_PAYLOAD * 2 + 5) as u64);
+
+    let body = futures_util::stream::iter([Ok(Bytes::from_static(b"x")), Err(BodyGone)]);
+    let err = client
+        .write_file("/g".into(), 0o644, body)
+        .await
+        .expect_err("body failed");
+    assert!(matches!(err, WriteFileError::Body(BodyGone)));
+    guest.await.expect("guest");
+}
+
+#[tokio::test]
+async fn read_file_reports_errors_before_streaming() {
+    let (client, mut agent, _h) = connected().await;
+    let guest = tokio::spawn(async move {
+        let id = agent.recv().await.stream_id;
+        let err = Reply::Error {
+            code: AgentErrorCode::FileNotFound,
+            message: "/missing".into(),
+        };
+        agent.reply(id, &err).await;
+        let id = agent.recv().await.stream_id;
+        agent
+            .send(Frame::new(id, FrameKind::Data, b"ab".to_vec()))
+            .await;
+        agent
+            .send(Frame::new(id, FrameKind::Data, b"cd".to_vec()))
+            .await;
+        agent.reply(id, &Reply::Read { size_bytes: 4 }).await;
+        let id = agent.recv().await.stream_id;
+        agent.reply(id, &Reply::Read { size_bytes: 0 }).await;
+        agent
+    });
+    let err = client
+        .read_file("/missing".into())
+        .await
+        .err()
+        .expect("fails");
+    assert!(matches!(
+        err,
+        AgentError::Agent {
+            code: AgentErrorCode::FileNotFound,
+            ..
+        }
+    ));
+    let mut stream = client.read_file("/f".into()).await.expect("opens");
+    let mut got = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        got.extend_from_slice(&chunk.expect("chunk"));
+    }
+    assert_eq!(got, b"abcd");
+    let mut empty = client.read_file("/empty".into()).await.expect("opens");
+    assert!(empty.next().await.is_none());
+    guest.await.expect("guest");
+}
+
+#[tokio::test]
+async fn a_dead_channel_fails_pending_and_later_operations() {
+    let (client, mut agent, _h) = connected().await;
+    let guest = tokio::spawn(async move {
+        let _request = agent.recv().await;
+        // The VM dies: the socket closes with the stream still open.
+        drop(agent);
+    });
+    let err = client.list_dir("/".into()).await.expect_err("channel died");
+    assert!(matches!(err, AgentError::Unavailable(_)), "{err}");
+    guest.await.expect("guest");
+    let err = client
+        .remove("/x".into(), false)
+        .await
+        .expect_err("still dead");
+    assert!(matches!(err, AgentError::Unavailable(_)), "{err}");
+    assert!(client.closed_reason().is_some());
+}
+
+#[tokio::test]
+async fn an_abandoned_operation_is_cancelled() {
+    let (client, mut agent, _h) = connected().await;
+    let pending = {
+        let client = client.clone();
+        tokio::spawn(async move { client.exec(exec_spec("sleep 100", None, 10)).await })
+    };
+    let req = agent.recv().await;
+    pending.abort();
+    let cancel = agent.recv().await;
+    assert_eq!(
+        (cancel.stream_id, cancel.kind),
+        (req.stream_id, FrameKind::Cancel)
+    );
+    // A late reply to the cancelled stream is ignored, and the channel still works.
+    let exited = Reply::Exited {
+        exit_code: None,
+        signal: Some(9),
+        timed_out: false,
+        duration_ms: 5,
+    };
+    agent.reply(req.stream_id, &exited).await;
+    let guest = tokio::spawn(async move {
+        let id = agent.recv().await.stream_id;
+        agent.reply(id, &Reply::Removed).await;
+        agent
+    });
+    client.remove("/x".into(), true).await.expect("removed");
+    guest.await.expect("guest");
+}
