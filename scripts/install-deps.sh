@@ -2,7 +2,8 @@
 # Installs the system packages ScaiBunker needs on a Debian 12 host (idempotent).
 # Run as root. Skips apt entirely when every package is already present.
 set -euo pipefail
-PKGS=(qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod lz4 debootstrap nftables iproute2 curl)
+# bubblewrap: the sandbox image bakes run tar, mkfs.ext4 and e2fsck in (crates/controller/src/bake.rs).
+PKGS=(qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod lz4 debootstrap nftables iproute2 curl bubblewrap)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

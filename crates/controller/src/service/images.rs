@@ -455,13 +455,23 @@ async fn bake_once(s: &Services, id: &str) -> Result<(), ImageError> {
         file.flush().await?;
     }
     let size_mib = row.size_mib.unwrap_or(DEFAULT_SIZE_MIB as i64) as u64;
-    let ext4 = bake::bake(kind, &source, work.path(), size_mib)
+    let baked = bake::bake(kind, &source, work.path(), size_mib)
         .await
         .map_err(|e| match e {
             BakeError::Invalid(m) => ImageError::ContentInvalid(m),
             other => ImageError::Bake(other),
         })?;
-    let file = tokio::fs::File::open(&ext4).await?;
+    if !baked.setid.is_empty() {
+        // Kept on purpose (the microVM is the boundary), but worth a record.
+        const SHOWN: usize = 20;
+        tracing::info!(
+            image_id = id,
+            count = baked.setid.len(),
+            first = ?&baked.setid[..baked.setid.len().min(SHOWN)],
+            "the image keeps setuid or setgid files"
+        );
+    }
+    let file = tokio::fs::File::open(&baked.ext4).await?;
     let len = file.metadata().await?.len();
     let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
     let key = rootfs_key(id);
