@@ -14,6 +14,25 @@ pub const USER_ID: u32 = 1000;
 /// Its home directory.
 pub const USER_HOME: &str = "/home/user";
 
+/// The `user` account as `/etc/passwd` has it, or uid/gid 1000 with the usual home when the
+/// file has no such line (the init step failed to create it): uid 1000 is still the
+/// unprivileged user every bunker promises.
+pub fn guest_user() -> PasswdEntry {
+    let found = match lookup(Path::new("/etc/passwd"), USER_NAME) {
+        Ok(entry) => entry,
+        Err(e) => {
+            crate::log!("read /etc/passwd: {e}; using uid {USER_ID}");
+            None
+        }
+    };
+    found.unwrap_or_else(|| PasswdEntry {
+        name: USER_NAME.to_owned(),
+        uid: USER_ID,
+        gid: USER_ID,
+        home: USER_HOME.to_owned(),
+    })
+}
+
 /// One line of `/etc/passwd`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PasswdEntry {

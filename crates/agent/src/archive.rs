@@ -27,7 +27,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::mpsc::{Receiver, TryRecvError};
 
-use scaibunker_proto::agent::{AgentErrorCode, FrameKind, MAX_FRAME_PAYLOAD, Reply};
+use scaibunker_proto::agent::{AgentErrorCode, FrameKind, GuestUser, MAX_FRAME_PAYLOAD, Reply};
 
 use crate::channel::{StreamInput, StreamTx};
 use crate::files::random_u64;
@@ -79,8 +79,8 @@ impl ArchiveError {
 }
 
 /// `WriteArchive`: unpacks the tar stream from `input` into the directory `path`.
-pub fn write_archive(path: &str, input: &Receiver<StreamInput>) -> Reply {
-    match try_write_archive(path, input) {
+pub fn write_archive(path: &str, user: GuestUser, input: &Receiver<StreamInput>) -> Reply {
+    match try_write_archive(path, user, input) {
         Ok(size_bytes) => Reply::Written { size_bytes },
         Err(e) => error_reply(e.code(), &e),
     }
@@ -146,7 +146,11 @@ impl Drop for Cleanup {
     }
 }
 
-fn try_write_archive(raw: &str, input: &Receiver<StreamInput>) -> Result<u64, ArchiveError> {
+fn try_write_archive(
+    raw: &str,
+    user: GuestUser,
+    input: &Receiver<StreamInput>,
+) -> Result<u64, ArchiveError> {
     let target = GuestPath::parse(raw)?;
     let created_target = match fs::metadata(&target) {
         Ok(m) if m.is_dir() => None,
@@ -182,7 +186,7 @@ fn try_write_archive(raw: &str, input: &Receiver<StreamInput>) -> Result<u64, Ar
         total: 0,
         broken: None,
     };
-    let unpacked = unpack(&mut body, &staging);
+    let unpacked = unpack(&mut body, &staging, user);
     if let Some(broken) = body.broken.take() {
         return Err(broken);
     }
@@ -203,9 +207,14 @@ fn try_write_archive(raw: &str, input: &Receiver<StreamInput>) -> Result<u64, Ar
     Ok(body.total)
 }
 
-fn unpack(body: &mut Body<'_>, staging: &Path) -> Result<(), ArchiveError> {
+fn unpack(body: &mut Body<'_>, staging: &Path, user: GuestUser) -> Result<(), ArchiveError> {
     let mut archive = tar::Archive::new(body);
     archive.set_preserve_permissions(true);
+    // Owners are never taken from the archive: members belong to whoever unpacks them.
+    archive.set_preserve_ownerships(false);
+    if user == GuestUser::User {
+        archive.set_mask(0o6000);
+    }
     archive.set_preserve_mtime(true);
     archive.set_overwrite(true);
     let entries = archive

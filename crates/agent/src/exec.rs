@@ -47,7 +47,7 @@ use scaibunker_proto::agent::{
     AgentErrorCode, FrameKind, GuestUser, MAX_FRAME_PAYLOAD, Program, Reply, Stdin, WindowSize,
 };
 
-use crate::account::{self, USER_HOME, USER_ID, USER_NAME};
+use crate::account::{self, USER_NAME};
 use crate::channel::{StreamInput, StreamTx};
 use crate::paths::{GuestPath, PathError};
 use crate::{error_reply, log};
@@ -155,23 +155,11 @@ fn identity(user: GuestUser) -> Identity {
             home: "/root".into(),
         },
         GuestUser::User => {
-            let entry = match account::lookup(Path::new("/etc/passwd"), USER_NAME) {
-                Ok(entry) => entry,
-                Err(e) => {
-                    log!("read /etc/passwd: {e}; using uid {USER_ID}");
-                    None
-                }
-            };
-            // Without an account the init step failed to create, uid 1000 is still the
-            // unprivileged user every bunker promises.
-            let (uid, gid, home) = entry.map_or_else(
-                || (USER_ID, USER_ID, USER_HOME.to_owned()),
-                |e| (e.uid, e.gid, e.home),
-            );
+            let account = account::guest_user();
             Identity {
-                switch_to: agent_is_root.then_some((uid, gid)),
+                switch_to: agent_is_root.then_some((account.uid, account.gid)),
                 name: USER_NAME.into(),
-                home,
+                home: account.home,
             }
         }
     }

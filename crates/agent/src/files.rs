@@ -11,12 +11,18 @@
 //! - Reads follow symlinks (like `cat`); listings and removals do not follow the entries
 //!   they report or remove (like `ls -l` and `rm`); an upload whose target is a symlink
 //!   replaces the symlink (the rename does not write through it).
-//! - Files are created by the agent's own user (root in a bunker), whoever asks.
+//! - A request runs as the user it names ([`crate::creds`]): files are created by that user,
+//!   and the guest user's uploads never carry setuid or setgid bits.
+//! - A listing is paged by name (bytewise) and streamed as JSON lines in `DATA` frames, so
+//!   no directory is too big for the channel; each page reads the names once and stats
+//!   only its own entries.
 
 use std::collections::hash_map::RandomState;
+use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,12 +30,13 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use scaibunker_proto::agent::{
-    AgentErrorCode, DirEntry, EntryType, FrameKind, MAX_FRAME_PAYLOAD, Reply,
+    AgentErrorCode, DirEntry, EntryType, FrameKind, GuestUser, MAX_FRAME_PAYLOAD, MAX_LIST_LIMIT,
+    Reply,
 };
 
-use crate::channel::{StreamInput, StreamTx};
+use crate::channel::{StreamClosed, StreamInput, StreamTx};
 use crate::paths::{GuestPath, PathError};
-use crate::{error_reply, io_error_code};
+use crate::{creds, error_reply, io_error_code};
 
 /// Why a file request failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +55,8 @@ pub enum FileError {
     NotRegular(String),
     #[error("refusing to remove `/`")]
     RemoveRoot,
+    #[error("the listing cursor is malformed")]
+    BadCursor,
     #[error("transfer of `{0}` cancelled")]
     Cancelled(String),
     #[error("the agent channel closed during the transfer of `{0}`")]
@@ -70,6 +79,7 @@ impl FileError {
     pub fn code(&self) -> AgentErrorCode {
         match self {
             Self::InvalidPath(_) | Self::RemoveRoot => AgentErrorCode::InvalidPath,
+            Self::BadCursor => AgentErrorCode::BadRequest,
             Self::NotFound(_) => AgentErrorCode::FileNotFound,
             Self::IsADirectory(_) => AgentErrorCode::IsADirectory,
             Self::NotADirectory(_) => AgentErrorCode::NotADirectory,
@@ -97,8 +107,8 @@ fn look(step: &'static str, path: &GuestPath) -> impl FnOnce(io::Error) -> FileE
 }
 
 /// `WriteFile`: receives the body from `input` and installs it atomically at `path`.
-pub fn write_file(path: &str, mode: u32, input: &Receiver<StreamInput>) -> Reply {
-    match try_write_file(path, mode, input) {
+pub fn write_file(path: &str, mode: u32, user: GuestUser, input: &Receiver<StreamInput>) -> Reply {
+    match try_write_file(path, creds::allowed_mode(user, mode), input) {
         Ok(size_bytes) => Reply::Written { size_bytes },
         Err(e) => e.into_reply(),
     }
@@ -270,27 +280,48 @@ fn try_read_file(
     Ok(size_bytes)
 }
 
-/// `ListDir`: the entries of `path`, sorted by name.
-pub fn list_dir(path: &str) -> Reply {
-    match try_list_dir(path) {
-        Ok(entries) => Reply::Listing { entries },
+/// `ListDir`: one page of the entries of `path`, sorted by name, as JSON lines in `DATA`
+/// frames.
+pub fn list_dir(path: &str, after_hex: Option<&str>, limit: u32, tx: &StreamTx) -> Reply {
+    match try_list_dir(path, after_hex, limit, tx) {
+        Ok((has_more, next_after_hex)) => Reply::Listing {
+            has_more,
+            next_after_hex,
+        },
         Err(e) => e.into_reply(),
     }
 }
 
-fn try_list_dir(raw: &str) -> Result<Vec<DirEntry>, FileError> {
+fn try_list_dir(
+    raw: &str,
+    after_hex: Option<&str>,
+    limit: u32,
+    tx: &StreamTx,
+) -> Result<(bool, Option<String>), FileError> {
     let path = GuestPath::parse(raw)?;
+    let after = match after_hex {
+        Some(h) => Some(decode_hex(h).ok_or(FileError::BadCursor)?),
+        None => None,
+    };
     let meta = fs::metadata(&path).map_err(look("stat", &path))?;
     if !meta.is_dir() {
         return Err(FileError::NotADirectory(path.to_string()));
     }
-    let mut entries = Vec::new();
+    let mut names = Vec::new();
     for entry in fs::read_dir(&path).map_err(FileError::io("read directory", &path))? {
         let entry = entry.map_err(FileError::io("read directory", &path))?;
-        // Names that are not UTF-8 cannot travel in the JSON reply unchanged.
-        let name = entry.file_name().to_string_lossy().into_owned();
+        names.push(entry.file_name().into_vec());
+    }
+    names.sort_unstable();
+    let start = after.map_or(0, |a| names.partition_point(|n| *n <= a));
+    let limit = usize::try_from(limit.clamp(1, MAX_LIST_LIMIT)).unwrap_or(1);
+    let end = names.len().min(start.saturating_add(limit));
+    let mut lines = LineFrames::new(tx);
+    for raw_name in &names[start..end] {
+        // Names that are not UTF-8 cannot travel in JSON unchanged.
+        let name = String::from_utf8_lossy(raw_name).into_owned();
         let full = path.join(&name);
-        let m = match fs::symlink_metadata(entry.path()) {
+        let m = match fs::symlink_metadata(path.as_path().join(OsStr::from_bytes(raw_name))) {
             Ok(m) => m,
             // Removed between readdir and lstat: it is no longer an entry.
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -306,17 +337,71 @@ fn try_list_dir(raw: &str) -> Result<Vec<DirEntry>, FileError> {
         } else {
             EntryType::Other
         };
-        entries.push(DirEntry {
-            name,
-            path: full,
-            entry_type,
-            size_bytes: m.len(),
-            mode: m.mode() & 0o7777,
-            modified_unix_s: m.mtime(),
-        });
+        lines
+            .push(&DirEntry {
+                name,
+                path: full,
+                entry_type,
+                size_bytes: m.len(),
+                mode: m.mode() & 0o7777,
+                modified_unix_s: m.mtime(),
+            })
+            .map_err(|_| FileError::ChannelClosed(path.to_string()))?;
     }
-    entries.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(entries)
+    lines
+        .flush()
+        .map_err(|_| FileError::ChannelClosed(path.to_string()))?;
+    let has_more = end < names.len();
+    let next = has_more.then(|| encode_hex(&names[end - 1]));
+    Ok((has_more, next))
+}
+
+/// JSON lines packed into as few `DATA` frames as fit; a line never spans two frames.
+struct LineFrames<'a> {
+    tx: &'a StreamTx,
+    buf: Vec<u8>,
+}
+
+impl<'a> LineFrames<'a> {
+    fn new(tx: &'a StreamTx) -> Self {
+        Self {
+            tx,
+            buf: Vec::with_capacity(MAX_FRAME_PAYLOAD),
+        }
+    }
+
+    fn push(&mut self, entry: &DirEntry) -> Result<(), StreamClosed> {
+        let mut line = serde_json::to_vec(entry).expect("a directory entry always serialises");
+        line.push(b'\n');
+        // One entry is at most a 4 KiB path and a 255-byte name, escaped: far below a frame.
+        if self.buf.len() + line.len() > MAX_FRAME_PAYLOAD {
+            self.flush()?;
+        }
+        self.buf.extend_from_slice(&line);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StreamClosed> {
+        if !self.buf.is_empty() {
+            self.tx.send(FrameKind::Data, &self.buf)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+}
+
+fn encode_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub(crate) fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// `Remove`: a file or symlink, an empty directory, or with `recursive` a whole tree.
@@ -367,7 +452,7 @@ mod tests {
         tx.send(StreamInput::Data(b"partial".to_vec()))
             .expect("send");
         drop(tx);
-        let reply = write_file(target.to_str().expect("utf-8"), 0o644, &rx);
+        let reply = write_file(target.to_str().expect("utf-8"), 0o644, GuestUser::Root, &rx);
         assert!(matches!(
             reply,
             Reply::Error {
@@ -382,7 +467,12 @@ mod tests {
     fn upload_onto_a_directory_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (_tx, rx) = mpsc::channel();
-        let reply = write_file(dir.path().to_str().expect("utf-8"), 0o644, &rx);
+        let reply = write_file(
+            dir.path().to_str().expect("utf-8"),
+            0o644,
+            GuestUser::Root,
+            &rx,
+        );
         assert!(matches!(
             reply,
             Reply::Error {

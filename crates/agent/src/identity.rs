@@ -19,16 +19,6 @@ fn error(code: AgentErrorCode, message: String) -> Reply {
     Reply::Error { code, message }
 }
 
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 pub fn set(hostname: &str, machine_id: &str, seed_hex: &str) -> Reply {
     if !is_valid_hostname(hostname) {
         return error(
@@ -46,7 +36,8 @@ pub fn set(hostname: &str, machine_id: &str, seed_hex: &str) -> Reply {
             "machine_id must be 32 lowercase hex digits".into(),
         );
     }
-    let Some(seed) = decode_hex(seed_hex).filter(|s| (32..=512).contains(&s.len())) else {
+    let Some(seed) = crate::files::decode_hex(seed_hex).filter(|s| (32..=512).contains(&s.len()))
+    else {
         return error(
             AgentErrorCode::BadRequest,
             "seed_hex must be 32 to 512 bytes of hex".into(),
@@ -174,7 +165,7 @@ mod tests {
                 "{host} {mid} {s}"
             );
         }
-        assert_eq!(decode_hex("00ff10"), Some(vec![0, 255, 16]));
-        assert_eq!(decode_hex("0g"), None);
+        assert_eq!(crate::files::decode_hex("00ff10"), Some(vec![0, 255, 16]));
+        assert_eq!(crate::files::decode_hex("0g"), None);
     }
 }

@@ -14,6 +14,7 @@
 pub mod account;
 pub mod archive;
 pub mod channel;
+pub mod creds;
 pub mod exec;
 pub mod files;
 pub mod identity;

@@ -6,8 +6,9 @@
 //! 3. One reader thread (the caller's) reads frames: `REQUEST` registers the stream and
 //!    starts a handler thread; `DATA`/`END`/`CANCEL` go to that stream's handler through
 //!    its channel; frames for unknown streams are ignored.
-//! 4. When the read ends (the host side disconnected, or a malformed frame left the byte
-//!    stream out of step), the session is reset: the connection is closed so nothing more
+//! 4. When the read ends (the host side disconnected, a malformed frame left the byte
+//!    stream out of step, or the worker sent `RESET` because it lost its own place), the
+//!    session is reset: the connection is closed so nothing more
 //!    is written, every stream's input channel is dropped (exec handlers kill their
 //!    process groups, uploads remove their temporary files), and the handlers get a few
 //!    seconds to finish.
@@ -25,13 +26,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use scaibunker_proto::agent::{
-    AgentErrorCode, Frame, FrameError, FrameKind, Hello, PORT_NAME, PROTOCOL_VERSION, Reply,
-    Request, WindowSize,
+    AgentErrorCode, Frame, FrameError, FrameKind, GuestUser, Hello, PORT_NAME, PROTOCOL_VERSION,
+    Reply, Request, WindowSize,
 };
 
 use crate::channel::{Conn, StreamInput, StreamTx, lock};
 use crate::exec::{self, ExecRequest};
-use crate::{AGENT_VERSION, archive, error_reply, files, identity, log};
+use crate::{AGENT_VERSION, archive, creds, error_reply, files, identity, log};
 
 /// Where `/sys` lists virtio-serial ports.
 const VIRTIO_PORTS_DIR: &str = "/sys/class/virtio-ports";
@@ -194,6 +195,10 @@ fn run_session(fd: OwnedFd) -> Result<(), ServeError> {
     };
     loop {
         match Frame::read_from(&mut reader) {
+            Ok(Some(frame)) if frame.stream_id == 0 && frame.kind == FrameKind::Reset => {
+                log!("the worker asked for a reset; resetting the session");
+                break;
+            }
             Ok(Some(frame)) => session.dispatch(frame),
             Ok(None) => break,
             Err(FrameError::Io(e)) => {
@@ -244,7 +249,11 @@ impl Session {
                 }
                 return;
             }
-            FrameKind::Hello | FrameKind::Stdout | FrameKind::Stderr | FrameKind::Reply => {
+            FrameKind::Hello
+            | FrameKind::Stdout
+            | FrameKind::Stderr
+            | FrameKind::Reply
+            | FrameKind::Reset => {
                 log!("ignoring a {:?} frame from the worker", frame.kind);
                 return;
             }
@@ -327,17 +336,43 @@ fn handle(request: Request, tx: &Arc<StreamTx>, input: mpsc::Receiver<StreamInpu
             tx,
             input,
         ),
-        Request::WriteFile { path, mode } => files::write_file(&path, mode, &input),
-        Request::ReadFile { path } => files::read_file(&path, tx, &input),
-        Request::ListDir { path } => files::list_dir(&path),
-        Request::Remove { path, recursive } => files::remove(&path, recursive),
-        Request::WriteArchive { path } => archive::write_archive(&path, &input),
-        Request::ReadArchive { path } => archive::read_archive(&path, tx, &input),
+        Request::WriteFile { path, mode, user } => {
+            as_user(user, || files::write_file(&path, mode, user, &input))
+        }
+        Request::ReadFile { path, user } => as_user(user, || files::read_file(&path, tx, &input)),
+        Request::ListDir {
+            path,
+            user,
+            after_hex,
+            limit,
+        } => as_user(user, || {
+            files::list_dir(&path, after_hex.as_deref(), limit, tx)
+        }),
+        Request::Remove {
+            path,
+            recursive,
+            user,
+        } => as_user(user, || files::remove(&path, recursive)),
+        Request::WriteArchive { path, user } => {
+            as_user(user, || archive::write_archive(&path, user, &input))
+        }
+        Request::ReadArchive { path, user } => {
+            as_user(user, || archive::read_archive(&path, tx, &input))
+        }
         Request::SetIdentity {
             hostname,
             machine_id,
             seed_hex,
         } => identity::set(&hostname, &machine_id, &seed_hex),
+    }
+}
+
+/// Runs a file request as `user` ([`creds::act_as`]); a thread that cannot drop to the
+/// guest user refuses the request rather than run it as root.
+fn as_user(user: GuestUser, request: impl FnOnce() -> Reply) -> Reply {
+    match creds::act_as(user) {
+        Ok(()) => request(),
+        Err(e) => error_reply(AgentErrorCode::PermissionDenied, &e),
     }
 }
 

@@ -13,7 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use scaibunker_proto::agent::{
-    AgentErrorCode, EntryType, Frame, FrameKind, GuestUser, Hello, MAX_FRAME_PAYLOAD,
+    AgentErrorCode, DirEntry, EntryType, Frame, FrameKind, GuestUser, Hello, MAX_FRAME_PAYLOAD,
     PROTOCOL_VERSION, Program, Reply, Request, Stdin, WindowSize,
 };
 use tempfile::TempDir;
@@ -73,6 +73,36 @@ impl Outcome {
             } => (*exit_code, *signal, *timed_out),
             other => panic!("expected Exited, got {other:?} (stderr: {})", self.stderr()),
         }
+    }
+}
+
+/// A listing page: JSON lines in the `DATA` frames, then the `Listing` reply.
+struct Page {
+    out: Outcome,
+}
+
+impl Page {
+    fn entries(&self) -> Vec<DirEntry> {
+        self.out
+            .data
+            .split(|b| *b == b'\n')
+            .filter(|line| !line.is_empty())
+            .map(|line| serde_json::from_slice(line).expect("a JSON line per entry"))
+            .collect()
+    }
+
+    fn next(&self) -> (bool, Option<String>) {
+        match self.out.reply() {
+            Reply::Listing {
+                has_more,
+                next_after_hex,
+            } => (*has_more, next_after_hex.clone()),
+            other => panic!("expected a listing, got {other:?}"),
+        }
+    }
+
+    fn error_code(&self) -> AgentErrorCode {
+        self.out.error_code()
     }
 }
 
@@ -199,6 +229,7 @@ impl Agent {
         let id = self.open(&Request::WriteFile {
             path: path.into(),
             mode,
+            user: GuestUser::Root,
         });
         for part in body.chunks(chunk) {
             self.send(id, FrameKind::Data, part);
@@ -220,7 +251,10 @@ impl Agent {
 
     /// Uploads `tar` into the directory `path`.
     fn write_archive(&mut self, path: &str, tar: &[u8]) -> Outcome {
-        let id = self.open(&Request::WriteArchive { path: path.into() });
+        let id = self.open(&Request::WriteArchive {
+            path: path.into(),
+            user: GuestUser::Root,
+        });
         for part in tar.chunks(MAX_FRAME_PAYLOAD) {
             self.send(id, FrameKind::Data, part);
         }
@@ -228,8 +262,53 @@ impl Agent {
         self.collect(id)
     }
 
+    fn write_file_as(&mut self, path: &str, mode: u32, body: &[u8], user: GuestUser) -> Outcome {
+        let id = self.open(&Request::WriteFile {
+            path: path.into(),
+            mode,
+            user,
+        });
+        self.send(id, FrameKind::Data, body);
+        self.send(id, FrameKind::End, &[]);
+        self.collect(id)
+    }
+
+    fn write_archive_as(&mut self, path: &str, tar: &[u8], user: GuestUser) -> Outcome {
+        let id = self.open(&Request::WriteArchive {
+            path: path.into(),
+            user,
+        });
+        for part in tar.chunks(MAX_FRAME_PAYLOAD) {
+            self.send(id, FrameKind::Data, part);
+        }
+        self.send(id, FrameKind::End, &[]);
+        self.collect(id)
+    }
+
+    fn read_file_as(&mut self, path: &str, user: GuestUser) -> Outcome {
+        self.call(&Request::ReadFile {
+            path: path.into(),
+            user,
+        })
+    }
+
+    /// One page of a listing.
+    fn list(&mut self, path: &str, user: GuestUser, after_hex: Option<&str>, limit: u32) -> Page {
+        Page {
+            out: self.call(&Request::ListDir {
+                path: path.into(),
+                user,
+                after_hex: after_hex.map(str::to_owned),
+                limit,
+            }),
+        }
+    }
+
     fn read_file(&mut self, path: &str) -> Outcome {
-        self.call(&Request::ReadFile { path: path.into() })
+        self.call(&Request::ReadFile {
+            path: path.into(),
+            user: GuestUser::Root,
+        })
     }
 
     /// Closes our end and waits for the agent to exit.
@@ -639,6 +718,7 @@ fn cancelled_write_leaves_no_file_and_no_temp_file() {
     let id = agent.open(&Request::WriteFile {
         path: path.clone(),
         mode: 0o644,
+        user: GuestUser::Root,
     });
     agent.send(id, FrameKind::Data, &pseudo_random(60_000, 1));
     agent.send(id, FrameKind::Cancel, &[]);
@@ -656,7 +736,11 @@ fn write_interrupted_by_disconnect_leaves_no_file_and_no_temp_file() {
     let mut agent = Agent::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = path_str(&dir.path().join("partial.bin"));
-    let id = agent.open(&Request::WriteFile { path, mode: 0o644 });
+    let id = agent.open(&Request::WriteFile {
+        path,
+        mode: 0o644,
+        user: GuestUser::Root,
+    });
     agent.send(id, FrameKind::Data, b"some of the body");
     let status = agent.disconnect();
     assert!(status.success(), "agent exited with {status}");
@@ -674,6 +758,7 @@ fn writing_onto_a_directory_is_is_a_directory() {
     let out = agent.call(&Request::WriteFile {
         path: path_str(dir.path()),
         mode: 0o644,
+        user: GuestUser::Root,
     });
     assert_eq!(out.error_code(), AgentErrorCode::IsADirectory);
 }
@@ -717,12 +802,8 @@ fn lists_a_directory_sorted_by_name_without_following_symlinks() {
     fs::create_dir(dir.path().join("a")).expect("mkdir");
     symlink("b.txt", dir.path().join("c")).expect("symlink");
     let root = path_str(dir.path());
-    let out = agent.call(&Request::ListDir {
-        path: format!("{root}/a/.."),
-    });
-    let Reply::Listing { entries } = out.reply() else {
-        panic!("expected a listing, got {:?}", out.reply());
-    };
+    let page = agent.list(&format!("{root}/a/.."), GuestUser::Root, None, 50);
+    let entries = page.entries();
     let summary: Vec<(&str, EntryType)> = entries
         .iter()
         .map(|e| (e.name.as_str(), e.entry_type))
@@ -735,19 +816,192 @@ fn lists_a_directory_sorted_by_name_without_following_symlinks() {
             ("c", EntryType::Symlink)
         ]
     );
+    assert_eq!(page.next(), (false, None));
     let b = &entries[1];
     assert_eq!(b.path, format!("{root}/b.txt"));
     assert_eq!((b.size_bytes, b.mode), (5, 0o600));
     assert!(b.modified_unix_s > 1_600_000_000);
 
-    let missing = agent.call(&Request::ListDir {
-        path: format!("{root}/missing"),
-    });
+    let missing = agent.list(&format!("{root}/missing"), GuestUser::Root, None, 50);
     assert_eq!(missing.error_code(), AgentErrorCode::FileNotFound);
-    let file = agent.call(&Request::ListDir {
-        path: format!("{root}/b.txt"),
-    });
+    let file = agent.list(&format!("{root}/b.txt"), GuestUser::Root, None, 50);
     assert_eq!(file.error_code(), AgentErrorCode::NotADirectory);
+    let bad_cursor = agent.list(&root, GuestUser::Root, Some("zz"), 50);
+    assert_eq!(bad_cursor.error_code(), AgentErrorCode::BadRequest);
+}
+
+#[test]
+fn a_directory_of_5000_entries_lists_completely_in_pages_that_fit_frames() {
+    let mut agent = Agent::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Long names make each page many frames' worth of JSON.
+    let mut expected: Vec<String> = (0..5000)
+        .map(|i| format!("{i:05}-{}", "n".repeat(180)))
+        .collect();
+    for name in &expected {
+        fs::write(dir.path().join(name), b"").expect("create");
+    }
+    expected.sort();
+    let root = path_str(dir.path());
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = agent.list(&root, GuestUser::Root, cursor.as_deref(), 1000);
+        pages += 1;
+        assert!(page.out.max_frame <= MAX_FRAME_PAYLOAD);
+        assert!(
+            page.out.data_frames > 1,
+            "a page of long names spans frames"
+        );
+        seen.extend(page.entries().into_iter().map(|e| e.name));
+        match page.next() {
+            (true, Some(next)) => cursor = Some(next),
+            (false, None) => break,
+            other => panic!("inconsistent page end {other:?}"),
+        }
+    }
+    assert_eq!(pages, 5);
+    assert_eq!(seen, expected, "every entry once, in order");
+    // The channel still serves other requests afterwards.
+    let out = agent.exec(Exec::shell("echo still-here"));
+    assert_eq!(out.stdout(), "still-here\n");
+}
+
+/// A directory the guest user may write into, as `/tmp` is in a guest.
+fn open_dir() -> TempDir {
+    assert!(
+        rustix_is_root(),
+        "this test switches to the guest user: run the agent tests as root"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o1777)).expect("chmod 1777");
+    dir
+}
+
+fn rustix_is_root() -> bool {
+    fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+fn owner_and_mode(path: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::symlink_metadata(path).expect("stat");
+    (m.uid(), m.mode() & 0o7777)
+}
+
+#[test]
+fn the_guest_user_cannot_upload_setuid_files_and_owns_what_it_writes() {
+    let mut agent = Agent::start();
+    let dir = open_dir();
+    let target = dir.path().join("s");
+    let out = agent.write_file_as(&path_str(&target), 0o4755, b"#!/bin/sh\n", GuestUser::User);
+    assert!(
+        matches!(out.reply(), Reply::Written { .. }),
+        "{:?}",
+        out.reply()
+    );
+    assert_eq!(owner_and_mode(&target), (1000, 0o755));
+    // root may, when it asks.
+    let out = agent.write_file_as(&path_str(&target), 0o4755, b"x", GuestUser::Root);
+    assert!(
+        matches!(out.reply(), Reply::Written { .. }),
+        "{:?}",
+        out.reply()
+    );
+    assert_eq!(owner_and_mode(&target), (0, 0o4755));
+}
+
+#[test]
+fn the_guest_user_cannot_touch_root_only_files() {
+    let mut agent = Agent::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    assert!(rustix_is_root(), "run the agent tests as root");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let passwd = dir.path().join("passwd");
+    fs::write(&passwd, b"root:x:0:0::/root:/bin/sh\n").expect("write");
+    let secret = dir.path().join("shadow");
+    fs::write(&secret, b"root:secret-hash\n").expect("write");
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).expect("chmod");
+
+    let out = agent.write_file_as(&path_str(&passwd), 0o644, b"evil::0:0", GuestUser::User);
+    assert_eq!(out.error_code(), AgentErrorCode::PermissionDenied);
+    assert_eq!(
+        fs::read(&passwd).expect("read"),
+        b"root:x:0:0::/root:/bin/sh\n"
+    );
+    let out = agent.read_file_as(&path_str(&secret), GuestUser::User);
+    assert_eq!(out.error_code(), AgentErrorCode::PermissionDenied);
+    assert!(out.data.is_empty());
+    let out = agent.call(&Request::Remove {
+        path: path_str(&passwd),
+        recursive: false,
+        user: GuestUser::User,
+    });
+    assert_eq!(out.error_code(), AgentErrorCode::PermissionDenied);
+    assert!(passwd.exists());
+    let private = dir.path().join("private");
+    fs::create_dir(&private).expect("mkdir");
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).expect("chmod");
+    let out = agent.list(&path_str(&private), GuestUser::User, None, 50);
+    assert_eq!(out.error_code(), AgentErrorCode::PermissionDenied);
+    // Root still can.
+    let out = agent.read_file_as(&path_str(&secret), GuestUser::Root);
+    assert_eq!(out.data, b"root:secret-hash\n");
+}
+
+#[test]
+fn a_symlink_planted_by_a_guest_process_does_not_lead_the_caller_to_root_files() {
+    let mut agent = Agent::start();
+    let secret_dir = tempfile::tempdir().expect("tempdir");
+    let secret = secret_dir.path().join("shadow");
+    fs::write(&secret, b"root:secret-hash\n").expect("write");
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).expect("chmod");
+    let tmp = open_dir();
+    let link = tmp.path().join("innocent.txt");
+    symlink(&secret, &link).expect("plant the symlink");
+    // Planted by a process of the guest user: the link is its own.
+    std::os::unix::fs::lchown(&link, Some(1000), Some(1000)).expect("chown the link");
+
+    let out = agent.read_file_as(&path_str(&link), GuestUser::User);
+    assert_eq!(out.error_code(), AgentErrorCode::PermissionDenied);
+    assert!(out.data.is_empty(), "nothing of the secret is sent");
+    let out = agent.write_file_as(&path_str(&link), 0o644, b"overwritten", GuestUser::User);
+    // The upload replaces the link itself; it never writes through it.
+    assert!(
+        matches!(out.reply(), Reply::Written { .. }),
+        "{:?}",
+        out.reply()
+    );
+    assert_eq!(fs::read(&secret).expect("read"), b"root:secret-hash\n");
+    assert_eq!(owner_and_mode(&secret), (0, 0o600));
+    assert_eq!(fs::read(&link).expect("read"), b"overwritten");
+}
+
+#[test]
+fn archive_members_of_the_guest_user_lose_setuid_and_belong_to_it() {
+    let mut agent = Agent::start();
+    let dir = open_dir();
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(3);
+    header.set_mode(0o6755);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_cksum();
+    builder
+        .append_data(&mut header, "bin/su", &b"abc"[..])
+        .expect("append");
+    let tar = builder.into_inner().expect("tar");
+    let dst = dir.path().join("unpacked");
+    let out = agent.write_archive_as(&path_str(&dst), &tar, GuestUser::User);
+    assert!(
+        matches!(out.reply(), Reply::Written { .. }),
+        "{:?}",
+        out.reply()
+    );
+    assert_eq!(owner_and_mode(&dst.join("bin/su")), (1000, 0o755));
 }
 
 #[test]
@@ -763,6 +1017,7 @@ fn removes_files_and_directories() {
         agent.call(&Request::Remove {
             path: format!("{root}/{name}"),
             recursive,
+            user: GuestUser::Root,
         })
     };
 
@@ -784,6 +1039,7 @@ fn removes_files_and_directories() {
     let root_dir = agent.call(&Request::Remove {
         path: "/".into(),
         recursive: true,
+        user: GuestUser::Root,
     });
     assert_eq!(root_dir.error_code(), AgentErrorCode::InvalidPath);
 }
@@ -794,15 +1050,23 @@ fn relative_path_is_invalid_path() {
     let requests = [
         Request::ReadFile {
             path: "etc/passwd".into(),
+            user: GuestUser::Root,
         },
         Request::WriteFile {
             path: "x.txt".into(),
             mode: 0o644,
+            user: GuestUser::Root,
         },
-        Request::ListDir { path: "".into() },
+        Request::ListDir {
+            path: "".into(),
+            user: GuestUser::Root,
+            after_hex: None,
+            limit: 50,
+        },
         Request::Remove {
             path: "./a".into(),
             recursive: false,
+            user: GuestUser::Root,
         },
     ];
     for req in requests {
@@ -867,6 +1131,7 @@ fn a_directory_tree_round_trips_through_archives() {
 
     let out = agent.call(&Request::ReadArchive {
         path: path_str(&src),
+        user: GuestUser::Root,
     });
     assert!(
         matches!(out.reply(), Reply::Read { size_bytes } if *size_bytes == out.data.len() as u64)
@@ -901,6 +1166,7 @@ fn an_archive_merges_into_an_existing_directory() {
     let tar = agent
         .call(&Request::ReadArchive {
             path: path_str(&src),
+            user: GuestUser::Root,
         })
         .data;
 

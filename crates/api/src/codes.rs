@@ -58,7 +58,8 @@ pub const FILE_TOO_LARGE: &str = "FILE_TOO_LARGE";
 pub const IS_A_DIRECTORY: &str = "IS_A_DIRECTORY";
 pub const NOT_A_DIRECTORY: &str = "NOT_A_DIRECTORY";
 pub const DIRECTORY_NOT_EMPTY: &str = "DIRECTORY_NOT_EMPTY";
-pub const PERMISSION_DENIED: &str = "PERMISSION_DENIED";
+/// A file operation the guest user (or root) may not do in the guest.
+pub const FILE_PERMISSION_DENIED: &str = "FILE_PERMISSION_DENIED";
 
 /// Storage proxy: no object under that key.
 pub const OBJECT_NOT_FOUND: &str = "OBJECT_NOT_FOUND";

@@ -28,6 +28,14 @@
 //! 7. An exec with a terminal ([`Request::Exec`] `pty`) reads its input from `DATA` frames,
 //!    sends the terminal's output as `STDOUT` frames, and takes `RESIZE` frames (a JSON
 //!    [`WindowSize`]) from the worker at any time before its `REPLY`.
+//! 8. No frame is ever bigger than [`MAX_FRAME_PAYLOAD`], in either direction: bodies of any
+//!    size travel as several `DATA` frames (a directory listing as JSON lines), and a
+//!    request that does not fit one frame is refused before it is sent ([`Frame::try_json`]).
+//! 9. Resynchronisation: a reader that meets a header it cannot parse has lost its place
+//!    in the byte stream. The agent then resets its session and says `HELLO` again; the
+//!    worker sends `RESET` on stream 0, which makes the agent do the same, fails its open
+//!    streams, and skips bytes until a valid `HELLO`. Either way the channel comes back
+//!    while the VM runs; only the streams open at that moment are lost.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -35,13 +43,38 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to frames or messages.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest payload of one frame; bigger bodies are split into several `DATA` frames.
 pub const MAX_FRAME_PAYLOAD: usize = 64 * 1024;
 
 /// Output frames the agent may send on one stream before the worker grants more (rule 6).
 pub const STREAM_WINDOW_FRAMES: u32 = 32;
+
+/// Most bytes the JSON of an exec's program, environment and working directory may take
+/// together, so that its `REQUEST` always fits one frame with room for its other fields.
+pub const MAX_EXEC_FIELDS_BYTES: usize = MAX_FRAME_PAYLOAD - 2048;
+
+/// What an exec's program, environment and working directory take in its `REQUEST`, as
+/// counted against [`MAX_EXEC_FIELDS_BYTES`]: `(program, env + cwd)` bytes of JSON.
+pub fn exec_fields_len(
+    program: &Program,
+    env: &BTreeMap<String, String>,
+    cwd: Option<&str>,
+) -> (usize, usize) {
+    (
+        json_len(program),
+        json_len(env) + cwd.map_or(0, |c| json_len(c)),
+    )
+}
+
+fn json_len<T: Serialize + ?Sized>(v: &T) -> usize {
+    // Serialising these types cannot fail; an impossible failure counts as too large.
+    serde_json::to_vec(v).map_or(usize::MAX / 4, |v| v.len())
+}
+
+/// Most entries one [`Request::ListDir`] page may ask for.
+pub const MAX_LIST_LIMIT: u32 = 1000;
 
 /// Length of the fixed frame header.
 pub const HEADER_LEN: usize = 9;
@@ -63,6 +96,9 @@ pub enum FrameKind {
     Cancel = 8,
     Resize = 9,
     Credit = 10,
+    /// Worker → agent on stream 0: the worker lost its place in the byte stream; reset the
+    /// session and say `HELLO` again (rule 9).
+    Reset = 11,
 }
 
 impl FrameKind {
@@ -78,6 +114,7 @@ impl FrameKind {
             8 => Self::Cancel,
             9 => Self::Resize,
             10 => Self::Credit,
+            11 => Self::Reset,
             _ => return None,
         })
     }
@@ -104,6 +141,20 @@ impl Frame {
     pub fn json<T: Serialize>(stream_id: u32, kind: FrameKind, msg: &T) -> Self {
         let payload = serde_json::to_vec(msg).expect("protocol messages always serialise");
         Self::new(stream_id, kind, payload)
+    }
+
+    /// A frame whose payload is `msg` as JSON, or [`FrameError::TooLarge`] when that does
+    /// not fit one frame (rule 8).
+    pub fn try_json<T: Serialize>(
+        stream_id: u32,
+        kind: FrameKind,
+        msg: &T,
+    ) -> Result<Self, FrameError> {
+        let frame = Self::json(stream_id, kind, msg);
+        if frame.payload.len() > MAX_FRAME_PAYLOAD {
+            return Err(FrameError::TooLarge(frame.payload.len()));
+        }
+        Ok(frame)
     }
 
     /// The header for a payload of `len` bytes.
@@ -283,32 +334,53 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pty: Option<WindowSize>,
     },
-    /// Body follows as `DATA`…`END`; written to a temporary file in the same directory,
-    /// fsynced and renamed over `path`; parents created.
+    /// Body follows as `DATA`…`END`: written to a temporary file in the same directory,
+    /// fsynced and renamed over `path`; parents created. As [`GuestUser::User`] the file is
+    /// owned by that user and `mode` loses its setuid and setgid bits.
     WriteFile {
         path: String,
         mode: u32,
+        #[serde(default)]
+        user: GuestUser,
     },
     /// Answered with `DATA` frames, then `REPLY` [`Reply::Read`].
     ReadFile {
         path: String,
+        #[serde(default)]
+        user: GuestUser,
     },
+    /// One page of the directory `path`, by name (bytewise): at most `limit` entries whose
+    /// names sort after `after_hex` (the hex of the last name of the previous page). The
+    /// entries come as `DATA` frames carrying JSON lines of [`DirEntry`], then
+    /// [`Reply::Listing`].
     ListDir {
         path: String,
+        #[serde(default)]
+        user: GuestUser,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after_hex: Option<String>,
+        limit: u32,
     },
     Remove {
         path: String,
         recursive: bool,
+        #[serde(default)]
+        user: GuestUser,
     },
     /// Body follows as `DATA`…`END`: a tar stream unpacked into the directory `path`
     /// (created if missing), all or nothing; answered with [`Reply::Written`] (bytes read).
+    /// As [`GuestUser::User`] members are owned by that user, without setuid or setgid bits.
     WriteArchive {
         path: String,
+        #[serde(default)]
+        user: GuestUser,
     },
     /// Answered with `DATA` frames of a tar stream of the directory `path`, then
     /// [`Reply::Read`].
     ReadArchive {
         path: String,
+        #[serde(default)]
+        user: GuestUser,
     },
     /// Gives a guest restored from a saved state its own identity: the host name (kernel,
     /// `/etc/hostname`, a `127.0.1.1` line in `/etc/hosts` if none names it), `/etc/machine-id`,
@@ -377,8 +449,11 @@ pub enum Reply {
     Read {
         size_bytes: u64,
     },
+    /// The end of a [`Request::ListDir`] page; `next_after_hex` continues it.
     Listing {
-        entries: Vec<DirEntry>,
+        has_more: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next_after_hex: Option<String>,
     },
     Removed,
     /// A request without a result of its own succeeded.
@@ -400,6 +475,7 @@ mod tests {
             FrameKind::Request,
             &Request::ReadFile {
                 path: "/etc/hostname".into(),
+                user: GuestUser::Root,
             },
         );
         let bytes = f.encode();
@@ -410,7 +486,8 @@ mod tests {
         assert_eq!(
             back.decode_json::<Request>().expect("json"),
             Request::ReadFile {
-                path: "/etc/hostname".into()
+                path: "/etc/hostname".into(),
+                user: GuestUser::Root,
             }
         );
     }
@@ -434,6 +511,64 @@ mod tests {
             Frame::parse_header(&h),
             Err(FrameError::UnknownKind(99))
         ));
+    }
+
+    #[test]
+    fn a_request_that_does_not_fit_one_frame_is_refused() {
+        let big = Request::Exec {
+            program: Program::Shell("x".repeat(MAX_FRAME_PAYLOAD)),
+            env: BTreeMap::new(),
+            cwd: None,
+            user: GuestUser::User,
+            stdin: Stdin::Null,
+            timeout_ms: 1000,
+            pty: None,
+        };
+        assert!(matches!(
+            Frame::try_json(1, FrameKind::Request, &big),
+            Err(FrameError::TooLarge(n)) if n > MAX_FRAME_PAYLOAD
+        ));
+        let small = Request::ReadFile {
+            path: "/etc/hostname".into(),
+            user: GuestUser::User,
+        };
+        assert!(Frame::try_json(1, FrameKind::Request, &small).is_ok());
+    }
+
+    #[test]
+    fn exec_fields_within_the_budget_always_fit_one_frame() {
+        let program = Program::Shell("\u{1}".repeat(MAX_EXEC_FIELDS_BYTES / 6 - 10));
+        let env = BTreeMap::new();
+        let (p, rest) = exec_fields_len(&program, &env, Some("/w"));
+        assert!(
+            p + rest <= MAX_EXEC_FIELDS_BYTES,
+            "escaped control bytes count six"
+        );
+        let request = Request::Exec {
+            program,
+            env,
+            cwd: Some("/w".into()),
+            user: GuestUser::Root,
+            stdin: Stdin::Stream,
+            timeout_ms: u64::MAX,
+            pty: Some(WindowSize {
+                cols: u16::MAX,
+                rows: u16::MAX,
+            }),
+        };
+        assert!(Frame::try_json(u32::MAX, FrameKind::Request, &request).is_ok());
+    }
+
+    #[test]
+    fn file_requests_run_as_the_guest_user_unless_they_say_root() {
+        let r: Request = serde_json::from_str(r#"{"op":"read_file","path":"/a"}"#).expect("json");
+        assert_eq!(
+            r,
+            Request::ReadFile {
+                path: "/a".into(),
+                user: GuestUser::User
+            }
+        );
     }
 
     #[test]

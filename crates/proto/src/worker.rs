@@ -339,6 +339,15 @@ pub struct FileWritten {
     pub size_bytes: u64,
 }
 
+/// One page of a directory (`GET …/files/list?path=&user=&limit=&cursor=`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DirListing {
+    pub entries: Vec<DirEntry>,
+    /// Opaque; passed back as `cursor` for the next page. `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
 /// Error body of every worker route.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct WorkerError {

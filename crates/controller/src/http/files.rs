@@ -6,7 +6,10 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use scaibunker_api::envelope::{Error, FieldDetail, Ok as Envelope};
+use scaibunker_api::envelope::{
+    DEFAULT_PAGE_LIMIT, Error, FieldDetail, List, MAX_PAGE_LIMIT, Ok as Envelope,
+};
+use scaibunker_api::exec::ExecUser;
 use scaibunker_api::files::{FileEntry, FileWritten};
 use serde::Deserialize;
 
@@ -26,6 +29,13 @@ pub struct FileQuery {
     mode: Option<String>,
     /// Delete only: remove a non-empty directory (default `false`).
     recursive: Option<bool>,
+    /// Who acts in the guest: `user` (default) or `root` (needs `scaibunker:root`).
+    user: Option<ExecUser>,
+    /// List only: page size, 1–500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    limit: Option<u32>,
+    /// List only: the `next_cursor` of the previous page.
+    cursor: Option<String>,
 }
 
 type QueryResult = Result<Query<FileQuery>, axum::extract::rejection::QueryRejection>;
@@ -53,7 +63,7 @@ fn parse(q: QueryResult) -> Result<(FileQuery, String), ApiError> {
     responses(
         (status = 201, description = "The written file", body = Envelope<FileWritten>),
         (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
-        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:files`)", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:files`, or `scaibunker:root` for `user=root`) or `FILE_PERMISSION_DENIED` (the guest user may not do this)", body = Error),
         (status = 404, description = "`BUNKER_NOT_FOUND`", body = Error),
         (status = 409, description = "`BUNKER_NOT_RUNNING` or `IS_A_DIRECTORY`", body = Error),
         (status = 413, description = "`FILE_TOO_LARGE`", body = Error),
@@ -87,7 +97,7 @@ pub async fn write(
     responses(
         (status = 201, description = "`size_bytes` is the archive's length", body = Envelope<FileWritten>),
         (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
-        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:files`)", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:files`, or `scaibunker:root` for `user=root`) or `FILE_PERMISSION_DENIED` (the guest user may not do this)", body = Error),
         (status = 404, description = "`BUNKER_NOT_FOUND`", body = Error),
         (status = 409, description = "`BUNKER_NOT_RUNNING`, `NOT_A_DIRECTORY` or `IS_A_DIRECTORY` (a directory and a file meet)", body = Error),
         (status = 413, description = "`FILE_TOO_LARGE`: the archive exceeds the upload cap", body = Error),
@@ -141,6 +151,7 @@ async fn upload(
     let upload = svc::Upload {
         path: &path,
         mode,
+        user: q.user,
         content_length,
         archive,
     };
@@ -160,7 +171,7 @@ async fn upload(
     responses(
         (status = 200, description = "The file's bytes", content(("application/octet-stream"))),
         (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
-        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:files`)", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:files`, or `scaibunker:root` for `user=root`) or `FILE_PERMISSION_DENIED` (the guest user may not do this)", body = Error),
         (status = 404, description = "`BUNKER_NOT_FOUND` or `FILE_NOT_FOUND`", body = Error),
         (status = 409, description = "`BUNKER_NOT_RUNNING` or `IS_A_DIRECTORY`", body = Error),
         (status = 422, description = "`INVALID_PATH` (not absolute, NUL, over 4096 bytes) or `VALIDATION_ERROR` on a query parameter", body = Error),
@@ -176,8 +187,8 @@ pub async fn read(
     Path(id): Path<String>,
     q: QueryResult,
 ) -> Result<Response, ApiError> {
-    let (_, path) = parse(q)?;
-    let upstream = svc::read_file(&s, &p, &ctx, &id, &path, false).await?;
+    let (q, path) = parse(q)?;
+    let upstream = svc::read_file(&s, &p, &ctx, &id, &path, q.user, false).await?;
     let body = Body::from_stream(upstream.bytes_stream());
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
 }
@@ -193,7 +204,7 @@ pub async fn read(
     responses(
         (status = 200, description = "A tar stream", content(("application/x-tar"))),
         (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
-        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:files`)", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:files`, or `scaibunker:root` for `user=root`) or `FILE_PERMISSION_DENIED` (the guest user may not do this)", body = Error),
         (status = 404, description = "`BUNKER_NOT_FOUND` or `FILE_NOT_FOUND`", body = Error),
         (status = 409, description = "`BUNKER_NOT_RUNNING` or `NOT_A_DIRECTORY`", body = Error),
         (status = 422, description = "`INVALID_PATH` or `VALIDATION_ERROR` on a query parameter", body = Error),
@@ -209,13 +220,13 @@ pub async fn read_archive(
     Path(id): Path<String>,
     q: QueryResult,
 ) -> Result<Response, ApiError> {
-    let (_, path) = parse(q)?;
-    let upstream = svc::read_file(&s, &p, &ctx, &id, &path, true).await?;
+    let (q, path) = parse(q)?;
+    let upstream = svc::read_file(&s, &p, &ctx, &id, &path, q.user, true).await?;
     let body = Body::from_stream(upstream.bytes_stream());
     Ok(([(header::CONTENT_TYPE, "application/x-tar")], body).into_response())
 }
 
-/// Lists a directory, sorted by name; symlinks are not followed.
+/// Lists a directory in pages, sorted by name (bytewise); symlinks are not followed.
 #[utoipa::path(
     get,
     path = "/bunkers/{id}/files/list",
@@ -223,9 +234,9 @@ pub async fn read_archive(
     tag = "files",
     params(("id" = String, Path, description = "Bunker id (`bnk_…`)"), FileQuery),
     responses(
-        (status = 200, description = "The directory's entries", body = Envelope<Vec<FileEntry>>),
+        (status = 200, description = "A page of the directory's entries", body = List<FileEntry>),
         (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
-        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:files`)", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:files`, or `scaibunker:root` for `user=root`) or `FILE_PERMISSION_DENIED` (the guest user may not do this)", body = Error),
         (status = 404, description = "`BUNKER_NOT_FOUND` or `FILE_NOT_FOUND`", body = Error),
         (status = 409, description = "`BUNKER_NOT_RUNNING` or `NOT_A_DIRECTORY`", body = Error),
         (status = 422, description = "`INVALID_PATH` (not absolute, NUL, over 4096 bytes) or `VALIDATION_ERROR` on a query parameter", body = Error),
@@ -240,10 +251,38 @@ pub async fn list(
     Ctx(ctx): Ctx,
     Path(id): Path<String>,
     q: QueryResult,
-) -> Result<Json<Envelope<Vec<FileEntry>>>, ApiError> {
-    let (_, path) = parse(q)?;
-    let entries = svc::list_files(&s, &p, &ctx, &id, &path).await?;
-    Ok(Json(Envelope::new(entries)))
+) -> Result<Json<List<FileEntry>>, ApiError> {
+    let (q, path) = parse(q)?;
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE_LIMIT);
+    if limit == 0 || limit > MAX_PAGE_LIMIT {
+        return Err(ApiError::validation(vec![FieldDetail {
+            field: "limit".into(),
+            message: format!("must be between 1 and {MAX_PAGE_LIMIT}"),
+        }]));
+    }
+    // Cursors are the hex of a file name (at most 255 bytes).
+    if let Some(c) = &q.cursor
+        && (c.is_empty()
+            || c.len() > 510
+            || c.len() % 2 != 0
+            || !c.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(ApiError::validation(vec![FieldDetail {
+            field: "cursor".into(),
+            message: "not a cursor this listing returned".into(),
+        }]));
+    }
+    let page = svc::ListPage {
+        limit,
+        cursor: q.cursor.as_deref(),
+    };
+    let (entries, next_cursor) = svc::list_files(&s, &p, &ctx, &id, &path, q.user, page).await?;
+    Ok(Json(List {
+        status: "ok".into(),
+        data: entries,
+        has_more: next_cursor.is_some(),
+        next_cursor,
+    }))
 }
 
 /// Removes a file, or a directory (non-empty ones only with `recursive=true`).
@@ -256,7 +295,7 @@ pub async fn list(
     responses(
         (status = 204, description = "Removed"),
         (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
-        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:files`)", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:files`, or `scaibunker:root` for `user=root`) or `FILE_PERMISSION_DENIED` (the guest user may not do this)", body = Error),
         (status = 404, description = "`BUNKER_NOT_FOUND` or `FILE_NOT_FOUND`", body = Error),
         (status = 409, description = "`BUNKER_NOT_RUNNING` or `DIRECTORY_NOT_EMPTY`", body = Error),
         (status = 422, description = "`INVALID_PATH` (not absolute, NUL, over 4096 bytes) or `VALIDATION_ERROR` on a query parameter", body = Error),
@@ -273,6 +312,7 @@ pub async fn remove(
     q: QueryResult,
 ) -> Result<StatusCode, ApiError> {
     let (q, path) = parse(q)?;
-    svc::delete_file(&s, &p, &ctx, &id, &path, q.recursive.unwrap_or(false)).await?;
+    let recursive = q.recursive.unwrap_or(false);
+    svc::delete_file(&s, &p, &ctx, &id, &path, recursive, q.user).await?;
     Ok(StatusCode::NO_CONTENT)
 }

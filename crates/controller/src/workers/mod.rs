@@ -8,8 +8,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt as _};
 use scaibunker_proto::worker::{
-    CreateVm, DirEntry, ExecRequest, ExecResult, ExecStreamEvent as E, FileWritten, ShellQuery,
-    VmInfo, WORKER_API_PREFIX, WorkerError,
+    CreateVm, DirListing, ExecRequest, ExecResult, ExecStreamEvent as E, FileWritten, GuestUser,
+    ShellQuery, VmInfo, WORKER_API_PREFIX, WorkerError,
 };
 use serde::de::DeserializeOwned;
 use tokio_tungstenite::tungstenite;
@@ -362,6 +362,7 @@ impl WorkerClient {
         bunker_id: &str,
         path: &str,
         mode: u32,
+        user: GuestUser,
         archive: bool,
         body: S,
     ) -> Result<FileWritten, WorkerCallError>
@@ -371,7 +372,11 @@ impl WorkerClient {
         let r = self
             .http
             .put(Self::url(base, &files_route(bunker_id, archive)))
-            .query(&[("path", path), ("mode", &format!("{mode:o}"))])
+            .query(&[
+                ("path", path),
+                ("mode", &format!("{mode:o}")),
+                ("user", user_param(user)),
+            ])
             .body(reqwest::Body::wrap_stream(body));
         Self::json(self.send(base, r).await?).await
     }
@@ -383,25 +388,39 @@ impl WorkerClient {
         base: &str,
         bunker_id: &str,
         path: &str,
+        user: GuestUser,
         archive: bool,
     ) -> Result<reqwest::Response, WorkerCallError> {
         let r = self
             .http
             .get(Self::url(base, &files_route(bunker_id, archive)))
-            .query(&[("path", path)]);
+            .query(&[("path", path), ("user", user_param(user))]);
         self.send(base, r).await
     }
 
+    /// One page of a directory: at most `limit` entries after `cursor`.
     pub async fn list_dir(
         &self,
         base: &str,
         bunker_id: &str,
         path: &str,
-    ) -> Result<Vec<DirEntry>, WorkerCallError> {
+        user: GuestUser,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<DirListing, WorkerCallError> {
+        let limit = limit.to_string();
+        let mut query = vec![
+            ("path", path),
+            ("user", user_param(user)),
+            ("limit", &limit),
+        ];
+        if let Some(c) = cursor {
+            query.push(("cursor", c));
+        }
         let r = self
             .http
             .get(Self::url(base, &format!("/bunkers/{bunker_id}/files/list")))
-            .query(&[("path", path)])
+            .query(&query)
             .timeout(Duration::from_secs(60));
         Self::json(self.send(base, r).await?).await
     }
@@ -412,6 +431,7 @@ impl WorkerClient {
         bunker_id: &str,
         path: &str,
         recursive: bool,
+        user: GuestUser,
     ) -> Result<(), WorkerCallError> {
         let r = self
             .http
@@ -419,8 +439,17 @@ impl WorkerClient {
             .query(&[
                 ("path", path),
                 ("recursive", if recursive { "true" } else { "false" }),
+                ("user", user_param(user)),
             ])
             .timeout(Duration::from_secs(120));
         self.send(base, r).await.map(|_| ())
+    }
+}
+
+/// The worker's `user` query value.
+fn user_param(user: GuestUser) -> &'static str {
+    match user {
+        GuestUser::User => "user",
+        GuestUser::Root => "root",
     }
 }

@@ -3,9 +3,19 @@
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use scaibunker_proto::agent::{DirEntry, FrameKind, MAX_FRAME_PAYLOAD, Reply, Request};
+use scaibunker_proto::agent::{
+    DirEntry, FrameKind, GuestUser, MAX_FRAME_PAYLOAD, MAX_LIST_LIMIT, Reply, Request,
+};
 
 use super::{AgentClient, AgentError, ByteStream, REPLY_TIMEOUT, WriteFileError, protocol};
+
+/// One page of a directory listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirPage {
+    pub entries: Vec<DirEntry>,
+    /// Where the next page starts; `None` on the last page.
+    pub next_after_hex: Option<String>,
+}
 
 impl AgentClient {
     /// Streams `body` into `path` (written atomically by the agent). If the body fails, the
@@ -14,21 +24,29 @@ impl AgentClient {
         &self,
         path: String,
         mode: u32,
+        user: GuestUser,
         body: S,
     ) -> Result<u64, WriteFileError<E>>
     where
         S: Stream<Item = Result<Bytes, E>> + Send,
     {
-        self.upload(&Request::WriteFile { path, mode }, body).await
+        self.upload(&Request::WriteFile { path, mode, user }, body)
+            .await
     }
 
     /// Streams a tar `body` into the directory `path`; the agent unpacks it all or nothing.
     /// Returns the number of archive bytes sent.
-    pub async fn write_archive<S, E>(&self, path: String, body: S) -> Result<u64, WriteFileError<E>>
+    pub async fn write_archive<S, E>(
+        &self,
+        path: String,
+        user: GuestUser,
+        body: S,
+    ) -> Result<u64, WriteFileError<E>>
     where
         S: Stream<Item = Result<Bytes, E>> + Send,
     {
-        self.upload(&Request::WriteArchive { path }, body).await
+        self.upload(&Request::WriteArchive { path, user }, body)
+            .await
     }
 
     /// Sends `request` and `body` as its `DATA` frames; cancels the stream if the body fails.
@@ -71,13 +89,17 @@ impl AgentClient {
 
     /// Opens `path` for reading. Errors the agent reports before the first byte (not found,
     /// a directory) come back here, so callers can answer before they start streaming.
-    pub async fn read_file(&self, path: String) -> Result<ByteStream, AgentError> {
-        self.download(&Request::ReadFile { path }).await
+    pub async fn read_file(&self, path: String, user: GuestUser) -> Result<ByteStream, AgentError> {
+        self.download(&Request::ReadFile { path, user }).await
     }
 
     /// A tar stream of the directory `path`; errors before the first byte come back here.
-    pub async fn read_archive(&self, path: String) -> Result<ByteStream, AgentError> {
-        self.download(&Request::ReadArchive { path }).await
+    pub async fn read_archive(
+        &self,
+        path: String,
+        user: GuestUser,
+    ) -> Result<ByteStream, AgentError> {
+        self.download(&Request::ReadArchive { path, user }).await
     }
 
     async fn download(&self, request: &Request) -> Result<ByteStream, AgentError> {
@@ -118,15 +140,75 @@ impl AgentClient {
         ))
     }
 
-    pub async fn list_dir(&self, path: String) -> Result<Vec<DirEntry>, AgentError> {
-        match self.call(&Request::ListDir { path }).await? {
-            Reply::Listing { entries } => Ok(entries),
-            other => Err(protocol(0, &format!("list_dir answered {other:?}"))),
+    /// One page of the directory `path`: at most `limit` entries after the name whose hex is
+    /// `after_hex`. The agent streams the entries as JSON lines; more entries or bytes than
+    /// the page can hold are a protocol violation, so a hostile agent cannot make the
+    /// worker buffer without bound.
+    pub async fn list_dir(
+        &self,
+        path: String,
+        user: GuestUser,
+        after_hex: Option<String>,
+        limit: u32,
+    ) -> Result<DirPage, AgentError> {
+        let limit = limit.clamp(1, MAX_LIST_LIMIT);
+        let mut stream = self
+            .open(&Request::ListDir {
+                path,
+                user,
+                after_hex,
+                limit,
+            })
+            .await?;
+        let mut entries = Vec::new();
+        let mut partial = Vec::new();
+        loop {
+            let frame = stream.recv_within(REPLY_TIMEOUT).await?;
+            match frame.kind {
+                FrameKind::Data => {
+                    partial.extend_from_slice(&frame.payload);
+                    while let Some(end) = partial.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = partial.drain(..=end).collect();
+                        let entry: DirEntry = serde_json::from_slice(&line[..end])
+                            .map_err(|e| stream.unexpected(&format!("malformed entry: {e}")))?;
+                        entries.push(entry);
+                        if entries.len() > limit as usize {
+                            return Err(stream.unexpected("more entries than the page's limit"));
+                        }
+                    }
+                    if partial.len() > MAX_FRAME_PAYLOAD {
+                        return Err(stream.unexpected("an entry longer than a frame"));
+                    }
+                }
+                FrameKind::Reply => {
+                    return match stream.reply(&frame)? {
+                        Reply::Listing {
+                            has_more,
+                            next_after_hex,
+                        } if partial.is_empty() => Ok(DirPage {
+                            entries,
+                            next_after_hex: if has_more { next_after_hex } else { None },
+                        }),
+                        other => Err(stream.unexpected(&format!("reply {other:?}"))),
+                    };
+                }
+                other => return Err(stream.unexpected(&format!("{other:?} frame"))),
+            }
         }
     }
 
-    pub async fn remove(&self, path: String, recursive: bool) -> Result<(), AgentError> {
-        match self.call(&Request::Remove { path, recursive }).await? {
+    pub async fn remove(
+        &self,
+        path: String,
+        recursive: bool,
+        user: GuestUser,
+    ) -> Result<(), AgentError> {
+        let request = Request::Remove {
+            path,
+            recursive,
+            user,
+        };
+        match self.call(&request).await? {
             Reply::Removed => Ok(()),
             other => Err(protocol(0, &format!("remove answered {other:?}"))),
         }

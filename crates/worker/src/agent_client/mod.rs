@@ -12,6 +12,12 @@
 //!    sends `CANCEL`, so the agent kills what the stream runs.
 //! 5. When the byte stream ends or breaks, every open stream fails with
 //!    [`AgentError::Unavailable`], and so does every later operation.
+//! 6. When the byte stream stops parsing (a header of an unknown kind or over the frame
+//!    limit), the reader fails the open streams, sends `RESET` and skips to the agent's
+//!    next `HELLO` ([`reader`]); operations started meanwhile wait for it (up to
+//!    [`RESYNC_WAIT`]). The bunker stays usable while its VM runs.
+//! 7. No frame over the limit is ever sent: a request that does not fit one frame fails
+//!    with [`AgentError::RequestTooLarge`] before anything is written.
 //!
 //! Flow control is per stream (the protocol's window, [`STREAM_WINDOW_FRAMES`]): the agent
 //! sends a stream's output only as far as the worker has granted, and a stream grants
@@ -35,10 +41,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::Stream;
 use scaibunker_proto::agent::{
-    AgentErrorCode, Frame, FrameError, FrameKind, GuestUser, HEADER_LEN, Hello, PROTOCOL_VERSION,
-    Program, Reply, Request, STREAM_WINDOW_FRAMES, WindowSize,
+    AgentErrorCode, Frame, FrameError, FrameKind, GuestUser, Hello, PROTOCOL_VERSION, Program,
+    Reply, Request, STREAM_WINDOW_FRAMES, WindowSize,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
@@ -46,11 +52,14 @@ use tokio::task::JoinHandle;
 
 mod exec;
 mod files;
+mod reader;
 mod stream;
 #[cfg(test)]
 mod tests;
 
 pub use self::exec::{ExecEvent, ExecExit, ExecStream, ShellInput};
+pub use self::files::DirPage;
+use self::reader::FrameReader;
 use self::stream::{OpenStream, StreamSender};
 
 /// Frames buffered per stream: a whole window of output and its `REPLY`.
@@ -62,6 +71,11 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Slack over an exec's own timeout before the worker stops waiting for the agent, which
 /// enforces the timeout itself and then still has to report.
 pub const EXEC_GRACE: Duration = Duration::from_secs(30);
+/// How long an operation waits for a channel that is resynchronising (rule 6).
+pub const RESYNC_WAIT: Duration = Duration::from_secs(10);
+/// Fewest seconds between two warnings about one channel's resynchronisations, so a guest
+/// that sends garbage cannot flood the worker's log.
+const RESYNC_LOG_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -96,6 +110,9 @@ pub enum AgentError {
     /// The agent sent more than the stream's window; the stream was cancelled.
     #[error("the agent sent past the stream's flow-control window; the stream was cancelled")]
     WindowExceeded,
+    /// The request does not fit one frame; nothing was sent.
+    #[error("the request is {0} bytes encoded, over the agent channel's frame limit")]
+    RequestTooLarge(usize),
 }
 
 /// Why an upload failed: its body, or the agent.
@@ -183,6 +200,8 @@ type Writer = tokio::sync::Mutex<OwnedWriteHalf>;
 struct Router {
     table: Mutex<RouteTable>,
     hello: Mutex<Hello>,
+    /// `false` while the reader skips to the agent's next `HELLO` (rule 6).
+    in_sync: tokio::sync::watch::Sender<bool>,
 }
 
 #[derive(Default)]
@@ -209,6 +228,22 @@ impl Router {
         table.open.clear();
     }
 
+    /// Fails every open stream (the agent reset them, or is about to).
+    fn reset_streams(&self) {
+        lock(&self.table).open.clear();
+    }
+
+    /// Waits until the channel is in step, for at most [`RESYNC_WAIT`].
+    async fn wait_in_sync(&self) -> Result<(), AgentError> {
+        let mut in_sync = self.in_sync.subscribe();
+        match tokio::time::timeout(RESYNC_WAIT, in_sync.wait_for(|ok| *ok)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(AgentError::Unavailable(
+                "the agent channel is resynchronising".to_owned(),
+            )),
+        }
+    }
+
     fn unavailable(&self) -> AgentError {
         let reason = lock(&self.table)
             .closed
@@ -223,31 +258,16 @@ async fn write_frame(writer: &Writer, frame: &Frame) -> std::io::Result<()> {
     writer.lock().await.write_all(&bytes).await
 }
 
-/// Reads one frame; `Ok(None)` when the peer closed the stream.
-async fn read_frame(reader: &mut OwnedReadHalf) -> Result<Option<Frame>, FrameError> {
-    let mut header = [0u8; HEADER_LEN];
-    match reader.read_exact(&mut header).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(FrameError::Io(e)),
-    }
-    let (stream_id, kind, len) = Frame::parse_header(&header)?;
-    let mut payload = vec![0u8; len];
-    reader
-        .read_exact(&mut payload)
-        .await
-        .map_err(FrameError::Io)?;
-    Ok(Some(Frame::new(stream_id, kind, payload)))
-}
-
 impl AgentClient {
     /// Accepts the VM's connection on `listener` and waits for the agent's `HELLO`.
     /// Callers bound the wait (the boot timeout) and race it against the VM exiting.
     pub async fn connect(listener: &UnixListener) -> Result<Self, ConnectError> {
         let (stream, _) = listener.accept().await.map_err(ConnectError::Accept)?;
-        let (mut read, write) = stream.into_split();
+        let (read, write) = stream.into_split();
+        let mut read = FrameReader::new(read);
         let hello = loop {
-            let frame = read_frame(&mut read)
+            let frame = read
+                .next()
                 .await
                 .map_err(ConnectError::Frame)?
                 .ok_or(ConnectError::Closed)?;
@@ -260,6 +280,7 @@ impl AgentClient {
         let router = Arc::new(Router {
             table: Mutex::new(RouteTable::default()),
             hello: Mutex::new(hello),
+            in_sync: tokio::sync::watch::Sender::new(true),
         });
         let reader = tokio::spawn(read_loop(read, Arc::clone(&router), Arc::clone(&writer)));
         Ok(Self {
@@ -324,6 +345,11 @@ impl AgentClient {
 
     /// Registers a fresh stream and sends its `REQUEST`.
     async fn open(&self, request: &Request) -> Result<OpenStream, AgentError> {
+        let mut frame = Frame::try_json(0, FrameKind::Request, request).map_err(|e| match e {
+            FrameError::TooLarge(n) => AgentError::RequestTooLarge(n),
+            other => protocol(0, &other.to_string()),
+        })?;
+        self.shared.router.wait_in_sync().await?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER_FRAMES);
         let id = {
             let mut table = lock(&self.shared.router.table);
@@ -339,6 +365,7 @@ impl AgentClient {
             table.open.insert(id, tx);
             id
         };
+        frame.stream_id = id;
         let stream = OpenStream {
             sender: StreamSender {
                 id,
@@ -349,10 +376,7 @@ impl AgentClient {
             finished: false,
             consumed: 0,
         };
-        stream
-            .sender
-            .write(&Frame::json(id, FrameKind::Request, request))
-            .await?;
+        stream.sender.write(&frame).await?;
         Ok(stream)
     }
 }
@@ -376,14 +400,18 @@ fn protocol(stream_id: u32, detail: &str) -> AgentError {
 }
 
 /// The reader task: routes frames until the byte stream ends, then closes the router.
-async fn read_loop(mut read: OwnedReadHalf, router: Arc<Router>, writer: Arc<Writer>) {
+async fn read_loop(mut read: FrameReader<OwnedReadHalf>, router: Arc<Router>, writer: Arc<Writer>) {
+    let mut last_warning: Option<tokio::time::Instant> = None;
     let reason = loop {
-        let frame = match read_frame(&mut read).await {
+        let frame = match read.next().await {
             Ok(Some(frame)) => frame,
             Ok(None) => break "the agent channel closed".to_owned(),
             Err(FrameError::Io(e)) => break format!("agent channel read failed: {e}"),
-            // A bad header leaves the byte stream out of step: nothing after it can be trusted.
-            Err(e) => break format!("agent sent a malformed frame: {e}"),
+            // A bad header leaves the byte stream out of step: resynchronise (rule 6).
+            Err(e) => match resync(&mut read, &router, &writer, &e, &mut last_warning).await {
+                Ok(()) => continue,
+                Err(reason) => break reason,
+            },
         };
         if frame.stream_id == 0 {
             if frame.kind == FrameKind::Hello {
@@ -391,7 +419,7 @@ async fn read_loop(mut read: OwnedReadHalf, router: Arc<Router>, writer: Arc<Wri
                     Ok(hello) => {
                         tracing::info!(agent_version = %hello.agent_version, "agent said hello again; open streams reset");
                         *lock(&router.hello) = hello;
-                        lock(&router.table).open.clear();
+                        router.reset_streams();
                         continue;
                     }
                     Err(e) => break format!("agent restarted with a bad hello: {e}"),
@@ -404,6 +432,38 @@ async fn read_loop(mut read: OwnedReadHalf, router: Arc<Router>, writer: Arc<Wri
     };
     tracing::debug!(%reason, "agent channel reader stopped");
     router.close(reason);
+}
+
+/// Brings the channel back in step after a frame that did not parse: open streams fail,
+/// the agent is asked to reset, and the reader skips to its next `HELLO`. `Err` with the
+/// reason when the channel ended instead.
+async fn resync(
+    read: &mut FrameReader<OwnedReadHalf>,
+    router: &Router,
+    writer: &Writer,
+    cause: &FrameError,
+    last_warning: &mut Option<tokio::time::Instant>,
+) -> Result<(), String> {
+    let now = tokio::time::Instant::now();
+    if last_warning.is_none_or(|t| now.duration_since(t) >= RESYNC_LOG_EVERY) {
+        *last_warning = Some(now);
+        tracing::warn!(error = %cause, "the agent channel is out of step; resetting the agent session");
+    }
+    router.in_sync.send_replace(false);
+    router.reset_streams();
+    if let Err(e) = write_frame(writer, &Frame::new(0, FrameKind::Reset, Vec::new())).await {
+        return Err(format!("agent channel write failed: {e}"));
+    }
+    match read.resync().await {
+        Ok(Some(hello)) => {
+            tracing::info!(agent_version = %hello.agent_version, "the agent channel is back in step");
+            *lock(&router.hello) = hello;
+            router.in_sync.send_replace(true);
+            Ok(())
+        }
+        Ok(None) => Err("the agent channel closed while resynchronising".to_owned()),
+        Err(e) => Err(format!("agent channel read failed: {e}")),
+    }
 }
 
 fn route(router: &Router, writer: &Arc<Writer>, frame: Frame) {

@@ -3,22 +3,19 @@ use std::path::PathBuf;
 use tokio::net::UnixStream;
 
 use futures_util::StreamExt;
-use scaibunker_proto::agent::{MAX_FRAME_PAYLOAD, Stdin};
+use scaibunker_proto::agent::{DirEntry, EntryType, MAX_FRAME_PAYLOAD, Stdin};
 
 use super::*;
 
 /// The guest side of a channel, scripted by each test.
 struct FakeAgent {
-    read: OwnedReadHalf,
+    read: FrameReader<OwnedReadHalf>,
     write: OwnedWriteHalf,
 }
 
 impl FakeAgent {
     async fn recv(&mut self) -> Frame {
-        read_frame(&mut self.read)
-            .await
-            .expect("frame")
-            .expect("not closed")
+        self.read.next().await.expect("frame").expect("not closed")
     }
 
     async fn send(&mut self, frame: Frame) {
@@ -60,7 +57,10 @@ async fn connected() -> (AgentClient, FakeAgent, Harness) {
     let h = harness();
     let stream = UnixStream::connect(&h.path).await.expect("connect");
     let (read, write) = stream.into_split();
-    let mut agent = FakeAgent { read, write };
+    let mut agent = FakeAgent {
+        read: FrameReader::new(read),
+        write,
+    };
     agent.hello(PROTOCOL_VERSION).await;
     let client = AgentClient::connect(&h.listener).await.expect("hello");
     (client, agent, h)
@@ -83,7 +83,10 @@ async fn refuses_an_agent_of_another_protocol_version() {
     let h = harness();
     let stream = UnixStream::connect(&h.path).await.expect("connect");
     let (read, write) = stream.into_split();
-    let mut agent = FakeAgent { read, write };
+    let mut agent = FakeAgent {
+        read: FrameReader::new(read),
+        write,
+    };
     agent.hello(PROTOCOL_VERSION + 1).await;
     let err = AgentClient::connect(&h.listener)
         .await
@@ -400,14 +403,14 @@ async fn upload_is_split_into_frames_and_cancelled_when_the_body_fails() {
     let big = Bytes::from(vec![7u8; MAX_FRAME_PAYLOAD * 2 + 5]);
     let body = futures_util::stream::iter([Ok::<_, BodyGone>(big)]);
     let size = client
-        .write_file("/f".into(), 0o600, body)
+        .write_file("/f".into(), 0o600, GuestUser::Root, body)
         .await
         .expect("written");
     assert_eq!(size, (MAX_FRAME_PAYLOAD * 2 + 5) as u64);
 
     let body = futures_util::stream::iter([Ok(Bytes::from_static(b"x")), Err(BodyGone)]);
     let err = client
-        .write_file("/g".into(), 0o644, body)
+        .write_file("/g".into(), 0o644, GuestUser::Root, body)
         .await
         .expect_err("body failed");
     assert!(matches!(err, WriteFileError::Body(BodyGone)));
@@ -437,7 +440,7 @@ async fn read_file_reports_errors_before_streaming() {
         agent
     });
     let err = client
-        .read_file("/missing".into())
+        .read_file("/missing".into(), GuestUser::Root)
         .await
         .err()
         .expect("fails");
@@ -448,13 +451,19 @@ async fn read_file_reports_errors_before_streaming() {
             ..
         }
     ));
-    let mut stream = client.read_file("/f".into()).await.expect("opens");
+    let mut stream = client
+        .read_file("/f".into(), GuestUser::Root)
+        .await
+        .expect("opens");
     let mut got = Vec::new();
     while let Some(chunk) = stream.next().await {
         got.extend_from_slice(&chunk.expect("chunk"));
     }
     assert_eq!(got, b"abcd");
-    let mut empty = client.read_file("/empty".into()).await.expect("opens");
+    let mut empty = client
+        .read_file("/empty".into(), GuestUser::Root)
+        .await
+        .expect("opens");
     assert!(empty.next().await.is_none());
     guest.await.expect("guest");
 }
@@ -467,11 +476,14 @@ async fn a_dead_channel_fails_pending_and_later_operations() {
         // The VM dies: the socket closes with the stream still open.
         drop(agent);
     });
-    let err = client.list_dir("/".into()).await.expect_err("channel died");
+    let err = client
+        .list_dir("/".into(), GuestUser::Root, None, 50)
+        .await
+        .expect_err("channel died");
     assert!(matches!(err, AgentError::Unavailable(_)), "{err}");
     guest.await.expect("guest");
     let err = client
-        .remove("/x".into(), false)
+        .remove("/x".into(), false, GuestUser::Root)
         .await
         .expect_err("still dead");
     assert!(matches!(err, AgentError::Unavailable(_)), "{err}");
@@ -505,6 +517,139 @@ async fn an_abandoned_operation_is_cancelled() {
         agent.reply(id, &Reply::Removed).await;
         agent
     });
-    client.remove("/x".into(), true).await.expect("removed");
+    client
+        .remove("/x".into(), true, GuestUser::Root)
+        .await
+        .expect("removed");
     guest.await.expect("guest");
+}
+
+#[tokio::test]
+async fn a_request_over_the_frame_limit_is_refused_before_it_is_sent() {
+    let (client, mut agent, _h) = connected().await;
+    let mut spec = exec_spec(&"x".repeat(MAX_FRAME_PAYLOAD), None, 10);
+    spec.timeout = Duration::from_secs(1);
+    let err = client.exec(spec).await.expect_err("too large");
+    assert!(matches!(err, AgentError::RequestTooLarge(n) if n > MAX_FRAME_PAYLOAD));
+    // Nothing reached the agent, and the channel still works.
+    let remove = tokio::spawn({
+        let client = client.clone();
+        async move { client.remove("/x".into(), false, GuestUser::User).await }
+    });
+    let frame = agent.recv().await;
+    let request: Request = frame.decode_json().expect("request");
+    assert_eq!(
+        request,
+        Request::Remove {
+            path: "/x".into(),
+            recursive: false,
+            user: GuestUser::User
+        }
+    );
+    agent.reply(frame.stream_id, &Reply::Removed).await;
+    remove.await.expect("join").expect("removed");
+}
+
+#[tokio::test]
+async fn a_frame_that_does_not_parse_resets_the_agent_and_the_channel_comes_back() {
+    let (client, mut agent, _h) = connected().await;
+    let read = tokio::spawn({
+        let client = client.clone();
+        async move { client.read_file("/f".into(), GuestUser::Root).await }
+    });
+    let opened = agent.recv().await;
+    // A header over the limit, then the rest of a stale session.
+    let mut garbage =
+        Frame::header(opened.stream_id, FrameKind::Data, MAX_FRAME_PAYLOAD + 1).to_vec();
+    garbage.extend_from_slice(&[0xAB; 300]);
+    agent.write.write_all(&garbage).await.expect("garbage");
+    // The worker asks for a reset; the stream open at that moment fails.
+    let reset = agent.recv().await;
+    assert_eq!((reset.stream_id, reset.kind), (0, FrameKind::Reset));
+    assert!(matches!(
+        read.await.expect("join"),
+        Err(AgentError::Unavailable(_))
+    ));
+    // An operation started while the channel is out of step waits for the new hello.
+    let listing = tokio::spawn({
+        let client = client.clone();
+        async move { client.list_dir("/d".into(), GuestUser::User, None, 2).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    agent
+        .write
+        .write_all(&[0xCD; 17])
+        .await
+        .expect("more stale bytes");
+    agent.hello(PROTOCOL_VERSION).await;
+    let frame = agent.recv().await;
+    let Request::ListDir { limit, user, .. } = frame.decode_json().expect("request") else {
+        panic!("expected a listing request");
+    };
+    assert_eq!((limit, user), (2, GuestUser::User));
+    let entry = |name: &str| DirEntry {
+        name: name.into(),
+        path: format!("/d/{name}"),
+        entry_type: EntryType::File,
+        size_bytes: 1,
+        mode: 0o644,
+        modified_unix_s: 1,
+    };
+    let mut lines = Vec::new();
+    for name in ["a", "b"] {
+        lines.extend(serde_json::to_vec(&entry(name)).expect("json"));
+        lines.push(b'\n');
+    }
+    // Lines may be split across frames anywhere.
+    let (one, two) = lines.split_at(10);
+    agent
+        .send(Frame::new(frame.stream_id, FrameKind::Data, one.to_vec()))
+        .await;
+    agent
+        .send(Frame::new(frame.stream_id, FrameKind::Data, two.to_vec()))
+        .await;
+    agent
+        .reply(
+            frame.stream_id,
+            &Reply::Listing {
+                has_more: true,
+                next_after_hex: Some("62".into()),
+            },
+        )
+        .await;
+    let page = listing.await.expect("join").expect("listing");
+    assert_eq!(page.entries, vec![entry("a"), entry("b")]);
+    assert_eq!(page.next_after_hex.as_deref(), Some("62"));
+}
+
+#[tokio::test]
+async fn a_listing_past_its_limit_is_a_protocol_violation() {
+    let (client, mut agent, _h) = connected().await;
+    let listing = tokio::spawn({
+        let client = client.clone();
+        async move { client.list_dir("/d".into(), GuestUser::Root, None, 1).await }
+    });
+    let frame = agent.recv().await;
+    let line = |name: &str| {
+        let mut l = serde_json::to_vec(&DirEntry {
+            name: name.into(),
+            path: format!("/d/{name}"),
+            entry_type: EntryType::File,
+            size_bytes: 0,
+            mode: 0o644,
+            modified_unix_s: 0,
+        })
+        .expect("json");
+        l.push(b'\n');
+        l
+    };
+    let mut two = line("a");
+    two.extend(line("b"));
+    agent
+        .send(Frame::new(frame.stream_id, FrameKind::Data, two))
+        .await;
+    assert!(matches!(
+        listing.await.expect("join"),
+        Err(AgentError::Protocol { .. })
+    ));
 }

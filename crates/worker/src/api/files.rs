@@ -11,6 +11,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
+use scaibunker_proto::agent::{GuestUser, MAX_LIST_LIMIT};
 use serde::Deserialize;
 
 use super::{ApiError, ApiState, Command, execute, query};
@@ -21,6 +22,12 @@ pub(super) struct FileQuery {
     /// Octal, as in `chmod`.
     mode: Option<String>,
     recursive: Option<bool>,
+    /// Who acts in the guest; the guest user unless the controller says root.
+    #[serde(default)]
+    user: GuestUser,
+    /// A listing page's size and where it starts.
+    limit: Option<u32>,
+    cursor: Option<String>,
 }
 
 impl FileQuery {
@@ -81,6 +88,7 @@ async fn upload(
         id,
         path: q.path()?,
         mode: q.mode()?,
+        user: q.user,
         archive,
         declared_len,
         body,
@@ -93,16 +101,14 @@ pub(super) async fn read_file(
     Path(id): Path<String>,
     q: Result<Query<FileQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let path = query(q)?.path()?;
-    execute(
-        &s,
-        Command::ReadFile {
-            id,
-            path,
-            archive: false,
-        },
-    )
-    .await
+    let mut q = query(q)?;
+    let cmd = Command::ReadFile {
+        id,
+        path: q.path()?,
+        user: q.user,
+        archive: false,
+    };
+    execute(&s, cmd).await
 }
 
 pub(super) async fn read_archive(
@@ -110,16 +116,14 @@ pub(super) async fn read_archive(
     Path(id): Path<String>,
     q: Result<Query<FileQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let path = query(q)?.path()?;
-    execute(
-        &s,
-        Command::ReadFile {
-            id,
-            path,
-            archive: true,
-        },
-    )
-    .await
+    let mut q = query(q)?;
+    let cmd = Command::ReadFile {
+        id,
+        path: q.path()?,
+        user: q.user,
+        archive: true,
+    };
+    execute(&s, cmd).await
 }
 
 pub(super) async fn list_dir(
@@ -127,8 +131,15 @@ pub(super) async fn list_dir(
     Path(id): Path<String>,
     q: Result<Query<FileQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let path = query(q)?.path()?;
-    execute(&s, Command::ListDir { id, path }).await
+    let mut q = query(q)?;
+    let cmd = Command::ListDir {
+        id,
+        path: q.path()?,
+        user: q.user,
+        after_hex: q.cursor.take(),
+        limit: q.limit.unwrap_or(MAX_LIST_LIMIT),
+    };
+    execute(&s, cmd).await
 }
 
 pub(super) async fn remove_file(
@@ -141,6 +152,7 @@ pub(super) async fn remove_file(
         id,
         path: q.path()?,
         recursive: q.recursive.unwrap_or(false),
+        user: q.user,
     };
     execute(&s, cmd).await
 }
@@ -211,6 +223,9 @@ mod tests {
             path: None,
             mode: mode.map(str::to_owned),
             recursive: None,
+            user: GuestUser::User,
+            limit: None,
+            cursor: None,
         };
         assert_eq!(q(None).mode().expect("default"), 0o644);
         assert_eq!(q(Some("755")).mode().expect("755"), 0o755);

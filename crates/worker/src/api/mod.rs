@@ -40,9 +40,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use scaibunker_proto::agent::AgentErrorCode;
+use scaibunker_proto::agent::{AgentErrorCode, GuestUser};
 use scaibunker_proto::worker::{
-    CreateVm, ExecRequest, FileWritten, SnapshotVm, WORKER_API_PREFIX, WorkerError,
+    CreateVm, DirListing, ExecRequest, FileWritten, SnapshotVm, WORKER_API_PREFIX, WorkerError,
 };
 use sha2::{Digest, Sha256};
 
@@ -113,6 +113,7 @@ enum Command {
         id: String,
         path: String,
         mode: u32,
+        user: GuestUser,
         archive: bool,
         declared_len: Option<u64>,
         body: Body,
@@ -121,16 +122,22 @@ enum Command {
     ReadFile {
         id: String,
         path: String,
+        user: GuestUser,
         archive: bool,
     },
+    /// One page of a directory.
     ListDir {
         id: String,
         path: String,
+        user: GuestUser,
+        after_hex: Option<String>,
+        limit: u32,
     },
     Remove {
         id: String,
         path: String,
         recursive: bool,
+        user: GuestUser,
     },
     /// The bytes of a cached image (prebuilt or pulled), for a peer worker.
     ReadImage(String),
@@ -242,7 +249,7 @@ impl From<AgentError> for ApiError {
                         (StatusCode::UNPROCESSABLE_ENTITY, "INVALID_ARCHIVE")
                     }
                     AgentErrorCode::PermissionDenied => {
-                        (StatusCode::FORBIDDEN, "PERMISSION_DENIED")
+                        (StatusCode::FORBIDDEN, "FILE_PERMISSION_DENIED")
                     }
                     // Guest-side I/O failures (a full disk) are the caller's to see.
                     AgentErrorCode::Io => (StatusCode::INTERNAL_SERVER_ERROR, "GUEST_IO_ERROR"),
@@ -255,6 +262,9 @@ impl From<AgentError> for ApiError {
                 };
                 Self::new(status, code, message)
             }
+            AgentError::RequestTooLarge(n) => Self::validation(format!(
+                "the request is {n} bytes once encoded, over the agent channel's frame limit; send large scripts as a file or through stdin"
+            )),
             AgentError::Unavailable(_) | AgentError::Timeout(_) | AgentError::WindowExceeded => {
                 Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -392,6 +402,7 @@ async fn execute(s: &ApiState, cmd: Command) -> Result<Response, ApiError> {
             id,
             path,
             mode,
+            user,
             archive,
             declared_len,
             body,
@@ -403,9 +414,9 @@ async fn execute(s: &ApiState, cmd: Command) -> Result<Response, ApiError> {
             let (agent, _) = bunkers.agent(&id)?;
             let body = capped(body, limit);
             let written = if archive {
-                agent.write_archive(path, body).await
+                agent.write_archive(path, user, body).await
             } else {
-                agent.write_file(path, mode, body).await
+                agent.write_file(path, mode, user, body).await
             };
             match written {
                 Ok(size_bytes) => Json(FileWritten { size_bytes }).into_response(),
@@ -420,12 +431,20 @@ async fn execute(s: &ApiState, cmd: Command) -> Result<Response, ApiError> {
                 Err(WriteFileError::Agent(e)) => return Err(e.into()),
             }
         }
-        Command::ReadFile { id, path, archive } => {
+        Command::ReadFile {
+            id,
+            path,
+            user,
+            archive,
+        } => {
             let (agent, _) = bunkers.agent(&id)?;
             let (stream, content_type) = if archive {
-                (agent.read_archive(path).await?, "application/x-tar")
+                (agent.read_archive(path, user).await?, "application/x-tar")
             } else {
-                (agent.read_file(path).await?, "application/octet-stream")
+                (
+                    agent.read_file(path, user).await?,
+                    "application/octet-stream",
+                )
             };
             (
                 [(header::CONTENT_TYPE, content_type)],
@@ -433,17 +452,29 @@ async fn execute(s: &ApiState, cmd: Command) -> Result<Response, ApiError> {
             )
                 .into_response()
         }
-        Command::ListDir { id, path } => {
+        Command::ListDir {
+            id,
+            path,
+            user,
+            after_hex,
+            limit,
+        } => {
             let (agent, _) = bunkers.agent(&id)?;
-            Json(agent.list_dir(path).await?).into_response()
+            let page = agent.list_dir(path, user, after_hex, limit).await?;
+            Json(DirListing {
+                entries: page.entries,
+                next_cursor: page.next_after_hex,
+            })
+            .into_response()
         }
         Command::Remove {
             id,
             path,
             recursive,
+            user,
         } => {
             let (agent, _) = bunkers.agent(&id)?;
-            agent.remove(path, recursive).await?;
+            agent.remove(path, recursive, user).await?;
             StatusCode::NO_CONTENT.into_response()
         }
         Command::ReadImage(sha256) => {

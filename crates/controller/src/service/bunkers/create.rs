@@ -30,6 +30,10 @@ use crate::store::snapshots::SnapshotRow;
 use crate::store::{StoreError, now_ms};
 use crate::workers::WorkerCallError;
 
+/// Most bytes a bunker's `env_vars` may take as JSON: half of what one exec can carry to the
+/// agent ([`scaibunker_proto::agent::MAX_EXEC_FIELDS_BYTES`]), the rest for the command.
+pub const MAX_ENV_VARS_BYTES: usize = 32 * 1024;
+
 fn mode_of(m: Option<api::LifecycleMode>) -> LifecycleMode {
     match m.unwrap_or_default() {
         api::LifecycleMode::Ephemeral => LifecycleMode::Ephemeral,
@@ -183,6 +187,16 @@ fn check_create(p: &Principal, req: &api::CreateBunker) -> Result<(), BunkerErro
         32 * 1024,
         true,
     );
+    // Every exec carries the bunker's variables to the agent in one frame; leave room for
+    // the command itself.
+    let env_json = serde_json::to_vec(req.env_vars.as_ref().unwrap_or(&BTreeMap::new()))
+        .map_or(usize::MAX, |v| v.len());
+    if env_json > MAX_ENV_VARS_BYTES {
+        errors.push(field(
+            "env_vars",
+            format!("at most {MAX_ENV_VARS_BYTES} bytes in all (JSON-encoded)"),
+        ));
+    }
     if errors.is_empty() {
         Ok(())
     } else {

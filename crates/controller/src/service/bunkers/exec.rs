@@ -1,10 +1,13 @@
 //! Running a command in a bunker without streaming: checking the request, sending it to the
 //! worker, spilling long output to object storage and recording the exec.
 
+use std::collections::BTreeMap;
+
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use scaibunker_api::exec::{ExecRequest, ExecResult, ExecUser};
 use scaibunker_core::ids::ExecId;
+use scaibunker_proto::agent;
 use scaibunker_proto::worker as wp;
 
 use super::{
@@ -107,6 +110,7 @@ pub async fn prepare_exec(
     };
 
     let (row, worker_url) = running(s, p, id).await?;
+    check_request_size(&program, &env, req.cwd.as_deref(), &row.env_vars)?;
     let now = now_ms();
     let mut timeout_s = req.timeout_s.unwrap_or(DEFAULT_EXEC_TIMEOUT_S);
     if let Some(left) = remaining_lifetime_s(&row, now) {
@@ -135,6 +139,38 @@ pub async fn prepare_exec(
         request: wreq,
         command_text,
     })
+}
+
+/// Refuses an exec whose program, environment (the bunker's and the request's) and working
+/// directory would not fit one agent frame, naming the field that does not fit, before
+/// anything reaches a worker.
+fn check_request_size(
+    program: &wp::Program,
+    env: &BTreeMap<String, String>,
+    cwd: Option<&str>,
+    bunker_env_json: &str,
+) -> Result<(), BunkerError> {
+    let mut merged: BTreeMap<String, String> =
+        serde_json::from_str(bunker_env_json).unwrap_or_default();
+    merged.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let (program_len, rest_len) = agent::exec_fields_len(program, &merged, cwd);
+    let budget = agent::MAX_EXEC_FIELDS_BYTES;
+    if program_len + rest_len <= budget {
+        return Ok(());
+    }
+    let name = match (program, program_len > budget.saturating_sub(rest_len)) {
+        (wp::Program::Shell(_), true) => "command",
+        (wp::Program::Argv(_), true) => "argv",
+        (_, false) => "env",
+    };
+    Err(BunkerError::Validation(vec![field(
+        name,
+        format!(
+            "the command, its environment (with the bunker's) and cwd take {} bytes encoded, \
+             over the {budget} an exec can carry; send a long script as a file or through stdin",
+            program_len + rest_len
+        ),
+    )]))
 }
 
 /// Records a finished exec: its exec-log row, its audit event and the bunker's activity.

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
+use scaibunker_api::exec::ExecUser;
 use scaibunker_api::files::{FileEntry, FileType, FileWritten};
 use scaibunker_proto::worker as wp;
 
@@ -32,10 +33,21 @@ pub fn validate_path(path: &str) -> Result<(), BunkerError> {
     Ok(())
 }
 
+/// Who a file operation acts as in the guest: the guest user, or root for a caller that
+/// holds `scaibunker:root` and asks for it (the same rule as exec).
+fn guest_user(p: &Principal, user: Option<ExecUser>) -> Result<wp::GuestUser, BunkerError> {
+    match user.unwrap_or_default() {
+        ExecUser::User => Ok(wp::GuestUser::User),
+        ExecUser::Root if p.has(auth::ROOT) => Ok(wp::GuestUser::Root),
+        ExecUser::Root => Err(BunkerError::PermissionDenied(auth::ROOT)),
+    }
+}
+
 /// Where an upload goes and what the client declared about it.
 pub struct Upload<'a> {
     pub path: &'a str,
     pub mode: u32,
+    pub user: Option<ExecUser>,
     pub content_length: Option<u64>,
     /// The body is a tar stream unpacked into the directory `path`.
     pub archive: bool,
@@ -56,12 +68,14 @@ where
     let Upload {
         path,
         mode,
+        user,
         content_length,
         archive,
     } = upload;
     if !p.has(auth::FILES) {
         return Err(BunkerError::PermissionDenied(auth::FILES));
     }
+    let user = guest_user(p, user)?;
     validate_path(path)?;
     let limit = s.config.max_file_bytes;
     if content_length.is_some_and(|n| n > limit) {
@@ -84,7 +98,7 @@ where
     });
     let result = s
         .workers
-        .write_file(&worker_url, &row.id, path, mode, archive, capped)
+        .write_file(&worker_url, &row.id, path, mode, user, archive, capped)
         .await;
     if over.load(Ordering::SeqCst) {
         return Err(BunkerError::FileTooLarge { limit });
@@ -100,7 +114,7 @@ where
         } else {
             "bunker.file.write"
         },
-        serde_json::json!({"path": path, "size_bytes": written.size_bytes}),
+        serde_json::json!({"path": path, "size_bytes": written.size_bytes, "user": user}),
     )
     .await?;
     Ok(FileWritten {
@@ -109,18 +123,22 @@ where
     })
 }
 
-/// The running bunker a file operation targets: checks the permission and the path first.
+/// The running bunker a file operation targets and who acts in it: checks the permissions
+/// and the path first.
 async fn file_target(
     s: &Services,
     p: &Principal,
     id: &str,
     path: &str,
-) -> Result<(BunkerRow, String), BunkerError> {
+    user: Option<ExecUser>,
+) -> Result<(BunkerRow, String, wp::GuestUser), BunkerError> {
     if !p.has(auth::FILES) {
         return Err(BunkerError::PermissionDenied(auth::FILES));
     }
+    let user = guest_user(p, user)?;
     validate_path(path)?;
-    running(s, p, id).await
+    let (row, worker_url) = running(s, p, id).await?;
+    Ok((row, worker_url, user))
 }
 
 /// Starts a download: the worker's response, whose body streams the file.
@@ -130,12 +148,13 @@ pub async fn read_file(
     ctx: &RequestContext,
     id: &str,
     path: &str,
+    user: Option<ExecUser>,
     archive: bool,
 ) -> Result<reqwest::Response, BunkerError> {
-    let (row, worker_url) = file_target(s, p, id, path).await?;
+    let (row, worker_url, user) = file_target(s, p, id, path, user).await?;
     let resp = s
         .workers
-        .read_file(&worker_url, &row.id, path, archive)
+        .read_file(&worker_url, &row.id, path, user, archive)
         .await?;
     record_activity(
         s,
@@ -147,31 +166,44 @@ pub async fn read_file(
         } else {
             "bunker.file.read"
         },
-        serde_json::json!({"path": path}),
+        serde_json::json!({"path": path, "user": user}),
     )
     .await?;
     Ok(resp)
 }
 
+/// Where a listing page starts and how long it is.
+pub struct ListPage<'a> {
+    pub limit: u32,
+    pub cursor: Option<&'a str>,
+}
+
+/// One page of a directory, sorted by name: the entries and where the next page starts.
 pub async fn list_files(
     s: &Services,
     p: &Principal,
     ctx: &RequestContext,
     id: &str,
     path: &str,
-) -> Result<Vec<FileEntry>, BunkerError> {
-    let (row, worker_url) = file_target(s, p, id, path).await?;
-    let entries = s.workers.list_dir(&worker_url, &row.id, path).await?;
+    user: Option<ExecUser>,
+    page: ListPage<'_>,
+) -> Result<(Vec<FileEntry>, Option<String>), BunkerError> {
+    let (row, worker_url, user) = file_target(s, p, id, path, user).await?;
+    let listing = s
+        .workers
+        .list_dir(&worker_url, &row.id, path, user, page.limit, page.cursor)
+        .await?;
     record_activity(
         s,
         p,
         ctx,
         &row,
         "bunker.file.list",
-        serde_json::json!({"path": path}),
+        serde_json::json!({"path": path, "user": user}),
     )
     .await?;
-    Ok(entries
+    let entries = listing
+        .entries
         .into_iter()
         .map(|e| FileEntry {
             name: e.name,
@@ -184,9 +216,10 @@ pub async fn list_files(
             },
             size_bytes: e.size_bytes,
             mode: format!("{:04o}", e.mode),
-            modified_at: rfc3339(e.modified_unix_s * 1000),
+            modified_at: rfc3339(e.modified_unix_s.saturating_mul(1000)),
         })
-        .collect())
+        .collect();
+    Ok((entries, listing.next_cursor))
 }
 
 pub async fn delete_file(
@@ -196,10 +229,11 @@ pub async fn delete_file(
     id: &str,
     path: &str,
     recursive: bool,
+    user: Option<ExecUser>,
 ) -> Result<(), BunkerError> {
-    let (row, worker_url) = file_target(s, p, id, path).await?;
+    let (row, worker_url, user) = file_target(s, p, id, path, user).await?;
     s.workers
-        .remove_file(&worker_url, &row.id, path, recursive)
+        .remove_file(&worker_url, &row.id, path, recursive, user)
         .await?;
     record_activity(
         s,
@@ -207,7 +241,7 @@ pub async fn delete_file(
         ctx,
         &row,
         "bunker.file.delete",
-        serde_json::json!({"path": path, "recursive": recursive}),
+        serde_json::json!({"path": path, "recursive": recursive, "user": user}),
     )
     .await
 }

@@ -24,7 +24,7 @@ pub use convert::{parse_rfc3339, rfc3339, to_api, worker_code_status};
 pub(crate) use create::choose_worker;
 pub use create::create;
 pub use exec::{PreparedExec, exec, prepare_exec, record_exec};
-pub use files::{Upload, delete_file, list_files, read_file, validate_path, write_file};
+pub use files::{ListPage, Upload, delete_file, list_files, read_file, validate_path, write_file};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BunkerError {
