@@ -62,10 +62,7 @@ pub fn exec_fields_len(
     env: &BTreeMap<String, String>,
     cwd: Option<&str>,
 ) -> (usize, usize) {
-    (
-        json_len(program),
-        json_len(env) + cwd.map_or(0, |c| json_len(c)),
-    )
+    (json_len(program), json_len(env) + cwd.map_or(0, json_len))
 }
 
 fn json_len<T: Serialize + ?Sized>(v: &T) -> usize {

@@ -381,12 +381,50 @@ impl Client {
         self.send(rb).await
     }
 
+    /// One page of a directory (at most `limit`, 1–500, entries after `cursor`).
+    pub async fn list_files_page(
+        &self,
+        id: &str,
+        path: &str,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<Page<FileEntry>, SdkError> {
+        let mut q = vec![("path", path.to_owned()), ("limit", limit.to_string())];
+        if let Some(c) = cursor {
+            q.push(("cursor", c.to_owned()));
+        }
+        let resp = self
+            .send(
+                self.http
+                    .get(self.url(&format!("/bunkers/{id}/files/list")))
+                    .query(&q),
+            )
+            .await?;
+        let status = resp.status().as_u16();
+        let list: List<FileEntry> = resp
+            .json()
+            .await
+            .map_err(|source| SdkError::Decode { status, source })?;
+        Ok(Page {
+            items: list.data,
+            next_cursor: list.next_cursor,
+        })
+    }
+
+    /// A whole directory, page after page, sorted by name.
     pub async fn list_files(&self, id: &str, path: &str) -> Result<Vec<FileEntry>, SdkError> {
-        let rb = self
-            .http
-            .get(self.url(&format!("/bunkers/{id}/files/list")))
-            .query(&[("path", path)]);
-        Self::data(self.send(rb).await?).await
+        let mut all = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = self
+                .list_files_page(id, path, 500, cursor.as_deref())
+                .await?;
+            all.extend(page.items);
+            match page.next_cursor {
+                Some(next) => cursor = Some(next),
+                None => return Ok(all),
+            }
+        }
     }
 
     pub async fn delete_file(&self, id: &str, path: &str, recursive: bool) -> Result<(), SdkError> {

@@ -12,8 +12,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use common::{TestWorker, error_of, eventually, image_sha256, require_artefacts, shell, vm_slot};
 use scaibunker_proto::worker::{
-    DirEntry, EntryType, ExecRequest, ExecResult, ExecStreamEvent, FileWritten, GuestUser, Program,
-    VmInfo, VmStatus,
+    DirListing, EntryType, ExecRequest, ExecResult, ExecStreamEvent, FileWritten, GuestUser,
+    Program, VmInfo, VmStatus,
 };
 
 const TINY: [&str; 4] = [
@@ -206,8 +206,10 @@ async fn files_round_trip() {
         .await
         .expect("list");
     assert_eq!(resp.status(), 200);
-    let entries: Vec<DirEntry> = resp.json().await.expect("entries");
-    let blob = entries
+    let listing: DirListing = resp.json().await.expect("entries");
+    assert_eq!(listing.next_cursor, None);
+    let blob = listing
+        .entries
         .iter()
         .find(|e| e.name == "blob.bin")
         .expect("listed");
@@ -278,6 +280,67 @@ async fn files_round_trip() {
     assert_eq!(resp.status(), 204);
 
     w.delete_bunker("b-files").await;
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_directory_and_an_oversized_exec_leave_the_channel_usable() {
+    let images = require_artefacts(&TINY);
+    let _slot = vm_slot().await;
+    let w = TestWorker::start(&images).await;
+    w.create("b-many", "tiny", 256).await;
+    // 5,000 entries with long names: far more than one agent frame of listing.
+    let made = w
+        .exec_sh(
+            "b-many",
+            "mkdir -p /tmp/many && cd /tmp/many && \
+             seq -f '%05g-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa' 1 5000 \
+             | xargs touch && ls | wc -l",
+        )
+        .await;
+    assert_eq!(stdout(&made).trim(), "5000", "{}", stderr(&made));
+    let started = Instant::now();
+    let mut names = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut url = "/bunkers/b-many/files/list?path=/tmp/many&limit=1000".to_owned();
+        if let Some(c) = &cursor {
+            url.push_str(&format!("&cursor={c}"));
+        }
+        let resp = w.get(&url).send().await.expect("list");
+        assert_eq!(resp.status(), 200);
+        let page: DirListing = resp.json().await.expect("a page");
+        assert!(page.entries.len() <= 1000);
+        names.extend(page.entries.into_iter().map(|e| e.name));
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    eprintln!("TIMING list 5,000 entries: {:?}", started.elapsed());
+    assert_eq!(names.len(), 5000);
+    assert!(names.windows(2).all(|p| p[0] < p[1]), "sorted, no repeats");
+
+    // An exec too big for one agent frame is refused as bad input, and nothing breaks.
+    let mut big = shell(&format!("echo {}", "x".repeat(1 << 20)));
+    big.user = GuestUser::User;
+    let resp = w
+        .post("/bunkers/b-many/exec")
+        .json(&big)
+        .send()
+        .await
+        .expect("exec");
+    let (status, err) = error_of(resp).await;
+    assert_eq!((status, err.code.as_str()), (422, "VALIDATION_ERROR"));
+    let after = w.exec_sh("b-many", "echo still-here").await;
+    assert_eq!(stdout(&after), "still-here\n");
+    let resp = w
+        .get("/bunkers/b-many/files?path=/tmp/many/00001-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa")
+        .send()
+        .await
+        .expect("read");
+    assert_eq!(resp.status(), 200);
+    w.delete_bunker("b-many").await;
     w.shutdown().await;
 }
 

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use scaibunker_proto::agent::{
-    Frame, FrameKind, HEADER_LEN, Hello, MAX_FRAME_PAYLOAD, PORT_NAME, Program, Reply, Request,
-    Stdin,
+    Frame, FrameKind, GuestUser, HEADER_LEN, Hello, MAX_FRAME_PAYLOAD, PORT_NAME, Program, Reply,
+    Request, Stdin,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::UnixStream;
@@ -494,6 +494,7 @@ impl RawVm {
             .open(&Request::WriteFile {
                 path: path.to_owned(),
                 mode: 0o644,
+                user: GuestUser::Root,
             })
             .await?;
         for chunk in content.chunks(MAX_FRAME_PAYLOAD) {
@@ -523,6 +524,7 @@ impl RawVm {
         let id = self
             .open(&Request::ReadFile {
                 path: path.to_owned(),
+                user: GuestUser::Root,
             })
             .await?;
         let mut bytes = 0u64;

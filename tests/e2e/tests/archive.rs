@@ -69,20 +69,26 @@ async fn trees_and_files_copy_both_ways_and_escapes_are_refused() {
     let tree = local.path().join("tree");
     make_tree(&tree);
 
-    // Up: the directory's contents land in /data/tree (created with its parents).
+    // Up: the directory's contents land in /home/user/data/tree (created with its parents).
     let tree_arg = tree.display().to_string();
     let (code, out, err) = up
-        .cli(&["cp", &tree_arg, &format!("{id}:/data/tree")], b"")
+        .cli(
+            &["cp", &tree_arg, &format!("{id}:/home/user/data/tree")],
+            b"",
+        )
         .await;
     assert_eq!(code, 0, "{out} {err}");
-    let ran = client.exec(id, &sh("/data/tree/run.sh && readlink /data/tree/shortcut && ls -A /data/tree/empty | wc -l")).await.expect("exec");
+    let ran = client.exec(id, &sh("/home/user/data/tree/run.sh && readlink /home/user/data/tree/shortcut && ls -A /home/user/data/tree/empty | wc -l")).await.expect("exec");
     assert_eq!(ran.stdout.as_deref(), Some("ran\nsrc/deep\n0\n"), "{ran:?}");
 
     // Down again: identical tree, modes and symlink included.
     let back = local.path().join("back");
     let back_arg = back.display().to_string();
     let (code, out, err) = up
-        .cli(&["cp", &format!("{id}:/data/tree"), &back_arg], b"")
+        .cli(
+            &["cp", &format!("{id}:/home/user/data/tree"), &back_arg],
+            b"",
+        )
         .await;
     assert_eq!(code, 0, "{out} {err}");
     assert_eq!(snapshot(&back), snapshot(&tree));
@@ -104,13 +110,16 @@ async fn trees_and_files_copy_both_ways_and_escapes_are_refused() {
     fs::write(tree.join("NEW"), b"new\n").expect("new file");
     fs::remove_file(tree.join("run.sh")).expect("rm");
     let (code, _, err) = up
-        .cli(&["cp", &tree_arg, &format!("{id}:/data/tree")], b"")
+        .cli(
+            &["cp", &tree_arg, &format!("{id}:/home/user/data/tree")],
+            b"",
+        )
         .await;
     assert_eq!(code, 0, "{err}");
     let merged = client
         .exec(
             id,
-            &sh("cat /data/tree/README /data/tree/NEW; test -x /data/tree/run.sh && echo kept"),
+            &sh("cat /home/user/data/tree/README /home/user/data/tree/NEW; test -x /home/user/data/tree/run.sh && echo kept"),
         )
         .await
         .expect("exec");
@@ -147,14 +156,14 @@ async fn trees_and_files_copy_both_ways_and_escapes_are_refused() {
     let through_link = builder.into_inner().expect("tar");
     for (what, tar) in [("`..`", dotdot), ("symlink", through_link)] {
         let refused = client
-            .write_archive(id, "/data/jail", tar)
+            .write_archive(id, "/home/user/data/jail", tar)
             .await
             .err()
             .unwrap_or_else(|| panic!("{what} archive accepted"));
         assert_eq!(refused.code(), Some("INVALID_ARCHIVE"), "{what}: {refused}");
     }
     let left = client
-        .exec(id, &sh("ls /data; test -e /etc/evil && echo EVIL; test -e /data/escaped && echo ESCAPED; true"))
+        .exec(id, &sh("ls /home/user/data; test -e /etc/evil && echo EVIL; test -e /home/user/data/escaped && echo ESCAPED; true"))
         .await
         .expect("exec");
     assert_eq!(
@@ -165,7 +174,7 @@ async fn trees_and_files_copy_both_ways_and_escapes_are_refused() {
 
     // Archive downloads of a file, or of nothing, say so.
     let not_dir = client
-        .read_archive_stream(id, "/data/tree/README")
+        .read_archive_stream(id, "/home/user/data/tree/README")
         .await
         .expect_err("a file");
     assert_eq!(not_dir.code(), Some("NOT_A_DIRECTORY"), "{not_dir}");

@@ -360,10 +360,7 @@ impl WorkerClient {
         &self,
         base: &str,
         bunker_id: &str,
-        path: &str,
-        mode: u32,
-        user: GuestUser,
-        archive: bool,
+        to: UploadTo<'_>,
         body: S,
     ) -> Result<FileWritten, WorkerCallError>
     where
@@ -371,11 +368,11 @@ impl WorkerClient {
     {
         let r = self
             .http
-            .put(Self::url(base, &files_route(bunker_id, archive)))
+            .put(Self::url(base, &files_route(bunker_id, to.archive)))
             .query(&[
-                ("path", path),
-                ("mode", &format!("{mode:o}")),
-                ("user", user_param(user)),
+                ("path", to.path),
+                ("mode", &format!("{:o}", to.mode)),
+                ("user", user_param(to.user)),
             ])
             .body(reqwest::Body::wrap_stream(body));
         Self::json(self.send(base, r).await?).await
@@ -444,6 +441,15 @@ impl WorkerClient {
             .timeout(Duration::from_secs(120));
         self.send(base, r).await.map(|_| ())
     }
+}
+
+/// Where an upload lands in the guest, and as whom.
+pub struct UploadTo<'a> {
+    pub path: &'a str,
+    pub mode: u32,
+    pub user: GuestUser,
+    /// A tar stream unpacked into the directory `path`.
+    pub archive: bool,
 }
 
 /// The worker's `user` query value.

@@ -529,7 +529,11 @@ mod tests {
                 "DIRECTORY_NOT_EMPTY",
             ),
             (AgentErrorCode::InvalidPath, 422, "INVALID_PATH"),
-            (AgentErrorCode::PermissionDenied, 403, "PERMISSION_DENIED"),
+            (
+                AgentErrorCode::PermissionDenied,
+                403,
+                "FILE_PERMISSION_DENIED",
+            ),
             (AgentErrorCode::Io, 500, "GUEST_IO_ERROR"),
             (AgentErrorCode::BadRequest, 500, "INTERNAL"),
         ];

@@ -14,6 +14,7 @@ use super::{BunkerError, record_activity, rfc3339, running};
 use crate::service::auth::{self, Principal};
 use crate::service::{RequestContext, Services};
 use crate::store::bunkers::BunkerRow;
+use crate::workers::UploadTo;
 
 /// Checks a guest path: absolute, no NUL, at most 4096 bytes.
 pub fn validate_path(path: &str) -> Result<(), BunkerError> {
@@ -98,7 +99,17 @@ where
     });
     let result = s
         .workers
-        .write_file(&worker_url, &row.id, path, mode, user, archive, capped)
+        .write_file(
+            &worker_url,
+            &row.id,
+            UploadTo {
+                path,
+                mode,
+                user,
+                archive,
+            },
+            capped,
+        )
         .await;
     if over.load(Ordering::SeqCst) {
         return Err(BunkerError::FileTooLarge { limit });
