@@ -10,7 +10,9 @@
 //!
 //! Invariants: a driver writes only inside `BootSpec::dir` (and the state file a save is
 //! given) and never writes the base disk; dropping a [`Vm`] kills its process, so no VM
-//! outlives the handle that owns it.
+//! outlives the handle that owns it. The guest is hostile: `BootSpec::dir` is private to
+//! the worker ([`create_private_dir`]), and a VM process gets none of the worker's
+//! environment (its token) and none of its privileges once the guest runs.
 //! The agent channel is not the driver's: the supervisor binds `BootSpec::agent_socket`
 //! before boot, and the driver only connects the guest's port to it.
 
@@ -39,6 +41,18 @@ pub struct BootSpec {
     pub memory_mb: u64,
     /// Already validated as a host name (letters, digits, `-` and `.`).
     pub hostname: String,
+}
+
+/// Creates `dir` (and missing parents) readable by the worker alone (mode 0700), so that no
+/// VM process, whatever account it dropped to, can open what lies inside by path.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    // An existing directory keeps its mode otherwise.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// The format of a base disk.
@@ -93,6 +107,8 @@ pub enum VmmError {
     Gone,
     #[error("migration {status}: {detail}")]
     Migration { status: String, detail: String },
+    #[error("every one of the {count} qemu accounts from uid {base} is in use")]
+    NoAccount { base: u32, count: u32 },
     #[error("{step} did not finish within {limit:?}")]
     Timeout {
         step: &'static str,
