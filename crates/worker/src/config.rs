@@ -88,9 +88,9 @@ pub struct WorkerConfig {
     /// need no `/etc/passwd` entry, but must belong to nobody else on the host.
     pub qemu_uid_base: u32,
     pub qemu_uid_count: u32,
-    /// `SCAIBUNKER_QEMU_RUNAS=on`: drop QEMU to those accounts. Off by default for now: a
-    /// save (template build, full snapshot) makes QEMU reopen its disk chain by path, which
-    /// the account cannot (see docs/decisions/0009-qemu-confinement.md).
+    /// `SCAIBUNKER_QEMU_RUNAS` (default `on`): drop QEMU to those accounts when the worker
+    /// is root. `off` keeps QEMU at the worker's uid, an escape hatch only (see
+    /// docs/decisions/0009-qemu-confinement.md).
     pub qemu_runas: bool,
 }
 
@@ -127,7 +127,7 @@ impl WorkerConfig {
             templates: TemplateMode::On,
             qemu_uid_base: DEFAULT_QEMU_UID_BASE,
             qemu_uid_count: DEFAULT_QEMU_UID_COUNT,
-            qemu_runas: false,
+            qemu_runas: true,
         }
     }
 
@@ -301,6 +301,10 @@ mod tests {
         assert_eq!(c.max_file_bytes, 1 << 30);
         assert_eq!(c.templates, TemplateMode::On);
         assert_eq!((c.qemu_uid_base, c.qemu_uid_count), (20000, 1000));
+        assert!(
+            c.qemu_runas,
+            "qemu drops to a uid of its own unless told not to"
+        );
     }
 
     #[test]
@@ -318,6 +322,7 @@ mod tests {
             ("SCAIBUNKER_QEMU_UID_BASE", "0"),
             ("SCAIBUNKER_QEMU_UID_BASE", "4294967295"),
             ("SCAIBUNKER_QEMU_UID_COUNT", "0"),
+            ("SCAIBUNKER_QEMU_RUNAS", "yes"),
         ];
         for (var, value) in bad {
             let r = WorkerConfig::from_lookup(lookup_in(&[
@@ -349,9 +354,11 @@ mod tests {
             ("SCAIBUNKER_TEMPLATES", "off"),
             ("SCAIBUNKER_QEMU_UID_BASE", "300000"),
             ("SCAIBUNKER_QEMU_UID_COUNT", "64"),
+            ("SCAIBUNKER_QEMU_RUNAS", "off"),
         ]))
         .expect("valid");
         assert_eq!((c.qemu_uid_base, c.qemu_uid_count), (300000, 64));
+        assert!(!c.qemu_runas);
         assert_eq!(c.controller_url.as_deref(), Some("http://c:1"));
         assert_eq!(c.advertised_url.as_deref(), Some("http://w:2"));
         assert_eq!(c.listen, SocketAddr::from(([0, 0, 0, 0], 7070)));

@@ -191,7 +191,7 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
     let host = HostResources::probe();
     let mut vmm = QemuVmm::new(config.accel, &HostVirt::probe(), host.cores)?;
     if !config.qemu_runas {
-        tracing::info!("qemu runs as the worker's uid (SCAIBUNKER_QEMU_RUNAS is off)");
+        tracing::warn!("qemu runs as the worker's uid (SCAIBUNKER_QEMU_RUNAS=off)");
     } else if rustix::process::geteuid().is_root() {
         vmm = vmm.with_accounts(vmm::qemu::accounts::Accounts::new(
             config.qemu_uid_base,

@@ -45,7 +45,7 @@ use crate::bunker::supervisor::{AGENT_SOCKET, error_chain};
 use crate::images::{GuestBoot, Image};
 use crate::vmm::qemu::cmdline::{DISK_FILE, PID_FILE, QMP_SOCKET};
 use crate::vmm::qemu::logs::{CONSOLE_LOG, tail_lines};
-use crate::vmm::{BootSpec, DiskFormat, Vm, Vmm, create_private_dir};
+use crate::vmm::{BootSpec, DiskLayer, Vm, Vmm, create_private_dir};
 
 /// The saved memory and device state in a template directory.
 pub const STATE_FILE: &str = "vm.state";
@@ -183,8 +183,10 @@ impl Template {
             dir: dir.to_owned(),
             kernel: self.meta.shape.kernel.path.clone(),
             initramfs: self.meta.shape.initramfs.path.clone(),
-            base_image: self.disk(),
-            base_format: DiskFormat::Qcow2,
+            base: vec![
+                DiskLayer::qcow2(self.disk()),
+                DiskLayer::raw(&self.meta.shape.image.path),
+            ],
             agent_socket: agent_socket.to_owned(),
             cpu_millicores: self.meta.cpu_millicores,
             memory_mb: self.meta.shape.memory_mb,
@@ -513,8 +515,7 @@ async fn build_in(
         dir: dir.to_owned(),
         kernel: shape.kernel.path.clone(),
         initramfs: shape.initramfs.path.clone(),
-        base_image: shape.image.path.clone(),
-        base_format: DiskFormat::Raw,
+        base: vec![DiskLayer::raw(&shape.image.path)],
         agent_socket: socket,
         cpu_millicores,
         memory_mb: shape.memory_mb,

@@ -64,6 +64,7 @@ async fn check_isolation() {
         rustix::process::geteuid().is_root(),
         "this test needs root: QEMU drops from root to an unprivileged uid"
     );
+    // The default, whatever SCAIBUNKER_QEMU_RUNAS the run has: QEMU drops to a uid of its own.
     let w = TestWorker::start_with(&images, |c| c.qemu_runas = true).await;
     w.create("b-iso", "tiny", 256).await;
     let dir = w.bunker_dir("b-iso");
@@ -114,11 +115,10 @@ async fn check_isolation() {
         ));
     }
 
-    // 3. The bunker's files are root's; only its own QEMU's group may enter the directory
-    // and reopen the overlay (a migration does). Another VM's uid (the next bunker's), or
-    // nobody, can open nothing.
+    // 3. The bunker's files are root's, mode 0700 and 0600: QEMU got its disks as
+    // descriptors, so no uid but root, its own included, can open anything here.
     let dir_meta = std::fs::metadata(&dir).expect("stat dir");
-    if dir_meta.uid() != 0 || dir_meta.permissions().mode() & 0o067 != 0 {
+    if dir_meta.uid() != 0 || dir_meta.permissions().mode() & 0o077 != 0 {
         problems.push(format!(
             "the bunker directory is uid {} mode {:o}",
             dir_meta.uid(),
@@ -127,14 +127,14 @@ async fn check_isolation() {
     }
     let overlay = dir.join("disk.qcow2");
     let disk_meta = std::fs::metadata(&overlay).expect("stat overlay");
-    if disk_meta.uid() != 0 || disk_meta.permissions().mode() & 0o007 != 0 {
+    if disk_meta.uid() != 0 || disk_meta.permissions().mode() & 0o077 != 0 {
         problems.push(format!(
             "the overlay is uid {} mode {:o}",
             disk_meta.uid(),
             disk_meta.permissions().mode() & 0o777
         ));
     }
-    for other in [uid + 1, 65534] {
+    for other in [uid, uid + 1, 65534] {
         if uid != 0 && opens_as(other, &overlay) {
             problems.push(format!("uid {other} can open the bunker's overlay"));
         }
@@ -142,8 +142,16 @@ async fn check_isolation() {
             problems.push(format!("uid {other} can open the bunker's files"));
         }
     }
-    if uid != 0 && opens_as(uid, &dir.join("qemu.pid")) {
-        problems.push("the QEMU's own uid can open files beside its overlay".to_owned());
+    // QEMU holds the overlay and the image as descriptors it inherited.
+    let held: Vec<std::path::PathBuf> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("list qemu's fds")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .collect();
+    for wanted in [overlay.clone(), images.join("tiny.ext4")] {
+        let wanted = std::fs::canonicalize(&wanted).expect("canonical path");
+        if !held.contains(&wanted) {
+            problems.push(format!("QEMU does not hold {}", wanted.display()));
+        }
     }
 
     // 4. Nor does the guest see the token.

@@ -42,7 +42,7 @@ use crate::snapshots::{self, Captured, ObjectClient};
 use crate::templates::{Template, Templates, refresh_identity};
 use crate::vmm::qemu::cmdline::DISK_FILE;
 use crate::vmm::qemu::logs::{self, CONSOLE_LOG, QEMU_LOG, tail_lines};
-use crate::vmm::{BootSpec, DiskFormat, Vm, VmExit, Vmm, create_private_dir};
+use crate::vmm::{BootSpec, DiskLayer, Vm, VmExit, Vmm, create_private_dir};
 
 /// File name of the agent channel socket in the bunker directory.
 pub const AGENT_SOCKET: &str = "agent.sock";
@@ -413,8 +413,7 @@ impl Bunker {
             dir: self.dir.clone(),
             kernel: plan.guest.kernel.clone(),
             initramfs: plan.guest.initramfs.clone(),
-            base_image: plan.image.path.clone(),
-            base_format: DiskFormat::Raw,
+            base: vec![DiskLayer::raw(&plan.image.path)],
             agent_socket: socket,
             cpu_millicores: self.resources.cpu_millicores,
             memory_mb: self.resources.memory_mb,
@@ -511,8 +510,8 @@ impl Bunker {
             dir: self.dir.clone(),
             kernel: plan.guest.kernel.clone(),
             initramfs: plan.guest.initramfs.clone(),
-            base_image: disk,
-            base_format: DiskFormat::Qcow2,
+            // `download` pointed the disk's backing file at this image.
+            base: vec![DiskLayer::qcow2(disk), DiskLayer::raw(&plan.image.path)],
             agent_socket: socket,
             cpu_millicores: self.resources.cpu_millicores,
             memory_mb: self.resources.memory_mb,
@@ -709,9 +708,11 @@ impl Bunker {
         let _ = std::fs::remove_file(&socket);
         let listener = UnixListener::bind(&socket)
             .map_err(|e| format!("bind agent socket {}: {e}", socket.display()))?;
+        // The frozen layer over the chain the old overlay sat on.
         let spec = BootSpec {
-            base_image: layer.clone(),
-            base_format: DiskFormat::Qcow2,
+            base: std::iter::once(DiskLayer::qcow2(&layer))
+                .chain(booted.spec.base.iter().cloned())
+                .collect(),
             ..booted.spec.clone()
         };
         let vm = vmm

@@ -31,10 +31,14 @@ pub struct BootSpec {
     pub dir: PathBuf,
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
-    /// The disk the VM's private copy-on-write overlay sits on: the image's ext4 file, or a
-    /// template's frozen overlay. Read-only to the driver.
-    pub base_image: PathBuf,
-    pub base_format: DiskFormat,
+    /// The disk chain the VM's private copy-on-write overlay sits on, top first: the
+    /// image's ext4 file alone, or a template's frozen overlay over it, or a bunker's frozen
+    /// layers over either. Read-only to the driver, and never empty.
+    ///
+    /// The whole chain, not just its top: the driver opens every layer itself and gives the
+    /// VMM exactly these, so it never follows a backing file name stored in a layer (which
+    /// a compromised VMM could have rewritten) and never opens a disk by path.
+    pub base: Vec<DiskLayer>,
     /// A unix socket the worker already listens on; the guest's agent port connects to it.
     pub agent_socket: PathBuf,
     pub cpu_millicores: u64,
@@ -53,6 +57,31 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         .create(dir)?;
     // An existing directory keeps its mode otherwise.
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// One read-only layer of a base disk chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskLayer {
+    pub path: PathBuf,
+    pub format: DiskFormat,
+}
+
+impl DiskLayer {
+    /// An image's raw ext4 file: always the bottom of a chain.
+    pub fn raw(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            format: DiskFormat::Raw,
+        }
+    }
+
+    /// A frozen qcow2 overlay (a template's disk, a bunker's earlier layer).
+    pub fn qcow2(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            format: DiskFormat::Qcow2,
+        }
+    }
 }
 
 /// The format of a base disk.

@@ -7,14 +7,18 @@
 //! The guest is hostile, so QEMU is confined (see [`SANDBOX`]): a seccomp filter with no
 //! fork or exec, no obsolete system calls and no scheduler or resource changes; and, when
 //! the worker runs as root, `-runas uid:gid` to the bunker's own unprivileged account once
-//! every file is open (QEMU opens everything at start-up: the overlay and its backing
-//! chain, kernel, initramfs, sockets). A restore therefore cannot use `exec:cat STATE`:
-//! QEMU starts with `-incoming defer` and the worker hands it the open state file over QMP.
+//! its start-up files are open (kernel, initramfs, sockets, pid file). QEMU opens no disk by
+//! path: the worker opens every layer of the chain and QEMU inherits the descriptors
+//! (`-add-fd`, one fd set per layer, see [`DiskFd`]), so what QEMU does with its disks later
+//! (a migration inactivating them) needs no path the account could not reach. A restore
+//! cannot use `exec:cat STATE` either: QEMU starts with `-incoming defer` and the worker
+//! hands it the open state file over QMP.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use scaibunker_proto::agent::PORT_NAME;
+use serde_json::{Value, json};
 
 use crate::vmm::{Accel, DiskFormat};
 
@@ -44,6 +48,24 @@ pub struct RunAs {
     pub gid: u32,
 }
 
+/// One layer of the VM's disk chain as a descriptor QEMU inherits.
+///
+/// Layer `i` is fd set `i` (`-add-fd fd=FD,set=i`) and block node `d{i}`, whose file is
+/// `/dev/fdset/i`. Layer 0 is the VM's overlay, opened read-write; the others are the base
+/// chain, top first, opened read-only, so the descriptor QEMU holds cannot write them
+/// either. Every qcow2 node names its backing node (`null` at the bottom), so QEMU never
+/// follows the backing file name stored in an image.
+///
+/// QEMU 7.2 matches a `/dev/fdset/N` open to a descriptor of the same access mode. Measured:
+/// with `-blockdev` (`auto-read-only` off) a save's `bdrv_inactivate_all` and a restore's
+/// activation reopen nothing, so one descriptor per layer suffices; with `-drive` (which
+/// turns `auto-read-only` on) the same save under `-runas` fails reopening by path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskFd {
+    pub fd: i32,
+    pub format: DiskFormat,
+}
+
 /// Whether QEMU boots the guest or waits for a saved state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {
@@ -65,6 +87,8 @@ pub struct QemuCommand {
     pub dir: PathBuf,
     pub agent_socket: PathBuf,
     pub hostname: String,
+    /// The overlay, then its base chain top first; never empty.
+    pub disks: Vec<DiskFd>,
     pub start: Start,
     /// Drop to this account once the files are open; `None` keeps the worker's uid.
     pub runas: Option<RunAs>,
@@ -102,10 +126,6 @@ impl QemuCommand {
         let kernel = path_str(&self.kernel);
         let initrd = path_str(&self.initramfs);
         let append = self.kernel_cmdline();
-        let drive = format!(
-            "id=d0,file={},format=qcow2,if=none",
-            escape_commas(&path_str(&self.dir.join(DISK_FILE)))
-        );
         let chardev = format!(
             "socket,id=agent,path={}",
             escape_commas(&path_str(&self.agent_socket))
@@ -117,7 +137,14 @@ impl QemuCommand {
         push(&["-qmp", &format!("{qmp},server=on,wait=off")]);
         push(&["-pidfile", &pidfile]);
         push(&["-kernel", &kernel, "-initrd", &initrd, "-append", &append]);
-        push(&["-drive", &drive, "-device", "virtio-blk-device,drive=d0"]);
+        for (set, disk) in self.disks.iter().enumerate() {
+            push(&["-add-fd", &format!("fd={},set={set}", disk.fd)]);
+        }
+        // Bottom first: a node's backing must exist when it is created.
+        for node in blockdevs(&self.disks).iter().rev() {
+            push(&["-blockdev", &node.to_string()]);
+        }
+        push(&["-device", "virtio-blk-device,drive=d0"]);
         push(&["-chardev", &chardev]);
         push(&["-device", "virtio-serial-device", "-device", &port]);
         match self.runas {
@@ -131,6 +158,37 @@ impl QemuCommand {
         }
         args
     }
+}
+
+/// The `-blockdev` nodes of a disk chain, top first (see [`DiskFd`]).
+fn blockdevs(disks: &[DiskFd]) -> Vec<Value> {
+    disks
+        .iter()
+        .enumerate()
+        .map(|(i, disk)| {
+            let read_only = i > 0;
+            let mut node = json!({
+                "node-name": format!("d{i}"),
+                "read-only": read_only,
+                "file": {
+                    "driver": "file",
+                    "filename": format!("/dev/fdset/{i}"),
+                    "read-only": read_only,
+                },
+            });
+            match disk.format {
+                DiskFormat::Raw => node["driver"] = json!("raw"),
+                DiskFormat::Qcow2 => {
+                    node["driver"] = json!("qcow2");
+                    node["backing"] = match disks.get(i + 1) {
+                        Some(_) => json!(format!("d{}", i + 1)),
+                        None => Value::Null,
+                    };
+                }
+            }
+            node
+        })
+        .collect()
 }
 
 /// The `qemu-img` arguments that make `overlay` a copy-on-write layer over `base`.
@@ -191,6 +249,16 @@ mod tests {
             dir: "/data/bunkers/b1".into(),
             agent_socket: "/data/bunkers/b1/agent.sock".into(),
             hostname: "box".into(),
+            disks: vec![
+                DiskFd {
+                    fd: 7,
+                    format: DiskFormat::Qcow2,
+                },
+                DiskFd {
+                    fd: 8,
+                    format: DiskFormat::Raw,
+                },
+            ],
             start: Start::Boot,
             runas: Some(RunAs {
                 uid: 20003,
@@ -218,7 +286,9 @@ mod tests {
              -pidfile /data/bunkers/b1/qemu.pid \
              -kernel /img/vmlinux -initrd /img/initramfs.cpio.gz \
              -append console=ttyS0 quiet panic=-1 tsc_early_khz=2100000 tsc=reliable scaibunker.hostname=box \
-             -drive id=d0,file=/data/bunkers/b1/disk.qcow2,format=qcow2,if=none \
+             -add-fd fd=7,set=0 -add-fd fd=8,set=1 \
+             -blockdev {\"driver\":\"raw\",\"file\":{\"driver\":\"file\",\"filename\":\"/dev/fdset/1\",\"read-only\":true},\"node-name\":\"d1\",\"read-only\":true} \
+             -blockdev {\"backing\":\"d1\",\"driver\":\"qcow2\",\"file\":{\"driver\":\"file\",\"filename\":\"/dev/fdset/0\",\"read-only\":false},\"node-name\":\"d0\",\"read-only\":false} \
              -device virtio-blk-device,drive=d0 \
              -chardev socket,id=agent,path=/data/bunkers/b1/agent.sock \
              -device virtio-serial-device -device virtserialport,chardev=agent,name=scaibunker.agent \
@@ -247,8 +317,39 @@ mod tests {
         c.dir = "/data/a,b".into();
         c.agent_socket = "/data/a,b/agent.sock".into();
         let line = joined(&c);
-        assert!(line.contains("file=/data/a,,b/disk.qcow2,format=qcow2"));
         assert!(line.contains("path=/data/a,,b/agent.sock"));
+    }
+
+    #[test]
+    fn every_layer_is_an_fd_set_and_names_its_backing_node() {
+        let mut c = command(Accel::Tcg);
+        c.disks = [
+            (3, DiskFormat::Qcow2),
+            (4, DiskFormat::Qcow2),
+            (5, DiskFormat::Raw),
+        ]
+        .map(|(fd, format)| DiskFd { fd, format })
+        .into();
+        let nodes = blockdevs(&c.disks);
+        assert_eq!(nodes[0]["backing"], "d1");
+        assert_eq!(nodes[1]["backing"], "d2");
+        assert!(nodes[2].get("backing").is_none(), "raw has no backing");
+        assert_eq!(nodes[0]["read-only"], false);
+        for (i, node) in nodes.iter().enumerate() {
+            assert_eq!(node["file"]["filename"], format!("/dev/fdset/{i}"));
+            if i > 0 {
+                assert_eq!(node["read-only"], true);
+                assert_eq!(node["file"]["read-only"], true);
+            }
+        }
+        // A qcow2 at the bottom gets no backing rather than the name stored in it.
+        c.disks.truncate(2);
+        assert_eq!(blockdevs(&c.disks)[1]["backing"], Value::Null);
+        let line = joined(&c);
+        assert!(line.contains("-add-fd fd=3,set=0 -add-fd fd=4,set=1 -blockdev"));
+        // No disk path at all: QEMU opens no disk by name.
+        assert!(!line.contains(".qcow2") && !line.contains(".ext4"));
+        assert!(!line.contains("-drive"));
     }
 
     #[test]

@@ -3,15 +3,18 @@
 //! The guest is hostile: a QEMU escape must not be the worker. Each QEMU starts with an
 //! empty environment (none of the worker's variables, its token included), under a seccomp
 //! filter that denies fork and exec ([`cmdline::SANDBOX`]), and, when the worker is root,
-//! drops to an account of its own ([`accounts`]) once its files are open. Nothing in the
-//! bunker directory is the account's: the directory is root's, mode 0700, and QEMU only
-//! holds the descriptors it opened as root. The VM state moves through descriptors the
-//! worker passes over QMP (`getfd`), never through a path or a socket QEMU would open.
+//! drops to an account of its own ([`accounts`]) once its start-up files are open. Nothing
+//! in the bunker directory is the account's: the directory is root's, mode 0700, its files
+//! 0600. QEMU opens no disk by path: the worker opens every layer of the chain and QEMU
+//! inherits the descriptors ([`cmdline::DiskFd`]), so a save, which inactivates the disks,
+//! works under the account. The VM state moves through descriptors the worker passes over
+//! QMP (`getfd`), never through a path or a socket QEMU would open.
 //!
 //! Boot, in the bunker directory:
 //! 1. `qemu-img create` makes `disk.qcow2` (mode 0600), a copy-on-write overlay of the
 //!    base image, so the base image is never written and the bunker's writes die with its
-//!    directory.
+//!    directory. The worker opens it read-write and every layer of `BootSpec::base`
+//!    read-only; the child alone inherits them (`-add-fd`, [`inherit`]).
 //! 2. QEMU starts with the command line of [`cmdline::QemuCommand`]: its agent chardev
 //!    connects as a client to the socket the worker already listens on, QMP listens on
 //!    `qmp.sock`; the serial console (its stdout) and QEMU's own messages (stderr) are pipes
@@ -47,7 +50,7 @@ pub mod cmdline;
 pub mod logs;
 pub mod qmp;
 
-use std::os::fd::AsFd as _;
+use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -59,11 +62,11 @@ use tokio::process::Command;
 use tokio::sync::{oneshot, watch};
 
 use self::accounts::Accounts;
-use self::cmdline::{DISK_FILE, QMP_SOCKET, QemuCommand, Start};
+use self::cmdline::{DISK_FILE, DiskFd, QMP_SOCKET, QemuCommand, Start};
 use self::logs::{CONSOLE_LOG, QEMU_LOG, Ring};
 use self::qmp::Session;
 use crate::config::AccelChoice;
-use crate::vmm::{Accel, BootSpec, HostVirt, Vm, VmExit, Vmm, VmmError};
+use crate::vmm::{Accel, BootSpec, DiskFormat, DiskLayer, HostVirt, Vm, VmExit, Vmm, VmmError};
 
 const QEMU_BINARY: &str = "qemu-system-x86_64";
 const QEMU_IMG_BINARY: &str = "qemu-img";
@@ -132,7 +135,13 @@ impl QemuVmm {
         self.accel
     }
 
-    fn command(&self, spec: &BootSpec, start: Start, runas: Option<cmdline::RunAs>) -> QemuCommand {
+    fn command(
+        &self,
+        spec: &BootSpec,
+        disks: Vec<DiskFd>,
+        start: Start,
+        runas: Option<cmdline::RunAs>,
+    ) -> QemuCommand {
         QemuCommand {
             accel: self.accel,
             tsc_khz: self.tsc_khz,
@@ -143,6 +152,7 @@ impl QemuVmm {
             dir: spec.dir.clone(),
             agent_socket: spec.agent_socket.clone(),
             hostname: spec.hostname.clone(),
+            disks,
             start,
             runas,
         }
@@ -199,13 +209,19 @@ impl QemuVmm {
             })?),
             None => None,
         };
+        let io_err = |step| {
+            let dir = spec.dir.clone();
+            move |source| VmmError::Io { step, dir, source }
+        };
+        let top = spec.base.first().ok_or_else(|| {
+            io_err("find the base disk")(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the boot spec names no base disk",
+            ))
+        })?;
         let overlay = spec.dir.join(DISK_FILE);
         let output = Command::new(QEMU_IMG_BINARY)
-            .args(cmdline::overlay_args(
-                &spec.base_image,
-                spec.base_format,
-                &overlay,
-            ))
+            .args(cmdline::overlay_args(&top.path, top.format, &overlay))
             .env_clear()
             .stdin(Stdio::null())
             .kill_on_drop(true)
@@ -226,17 +242,26 @@ impl QemuVmm {
             });
         }
 
-        let io_err = |step| {
-            let dir = spec.dir.clone();
-            move |source| VmmError::Io { step, dir, source }
-        };
-        share_with_account(&spec.dir, &overlay, lease.as_ref().map(|l| l.run_as().gid))
-            .map_err(io_err("give the overlay to the vm's account"))?;
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&overlay, std::fs::Permissions::from_mode(0o600))
+                .map_err(io_err("make the overlay private"))?;
+        }
+        let disks = open_disks(&overlay, &spec.base).map_err(io_err("open the disk chain"))?;
+        let disk_fds: Vec<DiskFd> = disks
+            .iter()
+            .map(|(file, format)| DiskFd {
+                fd: file.as_raw_fd(),
+                format: *format,
+            })
+            .collect();
         let (console_out, console_in) = std::io::pipe().map_err(io_err("make the console pipe"))?;
         let (log_out, log_in) = std::io::pipe().map_err(io_err("make the qemu log pipe"))?;
         let runas = lease.as_ref().map(accounts::Lease::run_as);
-        let mut child = Command::new(QEMU_BINARY)
-            .args(self.command(spec, start, runas).args())
+        let mut command = Command::new(QEMU_BINARY);
+        inherit(&mut command, disk_fds.iter().map(|d| d.fd).collect());
+        let mut child = command
+            .args(self.command(spec, disk_fds, start, runas).args())
             // QEMU needs no variable, and must not see the worker's (its token above all).
             .env_clear()
             .current_dir(&spec.dir)
@@ -250,6 +275,8 @@ impl QemuVmm {
                 source,
             })?;
         let pid = child.id();
+        // QEMU has its copies (or failed to start): the worker's go.
+        drop(disks);
         // The write ends went to QEMU alone (the Command held the only other copies), so
         // each copy ends when QEMU does.
         let logs = [
@@ -485,22 +512,47 @@ impl QemuVm {
     }
 }
 
-/// Makes the overlay reachable by the VM's account alone: QEMU reopens it by path when a
-/// migration inactivates its disk (`bdrv_inactivate_all` turns the read-write descriptor
-/// into a read-only one, and back). Not enough for a save yet: the backing chain is
-/// reopened too (see docs/decisions/0009-qemu-confinement.md), hence `-runas` is opt-in. The directory becomes `root:<gid>` mode 0710 (enter,
-/// not list) and the overlay `root:<gid>` mode 0660; every other file stays root's 0600, so
-/// another VM's account can open nothing here. Without an account both are the worker's.
-fn share_with_account(dir: &Path, overlay: &Path, gid: Option<u32>) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let Some(gid) = gid else {
-        return std::fs::set_permissions(overlay, std::fs::Permissions::from_mode(0o600));
-    };
-    let group = Some(rustix::process::Gid::from_raw(gid));
-    rustix::fs::chown(overlay, None, group)?;
-    std::fs::set_permissions(overlay, std::fs::Permissions::from_mode(0o660))?;
-    rustix::fs::chown(dir, None, group)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o710))
+/// Opens the VM's disk chain for QEMU to inherit: the overlay read-write, every base layer
+/// read-only (the worker's descriptors are close-on-exec; [`inherit`] hands them over).
+fn open_disks(
+    overlay: &Path,
+    base: &[DiskLayer],
+) -> std::io::Result<Vec<(std::fs::File, DiskFormat)>> {
+    let top = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(overlay)?;
+    let mut disks = vec![(top, DiskFormat::Qcow2)];
+    for layer in base {
+        let file = std::fs::File::open(&layer.path).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("open {}: {e}", layer.path.display()))
+        })?;
+        disks.push((file, layer.format));
+    }
+    Ok(disks)
+}
+
+/// Lets the QEMU child inherit `fds` (for `-add-fd`) under the numbers they have here.
+///
+/// The worker's descriptors are all close-on-exec, so no other child (another VM's QEMU, a
+/// `qemu-img` started meanwhile by another task) inherits them; only this child clears the
+/// flag, between its fork and its exec.
+#[allow(unsafe_code)]
+fn inherit(command: &mut Command, fds: Vec<i32>) {
+    // SAFETY: the closure runs in the forked child before exec and makes only fcntl calls
+    // (async-signal-safe); it allocates nothing and takes no lock (the Vec was built before
+    // the fork and is only read). The descriptors are open: the caller keeps their files
+    // until spawn has returned. None is 0-2 (those are open in the worker), so std's stdio
+    // setup, which runs before pre_exec hooks, cannot have replaced them.
+    unsafe {
+        command.pre_exec(move || {
+            for &fd in &fds {
+                let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+                rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Copies a QEMU output pipe into `ring` on a thread of its own; the receiver resolves when
