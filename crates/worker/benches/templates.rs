@@ -26,7 +26,7 @@ use scaibunker_worker::config::{AccelChoice, TemplateMode};
 use scaibunker_worker::images::ImageCache;
 use scaibunker_worker::templates::{META_FILE, Template, TemplateMeta, TemplateStatus};
 use scaibunker_worker::vmm::qemu::QemuVmm;
-use scaibunker_worker::vmm::{BootSpec, DiskFormat, HostVirt, Vmm};
+use scaibunker_worker::vmm::{BootSpec, DiskLayer, HostVirt, Vmm};
 use scaibunker_worker::{WorkerConfig, WorkerHandle, start};
 
 const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/benchmarks.md");
@@ -148,8 +148,7 @@ async fn run() -> Result<()> {
                         dir: dir.clone(),
                         kernel: guest.kernel.clone(),
                         initramfs: guest.initramfs.clone(),
-                        base_image: image.path.clone(),
-                        base_format: DiskFormat::Raw,
+                        base: vec![DiskLayer::raw(&image.path)],
                         agent_socket: socket.to_owned(),
                         cpu_millicores: 1000,
                         memory_mb: MEMORY_MB,

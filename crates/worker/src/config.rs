@@ -52,6 +52,11 @@ impl std::str::FromStr for AccelChoice {
     }
 }
 
+/// First uid QEMU processes drop to, by default.
+pub const DEFAULT_QEMU_UID_BASE: u32 = 20000;
+/// How many VMs may run at once under distinct uids, by default.
+pub const DEFAULT_QEMU_UID_COUNT: u32 = 1000;
+
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     /// Base URL of the controller; `None` runs the worker standalone.
@@ -78,6 +83,15 @@ pub struct WorkerConfig {
     pub max_file_bytes: u64,
     /// Template snapshots for fast creates (`<data_dir>/templates/`).
     pub templates: TemplateMode,
+    /// The unprivileged accounts QEMU drops to when the worker runs as root: uids (and
+    /// gids) `qemu_uid_base .. qemu_uid_base + qemu_uid_count`, one per running VM. They
+    /// need no `/etc/passwd` entry, but must belong to nobody else on the host.
+    pub qemu_uid_base: u32,
+    pub qemu_uid_count: u32,
+    /// `SCAIBUNKER_QEMU_RUNAS` (default `on`): drop QEMU to those accounts when the worker
+    /// is root. `off` keeps QEMU at the worker's uid, an escape hatch only (see
+    /// docs/decisions/0009-qemu-confinement.md).
+    pub qemu_runas: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +125,9 @@ impl WorkerConfig {
             accel: AccelChoice::Auto,
             max_file_bytes: 1 << 30,
             templates: TemplateMode::On,
+            qemu_uid_base: DEFAULT_QEMU_UID_BASE,
+            qemu_uid_count: DEFAULT_QEMU_UID_COUNT,
+            qemu_runas: true,
         }
     }
 
@@ -168,6 +185,48 @@ impl WorkerConfig {
         }
         if let Some(mode) = lookup("SCAIBUNKER_TEMPLATES") {
             config.templates = mode.parse()?;
+        }
+        let uid = |var: &'static str| -> Result<Option<u32>, ConfigError> {
+            parse_u64(&lookup, var)?
+                .map(|n| {
+                    u32::try_from(n).map_err(|_| ConfigError::Invalid {
+                        var,
+                        value: n.to_string(),
+                        expected: "a uid below 2^32",
+                    })
+                })
+                .transpose()
+        };
+        if let Some(v) = lookup("SCAIBUNKER_QEMU_RUNAS") {
+            config.qemu_runas = match v.as_str() {
+                "on" => true,
+                "off" => false,
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        var: "SCAIBUNKER_QEMU_RUNAS",
+                        value: v,
+                        expected: "on or off",
+                    });
+                }
+            };
+        }
+        if let Some(base) = uid("SCAIBUNKER_QEMU_UID_BASE")? {
+            config.qemu_uid_base = base;
+        }
+        if let Some(count) = uid("SCAIBUNKER_QEMU_UID_COUNT")? {
+            config.qemu_uid_count = count;
+        }
+        // Never root, never the kernel's "no uid" (u32::MAX), at least one account.
+        let end = u64::from(config.qemu_uid_base) + u64::from(config.qemu_uid_count);
+        if config.qemu_uid_base == 0 || config.qemu_uid_count == 0 || end > u64::from(u32::MAX) {
+            return Err(ConfigError::Invalid {
+                var: "SCAIBUNKER_QEMU_UID_BASE",
+                value: format!(
+                    "{} (with SCAIBUNKER_QEMU_UID_COUNT={})",
+                    config.qemu_uid_base, config.qemu_uid_count
+                ),
+                expected: "a range of at least one uid above 0 and below 2^32 - 1",
+            });
         }
         Ok(config)
     }
@@ -241,6 +300,11 @@ mod tests {
         assert_eq!(c.accel, AccelChoice::Auto);
         assert_eq!(c.max_file_bytes, 1 << 30);
         assert_eq!(c.templates, TemplateMode::On);
+        assert_eq!((c.qemu_uid_base, c.qemu_uid_count), (20000, 1000));
+        assert!(
+            c.qemu_runas,
+            "qemu drops to a uid of its own unless told not to"
+        );
     }
 
     #[test]
@@ -254,6 +318,11 @@ mod tests {
             ("SCAIBUNKER_WORKER_LISTEN", "nowhere"),
             ("SCAIBUNKER_BOOT_TIMEOUT_S", "-1"),
             ("SCAIBUNKER_TEMPLATES", "maybe"),
+            // QEMU must never run as root, and the range must fit in a uid.
+            ("SCAIBUNKER_QEMU_UID_BASE", "0"),
+            ("SCAIBUNKER_QEMU_UID_BASE", "4294967295"),
+            ("SCAIBUNKER_QEMU_UID_COUNT", "0"),
+            ("SCAIBUNKER_QEMU_RUNAS", "yes"),
         ];
         for (var, value) in bad {
             let r = WorkerConfig::from_lookup(lookup_in(&[
@@ -283,8 +352,13 @@ mod tests {
             ("SCAIBUNKER_VMM_ACCEL", "tcg"),
             ("SCAIBUNKER_MAX_FILE_BYTES", "1024"),
             ("SCAIBUNKER_TEMPLATES", "off"),
+            ("SCAIBUNKER_QEMU_UID_BASE", "300000"),
+            ("SCAIBUNKER_QEMU_UID_COUNT", "64"),
+            ("SCAIBUNKER_QEMU_RUNAS", "off"),
         ]))
         .expect("valid");
+        assert_eq!((c.qemu_uid_base, c.qemu_uid_count), (300000, 64));
+        assert!(!c.qemu_runas);
         assert_eq!(c.controller_url.as_deref(), Some("http://c:1"));
         assert_eq!(c.advertised_url.as_deref(), Some("http://w:2"));
         assert_eq!(c.listen, SocketAddr::from(([0, 0, 0, 0], 7070)));

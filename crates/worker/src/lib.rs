@@ -5,7 +5,8 @@
 //!    QEMU processes, remove their directories);
 //! 2. scan the images directory, and `<data>/images/` for pulled images ([`pulls`]);
 //! 3. open `<data>/templates/` (keep complete, current templates; remove the rest);
-//! 4. pick the VMM accelerator (KVM only with real hardware virtualisation, else TCG);
+//! 4. pick the VMM accelerator (KVM only with real hardware virtualisation, else TCG), and,
+//!    when the worker is root, the range of uids QEMU processes drop to;
 //! 5. bind the HTTP listener and serve the API ([`api`]);
 //! 6. with a controller URL, register and heartbeat ([`controller_client`]).
 //!
@@ -145,7 +146,7 @@ impl WorkerHandle {
 pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
     let bunkers_dir = std::path::absolute(config.data_dir.join("bunkers"))
         .unwrap_or_else(|_| config.data_dir.join("bunkers"));
-    std::fs::create_dir_all(&bunkers_dir).map_err(|source| StartError::DataDir {
+    vmm::create_private_dir(&bunkers_dir).map_err(|source| StartError::DataDir {
         path: bunkers_dir.clone(),
         source,
     })?;
@@ -188,7 +189,22 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
     tracing::info!(mode = ?config.templates, templates = templates.list().len(), "templates opened");
 
     let host = HostResources::probe();
-    let vmm = QemuVmm::new(config.accel, &HostVirt::probe(), host.cores)?;
+    let mut vmm = QemuVmm::new(config.accel, &HostVirt::probe(), host.cores)?;
+    if !config.qemu_runas {
+        tracing::warn!("qemu runs as the worker's uid (SCAIBUNKER_QEMU_RUNAS=off)");
+    } else if rustix::process::geteuid().is_root() {
+        vmm = vmm.with_accounts(vmm::qemu::accounts::Accounts::new(
+            config.qemu_uid_base,
+            config.qemu_uid_count,
+        ));
+        tracing::info!(
+            base = config.qemu_uid_base,
+            count = config.qemu_uid_count,
+            "qemu drops to a uid of its own per vm"
+        );
+    } else {
+        tracing::warn!("the worker is not root: qemu runs as the worker's own uid");
+    }
     let runtime = vmm::Vmm::runtime(&vmm);
     tracing::info!(%runtime, "vmm ready");
     // Captures left half-done by a previous run are of no use.

@@ -327,6 +327,7 @@ async fn rebase(overlay: &Path, image: &Path, mode: RebaseMode) -> Result<(), Sn
         .args(["-f", "qcow2", "-F", "raw", "-b"])
         .arg(image)
         .arg(overlay)
+        .env_clear()
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output()

@@ -41,10 +41,11 @@ use tokio::task::JoinHandle;
 
 use crate::agent_client::{AgentClient, ExecSpec};
 use crate::bunker::leftovers::kill_leftover_vm;
-use crate::bunker::supervisor::{AGENT_SOCKET, error_chain, tail_lines};
+use crate::bunker::supervisor::{AGENT_SOCKET, error_chain};
 use crate::images::{GuestBoot, Image};
-use crate::vmm::qemu::cmdline::{CONSOLE_LOG, DISK_FILE, PID_FILE, QMP_SOCKET};
-use crate::vmm::{BootSpec, DiskFormat, Vm, Vmm};
+use crate::vmm::qemu::cmdline::{DISK_FILE, PID_FILE, QMP_SOCKET};
+use crate::vmm::qemu::logs::{CONSOLE_LOG, tail_lines};
+use crate::vmm::{BootSpec, DiskLayer, Vm, Vmm, create_private_dir};
 
 /// The saved memory and device state in a template directory.
 pub const STATE_FILE: &str = "vm.state";
@@ -182,8 +183,10 @@ impl Template {
             dir: dir.to_owned(),
             kernel: self.meta.shape.kernel.path.clone(),
             initramfs: self.meta.shape.initramfs.path.clone(),
-            base_image: self.disk(),
-            base_format: DiskFormat::Qcow2,
+            base: vec![
+                DiskLayer::qcow2(self.disk()),
+                DiskLayer::raw(&self.meta.shape.image.path),
+            ],
             agent_socket: agent_socket.to_owned(),
             cpu_millicores: self.meta.cpu_millicores,
             memory_mb: self.meta.shape.memory_mb,
@@ -262,7 +265,7 @@ impl Templates {
         mode: TemplateMode,
         boot_timeout: Duration,
     ) -> Result<Self, OpenTemplatesError> {
-        std::fs::create_dir_all(&dir).map_err(|source| OpenTemplatesError {
+        create_private_dir(&dir).map_err(|source| OpenTemplatesError {
             dir: dir.clone(),
             source,
         })?;
@@ -474,7 +477,7 @@ impl Templates {
         let meta = match result {
             Ok(meta) => meta,
             Err(why) => {
-                let console = tail_lines(&building.join(CONSOLE_LOG), 10);
+                let console = tail_lines(&building, CONSOLE_LOG, 10);
                 remove_dir(&building);
                 return Err(format!("{why}; console tail:\n{console}"));
             }
@@ -504,7 +507,7 @@ async fn build_in(
     slot: &mut Option<Box<dyn Vm>>,
 ) -> Result<TemplateMeta, String> {
     remove_dir(dir);
-    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    create_private_dir(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     let socket = dir.join(AGENT_SOCKET);
     let listener = UnixListener::bind(&socket)
         .map_err(|e| format!("bind agent socket {}: {e}", socket.display()))?;
@@ -512,8 +515,7 @@ async fn build_in(
         dir: dir.to_owned(),
         kernel: shape.kernel.path.clone(),
         initramfs: shape.initramfs.path.clone(),
-        base_image: shape.image.path.clone(),
-        base_format: DiskFormat::Raw,
+        base: vec![DiskLayer::raw(&shape.image.path)],
         agent_socket: socket,
         cpu_millicores,
         memory_mb: shape.memory_mb,
@@ -555,9 +557,8 @@ async fn build_in(
     // Step 3: the agent must be between sessions when the state is saved.
     drop(agent);
     drop(listener);
-    let console = dir.join(CONSOLE_LOG);
     let reopening = async {
-        while !tail_lines(&console, 20).contains(AGENT_REOPENING) {
+        while !tail_lines(dir, CONSOLE_LOG, 20).contains(AGENT_REOPENING) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };

@@ -241,6 +241,15 @@ async fn full_snapshot_restores_running_processes_in_a_new_bunker() {
         after >= before,
         "the source's counter went on: {before} → {after}"
     );
+    // A second full snapshot stacks a second frozen layer: QEMU gets the three-layer chain
+    // as descriptors and saves and restores over it.
+    let second = snapshot(&w, "snap-src", "snp_full2", SnapshotKind::Full).await;
+    assert_eq!(second.kind, SnapshotKind::Full);
+    let again = counter(&w, "snap-src").await;
+    assert!(
+        again >= after,
+        "the counter survives a second snapshot: {after} → {again}"
+    );
     w.delete_bunker("snap-src").await;
 
     restore(&w, "snap-dst", &full, "restored-box").await;

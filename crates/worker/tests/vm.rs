@@ -516,6 +516,66 @@ async fn a_boot_failure_is_reported_with_the_console_and_leaves_nothing() {
     w.shutdown().await;
 }
 
+/// What the worker keeps of a bunker's serial console on disk, at most.
+const CONSOLE_CAP_BYTES: u64 = 2 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chatty_guest_leaves_at_most_the_console_cap_on_disk() {
+    let images = require_artefacts(&TINY);
+    let _slot = vm_slot().await;
+    let w = TestWorker::start(&images).await;
+    w.create("b-chatty", "tiny", 256).await;
+    let dir = w.bunker_dir("b-chatty");
+
+    // Half again the cap, in 64-byte lines, then a marker that must survive as the tail.
+    let lines = (CONSOLE_CAP_BYTES * 3 / 2) / 64;
+    let started = Instant::now();
+    let mut req = shell(&format!(
+        "yes 0123456789abcdef0123456789abcdef0123456789abcdef0123456789a | head -n {lines} > /dev/ttyS0; echo chatty-end > /dev/ttyS0"
+    ));
+    req.timeout_ms = 300_000;
+    let r = exec(&w, "b-chatty", &req).await;
+    assert_eq!(r.exit_code, Some(0), "stderr: {}", stderr(&r));
+    eprintln!(
+        "TIMING {} KiB through the serial console in {:?}",
+        lines * 64 / 1024,
+        started.elapsed()
+    );
+
+    let on_disk = || -> (u64, Vec<(String, u64)>) {
+        let files: Vec<(String, u64)> = std::fs::read_dir(&dir)
+            .expect("read dir")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("console"))
+            .map(|e| {
+                let len = e.metadata().expect("stat").len();
+                (e.file_name().to_string_lossy().into_owned(), len)
+            })
+            .collect();
+        (files.iter().map(|(_, len)| len).sum(), files)
+    };
+    // The worker copies the console as it comes: wait for the marker to land.
+    eventually(Duration::from_secs(30), "the marker on disk", || async {
+        let text = std::fs::read(dir.join("console.log")).unwrap_or_default();
+        String::from_utf8_lossy(&text)
+            .contains("chatty-end")
+            .then_some(())
+    })
+    .await
+    .expect("the console's tail is on disk");
+    let (total, files) = on_disk();
+    assert!(
+        total <= CONSOLE_CAP_BYTES,
+        "{total} bytes of console on disk, more than the cap: {files:?}"
+    );
+    assert!(
+        total >= CONSOLE_CAP_BYTES / 2,
+        "the recent console is kept: {files:?}"
+    );
+    w.delete_bunker("b-chatty").await;
+    w.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_vm_marks_the_bunker_failed_and_is_cleaned_up() {
     let images = require_artefacts(&TINY);

@@ -455,7 +455,7 @@ impl Bunkers {
         validate_id(&req.snapshot_id).map_err(failed)?;
         let staging = self.staging_dir.join(&req.snapshot_id);
         let _ = std::fs::remove_dir_all(&staging);
-        std::fs::create_dir_all(&staging)
+        crate::vmm::create_private_dir(&staging)
             .map_err(|e| failed(format!("create {}: {e}", staging.display())))?;
         let result = async {
             let captured = bunker.capture(self.vmm.as_ref(), req.kind, &staging).await;

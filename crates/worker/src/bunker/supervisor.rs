@@ -26,7 +26,6 @@
 //! reason, until it is deleted.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -41,8 +40,9 @@ use crate::agent_client::{AgentClient, ExecSpec};
 use crate::images::{GuestBoot, Image};
 use crate::snapshots::{self, Captured, ObjectClient};
 use crate::templates::{Template, Templates, refresh_identity};
-use crate::vmm::qemu::cmdline::{CONSOLE_LOG, DISK_FILE, QEMU_LOG};
-use crate::vmm::{BootSpec, DiskFormat, Vm, VmExit, Vmm};
+use crate::vmm::qemu::cmdline::DISK_FILE;
+use crate::vmm::qemu::logs::{self, CONSOLE_LOG, QEMU_LOG, tail_lines};
+use crate::vmm::{BootSpec, DiskLayer, Vm, VmExit, Vmm, create_private_dir};
 
 /// File name of the agent channel socket in the bunker directory.
 pub const AGENT_SOCKET: &str = "agent.sock";
@@ -309,7 +309,7 @@ impl Bunker {
             // Only a failed clean-up leaves a directory behind; it belongs to nobody now.
             remove_dir(&self.dir);
         }
-        std::fs::create_dir_all(&self.dir)
+        create_private_dir(&self.dir)
             .map_err(|e| format!("create bunker directory {}: {e}", self.dir.display()))?;
         let socket = self.dir.join(AGENT_SOCKET);
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
@@ -413,8 +413,7 @@ impl Bunker {
             dir: self.dir.clone(),
             kernel: plan.guest.kernel.clone(),
             initramfs: plan.guest.initramfs.clone(),
-            base_image: plan.image.path.clone(),
-            base_format: DiskFormat::Raw,
+            base: vec![DiskLayer::raw(&plan.image.path)],
             agent_socket: socket,
             cpu_millicores: self.resources.cpu_millicores,
             memory_mb: self.resources.memory_mb,
@@ -511,8 +510,8 @@ impl Bunker {
             dir: self.dir.clone(),
             kernel: plan.guest.kernel.clone(),
             initramfs: plan.guest.initramfs.clone(),
-            base_image: disk,
-            base_format: DiskFormat::Qcow2,
+            // `download` pointed the disk's backing file at this image.
+            base: vec![DiskLayer::qcow2(disk), DiskLayer::raw(&plan.image.path)],
             agent_socket: socket,
             cpu_millicores: self.resources.cpu_millicores,
             memory_mb: self.resources.memory_mb,
@@ -671,14 +670,13 @@ impl Bunker {
         staging: &Path,
     ) -> Result<(), String> {
         // Step 1.
-        let console = self.dir.join(CONSOLE_LOG);
-        let seen = std::fs::metadata(&console).map_or(0, |m| m.len());
+        let seen = logs::position(&self.dir, CONSOLE_LOG);
         let agent = lock(&self.agent).take();
         if let Some(agent) = agent {
             agent.close("a full snapshot is being taken").await;
         }
         let reopening = async {
-            while !console_since(&console, seen).contains(AGENT_REOPENING) {
+            while !logs::since(&self.dir, CONSOLE_LOG, seen).contains(AGENT_REOPENING) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
@@ -710,9 +708,11 @@ impl Bunker {
         let _ = std::fs::remove_file(&socket);
         let listener = UnixListener::bind(&socket)
             .map_err(|e| format!("bind agent socket {}: {e}", socket.display()))?;
+        // The frozen layer over the chain the old overlay sat on.
         let spec = BootSpec {
-            base_image: layer.clone(),
-            base_format: DiskFormat::Qcow2,
+            base: std::iter::once(DiskLayer::qcow2(&layer))
+                .chain(booted.spec.base.iter().cloned())
+                .collect(),
             ..booted.spec.clone()
         };
         let vm = vmm
@@ -812,12 +812,12 @@ fn remove_dir(dir: &Path) {
 /// The console tail, and QEMU's own complaints if any, for a failure reason.
 fn diagnostics(dir: &Path) -> String {
     let mut out = String::new();
-    let qemu = tail_lines(&dir.join(QEMU_LOG), CONSOLE_TAIL_LINES);
+    let qemu = tail_lines(dir, QEMU_LOG, CONSOLE_TAIL_LINES);
     if !qemu.trim().is_empty() {
         out.push_str("; qemu said:\n");
         out.push_str(&qemu);
     }
-    let console = tail_lines(&dir.join(CONSOLE_LOG), CONSOLE_TAIL_LINES);
+    let console = tail_lines(dir, CONSOLE_LOG, CONSOLE_TAIL_LINES);
     if console.trim().is_empty() {
         out.push_str("; the console is empty");
     } else {
@@ -825,57 +825,4 @@ fn diagnostics(dir: &Path) -> String {
         out.push_str(&console);
     }
     out
-}
-
-/// What was appended to a file after its first `offset` bytes (all of it if it shrank).
-fn console_since(path: &Path, offset: u64) -> String {
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return String::new();
-    };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = if len < offset { 0 } else { offset };
-    if file.seek(SeekFrom::Start(start)).is_err() {
-        return String::new();
-    }
-    let mut buf = Vec::new();
-    let _ = file.read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).into_owned()
-}
-
-/// The last `n` lines of a file (reading at most its last 64 KiB); empty if unreadable.
-pub fn tail_lines(path: &Path, n: usize) -> String {
-    const WINDOW: u64 = 64 * 1024;
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return String::new();
-    };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    if file
-        .seek(SeekFrom::Start(len.saturating_sub(WINDOW)))
-        .is_err()
-    {
-        return String::new();
-    }
-    let mut buf = Vec::new();
-    if file.read_to_end(&mut buf).is_err() {
-        return String::new();
-    }
-    let text = String::from_utf8_lossy(&buf);
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tail_keeps_the_last_lines() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("console.log");
-        let text: String = (1..=30).map(|i| format!("line {i}\n")).collect();
-        std::fs::write(&path, text).expect("write");
-        let tail = tail_lines(&path, 3);
-        assert_eq!(tail, "line 28\nline 29\nline 30");
-        assert_eq!(tail_lines(&dir.path().join("missing"), 3), "");
-    }
 }

@@ -10,7 +10,9 @@
 //!
 //! Invariants: a driver writes only inside `BootSpec::dir` (and the state file a save is
 //! given) and never writes the base disk; dropping a [`Vm`] kills its process, so no VM
-//! outlives the handle that owns it.
+//! outlives the handle that owns it. The guest is hostile: `BootSpec::dir` is private to
+//! the worker ([`create_private_dir`]), and a VM process gets none of the worker's
+//! environment (its token) and none of its privileges once the guest runs.
 //! The agent channel is not the driver's: the supervisor binds `BootSpec::agent_socket`
 //! before boot, and the driver only connects the guest's port to it.
 
@@ -29,16 +31,57 @@ pub struct BootSpec {
     pub dir: PathBuf,
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
-    /// The disk the VM's private copy-on-write overlay sits on: the image's ext4 file, or a
-    /// template's frozen overlay. Read-only to the driver.
-    pub base_image: PathBuf,
-    pub base_format: DiskFormat,
+    /// The disk chain the VM's private copy-on-write overlay sits on, top first: the
+    /// image's ext4 file alone, or a template's frozen overlay over it, or a bunker's frozen
+    /// layers over either. Read-only to the driver, and never empty.
+    ///
+    /// The whole chain, not just its top: the driver opens every layer itself and gives the
+    /// VMM exactly these, so it never follows a backing file name stored in a layer (which
+    /// a compromised VMM could have rewritten) and never opens a disk by path.
+    pub base: Vec<DiskLayer>,
     /// A unix socket the worker already listens on; the guest's agent port connects to it.
     pub agent_socket: PathBuf,
     pub cpu_millicores: u64,
     pub memory_mb: u64,
     /// Already validated as a host name (letters, digits, `-` and `.`).
     pub hostname: String,
+}
+
+/// Creates `dir` (and missing parents) readable by the worker alone (mode 0700), so that no
+/// VM process, whatever account it dropped to, can open what lies inside by path.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    // An existing directory keeps its mode otherwise.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// One read-only layer of a base disk chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskLayer {
+    pub path: PathBuf,
+    pub format: DiskFormat,
+}
+
+impl DiskLayer {
+    /// An image's raw ext4 file: always the bottom of a chain.
+    pub fn raw(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            format: DiskFormat::Raw,
+        }
+    }
+
+    /// A frozen qcow2 overlay (a template's disk, a bunker's earlier layer).
+    pub fn qcow2(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            format: DiskFormat::Qcow2,
+        }
+    }
 }
 
 /// The format of a base disk.
@@ -93,6 +136,8 @@ pub enum VmmError {
     Gone,
     #[error("migration {status}: {detail}")]
     Migration { status: String, detail: String },
+    #[error("every one of the {count} qemu accounts from uid {base} is in use")]
+    NoAccount { base: u32, count: u32 },
     #[error("{step} did not finish within {limit:?}")]
     Timeout {
         step: &'static str,

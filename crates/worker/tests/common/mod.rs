@@ -102,6 +102,9 @@ impl TestWorker {
         let mut config =
             WorkerConfig::standalone(TOKEN.into(), data.path().to_owned(), images_dir.to_owned());
         config.templates = scaibunker_worker::config::TemplateMode::Off;
+        // QEMU drops to a uid of its own (the default) unless the run asks for the escape
+        // hatch, e.g. to compare timings: `SCAIBUNKER_QEMU_RUNAS=off cargo test …`.
+        config.qemu_runas = std::env::var("SCAIBUNKER_QEMU_RUNAS").as_deref() != Ok("off");
         tweak(&mut config);
         let handle = start(config).await.expect("worker starts");
         let base = format!("http://{}{WORKER_API_PREFIX}", handle.local_addr());

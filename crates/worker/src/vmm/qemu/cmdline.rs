@@ -3,23 +3,76 @@
 //!
 //! Every path is absolute: the worker finds leftover QEMU processes after a restart by
 //! looking for the bunker directory in `/proc/<pid>/cmdline`.
+//!
+//! The guest is hostile, so QEMU is confined (see [`SANDBOX`]): a seccomp filter with no
+//! fork or exec, no obsolete system calls and no scheduler or resource changes; and, when
+//! the worker runs as root, `-runas uid:gid` to the bunker's own unprivileged account once
+//! its start-up files are open (kernel, initramfs, sockets, pid file). QEMU opens no disk by
+//! path: the worker opens every layer of the chain and QEMU inherits the descriptors
+//! (`-add-fd`, one fd set per layer, see [`DiskFd`]), so what QEMU does with its disks later
+//! (a migration inactivating them) needs no path the account could not reach. A restore
+//! cannot use `exec:cat STATE` either: QEMU starts with `-incoming defer` and the worker
+//! hands it the open state file over QMP.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use scaibunker_proto::agent::PORT_NAME;
+use serde_json::{Value, json};
 
 use crate::vmm::{Accel, DiskFormat};
 
 /// Files QEMU uses inside the bunker directory.
 pub const DISK_FILE: &str = "disk.qcow2";
 pub const QMP_SOCKET: &str = "qmp.sock";
-pub const CONSOLE_LOG: &str = "console.log";
 pub const PID_FILE: &str = "qemu.pid";
-/// QEMU's own stdout and stderr (option errors, warnings).
-pub const QEMU_LOG: &str = "qemu.log";
-/// The socket a save streams the VM state through (the worker listens, QEMU connects).
-pub const MIGRATE_SOCKET: &str = "migrate.sock";
+
+/// The seccomp filter of every QEMU (`-sandbox`). Without `-runas` it also denies the
+/// set*id calls (`elevateprivileges=deny`).
+///
+/// With `-runas` they stay allowed: QEMU 7.2 installs the filter before it drops to the
+/// account, so `elevateprivileges=deny` kills it at its own `setgid` (SIGSYS, measured on
+/// Debian's 7.2). After the drop they are harmless: all of QEMU's uids and gids are the
+/// account's, it holds no capability, `no_new_privs` is set (and exec denied anyway), and
+/// QEMU itself checks that `setuid(0)` fails before the guest starts.
+pub const SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny";
+/// [`SANDBOX`] for a QEMU that keeps the worker's own (unprivileged) uid.
+pub const SANDBOX_NO_RUNAS: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// The unprivileged account a QEMU drops to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// One layer of the VM's disk chain as a descriptor QEMU inherits.
+///
+/// Layer `i` is fd set `i` (`-add-fd fd=FD,set=i`) and block node `d{i}`, whose file is
+/// `/dev/fdset/i`. Layer 0 is the VM's overlay, opened read-write; the others are the base
+/// chain, top first, opened read-only, so the descriptor QEMU holds cannot write them
+/// either. Every qcow2 node names its backing node (`null` at the bottom), so QEMU never
+/// follows the backing file name stored in an image.
+///
+/// QEMU 7.2 matches a `/dev/fdset/N` open to a descriptor of the same access mode. Measured:
+/// with `-blockdev` (`auto-read-only` off) a save's `bdrv_inactivate_all` and a restore's
+/// activation reopen nothing, so one descriptor per layer suffices; with `-drive` (which
+/// turns `auto-read-only` on) the same save under `-runas` fails reopening by path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskFd {
+    pub fd: i32,
+    pub format: DiskFormat,
+}
+
+/// Whether QEMU boots the guest or waits for a saved state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    Boot,
+    /// `-incoming defer`: the VM waits, paused, for `migrate-incoming` and then `cont`.
+    Restore,
+}
 
 /// Everything the command line depends on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,9 +87,11 @@ pub struct QemuCommand {
     pub dir: PathBuf,
     pub agent_socket: PathBuf,
     pub hostname: String,
-    /// Start from this saved state instead of booting (`-incoming`); the VM then waits,
-    /// paused, for `cont`.
-    pub incoming: Option<PathBuf>,
+    /// The overlay, then its base chain top first; never empty.
+    pub disks: Vec<DiskFd>,
+    pub start: Start,
+    /// Drop to this account once the files are open; `None` keeps the worker's uid.
+    pub runas: Option<RunAs>,
 }
 
 impl QemuCommand {
@@ -66,39 +121,74 @@ impl QemuCommand {
         let vcpus = self.vcpus.to_string();
         push(&["-m", &memory, "-smp", &vcpus]);
         push(&["-nographic", "-no-reboot", "-nodefaults"]);
-        let serial = file_arg("file:", &self.dir.join(CONSOLE_LOG));
         let qmp = file_arg("unix:", &self.dir.join(QMP_SOCKET));
         let pidfile = path_str(&self.dir.join(PID_FILE));
         let kernel = path_str(&self.kernel);
         let initrd = path_str(&self.initramfs);
         let append = self.kernel_cmdline();
-        let drive = format!(
-            "id=d0,file={},format=qcow2,if=none",
-            escape_commas(&path_str(&self.dir.join(DISK_FILE)))
-        );
         let chardev = format!(
             "socket,id=agent,path={}",
             escape_commas(&path_str(&self.agent_socket))
         );
         let port = format!("virtserialport,chardev=agent,name={PORT_NAME}");
-        push(&["-serial", &serial]);
+        // The serial console is QEMU's stdout, a pipe the worker keeps a capped copy of
+        // (`logs`); QEMU's own messages go to stderr.
+        push(&["-serial", "stdio"]);
         push(&["-qmp", &format!("{qmp},server=on,wait=off")]);
         push(&["-pidfile", &pidfile]);
         push(&["-kernel", &kernel, "-initrd", &initrd, "-append", &append]);
-        push(&["-drive", &drive, "-device", "virtio-blk-device,drive=d0"]);
+        for (set, disk) in self.disks.iter().enumerate() {
+            push(&["-add-fd", &format!("fd={},set={set}", disk.fd)]);
+        }
+        // Bottom first: a node's backing must exist when it is created.
+        for node in blockdevs(&self.disks).iter().rev() {
+            push(&["-blockdev", &node.to_string()]);
+        }
+        push(&["-device", "virtio-blk-device,drive=d0"]);
         push(&["-chardev", &chardev]);
         push(&["-device", "virtio-serial-device", "-device", &port]);
-        if let Some(state) = &self.incoming {
-            // QEMU runs an `exec:` URI with `/bin/sh -c`. QEMU ends the reader once the
-            // state is loaded, which is harmless for a reader (a save goes through a socket
-            // instead: see `MIGRATE_SOCKET`).
-            push(&[
-                "-incoming",
-                &format!("exec:cat {}", shell_quote(&path_str(state))),
-            ]);
+        match self.runas {
+            Some(RunAs { uid, gid }) => {
+                push(&["-sandbox", SANDBOX, "-runas", &format!("{uid}:{gid}")]);
+            }
+            None => push(&["-sandbox", SANDBOX_NO_RUNAS]),
+        }
+        if self.start == Start::Restore {
+            push(&["-incoming", "defer"]);
         }
         args
     }
+}
+
+/// The `-blockdev` nodes of a disk chain, top first (see [`DiskFd`]).
+fn blockdevs(disks: &[DiskFd]) -> Vec<Value> {
+    disks
+        .iter()
+        .enumerate()
+        .map(|(i, disk)| {
+            let read_only = i > 0;
+            let mut node = json!({
+                "node-name": format!("d{i}"),
+                "read-only": read_only,
+                "file": {
+                    "driver": "file",
+                    "filename": format!("/dev/fdset/{i}"),
+                    "read-only": read_only,
+                },
+            });
+            match disk.format {
+                DiskFormat::Raw => node["driver"] = json!("raw"),
+                DiskFormat::Qcow2 => {
+                    node["driver"] = json!("qcow2");
+                    node["backing"] = match disks.get(i + 1) {
+                        Some(_) => json!(format!("d{}", i + 1)),
+                        None => Value::Null,
+                    };
+                }
+            }
+            node
+        })
+        .collect()
 }
 
 /// The `qemu-img` arguments that make `overlay` a copy-on-write layer over `base`.
@@ -139,11 +229,6 @@ fn file_arg(prefix: &str, path: &Path) -> String {
     format!("{prefix}{}", path_str(path))
 }
 
-/// A single-quoted shell word.
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
 /// QEMU option values separate keys by commas; a literal comma is written twice.
 fn escape_commas(s: &str) -> String {
     s.replace(',', ",,")
@@ -164,7 +249,21 @@ mod tests {
             dir: "/data/bunkers/b1".into(),
             agent_socket: "/data/bunkers/b1/agent.sock".into(),
             hostname: "box".into(),
-            incoming: None,
+            disks: vec![
+                DiskFd {
+                    fd: 7,
+                    format: DiskFormat::Qcow2,
+                },
+                DiskFd {
+                    fd: 8,
+                    format: DiskFormat::Raw,
+                },
+            ],
+            start: Start::Boot,
+            runas: Some(RunAs {
+                uid: 20003,
+                gid: 20003,
+            }),
         }
     }
 
@@ -182,15 +281,19 @@ mod tests {
         assert_eq!(
             joined(&c),
             "-accel tcg -M microvm -cpu max -m 256 -smp 1 -nographic -no-reboot -nodefaults \
-             -serial file:/data/bunkers/b1/console.log \
+             -serial stdio \
              -qmp unix:/data/bunkers/b1/qmp.sock,server=on,wait=off \
              -pidfile /data/bunkers/b1/qemu.pid \
              -kernel /img/vmlinux -initrd /img/initramfs.cpio.gz \
              -append console=ttyS0 quiet panic=-1 tsc_early_khz=2100000 tsc=reliable scaibunker.hostname=box \
-             -drive id=d0,file=/data/bunkers/b1/disk.qcow2,format=qcow2,if=none \
+             -add-fd fd=7,set=0 -add-fd fd=8,set=1 \
+             -blockdev {\"driver\":\"raw\",\"file\":{\"driver\":\"file\",\"filename\":\"/dev/fdset/1\",\"read-only\":true},\"node-name\":\"d1\",\"read-only\":true} \
+             -blockdev {\"backing\":\"d1\",\"driver\":\"qcow2\",\"file\":{\"driver\":\"file\",\"filename\":\"/dev/fdset/0\",\"read-only\":false},\"node-name\":\"d0\",\"read-only\":false} \
              -device virtio-blk-device,drive=d0 \
              -chardev socket,id=agent,path=/data/bunkers/b1/agent.sock \
-             -device virtio-serial-device -device virtserialport,chardev=agent,name=scaibunker.agent"
+             -device virtio-serial-device -device virtserialport,chardev=agent,name=scaibunker.agent \
+             -sandbox on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny \
+             -runas 20003:20003"
         );
         // The agent socket is the worker's listener: QEMU must connect, never serve.
         assert!(!joined(&c).contains("agent.sock,server"));
@@ -214,8 +317,39 @@ mod tests {
         c.dir = "/data/a,b".into();
         c.agent_socket = "/data/a,b/agent.sock".into();
         let line = joined(&c);
-        assert!(line.contains("file=/data/a,,b/disk.qcow2,format=qcow2"));
         assert!(line.contains("path=/data/a,,b/agent.sock"));
+    }
+
+    #[test]
+    fn every_layer_is_an_fd_set_and_names_its_backing_node() {
+        let mut c = command(Accel::Tcg);
+        c.disks = [
+            (3, DiskFormat::Qcow2),
+            (4, DiskFormat::Qcow2),
+            (5, DiskFormat::Raw),
+        ]
+        .map(|(fd, format)| DiskFd { fd, format })
+        .into();
+        let nodes = blockdevs(&c.disks);
+        assert_eq!(nodes[0]["backing"], "d1");
+        assert_eq!(nodes[1]["backing"], "d2");
+        assert!(nodes[2].get("backing").is_none(), "raw has no backing");
+        assert_eq!(nodes[0]["read-only"], false);
+        for (i, node) in nodes.iter().enumerate() {
+            assert_eq!(node["file"]["filename"], format!("/dev/fdset/{i}"));
+            if i > 0 {
+                assert_eq!(node["read-only"], true);
+                assert_eq!(node["file"]["read-only"], true);
+            }
+        }
+        // A qcow2 at the bottom gets no backing rather than the name stored in it.
+        c.disks.truncate(2);
+        assert_eq!(blockdevs(&c.disks)[1]["backing"], Value::Null);
+        let line = joined(&c);
+        assert!(line.contains("-add-fd fd=3,set=0 -add-fd fd=4,set=1 -blockdev"));
+        // No disk path at all: QEMU opens no disk by name.
+        assert!(!line.contains(".qcow2") && !line.contains(".ext4"));
+        assert!(!line.contains("-drive"));
     }
 
     #[test]
@@ -245,16 +379,28 @@ mod tests {
     }
 
     #[test]
-    fn a_restore_is_the_same_command_line_plus_incoming() {
+    fn a_restore_is_the_same_command_line_waiting_for_the_state() {
         let boot = command(Accel::Tcg);
         let mut restore = boot.clone();
-        restore.incoming = Some("/data/templates/k1/it's.state".into());
+        restore.start = Start::Restore;
         let (boot, restore) = (boot.args(), restore.args());
         assert_eq!(restore[..boot.len()], boot[..]);
+        // Nothing to spawn: the state file comes over QMP (`getfd`).
         assert_eq!(
             restore[boot.len()..],
-            ["-incoming", r"exec:cat '/data/templates/k1/it'\''s.state'"].map(OsString::from)
+            ["-incoming", "defer"].map(OsString::from)
         );
+    }
+
+    #[test]
+    fn without_an_account_qemu_also_loses_the_set_id_calls() {
+        let mut c = command(Accel::Tcg);
+        c.runas = None;
+        let line = joined(&c);
+        assert!(line.ends_with(
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+        ));
+        assert!(!line.contains("-runas"));
     }
 
     #[test]

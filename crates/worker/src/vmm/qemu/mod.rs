@@ -1,37 +1,59 @@
 //! The QEMU driver: `qemu-system-x86_64 -M microvm`, one process per bunker.
 //!
+//! The guest is hostile: a QEMU escape must not be the worker. Each QEMU starts with an
+//! empty environment (none of the worker's variables, its token included), under a seccomp
+//! filter that denies fork and exec ([`cmdline::SANDBOX`]), and, when the worker is root,
+//! drops to an account of its own ([`accounts`]) once its start-up files are open. Nothing
+//! in the bunker directory is the account's: the directory is root's, mode 0700, its files
+//! 0600. QEMU opens no disk by path: the worker opens every layer of the chain and QEMU
+//! inherits the descriptors ([`cmdline::DiskFd`]), so a save, which inactivates the disks,
+//! works under the account. The VM state moves through descriptors the worker passes over
+//! QMP (`getfd`), never through a path or a socket QEMU would open.
+//!
 //! Boot, in the bunker directory:
-//! 1. `qemu-img create` makes `disk.qcow2`, a copy-on-write overlay of the base image, so
-//!    the base image is never written and the bunker's writes die with its directory.
+//! 1. `qemu-img create` makes `disk.qcow2` (mode 0600), a copy-on-write overlay of the
+//!    base image, so the base image is never written and the bunker's writes die with its
+//!    directory. The worker opens it read-write and every layer of `BootSpec::base`
+//!    read-only; the child alone inherits them (`-add-fd`, [`inherit`]).
 //! 2. QEMU starts with the command line of [`cmdline::QemuCommand`]: its agent chardev
 //!    connects as a client to the socket the worker already listens on, QMP listens on
-//!    `qmp.sock`, the serial console goes to `console.log`, QEMU's own output to `qemu.log`.
+//!    `qmp.sock`; the serial console (its stdout) and QEMU's own messages (stderr) are pipes
+//!    the worker copies into capped rings, `console.log` and `qemu.log` ([`logs`]).
 //! 3. A task owns the child process: it waits for the exit, or kills the process when asked
-//!    or when the [`QemuVm`] is dropped, and publishes the exit status.
+//!    or when the [`QemuVm`] is dropped, and publishes the exit status once both logs have
+//!    reached their end, so whoever reads the console tail after an exit reads all of it.
+//!    It holds the process's account lease, so the uid is handed out again only once the
+//!    process is gone.
 //!
 //! Pause and resume are the QMP commands `stop` and `cont`; stop is SIGKILL, since the
 //! disk is thrown away and nothing in the guest needs a clean shutdown.
 //!
 //! Save (over QMP, one connection):
-//! 1. The worker listens on `migrate.sock` in the VM directory and copies what arrives to
-//!    `<state>.part`.
-//! 2. `stop` (which drains and flushes the disk), lift the migration bandwidth cap,
-//!    `migrate` to `unix:migrate.sock`, and poll `query-migrate` until `completed`.
+//! 1. The worker makes a connected socket pair and copies what arrives on its end to
+//!    `<state>.part` (mode 0600).
+//! 2. `stop` (which drains and flushes the disk), lift the migration bandwidth cap, `getfd`
+//!    the other end as `migrate`, `migrate` to `fd:migrate`, and poll `query-migrate` until
+//!    `completed`.
 //! 3. Once the copy has seen the end of the stream and synced the file, rename it to
 //!    `<state>`: a state file that exists is whole.
 //!
-//! The recipe's `exec:cat > FILE` is not used for saving: QEMU sends the `exec:` child
-//! SIGTERM, then SIGKILL, if it has not exited 10–20 ms after the stream closes, which on a
-//! loaded host can cut off the end of the file.
+//! The recipe's `exec:cat > FILE` is not used for saving (nor could it be, with exec
+//! denied): QEMU sends the `exec:` child SIGTERM, then SIGKILL, if it has not exited
+//! 10–20 ms after the stream closes, which on a loaded host can cut off the end of the file.
 //!
-//! Restore: boot's steps 1–3 with the same command line plus `-incoming "exec:cat STATE"`;
-//! poll `query-migrate` until `completed`, then `cont`.
+//! Restore: boot's steps 1–3 with the same command line plus `-incoming defer`; the worker
+//! opens the state file, `getfd`s it as `incoming`, runs `migrate-incoming fd:incoming`,
+//! polls `query-migrate` until `completed`, then `cont`.
 
+pub mod accounts;
 pub mod cmdline;
+pub mod logs;
 pub mod qmp;
 
+use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -39,10 +61,12 @@ use serde_json::{Value, json};
 use tokio::process::Command;
 use tokio::sync::{oneshot, watch};
 
-use self::cmdline::{DISK_FILE, MIGRATE_SOCKET, QEMU_LOG, QMP_SOCKET, QemuCommand};
+use self::accounts::Accounts;
+use self::cmdline::{DISK_FILE, DiskFd, QMP_SOCKET, QemuCommand, Start};
+use self::logs::{CONSOLE_LOG, QEMU_LOG, Ring};
 use self::qmp::Session;
 use crate::config::AccelChoice;
-use crate::vmm::{Accel, BootSpec, HostVirt, Vm, VmExit, Vmm, VmmError};
+use crate::vmm::{Accel, BootSpec, DiskFormat, DiskLayer, HostVirt, Vm, VmExit, Vmm, VmmError};
 
 const QEMU_BINARY: &str = "qemu-system-x86_64";
 const QEMU_IMG_BINARY: &str = "qemu-img";
@@ -52,6 +76,11 @@ const SAVE_BANDWIDTH_BYTES_PER_S: u64 = 16 << 30;
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often `query-migrate` is asked.
 const MIGRATION_POLL: Duration = Duration::from_millis(5);
+/// How long an exited QEMU's logs may take to reach the disk before the exit is published.
+const LOGS_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// The `getfd` names of the descriptors a save writes to and a restore reads from.
+const SAVE_FD_NAME: &str = "migrate";
+const RESTORE_FD_NAME: &str = "incoming";
 
 #[derive(Debug, thiserror::Error)]
 pub enum QemuSetupError {
@@ -67,6 +96,9 @@ pub struct QemuVmm {
     accel: Accel,
     tsc_khz: Option<u64>,
     host_cores: u32,
+    /// The accounts QEMU drops to; `None` when the worker is not root (QEMU then keeps the
+    /// worker's uid, and the filter denies the set*id calls too).
+    accounts: Option<Arc<Accounts>>,
 }
 
 impl QemuVmm {
@@ -89,14 +121,27 @@ impl QemuVmm {
             accel,
             tsc_khz,
             host_cores,
+            accounts: None,
         })
+    }
+
+    /// Every QEMU drops to an account of `accounts` once its files are open.
+    pub fn with_accounts(mut self, accounts: Arc<Accounts>) -> Self {
+        self.accounts = Some(accounts);
+        self
     }
 
     pub fn accel(&self) -> Accel {
         self.accel
     }
 
-    fn command(&self, spec: &BootSpec, incoming: Option<&Path>) -> QemuCommand {
+    fn command(
+        &self,
+        spec: &BootSpec,
+        disks: Vec<DiskFd>,
+        start: Start,
+        runas: Option<cmdline::RunAs>,
+    ) -> QemuCommand {
         QemuCommand {
             accel: self.accel,
             tsc_khz: self.tsc_khz,
@@ -107,15 +152,32 @@ impl QemuVmm {
             dir: spec.dir.clone(),
             agent_socket: spec.agent_socket.clone(),
             hostname: spec.hostname.clone(),
-            incoming: incoming.map(Path::to_owned),
+            disks,
+            start,
+            runas,
         }
     }
 
     async fn restore_vm(&self, spec: &BootSpec, state: &Path) -> Result<Box<dyn Vm>, VmmError> {
-        let vm = self.start(spec, Some(state)).await?;
+        // The worker opens the state: the QEMU account could not, and may not spawn `cat`.
+        let state_file = std::fs::File::open(state).map_err(|source| VmmError::Io {
+            step: "open the saved state",
+            dir: state.parent().map(Path::to_owned).unwrap_or_default(),
+            source,
+        })?;
+        let vm = self.start(spec, Start::Restore).await?;
         let step = "restore the saved state";
         let loaded = async {
             let mut qmp = vm.connect_monitor().await?;
+            qmp.send_fd(RESTORE_FD_NAME, state_file.as_fd())
+                .await
+                .map_err(|e| monitor_error("getfd", e))?;
+            qmp.execute(
+                "migrate-incoming",
+                Some(json!({ "uri": format!("fd:{RESTORE_FD_NAME}") })),
+            )
+            .await
+            .map_err(|e| monitor_error("migrate-incoming", e))?;
             vm.wait_migration(&mut qmp, "query-migrate").await?;
             qmp.execute("cont", None)
                 .await
@@ -135,18 +197,32 @@ impl QemuVmm {
     }
 
     async fn boot_vm(&self, spec: &BootSpec) -> Result<Box<dyn Vm>, VmmError> {
-        Ok(Box::new(self.start(spec, None).await?))
+        Ok(Box::new(self.start(spec, Start::Boot).await?))
     }
 
-    /// Creates the overlay and spawns QEMU (booting, or loading `incoming`).
-    async fn start(&self, spec: &BootSpec, incoming: Option<&Path>) -> Result<QemuVm, VmmError> {
+    /// Creates the overlay and spawns QEMU (booting, or waiting for a saved state).
+    async fn start(&self, spec: &BootSpec, start: Start) -> Result<QemuVm, VmmError> {
+        let lease = match &self.accounts {
+            Some(accounts) => Some(accounts.lease().ok_or(VmmError::NoAccount {
+                base: accounts.base(),
+                count: accounts.count(),
+            })?),
+            None => None,
+        };
+        let io_err = |step| {
+            let dir = spec.dir.clone();
+            move |source| VmmError::Io { step, dir, source }
+        };
+        let top = spec.base.first().ok_or_else(|| {
+            io_err("find the base disk")(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the boot spec names no base disk",
+            ))
+        })?;
         let overlay = spec.dir.join(DISK_FILE);
         let output = Command::new(QEMU_IMG_BINARY)
-            .args(cmdline::overlay_args(
-                &spec.base_image,
-                spec.base_format,
-                &overlay,
-            ))
+            .args(cmdline::overlay_args(&top.path, top.format, &overlay))
+            .env_clear()
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output()
@@ -166,19 +242,32 @@ impl QemuVmm {
             });
         }
 
-        let io_err = |step| {
-            let dir = spec.dir.clone();
-            move |source| VmmError::Io { step, dir, source }
-        };
-        let log =
-            std::fs::File::create(spec.dir.join(QEMU_LOG)).map_err(io_err("create qemu.log"))?;
-        let log_err = log.try_clone().map_err(io_err("duplicate qemu.log"))?;
-        let mut child = Command::new(QEMU_BINARY)
-            .args(self.command(spec, incoming).args())
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&overlay, std::fs::Permissions::from_mode(0o600))
+                .map_err(io_err("make the overlay private"))?;
+        }
+        let disks = open_disks(&overlay, &spec.base).map_err(io_err("open the disk chain"))?;
+        let disk_fds: Vec<DiskFd> = disks
+            .iter()
+            .map(|(file, format)| DiskFd {
+                fd: file.as_raw_fd(),
+                format: *format,
+            })
+            .collect();
+        let (console_out, console_in) = std::io::pipe().map_err(io_err("make the console pipe"))?;
+        let (log_out, log_in) = std::io::pipe().map_err(io_err("make the qemu log pipe"))?;
+        let runas = lease.as_ref().map(accounts::Lease::run_as);
+        let mut command = Command::new(QEMU_BINARY);
+        inherit(&mut command, disk_fds.iter().map(|d| d.fd).collect());
+        let mut child = command
+            .args(self.command(spec, disk_fds, start, runas).args())
+            // QEMU needs no variable, and must not see the worker's (its token above all).
+            .env_clear()
             .current_dir(&spec.dir)
             .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log_err))
+            .stdout(Stdio::from(console_in))
+            .stderr(Stdio::from(log_in))
             .kill_on_drop(true)
             .spawn()
             .map_err(|source| VmmError::Spawn {
@@ -186,6 +275,17 @@ impl QemuVmm {
                 source,
             })?;
         let pid = child.id();
+        // QEMU has its copies (or failed to start): the worker's go.
+        drop(disks);
+        // The write ends went to QEMU alone (the Command held the only other copies), so
+        // each copy ends when QEMU does.
+        let logs = [
+            keep_log(
+                Ring::new(&spec.dir, CONSOLE_LOG, logs::FILE_CAP),
+                console_out,
+            ),
+            keep_log(Ring::new(&spec.dir, QEMU_LOG, logs::FILE_CAP), log_out),
+        ];
         let (kill_tx, kill_rx) = oneshot::channel::<()>();
         let (exit_tx, exit_rx) = watch::channel(None);
         tokio::spawn(async move {
@@ -206,6 +306,14 @@ impl QemuVmm {
                     VmExit::Unknown
                 }
             };
+            // The process is reaped: its uid may go to the next VM.
+            drop(lease);
+            let drained =
+                tokio::time::timeout(LOGS_DRAIN_TIMEOUT, futures_util::future::join_all(logs))
+                    .await;
+            if drained.is_err() {
+                tracing::warn!("qemu's logs did not reach their end after its exit");
+            }
             // Nobody listening is fine: the VM was dropped.
             let _ = exit_tx.send(Some(exit));
         });
@@ -328,23 +436,24 @@ impl QemuVm {
             let dir = self.dir.clone();
             move |source| VmmError::Io { step, dir, source }
         };
-        let socket = self.dir.join(MIGRATE_SOCKET);
-        match std::fs::remove_file(&socket) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(io_err("remove an old migrate.sock")(e));
-            }
-            _ => {}
-        }
-        let listener =
-            tokio::net::UnixListener::bind(&socket).map_err(io_err("bind migrate.sock"))?;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+            .map_err(io_err("make the migration socket pair"))?;
+        ours.set_nonblocking(true)
+            .map_err(io_err("make the migration socket non-blocking"))?;
+        let mut stream = tokio::net::UnixStream::from_std(ours)
+            .map_err(io_err("register the migration socket"))?;
         let mut part = state.as_os_str().to_owned();
         part.push(".part");
         let part = PathBuf::from(part);
-        let mut file = tokio::fs::File::create(&part)
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&part)
             .await
             .map_err(io_err("create the state file"))?;
         let receive = tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await?;
             let bytes = tokio::io::copy(&mut stream, &mut file).await?;
             file.sync_all().await?;
             Ok::<u64, std::io::Error>(bytes)
@@ -364,10 +473,17 @@ impl QemuVm {
             )
             .await
             .map_err(|e| monitor_error("migrate-set-parameters", e))?;
-            let uri = format!("unix:{}", socket.to_string_lossy());
-            qmp.execute("migrate", Some(json!({ "uri": uri })))
+            qmp.send_fd(SAVE_FD_NAME, theirs.as_fd())
                 .await
-                .map_err(|e| monitor_error("migrate", e))?;
+                .map_err(|e| monitor_error("getfd", e))?;
+            // QEMU has its own copy now: the stream ends when QEMU closes it.
+            drop(theirs);
+            qmp.execute(
+                "migrate",
+                Some(json!({ "uri": format!("fd:{SAVE_FD_NAME}") })),
+            )
+            .await
+            .map_err(|e| monitor_error("migrate", e))?;
             self.wait_migration(&mut qmp, "query-migrate").await
         };
         let saved = async {
@@ -386,7 +502,6 @@ impl QemuVm {
                 limit: MIGRATION_TIMEOUT,
             })
             .and_then(|r| r);
-        let _ = std::fs::remove_file(&socket);
         match result {
             Ok(()) => std::fs::rename(&part, state).map_err(io_err("rename the state file")),
             Err(e) => {
@@ -395,6 +510,68 @@ impl QemuVm {
             }
         }
     }
+}
+
+/// Opens the VM's disk chain for QEMU to inherit: the overlay read-write, every base layer
+/// read-only (the worker's descriptors are close-on-exec; [`inherit`] hands them over).
+fn open_disks(
+    overlay: &Path,
+    base: &[DiskLayer],
+) -> std::io::Result<Vec<(std::fs::File, DiskFormat)>> {
+    let top = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(overlay)?;
+    let mut disks = vec![(top, DiskFormat::Qcow2)];
+    for layer in base {
+        let file = std::fs::File::open(&layer.path).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("open {}: {e}", layer.path.display()))
+        })?;
+        disks.push((file, layer.format));
+    }
+    Ok(disks)
+}
+
+/// Lets the QEMU child inherit `fds` (for `-add-fd`) under the numbers they have here.
+///
+/// The worker's descriptors are all close-on-exec, so no other child (another VM's QEMU, a
+/// `qemu-img` started meanwhile by another task) inherits them; only this child clears the
+/// flag, between its fork and its exec.
+#[allow(unsafe_code)]
+fn inherit(command: &mut Command, fds: Vec<i32>) {
+    // SAFETY: the closure runs in the forked child before exec and makes only fcntl calls
+    // (async-signal-safe); it allocates nothing and takes no lock (the Vec was built before
+    // the fork and is only read). The descriptors are open: the caller keeps their files
+    // until spawn has returned. None is 0-2 (those are open in the worker), so std's stdio
+    // setup, which runs before pre_exec hooks, cannot have replaced them.
+    unsafe {
+        command.pre_exec(move || {
+            for &fd in &fds {
+                let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+                rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Copies a QEMU output pipe into `ring` on a thread of its own; the receiver resolves when
+/// the pipe has reached its end (or the copy failed, which is logged).
+fn keep_log(ring: Ring, from: std::io::PipeReader) -> oneshot::Receiver<()> {
+    let (done, finished) = oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("qemu-log".to_owned())
+        .spawn(move || {
+            if let Err(e) = ring.keep(from) {
+                tracing::warn!(log = %ring.current.display(), error = %e, "copy a qemu log");
+            }
+            let _ = done.send(());
+        });
+    if let Err(e) = spawned {
+        // The pipe is dropped with the closure: QEMU's writes to it fail, nothing blocks.
+        tracing::warn!(error = %e, "start the qemu log copy");
+    }
+    finished
 }
 
 /// Aborts a task when dropped.

@@ -7,12 +7,20 @@
 //! Asynchronous `event` lines may arrive at any point and are skipped. [`execute`] runs one
 //! command on a fresh connection; a [`Session`] keeps the connection for several (a save
 //! polls `query-migrate` on one connection).
+//!
+//! [`Session::send_fd`] is `getfd`: the command travels with a file descriptor attached
+//! (`SCM_RIGHTS`), which QEMU keeps under a name for this connection, so that a later
+//! `migrate` or `migrate-incoming` with the URI `fd:<name>` uses it. That is how the VM
+//! state reaches a sandboxed, unprivileged QEMU that may neither spawn `cat` nor open files.
 
+use std::io::IoSlice;
+use std::os::fd::{AsFd as _, BorrowedFd};
 use std::path::Path;
 use std::time::Duration;
 
+use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -81,18 +89,63 @@ impl Session {
             .map_err(|_| QmpError::Timeout)?
     }
 
+    /// `getfd`: hands `fd` to QEMU, which keeps its own copy under `name` until a command
+    /// that takes `fd:<name>` uses it.
+    pub async fn send_fd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        tokio::time::timeout(QMP_TIMEOUT, self.send_fd_inner(name, fd))
+            .await
+            .map_err(|_| QmpError::Timeout)?
+    }
+
+    async fn send_fd_inner(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        let line = request_line("getfd", Some(json!({ "fdname": name })))?;
+        let socket: &UnixStream = self.write.as_ref();
+        // The descriptor rides on the first byte; whatever the kernel did not take then
+        // follows as plain bytes.
+        let sent = loop {
+            socket.writable().await?;
+            let attempt = socket.try_io(Interest::WRITABLE, || {
+                let mut space =
+                    [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+                let mut control = SendAncillaryBuffer::new(&mut space);
+                let fds = [fd];
+                if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+                    return Err(std::io::Error::other("no room for the descriptor"));
+                }
+                rustix::net::sendmsg(
+                    socket.as_fd(),
+                    &[IoSlice::new(&line)],
+                    &mut control,
+                    SendFlags::NOSIGNAL,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match attempt {
+                Ok(sent) => break sent,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(QmpError::Io(e)),
+            }
+        };
+        if let Some(rest) = line.get(sent..)
+            && !rest.is_empty()
+        {
+            self.write.write_all(rest).await?;
+        }
+        self.read_reply().await.map(drop)
+    }
+
     async fn execute_inner(
         &mut self,
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, QmpError> {
-        let request = match arguments {
-            Some(arguments) => json!({ "execute": command, "arguments": arguments }),
-            None => json!({ "execute": command }),
-        };
-        let mut line = serde_json::to_vec(&request)?;
-        line.push(b'\n');
+        let line = request_line(command, arguments)?;
         self.write.write_all(&line).await?;
+        self.read_reply().await
+    }
+
+    /// The `return` (or `error`) answering the command just sent; events are skipped.
+    async fn read_reply(&mut self) -> Result<Value, QmpError> {
         loop {
             let mut msg = self.next_message().await?;
             if let Some(ret) = msg.get_mut("return") {
@@ -113,6 +166,17 @@ impl Session {
             return Ok(serde_json::from_str(&line)?);
         }
     }
+}
+
+/// One QMP request, newline-terminated.
+fn request_line(command: &str, arguments: Option<Value>) -> Result<Vec<u8>, QmpError> {
+    let request = match arguments {
+        Some(arguments) => json!({ "execute": command, "arguments": arguments }),
+        None => json!({ "execute": command }),
+    };
+    let mut line = serde_json::to_vec(&request)?;
+    line.push(b'\n');
+    Ok(line)
 }
 
 #[cfg(test)]
@@ -191,5 +255,64 @@ mod tests {
             monitor.await.expect("join"),
             ["qmp_capabilities", "migrate", "query-migrate"]
         );
+    }
+
+    #[tokio::test]
+    async fn getfd_hands_the_descriptor_to_the_monitor() {
+        use std::io::{BufRead as _, Read as _, Write as _};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        let monitor = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().expect("accept");
+            stream.write_all(b"{\"QMP\": {}}\r\n").expect("greet");
+            // The client waits for each answer, so one read is one command.
+            let mut caps = String::new();
+            std::io::BufReader::new(&stream)
+                .read_line(&mut caps)
+                .expect("caps");
+            stream.write_all(b"{\"return\": {}}\r\n").expect("answer");
+            let mut buf = [0u8; 256];
+            let mut space =
+                [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
+            let got = rustix::net::recvmsg(
+                &stream,
+                &mut [std::io::IoSliceMut::new(&mut buf)],
+                &mut control,
+                rustix::net::RecvFlags::empty(),
+            )
+            .expect("recvmsg");
+            let mut fds = Vec::new();
+            for msg in control.drain() {
+                if let rustix::net::RecvAncillaryMessage::ScmRights(rights) = msg {
+                    fds.extend(rights);
+                }
+            }
+            stream.write_all(b"{\"return\": {}}\r\n").expect("answer");
+            let line = String::from_utf8_lossy(&buf[..got.bytes]).into_owned();
+            let mut file = std::fs::File::from(fds.pop().expect("a descriptor"));
+            let mut text = String::new();
+            file.read_to_string(&mut text)
+                .expect("read the passed file");
+            (line, text)
+        });
+        let passed = dir.path().join("state");
+        std::fs::write(&passed, b"saved state").expect("write");
+        let file = std::fs::File::open(&passed).expect("open");
+        let mut session = Session::connect(&path).await.expect("connect");
+        session
+            .send_fd("incoming", file.as_fd())
+            .await
+            .expect("getfd");
+        let (line, text) = tokio::task::spawn_blocking(move || monitor.join().expect("join"))
+            .await
+            .expect("join");
+        let request: Value = serde_json::from_str(line.trim()).expect("json");
+        assert_eq!(
+            request,
+            json!({ "execute": "getfd", "arguments": { "fdname": "incoming" } })
+        );
+        assert_eq!(text, "saved state");
     }
 }
