@@ -447,7 +447,8 @@ EOF
   tmp=$(tmp_for "$dest"); TMP_PATHS+=("$tmp")
   rm -f "$tmp"
   truncate -s "$TINY_SIZE" "$tmp"
-  mkfs.ext4 -q -F -L tiny -d "$stage" "$tmp"
+  # No blocks reserved for root: the guest user is who fills a bunker's disk.
+  mkfs.ext4 -q -F -m 0 -L tiny -d "$stage" "$tmp"
   safe_rm "$stage"
   mv -f "$tmp" "$dest"
   write_stamp tiny "$hash"
@@ -578,7 +579,7 @@ build_default() {
   rm -f "$tmp"
   log "default: mkfs.ext4 ($DEFAULT_SIZE)"
   truncate -s "$DEFAULT_SIZE" "$tmp"
-  mkfs.ext4 -q -F -L default -d "$root" "$tmp"
+  mkfs.ext4 -q -F -m 0 -L default -d "$root" "$tmp"
   safe_rm "$root"
   mv -f "$tmp" "$dest"
   write_stamp default "$hash"
