@@ -294,7 +294,7 @@ async fn a_huge_directory_and_an_oversized_exec_leave_the_channel_usable() {
         .exec_sh(
             "b-many",
             "mkdir -p /tmp/many && cd /tmp/many && \
-             seq -f '%05g-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa' 1 5000 \
+             seq -w 1 5000 | sed 's/$/-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa/' \
              | xargs touch && ls | wc -l",
         )
         .await;
@@ -335,7 +335,7 @@ async fn a_huge_directory_and_an_oversized_exec_leave_the_channel_usable() {
     let after = w.exec_sh("b-many", "echo still-here").await;
     assert_eq!(stdout(&after), "still-here\n");
     let resp = w
-        .get("/bunkers/b-many/files?path=/tmp/many/00001-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa")
+        .get("/bunkers/b-many/files?path=/tmp/many/0001-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa")
         .send()
         .await
         .expect("read");
