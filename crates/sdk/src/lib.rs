@@ -137,6 +137,19 @@ impl Client {
         }
     }
 
+    /// A list response (`{data, has_more, next_cursor}`) as one [`Page`].
+    async fn page<T: DeserializeOwned>(resp: reqwest::Response) -> Result<Page<T>, SdkError> {
+        let status = resp.status().as_u16();
+        let list: List<T> = resp
+            .json()
+            .await
+            .map_err(|source| SdkError::Decode { status, source })?;
+        Ok(Page {
+            items: list.data,
+            next_cursor: list.next_cursor,
+        })
+    }
+
     async fn data<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, SdkError> {
         let status = resp.status().as_u16();
         resp.json::<Envelope<T>>()
@@ -184,15 +197,7 @@ impl Client {
         let resp = self
             .send(self.http.get(self.url("/bunkers")).query(&q))
             .await?;
-        let status = resp.status().as_u16();
-        let list: List<Bunker> = resp
-            .json()
-            .await
-            .map_err(|source| SdkError::Decode { status, source })?;
-        Ok(Page {
-            items: list.data,
-            next_cursor: list.next_cursor,
-        })
+        Self::page(resp).await
     }
 
     pub async fn delete_bunker(&self, id: &str) -> Result<Bunker, SdkError> {
@@ -241,12 +246,7 @@ impl Client {
         let resp = self
             .send(self.http.get(self.url("/snapshots")).query(&q))
             .await?;
-        let status = resp.status().as_u16();
-        let list: List<Snapshot> = resp
-            .json()
-            .await
-            .map_err(|source| SdkError::Decode { status, source })?;
-        Ok(list.data)
+        Ok(Self::page::<Snapshot>(resp).await?.items)
     }
 
     /// Deletes a snapshot and its objects.
@@ -400,15 +400,7 @@ impl Client {
                     .query(&q),
             )
             .await?;
-        let status = resp.status().as_u16();
-        let list: List<FileEntry> = resp
-            .json()
-            .await
-            .map_err(|source| SdkError::Decode { status, source })?;
-        Ok(Page {
-            items: list.data,
-            next_cursor: list.next_cursor,
-        })
+        Self::page(resp).await
     }
 
     /// A whole directory, page after page, sorted by name.
