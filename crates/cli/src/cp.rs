@@ -160,25 +160,78 @@ async fn download(
             let stream = resp.bytes_stream().map_err(std::io::Error::other);
             let reader = SyncIoBridge::new(StreamReader::new(stream));
             let dest = local.to_path_buf();
-            let bytes = tokio::task::spawn_blocking(move || -> Result<u64> {
-                std::fs::create_dir_all(&dest)?;
-                let mut counted = Counted {
-                    inner: reader,
-                    n: 0,
-                };
-                let mut archive = tar::Archive::new(&mut counted);
-                archive.set_preserve_permissions(true);
-                archive.set_overwrite(true);
-                archive
-                    .unpack(&dest)
-                    .with_context(|| format!("unpacking into {}", dest.display()))?;
-                Ok(counted.n)
-            })
-            .await??;
+            let bytes =
+                tokio::task::spawn_blocking(move || unpack_untrusted(reader, &dest)).await??;
             Ok(serde_json::json!({"kind": "directory", "path": local, "bytes": bytes}))
         }
         Err(e) => Err(e).context("downloading failed"),
     }
+}
+
+/// Unpacks a tar stream that came out of a bunker into `dest`, treating it as hostile: the
+/// guest controls every byte of it. Only directories, regular files, symlinks and hard links
+/// are made (device nodes and FIFOs are skipped), setuid/setgid/sticky bits are masked off,
+/// host-side ownership is never taken from the archive, and entries leaving `dest` (through
+/// `..`, an absolute path or a symlink planted earlier in the stream) are refused by `tar`'s
+/// `unpack_in`. Directories are kept writable while their contents land and get their own
+/// mode at the end, as `tar::Archive::unpack` does. Returns the bytes read.
+fn unpack_untrusted(reader: impl std::io::Read, dest: &Path) -> Result<u64> {
+    use std::os::unix::fs::PermissionsExt;
+    use tar::EntryType;
+    const MASK: u32 = 0o7000;
+    std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
+    let mut counted = Counted {
+        inner: reader,
+        n: 0,
+    };
+    let mut archive = tar::Archive::new(&mut counted);
+    let mut dirs: Vec<(PathBuf, u32)> = Vec::new();
+    let mut skipped = 0u64;
+    for entry in archive.entries().context("reading the archive")? {
+        let mut entry = entry.context("reading the archive")?;
+        let kind = entry.header().entry_type();
+        if !matches!(
+            kind,
+            EntryType::Directory
+                | EntryType::Regular
+                | EntryType::Continuous
+                | EntryType::Symlink
+                | EntryType::Link
+                | EntryType::GNUSparse
+        ) {
+            skipped += 1;
+            continue;
+        }
+        let mode = entry.header().mode().unwrap_or(0o644) & 0o7777 & !MASK;
+        let rel = entry.path().context("an entry's path")?.into_owned();
+        entry.set_preserve_permissions(true);
+        entry.set_mask(MASK);
+        entry.set_unpack_xattrs(false);
+        let unpacked = entry
+            .unpack_in(dest)
+            .with_context(|| format!("unpacking {} into {}", rel.display(), dest.display()))?;
+        if !unpacked {
+            bail!(
+                "the archive entry {} leaves {}",
+                rel.display(),
+                dest.display()
+            );
+        }
+        if kind == EntryType::Directory {
+            let path = dest.join(&rel);
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode | 0o700))?;
+            dirs.push((path, mode));
+        }
+    }
+    // Deepest first, so a read-only parent does not stop its child's chmod.
+    for (path, mode) in dirs.iter().rev() {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode))
+            .with_context(|| format!("setting the mode of {}", path.display()))?;
+    }
+    if skipped > 0 {
+        eprintln!("skipped {skipped} device, FIFO or other special entries");
+    }
+    Ok(counted.n)
 }
 
 struct Counted<R> {
@@ -226,4 +279,83 @@ async fn save_file(resp: reqwest::Response, target: &Path) -> Result<u64> {
         let _ = tokio::fs::remove_file(&tmp).await;
     }
     result.with_context(|| format!("writing {}", target.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn header(path: &str, kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_path(path).expect("path");
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_cksum();
+        h
+    }
+
+    fn archive(entries: &[(tar::Header, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (h, data) in entries {
+            b.append(h, *data).expect("append");
+        }
+        b.into_inner().expect("finish")
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::symlink_metadata(p)
+            .expect("lstat")
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    #[test]
+    fn a_hostile_archive_from_a_bunker_lands_without_setuid_devices_or_escapes() {
+        use tar::EntryType::*;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dest = dir.path().join("out");
+        let mut fifo = header("pipe", Fifo, 0o644, 0);
+        fifo.set_cksum();
+        let mut dev = header("null", Char, 0o666, 0);
+        dev.set_device_major(1).expect("major");
+        dev.set_device_minor(3).expect("minor");
+        dev.set_cksum();
+        let bytes = archive(&[
+            (header("ro/", Directory, 0o555, 0), b""),
+            (header("ro/inside", Regular, 0o644, 2), b"ok"),
+            (header("suid", Regular, 0o4755, 2), b"#!"),
+            (header("sgid-dir/", Directory, 0o2775, 0), b""),
+            (fifo, b""),
+            (dev, b""),
+        ]);
+        let n = unpack_untrusted(&bytes[..], &dest).expect("unpacks");
+        // Everything up to the end-of-archive blocks was read.
+        assert!(n + 1024 >= bytes.len() as u64 && n <= bytes.len() as u64, "{n}");
+        assert_eq!(mode(&dest.join("suid")), 0o755);
+        assert_eq!(mode(&dest.join("sgid-dir")), 0o775);
+        assert_eq!(mode(&dest.join("ro")), 0o555);
+        assert_eq!(std::fs::read(dest.join("ro/inside")).expect("read"), b"ok");
+        assert!(!dest.join("pipe").exists() && !dest.join("null").exists());
+
+        // A symlink out of the tree, then a file through it: refused, nothing written outside.
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).expect("outside");
+        let mut link = header("escape", Symlink, 0o777, 0);
+        link.set_link_name(&outside).expect("link name");
+        link.set_cksum();
+        let bytes = archive(&[
+            (link, b""),
+            (header("escape/owned", Regular, 0o644, 1), b"x"),
+        ]);
+        let dest2 = dir.path().join("out2");
+        assert!(unpack_untrusted(&bytes[..], &dest2).is_err());
+        assert!(!outside.join("owned").exists());
+        let _ = std::fs::set_permissions(dest.join("ro"), std::fs::Permissions::from_mode(0o755));
+    }
 }
