@@ -330,9 +330,8 @@ build_initramfs() {
   fi
   invalidate initramfs
   require_cmd cpio; require_cmd gzip; require_cmd modinfo
-  if ! is_static "$AGENT"; then
-    log "initramfs: warning: $AGENT looks dynamically linked; it must be static to run in any rootfs"
-  fi
+  # A dynamically linked agent would panic every guest whose rootfs has no glibc at boot.
+  is_static "$AGENT" || die "$AGENT is dynamically linked; the agent must be static to run in any rootfs (build it with: bash scripts/build-agent.sh)"
   log "initramfs: building (agent $AGENT, sha256 ${agent_sha:0:12})"
   local stage="$WORK/initramfs.stage.$$"
   TMP_PATHS+=("$stage")

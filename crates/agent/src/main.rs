@@ -5,6 +5,13 @@ use std::process::ExitCode;
 
 use scaibunker_agent::serve::{self, Endpoint};
 use scaibunker_agent::{AGENT_VERSION, error_chain, init, log};
+use scaibunker_proto::agent::PROTOCOL_VERSION;
+use scaibunker_proto::agent_binary::{MARKER_LEN, marker};
+
+/// The protocol version in the binary's bytes, read by `scaibunker up` and the worker before
+/// they put this agent into a guest (see `scaibunker_proto::agent_binary`).
+#[used]
+static PROTOCOL_MARKER: [u8; MARKER_LEN] = marker(PROTOCOL_VERSION);
 
 const USAGE: &str = "usage: scaibunker-agent init
        scaibunker-agent serve --port auto|PATH
@@ -12,6 +19,8 @@ const USAGE: &str = "usage: scaibunker-agent init
        scaibunker-agent --version";
 
 fn main() -> ExitCode {
+    // Referenced, so no linker drops it.
+    std::hint::black_box(&PROTOCOL_MARKER);
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     match args.as_slice() {

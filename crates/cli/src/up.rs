@@ -42,11 +42,58 @@ fn sibling(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The guest agent to bake into the initramfs, checked before anything is built
+/// ([`scaibunker_proto::agent_binary`]: a static ELF for this machine speaking this build's
+/// protocol): `SCAIBUNKER_AGENT_BIN` when set (and then only it), else the first fit of the
+/// agent next to this executable and the static build `scripts/build-agent.sh` leaves in the
+/// cache. A workspace `cargo build` puts a dynamically linked agent next to `scaibunker`; it
+/// is passed over, never baked in.
 fn agent_binary() -> Result<PathBuf> {
-    match std::env::var_os("SCAIBUNKER_AGENT_BIN") {
-        Some(p) => Ok(PathBuf::from(p)),
-        None => sibling("scaibunker-agent"),
+    if let Some(p) = std::env::var_os("SCAIBUNKER_AGENT_BIN") {
+        let path = PathBuf::from(p);
+        return match check_agent(&path) {
+            Ok(()) => Ok(path),
+            Err(why) => bail!(
+                "SCAIBUNKER_AGENT_BIN={} cannot be the guest agent: {why}; {}",
+                path.display(),
+                scaibunker_proto::agent_binary::BUILD_HINT
+            ),
+        };
     }
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        candidates.push(exe.with_file_name("scaibunker-agent"));
+    }
+    let cache = match std::env::var_os("SCAIBUNKER_CACHE") {
+        Some(c) => Some(PathBuf::from(c)),
+        None => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/scaibunker")),
+    };
+    if let Some(cache) = cache {
+        candidates.push(cache.join(format!(
+            "target-agent/{}-unknown-linux-gnu/release/scaibunker-agent",
+            std::env::consts::ARCH
+        )));
+    }
+    let mut refused = Vec::new();
+    for path in candidates {
+        match check_agent(&path) {
+            Ok(()) => return Ok(path),
+            Err(why) => refused.push(format!("{}: {why}", path.display())),
+        }
+    }
+    bail!(
+        "no usable guest agent found ({}); {}",
+        refused.join("; "),
+        scaibunker_proto::agent_binary::BUILD_HINT
+    )
+}
+
+/// Whether the file at `path` can be the guest agent, and if not why.
+fn check_agent(path: &Path) -> std::result::Result<(), String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read it ({e})"))?;
+    scaibunker_proto::agent_binary::check(&bytes)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// Runs the embedded image build script; it skips every step that is current.

@@ -3,7 +3,9 @@
 //! [`start`] composes the daemon:
 //! 1. make `<data>/bunkers/` and clean up what a previous run left there (kill leftover
 //!    QEMU processes, remove their directories);
-//! 2. scan the images directory, and `<data>/images/` for pulled images ([`pulls`]);
+//! 2. scan the images directory, check the agent inside its initramfs ([`initramfs`]: static,
+//!    this protocol; a wrong one refuses the start), and `<data>/images/` for pulled images
+//!    ([`pulls`]);
 //! 3. open `<data>/templates/` (keep complete, current templates; remove the rest);
 //! 4. pick the VMM accelerator (KVM only with real hardware virtualisation, else TCG), and,
 //!    when the worker is root, the range of uids QEMU processes drop to;
@@ -20,6 +22,7 @@ pub mod capacity;
 pub mod config;
 pub mod controller_client;
 pub mod images;
+pub mod initramfs;
 pub mod pulls;
 pub mod shell;
 pub mod snapshots;
@@ -57,6 +60,8 @@ pub enum StartError {
     },
     #[error("scan the images directory")]
     Images(#[from] images::ImageScanError),
+    #[error("check the guest agent")]
+    GuestAgent(#[from] initramfs::InitramfsAgentError),
     #[error("open the pulled images directory")]
     Pulls(#[from] pulls::OpenPullsError),
     #[error("open the templates directory")]
@@ -164,6 +169,15 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
         images = ?images.images().map(|i| &i.name).collect::<Vec<_>>(),
         "image cache scanned"
     );
+    if let Some(boot) = images.boot() {
+        let initramfs = boot.initramfs.clone();
+        let protocol =
+            tokio::task::spawn_blocking(move || initramfs::check_agent(&initramfs)).await??;
+        tracing::info!(
+            protocol,
+            "the initramfs carries a static agent of this protocol"
+        );
+    }
     let pulls_dir = config.data_dir.join("images");
     let access = config
         .controller_url

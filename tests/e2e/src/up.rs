@@ -3,7 +3,7 @@
 //! Start, step by step:
 //! 1. Find the binaries and the static agent (see [`crate::binaries`], [`crate::agent_bin`]).
 //! 2. Spawn `scaibunker up --data-dir <temp> --listen 127.0.0.1:0` with
-//!    `SCAIBUNKER_AGENT_BIN` passed through. Its stderr goes to `<temp>/up.log`; a thread
+//!    `SCAIBUNKER_AGENT_BIN` passed through (unless [`UpOptions::without_agent_bin`]). Its stderr goes to `<temp>/up.log`; a thread
 //!    copies its stdout there line by line and hands the lines over.
 //! 3. Wait for `ready <url>` (at most [`READY_TIMEOUT`]: `up` may have to build images),
 //!    check the admin key it printed against `<temp>/admin.key`.
@@ -42,6 +42,9 @@ pub struct UpOptions {
     pub templates: bool,
     /// More environment for `up` (and so its controller and worker).
     pub env: Vec<(String, String)>,
+    /// Start `up` without `SCAIBUNKER_AGENT_BIN`, as after a plain workspace build: `up`
+    /// then picks the agent itself.
+    pub without_agent_bin: bool,
 }
 
 impl UpOptions {
@@ -102,12 +105,16 @@ impl Up {
             .arg(&data_dir)
             .arg("--listen")
             .arg("127.0.0.1:0")
-            .env("SCAIBUNKER_AGENT_BIN", &agent)
             // Plain logs for people reading them on failure.
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log.try_clone().context("duplicating the log file")?);
+        if options.without_agent_bin {
+            command.env_remove("SCAIBUNKER_AGENT_BIN");
+        } else {
+            command.env("SCAIBUNKER_AGENT_BIN", &agent);
+        }
         if let Some(dir) = &options.images_dir {
             command.env("SCAIBUNKER_IMAGES_DIR", dir);
         }
