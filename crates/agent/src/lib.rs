@@ -7,7 +7,9 @@
 //!   each stream to a handler thread.
 //! - [`channel`]: the shared, lock-protected writer and per-stream senders that make sure
 //!   frames never interleave and every stream ends with exactly one `REPLY`.
-//! - [`exec`], [`files`]: the request handlers; [`paths`] validates the paths they get.
+//! - [`exec`], [`files`]: the request handlers; [`paths`] validates the paths they get;
+//!   [`identity`] and [`disk`] prepare a guest after a boot or a restore (its own identity, its
+//!   root filesystem grown to its disk).
 //!
 //! Std threads only: the agent is small, static and has a handful of streams at a time.
 
@@ -15,6 +17,7 @@ pub mod account;
 pub mod archive;
 pub mod channel;
 pub mod creds;
+pub mod disk;
 pub mod exec;
 pub mod files;
 pub mod identity;

@@ -32,7 +32,7 @@ use scaibunker_proto::agent::{
 
 use crate::channel::{Conn, StreamInput, StreamTx, lock};
 use crate::exec::{self, ExecRequest};
-use crate::{AGENT_VERSION, archive, creds, error_reply, files, identity, log};
+use crate::{AGENT_VERSION, archive, creds, disk, error_reply, files, identity, log};
 
 /// Where `/sys` lists virtio-serial ports.
 const VIRTIO_PORTS_DIR: &str = "/sys/class/virtio-ports";
@@ -364,6 +364,7 @@ fn handle(request: Request, tx: &Arc<StreamTx>, input: mpsc::Receiver<StreamInpu
             machine_id,
             seed_hex,
         } => identity::set(&hostname, &machine_id, &seed_hex),
+        Request::GrowRootFs { disk_bytes } => disk::grow_root(disk_bytes),
     }
 }
 

@@ -336,7 +336,10 @@ mod tests {
         ]);
         let n = unpack_untrusted(&bytes[..], &dest).expect("unpacks");
         // Everything up to the end-of-archive blocks was read.
-        assert!(n + 1024 >= bytes.len() as u64 && n <= bytes.len() as u64, "{n}");
+        assert!(
+            n + 1024 >= bytes.len() as u64 && n <= bytes.len() as u64,
+            "{n}"
+        );
         assert_eq!(mode(&dest.join("suid")), 0o755);
         assert_eq!(mode(&dest.join("sgid-dir")), 0o775);
         assert_eq!(mode(&dest.join("ro")), 0o555);

@@ -269,6 +269,13 @@ async fn validation_errors_name_each_field(db: Db) {
             "memory_mb",
         ),
         (
+            // The guest's disk holds the image (1 GiB here): it can grow, never shrink.
+            json!({"image": "default", "disk_mb": 512}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "VALIDATION_ERROR",
+            "disk_mb",
+        ),
+        (
             json!({"image": "default", "bandwidth_mbit": 0}),
             StatusCode::UNPROCESSABLE_ENTITY,
             "VALIDATION_ERROR",
@@ -392,8 +399,20 @@ async fn placement_errors_distinguish_no_capacity_from_no_image(db: Db) {
 
 async fn a_boot_on_an_unreachable_worker_fails_the_bunker_with_a_reason(db: Db) {
     let api = Api::start(db).await;
-    api.register_dead_worker("dead", 8000, default_image())
+    let mut images = default_image();
+    images.push(CachedImage {
+        name: "big".into(),
+        sha256: "b".repeat(64),
+        size_bytes: (3 << 30) - 4096,
+    });
+    api.register_dead_worker("dead", 8000, images).await;
+    // Without a disk_mb, a bunker of an image bigger than the default disk gets the image's
+    // size (rounded up to a MiB), not a disk it would not fit in.
+    let (st, v) = api
+        .admin("POST", "/bunkers", Some(json!({"image": "big"})))
         .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(v["data"]["disk_mb"], 3072, "{v}");
     let (st, v) = api
         .admin(
             "POST",

@@ -43,7 +43,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to frames or messages.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Largest payload of one frame; bigger bodies are split into several `DATA` frames.
 pub const MAX_FRAME_PAYLOAD: usize = 64 * 1024;
@@ -390,6 +390,11 @@ pub enum Request {
         /// 32–512 bytes of host randomness, hex.
         seed_hex: String,
     },
+    /// Grows the mounted root filesystem online to fill its disk, once the disk has
+    /// reached `disk_bytes` (a restored guest learns of its grown disk asynchronously, from
+    /// the device's config change). Nothing changes when the filesystem already fills the
+    /// disk. Answered with [`Reply::Done`].
+    GrowRootFs { disk_bytes: u64 },
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -129,7 +129,10 @@ async fn run() -> Result<()> {
         let dir = data.path().join(format!("raw-restore-{i}"));
         series[2].ms.push(
             raw(vmm.as_ref(), &dir, |socket| {
-                Ok((template.restore_spec(&dir, socket), Some(template.state())))
+                Ok((
+                    template.restore_spec(&dir, socket, image.size_bytes),
+                    Some(template.state()),
+                ))
             })
             .await?,
         );
@@ -149,6 +152,7 @@ async fn run() -> Result<()> {
                         kernel: guest.kernel.clone(),
                         initramfs: guest.initramfs.clone(),
                         base: vec![DiskLayer::raw(&image.path)],
+                        disk_bytes: image.size_bytes,
                         agent_socket: socket.to_owned(),
                         cpu_millicores: 1000,
                         memory_mb: MEMORY_MB,

@@ -63,6 +63,8 @@ const REOPEN_TIMEOUT: Duration = Duration::from_secs(20);
 const BUILD_RETRY_AFTER: Duration = Duration::from_secs(600);
 /// Longest the identity request and the build's warm-up exec may take.
 const IDENTITY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest growing a guest's root filesystem may take (waiting for the disk included).
+const GROW_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Whether the worker builds and restores templates (`SCAIBUNKER_TEMPLATES`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -177,8 +179,8 @@ impl Template {
     }
 
     /// The boot spec a restore of this template into `dir` uses: the template's command
-    /// line, with the bunker's own directory and agent socket.
-    pub fn restore_spec(&self, dir: &Path, agent_socket: &Path) -> BootSpec {
+    /// line, with the bunker's own directory, agent socket and disk size.
+    pub fn restore_spec(&self, dir: &Path, agent_socket: &Path, disk_bytes: u64) -> BootSpec {
         BootSpec {
             dir: dir.to_owned(),
             kernel: self.meta.shape.kernel.path.clone(),
@@ -187,6 +189,7 @@ impl Template {
                 DiskLayer::qcow2(self.disk()),
                 DiskLayer::raw(&self.meta.shape.image.path),
             ],
+            disk_bytes: disk_bytes.max(self.meta.shape.image.size),
             agent_socket: agent_socket.to_owned(),
             cpu_millicores: self.meta.cpu_millicores,
             memory_mb: self.meta.shape.memory_mb,
@@ -516,6 +519,8 @@ async fn build_in(
         kernel: shape.kernel.path.clone(),
         initramfs: shape.initramfs.path.clone(),
         base: vec![DiskLayer::raw(&shape.image.path)],
+        // The image's own size: a restore grows the disk to its bunker's.
+        disk_bytes: shape.image.size,
         agent_socket: socket,
         cpu_millicores,
         memory_mb: shape.memory_mb,
@@ -615,6 +620,15 @@ pub async fn refresh_identity(agent: &AgentClient, hostname: &str) -> Result<(),
     .await
     .map_err(|_| format!("the identity request took longer than {IDENTITY_TIMEOUT:?}"))?
     .map_err(|e| format!("set the identity: {}", error_chain(&e)))
+}
+
+/// Grows the guest's root filesystem to fill its disk of `disk_bytes` (a no-op when it
+/// does already; see [`AgentClient::grow_root_fs`]).
+pub async fn grow_root_fs(agent: &AgentClient, disk_bytes: u64) -> Result<(), String> {
+    tokio::time::timeout(GROW_TIMEOUT, agent.grow_root_fs(disk_bytes))
+        .await
+        .map_err(|_| format!("growing the root filesystem took longer than {GROW_TIMEOUT:?}"))?
+        .map_err(|e| format!("grow the root filesystem: {}", error_chain(&e)))
 }
 
 /// Reads `<dir>/template.json`, if `dir` is a published template named `key`.

@@ -84,6 +84,15 @@ async fn a_shapes_second_bunker_is_restored_from_its_template_with_its_own_disk(
     assert_eq!(a.boot_source, BootSource::Template, "{a:?}");
     // Exec works at once, and the restored guest has its own host name.
     assert_eq!(stdout_of(&w, "b-a", "hostname").await.trim(), "box-a");
+    // The template's disk is the 64 MiB image's; the restored guest's filesystem grew to
+    // fill its bunker's 1 GiB disk.
+    let df = stdout_of(&w, "b-a", "df -k / | tail -n 1").await;
+    let total: u64 = df
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("df total");
+    assert!((900_000..=1_048_576).contains(&total), "df: {df}");
     let (b, b_wall) = create(&w, "b-b", &sha, "box-b").await;
     assert_eq!(b.boot_source, BootSource::Template, "{b:?}");
     eprintln!(

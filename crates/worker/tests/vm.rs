@@ -1082,3 +1082,84 @@ async fn a_lazily_pulled_image_boots() {
     w.delete_bunker("b-lazy").await;
     w.shutdown().await;
 }
+
+/// `df -k /`: (total, available) KiB of the guest's root filesystem.
+async fn df_root(w: &TestWorker, id: &str) -> (u64, u64) {
+    let r = w.exec_sh(id, "df -k / | tail -n 1").await;
+    assert_eq!(r.exit_code, Some(0), "{r:?}");
+    let out = stdout(&r);
+    let cols: Vec<u64> = out
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    assert!(cols.len() >= 3, "df said {out:?}");
+    (cols[0], cols[2])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guest_disk_is_disk_mb_and_filling_it_stops_at_enospc_under_the_cap() {
+    let images = require_artefacts(&[
+        "vmlinux",
+        "initramfs.cpio.gz",
+        "kernel.release",
+        "default.ext4",
+    ]);
+    let _slot = vm_slot().await;
+    let w = TestWorker::start(&images).await;
+    // Below the image (1 GiB): refused before anything boots.
+    let resp = w
+        .create_sized("b-small", "default", 512, 512, "small")
+        .await;
+    let status = resp.status();
+    let text = resp.text().await.expect("body");
+    assert_eq!(status, 422, "{text}");
+    assert!(text.contains("disk_mb"), "{text}");
+
+    let started = Instant::now();
+    let resp = w
+        .create_sized("b-disk", "default", 512, 2048, "disky")
+        .await;
+    assert_eq!(
+        resp.status(),
+        200,
+        "{}",
+        resp.text().await.unwrap_or_default()
+    );
+    eprintln!(
+        "TIMING disk: create with a grown disk {:?}",
+        started.elapsed()
+    );
+    let (total_kib, _) = df_root(&w, "b-disk").await;
+    // ext4's own metadata takes a few per cent of the 2 GiB.
+    assert!(
+        (1_900_000..=2_097_152).contains(&total_kib),
+        "the root filesystem is {total_kib} KiB"
+    );
+
+    // The guest user fills it: ENOSPC inside the guest, and the overlay on the worker
+    // stays within the disk it emulates.
+    let started = Instant::now();
+    let fill = exec(
+        &w,
+        "b-disk",
+        &ExecRequest {
+            user: GuestUser::User,
+            timeout_ms: 600_000,
+            ..shell("dd if=/dev/zero of=/home/user/fill bs=1M 2>&1; sync; ls -l /home/user/fill")
+        },
+    )
+    .await;
+    eprintln!("TIMING disk: filled in {:?}", started.elapsed());
+    let out = stdout(&fill);
+    assert!(out.contains("No space left on device"), "{out}");
+    let (_, avail_kib) = df_root(&w, "b-disk").await;
+    assert!(avail_kib < 1024, "{avail_kib} KiB still free");
+    let overlay = w.bunker_dir("b-disk").join("disk.qcow2");
+    let allocated = std::fs::metadata(&overlay).expect("overlay").len();
+    assert!(
+        allocated <= (2048 + 64) << 20,
+        "the overlay grew to {allocated} bytes"
+    );
+    w.delete_bunker("b-disk").await;
+    w.shutdown().await;
+}

@@ -336,6 +336,15 @@ impl AgentClient {
         }
     }
 
+    /// Grows the guest's root filesystem to fill its disk once the disk is `disk_bytes`
+    /// (see [`Request::GrowRootFs`]).
+    pub async fn grow_root_fs(&self, disk_bytes: u64) -> Result<(), AgentError> {
+        match self.call(&Request::GrowRootFs { disk_bytes }).await? {
+            Reply::Done => Ok(()),
+            other => Err(protocol(0, &format!("grow_root_fs answered {other:?}"))),
+        }
+    }
+
     /// A request without a body whose only answer is its `REPLY`.
     async fn call(&self, request: &Request) -> Result<Reply, AgentError> {
         let mut stream = self.open(request).await?;

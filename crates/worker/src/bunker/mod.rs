@@ -185,6 +185,12 @@ impl Bunkers {
                 ),
             })?;
 
+        if req.disk_mb.saturating_mul(1 << 20) < image.size_bytes {
+            return Err(CreateBunkerError::Invalid(format!(
+                "disk_mb {} is smaller than the image ({} bytes)",
+                req.disk_mb, image.size_bytes
+            )));
+        }
         let snapshot = req.snapshot.clone();
         if let Some(m) = &snapshot {
             if m.image_sha256 != req.image_sha256 {

@@ -39,8 +39,9 @@ use tokio::sync::Notify;
 use crate::agent_client::{AgentClient, ExecSpec};
 use crate::images::{GuestBoot, Image};
 use crate::snapshots::{self, Captured, ObjectClient};
-use crate::templates::{Template, Templates, refresh_identity};
+use crate::templates::{Template, Templates, grow_root_fs, refresh_identity};
 use crate::vmm::qemu::cmdline::DISK_FILE;
+use crate::vmm::qemu::disk_virtual_size;
 use crate::vmm::qemu::logs::{self, CONSOLE_LOG, QEMU_LOG, tail_lines};
 use crate::vmm::{BootSpec, DiskLayer, Vm, VmExit, Vmm, create_private_dir};
 
@@ -376,7 +377,7 @@ impl Bunker {
         slot: &mut Option<Box<dyn Vm>>,
     ) -> Result<(), String> {
         let (listener, socket) = self.prepare_dir()?;
-        let spec = template.restore_spec(&self.dir, &socket);
+        let spec = template.restore_spec(&self.dir, &socket, self.disk_bytes());
         self.set_booted(
             &spec,
             &template.meta.shape.image.path,
@@ -393,6 +394,7 @@ impl Bunker {
                 .await_agent(&listener, exited, RESTORE_HELLO_TIMEOUT)
                 .await?;
             refresh_identity(&agent, &self.hostname).await?;
+            self.grow_disk(&agent, &spec).await?;
             Ok::<_, String>(agent)
         };
         let agent = tokio::select! {
@@ -414,6 +416,7 @@ impl Bunker {
             kernel: plan.guest.kernel.clone(),
             initramfs: plan.guest.initramfs.clone(),
             base: vec![DiskLayer::raw(&plan.image.path)],
+            disk_bytes: self.disk_bytes(),
             agent_socket: socket,
             cpu_millicores: self.resources.cpu_millicores,
             memory_mb: self.resources.memory_mb,
@@ -430,6 +433,7 @@ impl Bunker {
         let agent = self.await_agent(&listener, exited, plan.timeout).await?;
         // Its own machine id and a credited seed, whatever the image carries.
         refresh_identity(&agent, &self.hostname).await?;
+        self.grow_disk(&agent, &spec).await?;
         self.agent_ready(agent);
         Ok(())
     }
@@ -461,6 +465,26 @@ impl Bunker {
         );
         remove_dir(&self.dir);
         self.fail(reason);
+    }
+
+    /// Grows the guest's root filesystem to the bunker's disk when the disk is bigger than
+    /// the layer the VM started from (an image smaller than `disk_mb`, a template of it, a
+    /// snapshot restored into a bigger disk); a filesystem that fills its disk is left be.
+    async fn grow_disk(&self, agent: &AgentClient, spec: &BootSpec) -> Result<(), String> {
+        let started_from = match spec.base.first() {
+            Some(top) => disk_virtual_size(&top.path, top.format)
+                .map_err(|e| format!("read the size of {}: {e}", top.path.display()))?,
+            None => 0,
+        };
+        if spec.disk_bytes > started_from {
+            grow_root_fs(agent, spec.disk_bytes).await?;
+        }
+        Ok(())
+    }
+
+    /// The guest disk's size: the bunker's `disk_mb`.
+    fn disk_bytes(&self) -> u64 {
+        self.resources.disk_mb.saturating_mul(1 << 20)
     }
 
     fn set_booted(&self, spec: &BootSpec, image_path: &Path, image_sha256: &str) {
@@ -506,12 +530,21 @@ impl Bunker {
         };
         let (disk, state) =
             fetched.map_err(|e| format!("fetch the snapshot: {}", error_chain(&e)))?;
+        let saved_bytes = disk_virtual_size(&disk, crate::vmm::DiskFormat::Qcow2)
+            .map_err(|e| format!("read the snapshot disk's size: {e}"))?;
+        if saved_bytes > self.disk_bytes() {
+            return Err(format!(
+                "the snapshot's disk is {saved_bytes} bytes, more than this bunker's disk_mb {}",
+                self.resources.disk_mb
+            ));
+        }
         let mut spec = BootSpec {
             dir: self.dir.clone(),
             kernel: plan.guest.kernel.clone(),
             initramfs: plan.guest.initramfs.clone(),
             // `download` pointed the disk's backing file at this image.
             base: vec![DiskLayer::qcow2(disk), DiskLayer::raw(&plan.image.path)],
+            disk_bytes: self.disk_bytes(),
             agent_socket: socket,
             cpu_millicores: self.resources.cpu_millicores,
             memory_mb: self.resources.memory_mb,
@@ -547,6 +580,7 @@ impl Bunker {
             // A fresh identity whether the saved memory or only the saved disk came back:
             // a disk keeps the machine id it was saved with otherwise.
             refresh_identity(&agent, &self.hostname).await?;
+            self.grow_disk(&agent, &spec).await?;
             if let Some(state) = &state {
                 // Loaded: QEMU no longer reads it.
                 let _ = std::fs::remove_file(state);

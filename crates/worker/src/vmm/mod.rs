@@ -39,6 +39,9 @@ pub struct BootSpec {
     /// VMM exactly these, so it never follows a backing file name stored in a layer (which
     /// a compromised VMM could have rewritten) and never opens a disk by path.
     pub base: Vec<DiskLayer>,
+    /// The size of the guest's disk (the bunker's `disk_mb`), at least the top base layer's:
+    /// a boot's overlay has it from the start; a restore's grows to it once the VM runs.
+    pub disk_bytes: u64,
     /// A unix socket the worker already listens on; the guest's agent port connects to it.
     pub agent_socket: PathBuf,
     pub cpu_millicores: u64,

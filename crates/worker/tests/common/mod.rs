@@ -173,12 +173,25 @@ impl TestWorker {
         memory_mb: u64,
         hostname: &str,
     ) -> reqwest::Response {
+        self.create_sized(id, image, memory_mb, 1024, hostname)
+            .await
+    }
+
+    /// `POST /bunkers` with a disk size and a host name; the raw response.
+    pub async fn create_sized(
+        &self,
+        id: &str,
+        image: &str,
+        memory_mb: u64,
+        disk_mb: u64,
+        hostname: &str,
+    ) -> reqwest::Response {
         let req = CreateVm {
             bunker_id: id.into(),
             image_sha256: image.into(),
             cpu_millicores: 1000,
             memory_mb,
-            disk_mb: 1024,
+            disk_mb,
             hostname: hostname.into(),
             env_vars: [("BUNKER_VAR".to_owned(), "from-create".to_owned())].into(),
             image_pull: None,

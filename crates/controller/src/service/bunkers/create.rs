@@ -264,7 +264,34 @@ pub async fn create(
         ),
         gpu_count: req.gpu_count.unwrap_or(0),
     };
-    let errors = spec::validate_resources(&resources);
+    // The guest's disk holds the image (or the snapshot's disk) and grows to `disk_mb`; it
+    // never shrinks. Without an explicit `disk_mb`, the smallest that fits is taken.
+    let min_disk_mb = image
+        .size_bytes
+        .map_or(0, |b| (b.max(0) as u64).div_ceil(1 << 20))
+        .max(
+            restore
+                .as_ref()
+                .map_or(0, |(snap, _)| snap.disk_mb.max(0) as u64),
+        );
+    let mut resources = resources;
+    if req.disk_mb.is_none() {
+        resources.disk_mb = resources.disk_mb.max(min_disk_mb);
+    }
+    let mut errors = spec::validate_resources(&resources);
+    if resources.disk_mb < min_disk_mb {
+        errors.push(field(
+            "disk_mb",
+            format!(
+                "must be at least {min_disk_mb}: the {} is that big",
+                if restore.is_some() {
+                    "snapshot's disk"
+                } else {
+                    "image"
+                }
+            ),
+        ));
+    }
     if !errors.is_empty() {
         return Err(BunkerError::Validation(errors));
     }

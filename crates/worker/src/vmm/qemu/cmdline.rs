@@ -191,8 +191,14 @@ fn blockdevs(disks: &[DiskFd]) -> Vec<Value> {
         .collect()
 }
 
-/// The `qemu-img` arguments that make `overlay` a copy-on-write layer over `base`.
-pub fn overlay_args(base: &Path, format: DiskFormat, overlay: &Path) -> Vec<OsString> {
+/// The `qemu-img` arguments that make `overlay` a copy-on-write layer over `base`, of
+/// `size_bytes` (what the guest sees; past the base it reads as zeros) or the base's size.
+pub fn overlay_args(
+    base: &Path,
+    format: DiskFormat,
+    overlay: &Path,
+    size_bytes: Option<u64>,
+) -> Vec<OsString> {
     let base = path_str(base);
     let format = match format {
         DiskFormat::Raw => "raw",
@@ -203,6 +209,7 @@ pub fn overlay_args(base: &Path, format: DiskFormat, overlay: &Path) -> Vec<OsSt
         .iter()
         .map(OsString::from)
         .chain([overlay.as_os_str().to_owned()])
+        .chain(size_bytes.map(|n| OsString::from(n.to_string())))
         .collect()
 }
 
@@ -353,11 +360,12 @@ mod tests {
     }
 
     #[test]
-    fn overlay_points_at_the_raw_base() {
+    fn overlay_points_at_the_raw_base_with_the_bunkers_disk_size() {
         let args: Vec<String> = overlay_args(
             Path::new("/img/tiny.ext4"),
             DiskFormat::Raw,
             Path::new("/d/disk.qcow2"),
+            Some(2 << 30),
         )
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
@@ -373,7 +381,8 @@ mod tests {
                 "raw",
                 "-b",
                 "/img/tiny.ext4",
-                "/d/disk.qcow2"
+                "/d/disk.qcow2",
+                "2147483648"
             ]
         );
     }
@@ -409,9 +418,12 @@ mod tests {
             Path::new("/t/disk.qcow2"),
             DiskFormat::Qcow2,
             Path::new("/d/disk.qcow2"),
+            None,
         );
         assert_eq!(args[5], "qcow2");
         assert_eq!(args[7], "/t/disk.qcow2");
+        // No size: the base's, as a restore needs.
+        assert_eq!(args.len(), 9);
     }
 
     #[test]

@@ -165,6 +165,17 @@ impl QemuVmm {
             dir: state.parent().map(Path::to_owned).unwrap_or_default(),
             source,
         })?;
+        let base_bytes = spec
+            .base
+            .first()
+            .map(|top| disk_virtual_size(&top.path, top.format))
+            .transpose()
+            .map_err(|source| VmmError::Io {
+                step: "read the base disk's size",
+                dir: spec.dir.clone(),
+                source,
+            })?
+            .unwrap_or(0);
         let vm = self.start(spec, Start::Restore).await?;
         let step = "restore the saved state";
         let loaded = async {
@@ -182,6 +193,16 @@ impl QemuVmm {
             qmp.execute("cont", None)
                 .await
                 .map_err(|e| monitor_error("cont", e))?;
+            // The overlay came up at the saved disk's size, which the restored guest knows;
+            // growing it now raises the device's config change, so the guest sees it too.
+            if spec.disk_bytes > base_bytes {
+                qmp.execute(
+                    "block_resize",
+                    Some(json!({ "node-name": "d0", "size": spec.disk_bytes })),
+                )
+                .await
+                .map_err(|e| monitor_error("block_resize", e))?;
+            }
             Ok::<_, VmmError>(())
         };
         let mut exited = vm.exited();
@@ -220,8 +241,14 @@ impl QemuVmm {
             ))
         })?;
         let overlay = spec.dir.join(DISK_FILE);
+        // A boot gets the bunker's disk size at once; a restore starts at the saved disk's
+        // size (the guest's state knows that one) and grows once running.
+        let size = match start {
+            Start::Boot => Some(spec.disk_bytes),
+            Start::Restore => None,
+        };
         let output = Command::new(QEMU_IMG_BINARY)
-            .args(cmdline::overlay_args(&top.path, top.format, &overlay))
+            .args(cmdline::overlay_args(&top.path, top.format, &overlay, size))
             .env_clear()
             .stdin(Stdio::null())
             .kill_on_drop(true)
@@ -508,6 +535,27 @@ impl QemuVm {
                 let _ = std::fs::remove_file(&part);
                 Err(e)
             }
+        }
+    }
+}
+
+/// The size the guest sees of a disk layer: a raw file's length, a qcow2's virtual size
+/// (big-endian at byte 24 of its header).
+pub fn disk_virtual_size(path: &Path, format: DiskFormat) -> std::io::Result<u64> {
+    match format {
+        DiskFormat::Raw => Ok(std::fs::metadata(path)?.len()),
+        DiskFormat::Qcow2 => {
+            use std::io::Read as _;
+            let mut header = [0u8; 32];
+            std::fs::File::open(path)?.read_exact(&mut header)?;
+            if &header[..4] != b"QFI\xfb" {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{} is not a qcow2 file", path.display()),
+                ));
+            }
+            let size: [u8; 8] = header[24..32].try_into().expect("8 bytes");
+            Ok(u64::from_be_bytes(size))
         }
     }
 }
