@@ -132,6 +132,34 @@ async fn three_shells_and_an_exec_share_one_bunker() {
     assert_eq!(opened, 3, "{events:#?}");
     assert_eq!(codes, vec![1, 2, 3], "{events:#?}");
 
+    // A 1 MiB script through exec is refused before it reaches the guest, and a shell open
+    // in the same bunker meanwhile keeps working (before, an exec over one agent frame reset
+    // every stream on the bunker's channel).
+    let (mut keys, mut screen) = client
+        .shell(&bunker.id, &ShellOptions::default())
+        .await
+        .expect("open a shell");
+    let mut seen = String::new();
+    keys.send(b"echo before-$((6*7))\n").await.expect("type");
+    read_until(&mut screen, &mut seen, "before-42").await;
+    let script = format!("cat <<'EOF'\n{}\nEOF\n", "x".repeat(1 << 20));
+    let refused = client
+        .exec(
+            &bunker.id,
+            &ExecRequest {
+                command: Some(script),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect_err("a 1 MiB script does not fit");
+    assert_eq!(refused.code(), Some("VALIDATION_ERROR"), "{refused}");
+    keys.send(b"echo after-$((6*7)); exit 7\n")
+        .await
+        .expect("type");
+    read_until(&mut screen, &mut seen, "after-42").await;
+    assert_eq!(exit_code(&mut screen).await, Some(7), "output: {seen:?}");
+
     // The CLI without a terminal: piped keys in, the shell's output out, its exit code.
     let (code, stdout, stderr) = up
         .cli(&["shell", &bunker.id], b"echo cli-$((6*7))\nexit 5\n")
