@@ -143,6 +143,9 @@ pub struct UpdateQuotaProfile {
 pub struct QuotaProfile {
     pub id: String,
     pub tenant_id: Option<String>,
+    /// Who made it: `platform` (a platform admin: a default, or a grant to a tenant that lifts
+    /// the default) or `tenant` (a tenant admin: it only narrows what the platform set).
+    pub origin: ProfileOrigin,
     pub name: String,
     pub description: Option<String>,
     pub max_concurrent_bunkers: Option<u64>,
@@ -157,6 +160,14 @@ pub struct QuotaProfile {
     pub per_bunker_max_gpu: Option<u64>,
     pub created_at: String,
     pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ProfileOrigin {
+    Platform,
+    Tenant,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
