@@ -152,7 +152,7 @@ pub async fn add_member(
     responses(
         (status = 201, description = "The key, shown once", body = Envelope<api::ApiKeyCreated>),
         (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
-        (status = 403, description = "`AUTHZ_PERMISSION_DENIED`: another user needs `scaibunker:admin:tenant`; `permissions` may only name ones the calling key holds", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED`: another user needs `scaibunker:admin:tenant` and a role that does not outrank the caller's", body = Error),
         (status = 404, description = "`USER_NOT_FOUND`", body = Error),
         (status = 422, description = "`VALIDATION_ERROR`", body = Error),
         (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),

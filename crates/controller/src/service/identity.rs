@@ -6,8 +6,10 @@
 //!   tenant, never `super_admin` and never granting `admin:platform`;
 //! - groups and members: `admin:tenant`, within the tenant;
 //! - API keys: anyone for themselves, narrowed to at most what the calling key holds (a narrowed
-//!   key cannot mint a broader one); `admin:tenant` also for other users of the tenant. Another
-//!   tenant's user, group or key is not found.
+//!   key cannot mint a broader one); `admin:tenant` also for other users of the tenant whose
+//!   role does not outrank the caller's, never holding more than the caller's key does; a key
+//!   minted for another user is audited with the minter as actor and the user named. Super
+//!   admins mint keys for any tenant's users. Another tenant's user, group or key is not found.
 
 use std::collections::BTreeSet;
 
@@ -36,6 +38,8 @@ pub enum IdentityError {
     NotFound(&'static str),
     #[error("{0}")]
     Conflict(String),
+    #[error("user {user_id} has role `{role}`, which outranks the caller's")]
+    Outranked { user_id: String, role: String },
     #[error("store failed")]
     Store(#[from] StoreError),
 }
@@ -193,6 +197,13 @@ pub async fn create_user(
     if !platform && extra.contains(auth::ADMIN_PLATFORM) {
         return Err(IdentityError::PermissionDenied(auth::ADMIN_PLATFORM));
     }
+    // It would be ignored on every request (see `auth::effective_permissions`): say so now.
+    if req.role != api::Role::SuperAdmin && extra.contains(auth::ADMIN_PLATFORM) {
+        return Err(invalid(
+            "module_permissions",
+            "`scaibunker:admin:platform` is only held by a `super_admin`",
+        ));
+    }
     let row = UserRow {
         id: UserId::from_random(random_bytes()).to_string(),
         tenant_id: req.tenant_id,
@@ -333,6 +344,13 @@ pub async fn create_api_key(
                 s.store.user(&p.tenant_id, u).await?
             }
             .ok_or(IdentityError::NotFound("user"))?;
+            // Acting as someone of a higher role is escalation whatever the key would hold.
+            if auth::role_rank(&user.role) > auth::role_rank(&p.role) {
+                return Err(IdentityError::Outranked {
+                    user_id: user.id,
+                    role: user.role,
+                });
+            }
             // Never more than the caller holds either.
             let ceiling = user_permissions(&user)
                 .intersection(&p.permissions)
@@ -361,7 +379,14 @@ pub async fn create_api_key(
     let perms_json = narrowed
         .as_ref()
         .map(|n| serde_json::to_string(n).expect("strings serialise"));
-    let event = audit(p, "api_key.create", "api_key", &id, &tenant_id);
+    // The actor is the minter; the key's user is named, so a key minted for someone else is
+    // never mistaken for one they made.
+    let mut event = audit(p, "api_key.create", "api_key", &id, &tenant_id);
+    event.details = serde_json::json!({
+        "user_id": user_id,
+        "name": req.name,
+        "permissions": narrowed,
+    });
     s.store
         .insert_api_key(
             &NewApiKey {
