@@ -2,8 +2,9 @@
 //! in-process live state and on MariaDB with a real Redis (each test its own key prefix).
 //!
 //! Each scenario is an attack from issue 12: a tenant admin minting a key for a user that
-//! outranks it (in the platform tenant and in an ordinary one), and a key whose role string
-//! says more than its permissions.
+//! outranks it (in the platform tenant and in an ordinary one), a key whose role string says
+//! more than its permissions, and revoking the last super-admin key (the lock-out), with the
+//! recovery that undoes one.
 
 mod common;
 
@@ -348,6 +349,105 @@ async fn an_ordinary_tenant_admin_cannot_mint_up_and_minting_is_audited_as_the_m
     api.finish().await;
 }
 
+async fn revoke(api: &Api, by: &str, key_id: &str) -> (StatusCode, Value) {
+    api.call("DELETE", &format!("/v1/api-keys/{key_id}"), by, None)
+        .await
+}
+
+/// The fuzzer's lock-out: revoking the only super-admin key is refused with `409`, and nothing
+/// changes; with a second key the first goes, and then the second is the last.
+async fn the_last_super_admin_key_cannot_be_revoked(db: Db, live: Live) {
+    let api = Api::start(db, live).await;
+    let (_, root_user) = api.root_ids().await;
+    let (_, v) = api.call("GET", "/v1/api-keys", &api.root, None).await;
+    let bootstrap_id = v["data"][0]["id"].as_str().expect("key id").to_owned();
+    let revokes_before = api.events("api_key.revoke").await.len();
+
+    let (st, v) = revoke(&api, &api.root, &bootstrap_id).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::CONFLICT, "LAST_SUPER_ADMIN_KEY"),
+        "{v}"
+    );
+    let (st, v) = api.call("GET", "/workers", &api.root, None).await;
+    assert_eq!(st, StatusCode::OK, "the key still works: {v}");
+    assert_eq!(api.events("api_key.revoke").await.len(), revokes_before);
+
+    // A narrowed key of the super admin is no way back in: it does not count.
+    let (st, v) = api
+        .call(
+            "POST",
+            "/v1/api-keys",
+            &api.root,
+            Some(json!({"name": "ro", "permissions": ["scaibunker:create"]})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let (st, v) = revoke(&api, &api.root, &bootstrap_id).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::CONFLICT, "LAST_SUPER_ADMIN_KEY"),
+        "{v}"
+    );
+
+    // A second full key: the first may go, and then the second is the last.
+    let (st, v) = api
+        .call(
+            "POST",
+            "/v1/api-keys",
+            &api.root,
+            Some(json!({"name": "second"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let second = v["data"]["key"].as_str().expect("key").to_owned();
+    let second_id = v["data"]["id"].as_str().expect("id").to_owned();
+    let (st, v) = revoke(&api, &second, &bootstrap_id).await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "{v}");
+    let (st, v) = revoke(&api, &second, &second_id).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::CONFLICT, "LAST_SUPER_ADMIN_KEY"),
+        "{v}"
+    );
+    assert_eq!(
+        api.live_keys_of(&root_user).await,
+        2,
+        "the second and the narrowed one"
+    );
+    let (st, _) = api.call("GET", "/workers", &second, None).await;
+    assert_eq!(st, StatusCode::OK);
+    api.finish().await;
+}
+
+/// `scaibunker admin recover-key` calls [`auth::recover_key`]: a new key for the oldest super
+/// admin that holds every platform power, audited.
+async fn a_recovered_key_is_a_working_audited_super_admin_key(db: Db, live: Live) {
+    let api = Api::start(db, live).await;
+    let (platform, root_user) = api.root_ids().await;
+    let recovered = auth::recover_key(&api.handle.services.store)
+        .await
+        .expect("recovery mints a key");
+    assert!(recovered.key.starts_with("sgk_") && recovered.key.len() >= 36);
+    assert_eq!(recovered.user_id, root_user);
+    for path in ["/workers", "/v1/tenants"] {
+        let (st, v) = api.call("GET", path, &recovered.key, None).await;
+        assert_eq!(st, StatusCode::OK, "{path}: {v}");
+    }
+    let events = api.events("api_key.recover").await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0];
+    assert_eq!(e["actor_type"], "system", "{e}");
+    assert_eq!(e["tenant_id"], platform.as_str(), "{e}");
+    assert_eq!(e["resource_id"], recovered.key_id.as_str(), "{e}");
+    assert_eq!(e["details"]["user_id"], root_user.as_str(), "{e}");
+    assert!(
+        !e.to_string().contains(&recovered.key),
+        "the secret is never audited"
+    );
+    api.finish().await;
+}
+
 /// Runs each scenario on SQLite (in-process live state) and on MariaDB with Redis.
 macro_rules! matrix {
     ($($name:ident),* $(,)?) => {
@@ -365,4 +465,6 @@ macro_rules! matrix {
 matrix!(
     a_platform_tenant_admin_cannot_mint_a_super_admin_key,
     an_ordinary_tenant_admin_cannot_mint_up_and_minting_is_audited_as_the_minter,
+    the_last_super_admin_key_cannot_be_revoked,
+    a_recovered_key_is_a_working_audited_super_admin_key,
 );

@@ -316,6 +316,9 @@ impl From<IdentityError> for ApiError {
             IdentityError::Outranked { .. } => {
                 Self::new(StatusCode::FORBIDDEN, codes::AUTHZ_PERMISSION_DENIED, msg)
             }
+            IdentityError::LastSuperAdminKey(_) => {
+                Self::new(StatusCode::CONFLICT, codes::LAST_SUPER_ADMIN_KEY, msg)
+            }
             IdentityError::Store(ref s) => Self::internal(s),
         }
     }

@@ -197,8 +197,8 @@ pub async fn api_keys(
     responses(
         (status = 204, description = "Revoked"),
         (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
-        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:admin:tenant`)", body = Error),
-        (status = 404, description = "`API_KEY_NOT_FOUND`", body = Error),
+        (status = 404, description = "`API_KEY_NOT_FOUND` (another tenant's, or another user's without `scaibunker:admin:tenant`)", body = Error),
+        (status = 409, description = "`LAST_SUPER_ADMIN_KEY`: the last key holding every platform power; nothing changed", body = Error),
         (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
     ),
     security(("bearer" = []))

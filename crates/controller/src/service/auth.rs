@@ -30,14 +30,15 @@ use std::path::Path;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use rand::Rng;
 use rand::distr::Alphanumeric;
-use scaibunker_core::ids::{ApiKeyId, TenantId, UserId};
+use scaibunker_core::ids::{ApiKeyId, AuditId, TenantId, UserId};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::random_bytes;
 use crate::config::ControllerConfig;
+use crate::store::audit::AuditEvent;
 use crate::store::identity::{NewApiKey, NewTenant, NewUser};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, now_ms};
 
 pub const CREATE: &str = "scaibunker:create";
 pub const CREATE_SESSION: &str = "scaibunker:create:session";
@@ -122,6 +123,16 @@ pub fn effective_permissions(
         permissions.retain(|p| narrowed.contains(p));
     }
     permissions
+}
+
+/// Whether a live key of a `super_admin` user, narrowed to `narrowed_json` (its stored
+/// permissions), still holds every platform power: what the lock-out guard counts.
+pub fn is_full_super_admin_key(narrowed_json: Option<&str>) -> bool {
+    match narrowed_json {
+        None => true,
+        Some(_) => parse_permissions(narrowed_json)
+            .is_some_and(|n| n.contains(ADMIN) && n.contains(ADMIN_PLATFORM)),
+    }
 }
 
 /// The authenticated caller of one request.
@@ -410,6 +421,68 @@ pub async fn bootstrap(
     Ok(Some(key))
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverKeyError {
+    #[error("the database holds no super admin; start the controller once to bootstrap one")]
+    NoSuperAdmin,
+    #[error("minting the recovery key")]
+    Store(#[from] StoreError),
+}
+
+/// A key minted by [`recover_key`]; `key` is shown once.
+#[derive(Debug, Clone)]
+pub struct RecoveredKey {
+    pub key: String,
+    pub key_id: String,
+    pub user_id: String,
+    pub tenant_id: String,
+}
+
+/// `scaibunker admin recover-key`: a new full key for the oldest super admin, for an operator
+/// who lost every super-admin key. It runs against the database directly (whoever can reach
+/// it owns the installation anyway) and is audited as `api_key.recover` by the `system`.
+pub async fn recover_key(store: &Store) -> Result<RecoveredKey, RecoverKeyError> {
+    let user = store
+        .admin_oldest_super_admin()
+        .await?
+        .ok_or(RecoverKeyError::NoSuperAdmin)?;
+    let key = new_api_key();
+    let key_id = ApiKeyId::from_random(random_bytes()).to_string();
+    let event = AuditEvent {
+        id: AuditId::from_random(random_bytes()).to_string(),
+        time_ms: now_ms(),
+        tenant_id: Some(user.tenant_id.clone()),
+        actor_id: None,
+        actor_type: "system",
+        action: "api_key.recover",
+        resource_type: "api_key",
+        resource_id: Some(key_id.clone()),
+        status: "success",
+        ip: None,
+        request_id: None,
+        details: serde_json::json!({ "user_id": user.id, "name": "recovery" }),
+    };
+    store
+        .insert_api_key(
+            &NewApiKey {
+                id: &key_id,
+                tenant_id: &user.tenant_id,
+                user_id: &user.id,
+                name: "recovery",
+                key_sha256: &hash_key(&key),
+                permissions: None,
+            },
+            &event,
+        )
+        .await?;
+    Ok(RecoveredKey {
+        key,
+        key_id,
+        user_id: user.id,
+        tenant_id: user.tenant_id,
+    })
+}
+
 /// Writes a secret atomically with mode 0600 from the start (never world-readable).
 fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
     use std::io::Write;
@@ -474,6 +547,15 @@ mod tests {
         .collect();
         assert_eq!(ranks, [3, 2, 1, 0]);
         assert_eq!(role_rank("made_up"), 0);
+    }
+
+    #[test]
+    fn only_unnarrowed_or_fully_privileged_keys_are_full_super_admin_keys() {
+        assert!(is_full_super_admin_key(None));
+        let full = format!("[\"{ADMIN}\",\"{ADMIN_PLATFORM}\",\"{CREATE}\"]");
+        assert!(is_full_super_admin_key(Some(&full)));
+        assert!(!is_full_super_admin_key(Some(&format!("[\"{ADMIN}\"]"))));
+        assert!(!is_full_super_admin_key(Some("not json")));
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //!   key cannot mint a broader one); `admin:tenant` also for other users of the tenant whose
 //!   role does not outrank the caller's, never holding more than the caller's key does; a key
 //!   minted for another user is audited with the minter as actor and the user named. Super
-//!   admins mint keys for any tenant's users. Another tenant's user, group or key is not found.
+//!   admins mint keys for any tenant's users. Another tenant's user, group or key is not found. The last key holding every platform power cannot be revoked (`LastSuperAdminKey`),
+//!   so the platform never locks itself out.
 
 use std::collections::BTreeSet;
 
@@ -21,7 +22,7 @@ use super::bunkers::rfc3339;
 use super::{Services, random_bytes};
 use crate::store::audit::AuditEvent;
 use crate::store::identity::{
-    GroupRow, KeyRow, NewApiKey, TenantRow, UserRow, is_unique_violation,
+    GroupRow, KeyRow, NewApiKey, Revocation, TenantRow, UserRow, is_unique_violation,
 };
 use crate::store::{StoreError, now_ms};
 
@@ -40,6 +41,8 @@ pub enum IdentityError {
     Conflict(String),
     #[error("user {user_id} has role `{role}`, which outranks the caller's")]
     Outranked { user_id: String, role: String },
+    #[error("api key {0} is the last one holding every platform power; mint another first")]
+    LastSuperAdminKey(String),
     #[error("store failed")]
     Store(#[from] StoreError),
 }
@@ -431,16 +434,27 @@ pub async fn api_keys(s: &Services, p: &Principal) -> Result<Vec<api::ApiKey>, I
         .collect())
 }
 
+/// Revokes a key: one's own, or the tenant's with `admin:tenant`. The last key holding every
+/// platform power is refused.
 pub async fn revoke_api_key(s: &Services, p: &Principal, id: &str) -> Result<(), IdentityError> {
+    let tenant_id = p.tenant_id.clone();
     let owner = s
         .store
-        .key_owner(&p.tenant_id, id)
+        .key_owner(&tenant_id, id)
         .await?
         .ok_or(IdentityError::NotFound("api key"))?;
     if owner != p.user_id && !p.has(auth::ADMIN_TENANT) {
         return Err(IdentityError::NotFound("api key"));
     }
-    let event = audit(p, "api_key.revoke", "api_key", id, &p.tenant_id);
-    s.store.revoke_api_key(&p.tenant_id, id, &event).await?;
-    Ok(())
+    let mut event = audit(p, "api_key.revoke", "api_key", id, &tenant_id);
+    event.details = serde_json::json!({ "user_id": owner });
+    match s
+        .store
+        .revoke_api_key(&tenant_id, id, auth::is_full_super_admin_key, &event)
+        .await?
+    {
+        // Revoking a revoked key changes nothing and is not an error.
+        Revocation::Revoked | Revocation::Unchanged => Ok(()),
+        Revocation::LastSuperAdminKey => Err(IdentityError::LastSuperAdminKey(id.to_owned())),
+    }
 }
