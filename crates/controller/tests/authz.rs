@@ -448,6 +448,76 @@ async fn a_recovered_key_is_a_working_audited_super_admin_key(db: Db, live: Live
     api.finish().await;
 }
 
+/// A leaked key in a customer tenant can be listed and killed by the platform operator;
+/// a tenant admin still sees only its own tenant.
+async fn a_super_admin_lists_and_revokes_another_tenants_keys(db: Db, live: Live) {
+    let api = Api::start(db, live).await;
+    let acme = api.tenant("acme").await;
+    let boss = api
+        .user(
+            &api.root,
+            &acme,
+            "boss@acme.test",
+            "tenant_admin",
+            json!([]),
+        )
+        .await;
+    let (_, v) = api.mint(&api.root, &boss).await;
+    let boss_key = v["data"]["key"].as_str().expect("key").to_owned();
+    let boss_key_id = v["data"]["id"].as_str().expect("id").to_owned();
+
+    let (st, v) = api
+        .call(
+            "GET",
+            &format!("/v1/api-keys?tenant_id={acme}"),
+            &api.root,
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .filter_map(|k| k["id"].as_str())
+        .collect();
+    assert_eq!(ids, [boss_key_id.as_str()]);
+    let (st, v) = api
+        .call("GET", "/v1/api-keys?tenant_id=tnt_nope", &api.root, None)
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::NOT_FOUND, "TENANT_NOT_FOUND"),
+        "{v}"
+    );
+    let (platform, _) = api.root_ids().await;
+    let (st, v) = api
+        .call(
+            "GET",
+            &format!("/v1/api-keys?tenant_id={platform}"),
+            &boss_key,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::NOT_FOUND, "TENANT_NOT_FOUND"),
+        "{v}"
+    );
+
+    let (st, v) = revoke(&api, &api.root, &boss_key_id).await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "{v}");
+    let (st, _) = api.call("GET", "/v1/api-keys", &boss_key, None).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    let events = api.events("api_key.revoke").await;
+    let e = events
+        .iter()
+        .find(|e| e["resource_id"] == boss_key_id.as_str())
+        .expect("revocation audited");
+    assert_eq!(e["tenant_id"], acme.as_str(), "{e}");
+    api.finish().await;
+}
+
 /// Runs each scenario on SQLite (in-process live state) and on MariaDB with Redis.
 macro_rules! matrix {
     ($($name:ident),* $(,)?) => {
@@ -467,4 +537,5 @@ matrix!(
     an_ordinary_tenant_admin_cannot_mint_up_and_minting_is_audited_as_the_minter,
     the_last_super_admin_key_cannot_be_revoked,
     a_recovered_key_is_a_working_audited_super_admin_key,
+    a_super_admin_lists_and_revokes_another_tenants_keys,
 );

@@ -9,7 +9,8 @@
 //!   key cannot mint a broader one); `admin:tenant` also for other users of the tenant whose
 //!   role does not outrank the caller's, never holding more than the caller's key does; a key
 //!   minted for another user is audited with the minter as actor and the user named. Super
-//!   admins mint keys for any tenant's users. Another tenant's user, group or key is not found. The last key holding every platform power cannot be revoked (`LastSuperAdminKey`),
+//!   admins mint, list and revoke keys of any tenant. Another tenant's user, group or key is not
+//!   found. The last key holding every platform power cannot be revoked (`LastSuperAdminKey`),
 //!   so the platform never locks itself out.
 
 use std::collections::BTreeSet;
@@ -424,20 +425,43 @@ fn key_api(k: KeyRow) -> api::ApiKey {
     }
 }
 
-pub async fn api_keys(s: &Services, p: &Principal) -> Result<Vec<api::ApiKey>, IdentityError> {
+/// The keys of the caller (every one of the tenant's with `admin:tenant`); `tenant_id` names
+/// another tenant for super admins (`admin:platform`; to others it is not found).
+pub async fn api_keys(
+    s: &Services,
+    p: &Principal,
+    tenant_id: Option<&str>,
+) -> Result<Vec<api::ApiKey>, IdentityError> {
+    let tenant_id = match tenant_id {
+        None => p.tenant_id.as_str(),
+        Some(t) if t == p.tenant_id => t,
+        Some(t) => {
+            if !p.has(auth::ADMIN_PLATFORM) || !s.store.tenant_exists(t).await? {
+                return Err(IdentityError::NotFound("tenant"));
+            }
+            t
+        }
+    };
     let only = (!p.has(auth::ADMIN_TENANT)).then_some(p.user_id.as_str());
     Ok(s.store
-        .api_keys(&p.tenant_id, only)
+        .api_keys(tenant_id, only)
         .await?
         .into_iter()
         .map(key_api)
         .collect())
 }
 
-/// Revokes a key: one's own, or the tenant's with `admin:tenant`. The last key holding every
-/// platform power is refused.
+/// Revokes a key: one's own, the tenant's with `admin:tenant`, any tenant's with
+/// `admin:platform`. The last key holding every platform power is refused.
 pub async fn revoke_api_key(s: &Services, p: &Principal, id: &str) -> Result<(), IdentityError> {
-    let tenant_id = p.tenant_id.clone();
+    let tenant_id = if p.has(auth::ADMIN_PLATFORM) {
+        s.store
+            .admin_key_tenant(id)
+            .await?
+            .ok_or(IdentityError::NotFound("api key"))?
+    } else {
+        p.tenant_id.clone()
+    };
     let owner = s
         .store
         .key_owner(&tenant_id, id)

@@ -8,6 +8,16 @@ use super::{Store, StoreError};
 use sqlx::AssertSqlSafe;
 
 impl Store {
+    /// The tenant of any tenant's API key (platform admins revoking a leaked key).
+    pub async fn admin_key_tenant(&self, key_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT tenant_id FROM api_keys WHERE id = ?")
+                .bind(key_id)
+                .fetch_optional(self.pool())
+                .await?,
+        )
+    }
+
     /// The oldest user with role `super_admin`, in any tenant (key recovery).
     pub async fn admin_oldest_super_admin(&self) -> Result<Option<UserRow>, StoreError> {
         let found: Option<(String, String)> = sqlx::query_as(
