@@ -176,6 +176,8 @@ pub enum ProfileOrigin {
 pub enum TargetKind {
     User,
     Group,
+    /// Every user of the profile's tenant (`target_id` is the tenant id; mode `per_user`).
+    Tenant,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -186,7 +188,8 @@ pub enum AssignmentMode {
     Individual,
     /// One bucket shared by every member of the group and its nested groups.
     Shared,
-    /// Each member of the group (and its nested groups) gets its own copy.
+    /// Each member of the group (and its nested groups), or each user of the tenant, gets its
+    /// own copy.
     PerUser,
 }
 

@@ -1167,6 +1167,96 @@ async fn a_tenant_profile_narrows_but_never_lifts_the_platform_ceiling(db: Db, l
     api.finish().await;
 }
 
+/// A platform admin grants a whole tenant more than the default: a platform profile assigned
+/// to the tenant, `per_user`, gives every user of it its own copy. Tenant admins can narrow a
+/// tenant wide too, but never assign into another tenant.
+async fn a_platform_grant_to_a_whole_tenant_lifts_the_default_for_each_user(db: Db, live: Live) {
+    let api = Api::start(Setup::new(db, live)).await;
+    api.register(&stub_worker().await).await;
+    let root = api.handle.bootstrap_key.clone().expect("bootstrap key");
+    api.profile(
+        &root,
+        json!({"name": "default", "tenant_id": null, "max_concurrent_bunkers": 1}),
+    )
+    .await;
+    let (tenant, _, key) = api.tenant("wide", "tenant_admin").await;
+    let (_, other_key) = api.user(&key, &tenant, "other@wide.test").await;
+    let grant = api
+        .profile(
+            &root,
+            json!({"name": "grant", "tenant_id": tenant, "max_concurrent_bunkers": 2}),
+        )
+        .await;
+    let (st, v) = api
+        .call(
+            "POST",
+            &format!("/quota-profiles/{grant}/assignments"),
+            &root,
+            Some(json!({"target_kind": "tenant", "target_id": tenant, "mode": "shared"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    let (st, v) = api
+        .call(
+            "POST",
+            &format!("/quota-profiles/{grant}/assignments"),
+            &root,
+            Some(
+                json!({"target_kind": "tenant", "target_id": "tnt_elsewhere", "mode": "per_user"}),
+            ),
+        )
+        .await;
+    assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "TENANT_NOT_FOUND"));
+    api.assign(&root, &grant, "tenant", &tenant, "per_user")
+        .await;
+    let (st, v) = api
+        .call(
+            "GET",
+            &format!("/quota-profiles/{grant}/assignments"),
+            &key,
+            None,
+        )
+        .await;
+    assert_eq!(v["data"][0]["target_kind"], "tenant", "{st} {v}");
+    for k in [&key, &other_key] {
+        for _ in 0..2 {
+            let (st, v) = api.create(k, json!({"image": "default"})).await;
+            assert_eq!(st, StatusCode::CREATED, "{v}");
+        }
+        let (st, v) = api.create(k, json!({"image": "default"})).await;
+        assert_eq!(st, StatusCode::TOO_MANY_REQUESTS, "{v}");
+        assert_eq!(details(&v)["profile_id"], grant, "{v}");
+    }
+    // A tenant admin's own profile can narrow every user of its tenant at once.
+    let (other_tenant, _, other_admin) = api.tenant("nar", "tenant_admin").await;
+    let own = api
+        .profile(
+            &other_admin,
+            json!({"name": "own", "max_concurrent_bunkers": 5}),
+        )
+        .await;
+    let (st, _) = api
+        .call(
+            "POST",
+            &format!("/quota-profiles/{own}/assignments"),
+            &other_admin,
+            Some(json!({"target_kind": "tenant", "target_id": tenant, "mode": "per_user"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    api.assign(&other_admin, &own, "tenant", &other_tenant, "per_user")
+        .await;
+    let (st, _) = api.create(&other_admin, json!({"image": "default"})).await;
+    assert_eq!(st, StatusCode::CREATED);
+    let (st, v) = api.create(&other_admin, json!({"image": "default"})).await;
+    assert_eq!(
+        st,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the default still caps: {v}"
+    );
+    api.finish().await;
+}
+
 /// A worker with room for exactly `K` default bunkers takes a storm of `4K` creates: `K` are
 /// placed, every other one is refused `503 WORKER_UNAVAILABLE`. On MariaDB the storm is split
 /// over two controllers sharing the database, so the guard cannot be an in-process lock.
@@ -1247,6 +1337,7 @@ matrix!(
     every_way_a_bunker_ends_releases_its_quota_once,
     profiles_are_tenant_scoped_audited_and_permission_checked,
     a_tenant_profile_narrows_but_never_lifts_the_platform_ceiling,
+    a_platform_grant_to_a_whole_tenant_lifts_the_default_for_each_user,
 );
 
 /// Two controllers on one MariaDB and one Redis tick usage together; Redis is wiped in the

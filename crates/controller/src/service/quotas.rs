@@ -8,10 +8,10 @@
 //!
 //! Tenant admins only narrow what the platform granted. What applies to a user comes in two
 //! layers, always evaluated together (every cap must pass, so the strictest wins per limit):
-//! - the platform's: assignments of platform-made profiles on the user or its groups, or, when
-//!   there is none, every platform default on the user's own bucket (so a platform grant may be
-//!   larger than the default);
-//! - the tenant's: assignments of tenant-made profiles on the user or its groups.
+//! - the platform's: assignments of platform-made profiles on the user, its groups or its
+//!   whole tenant, or, when there is none, every platform default on the user's own bucket (so
+//!   a platform grant may be larger than the default);
+//! - the tenant's: assignments of tenant-made profiles on the user, its groups or the tenant.
 //!
 //! Enforcement, per create:
 //! 1. Resolve both layers for the creating user: assignments on the user and on every group the
@@ -411,6 +411,7 @@ fn target_kind_str(k: api::TargetKind) -> &'static str {
     match k {
         api::TargetKind::User => "user",
         api::TargetKind::Group => "group",
+        api::TargetKind::Tenant => "tenant",
     }
 }
 
@@ -427,10 +428,10 @@ fn assignment_api(a: AssignmentRow) -> api::Assignment {
         id: a.id,
         profile_id: a.profile_id,
         tenant_id: a.tenant_id,
-        target_kind: if a.target_kind == "group" {
-            api::TargetKind::Group
-        } else {
-            api::TargetKind::User
+        target_kind: match a.target_kind.as_str() {
+            "group" => api::TargetKind::Group,
+            "tenant" => api::TargetKind::Tenant,
+            _ => api::TargetKind::User,
         },
         target_id: a.target_id,
         mode: match AssignmentMode::parse(&a.mode) {
@@ -472,11 +473,20 @@ pub async fn create_assignment(
                 return Err(QuotaError::NotFound("group"));
             }
         }
+        // How a platform admin grants a whole tenant more than the default.
+        (api::TargetKind::Tenant, AssignmentMode::PerUser) => {
+            if req.target_id != tenant_id {
+                return Err(QuotaError::NotFound("tenant"));
+            }
+        }
         (api::TargetKind::User, _) => {
             return Err(invalid("mode", "a user takes `individual`"));
         }
         (api::TargetKind::Group, _) => {
             return Err(invalid("mode", "a group takes `shared` or `per_user`"));
+        }
+        (api::TargetKind::Tenant, _) => {
+            return Err(invalid("mode", "a tenant takes `per_user`"));
         }
     }
     let row = AssignmentRow {

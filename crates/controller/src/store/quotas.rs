@@ -415,7 +415,8 @@ impl Store {
         Ok((direct, parents.into_iter().collect()))
     }
 
-    /// The assignments of the tenant on `user_id` or any of `group_ids`, with their profiles.
+    /// The assignments of the tenant on `user_id`, any of `group_ids` or the whole tenant, with
+    /// their profiles.
     pub async fn quota_assignments_on(
         &self,
         tenant_id: &str,
@@ -426,7 +427,8 @@ impl Store {
             "SELECT a.id AS a_id, a.profile_id, a.tenant_id AS a_tenant_id, a.target_kind, \
              a.target_id, a.mode, a.created_at AS a_created_at, {PROFILE_COLUMNS} \
              FROM quota_assignments a JOIN quota_profiles p ON p.id = a.profile_id \
-             WHERE a.tenant_id = ? AND ((a.target_kind = 'user' AND a.target_id = ?)"
+             WHERE a.tenant_id = ? AND ((a.target_kind = 'tenant' AND a.target_id = a.tenant_id) \
+             OR (a.target_kind = 'user' AND a.target_id = ?)"
         );
         if !group_ids.is_empty() {
             let placeholders = vec!["?"; group_ids.len()].join(", ");
