@@ -383,6 +383,7 @@ async fn the_last_super_admin_key_cannot_be_revoked(db: Db, live: Live) {
         )
         .await;
     assert_eq!(st, StatusCode::CREATED, "{v}");
+    let narrow = v["data"]["key"].as_str().expect("key").to_owned();
     let (st, v) = revoke(&api, &api.root, &bootstrap_id).await;
     assert_eq!(
         (st, code(&v)),
@@ -417,6 +418,48 @@ async fn the_last_super_admin_key_cannot_be_revoked(db: Db, live: Live) {
     );
     let (st, _) = api.call("GET", "/workers", &second, None).await;
     assert_eq!(st, StatusCode::OK);
+
+    // Two revocations racing for the last two full keys: one passes, one is refused, and
+    // exactly one full key is left, whichever won. The narrowed key sends both (one's own
+    // keys need no admin permission), so neither request loses its credential to the other.
+    let (mut survivor, mut survivor_id) = (second, second_id);
+    for round in 0..5 {
+        let (_, v) = api
+            .call(
+                "POST",
+                "/v1/api-keys",
+                &survivor,
+                Some(json!({"name": "next"})),
+            )
+            .await;
+        let fresh = v["data"]["key"].as_str().expect("key").to_owned();
+        let fresh_id = v["data"]["id"].as_str().expect("id").to_owned();
+        let (a, b) = tokio::join!(
+            revoke(&api, &narrow, &fresh_id),
+            revoke(&api, &narrow, &survivor_id)
+        );
+        let mut got = [a.0, b.0];
+        got.sort();
+        assert_eq!(
+            got,
+            [StatusCode::NO_CONTENT, StatusCode::CONFLICT],
+            "round {round}: {a:?} {b:?}"
+        );
+        if b.0 == StatusCode::NO_CONTENT {
+            (survivor, survivor_id) = (fresh, fresh_id);
+        }
+        let full_left: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM api_keys WHERE user_id = ? AND revoked_at IS NULL \
+             AND permissions IS NULL",
+        )
+        .bind(&root_user)
+        .fetch_one(api.handle.services.store.pool())
+        .await
+        .expect("count");
+        assert_eq!(full_left, 1, "round {round}");
+        let (st, _) = api.call("GET", "/workers", &survivor, None).await;
+        assert_eq!(st, StatusCode::OK, "round {round}");
+    }
     api.finish().await;
 }
 
