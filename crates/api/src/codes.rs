@@ -35,6 +35,10 @@ pub const SNAPSHOT_NOT_READY: &str = "SNAPSHOT_NOT_READY";
 pub const QUOTA_PROFILE_NOT_FOUND: &str = "QUOTA_PROFILE_NOT_FOUND";
 pub const QUOTA_ASSIGNMENT_NOT_FOUND: &str = "QUOTA_ASSIGNMENT_NOT_FOUND";
 pub const CONFLICT: &str = "CONFLICT";
+/// `DELETE /v1/api-keys/{id}` on the last live key that holds every platform power (a
+/// `super_admin`'s key not narrowed below `admin` and `admin:platform`): refused so the
+/// platform cannot lock itself out; mint another first, or `scaibunker admin recover-key`.
+pub const LAST_SUPER_ADMIN_KEY: &str = "LAST_SUPER_ADMIN_KEY";
 pub const WORKER_UNAVAILABLE: &str = "WORKER_UNAVAILABLE";
 pub const NO_SUITABLE_WORKER: &str = "NO_SUITABLE_WORKER";
 pub const LIFECYCLE_MODE_DENIED: &str = "LIFECYCLE_MODE_DENIED";

@@ -143,6 +143,9 @@ pub struct UpdateQuotaProfile {
 pub struct QuotaProfile {
     pub id: String,
     pub tenant_id: Option<String>,
+    /// Who made it: `platform` (a platform admin: a default, or a grant to a tenant that lifts
+    /// the default) or `tenant` (a tenant admin: it only narrows what the platform set).
+    pub origin: ProfileOrigin,
     pub name: String,
     pub description: Option<String>,
     pub max_concurrent_bunkers: Option<u64>,
@@ -162,9 +165,19 @@ pub struct QuotaProfile {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
+pub enum ProfileOrigin {
+    Platform,
+    Tenant,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
 pub enum TargetKind {
     User,
     Group,
+    /// Every user of the profile's tenant (`target_id` is the tenant id; mode `per_user`).
+    Tenant,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -175,7 +188,8 @@ pub enum AssignmentMode {
     Individual,
     /// One bucket shared by every member of the group and its nested groups.
     Shared,
-    /// Each member of the group (and its nested groups) gets its own copy.
+    /// Each member of the group (and its nested groups), or each user of the tenant, gets its
+    /// own copy.
     PerUser,
 }
 

@@ -1,6 +1,8 @@
 //! `scaibunker`: the command people type. Client commands talk to the API through the SDK;
-//! `serve` runs a controller; `up` runs a whole embedded installation.
+//! `serve` runs a controller; `up` runs a whole embedded installation; `admin` works on the
+//! installation's database directly (key recovery).
 
+mod admin;
 mod commands;
 mod cp;
 mod image;
@@ -55,6 +57,11 @@ enum Command {
         #[command(subcommand)]
         command: image::ImageCommand,
     },
+    /// Operator commands on the installation's database (same settings as `serve`).
+    Admin {
+        #[command(subcommand)]
+        command: admin::AdminCommand,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -79,6 +86,7 @@ fn main() -> std::process::ExitCode {
             Command::Shell(args) => shell::shell(args).await,
             Command::Cp(args) => cp::cp(args, cli.json).await.map(|_| 0),
             Command::Image { command } => image::image(command, cli.json).await.map(|_| 0),
+            Command::Admin { command } => admin::admin(command, cli.json).await.map(|_| 0),
         }
     });
     match result {

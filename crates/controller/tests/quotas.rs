@@ -1007,7 +1007,11 @@ async fn profiles_are_tenant_scoped_audited_and_permission_checked(db: Db, live:
     api.finish().await;
 }
 
-async fn a_platform_default_applies_only_where_no_profile_does(db: Db, live: Live) {
+/// The ceiling escape of issue 12: a tenant admin assigns itself a profile of its own with
+/// higher (or no) caps. Tenant profiles only narrow: they are evaluated together with what the
+/// platform set (the default here), strictest wins. Only a profile a platform admin made lifts
+/// the default, and the tenant admin can neither change nor unassign it.
+async fn a_tenant_profile_narrows_but_never_lifts_the_platform_ceiling(db: Db, live: Live) {
     let api = Api::start(Setup::new(db, live)).await;
     api.register(&stub_worker().await).await;
     let root = api.handle.bootstrap_key.clone().expect("bootstrap key");
@@ -1017,7 +1021,7 @@ async fn a_platform_default_applies_only_where_no_profile_does(db: Db, live: Liv
             json!({"name": "default", "tenant_id": null, "max_concurrent_bunkers": 1}),
         )
         .await;
-    let (_, user, key) = api.tenant("dflt", "tenant_admin").await;
+    let (tenant, user, key) = api.tenant("dflt", "tenant_admin").await;
     let (st, _) = api.create(&key, json!({"image": "default"})).await;
     assert_eq!(st, StatusCode::CREATED);
     let (st, v) = api.create(&key, json!({"image": "default"})).await;
@@ -1047,18 +1051,209 @@ async fn a_platform_default_applies_only_where_no_profile_does(db: Db, live: Liv
         )
         .await;
     assert_eq!(st, StatusCode::FORBIDDEN);
-    // A tenant profile assigned to the user replaces the default for them.
+    // The escape: a roomier profile of the tenant's own, assigned to itself, lifts nothing.
     let own = api
         .profile(&key, json!({"name": "own", "max_concurrent_bunkers": 3}))
         .await;
     api.assign(&key, &own, "user", &user, "individual").await;
+    let (st, v) = api.create(&key, json!({"image": "default"})).await;
+    assert_eq!(
+        st,
+        StatusCode::TOO_MANY_REQUESTS,
+        "a tenant profile lifted the platform default: {v}"
+    );
+    assert_eq!(details(&v)["profile_id"], default, "{v}");
+    // It still narrows: its per-bunker maximum is checked beside the default.
+    let (st, v) = api
+        .call(
+            "PATCH",
+            &format!("/quota-profiles/{own}"),
+            &key,
+            Some(json!({"per_bunker_max_memory": 256})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let (st, v) = api
+        .create(&key, json!({"image": "default", "memory_mb": 512}))
+        .await;
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(
+        (
+            details(&v)["profile_id"].as_str(),
+            details(&v)["bucket"].as_str()
+        ),
+        (own.as_str(), "per_bunker"),
+        "{v}"
+    );
+    let (st, v) = api
+        .call(
+            "PATCH",
+            &format!("/quota-profiles/{own}"),
+            &key,
+            Some(json!({"per_bunker_max_memory": null})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+
+    // A platform admin grants the tenant more than the default, through a group.
+    let grant = api
+        .profile(
+            &root,
+            json!({"name": "grant", "tenant_id": tenant, "max_concurrent_bunkers": 3}),
+        )
+        .await;
+    let everyone = api.group(&key, "everyone", None).await;
+    api.add_member(&key, &everyone, &user).await;
+    api.assign(&root, &grant, "group", &everyone, "per_user")
+        .await;
     for _ in 0..2 {
         let (st, v) = api.create(&key, json!({"image": "default"})).await;
         assert_eq!(st, StatusCode::CREATED, "{v}");
     }
     let (st, v) = api.create(&key, json!({"image": "default"})).await;
-    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(details(&v)["profile_id"], own);
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert!([&grant, &own].contains(&&details(&v)["profile_id"]), "{v}");
+    // The grant is the platform's: the tenant admin reads it, but cannot widen, reassign or
+    // unassign it, nor delete it.
+    let (st, _) = api
+        .call("GET", &format!("/quota-profiles/{grant}"), &key, None)
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, v) = api
+        .call(
+            "PATCH",
+            &format!("/quota-profiles/{grant}"),
+            &key,
+            Some(json!({"max_concurrent_bunkers": null})),
+        )
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::FORBIDDEN, "AUTHZ_PERMISSION_DENIED")
+    );
+    let (st, v) = api
+        .call(
+            "GET",
+            &format!("/quota-profiles/{grant}/assignments"),
+            &key,
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let assignment = v["data"][0]["id"].as_str().expect("assignment").to_owned();
+    let (st, _) = api
+        .call(
+            "DELETE",
+            &format!("/quota-profiles/{grant}/assignments/{assignment}"),
+            &key,
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let (st, _) = api
+        .call("DELETE", &format!("/quota-profiles/{grant}"), &key, None)
+        .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let other = api.group(&key, "others", None).await;
+    let (st, _) = api
+        .call(
+            "POST",
+            &format!("/quota-profiles/{grant}/assignments"),
+            &key,
+            Some(json!({"target_kind": "group", "target_id": other, "mode": "per_user"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    api.finish().await;
+}
+
+/// A platform admin grants a whole tenant more than the default: a platform profile assigned
+/// to the tenant, `per_user`, gives every user of it its own copy. Tenant admins can narrow a
+/// tenant wide too, but never assign into another tenant.
+async fn a_platform_grant_to_a_whole_tenant_lifts_the_default_for_each_user(db: Db, live: Live) {
+    let api = Api::start(Setup::new(db, live)).await;
+    api.register(&stub_worker().await).await;
+    let root = api.handle.bootstrap_key.clone().expect("bootstrap key");
+    api.profile(
+        &root,
+        json!({"name": "default", "tenant_id": null, "max_concurrent_bunkers": 1}),
+    )
+    .await;
+    let (tenant, _, key) = api.tenant("wide", "tenant_admin").await;
+    let (_, other_key) = api.user(&key, &tenant, "other@wide.test").await;
+    let grant = api
+        .profile(
+            &root,
+            json!({"name": "grant", "tenant_id": tenant, "max_concurrent_bunkers": 2}),
+        )
+        .await;
+    let (st, v) = api
+        .call(
+            "POST",
+            &format!("/quota-profiles/{grant}/assignments"),
+            &root,
+            Some(json!({"target_kind": "tenant", "target_id": tenant, "mode": "shared"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    let (st, v) = api
+        .call(
+            "POST",
+            &format!("/quota-profiles/{grant}/assignments"),
+            &root,
+            Some(
+                json!({"target_kind": "tenant", "target_id": "tnt_elsewhere", "mode": "per_user"}),
+            ),
+        )
+        .await;
+    assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "TENANT_NOT_FOUND"));
+    api.assign(&root, &grant, "tenant", &tenant, "per_user")
+        .await;
+    let (st, v) = api
+        .call(
+            "GET",
+            &format!("/quota-profiles/{grant}/assignments"),
+            &key,
+            None,
+        )
+        .await;
+    assert_eq!(v["data"][0]["target_kind"], "tenant", "{st} {v}");
+    for k in [&key, &other_key] {
+        for _ in 0..2 {
+            let (st, v) = api.create(k, json!({"image": "default"})).await;
+            assert_eq!(st, StatusCode::CREATED, "{v}");
+        }
+        let (st, v) = api.create(k, json!({"image": "default"})).await;
+        assert_eq!(st, StatusCode::TOO_MANY_REQUESTS, "{v}");
+        assert_eq!(details(&v)["profile_id"], grant, "{v}");
+    }
+    // A tenant admin's own profile can narrow every user of its tenant at once.
+    let (other_tenant, _, other_admin) = api.tenant("nar", "tenant_admin").await;
+    let own = api
+        .profile(
+            &other_admin,
+            json!({"name": "own", "max_concurrent_bunkers": 5}),
+        )
+        .await;
+    let (st, _) = api
+        .call(
+            "POST",
+            &format!("/quota-profiles/{own}/assignments"),
+            &other_admin,
+            Some(json!({"target_kind": "tenant", "target_id": tenant, "mode": "per_user"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    api.assign(&other_admin, &own, "tenant", &other_tenant, "per_user")
+        .await;
+    let (st, _) = api.create(&other_admin, json!({"image": "default"})).await;
+    assert_eq!(st, StatusCode::CREATED);
+    let (st, v) = api.create(&other_admin, json!({"image": "default"})).await;
+    assert_eq!(
+        st,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the default still caps: {v}"
+    );
     api.finish().await;
 }
 
@@ -1141,7 +1336,8 @@ matrix!(
     shared_and_per_user_groups_nest_and_the_strictest_cap_wins,
     every_way_a_bunker_ends_releases_its_quota_once,
     profiles_are_tenant_scoped_audited_and_permission_checked,
-    a_platform_default_applies_only_where_no_profile_does,
+    a_tenant_profile_narrows_but_never_lifts_the_platform_ceiling,
+    a_platform_grant_to_a_whole_tenant_lifts_the_default_for_each_user,
 );
 
 /// Two controllers on one MariaDB and one Redis tick usage together; Redis is wiped in the

@@ -312,7 +312,13 @@ impl From<IdentityError> for ApiError {
                 IdentityError::not_found_code(kind),
                 msg,
             ),
-            IdentityError::Conflict(_) => Self::new(StatusCode::CONFLICT, "CONFLICT", msg),
+            IdentityError::Conflict(_) => Self::new(StatusCode::CONFLICT, codes::CONFLICT, msg),
+            IdentityError::Outranked { .. } => {
+                Self::new(StatusCode::FORBIDDEN, codes::AUTHZ_PERMISSION_DENIED, msg)
+            }
+            IdentityError::LastSuperAdminKey(_) => {
+                Self::new(StatusCode::CONFLICT, codes::LAST_SUPER_ADMIN_KEY, msg)
+            }
             IdentityError::Store(ref s) => Self::internal(s),
         }
     }

@@ -8,6 +8,7 @@ use scaibunker_api::platform as api;
 
 use super::error::ApiError;
 use super::extract::{ApiJson, Caller};
+use super::records::{QueryResult, query};
 use crate::service::{Services, identity};
 
 pub(super) type Created<T> = Result<(StatusCode, Json<Envelope<T>>), ApiError>;
@@ -152,7 +153,7 @@ pub async fn add_member(
     responses(
         (status = 201, description = "The key, shown once", body = Envelope<api::ApiKeyCreated>),
         (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
-        (status = 403, description = "`AUTHZ_PERMISSION_DENIED`: another user needs `scaibunker:admin:tenant`; `permissions` may only name ones the calling key holds", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED`: another user needs `scaibunker:admin:tenant` and a role that does not outrank the caller's", body = Error),
         (status = 404, description = "`USER_NOT_FOUND`", body = Error),
         (status = 422, description = "`VALIDATION_ERROR`", body = Error),
         (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
@@ -167,15 +168,27 @@ pub async fn create_api_key(
     created(identity::create_api_key(&s, &p, req).await?)
 }
 
-/// Lists one's own API keys (all the tenant's with `scaibunker:admin:tenant`), never secrets.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ApiKeysQuery {
+    /// Another tenant's keys (super admins only; to anyone else `404 TENANT_NOT_FOUND`).
+    tenant_id: Option<String>,
+}
+
+/// Lists one's own API keys (all the tenant's with `scaibunker:admin:tenant`, any tenant's
+/// with `scaibunker:admin:platform`), never secrets.
 #[utoipa::path(
     get,
     path = "/v1/api-keys",
     operation_id = "list_api_keys",
     tag = "platform",
+    params(ApiKeysQuery),
     responses(
         (status = 200, description = "The keys", body = Envelope<Vec<api::ApiKey>>),
         (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 404, description = "`TENANT_NOT_FOUND`", body = Error),
+        (status = 422, description = "`VALIDATION_ERROR` on a query parameter", body = Error),
         (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
     ),
     security(("bearer" = []))
@@ -183,8 +196,12 @@ pub async fn create_api_key(
 pub async fn api_keys(
     State(s): State<Services>,
     Caller(p): Caller,
+    q: QueryResult<ApiKeysQuery>,
 ) -> Result<Json<Envelope<Vec<api::ApiKey>>>, ApiError> {
-    Ok(Json(Envelope::new(identity::api_keys(&s, &p).await?)))
+    let q = query(q)?;
+    Ok(Json(Envelope::new(
+        identity::api_keys(&s, &p, q.tenant_id.as_deref()).await?,
+    )))
 }
 
 /// Revokes an API key at once.
@@ -197,8 +214,8 @@ pub async fn api_keys(
     responses(
         (status = 204, description = "Revoked"),
         (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
-        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:admin:tenant`)", body = Error),
-        (status = 404, description = "`API_KEY_NOT_FOUND`", body = Error),
+        (status = 404, description = "`API_KEY_NOT_FOUND` (another user's key without `scaibunker:admin:tenant`, another tenant's without `scaibunker:admin:platform`)", body = Error),
+        (status = 409, description = "`LAST_SUPER_ADMIN_KEY`: the last key holding every platform power; nothing changed", body = Error),
         (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
     ),
     security(("bearer" = []))

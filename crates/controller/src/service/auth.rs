@@ -5,6 +5,12 @@
 //! narrowed at creation. Revocation is effective on the next request: every request looks the
 //! key up.
 //!
+//! Powers come from the permissions evaluated on each request, never from the role string
+//! alone: `scaibunker:admin:platform` is effective only on a `super_admin` user (whatever its
+//! module permissions say), and reaching across tenants needs both `scaibunker:admin` and
+//! `scaibunker:admin:platform` on the request ([`Principal::is_admin`]), so a key that names a
+//! super admin but was narrowed to less holds only what it was narrowed to.
+//!
 //! Any other bearer token of three dot-separated parts is a JWT, verified like this:
 //! 1. The header's `alg` picks the key: HS256 the configured secret, RS256 the configured public
 //!    key. Any other algorithm (`none` included), or one whose key is not configured, is refused,
@@ -24,14 +30,15 @@ use std::path::Path;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use rand::Rng;
 use rand::distr::Alphanumeric;
-use scaibunker_core::ids::{ApiKeyId, TenantId, UserId};
+use scaibunker_core::ids::{ApiKeyId, AuditId, TenantId, UserId};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::random_bytes;
 use crate::config::ControllerConfig;
+use crate::store::audit::AuditEvent;
 use crate::store::identity::{NewApiKey, NewTenant, NewUser};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, now_ms};
 
 pub const CREATE: &str = "scaibunker:create";
 pub const CREATE_SESSION: &str = "scaibunker:create:session";
@@ -87,6 +94,47 @@ pub fn role_permissions(role: &str) -> BTreeSet<String> {
     keys.into_iter().map(str::to_owned).collect()
 }
 
+/// How far a role reaches, for "nobody acts for a user whose role outranks their own":
+/// `super_admin` > `tenant_admin` > `tenant_user` > `tenant_viewer` (and unknown roles).
+pub fn role_rank(role: &str) -> u8 {
+    match role {
+        "super_admin" => 3,
+        "tenant_admin" => 2,
+        "tenant_user" => 1,
+        _ => 0,
+    }
+}
+
+/// The permissions a request carries: the role's, the user's module permissions, narrowed by
+/// the key (or the JWT's claim) when it was. `admin:platform` stays only on a super admin.
+pub fn effective_permissions(
+    role: &str,
+    module_permissions: Option<&str>,
+    narrowed: Option<&BTreeSet<String>>,
+) -> BTreeSet<String> {
+    let mut permissions = role_permissions(role);
+    if let Some(extra) = parse_permissions(module_permissions) {
+        permissions.extend(extra);
+    }
+    if role != "super_admin" {
+        permissions.remove(ADMIN_PLATFORM);
+    }
+    if let Some(narrowed) = narrowed {
+        permissions.retain(|p| narrowed.contains(p));
+    }
+    permissions
+}
+
+/// Whether a live key of a `super_admin` user, narrowed to `narrowed_json` (its stored
+/// permissions), still holds every platform power: what the lock-out guard counts.
+pub fn is_full_super_admin_key(narrowed_json: Option<&str>) -> bool {
+    match narrowed_json {
+        None => true,
+        Some(_) => parse_permissions(narrowed_json)
+            .is_some_and(|n| n.contains(ADMIN) && n.contains(ADMIN_PLATFORM)),
+    }
+}
+
 /// The authenticated caller of one request.
 #[derive(Debug, Clone)]
 pub struct Principal {
@@ -102,9 +150,11 @@ impl Principal {
         self.permissions.contains(permission)
     }
 
-    /// Whether the caller may read other tenants' bunkers.
+    /// Whether the caller reaches across tenants (every bunker, workers, other tenants'
+    /// images): both admin permissions on this request. `admin:platform` is only ever
+    /// effective for super admins (see [`effective_permissions`]).
     pub fn is_admin(&self) -> bool {
-        self.has(ADMIN) && self.role == "super_admin"
+        self.has(ADMIN) && self.has(ADMIN_PLATFORM)
     }
 
     /// Read access: viewers and anyone holding `scaibunker:create`.
@@ -164,13 +214,12 @@ async fn authenticate_key(store: &Store, token: &str) -> Result<Principal, AuthE
         .api_key_by_hash(&hash_key(token))
         .await?
         .ok_or(AuthError::Invalid)?;
-    let mut permissions = role_permissions(&row.role);
-    if let Some(extra) = parse_permissions(row.user_permissions.as_deref()) {
-        permissions.extend(extra);
-    }
-    if let Some(narrowed) = parse_permissions(row.permissions.as_deref()) {
-        permissions.retain(|p| narrowed.contains(p));
-    }
+    let narrowed = parse_permissions(row.permissions.as_deref());
+    let permissions = effective_permissions(
+        &row.role,
+        row.user_permissions.as_deref(),
+        narrowed.as_ref(),
+    );
     Ok(Principal {
         tenant_id: row.tenant_id,
         user_id: row.user_id,
@@ -241,13 +290,11 @@ async fn authenticate_jwt(
                 tenant_id: claims.tenant_id.clone(),
             })
         })?;
-    let mut permissions = role_permissions(&user.role);
-    if let Some(extra) = parse_permissions(user.module_permissions.as_deref()) {
-        permissions.extend(extra);
-    }
-    if let Some(narrowed) = &claims.permissions {
-        permissions.retain(|p| narrowed.contains(p));
-    }
+    let permissions = effective_permissions(
+        &user.role,
+        user.module_permissions.as_deref(),
+        claims.permissions.as_ref(),
+    );
     // The rate limit is keyed by this: one window per token id, else per user.
     let handle = claims.jti.filter(|j| !j.is_empty()).unwrap_or(claims.sub);
     Ok(Principal {
@@ -374,6 +421,68 @@ pub async fn bootstrap(
     Ok(Some(key))
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverKeyError {
+    #[error("the database holds no super admin; start the controller once to bootstrap one")]
+    NoSuperAdmin,
+    #[error("minting the recovery key")]
+    Store(#[from] StoreError),
+}
+
+/// A key minted by [`recover_key`]; `key` is shown once.
+#[derive(Debug, Clone)]
+pub struct RecoveredKey {
+    pub key: String,
+    pub key_id: String,
+    pub user_id: String,
+    pub tenant_id: String,
+}
+
+/// `scaibunker admin recover-key`: a new full key for the oldest super admin, for an operator
+/// who lost every super-admin key. It runs against the database directly (whoever can reach
+/// it owns the installation anyway) and is audited as `api_key.recover` by the `system`.
+pub async fn recover_key(store: &Store) -> Result<RecoveredKey, RecoverKeyError> {
+    let user = store
+        .admin_oldest_super_admin()
+        .await?
+        .ok_or(RecoverKeyError::NoSuperAdmin)?;
+    let key = new_api_key();
+    let key_id = ApiKeyId::from_random(random_bytes()).to_string();
+    let event = AuditEvent {
+        id: AuditId::from_random(random_bytes()).to_string(),
+        time_ms: now_ms(),
+        tenant_id: Some(user.tenant_id.clone()),
+        actor_id: None,
+        actor_type: "system",
+        action: "api_key.recover",
+        resource_type: "api_key",
+        resource_id: Some(key_id.clone()),
+        status: "success",
+        ip: None,
+        request_id: None,
+        details: serde_json::json!({ "user_id": user.id, "name": "recovery" }),
+    };
+    store
+        .insert_api_key(
+            &NewApiKey {
+                id: &key_id,
+                tenant_id: &user.tenant_id,
+                user_id: &user.id,
+                name: "recovery",
+                key_sha256: &hash_key(&key),
+                permissions: None,
+            },
+            &event,
+        )
+        .await?;
+    Ok(RecoveredKey {
+        key,
+        key_id,
+        user_id: user.id,
+        tenant_id: user.tenant_id,
+    })
+}
+
 /// Writes a secret atomically with mode 0600 from the start (never world-readable).
 fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
     use std::io::Write;
@@ -408,6 +517,45 @@ mod tests {
         assert_eq!(tu, want);
         assert!(role_permissions("tenant_viewer").is_empty());
         assert!(role_permissions("nobody").is_empty());
+    }
+
+    #[test]
+    fn admin_platform_is_effective_only_on_a_super_admin() {
+        let extra = format!("[\"{ADMIN_PLATFORM}\"]");
+        for role in ["tenant_admin", "tenant_user", "tenant_viewer", "nobody"] {
+            let p = effective_permissions(role, Some(&extra), None);
+            assert!(!p.contains(ADMIN_PLATFORM), "{role}");
+        }
+        assert!(effective_permissions("super_admin", None, None).contains(ADMIN_PLATFORM));
+        let narrowed: BTreeSet<String> = [CREATE.to_owned()].into();
+        assert_eq!(
+            effective_permissions("super_admin", None, Some(&narrowed)),
+            narrowed
+        );
+    }
+
+    #[test]
+    fn roles_rank_super_admin_over_tenant_admin_over_user_over_viewer() {
+        let ranks: Vec<u8> = [
+            "super_admin",
+            "tenant_admin",
+            "tenant_user",
+            "tenant_viewer",
+        ]
+        .into_iter()
+        .map(role_rank)
+        .collect();
+        assert_eq!(ranks, [3, 2, 1, 0]);
+        assert_eq!(role_rank("made_up"), 0);
+    }
+
+    #[test]
+    fn only_unnarrowed_or_fully_privileged_keys_are_full_super_admin_keys() {
+        assert!(is_full_super_admin_key(None));
+        let full = format!("[\"{ADMIN}\",\"{ADMIN_PLATFORM}\",\"{CREATE}\"]");
+        assert!(is_full_super_admin_key(Some(&full)));
+        assert!(!is_full_super_admin_key(Some(&format!("[\"{ADMIN}\"]"))));
+        assert!(!is_full_super_admin_key(Some("not json")));
     }
 
     #[test]

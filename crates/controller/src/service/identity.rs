@@ -6,8 +6,12 @@
 //!   tenant, never `super_admin` and never granting `admin:platform`;
 //! - groups and members: `admin:tenant`, within the tenant;
 //! - API keys: anyone for themselves, narrowed to at most what the calling key holds (a narrowed
-//!   key cannot mint a broader one); `admin:tenant` also for other users of the tenant. Another
-//!   tenant's user, group or key is not found.
+//!   key cannot mint a broader one); `admin:tenant` also for other users of the tenant whose
+//!   role does not outrank the caller's, never holding more than the caller's key does; a key
+//!   minted for another user is audited with the minter as actor and the user named. Super
+//!   admins mint, list and revoke keys of any tenant. Another tenant's user, group or key is not
+//!   found. The last key holding every platform power cannot be revoked (`LastSuperAdminKey`),
+//!   so the platform never locks itself out.
 
 use std::collections::BTreeSet;
 
@@ -19,7 +23,7 @@ use super::bunkers::rfc3339;
 use super::{Services, random_bytes};
 use crate::store::audit::AuditEvent;
 use crate::store::identity::{
-    GroupRow, KeyRow, NewApiKey, TenantRow, UserRow, is_unique_violation,
+    GroupRow, KeyRow, NewApiKey, Revocation, TenantRow, UserRow, is_unique_violation,
 };
 use crate::store::{StoreError, now_ms};
 
@@ -36,6 +40,10 @@ pub enum IdentityError {
     NotFound(&'static str),
     #[error("{0}")]
     Conflict(String),
+    #[error("user {user_id} has role `{role}`, which outranks the caller's")]
+    Outranked { user_id: String, role: String },
+    #[error("api key {0} is the last one holding every platform power; mint another first")]
+    LastSuperAdminKey(String),
     #[error("store failed")]
     Store(#[from] StoreError),
 }
@@ -193,6 +201,13 @@ pub async fn create_user(
     if !platform && extra.contains(auth::ADMIN_PLATFORM) {
         return Err(IdentityError::PermissionDenied(auth::ADMIN_PLATFORM));
     }
+    // It would be ignored on every request (see `auth::effective_permissions`): say so now.
+    if req.role != api::Role::SuperAdmin && extra.contains(auth::ADMIN_PLATFORM) {
+        return Err(invalid(
+            "module_permissions",
+            "`scaibunker:admin:platform` is only held by a `super_admin`",
+        ));
+    }
     let row = UserRow {
         id: UserId::from_random(random_bytes()).to_string(),
         tenant_id: req.tenant_id,
@@ -333,6 +348,13 @@ pub async fn create_api_key(
                 s.store.user(&p.tenant_id, u).await?
             }
             .ok_or(IdentityError::NotFound("user"))?;
+            // Acting as someone of a higher role is escalation whatever the key would hold.
+            if auth::role_rank(&user.role) > auth::role_rank(&p.role) {
+                return Err(IdentityError::Outranked {
+                    user_id: user.id,
+                    role: user.role,
+                });
+            }
             // Never more than the caller holds either.
             let ceiling = user_permissions(&user)
                 .intersection(&p.permissions)
@@ -361,7 +383,14 @@ pub async fn create_api_key(
     let perms_json = narrowed
         .as_ref()
         .map(|n| serde_json::to_string(n).expect("strings serialise"));
-    let event = audit(p, "api_key.create", "api_key", &id, &tenant_id);
+    // The actor is the minter; the key's user is named, so a key minted for someone else is
+    // never mistaken for one they made.
+    let mut event = audit(p, "api_key.create", "api_key", &id, &tenant_id);
+    event.details = serde_json::json!({
+        "user_id": user_id,
+        "name": req.name,
+        "permissions": narrowed,
+    });
     s.store
         .insert_api_key(
             &NewApiKey {
@@ -396,26 +425,60 @@ fn key_api(k: KeyRow) -> api::ApiKey {
     }
 }
 
-pub async fn api_keys(s: &Services, p: &Principal) -> Result<Vec<api::ApiKey>, IdentityError> {
+/// The keys of the caller (every one of the tenant's with `admin:tenant`); `tenant_id` names
+/// another tenant for super admins (`admin:platform`; to others it is not found).
+pub async fn api_keys(
+    s: &Services,
+    p: &Principal,
+    tenant_id: Option<&str>,
+) -> Result<Vec<api::ApiKey>, IdentityError> {
+    let tenant_id = match tenant_id {
+        None => p.tenant_id.as_str(),
+        Some(t) if t == p.tenant_id => t,
+        Some(t) => {
+            if !p.has(auth::ADMIN_PLATFORM) || !s.store.tenant_exists(t).await? {
+                return Err(IdentityError::NotFound("tenant"));
+            }
+            t
+        }
+    };
     let only = (!p.has(auth::ADMIN_TENANT)).then_some(p.user_id.as_str());
     Ok(s.store
-        .api_keys(&p.tenant_id, only)
+        .api_keys(tenant_id, only)
         .await?
         .into_iter()
         .map(key_api)
         .collect())
 }
 
+/// Revokes a key: one's own, the tenant's with `admin:tenant`, any tenant's with
+/// `admin:platform`. The last key holding every platform power is refused.
 pub async fn revoke_api_key(s: &Services, p: &Principal, id: &str) -> Result<(), IdentityError> {
+    let tenant_id = if p.has(auth::ADMIN_PLATFORM) {
+        s.store
+            .admin_key_tenant(id)
+            .await?
+            .ok_or(IdentityError::NotFound("api key"))?
+    } else {
+        p.tenant_id.clone()
+    };
     let owner = s
         .store
-        .key_owner(&p.tenant_id, id)
+        .key_owner(&tenant_id, id)
         .await?
         .ok_or(IdentityError::NotFound("api key"))?;
     if owner != p.user_id && !p.has(auth::ADMIN_TENANT) {
         return Err(IdentityError::NotFound("api key"));
     }
-    let event = audit(p, "api_key.revoke", "api_key", id, &p.tenant_id);
-    s.store.revoke_api_key(&p.tenant_id, id, &event).await?;
-    Ok(())
+    let mut event = audit(p, "api_key.revoke", "api_key", id, &tenant_id);
+    event.details = serde_json::json!({ "user_id": owner });
+    match s
+        .store
+        .revoke_api_key(&tenant_id, id, auth::is_full_super_admin_key, &event)
+        .await?
+    {
+        // Revoking a revoked key changes nothing and is not an error.
+        Revocation::Revoked | Revocation::Unchanged => Ok(()),
+        Revocation::LastSuperAdminKey => Err(IdentityError::LastSuperAdminKey(id.to_owned())),
+    }
 }

@@ -1,12 +1,21 @@
 //! Quota profiles, their assignments, enforcement at create and release when a bunker ends.
 //!
 //! Who may do what: tenant profiles and their assignments need `scaibunker:admin:tenant` (within
-//! the tenant; `admin:platform` for any tenant); platform defaults (`tenant_id` null) need
-//! `scaibunker:admin:platform`. Anyone who may read sees their own usage.
+//! the tenant; `admin:platform` for any tenant); platform defaults (`tenant_id` null) and every
+//! profile a platform admin made (origin `platform`, grants to a tenant) need
+//! `scaibunker:admin:platform` to change, delete or assign. Anyone who may read sees their own
+//! usage.
+//!
+//! Tenant admins only narrow what the platform granted. What applies to a user comes in two
+//! layers, always evaluated together (every cap must pass, so the strictest wins per limit):
+//! - the platform's: assignments of platform-made profiles on the user, its groups or its
+//!   whole tenant, or, when there is none, every platform default on the user's own bucket (so
+//!   a platform grant may be larger than the default);
+//! - the tenant's: assignments of tenant-made profiles on the user, its groups or the tenant.
 //!
 //! Enforcement, per create:
-//! 1. Resolve what applies to the creating user: assignments on the user and on every group the
-//!    user is in, directly or through nested groups; when none applies, the platform defaults.
+//! 1. Resolve both layers for the creating user: assignments on the user and on every group the
+//!    user is in, directly or through nested groups, and the platform defaults as above.
 //! 2. The core's [`quota::plan`] checks per-bunker maxima and lists the charges.
 //! 3. Live state checks every cap and increments every counter in one atomic step
 //!    ([`LiveState::quota_reserve`](crate::live::LiveState::quota_reserve)); if the counters are
@@ -138,6 +147,11 @@ pub(crate) fn audit(
     }
 }
 
+/// `quota_profiles.origin` of what a platform admin made (defaults and grants to a tenant).
+const ORIGIN_PLATFORM: &str = "platform";
+/// `quota_profiles.origin` of what a tenant admin made: it only narrows.
+const ORIGIN_TENANT: &str = "tenant";
+
 /// Largest cap accepted: far above any real fleet, far below `i64::MAX` so sums cannot wrap.
 const MAX_CAP: u64 = 1 << 50;
 
@@ -171,6 +185,11 @@ pub fn profile_api(r: ProfileRow) -> api::QuotaProfile {
     api::QuotaProfile {
         id: r.id,
         tenant_id: r.tenant_id,
+        origin: if r.origin == ORIGIN_PLATFORM {
+            api::ProfileOrigin::Platform
+        } else {
+            api::ProfileOrigin::Tenant
+        },
         name: r.name,
         description: r.description,
         max_concurrent_bunkers: u(r.max_concurrent_bunkers),
@@ -235,9 +254,16 @@ pub async fn create_profile(
     check_name(&req.name)?;
     check_description(req.description.as_deref())?;
     let now = now_ms();
+    // What a platform admin makes is the platform's, in whatever tenant it is.
+    let origin = if p.has(auth::ADMIN_PLATFORM) {
+        ORIGIN_PLATFORM
+    } else {
+        ORIGIN_TENANT
+    };
     let row = ProfileRow {
         id: QuotaProfileId::from_random(random_bytes()).to_string(),
         tenant_id,
+        origin: origin.to_owned(),
         name: req.name,
         description: req.description,
         max_concurrent_bunkers: cap("max_concurrent_bunkers", req.max_concurrent_bunkers)?,
@@ -280,10 +306,11 @@ async fn visible_profile(s: &Services, p: &Principal, id: &str) -> Result<Profil
     row.ok_or(QuotaError::NotFound("quota profile"))
 }
 
-/// A profile the caller may change: a platform one needs `admin:platform`.
+/// A profile the caller may change or assign: a default or any other platform-made one needs
+/// `admin:platform` (else a tenant admin could widen what the platform granted it).
 async fn owned_profile(s: &Services, p: &Principal, id: &str) -> Result<ProfileRow, QuotaError> {
     let row = visible_profile(s, p, id).await?;
-    if row.tenant_id.is_none() {
+    if row.tenant_id.is_none() || row.origin == ORIGIN_PLATFORM {
         require(p, auth::ADMIN_PLATFORM)?;
     }
     Ok(row)
@@ -384,6 +411,7 @@ fn target_kind_str(k: api::TargetKind) -> &'static str {
     match k {
         api::TargetKind::User => "user",
         api::TargetKind::Group => "group",
+        api::TargetKind::Tenant => "tenant",
     }
 }
 
@@ -400,10 +428,10 @@ fn assignment_api(a: AssignmentRow) -> api::Assignment {
         id: a.id,
         profile_id: a.profile_id,
         tenant_id: a.tenant_id,
-        target_kind: if a.target_kind == "group" {
-            api::TargetKind::Group
-        } else {
-            api::TargetKind::User
+        target_kind: match a.target_kind.as_str() {
+            "group" => api::TargetKind::Group,
+            "tenant" => api::TargetKind::Tenant,
+            _ => api::TargetKind::User,
         },
         target_id: a.target_id,
         mode: match AssignmentMode::parse(&a.mode) {
@@ -420,7 +448,7 @@ fn assignable_tenant(row: &ProfileRow) -> Result<String, QuotaError> {
     row.tenant_id.clone().ok_or_else(|| {
         invalid(
             "profile_id",
-            "a platform default applies to everyone without an assignment; assign a tenant profile",
+            "a platform default applies to everyone the platform granted nothing else; assign a tenant profile",
         )
     })
 }
@@ -445,11 +473,20 @@ pub async fn create_assignment(
                 return Err(QuotaError::NotFound("group"));
             }
         }
+        // How a platform admin grants a whole tenant more than the default.
+        (api::TargetKind::Tenant, AssignmentMode::PerUser) => {
+            if req.target_id != tenant_id {
+                return Err(QuotaError::NotFound("tenant"));
+            }
+        }
         (api::TargetKind::User, _) => {
             return Err(invalid("mode", "a user takes `individual`"));
         }
         (api::TargetKind::Group, _) => {
             return Err(invalid("mode", "a group takes `shared` or `per_user`"));
+        }
+        (api::TargetKind::Tenant, _) => {
+            return Err(invalid("mode", "a tenant takes `per_user`"));
         }
     }
     let row = AssignmentRow {
@@ -527,7 +564,9 @@ pub async fn delete_assignment(
     Ok(())
 }
 
-/// Every profile that applies to `user_id`, with the bucket it charges.
+/// Every profile that applies to `user_id`, with the bucket it charges: the platform's layer
+/// (its grants on the user or its groups, else the platform defaults) and the tenant's layer,
+/// together (see the module docs).
 async fn resolve(
     s: &Services,
     tenant_id: &str,
@@ -536,7 +575,7 @@ async fn resolve(
     let (direct, parents) = s.store.group_tree(tenant_id, user_id).await?;
     let direct: Vec<&str> = direct.iter().map(String::as_str).collect();
     let groups = quota::with_ancestors(&direct, |g| parents.get(g).map(String::as_str));
-    let mut applied: Vec<(ProfileRow, Bucket)> = s
+    let (platform, tenant): (Vec<_>, Vec<_>) = s
         .store
         .quota_assignments_on(tenant_id, user_id, &groups)
         .await?
@@ -545,10 +584,9 @@ async fn resolve(
             let mode = AssignmentMode::parse(&a.mode)?;
             Some((profile, quota::bucket_of(mode, &a.target_id, user_id)))
         })
-        .collect();
-    if applied.is_empty() {
-        applied = s
-            .store
+        .partition(|(profile, _)| profile.origin == ORIGIN_PLATFORM);
+    let mut applied = if platform.is_empty() {
+        s.store
             .platform_quota_profiles()
             .await?
             .into_iter()
@@ -559,8 +597,11 @@ async fn resolve(
                 };
                 (profile, bucket)
             })
-            .collect();
-    }
+            .collect()
+    } else {
+        platform
+    };
+    applied.extend(tenant);
     Ok(applied)
 }
 

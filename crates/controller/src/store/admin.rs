@@ -3,10 +3,35 @@
 //! without a prior permission check for `scaibunker:admin`.
 
 use super::bunkers::{BunkerFilter, BunkerRow, COLUMNS, Cursor, bind, filter_sql, from_row};
+use super::identity::UserRow;
 use super::{Store, StoreError};
 use sqlx::AssertSqlSafe;
 
 impl Store {
+    /// The tenant of any tenant's API key (platform admins revoking a leaked key).
+    pub async fn admin_key_tenant(&self, key_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT tenant_id FROM api_keys WHERE id = ?")
+                .bind(key_id)
+                .fetch_optional(self.pool())
+                .await?,
+        )
+    }
+
+    /// The oldest user with role `super_admin`, in any tenant (key recovery).
+    pub async fn admin_oldest_super_admin(&self) -> Result<Option<UserRow>, StoreError> {
+        let found: Option<(String, String)> = sqlx::query_as(
+            "SELECT tenant_id, id FROM users WHERE role = 'super_admin' \
+             ORDER BY created_at, id LIMIT 1",
+        )
+        .fetch_optional(self.pool())
+        .await?;
+        match found {
+            Some((tenant_id, id)) => self.user(&tenant_id, &id).await,
+            None => Ok(None),
+        }
+    }
+
     /// Any tenant's bunker by id.
     pub async fn admin_bunker(&self, id: &str) -> Result<Option<BunkerRow>, StoreError> {
         let row = sqlx::query(AssertSqlSafe(format!(

@@ -1,9 +1,19 @@
 //! Tenants, users and API keys.
 
-use sqlx::Row;
+use sqlx::{AssertSqlSafe, Row};
 
 use super::audit::AuditEvent;
-use super::{Store, StoreError, now_ms};
+use super::{Backend, Store, StoreError, now_ms};
+
+/// What a revocation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revocation {
+    Revoked,
+    /// No such key in the tenant, or it was revoked already (MariaDB counts changed rows).
+    Unchanged,
+    /// Refused: it is the last key holding every platform power.
+    LastSuperAdminKey,
+}
 
 #[derive(Debug, Clone)]
 pub struct ApiKeyRow {
@@ -306,14 +316,39 @@ impl Store {
             .collect())
     }
 
-    /// Revokes a key. Returns false if the tenant has no such key.
+    /// Revokes a key of `tenant_id`, unless it is the last live key of a super admin that
+    /// `is_full_super_admin_key` (given the key's stored permissions) says holds every platform
+    /// power: then nothing changes. The super admins' keys are read with their rows locked
+    /// (`FOR UPDATE` on MariaDB; SQLite's `BEGIN IMMEDIATE` holds the write lock), so two
+    /// revocations racing for the last two keys are serialized and the second is refused.
     pub async fn revoke_api_key(
         &self,
         tenant_id: &str,
         id: &str,
+        is_full_super_admin_key: fn(Option<&str>) -> bool,
         audit: &AuditEvent,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Revocation, StoreError> {
         let mut tx = self.begin().await?;
+        let lock = match self.backend() {
+            Backend::MariaDb => " FOR UPDATE",
+            Backend::Sqlite => "",
+        };
+        // Cross-tenant on purpose: a super admin may live in any tenant.
+        let supers: Vec<(String, Option<String>)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT k.id, k.permissions FROM api_keys k JOIN users u ON u.id = k.user_id \
+             WHERE u.role = 'super_admin' AND k.revoked_at IS NULL ORDER BY k.id{lock}"
+        )))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut full = supers
+            .iter()
+            .filter(|(_, perms)| is_full_super_admin_key(perms.as_deref()));
+        if let (Some((only, _)), None) = (full.next(), full.next())
+            && only == id
+        {
+            tx.rollback().await?;
+            return Ok(Revocation::LastSuperAdminKey);
+        }
         let done = sqlx::query(
             "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE tenant_id = ? AND id = ?",
         )
@@ -327,7 +362,11 @@ impl Store {
             super::audit::insert(&mut tx, audit).await?;
         }
         tx.commit().await?;
-        Ok(revoked)
+        Ok(if revoked {
+            Revocation::Revoked
+        } else {
+            Revocation::Unchanged
+        })
     }
 
     pub async fn key_owner(&self, tenant_id: &str, id: &str) -> Result<Option<String>, StoreError> {

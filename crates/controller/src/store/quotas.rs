@@ -16,6 +16,8 @@ use super::{Backend, Store, StoreError, Tx};
 pub struct ProfileRow {
     pub id: String,
     pub tenant_id: Option<String>,
+    /// `platform` or `tenant`: who made it (see migration 0007).
+    pub origin: String,
     pub name: String,
     pub description: Option<String>,
     pub max_concurrent_bunkers: Option<i64>,
@@ -32,7 +34,7 @@ pub struct ProfileRow {
     pub updated_at: i64,
 }
 
-const PROFILE_COLUMNS: &str = "p.id, p.tenant_id, p.name, p.description, \
+const PROFILE_COLUMNS: &str = "p.id, p.tenant_id, p.origin, p.name, p.description, \
     p.max_concurrent_bunkers, p.max_persistent_bunkers, p.max_cpu_millicores, p.max_memory_mb, \
     p.max_disk_mb, p.max_gpu_count, p.per_bunker_max_cpu, p.per_bunker_max_memory, \
     p.per_bunker_max_disk, p.per_bunker_max_gpu, p.created_at, p.updated_at";
@@ -41,6 +43,7 @@ fn profile_from(r: &AnyRow) -> ProfileRow {
     ProfileRow {
         id: r.get("id"),
         tenant_id: r.get("tenant_id"),
+        origin: r.get("origin"),
         name: r.get("name"),
         description: r.get("description"),
         max_concurrent_bunkers: r.get("max_concurrent_bunkers"),
@@ -178,13 +181,15 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         sqlx::query(
-            "INSERT INTO quota_profiles (id, tenant_id, name, description, max_concurrent_bunkers, \
-             max_persistent_bunkers, max_cpu_millicores, max_memory_mb, max_disk_mb, max_gpu_count, \
-             per_bunker_max_cpu, per_bunker_max_memory, per_bunker_max_disk, per_bunker_max_gpu, \
-             created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO quota_profiles (id, tenant_id, origin, name, description, \
+             max_concurrent_bunkers, max_persistent_bunkers, max_cpu_millicores, max_memory_mb, \
+             max_disk_mb, max_gpu_count, per_bunker_max_cpu, per_bunker_max_memory, \
+             per_bunker_max_disk, per_bunker_max_gpu, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&p.id)
         .bind(&p.tenant_id)
+        .bind(&p.origin)
         .bind(&p.name)
         .bind(&p.description)
         .bind(p.max_concurrent_bunkers)
@@ -410,7 +415,8 @@ impl Store {
         Ok((direct, parents.into_iter().collect()))
     }
 
-    /// The assignments of the tenant on `user_id` or any of `group_ids`, with their profiles.
+    /// The assignments of the tenant on `user_id`, any of `group_ids` or the whole tenant, with
+    /// their profiles.
     pub async fn quota_assignments_on(
         &self,
         tenant_id: &str,
@@ -421,7 +427,8 @@ impl Store {
             "SELECT a.id AS a_id, a.profile_id, a.tenant_id AS a_tenant_id, a.target_kind, \
              a.target_id, a.mode, a.created_at AS a_created_at, {PROFILE_COLUMNS} \
              FROM quota_assignments a JOIN quota_profiles p ON p.id = a.profile_id \
-             WHERE a.tenant_id = ? AND ((a.target_kind = 'user' AND a.target_id = ?)"
+             WHERE a.tenant_id = ? AND ((a.target_kind = 'tenant' AND a.target_id = a.tenant_id) \
+             OR (a.target_kind = 'user' AND a.target_id = ?)"
         );
         if !group_ids.is_empty() {
             let placeholders = vec!["?"; group_ids.len()].join(", ");
