@@ -200,6 +200,7 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
             scaibunker_core::ids::encode_random(service::random_bytes())
         ),
         storage,
+        started_at_ms: store::now_ms(),
     };
     let jobs = jobs::spawn(services.clone());
     let (tx, task) = serve(

@@ -525,3 +525,98 @@ async fn a_users_keys_share_the_users_rate_window() {
     assert_eq!(get(c.clone()).await, StatusCode::TOO_MANY_REQUESTS);
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn two_controllers_restarted_after_an_outage_fail_no_live_bunker() {
+    // Heartbeats every 200 ms: a worker is gone after 1.2 s of silence. Both controllers go
+    // away for 2 s, longer than that; the worker beats again as soon as one is back.
+    let db = Db::MariaDb.create().await;
+    let prefix = format!("sbtest:restart:{}:", now_ms());
+    let dir = tempfile::tempdir().expect("dir");
+    let config = || {
+        let listen: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let mut c = ControllerConfig::embedded(dir.path().to_path_buf(), listen, "swt_jobs".into());
+        c.database_url = db.url.clone();
+        c.job_interval = Duration::from_millis(100);
+        c.heartbeat_interval = Duration::from_millis(200);
+        c.redis_url = Some(redis_url());
+        c.redis_prefix = prefix.clone();
+        c
+    };
+    let http = reqwest::Client::new();
+    let a = start(config()).await.expect("controller a");
+    let b = start(config()).await.expect("controller b");
+    let resp = http
+        .post(format!("{}/v1/modules/scaibunker/workers/register", a.url()))
+        .bearer_auth("swt_jobs")
+        .json(&serde_json::json!({
+            "protocol_version": scaibunker_proto::worker::PROTOCOL_VERSION,
+            "name": "steady", "url": "http://127.0.0.1:9", "runtime": "qemu/tcg", "images": [],
+            "capacity": {"cpu_millicores": 8000, "memory_mb": 8192, "disk_mb": 10240, "gpu_count": 0}
+        }))
+        .send()
+        .await
+        .expect("register");
+    let wid = resp.json::<serde_json::Value>().await.expect("json")["worker_id"]
+        .as_str()
+        .expect("worker id")
+        .to_owned();
+    let beat = |url: String| {
+        let http = http.clone();
+        let wid = wid.clone();
+        async move {
+            let resp = http
+                .post(format!("{url}/v1/modules/scaibunker/heartbeat"))
+                .bearer_auth("swt_jobs")
+                .json(&serde_json::json!({
+                    "worker_id": wid, "active_bunkers": 1,
+                    "bunkers": [{"id": "bnk_alive", "status": "running"}],
+                    "capacity": {"cpu_millicores": 8000, "memory_mb": 8192, "disk_mb": 10240, "gpu_count": 0}
+                }))
+                .send()
+                .await
+                .expect("heartbeat");
+            assert_eq!(resp.status(), StatusCode::OK);
+        }
+    };
+    let tenant = a.services.store.tenants().await.expect("tenants")[0]
+        .id
+        .clone();
+    let mut row = expired_bunker("bnk_alive", &tenant, "usr_x", "running", 0);
+    row.worker_id = Some(wid.clone());
+    row.max_lifetime_s = Some(3600);
+    row.idle_timeout_s = 3600;
+    seed(&a, &row).await;
+    for i in 0..6 {
+        let url = if i % 2 == 0 { a.url() } else { b.url() };
+        beat(url).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+
+    a.shutdown().await;
+    b.shutdown().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let a = start(config()).await.expect("controller a again");
+    let b = start(config()).await.expect("controller b again");
+    // The worker notices within about an interval and beats again, alternating controllers.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..10 {
+        let url = if i % 2 == 0 { a.url() } else { b.url() };
+        beat(url).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(status(&a, &tenant, "bnk_alive").await, "running");
+    let w = a
+        .services
+        .store
+        .worker(&wid)
+        .await
+        .expect("read")
+        .expect("worker");
+    assert_eq!(w.status, "online");
+    // Silence after the restart still ends it, counted from the restart.
+    wait_for_status(&a, &tenant, "bnk_alive", "failed").await;
+    a.shutdown().await;
+    b.shutdown().await;
+    wipe(&prefix).await;
+}

@@ -188,7 +188,10 @@ pub async fn register(s: &Services, req: RegisterRequest) -> Result<RegisterResp
 
 /// How long each worker has been silent, in ms. Live state holds every heartbeat; the database
 /// holds a copy written at most every three intervals, so when live state has lost a worker's
-/// (Redis wiped) its database time is trusted with those three intervals forgiven.
+/// (Redis wiped) its database time is trusted with those three intervals forgiven. Silence is
+/// counted from this controller's start at the earliest: after an outage of every controller,
+/// no worker looks silent until it has had the intervals to reach one again (a rolling or a
+/// full restart fails nothing).
 pub async fn silences(s: &Services, workers: &[WorkerRow]) -> HashMap<String, i64> {
     let ids: Vec<String> = workers.iter().map(|w| w.id.clone()).collect();
     let live = s.live.heartbeats(&ids).await.unwrap_or_else(|e| {
@@ -200,10 +203,11 @@ pub async fn silences(s: &Services, workers: &[WorkerRow]) -> HashMap<String, i6
     workers
         .iter()
         .map(|w| {
-            let silence = match live.get(&w.id) {
-                Some(at) => now - at.max(&w.last_heartbeat_at),
-                None => (now - w.last_heartbeat_at - slack).max(0),
+            let heard = match live.get(&w.id) {
+                Some(at) => *at.max(&w.last_heartbeat_at),
+                None => w.last_heartbeat_at + slack,
             };
+            let silence = (now - heard.max(s.started_at_ms)).max(0);
             (w.id.clone(), silence)
         })
         .collect()

@@ -45,6 +45,9 @@ pub struct Services {
     pub job_runs: Arc<std::sync::Mutex<std::collections::VecDeque<(&'static str, u128)>>>,
     /// Object storage and the storage proxy's credentials.
     pub storage: storage::Storage,
+    /// When this controller started (ms since the epoch): a worker's silence is counted from
+    /// no earlier, since heartbeats sent while no controller ran could not have arrived.
+    pub started_at_ms: i64,
 }
 
 impl Services {
