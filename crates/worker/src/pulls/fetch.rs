@@ -14,6 +14,7 @@ use scaibunker_proto::worker::{ImagePull, PeersResponse, WORKER_API_PREFIX};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt as _;
 
+use super::room::NoRoomError;
 use super::{
     ControllerAccess, IMAGE_SUFFIX, PART_SUFFIX, Pulls, is_sha256_hex, remove_quietly,
     remove_quietly_async,
@@ -64,6 +65,8 @@ enum FetchError {
 pub(super) enum PullError {
     #[error("sha256 {0:?} is not 64 lowercase hex digits")]
     InvalidDigest(String),
+    #[error("make room in the image cache")]
+    NoRoom(#[source] NoRoomError),
     #[error("no source served the image ({})", tried.join("; "))]
     NoSource { tried: Vec<String> },
     #[error("publish {}", path.display())]
@@ -107,6 +110,8 @@ impl Pulls {
             tried.push("no controller to ask for peers or the storage proxy".to_owned());
             return Err(PullError::NoSource { tried });
         };
+        // Before any byte moves, so a pull that cannot fit leaves nothing behind.
+        self.make_room(pull).await.map_err(PullError::NoRoom)?;
         let peers = match self.peers(controller, &pull.sha256).await {
             Ok(peers) => peers.peers,
             Err(e) => {

@@ -15,30 +15,38 @@
 //!    digest beside it. A source that fails has its part file deleted before the next is tried;
 //!    a pull that no source could serve is queued as an [`ImageFailure`] for the next heartbeat.
 //!
+//! Before a pull transfers, [`room`] makes room for it under the cache cap and the free-disk
+//! floor ([`CacheLimits`]), evicting held images no bunker or template uses, least recently
+//! used first; a pull that cannot fit fails before any byte moves.
+//!
 //! Invariants: a `<sha256>.ext4` here holds bytes whose SHA-256 is its name (checked as they
 //! arrive, and at start for any file whose digest cache is stale; a mismatch is deleted); no
 //! `.part` file outlives its pull (or, after a crash, the next start); one pull per digest is
 //! in flight and every caller that needs it waits on that one; at most
-//! [`MAX_CONCURRENT_PULLS`] transfer at once.
+//! [`MAX_CONCURRENT_PULLS`] transfer at once; an image with a pull in flight, or one a bunker
+//! or template uses, is never evicted.
 //!
 //! This module holds the set of pulled images and joins and settles pulls; [`fetch`] moves
-//! the bytes (peers, the storage proxy, publishing the verified file).
+//! the bytes (peers, the storage proxy, publishing the verified file); [`room`] keeps the
+//! cache within its limits.
 
 mod fetch;
+mod room;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::time::{Duration, Instant, SystemTime};
 
 use scaibunker_proto::worker::{ImageFailure, ImagePull};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use self::fetch::Source;
+pub use self::room::{CacheLimits, FreeSpace, ImageUsers, RECENT_USE_GRACE, statvfs_free};
 use crate::bunker::supervisor::error_chain;
 use crate::images::{self, Image};
 
@@ -86,6 +94,7 @@ struct Stats {
     proxy_bytes: AtomicU64,
     completed: AtomicU64,
     failed: AtomicU64,
+    evicted: AtomicU64,
 }
 
 /// A reading of the pull counters.
@@ -97,6 +106,8 @@ pub struct PullCounters {
     pub proxy_bytes: u64,
     pub completed: u64,
     pub failed: u64,
+    /// Pulled images evicted to make room for others.
+    pub evicted: u64,
 }
 
 /// Who asked for a pull.
@@ -114,13 +125,39 @@ enum Joined {
     Skipped,
 }
 
+/// A pulled image and when it was last used.
+struct Held {
+    image: Image,
+    /// Position in the order of uses: the smallest was used least recently.
+    last_use: u64,
+    /// When a create last looked it up or a pull completed it in this run; `None` for an
+    /// image found at open and not used since.
+    used_at: Option<Instant>,
+}
+
 #[derive(Default)]
 struct State {
     /// Pulled images, by digest.
-    held: BTreeMap<String, Image>,
+    held: BTreeMap<String, Held>,
+    /// The last value given out as a [`Held::last_use`].
+    uses: u64,
     in_flight: HashMap<String, watch::Receiver<Option<Outcome>>>,
+    /// Bytes each pull in flight made room for: counted against the limits until it ends.
+    reserved: HashMap<String, u64>,
     /// Failures not yet reported to the controller.
     failures: Vec<ImageFailure>,
+}
+
+impl State {
+    /// Records a use of a held image now.
+    fn touch(&mut self, sha256: &str) -> Option<Image> {
+        self.uses += 1;
+        let last_use = self.uses;
+        let held = self.held.get_mut(sha256)?;
+        held.last_use = last_use;
+        held.used_at = Some(Instant::now());
+        Some(held.image.clone())
+    }
 }
 
 /// The pulled images and the pulls in flight.
@@ -136,6 +173,10 @@ pub struct Pulls {
     /// This worker's id at the controller (set once registered): peers are the workers
     /// sharing an availability group with it.
     worker_id: std::sync::RwLock<Option<String>>,
+    limits: CacheLimits,
+    /// Who uses images, set once by the composition; until then nothing is evicted.
+    users: OnceLock<Weak<dyn ImageUsers>>,
+    free_space: FreeSpace,
 }
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -150,7 +191,9 @@ pub fn is_sha256_hex(s: &str) -> bool {
 
 impl Pulls {
     /// Opens `dir` (created if missing): deletes `.part` leftovers and keeps every
-    /// `<sha256>.ext4` whose bytes hash to its name, deleting the others. Blocking.
+    /// `<sha256>.ext4` whose bytes hash to its name, deleting the others. Images kept are
+    /// ordered for eviction by their files' mtimes. Until [`Self::with_limits`], a pull only
+    /// needs its own size free on disk. Blocking.
     pub fn open(dir: &Path, controller: Option<ControllerAccess>) -> Result<Self, OpenPullsError> {
         let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned());
         fs::create_dir_all(&dir).map_err(|source| OpenPullsError::CreateDir {
@@ -161,7 +204,7 @@ impl Pulls {
             dir: dir.clone(),
             source,
         };
-        let mut held = BTreeMap::new();
+        let mut found = Vec::new();
         for entry in fs::read_dir(&dir).map_err(read_err)? {
             let entry = entry.map_err(read_err)?;
             let path = entry.path();
@@ -181,7 +224,10 @@ impl Pulls {
             }
             match images::hash_image(sha256, &path) {
                 Ok(image) if image.sha256 == sha256 => {
-                    held.insert(sha256.to_owned(), image);
+                    let mtime = fs::metadata(&path)
+                        .and_then(|m| m.modified())
+                        .unwrap_or(SystemTime::UNIX_EPOCH);
+                    found.push((mtime, image));
                 }
                 Ok(image) => {
                     tracing::warn!(path = %path.display(), actual = %image.sha256, "pulled image does not match its name; deleting it");
@@ -195,6 +241,21 @@ impl Pulls {
                 }
             }
         }
+        // The oldest file was used least recently, as far as this run knows.
+        found.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.sha256.cmp(&b.1.sha256)));
+        let uses = found.len() as u64;
+        let held = found
+            .into_iter()
+            .zip(1..)
+            .map(|((_, image), last_use)| {
+                let held = Held {
+                    image,
+                    last_use,
+                    used_at: None,
+                };
+                (held.image.sha256.clone(), held)
+            })
+            .collect();
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .read_timeout(READ_TIMEOUT)
@@ -206,13 +267,37 @@ impl Pulls {
             http,
             state: Mutex::new(State {
                 held,
+                uses,
                 ..State::default()
             }),
             permits: Semaphore::new(MAX_CONCURRENT_PULLS),
             stats: Stats::default(),
             cancel: CancellationToken::new(),
             worker_id: std::sync::RwLock::new(None),
+            limits: CacheLimits::default(),
+            users: OnceLock::new(),
+            free_space: Arc::new(statvfs_free),
         })
+    }
+
+    /// Keeps the pulled images within `limits`.
+    pub fn with_limits(mut self, limits: CacheLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Reads free disk space through `free_space` instead of `statvfs`.
+    #[cfg(test)]
+    fn with_free_space(mut self, free_space: FreeSpace) -> Self {
+        self.free_space = free_space;
+        self
+    }
+
+    /// Names who uses images (the bunkers registry); only images it does not name may be
+    /// evicted. Weak, because the registry holds these pulls. Set once; later calls are
+    /// ignored.
+    pub fn set_users(&self, users: Weak<dyn ImageUsers>) {
+        let _ = self.users.set(users);
     }
 
     /// Records the id the controller gave this worker; peers are asked for under it.
@@ -227,19 +312,38 @@ impl Pulls {
         &self.dir
     }
 
-    /// A pulled image, by digest.
+    /// A pulled image a create is about to boot, by digest: counts as a use, so it is the
+    /// last to be evicted and safe from eviction for [`CacheLimits::grace`].
     pub fn lookup(&self, sha256: &str) -> Option<Image> {
-        lock(&self.state).held.get(sha256).cloned()
+        lock(&self.state).touch(sha256)
+    }
+
+    /// A pulled image, by digest, without counting a use (serving it to a peer is not one:
+    /// the open file outlives an eviction).
+    pub fn peek(&self, sha256: &str) -> Option<Image> {
+        lock(&self.state)
+            .held
+            .get(sha256)
+            .map(|held| held.image.clone())
+    }
+
+    /// Bytes of every pulled image held.
+    pub fn held_bytes(&self) -> u64 {
+        lock(&self.state)
+            .held
+            .values()
+            .map(|held| held.image.size_bytes)
+            .sum()
     }
 
     /// The digests of every pulled image still on disk. One deleted by hand is forgotten
     /// here, so the next heartbeat leaves it out and the controller's ledger heals.
     pub fn held_sha256s(&self) -> Vec<String> {
         let mut state = lock(&self.state);
-        state.held.retain(|sha, image| {
-            let there = image.path.exists();
+        state.held.retain(|sha, held| {
+            let there = held.image.path.exists();
             if !there {
-                tracing::warn!(sha256 = %sha, path = %image.path.display(), "a pulled image disappeared from disk");
+                tracing::warn!(sha256 = %sha, path = %held.image.path.display(), "a pulled image disappeared from disk");
             }
             there
         });
@@ -257,6 +361,7 @@ impl Pulls {
             proxy_bytes: self.stats.proxy_bytes.load(Ordering::Relaxed),
             completed: self.stats.completed.load(Ordering::Relaxed),
             failed: self.stats.failed.load(Ordering::Relaxed),
+            evicted: self.stats.evicted.load(Ordering::Relaxed),
         }
     }
 
@@ -307,8 +412,15 @@ impl Pulls {
 
     fn join(self: &Arc<Self>, pull: ImagePull, trigger: Trigger) -> Joined {
         let mut state = lock(&self.state);
-        if let Some(image) = state.held.get(&pull.sha256) {
-            return Joined::Held(image.clone());
+        if state.held.contains_key(&pull.sha256) {
+            // A heartbeat naming an image is not a use; a create about to boot it is.
+            let image = match trigger {
+                Trigger::Create => state.touch(&pull.sha256),
+                Trigger::Warm => state.held.get(&pull.sha256).map(|h| h.image.clone()),
+            };
+            if let Some(image) = image {
+                return Joined::Held(image);
+            }
         }
         if let Some(rx) = state.in_flight.get(&pull.sha256) {
             return Joined::Waiting(rx.clone());
@@ -340,9 +452,17 @@ impl Pulls {
     fn settle(&self, sha256: &str, outcome: &Outcome) {
         let mut state = lock(&self.state);
         state.in_flight.remove(sha256);
+        state.reserved.remove(sha256);
         match outcome {
             Ok(image) => {
-                state.held.insert(sha256.to_owned(), image.clone());
+                // Just pulled, most likely for a create about to boot it: a use.
+                state.uses += 1;
+                let held = Held {
+                    image: image.clone(),
+                    last_use: state.uses,
+                    used_at: Some(Instant::now()),
+                };
+                state.held.insert(sha256.to_owned(), held);
                 state.failures.retain(|f| f.sha256 != sha256);
                 self.stats.completed.fetch_add(1, Ordering::Relaxed);
             }

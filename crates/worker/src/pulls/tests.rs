@@ -13,6 +13,8 @@ use sha2::{Digest as _, Sha256};
 use super::fetch::is_object_key;
 use super::*;
 
+mod room;
+
 const TOKEN: &str = "pull-test-token";
 
 #[derive(Default)]
@@ -119,16 +121,18 @@ fn pull_of(b: &[u8], key: Option<&str>) -> ImagePull {
 }
 
 fn open(dir: &Path, controller: &str) -> Arc<Pulls> {
-    Arc::new(
-        Pulls::open(
-            dir,
-            Some(ControllerAccess {
-                url: controller.to_owned(),
-                worker_token: TOKEN.to_owned(),
-            }),
-        )
-        .expect("open"),
+    Arc::new(open_unshared(dir, controller))
+}
+
+fn open_unshared(dir: &Path, controller: &str) -> Pulls {
+    Pulls::open(
+        dir,
+        Some(ControllerAccess {
+            url: controller.to_owned(),
+            worker_token: TOKEN.to_owned(),
+        }),
     )
+    .expect("open")
 }
 
 fn files_in(dir: &Path) -> Vec<String> {
