@@ -56,6 +56,13 @@ impl std::str::FromStr for AccelChoice {
 pub const DEFAULT_QEMU_UID_BASE: u32 = 20000;
 /// How many VMs may run at once under distinct uids, by default.
 pub const DEFAULT_QEMU_UID_COUNT: u32 = 1000;
+/// Cap on the pulled images' bytes, by default: twenty 1 GiB images, a few per tenant
+/// image on a worker serving many, yet a small share of a worker's disk.
+pub const DEFAULT_IMAGE_CACHE_MB: u64 = 20 * 1024;
+/// Free disk a pull leaves at least, by default: room for bunkers' overlays to grow a
+/// little and for logs, so a pull never fills the disk the VMs write to.
+pub const DEFAULT_MIN_FREE_DISK_MB: u64 = 2048;
+const MIB: u64 = 1 << 20;
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -92,6 +99,15 @@ pub struct WorkerConfig {
     /// is root. `off` keeps QEMU at the worker's uid, an escape hatch only (see
     /// docs/decisions/0009-qemu-confinement.md).
     pub qemu_runas: bool,
+    /// `SCAIBUNKER_IMAGE_CACHE_MB` (MiB, default [`DEFAULT_IMAGE_CACHE_MB`]): most bytes the
+    /// pulled images in `<data_dir>/images/` hold together; least recently used images no
+    /// bunker or template uses are evicted to stay under it. `0` is no cap (`None`): only
+    /// the free-disk floor limits the cache. Prebuilt images are not counted.
+    pub image_cache_bytes: Option<u64>,
+    /// `SCAIBUNKER_MIN_FREE_DISK_MB` (MiB, default [`DEFAULT_MIN_FREE_DISK_MB`]): free space
+    /// the disk under `<data_dir>/images/` keeps once a pull lands; a pull evicts images to
+    /// keep it, or fails. `0` still needs the image itself to fit.
+    pub min_free_disk_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +144,8 @@ impl WorkerConfig {
             qemu_uid_base: DEFAULT_QEMU_UID_BASE,
             qemu_uid_count: DEFAULT_QEMU_UID_COUNT,
             qemu_runas: true,
+            image_cache_bytes: Some(DEFAULT_IMAGE_CACHE_MB * MIB),
+            min_free_disk_bytes: DEFAULT_MIN_FREE_DISK_MB * MIB,
         }
     }
 
@@ -216,6 +234,12 @@ impl WorkerConfig {
         if let Some(count) = uid("SCAIBUNKER_QEMU_UID_COUNT")? {
             config.qemu_uid_count = count;
         }
+        if let Some(mb) = parse_mib(&lookup, "SCAIBUNKER_IMAGE_CACHE_MB")? {
+            config.image_cache_bytes = (mb > 0).then_some(mb);
+        }
+        if let Some(mb) = parse_mib(&lookup, "SCAIBUNKER_MIN_FREE_DISK_MB")? {
+            config.min_free_disk_bytes = mb;
+        }
         // Never root, never the kernel's "no uid" (u32::MAX), at least one account.
         let end = u64::from(config.qemu_uid_base) + u64::from(config.qemu_uid_count);
         if config.qemu_uid_base == 0 || config.qemu_uid_count == 0 || end > u64::from(u32::MAX) {
@@ -247,6 +271,22 @@ fn parse_u64(
                 var,
                 value,
                 expected: "a non-negative integer",
+            })
+        })
+        .transpose()
+}
+
+/// A size in MiB, as bytes.
+fn parse_mib(
+    lookup: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+) -> Result<Option<u64>, ConfigError> {
+    parse_u64(lookup, var)?
+        .map(|mb| {
+            mb.checked_mul(MIB).ok_or_else(|| ConfigError::Invalid {
+                var,
+                value: mb.to_string(),
+                expected: "a size in MiB below 2^44",
             })
         })
         .transpose()
@@ -305,6 +345,8 @@ mod tests {
             c.qemu_runas,
             "qemu drops to a uid of its own unless told not to"
         );
+        assert_eq!(c.image_cache_bytes, Some(20 << 30), "a 20 GiB image cache");
+        assert_eq!(c.min_free_disk_bytes, 2 << 30, "2 GiB of disk kept free");
     }
 
     #[test]
@@ -323,6 +365,11 @@ mod tests {
             ("SCAIBUNKER_QEMU_UID_BASE", "4294967295"),
             ("SCAIBUNKER_QEMU_UID_COUNT", "0"),
             ("SCAIBUNKER_QEMU_RUNAS", "yes"),
+            ("SCAIBUNKER_IMAGE_CACHE_MB", "20G"),
+            ("SCAIBUNKER_IMAGE_CACHE_MB", "-1"),
+            // Overflows u64 once in bytes.
+            ("SCAIBUNKER_IMAGE_CACHE_MB", "17592186044416"),
+            ("SCAIBUNKER_MIN_FREE_DISK_MB", "lots"),
         ];
         for (var, value) in bad {
             let r = WorkerConfig::from_lookup(lookup_in(&[
@@ -355,8 +402,12 @@ mod tests {
             ("SCAIBUNKER_QEMU_UID_BASE", "300000"),
             ("SCAIBUNKER_QEMU_UID_COUNT", "64"),
             ("SCAIBUNKER_QEMU_RUNAS", "off"),
+            ("SCAIBUNKER_IMAGE_CACHE_MB", "512"),
+            ("SCAIBUNKER_MIN_FREE_DISK_MB", "100"),
         ]))
         .expect("valid");
+        assert_eq!(c.image_cache_bytes, Some(512 << 20));
+        assert_eq!(c.min_free_disk_bytes, 100 << 20);
         assert_eq!((c.qemu_uid_base, c.qemu_uid_count), (300000, 64));
         assert!(!c.qemu_runas);
         assert_eq!(c.controller_url.as_deref(), Some("http://c:1"));
@@ -375,6 +426,19 @@ mod tests {
             Some("http://c:1"),
             "snapshots go through the controller's storage proxy by default"
         );
+    }
+
+    #[test]
+    fn a_zero_image_cache_cap_is_no_cap_and_a_zero_floor_is_no_floor() {
+        let c = WorkerConfig::from_lookup(lookup_in(&[
+            ("HOME", "/h"),
+            ("SCAIBUNKER_WORKER_TOKEN", "t"),
+            ("SCAIBUNKER_IMAGE_CACHE_MB", "0"),
+            ("SCAIBUNKER_MIN_FREE_DISK_MB", "0"),
+        ]))
+        .expect("valid");
+        assert_eq!(c.image_cache_bytes, None);
+        assert_eq!(c.min_free_disk_bytes, 0);
     }
 
     #[test]

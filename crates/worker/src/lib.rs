@@ -5,7 +5,8 @@
 //!    QEMU processes, remove their directories);
 //! 2. scan the images directory, check the agent inside its initramfs ([`initramfs`]: static,
 //!    this protocol; a wrong one refuses the start), and `<data>/images/` for pulled images
-//!    ([`pulls`]);
+//!    ([`pulls`], kept within the cache cap and free-disk floor; the bunkers registry, once
+//!    made, tells it which images are in use);
 //! 3. open `<data>/templates/` (keep complete, current templates; remove the rest);
 //! 4. pick the VMM accelerator (KVM only with real hardware virtualisation, else TCG), and,
 //!    when the worker is root, the range of uids QEMU processes drop to;
@@ -186,11 +187,23 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
             url,
             worker_token: config.worker_token.clone(),
         });
-    let pulls =
-        Arc::new(tokio::task::spawn_blocking(move || Pulls::open(&pulls_dir, access)).await??);
+    let limits = pulls::CacheLimits {
+        cap_bytes: config.image_cache_bytes,
+        min_free_bytes: config.min_free_disk_bytes,
+        grace: pulls::RECENT_USE_GRACE,
+    };
+    let pulls = Arc::new(
+        tokio::task::spawn_blocking(move || {
+            Pulls::open(&pulls_dir, access).map(|p| p.with_limits(limits))
+        })
+        .await??,
+    );
     tracing::info!(
         dir = %pulls.dir().display(),
         images = pulls.held_sha256s().len(),
+        bytes = pulls.held_bytes(),
+        cap_bytes = ?config.image_cache_bytes,
+        min_free_disk_bytes = config.min_free_disk_bytes,
         "pulled images scanned"
     );
 
@@ -242,6 +255,9 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
         }
     }
     let bunkers = Arc::new(bunkers);
+    // Only images no bunker or template uses may be evicted to make room for a pull.
+    let users: std::sync::Weak<Bunkers> = Arc::downgrade(&bunkers);
+    pulls.set_users(users);
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

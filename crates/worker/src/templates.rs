@@ -25,9 +25,10 @@
 //! Invariants: a template's `disk.qcow2` is never written after its save (its VM is dead
 //! before the template is published; restored bunkers only ever use it as a read-only
 //! backing file). A template whose image, kernel or initramfs changed is deleted, never
-//! restored; a template that fails to restore is deleted, and the bunker cold-boots.
+//! restored; a template that fails to restore is deleted, and the bunker cold-boots. A
+//! template, ready or building, keeps its image from eviction ([`Templates::images_in_use`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -230,9 +231,14 @@ pub enum TemplateStatus {
 
 #[derive(Debug, Clone)]
 enum Slot {
-    Building,
+    /// Its VM boots this image.
+    Building {
+        image_sha256: String,
+    },
     Ready(Arc<Template>),
-    Failed { until: Instant },
+    Failed {
+        until: Instant,
+    },
 }
 
 /// Every template of this worker.
@@ -367,15 +373,20 @@ impl Templates {
 
     /// Claims the build of `key`: true for exactly one caller while no template, build or
     /// recent failure exists for it.
-    fn claim(&self, key: &str) -> bool {
+    fn claim(&self, key: &str, image_sha256: &str) -> bool {
         let mut slots = lock(&self.slots);
         let free = match slots.get(key) {
             None => true,
             Some(Slot::Failed { until }) => Instant::now() >= *until,
-            Some(Slot::Building | Slot::Ready(_)) => false,
+            Some(Slot::Building { .. } | Slot::Ready(_)) => false,
         };
         if free {
-            slots.insert(key.to_owned(), Slot::Building);
+            slots.insert(
+                key.to_owned(),
+                Slot::Building {
+                    image_sha256: image_sha256.to_owned(),
+                },
+            );
         }
         free
     }
@@ -393,7 +404,7 @@ impl Templates {
         }
         self.prune();
         let key = shape.key();
-        if !self.claim(&key) {
+        if !self.claim(&key, &shape.image_sha256) {
             return;
         }
         let templates = Arc::clone(self);
@@ -437,7 +448,7 @@ impl Templates {
             .iter()
             .map(|(key, slot)| {
                 let status = match slot {
-                    Slot::Building => TemplateStatus::Building,
+                    Slot::Building { .. } => TemplateStatus::Building,
                     Slot::Ready(t) => TemplateStatus::Ready {
                         dir: t.dir.clone(),
                         image_sha256: t.meta.shape.image_sha256.clone(),
@@ -449,6 +460,19 @@ impl Templates {
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
+    }
+
+    /// Digests of the images templates were built from (ready ones: restored bunkers' disks
+    /// rest on them) or are being built from.
+    pub fn images_in_use(&self) -> BTreeSet<String> {
+        lock(&self.slots)
+            .values()
+            .filter_map(|slot| match slot {
+                Slot::Building { image_sha256 } => Some(image_sha256.clone()),
+                Slot::Ready(t) => Some(t.meta.shape.image_sha256.clone()),
+                Slot::Failed { .. } => None,
+            })
+            .collect()
     }
 
     /// Cancels builds in progress and waits until their VMs are gone.
@@ -742,7 +766,9 @@ mod tests {
         )
         .expect("open");
         let claims: Vec<bool> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..8).map(|_| s.spawn(|| templates.claim("k1"))).collect();
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| templates.claim("k1", "sha")))
+                .collect();
             handles
                 .into_iter()
                 .map(|h| h.join().expect("join"))
@@ -756,14 +782,45 @@ mod tests {
                 until: Instant::now() + Duration::from_secs(60),
             },
         );
-        assert!(!templates.claim("k1"));
+        assert!(!templates.claim("k1", "sha"));
         lock(&templates.slots).insert(
             "k1".into(),
             Slot::Failed {
                 until: Instant::now(),
             },
         );
-        assert!(templates.claim("k1"));
+        assert!(templates.claim("k1", "sha"));
+    }
+
+    #[test]
+    fn images_in_use_are_those_of_ready_and_building_templates() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let dir = data.path().join("templates");
+        let s = shape(data.path(), 256);
+        let t = dir.join(s.key());
+        std::fs::create_dir_all(&t).expect("mkdir");
+        std::fs::write(t.join(STATE_FILE), b"state").expect("w");
+        std::fs::write(t.join(DISK_FILE), b"disk").expect("w");
+        let meta = TemplateMeta {
+            shape: s.clone(),
+            cpu_millicores: 1000,
+            hostname: TEMPLATE_HOSTNAME.into(),
+            state_bytes: 5,
+            boot_ms: 1,
+            save_ms: 1,
+        };
+        std::fs::write(t.join(META_FILE), serde_json::to_vec(&meta).expect("json")).expect("w");
+        let templates =
+            Templates::open(dir, TemplateMode::On, Duration::from_secs(1)).expect("open");
+        assert!(templates.claim("building", &"cd".repeat(32)));
+        lock(&templates.slots).insert(
+            "failed".into(),
+            Slot::Failed {
+                until: Instant::now(),
+            },
+        );
+        let expected: BTreeSet<String> = [s.image_sha256, "cd".repeat(32)].into();
+        assert_eq!(templates.images_in_use(), expected);
     }
 
     #[test]

@@ -333,7 +333,7 @@ async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Prometheus text: the image pull counters (no secrets, so no token, like `/health`).
+/// Prometheus text: the image pull and cache counters (no secrets, so no token, like `/health`).
 async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
     let c = s.bunkers.pulls().counters();
     let text = format!(
@@ -344,8 +344,19 @@ async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
          # HELP scaibunker_worker_image_pulls_total Image pulls ended, by outcome.\n\
          # TYPE scaibunker_worker_image_pulls_total counter\n\
          scaibunker_worker_image_pulls_total{{outcome=\"completed\"}} {}\n\
-         scaibunker_worker_image_pulls_total{{outcome=\"failed\"}} {}\n",
-        c.peer_bytes, c.proxy_bytes, c.completed, c.failed
+         scaibunker_worker_image_pulls_total{{outcome=\"failed\"}} {}\n\
+         # HELP scaibunker_worker_image_evictions_total Pulled images evicted to make room for a pull.\n\
+         # TYPE scaibunker_worker_image_evictions_total counter\n\
+         scaibunker_worker_image_evictions_total {}\n\
+         # HELP scaibunker_worker_image_cache_bytes Bytes of the pulled images held.\n\
+         # TYPE scaibunker_worker_image_cache_bytes gauge\n\
+         scaibunker_worker_image_cache_bytes {}\n",
+        c.peer_bytes,
+        c.proxy_bytes,
+        c.completed,
+        c.failed,
+        c.evicted,
+        s.bunkers.pulls().held_bytes()
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -24,7 +24,7 @@ use scaibunker_proto::worker::{
 use self::supervisor::{BootPlan, Bunker, Resources, SnapshotRestore, TransitionError};
 use crate::agent_client::AgentClient;
 use crate::images::{Image, ImageCache};
-use crate::pulls::Pulls;
+use crate::pulls::{ImageUsers, Pulls};
 use crate::snapshots::{self, ObjectClient};
 use crate::templates::{Shape, Templates};
 use crate::vmm::Vmm;
@@ -81,6 +81,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// What the image cache must not evict: the image of every bunker that has or is getting a
+/// VM (a failed one has none), and of every template, ready or being built.
+impl ImageUsers for Bunkers {
+    fn images_in_use(&self) -> BTreeSet<String> {
+        let mut in_use: BTreeSet<String> = self
+            .all()
+            .iter()
+            .filter(|b| b.status() != VmStatus::Failed)
+            .map(|b| b.image_sha256().to_owned())
+            .collect();
+        in_use.extend(self.templates.images_in_use());
+        in_use
+    }
+}
+
 impl Bunkers {
     pub fn new(
         vmm: Arc<dyn Vmm>,
@@ -126,12 +141,13 @@ impl Bunkers {
         &self.pulls
     }
 
-    /// Any image this worker holds, prebuilt or pulled, by digest alone.
+    /// Any image this worker holds, prebuilt or pulled, by digest alone (to serve a peer:
+    /// not a use of a pulled image).
     pub fn image_by_sha256(&self, sha256: &str) -> Option<Image> {
         self.images()
             .by_sha256(sha256)
             .cloned()
-            .or_else(|| self.pulls.lookup(sha256))
+            .or_else(|| self.pulls.peek(sha256))
     }
 
     /// The digests heartbeats report as `cached_images`: prebuilt and pulled images, none
@@ -221,6 +237,7 @@ impl Bunkers {
         let bunker = Arc::new(Bunker::new(
             req.bunker_id.clone(),
             self.bunkers_dir.join(&req.bunker_id),
+            image.sha256.clone(),
             Resources {
                 cpu_millicores: req.cpu_millicores,
                 memory_mb: req.memory_mb,
@@ -580,6 +597,51 @@ fn validate_hostname(name: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::AccelChoice;
+    use crate::templates::TemplateMode;
+    use crate::vmm::HostVirt;
+    use crate::vmm::qemu::QemuVmm;
+
+    #[test]
+    fn images_in_use_are_those_of_bunkers_with_a_vm_or_getting_one() {
+        let data = tempfile::tempdir().expect("tempdir");
+        // KVM named outright: nothing is probed, and no VM is booted here.
+        let vmm = QemuVmm::new(AccelChoice::Kvm, &HostVirt::probe(), 1).expect("vmm");
+        let images = ImageCache::scan(&data.path().join("none")).expect("scan");
+        let pulls = Pulls::open(&data.path().join("images"), None).expect("pulls");
+        let templates = Templates::open(
+            data.path().join("templates"),
+            TemplateMode::On,
+            Duration::from_secs(1),
+        )
+        .expect("templates");
+        let bunkers = Bunkers::new(
+            Arc::new(vmm),
+            images,
+            Arc::new(pulls),
+            data.path().join("bunkers"),
+            Duration::from_secs(1),
+            Arc::new(templates),
+        );
+        let bunker = |id: &str, sha: &str| {
+            Arc::new(Bunker::new(
+                id.to_owned(),
+                data.path().join("bunkers").join(id),
+                sha.to_owned(),
+                Resources::default(),
+                "h".to_owned(),
+                BTreeMap::new(),
+            ))
+        };
+        let booting = bunker("b1", &"ab".repeat(32));
+        let failed = bunker("b2", &"cd".repeat(32));
+        failed.fail("qemu exited".to_owned());
+        for b in [booting, failed] {
+            lock(&bunkers.table).insert(b.id().to_owned(), b);
+        }
+        let expected: BTreeSet<String> = ["ab".repeat(32)].into();
+        assert_eq!(bunkers.images_in_use(), expected);
+    }
 
     #[test]
     fn bunker_ids_must_be_safe_directory_names() {

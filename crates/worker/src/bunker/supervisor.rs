@@ -85,6 +85,9 @@ struct State {
 pub struct Bunker {
     id: String,
     dir: PathBuf,
+    /// The image the create named: a user of it from the create on, so the image cache
+    /// never evicts it under a booting or running bunker.
+    image_sha256: String,
     resources: Resources,
     hostname: String,
     /// Added to every exec's environment (the exec's own variables win).
@@ -147,6 +150,7 @@ impl Bunker {
     pub fn new(
         id: String,
         dir: PathBuf,
+        image_sha256: String,
         resources: Resources,
         hostname: String,
         env: BTreeMap<String, String>,
@@ -154,6 +158,7 @@ impl Bunker {
         Self {
             id,
             dir,
+            image_sha256,
             resources,
             hostname,
             env,
@@ -178,6 +183,10 @@ impl Bunker {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    pub fn image_sha256(&self) -> &str {
+        &self.image_sha256
     }
 
     pub fn resources(&self) -> Resources {
