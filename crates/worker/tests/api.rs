@@ -433,12 +433,16 @@ async fn pulls_what_heartbeats_ask_and_reports_failures_once() {
         ..Default::default()
     }));
     let (controller_url, server) = fake_controller(&state).await;
-    // Stand-ins for the guest kernel and initramfs: heartbeats list images only when
-    // something could boot them. No VM is started in this test.
+    // A stand-in kernel and the real initramfs (the worker checks the agent in it):
+    // heartbeats list images only when something could boot them. No VM is started here.
+    let built = common::require_artefacts(&["initramfs.cpio.gz"]);
     let images = tempfile::tempdir().expect("tempdir");
-    for f in ["vmlinux", "initramfs.cpio.gz"] {
-        std::fs::write(images.path().join(f), b"stand-in").expect("write");
-    }
+    std::fs::write(images.path().join("vmlinux"), b"stand-in").expect("write");
+    std::fs::copy(
+        built.join("initramfs.cpio.gz"),
+        images.path().join("initramfs.cpio.gz"),
+    )
+    .expect("copy the initramfs");
     let tiny = b"prebuilt";
     std::fs::write(images.path().join("tiny.ext4"), tiny).expect("write");
     let w = TestWorker::start_with(images.path(), |c| {
