@@ -29,6 +29,12 @@ pub const IMAGE_TOO_LARGE: &str = "IMAGE_TOO_LARGE";
 pub const NAME_TAKEN: &str = "NAME_TAKEN";
 pub const AVAILABILITY_GROUP_NOT_FOUND: &str = "AVAILABILITY_GROUP_NOT_FOUND";
 pub const WORKER_NOT_FOUND: &str = "WORKER_NOT_FOUND";
+/// A worker request whose credential belongs to another worker than the one it names.
+pub const WORKER_MISMATCH: &str = "WORKER_MISMATCH";
+/// A registration with the join token for a worker name that holds a credential.
+pub const WORKER_CREDENTIAL_REQUIRED: &str = "WORKER_CREDENTIAL_REQUIRED";
+/// The storage proxy: a worker credential used on an object workers have no business with.
+pub const WORKER_STORAGE_DENIED: &str = "WORKER_STORAGE_DENIED";
 pub const BRIDGE_NOT_FOUND: &str = "BRIDGE_NOT_FOUND";
 pub const SNAPSHOT_NOT_FOUND: &str = "SNAPSHOT_NOT_FOUND";
 pub const SNAPSHOT_NOT_READY: &str = "SNAPSHOT_NOT_READY";

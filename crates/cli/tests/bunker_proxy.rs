@@ -1,6 +1,7 @@
 //! `SCAIGRID_MODE=bunker_proxy scaibunker serve`, the real binary: it starts with the database
-//! and Redis unreachable and serves objects (worker token and a capability token signed with
-//! the shared `SCAIBUNKER_STORAGE_SECRET`), and nothing but the storage routes and `/health`.
+//! and Redis unreachable and serves objects (a worker credential and a capability token, both
+//! signed with the shared `SCAIBUNKER_STORAGE_SECRET`; not the join token), and nothing but the
+//! storage routes and `/health`.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -63,7 +64,7 @@ async fn bunker_proxy_mode_serves_objects_with_the_database_unreachable() {
         &S3Settings::default(),
     )
     .expect("store");
-    let token = Storage::new(objects, "unused", SECRET.as_bytes(), 1).sign(&CapabilityClaims {
+    let token = Storage::new(objects, SECRET.as_bytes(), 1).sign(&CapabilityClaims {
         prefix: "exec/".into(),
         verbs: vec![StorageVerb::Put, StorageVerb::Get],
         expires_at: now_s() + 60,
@@ -81,12 +82,36 @@ async fn bunker_proxy_mode_serves_objects_with_the_database_unreachable() {
     assert_eq!(resp.status(), reqwest::StatusCode::CREATED);
     let resp = http
         .get(&object)
-        .bearer_auth(WORKER_TOKEN)
+        .bearer_auth(&token)
         .send()
         .await
         .expect("get");
     assert_eq!(resp.status(), reqwest::StatusCode::OK);
     assert_eq!(resp.text().await.expect("body"), "output");
+    // A worker's credential, verified with no database: it reads snapshots, not exec output;
+    // the join token opens nothing.
+    let credential = scaibunker_proto::worker_auth::credential(SECRET.as_bytes(), "wrk_p", 1);
+    let snapshot = format!("{url}/v1/modules/scaibunker/storage/objects/snapshots/t/s/disk");
+    let resp = http
+        .put(&snapshot)
+        .bearer_auth(&credential)
+        .body("disk")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(resp.status(), reqwest::StatusCode::CREATED);
+    for (bearer, want) in [
+        (credential.as_str(), reqwest::StatusCode::FORBIDDEN),
+        (WORKER_TOKEN, reqwest::StatusCode::UNAUTHORIZED),
+    ] {
+        let resp = http
+            .get(&object)
+            .bearer_auth(bearer)
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(resp.status(), want);
+    }
     // Stored under the data dir's default object store.
     assert!(dir.path().join("objects/exec/exe_1/stdout~").is_file());
 

@@ -98,7 +98,6 @@ fn open_storage(config: &ControllerConfig) -> Result<service::storage::Storage, 
     let objects = objects::Objects::open(&config.object_store, &config.s3)?;
     Ok(service::storage::Storage::new(
         objects,
-        &config.worker_token,
         config.storage_secret.as_bytes(),
         config.max_object_bytes,
     ))
@@ -127,7 +126,8 @@ impl ProxyHandle {
 
 /// Serves only the storage proxy's object routes and `/health`: it opens the object store and
 /// nothing else (no database, no Redis), so any number of proxies scale out beside the
-/// controllers. Tokens verify against `config.storage_secret` and `config.worker_token`.
+/// controllers. Worker credentials and capability tokens verify against
+/// `config.storage_secret`.
 pub async fn start_storage_proxy(config: ControllerConfig) -> Result<ProxyHandle, StartError> {
     let storage = open_storage(&config)?;
     let (listener, addr) = bind(config.listen).await?;
@@ -188,7 +188,7 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
     let live = live::open(config.redis_url.as_deref(), &config.redis_prefix).await?;
     let services = Services {
         store,
-        workers: WorkerClient::new(config.worker_token.clone()),
+        workers: WorkerClient::new(),
         config: Arc::new(config),
         placement_lock: Arc::new(tokio::sync::Mutex::new(())),
         live,

@@ -26,6 +26,8 @@ struct Api {
     handle: ControllerHandle,
     http: reqwest::Client,
     key: String,
+    /// Worker credentials the controller handed out, by worker name and by worker id.
+    credentials: std::sync::Mutex<std::collections::HashMap<String, String>>,
     _dir: tempfile::TempDir,
     _database: TestDatabase,
 }
@@ -49,6 +51,7 @@ impl Api {
             handle,
             http: reqwest::Client::new(),
             key,
+            credentials: Default::default(),
             _dir: dir,
             _database: database,
         }
@@ -90,9 +93,49 @@ impl Api {
         self.call(method, path, Some(&key), body).await
     }
 
+    /// A worker's call: a registration with the credential its name was given (else the join
+    /// token), anything else with the credential of the `worker_id` it names.
     async fn worker_call(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        self.call("POST", path, Some(WORKER_TOKEN), Some(body))
-            .await
+        let lookup = if path == "/workers/register" {
+            body["name"].as_str()
+        } else {
+            body["worker_id"].as_str()
+        };
+        let bearer = lookup
+            .and_then(|k| self.credentials.lock().expect("lock").get(k).cloned())
+            .unwrap_or_else(|| WORKER_TOKEN.to_owned());
+        let (st, v) = self
+            .call("POST", path, Some(&bearer), Some(body.clone()))
+            .await;
+        if path == "/workers/register"
+            && st == StatusCode::OK
+            && let (Some(id), Some(c), Some(name)) = (
+                v["worker_id"].as_str(),
+                v["credential"].as_str(),
+                body["name"].as_str(),
+            )
+        {
+            let mut creds = self.credentials.lock().expect("lock");
+            creds.insert(id.to_owned(), c.to_owned());
+            creds.insert(name.to_owned(), c.to_owned());
+        }
+        (st, v)
+    }
+
+    /// A worker credential for the storage proxy (which verifies it with no lookup).
+    fn storage_worker(&self) -> String {
+        let secret = self.handle.services.config.storage_secret.as_bytes();
+        scaibunker_proto::worker_auth::credential(secret, "wrk_storage_reader", 1)
+    }
+
+    /// The credential the controller handed worker `id` (or name).
+    fn credential(&self, id: &str) -> String {
+        self.credentials
+            .lock()
+            .expect("lock")
+            .get(id)
+            .cloned()
+            .expect("a registered worker")
     }
 
     /// Registers a worker whose API nothing listens on, holding image `default`.
@@ -731,13 +774,17 @@ async fn heartbeats_tell_workers_to_stop_vms_of_ended_bunkers(db: Db) {
         (st, code(&v)),
         (StatusCode::SERVICE_UNAVAILABLE, "NO_SUITABLE_WORKER")
     );
-    // An unknown worker is told to register again.
+    // A heartbeat for a worker nobody registered has no credential: the join token is no
+    // credential, so it is refused (the worker then registers again).
     let mut hb2 = hb;
     hb2.worker_id = "wrk_gone".into();
-    let (_, v) = api
+    let (st, v) = api
         .worker_call("/heartbeat", serde_json::to_value(&hb2).expect("json"))
         .await;
-    assert_eq!(v["known"], false);
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNAUTHORIZED, "AUTH_TOKEN_INVALID")
+    );
     // A worker speaking another protocol version is refused.
     let (st, v) = api
         .worker_call(
@@ -1434,11 +1481,13 @@ async fn heartbeats_heal_the_worker_image_ledger(db: Db) {
     assert_eq!(st, StatusCode::OK);
     assert_eq!(ledger().await, json!([a]));
 
-    // A heartbeat from a worker the controller does not know records nothing.
+    // A heartbeat from a worker the controller does not know has no credential: refused,
+    // and it records nothing.
     let mut stranger = beat(Some(vec![b.clone()]));
     stranger["worker_id"] = json!("wrk_stranger");
     let (st, v) = api.worker_call("/heartbeat", stranger).await;
-    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(st, StatusCode::UNAUTHORIZED, "{v}");
+    assert_eq!(ledger().await, json!([a]));
 }
 
 /// The shell route authenticates by header or `?token=`, checks its permission and the
@@ -1570,7 +1619,7 @@ impl Api {
             .call(
                 "GET",
                 &format!("/peers/{sha}?worker_id={worker_id}"),
-                Some(WORKER_TOKEN),
+                Some(&self.credential(worker_id)),
                 None,
             )
             .await;
@@ -1613,7 +1662,7 @@ async fn images_bake_and_fan_out_through_availability_groups(db: Db) {
     let resp = api
         .http
         .get(api.url(&format!("/storage/objects/images/{id}/rootfs.ext4")))
-        .bearer_auth(WORKER_TOKEN)
+        .bearer_auth(api.storage_worker())
         .send()
         .await
         .expect("get");
@@ -1623,14 +1672,14 @@ async fn images_bake_and_fan_out_through_availability_groups(db: Db) {
     assert_eq!(hex::encode(sha2::Sha256::digest(&bytes)), sha);
     assert_eq!(&bytes[1080..1082], &[0x53, 0xEF], "ext4 magic");
     // The source is gone once baked; a second upload is refused.
-    let resp = api
-        .http
-        .head(api.url(&format!("/storage/objects/images/{id}/source")))
-        .bearer_auth(WORKER_TOKEN)
-        .send()
-        .await
-        .expect("head");
-    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert!(
+        api.handle
+            .services
+            .objects()
+            .head(&format!("images/{id}/source"))
+            .await
+            .is_err()
+    );
     let (st, v) = api
         .put_content(&api.key.clone(), &id, rootfs_tar(&[]))
         .await;
@@ -1743,7 +1792,12 @@ async fn images_bake_and_fan_out_through_availability_groups(db: Db) {
     assert!(api.peers(&w3, &sha).await.is_empty());
     assert!(api.peers(&w2, &"c".repeat(64)).await.is_empty());
     let (st, v) = api
-        .call("GET", "/peers/nothex?worker_id=x", Some(WORKER_TOKEN), None)
+        .call(
+            "GET",
+            &format!("/peers/nothex?worker_id={w1}"),
+            Some(&api.credential(&w1)),
+            None,
+        )
         .await;
     assert_eq!(
         (st, code(&v)),
@@ -2176,15 +2230,12 @@ async fn the_images_job_rebakes_interrupted_bakes(db: Db) {
         assert_eq!(st, StatusCode::CREATED, "{v}");
         let id = v["data"]["id"].as_str().expect("id").to_owned();
         // What the upload stored before its controller died.
-        let resp = api
-            .http
-            .put(api.url(&format!("/storage/objects/images/{id}/source")))
-            .bearer_auth(WORKER_TOKEN)
-            .body(rootfs_tar(&[]))
-            .send()
+        api.handle
+            .services
+            .objects()
+            .put_bytes(&format!("images/{id}/source"), rootfs_tar(&[]).into())
             .await
             .expect("put source");
-        assert!(resp.status().is_success(), "{}", resp.status());
         ids.push(id);
     }
     let pool = api.handle.services.store.pool();
@@ -2219,7 +2270,146 @@ async fn the_images_job_rebakes_interrupted_bakes(db: Db) {
     assert_eq!(recovered, 0);
 }
 
+async fn each_worker_has_its_own_credential_bound_to_its_id(db: Db) {
+    let api = Api::start(db).await;
+    let w1 = api.register_dead_worker("w1", 8000, default_image()).await;
+    let w2 = api.register_dead_worker("w2", 8000, default_image()).await;
+    let (c1, c2) = (api.credential(&w1), api.credential(&w2));
+    assert!(c1.starts_with("swc_") && c1 != c2 && c1 != WORKER_TOKEN);
+    let beat = |id: &str| {
+        json!({"worker_id": id, "active_bunkers": 0, "bunkers": [],
+               "capacity": {"cpu_millicores": 1000, "memory_mb": 1024, "disk_mb": 1024, "gpu_count": 0}})
+    };
+    let post = |path: &str, bearer: &str, body: Value| {
+        let (path, bearer) = (path.to_owned(), bearer.to_owned());
+        let api = &api;
+        async move { api.call("POST", &path, Some(&bearer), Some(body)).await }
+    };
+
+    // A worker presenting another worker's id with its own credential is refused, for
+    // heartbeats and peer lookups; the shared join token opens neither.
+    let (st, v) = post("/heartbeat", &c1, beat(&w2)).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::FORBIDDEN, "WORKER_MISMATCH"),
+        "{v}"
+    );
+    let (st, v) = post("/heartbeat", WORKER_TOKEN, beat(&w1)).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::UNAUTHORIZED, "AUTH_TOKEN_INVALID")
+    );
+    let peers = format!("/peers/{}?worker_id={w2}", "a".repeat(64));
+    let (st, v) = api.call("GET", &peers, Some(&c1), None).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::FORBIDDEN, "WORKER_MISMATCH"),
+        "{v}"
+    );
+    let (st, v) = post("/heartbeat", &c1, beat(&w1)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+
+    // Registering: the join token no longer registers a name that holds a credential, nor
+    // does another worker's credential; its own does, and keeps its id.
+    let register = |name: &str| {
+        json!({"protocol_version": PROTOCOL_VERSION, "name": name, "url": "http://127.0.0.1:9",
+               "capacity": {"cpu_millicores": 1000, "memory_mb": 1024, "disk_mb": 1024, "gpu_count": 0},
+               "images": [], "runtime": "qemu/tcg"})
+    };
+    let (st, v) = post("/workers/register", WORKER_TOKEN, register("w1")).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::CONFLICT, "WORKER_CREDENTIAL_REQUIRED"),
+        "{v}"
+    );
+    let (st, v) = post("/workers/register", &c2, register("w1")).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::FORBIDDEN, "WORKER_MISMATCH"),
+        "{v}"
+    );
+    let (st, v) = post("/workers/register", &c1, register("w3")).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::FORBIDDEN, "WORKER_MISMATCH"),
+        "{v}"
+    );
+    let (st, v) = post("/workers/register", &c1, register("w1")).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(
+        (v["worker_id"].as_str(), v["credential"].as_str()),
+        (Some(w1.as_str()), Some(c1.as_str()))
+    );
+
+    // Rotation without a restart: the old credential works until the worker has used the
+    // new one, which a heartbeat answer hands over; then only the new one works.
+    let tenant_admin = api.tenant_key("rot", "tenant_admin").await;
+    let rotate = format!("/workers/{w1}/credential/rotate");
+    let (st, _) = api.call("POST", &rotate, Some(&tenant_admin), None).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let (st, v) = api.admin("POST", &rotate, None).await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "{v}");
+    let (st, v) = post("/heartbeat", &c1, beat(&w1)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let c1b = v["credential"]
+        .as_str()
+        .expect("the rotated credential")
+        .to_owned();
+    assert_ne!(c1b, c1);
+    let (st, v) = post("/heartbeat", &c1b, beat(&w1)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert!(v.get("credential").is_none(), "{v}");
+    let (st, _) = post("/heartbeat", &c1, beat(&w1)).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED, "the rotated-away credential");
+
+    // Reset (a worker that lost its data directory): the credential stops at once and the
+    // join token registers the name again, with the same id and a new credential.
+    let (st, _) = api
+        .admin("POST", &format!("/workers/{w1}/credential/reset"), None)
+        .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let (st, _) = post("/heartbeat", &c1b, beat(&w1)).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    let (st, v) = post("/workers/register", WORKER_TOKEN, register("w1")).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let c1c = v["credential"].as_str().expect("credential").to_owned();
+    assert_eq!(v["worker_id"].as_str(), Some(w1.as_str()));
+    assert!(c1c != c1 && c1c != c1b);
+    let (st, _) = post("/heartbeat", &c1c, beat(&w1)).await;
+    assert_eq!(st, StatusCode::OK);
+
+    // The storage proxy: a worker reads baked images and reads and writes snapshots, nothing
+    // else; the join token is nothing there.
+    let object = |key: &str| format!("/storage/objects/{key}");
+    let (st, _) = api
+        .call("GET", &object("images/img_x/rootfs.ext4"), Some(&c2), None)
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "allowed, and absent");
+    for (method, key) in [
+        ("DELETE", "snapshots/tnt_x/snp_x/disk.qcow2"),
+        ("GET", "exec-output/tnt_x/bnk_x/exe_x/stdout"),
+        ("GET", "images/img_x/source"),
+    ] {
+        let (st, v) = api.call(method, &object(key), Some(&c2), None).await;
+        assert_eq!(
+            (st, code(&v)),
+            (StatusCode::FORBIDDEN, "WORKER_STORAGE_DENIED"),
+            "{method} {key}: {v}"
+        );
+    }
+    let (st, _) = api
+        .call(
+            "GET",
+            &object("images/img_x/rootfs.ext4"),
+            Some(WORKER_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+}
+
 both!(
+    each_worker_has_its_own_credential_bound_to_its_id,
     the_images_job_rebakes_interrupted_bakes,
     bridges_are_admin_records_and_transit_is_refused_plainly,
     images_bake_and_fan_out_through_availability_groups,

@@ -385,18 +385,25 @@ async fn worker_liveness_survives_a_redis_wipe_and_silence_still_takes_a_worker_
         .send()
         .await
         .expect("register");
-    let wid = resp.json::<serde_json::Value>().await.expect("json")["worker_id"]
+    let registered = resp.json::<serde_json::Value>().await.expect("json");
+    let wid = registered["worker_id"]
         .as_str()
         .expect("worker id")
+        .to_owned();
+    // Heartbeats carry the worker's own credential, not the join token.
+    let credential = registered["credential"]
+        .as_str()
+        .expect("credential")
         .to_owned();
     let beat = || {
         let http = http.clone();
         let url = format!("{}/v1/modules/scaibunker/heartbeat", h.url());
         let wid = wid.clone();
+        let credential = credential.clone();
         async move {
             let v: serde_json::Value = http
                 .post(url)
-                .bearer_auth("swt_jobs")
+                .bearer_auth(credential)
                 .json(&serde_json::json!({
                     "worker_id": wid, "active_bunkers": 0, "bunkers": [],
                     "capacity": {"cpu_millicores": 8000, "memory_mb": 8192, "disk_mb": 10240, "gpu_count": 0}
@@ -541,6 +548,8 @@ async fn two_controllers_restarted_after_an_outage_fail_no_live_bunker() {
         c.heartbeat_interval = Duration::from_millis(200);
         c.redis_url = Some(redis_url());
         c.redis_prefix = prefix.clone();
+        // Controllers of one installation share the secret worker credentials verify with.
+        c.storage_secret = "jobs-shared-storage-secret".into();
         c
     };
     let http = reqwest::Client::new();
@@ -557,17 +566,24 @@ async fn two_controllers_restarted_after_an_outage_fail_no_live_bunker() {
         .send()
         .await
         .expect("register");
-    let wid = resp.json::<serde_json::Value>().await.expect("json")["worker_id"]
+    let registered = resp.json::<serde_json::Value>().await.expect("json");
+    let wid = registered["worker_id"]
         .as_str()
         .expect("worker id")
+        .to_owned();
+    // Heartbeats carry the worker's own credential, not the join token.
+    let credential = registered["credential"]
+        .as_str()
+        .expect("credential")
         .to_owned();
     let beat = |url: String| {
         let http = http.clone();
         let wid = wid.clone();
+        let credential = credential.clone();
         async move {
             let resp = http
                 .post(format!("{url}/v1/modules/scaibunker/heartbeat"))
-                .bearer_auth("swt_jobs")
+                .bearer_auth(credential)
                 .json(&serde_json::json!({
                     "worker_id": wid, "active_bunkers": 1,
                     "bunkers": [{"id": "bnk_alive", "status": "running"}],

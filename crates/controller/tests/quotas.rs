@@ -306,11 +306,23 @@ impl Api {
             cached_images: None,
             image_failures: Vec::new(),
         };
+        // The worker's own credential, as the controller derives it to call the worker.
+        let row = self
+            .handle
+            .services
+            .store
+            .worker(worker_id)
+            .await
+            .expect("read")
+            .expect("registered");
+        let credential =
+            scaibunker_controller::service::worker_credentials::target(&self.handle.services, &row)
+                .credential;
         let (st, v) = self
             .call(
                 "POST",
                 "/heartbeat",
-                WORKER_TOKEN,
+                &credential,
                 Some(serde_json::to_value(hb).expect("json")),
             )
             .await;

@@ -45,6 +45,8 @@ struct FakeWorker {
     controller: String,
     http: reqwest::Client,
     seen: Arc<Mutex<Seen>>,
+    /// The credential its registration got: what it uploads snapshots with.
+    credential: Arc<Mutex<String>>,
 }
 
 async fn create_vm(State(w): State<FakeWorker>, AxJson(req): AxJson<CreateVm>) -> AxJson<VmInfo> {
@@ -77,6 +79,7 @@ async fn snapshot_vm(
     if req.kind == SnapshotKind::Full {
         files.push(("vm.state", STATE_BYTES));
     }
+    let credential = w.credential.lock().expect("lock").clone();
     let mut out = Vec::new();
     for (name, bytes) in files {
         let key = format!("{}/{name}", req.object_prefix);
@@ -86,7 +89,7 @@ async fn snapshot_vm(
                 "{}/v1/modules/scaibunker/storage/objects/{key}",
                 w.controller
             ))
-            .bearer_auth(WORKER_TOKEN)
+            .bearer_auth(credential.clone())
             .body(bytes.to_vec())
             .send()
             .await
@@ -147,10 +150,12 @@ impl Api {
         let key = handle.bootstrap_key.clone().expect("bootstrap key");
 
         let seen = Arc::new(Mutex::new(Seen::default()));
+        let credential = Arc::new(Mutex::new(String::new()));
         let fake = FakeWorker {
             controller: handle.url(),
             http: reqwest::Client::new(),
             seen: Arc::clone(&seen),
+            credential: Arc::clone(&credential),
         };
         let app = axum::Router::new()
             .route("/v1/worker/bunkers", post(create_vm))
@@ -199,6 +204,7 @@ impl Api {
             )
             .await;
         assert_eq!(st, StatusCode::OK, "{v}");
+        *credential.lock().expect("lock") = v["credential"].as_str().expect("credential").into();
         api
     }
 

@@ -38,6 +38,29 @@ fn config(dir: &std::path::Path) -> ControllerConfig {
     c
 }
 
+/// A capability for every key and verb under the test secret: what these tests use to drive
+/// the object routes (a worker's credential only reaches images and snapshots).
+fn all_access() -> String {
+    let dir = std::env::temp_dir().join("scaibunker-storage-test-signer");
+    let objects = scaibunker_controller::objects::Objects::open(
+        &format!("file://{}", dir.display()),
+        &scaibunker_controller::objects::S3Settings::default(),
+    )
+    .expect("local store");
+    let signer =
+        scaibunker_controller::service::storage::Storage::new(objects, SECRET.as_bytes(), 0);
+    signer.sign(&CapabilityClaims {
+        prefix: String::new(),
+        verbs: vec![
+            StorageVerb::Get,
+            StorageVerb::Head,
+            StorageVerb::Put,
+            StorageVerb::Delete,
+        ],
+        expires_at: u64::MAX / 2,
+    })
+}
+
 fn code(v: &Value) -> &str {
     v["error"]["code"].as_str().unwrap_or("<no code>")
 }
@@ -123,14 +146,14 @@ fn json_of(b: &Bytes) -> Value {
     serde_json::from_slice(b).unwrap_or(Value::Null)
 }
 
-async fn the_worker_token_puts_gets_heads_and_deletes_objects(db: Db) {
+async fn a_full_capability_puts_gets_heads_and_deletes_objects(db: Db) {
     let p = Proxy::start(db, 1024).await;
     let url = p.object_url("images/abc/rootfs.ext4");
     let (st, _, b) = send(
         &p.http,
         "PUT",
         &url,
-        Some(WORKER_TOKEN),
+        Some(all_access().as_str()),
         Some(b"rootfs bytes"),
     )
     .await;
@@ -144,14 +167,14 @@ async fn the_worker_token_puts_gets_heads_and_deletes_objects(db: Db) {
     );
     let etag = format!("\"{}\"", v["data"]["etag"].as_str().expect("etag"));
 
-    let (st, h, b) = send(&p.http, "GET", &url, Some(WORKER_TOKEN), None).await;
+    let (st, h, b) = send(&p.http, "GET", &url, Some(all_access().as_str()), None).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(&b[..], b"rootfs bytes");
     assert_eq!(h["content-length"], "12");
     assert_eq!(h["etag"].to_str().expect("etag"), etag);
     assert!(h.contains_key("x-request-id"));
 
-    let (st, h, b) = send(&p.http, "HEAD", &url, Some(WORKER_TOKEN), None).await;
+    let (st, h, b) = send(&p.http, "HEAD", &url, Some(all_access().as_str()), None).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(h["content-length"], "12");
     assert_eq!(h["etag"].to_str().expect("etag"), etag);
@@ -167,14 +190,14 @@ async fn the_worker_token_puts_gets_heads_and_deletes_objects(db: Db) {
         .expect("head through the service api");
     assert_eq!(read.size_bytes, 12);
 
-    let (st, _, _) = send(&p.http, "DELETE", &url, Some(WORKER_TOKEN), None).await;
+    let (st, _, _) = send(&p.http, "DELETE", &url, Some(all_access().as_str()), None).await;
     assert_eq!(st, StatusCode::NO_CONTENT);
-    let (st, _, b) = send(&p.http, "GET", &url, Some(WORKER_TOKEN), None).await;
+    let (st, _, b) = send(&p.http, "GET", &url, Some(all_access().as_str()), None).await;
     assert_eq!(
         (st, code(&json_of(&b))),
         (StatusCode::NOT_FOUND, "OBJECT_NOT_FOUND")
     );
-    let (st, _, _) = send(&p.http, "HEAD", &url, Some(WORKER_TOKEN), None).await;
+    let (st, _, _) = send(&p.http, "HEAD", &url, Some(all_access().as_str()), None).await;
     assert_eq!(st, StatusCode::NOT_FOUND);
 
     // Credentials.
@@ -182,6 +205,12 @@ async fn the_worker_token_puts_gets_heads_and_deletes_objects(db: Db) {
     assert_eq!(
         (st, code(&json_of(&b))),
         (StatusCode::UNAUTHORIZED, "AUTH_TOKEN_MISSING")
+    );
+    // The shared join token is no storage credential (before, it opened every key).
+    let (st, _, b) = send(&p.http, "GET", &url, Some(WORKER_TOKEN), None).await;
+    assert_eq!(
+        (st, code(&json_of(&b))),
+        (StatusCode::UNAUTHORIZED, "AUTH_TOKEN_INVALID")
     );
     let (st, _, b) = send(&p.http, "GET", &url, Some("swt_wrong"), None).await;
     assert_eq!(
@@ -201,7 +230,7 @@ async fn the_worker_token_puts_gets_heads_and_deletes_objects(db: Db) {
             &p.http,
             "PUT",
             &p.object_url(bad),
-            Some(WORKER_TOKEN),
+            Some(all_access().as_str()),
             Some(b"x"),
         )
         .await;
@@ -216,7 +245,7 @@ async fn the_worker_token_puts_gets_heads_and_deletes_objects(db: Db) {
         &p.http,
         "GET",
         &p.object_url(&long),
-        Some(WORKER_TOKEN),
+        Some(all_access().as_str()),
         None,
     )
     .await;
@@ -230,7 +259,7 @@ async fn the_worker_token_puts_gets_heads_and_deletes_objects(db: Db) {
         &p.http,
         "PUT",
         &p.object_url("big/x"),
-        Some(WORKER_TOKEN),
+        Some(all_access().as_str()),
         Some(&[7u8; 1025]),
     )
     .await;
@@ -244,7 +273,7 @@ async fn the_worker_token_puts_gets_heads_and_deletes_objects(db: Db) {
     let resp = p
         .http
         .put(p.object_url("big/x"))
-        .bearer_auth(WORKER_TOKEN)
+        .bearer_auth(all_access())
         .body(reqwest::Body::wrap_stream(chunks))
         .send()
         .await
@@ -254,7 +283,7 @@ async fn the_worker_token_puts_gets_heads_and_deletes_objects(db: Db) {
         &p.http,
         "HEAD",
         &p.object_url("big/x"),
-        Some(WORKER_TOKEN),
+        Some(all_access().as_str()),
         None,
     )
     .await;
@@ -316,7 +345,7 @@ async fn a_multi_mib_object_streams_through_a_proxy_on_s3() {
         &reqwest::Client::new(),
         "GET",
         &object_url(&proxy.url(), "missing/key"),
-        Some(WORKER_TOKEN),
+        Some(all_access().as_str()),
         None,
     )
     .await;
@@ -334,7 +363,7 @@ async fn round_trip_large_object(http: &reqwest::Client, base: &str) {
     let url = object_url(base, "snapshots/snp_1/memory.bin");
     let resp = http
         .put(&url)
-        .bearer_auth(WORKER_TOKEN)
+        .bearer_auth(all_access())
         .body(body)
         .send()
         .await
@@ -346,7 +375,7 @@ async fn round_trip_large_object(http: &reqwest::Client, base: &str) {
 
     let resp = http
         .get(&url)
-        .bearer_auth(WORKER_TOKEN)
+        .bearer_auth(all_access())
         .send()
         .await
         .expect("get");
@@ -609,7 +638,7 @@ async fn bunker_proxy_mode_serves_objects_with_no_database() {
         &p.http,
         "GET",
         &p.object_url("exec/exe_1/stdout"),
-        Some(WORKER_TOKEN),
+        Some(all_access().as_str()),
         None,
     )
     .await;
@@ -639,7 +668,7 @@ async fn bunker_proxy_mode_serves_objects_with_no_database() {
 }
 
 both!(
-    the_worker_token_puts_gets_heads_and_deletes_objects,
+    a_full_capability_puts_gets_heads_and_deletes_objects,
     a_multi_mib_object_streams_through_the_proxy,
     capability_tokens_are_scoped_to_prefix_verbs_and_time,
 );

@@ -1,9 +1,12 @@
 //! The controller ↔ worker protocol: JSON over HTTP.
 //!
 //! - Worker → controller (the worker dials out): `POST /v1/modules/scaibunker/workers/register`
-//!   and `POST /v1/modules/scaibunker/heartbeat`, bearer worker token.
+//!   (bearer: the worker's credential, or the shared join token for a name that has none yet)
+//!   and `POST /v1/modules/scaibunker/heartbeat` (bearer: the worker's credential, for its own
+//!   id only); see [`crate::worker_auth`].
 //! - Controller → worker: the routes under [`WORKER_API_PREFIX`] on the worker's own listener,
-//!   bearer worker token. Errors are `{"code", "message"}` ([`WorkerError`]) with an HTTP status.
+//!   bearer the worker's credential (a peer presents a peer token, for one image). Errors are
+//!   `{"code", "message"}` ([`WorkerError`]) with an HTTP status.
 //!
 //! Requests carry [`PROTOCOL_VERSION`] at registration; a controller refuses a worker that
 //! speaks another version.
@@ -14,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::agent::{DirEntry, EntryType, GuestUser, Program};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Prefix of the worker's HTTP API.
 pub const WORKER_API_PREFIX: &str = "/v1/worker";
@@ -57,6 +60,10 @@ pub struct RegisterRequest {
 pub struct RegisterResponse {
     pub worker_id: String,
     pub heartbeat_interval_s: u64,
+    /// This worker's own credential ([`crate::worker_auth`]): what it sends from now on
+    /// (heartbeats, peers, storage proxy, its next registration) and what its API accepts
+    /// from the controllers. The worker keeps it across restarts.
+    pub credential: String,
 }
 
 /// Status of one bunker as the worker sees it.
@@ -137,6 +144,9 @@ pub struct Peer {
     pub worker_id: String,
     /// Base URL of the peer's worker API; the image is `GET {url}/v1/worker/images/{sha256}`.
     pub url: String,
+    /// The bearer token for that request: a peer token for this image and the asking worker,
+    /// valid for a few minutes ([`crate::worker_auth::peer_token`]).
+    pub token: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -153,6 +163,10 @@ pub struct HeartbeatResponse {
     /// in `cached_images` or in `image_failures`; a pull already in flight is not restarted.
     #[serde(default)]
     pub pull_images: Vec<ImagePull>,
+    /// A rotated credential: the worker switches to it (and keeps it) at once; the one it
+    /// sent stops working once the controllers have seen the new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
 }
 
 /// `POST /v1/worker/bunkers`: boot a bunker; answers once the agent is ready or boot failed.

@@ -8,10 +8,14 @@
 //!    the cached images (prebuilt and pulled) and the pulls that failed since the last one
 //!    (put back if the heartbeat does not land, so each is reported once). The answer's
 //!    `pull_images` start background pulls ([`crate::pulls`]).
-//! 3. A heartbeat answered `known: false` (the controller lost the worker) goes back to 1.
+//! 3. A heartbeat answered `known: false` or `401` (the controller lost the worker, or its
+//!    credential was reset) goes back to 1.
 //!
-//! Both carry the worker token. Failures are logged and retried, never fatal: bunkers keep
-//! running while the controller is away.
+//! Registration carries the worker's credential ([`crate::credentials`]) if it has one, else
+//! the join token; a stored credential the controller refuses (`401`: an admin reset it) is
+//! forgotten and the join token tried. The answer's credential is kept. Heartbeats carry the
+//! credential; a rotated one in the answer replaces it. Failures are logged and retried,
+//! never fatal: bunkers keep running while the controller is away.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,6 +27,7 @@ use scaibunker_proto::worker::{
 
 use crate::bunker::Bunkers;
 use crate::capacity::{self, HostResources};
+use crate::credentials::Credentials;
 
 const REGISTER_PATH: &str = "/v1/modules/scaibunker/workers/register";
 const HEARTBEAT_PATH: &str = "/v1/modules/scaibunker/heartbeat";
@@ -49,7 +54,7 @@ enum CallError {
 /// Everything the loop needs.
 pub struct ControllerLink {
     pub controller_url: String,
-    pub worker_token: String,
+    pub credentials: Arc<Credentials>,
     pub name: String,
     /// This worker's API base URL, as the controller reaches it.
     pub worker_url: String,
@@ -91,11 +96,26 @@ impl ControllerLink {
                 images: images.cached_images(),
                 runtime: self.bunkers.runtime(),
             };
+            let bearer = self.credentials.bearer();
             match self
-                .post::<_, RegisterResponse>(http, REGISTER_PATH, &req)
+                .post::<_, RegisterResponse>(http, REGISTER_PATH, &bearer, &req)
                 .await
             {
-                Ok(resp) => return resp,
+                Ok(resp) => {
+                    if let Err(e) = self.credentials.set(&resp.credential) {
+                        tracing::error!(error = %e, "cannot keep the worker credential; a restart will need an admin to reset it");
+                    }
+                    return resp;
+                }
+                Err(CallError::Status { status, .. })
+                    if status == reqwest::StatusCode::UNAUTHORIZED
+                        && bearer != self.credentials.join_token() =>
+                {
+                    tracing::warn!(
+                        "the controller refused this worker's credential; registering with the join token"
+                    );
+                    self.credentials.forget();
+                }
                 Err(e) => {
                     tracing::warn!(error = %crate::bunker::supervisor::error_chain(&e), retry_in = ?backoff, "register with the controller");
                     tokio::time::sleep(backoff).await;
@@ -111,20 +131,38 @@ impl ControllerLink {
         loop {
             ticker.tick().await;
             let beat = self.heartbeat(worker_id);
+            let bearer = self.credentials.bearer();
             match self
-                .post::<_, HeartbeatResponse>(http, HEARTBEAT_PATH, &beat)
+                .post::<_, HeartbeatResponse>(http, HEARTBEAT_PATH, &bearer, &beat)
                 .await
             {
                 Ok(HeartbeatResponse {
                     known: true,
                     stop_bunkers,
                     pull_images,
+                    credential,
                 }) => {
+                    if let Some(rotated) = credential {
+                        match self.credentials.set(&rotated) {
+                            Ok(()) => tracing::info!("the worker credential was rotated"),
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot keep the rotated worker credential")
+                            }
+                        }
+                    }
                     self.stop_orphans(stop_bunkers);
                     self.bunkers.pull_in_background(pull_images);
                 }
                 Ok(HeartbeatResponse { known: false, .. }) => {
                     // Failures go to whichever worker id the controller knows next.
+                    self.bunkers.pulls().requeue_failures(beat.image_failures);
+                    return;
+                }
+                Err(CallError::Status { status, .. })
+                    if status == reqwest::StatusCode::UNAUTHORIZED =>
+                {
+                    // The credential was reset (or the controller lost this worker): register
+                    // again, which falls back to the join token if the credential is refused.
                     self.bunkers.pulls().requeue_failures(beat.image_failures);
                     return;
                 }
@@ -172,6 +210,7 @@ impl ControllerLink {
         &self,
         http: &reqwest::Client,
         path: &str,
+        bearer: &str,
         body: &B,
     ) -> Result<R, CallError> {
         let url = format!("{}{path}", self.controller_url);
@@ -181,7 +220,7 @@ impl ControllerLink {
         };
         let resp = http
             .post(&url)
-            .bearer_auth(&self.worker_token)
+            .bearer_auth(bearer)
             .json(body)
             .send()
             .await

@@ -22,6 +22,7 @@ pub mod bunker;
 pub mod capacity;
 pub mod config;
 pub mod controller_client;
+pub mod credentials;
 pub mod images;
 pub mod initramfs;
 pub mod pulls;
@@ -88,12 +89,18 @@ pub struct WorkerHandle {
     runtime: String,
     bunkers: Arc<Bunkers>,
     pulls: Arc<Pulls>,
+    credentials: Arc<credentials::Credentials>,
     stop_serving: oneshot::Sender<()>,
     server: JoinHandle<std::io::Result<()>>,
     controller: Option<JoinHandle<()>>,
 }
 
 impl WorkerHandle {
+    /// This worker's credential (what its API accepts).
+    pub fn credentials(&self) -> &Arc<credentials::Credentials> {
+        &self.credentials
+    }
+
     /// The address the API listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
@@ -179,13 +186,19 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
             "the initramfs carries a static agent of this protocol"
         );
     }
+    // This worker's credential, kept in the data directory; standalone, the token alone.
+    let credentials = Arc::new(if config.controller_url.is_some() {
+        credentials::Credentials::open(&config.worker_token, &config.data_dir)
+    } else {
+        credentials::Credentials::standalone(&config.worker_token)
+    });
     let pulls_dir = config.data_dir.join("images");
     let access = config
         .controller_url
         .clone()
         .map(|url| pulls::ControllerAccess {
             url,
-            worker_token: config.worker_token.clone(),
+            credentials: Arc::clone(&credentials),
         });
     let limits = pulls::CacheLimits {
         cap_bytes: config.image_cache_bytes,
@@ -249,7 +262,7 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
         .as_ref()
         .or(config.controller_url.as_ref())
     {
-        match snapshots::ObjectClient::new(url, &config.worker_token) {
+        match snapshots::ObjectClient::new(url, Arc::clone(&credentials)) {
             Ok(objects) => bunkers = bunkers.with_objects(objects),
             Err(e) => tracing::warn!(error = %e, "no storage proxy client: snapshots are off"),
         }
@@ -275,7 +288,7 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
         .unwrap_or_else(|| format!("http://{addr}"));
     let state = Arc::new(api::ApiState::new(
         Arc::clone(&bunkers),
-        &config.worker_token,
+        Arc::clone(&credentials),
         config.max_file_bytes,
     ));
     let (stop_serving, stopped) = oneshot::channel::<()>();
@@ -291,7 +304,7 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
     let controller = config.controller_url.clone().map(|controller_url| {
         let link = ControllerLink {
             controller_url,
-            worker_token: config.worker_token.clone(),
+            credentials: Arc::clone(&credentials),
             name: config.name.clone(),
             worker_url: url.clone(),
             heartbeat_interval: config.heartbeat_interval,
@@ -310,6 +323,7 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
         runtime,
         bunkers,
         pulls,
+        credentials,
         stop_serving,
         server,
         controller,

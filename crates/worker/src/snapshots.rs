@@ -76,18 +76,21 @@ pub enum SnapshotError {
 pub struct ObjectClient {
     http: reqwest::Client,
     base: String,
-    token: String,
+    credentials: std::sync::Arc<crate::credentials::Credentials>,
 }
 
 impl ObjectClient {
     /// `storage_url` is the proxy's base URL (a controller's, or a `bunker_proxy`'s).
-    pub fn new(storage_url: &str, token: &str) -> Result<Self, reqwest::Error> {
+    pub fn new(
+        storage_url: &str,
+        credentials: std::sync::Arc<crate::credentials::Credentials>,
+    ) -> Result<Self, reqwest::Error> {
         Ok(Self {
             http: reqwest::Client::builder()
                 .timeout(TRANSFER_TIMEOUT)
                 .build()?,
             base: format!("{}{OBJECTS_PATH}", storage_url.trim_end_matches('/')),
-            token: token.to_owned(),
+            credentials,
         })
     }
 
@@ -121,7 +124,7 @@ impl ObjectClient {
         let resp = self
             .http
             .put(&url)
-            .bearer_auth(&self.token)
+            .bearer_auth(self.credentials.bearer())
             .header(reqwest::header::CONTENT_LENGTH, len)
             .body(body)
             .send()
@@ -139,7 +142,7 @@ impl ObjectClient {
         let resp = self
             .http
             .get(&url)
-            .bearer_auth(&self.token)
+            .bearer_auth(self.credentials.bearer())
             .send()
             .await
             .map_err(|source| SnapshotError::Http {

@@ -238,8 +238,11 @@ async fn register(
         return Err(StatusCode::SERVICE_UNAVAILABLE);
     }
     c.registrations.push((req, bearer(&headers)));
+    let worker_id = format!("w-{}", c.registrations.len());
     Ok(Json(RegisterResponse {
-        worker_id: format!("w-{}", c.registrations.len()),
+        // The fake does not sign it; the worker only keeps and presents it.
+        credential: format!("swc_1_fake_{worker_id}"),
+        worker_id,
         heartbeat_interval_s: 1,
     }))
 }
@@ -270,7 +273,14 @@ async fn heartbeat(
         known,
         stop_bunkers: Vec::new(),
         pull_images,
+        credential: None,
     })
+}
+
+/// Whether a request carries a credential the fake gave at registration (never the join
+/// token: that only registers).
+fn presents_a_credential(headers: &HeaderMap) -> bool {
+    bearer(headers).is_some_and(|b| b.starts_with("Bearer swc_1_fake_w-"))
 }
 
 async fn peers(
@@ -278,7 +288,7 @@ async fn peers(
     headers: HeaderMap,
     Path(_sha256): Path<String>,
 ) -> Result<Json<PeersResponse>, StatusCode> {
-    if bearer(&headers) != Some(format!("Bearer {TOKEN}")) {
+    if !presents_a_credential(&headers) {
         return Err(StatusCode::UNAUTHORIZED);
     }
     let peers = c.lock().expect("lock").peers.clone();
@@ -290,7 +300,7 @@ async fn object(
     headers: HeaderMap,
     Path(key): Path<String>,
 ) -> Result<Vec<u8>, StatusCode> {
-    if bearer(&headers) != Some(format!("Bearer {TOKEN}")) {
+    if !presents_a_credential(&headers) {
         return Err(StatusCode::UNAUTHORIZED);
     }
     let mut c = c.lock().expect("lock");
@@ -350,6 +360,11 @@ async fn registers_with_retries_heartbeats_and_reregisters_when_forgotten() {
         let c = state.lock().expect("lock");
         let (req, auth) = &c.registrations[0];
         assert_eq!(auth.as_deref(), Some(format!("Bearer {TOKEN}").as_str()));
+        // Registering again, the worker presents the credential the first answer gave it.
+        assert_eq!(
+            c.registrations[1].1.as_deref(),
+            Some("Bearer swc_1_fake_w-1")
+        );
         assert_eq!(req.protocol_version, PROTOCOL_VERSION);
         assert_eq!(req.name, "test-worker");
         assert_eq!(req.url, w.base.trim_end_matches("/v1/worker"));
@@ -631,6 +646,8 @@ async fn a_worker_pulls_from_a_peer_worker_rather_than_the_proxy() {
         peers: vec![Peer {
             worker_id: "wrk_a".into(),
             url: a_url,
+            // The peer runs standalone here: its token opens its image route.
+            token: common::TOKEN.into(),
         }],
         ..Default::default()
     }));

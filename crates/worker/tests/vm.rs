@@ -992,6 +992,7 @@ async fn fake_proxy_controller(tiny: std::path::PathBuf) -> String {
                 axum::Json(RegisterResponse {
                     worker_id: "wrk_vm".into(),
                     heartbeat_interval_s: 10,
+                    credential: "swc_1_fake_wrk_vm".into(),
                 })
             }),
         )
@@ -1002,6 +1003,7 @@ async fn fake_proxy_controller(tiny: std::path::PathBuf) -> String {
                     known: true,
                     stop_bunkers: Vec::new(),
                     pull_images: Vec::new(),
+                    credential: None,
                 })
             }),
         )

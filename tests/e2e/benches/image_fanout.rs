@@ -123,7 +123,6 @@ fn pull_ms(log: &str, sha: &str) -> Option<Duration> {
 async fn measure(up: &Up, f: &mut Figures) -> Result<()> {
     let client = up.client();
     let http = reqwest::Client::new();
-    let token = std::fs::read_to_string(up.data_dir().join("worker.token"))?;
     let workers = within("two workers online", || async {
         let v: serde_json::Value = http
             .get(format!("{}/v1/modules/scaibunker/workers", up.url()))
@@ -182,16 +181,8 @@ async fn measure(up: &Up, f: &mut Figures) -> Result<()> {
             .await?,
         );
         // The proxy's copy goes; b can only get the bytes from a.
-        let resp = http
-            .delete(format!(
-                "{}/v1/modules/scaibunker/storage/objects/images/{}/rootfs.ext4",
-                up.url(),
-                image.id
-            ))
-            .bearer_auth(token.trim())
-            .send()
+        up.delete_object(&format!("images/{}/rootfs.ext4", image.id))
             .await?;
-        ensure!(resp.status().is_success(), "delete: {}", resp.status());
         within("a's pull recorded", || async {
             let img = client.image(&image.id).await?;
             Ok(img.warm.ready.eq(&1).then_some(()))

@@ -209,6 +209,40 @@ impl Up {
         &self.key
     }
 
+    /// Deletes an object from the installation's store through the storage proxy, with a
+    /// one-minute capability the admin mints for it (workers cannot delete).
+    pub async fn delete_object(&self, key: &str) -> Result<()> {
+        let http = reqwest::Client::new();
+        let prefix = key.rsplit_once('/').map_or(key, |(dir, _)| dir);
+        let cap: serde_json::Value = http
+            .post(format!(
+                "{}/v1/modules/scaibunker/storage/capabilities",
+                self.url
+            ))
+            .bearer_auth(&self.key)
+            .json(&serde_json::json!({
+                "prefix": format!("{prefix}/"), "verbs": ["delete"], "ttl_s": 60
+            }))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let token = cap["data"]["token"].as_str().context("capability token")?;
+        let resp = http
+            .delete(format!(
+                "{}/v1/modules/scaibunker/storage/objects/{key}",
+                self.url
+            ))
+            .bearer_auth(token)
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            bail!("deleting {key} answered {}", resp.status());
+        }
+        Ok(())
+    }
+
     /// An SDK client with the admin key.
     pub fn client(&self) -> Client {
         Client::new(self.url.clone(), Some(self.key.clone()))

@@ -17,6 +17,7 @@ use crate::service::identity::IdentityError;
 use crate::service::images::ImageError;
 use crate::service::quotas::{QuotaError, QuotaExceeded};
 use crate::service::storage::{CreateCapabilityError, MintError};
+use crate::service::worker_credentials::{CredentialChangeError, WorkerAuthError};
 use crate::workers::WorkerCallError;
 
 #[derive(Debug)]
@@ -96,6 +97,42 @@ impl IntoResponse for ApiError {
                 .insert(axum::http::header::RETRY_AFTER, v);
         }
         resp
+    }
+}
+
+impl From<WorkerAuthError> for ApiError {
+    fn from(e: WorkerAuthError) -> Self {
+        match e {
+            WorkerAuthError::Missing => Self::new(
+                StatusCode::UNAUTHORIZED,
+                codes::AUTH_TOKEN_MISSING,
+                "send `Authorization: Bearer <worker credential>`",
+            ),
+            WorkerAuthError::Invalid => Self::new(
+                StatusCode::UNAUTHORIZED,
+                codes::AUTH_TOKEN_INVALID,
+                e.to_string(),
+            ),
+            WorkerAuthError::Store(ref s) => Self::internal(s),
+        }
+    }
+}
+
+impl From<CredentialChangeError> for ApiError {
+    fn from(e: CredentialChangeError) -> Self {
+        match e {
+            CredentialChangeError::PermissionDenied(_) => Self::new(
+                StatusCode::FORBIDDEN,
+                codes::AUTHZ_PERMISSION_DENIED,
+                e.to_string(),
+            ),
+            CredentialChangeError::NotFound => Self::new(
+                StatusCode::NOT_FOUND,
+                codes::WORKER_NOT_FOUND,
+                e.to_string(),
+            ),
+            CredentialChangeError::Store(ref s) => Self::internal(s),
+        }
     }
 }
 
@@ -352,6 +389,14 @@ impl From<FleetError> for ApiError {
             FleetError::BridgeTaken { .. } => {
                 Self::new(StatusCode::CONFLICT, codes::NAME_TAKEN, e.to_string())
             }
+            FleetError::WorkerMismatch { .. } => {
+                Self::new(StatusCode::FORBIDDEN, codes::WORKER_MISMATCH, e.to_string())
+            }
+            FleetError::CredentialRequired { .. } => Self::new(
+                StatusCode::CONFLICT,
+                codes::WORKER_CREDENTIAL_REQUIRED,
+                e.to_string(),
+            ),
             FleetError::Store(ref s) => Self::internal(s),
         }
     }

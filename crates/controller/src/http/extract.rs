@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use super::error::ApiError;
 use crate::live::RateDecision;
 use crate::service::auth::{self, Principal};
+use crate::service::worker_credentials::{self, RegisterAuth, WorkerAuthError, WorkerIdentity};
 use crate::service::{RequestContext, Services};
 
 pub(super) fn bearer(parts: &Parts) -> Option<&str> {
@@ -95,29 +96,33 @@ async fn rate_limit(s: &Services, p: &Principal) -> Result<(), ApiError> {
     }
 }
 
-/// A request from a worker daemon, authenticated by the worker token.
-pub struct WorkerAuth;
+/// A request from a worker daemon, authenticated by its own credential (the join token does
+/// not do here; see `service::worker_credentials`).
+pub struct WorkerAuth(pub WorkerIdentity);
 
 impl FromRequestParts<Services> for WorkerAuth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, s: &Services) -> Result<Self, ApiError> {
-        let Some(token) = bearer(parts) else {
-            return Err(auth::AuthError::Missing.into());
-        };
-        if constant_time_eq(token.as_bytes(), s.config.worker_token.as_bytes()) {
-            Ok(WorkerAuth)
-        } else {
-            Err(auth::AuthError::Invalid.into())
-        }
+        let token = bearer(parts).ok_or(WorkerAuthError::Missing)?;
+        Ok(WorkerAuth(
+            worker_credentials::authenticate(s, token).await?,
+        ))
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// A worker registration: the join token, or the worker's own credential.
+pub struct RegisterBearer(pub RegisterAuth);
+
+impl FromRequestParts<Services> for RegisterBearer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, s: &Services) -> Result<Self, ApiError> {
+        let token = bearer(parts).ok_or(WorkerAuthError::Missing)?;
+        Ok(RegisterBearer(
+            worker_credentials::authenticate_register(s, token).await?,
+        ))
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Request id and client address, for audit rows.

@@ -7,11 +7,11 @@ use scaibunker_api::workers::Worker;
 use scaibunker_proto::worker::{Heartbeat, HeartbeatResponse, RegisterRequest, RegisterResponse};
 
 use super::error::ApiError;
-use super::extract::{ApiJson, Caller, WorkerAuth};
-use crate::service::{Services, fleet};
+use super::extract::{ApiJson, Caller, Ctx, RegisterBearer, WorkerAuth};
+use crate::service::{Services, fleet, worker_credentials};
 
-/// A worker daemon announces itself (worker token); the body is `RegisterRequest` of
-/// `crates/proto/src/worker.rs`.
+/// A worker daemon announces itself (the join token for a name without a credential, else the
+/// worker's own credential); the body is `RegisterRequest` of `crates/proto/src/worker.rs`.
 #[utoipa::path(
     post,
     path = "/workers/register",
@@ -19,23 +19,24 @@ use crate::service::{Services, fleet};
     tag = "internal",
     request_body = Object,
     responses(
-        (status = 200, description = "`RegisterResponse`: the worker's id", body = Object),
-        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID` (the worker token)", body = Error),
-        (status = 409, description = "`PROTOCOL_MISMATCH`", body = Error),
+        (status = 200, description = "`RegisterResponse`: the worker's id and credential", body = Object),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID` (the join token or the worker's credential)", body = Error),
+        (status = 403, description = "`WORKER_MISMATCH`: the credential is another worker's", body = Error),
+        (status = 409, description = "`PROTOCOL_MISMATCH`, or `WORKER_CREDENTIAL_REQUIRED`: the join token for a name that holds a credential", body = Error),
         (status = 422, description = "`VALIDATION_ERROR`", body = Error),
     ),
     security(("worker_token" = []))
 )]
 pub async fn register(
     State(s): State<Services>,
-    _: WorkerAuth,
+    RegisterBearer(auth): RegisterBearer,
     ApiJson(req): ApiJson<RegisterRequest>,
 ) -> Result<Json<RegisterResponse>, ApiError> {
-    Ok(Json(fleet::register(&s, req).await?))
+    Ok(Json(fleet::register(&s, auth, req).await?))
 }
 
-/// A worker daemon reports its capacity and bunkers (worker token); the body is `Heartbeat` of
-/// `crates/proto/src/worker.rs`.
+/// A worker daemon reports its capacity and bunkers (its own credential, for its own id); the
+/// body is `Heartbeat` of `crates/proto/src/worker.rs`.
 #[utoipa::path(
     post,
     path = "/heartbeat",
@@ -44,17 +45,18 @@ pub async fn register(
     request_body = Object,
     responses(
         (status = 200, description = "`HeartbeatResponse`: bunkers the worker must stop; `known: false` tells an unknown worker to register again", body = Object),
-        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID` (the worker token)", body = Error),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID` (the worker's credential)", body = Error),
+        (status = 403, description = "`WORKER_MISMATCH`: the credential is another worker's", body = Error),
         (status = 422, description = "`VALIDATION_ERROR`", body = Error),
     ),
     security(("worker_token" = []))
 )]
 pub async fn heartbeat(
     State(s): State<Services>,
-    _: WorkerAuth,
+    WorkerAuth(ident): WorkerAuth,
     ApiJson(hb): ApiJson<Heartbeat>,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
-    Ok(Json(fleet::heartbeat(&s, hb).await?))
+    Ok(Json(fleet::heartbeat(&s, &ident, hb).await?))
 }
 
 /// Lists workers (`scaibunker:admin`).
@@ -221,5 +223,59 @@ pub async fn delete_bridge(
     Path(id): Path<String>,
 ) -> Result<axum::http::StatusCode, ApiError> {
     fleet::delete_bridge(&s, &p, &id).await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+/// Rotates a worker's credential (`scaibunker:admin:platform`): the previous one works until
+/// the worker has used the new one, which its next heartbeat answer hands it.
+#[utoipa::path(
+    post,
+    path = "/workers/{id}/credential/rotate",
+    operation_id = "rotate_worker_credential",
+    tag = "workers",
+    params(("id" = String, Path, description = "Worker id")),
+    responses(
+        (status = 204, description = "Rotated"),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:admin:platform`)", body = Error),
+        (status = 404, description = "`WORKER_NOT_FOUND`", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn rotate_credential(
+    State(s): State<Services>,
+    Caller(p): Caller,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    worker_credentials::change(&s, &p, &ctx, &id, false).await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+/// Resets a worker's credential (`scaibunker:admin:platform`): it stops working at once, and
+/// the join token may register the worker's name again (a worker that lost its data directory).
+#[utoipa::path(
+    post,
+    path = "/workers/{id}/credential/reset",
+    operation_id = "reset_worker_credential",
+    tag = "workers",
+    params(("id" = String, Path, description = "Worker id")),
+    responses(
+        (status = 204, description = "Reset"),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:admin:platform`)", body = Error),
+        (status = 404, description = "`WORKER_NOT_FOUND`", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn reset_credential(
+    State(s): State<Services>,
+    Caller(p): Caller,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    worker_credentials::change(&s, &p, &ctx, &id, true).await?;
     Ok(axum::http::StatusCode::NO_CONTENT)
 }

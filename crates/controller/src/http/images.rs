@@ -374,8 +374,9 @@ pub struct PeersQuery {
     pub worker_id: String,
 }
 
-/// Which peers of the asking worker hold an image (worker token); the body is
-/// `PeersResponse` of `crates/proto/src/worker.rs`.
+/// Which peers of the asking worker hold an image (its own credential, for its own id), each
+/// with a peer token for the download; the body is `PeersResponse` of
+/// `crates/proto/src/worker.rs`.
 #[utoipa::path(
     get,
     path = "/peers/{sha256}",
@@ -384,17 +385,19 @@ pub struct PeersQuery {
     params(("sha256" = String, Path, description = "The image's SHA-256, lowercase hex"), PeersQuery),
     responses(
         (status = 200, description = "`PeersResponse`", body = Object),
-        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID` (the worker token)", body = Error),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID` (the worker's credential)", body = Error),
+        (status = 403, description = "`WORKER_MISMATCH`: the credential is another worker's", body = Error),
         (status = 422, description = "`VALIDATION_ERROR`", body = Error),
     ),
     security(("worker_token" = []))
 )]
 pub async fn peers(
     State(s): State<Services>,
-    _: WorkerAuth,
+    WorkerAuth(ident): WorkerAuth,
     Path(sha256): Path<String>,
     q: Result<Query<PeersQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<PeersResponse>, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::query(&e))?;
+    crate::service::fleet::require_self(&ident, &q.worker_id)?;
     Ok(Json(images::peers(&s, &q.worker_id, &sha256).await?))
 }

@@ -143,6 +143,8 @@ fn api_routes() -> OpenApiRouter<Services> {
         .routes(routes!(fleet::workers))
         .routes(routes!(fleet::worker))
         .routes(routes!(fleet::drain))
+        .routes(routes!(fleet::rotate_credential))
+        .routes(routes!(fleet::reset_credential))
         .routes(routes!(fleet::resume))
         .routes(routes!(fleet::heartbeat))
         .routes(routes!(fleet::create_bridge, fleet::bridges))

@@ -269,6 +269,7 @@ impl From<StorageAuthError> for ApiError {
             E::CapabilityExpired => (StatusCode::UNAUTHORIZED, codes::CAPABILITY_EXPIRED),
             E::VerbDenied(_) => (StatusCode::FORBIDDEN, codes::CAPABILITY_VERB_DENIED),
             E::OutOfScope { .. } => (StatusCode::FORBIDDEN, codes::CAPABILITY_OUT_OF_SCOPE),
+            E::WorkerDenied { .. } => (StatusCode::FORBIDDEN, codes::WORKER_STORAGE_DENIED),
         };
         Self::new(status, code, msg)
     }

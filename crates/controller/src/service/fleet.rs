@@ -24,6 +24,7 @@ use scaibunker_proto::worker::{
     Heartbeat, HeartbeatResponse, PROTOCOL_VERSION, RegisterRequest, RegisterResponse, VmStatus,
 };
 
+use super::worker_credentials::{self as credentials, RegisterAuth, WorkerIdentity};
 use super::{Services, random_bytes};
 use crate::store::StoreError;
 use crate::store::workers::{Committed, Registration};
@@ -45,6 +46,17 @@ pub enum FleetError {
     BridgeNotFound,
     #[error("worker {worker_id} already has a bridge named {name:?}")]
     BridgeTaken { worker_id: String, name: String },
+    #[error("this credential is worker {credential_of}'s; the request is for worker {named}")]
+    WorkerMismatch {
+        credential_of: String,
+        named: String,
+    },
+    #[error(
+        "worker {worker_id} ({name:?}) holds a credential: it registers with it (kept in its data \
+         directory); a platform admin can reset it (POST /workers/{worker_id}/credential/reset) \
+         for a worker that lost it"
+    )]
+    CredentialRequired { worker_id: String, name: String },
     #[error("store failed")]
     Store(#[from] StoreError),
 }
@@ -127,7 +139,23 @@ pub async fn set_draining(
     worker(s, p, id).await
 }
 
-pub async fn register(s: &Services, req: RegisterRequest) -> Result<RegisterResponse, FleetError> {
+/// Refuses a request whose credential names another worker than `named`.
+pub fn require_self(ident: &WorkerIdentity, named: &str) -> Result<(), FleetError> {
+    if ident.worker_id == named {
+        Ok(())
+    } else {
+        Err(FleetError::WorkerMismatch {
+            credential_of: ident.worker_id.clone(),
+            named: named.to_owned(),
+        })
+    }
+}
+
+pub async fn register(
+    s: &Services,
+    auth: RegisterAuth,
+    req: RegisterRequest,
+) -> Result<RegisterResponse, FleetError> {
     if req.protocol_version != PROTOCOL_VERSION {
         return Err(FleetError::ProtocolMismatch {
             got: req.protocol_version,
@@ -144,6 +172,19 @@ pub async fn register(s: &Services, req: RegisterRequest) -> Result<RegisterResp
             field: "url",
             message: "must be an http(s) URL".into(),
         });
+    }
+    // The join token registers a name without a credential; a credential, its own worker.
+    let existing = s.store.worker_by_name(&req.name).await?;
+    match (&auth, &existing) {
+        (RegisterAuth::Join, Some(w)) if w.credential_generation > 0 && !w.credential_join_ok => {
+            return Err(FleetError::CredentialRequired {
+                worker_id: w.id.clone(),
+                name: req.name.clone(),
+            });
+        }
+        (RegisterAuth::Join, _) => {}
+        (RegisterAuth::Worker(ident), Some(w)) => require_self(ident, &w.id)?,
+        (RegisterAuth::Worker(ident), None) => require_self(ident, "(none under this name)")?,
     }
     let new_id = WorkerId::from_random(random_bytes());
     let c = req.capacity;
@@ -180,7 +221,16 @@ pub async fn register(s: &Services, req: RegisterRequest) -> Result<RegisterResp
         url = req.url,
         "worker registered"
     );
+    // A new name, one registered before credentials, or one an admin reset gets generation 1
+    // or the generation the reset moved to; a worker's own registration gets its current one.
+    let generation = existing
+        .as_ref()
+        .map_or(1, |w| w.credential_generation.max(1));
+    s.store
+        .set_worker_credential(&worker_id, generation)
+        .await?;
     Ok(RegisterResponse {
+        credential: credentials::credential(s, &worker_id, generation),
         worker_id,
         heartbeat_interval_s: s.config.heartbeat_interval.as_secs(),
     })
@@ -216,7 +266,34 @@ pub async fn silences(s: &Services, workers: &[WorkerRow]) -> HashMap<String, i6
 /// The database's copy of a heartbeat is refreshed once per this many intervals.
 const SQL_HEARTBEAT_EVERY: i64 = 3;
 
-pub async fn heartbeat(s: &Services, hb: Heartbeat) -> Result<HeartbeatResponse, FleetError> {
+pub async fn heartbeat(
+    s: &Services,
+    ident: &WorkerIdentity,
+    hb: Heartbeat,
+) -> Result<HeartbeatResponse, FleetError> {
+    require_self(ident, &hb.worker_id)?;
+    // A rotation: the worker used its previous credential, so hand it the current one; once
+    // it uses that, the previous one stops working.
+    let rotated = if ident.previous {
+        Some(credentials::credential(
+            s,
+            &ident.worker_id,
+            ident.generation + 1,
+        ))
+    } else {
+        if ident.switched {
+            s.store
+                .worker_credential_switched(&ident.worker_id, ident.generation)
+                .await?;
+        }
+        None
+    };
+    let mut answer = heartbeat_inner(s, hb).await?;
+    answer.credential = rotated;
+    Ok(answer)
+}
+
+async fn heartbeat_inner(s: &Services, hb: Heartbeat) -> Result<HeartbeatResponse, FleetError> {
     let interval = s.config.heartbeat_interval;
     if let Err(e) = s
         .live
@@ -241,6 +318,7 @@ pub async fn heartbeat(s: &Services, hb: Heartbeat) -> Result<HeartbeatResponse,
                 known: false,
                 stop_bunkers: Vec::new(),
                 pull_images: Vec::new(),
+                credential: None,
             });
         }
     }
@@ -310,6 +388,7 @@ async fn reconcile(s: &Services, hb: &Heartbeat) -> Result<HeartbeatResponse, Fl
         known: true,
         stop_bunkers,
         pull_images: super::images::pulls_for(s, &hb.worker_id).await?,
+        credential: None,
     })
 }
 

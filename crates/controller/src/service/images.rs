@@ -618,6 +618,9 @@ pub async fn record_failures(
 }
 
 /// `GET /peers/{sha256}` (worker token).
+/// How long a peer token lets a worker start fetching an image from a peer.
+const PEER_TOKEN_TTL_S: u64 = 600;
+
 pub async fn peers(
     s: &Services,
     worker_id: &str,
@@ -635,7 +638,20 @@ pub async fn peers(
         .image_peers(worker_id, sha256)
         .await?
         .into_iter()
-        .map(|(worker_id, url)| Peer { worker_id, url })
+        .map(|(peer_id, url, held_generation)| {
+            let peer_credential =
+                super::worker_credentials::credential(s, &peer_id, held_generation);
+            Peer {
+                token: scaibunker_proto::worker_auth::peer_token(
+                    &peer_credential,
+                    sha256,
+                    worker_id,
+                    super::storage::now_s() + PEER_TOKEN_TTL_S,
+                ),
+                worker_id: peer_id,
+                url,
+            }
+        })
         .collect();
     Ok(PeersResponse { peers })
 }

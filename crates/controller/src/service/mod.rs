@@ -15,6 +15,7 @@ pub mod records;
 pub mod shell;
 pub mod snapshots;
 pub mod storage;
+pub mod worker_credentials;
 
 use std::sync::Arc;
 

@@ -150,7 +150,14 @@ pub async fn reactivate(s: &Services, row: &BunkerRow) -> Result<Option<BunkerRo
         snapshot: Some(manifest),
         image_pull: None,
     };
-    if let Err(e) = s.workers.create_vm(&worker.url, &req).await {
+    if let Err(e) = s
+        .workers
+        .create_vm(
+            &crate::service::worker_credentials::target(s, &worker),
+            &req,
+        )
+        .await
+    {
         pstore::release_claim(&s.store, &row.tenant_id, &row.id).await?;
         return Err(e.into());
     }
@@ -189,7 +196,13 @@ pub async fn reactivate(s: &Services, row: &BunkerRow) -> Result<Option<BunkerRo
     tx.commit().await.map_err(StoreError::from)?;
     if !moved {
         // Deleted while restoring: the VM must not outlive its bunker.
-        let _ = s.workers.delete_vm(&worker.url, &row.id).await;
+        let _ = s
+            .workers
+            .delete_vm(
+                &crate::service::worker_credentials::target(s, &worker),
+                &row.id,
+            )
+            .await;
         return Err(BunkerError::NotFound);
     }
     tracing::info!(

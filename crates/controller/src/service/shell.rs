@@ -26,7 +26,7 @@ const MAX_COMMAND_BYTES: usize = 4096;
 pub struct PreparedShell {
     pub session_id: String,
     pub row: BunkerRow,
-    pub worker_url: String,
+    pub worker_url: crate::workers::WorkerTarget,
     pub query: wp::ShellQuery,
 }
 

@@ -165,7 +165,14 @@ pub async fn create(
         },
         object_prefix: object_prefix(&snap.tenant_id, &snap.id),
     };
-    let outcome = s.workers.snapshot_vm(&worker.url, &row.id, &call).await;
+    let outcome = s
+        .workers
+        .snapshot_vm(
+            &crate::service::worker_credentials::target(s, &worker),
+            &row.id,
+            &call,
+        )
+        .await;
     let (manifest_json, finish_reason) = match &outcome {
         Ok(m) => (
             Some(serde_json::to_string(m).expect("a manifest serialises")),

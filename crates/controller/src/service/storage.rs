@@ -1,7 +1,10 @@
 //! The storage proxy's use cases: who may touch which object, and capability tokens.
 //!
-//! Two credentials open the object routes: the worker token (every key, every verb) and a
-//! capability token, verified with no database:
+//! Two credentials open the object routes, both verified with no database: a worker's own
+//! credential (`scaibunker_proto::worker_auth`, minted by the controllers with the same
+//! storage secret), which reads baked images (`images/{id}/rootfs.ext4`) and reads and writes
+//! snapshots (`snapshots/…`) and nothing else (no delete, no image sources, no exec output,
+//! no tenant objects); and a capability token:
 //! 1. A token is `sbc1.<payload>.<mac>`: `payload` is base64url JSON
 //!    `{"p": prefix, "v": [verbs], "exp": unix seconds}`, `mac` the base64url HMAC-SHA256 of
 //!    `sbc1.<payload>` under the controller's storage secret (`SCAIBUNKER_STORAGE_SECRET`, the
@@ -43,7 +46,6 @@ pub const MAX_TTL_S: u64 = 86_400;
 #[derive(Clone)]
 pub struct Storage {
     pub objects: Objects,
-    worker_token: Arc<str>,
     secret: Arc<[u8]>,
     /// Largest object a `PUT` may store.
     pub max_object_bytes: u64,
@@ -60,8 +62,10 @@ impl std::fmt::Debug for Storage {
 /// What a verified credential lets its bearer do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Grant {
-    /// The worker token: every key, every verb.
-    Worker,
+    /// A worker's credential: what workers need of the store (see the module doc).
+    Worker {
+        worker_id: String,
+    },
     Capability(CapabilityClaims),
 }
 
@@ -83,8 +87,10 @@ pub struct CapabilityClaims {
 pub enum StorageAuthError {
     #[error("no bearer token")]
     Missing,
-    #[error("the token is neither the worker token nor a capability token")]
+    #[error("the token is neither a worker credential nor a capability token")]
     Invalid,
+    #[error("a worker credential does not allow {verb:?} on {key}")]
+    WorkerDenied { verb: StorageVerb, key: String },
     #[error("the capability token is malformed or its signature does not verify")]
     CapabilityInvalid,
     #[error("the capability token expired")]
@@ -109,13 +115,6 @@ pub enum MintError {
 
 type HmacSha256 = Hmac<Sha256>;
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Unix seconds now.
 pub fn now_s() -> u64 {
     std::time::SystemTime::now()
@@ -125,10 +124,9 @@ pub fn now_s() -> u64 {
 }
 
 impl Storage {
-    pub fn new(objects: Objects, worker_token: &str, secret: &[u8], max_object_bytes: u64) -> Self {
+    pub fn new(objects: Objects, secret: &[u8], max_object_bytes: u64) -> Self {
         Self {
             objects,
-            worker_token: worker_token.into(),
             secret: secret.into(),
             max_object_bytes,
         }
@@ -178,10 +176,11 @@ impl Storage {
         if token.starts_with(TOKEN_PREFIX) {
             return self.verify(token, now_s).map(Grant::Capability);
         }
-        if constant_time_eq(token.as_bytes(), self.worker_token.as_bytes()) {
-            Ok(Grant::Worker)
-        } else {
-            Err(StorageAuthError::Invalid)
+        match scaibunker_proto::worker_auth::verify_credential(&self.secret, token) {
+            Some(claims) => Ok(Grant::Worker {
+                worker_id: claims.worker_id,
+            }),
+            None => Err(StorageAuthError::Invalid),
         }
     }
 
@@ -288,8 +287,19 @@ pub fn authorize(
     verb: StorageVerb,
     key: &ObjectKey,
 ) -> Result<(), StorageAuthError> {
-    let Grant::Capability(c) = grant else {
-        return Ok(());
+    let c = match grant {
+        Grant::Capability(c) => c,
+        Grant::Worker { .. } => {
+            let k = key.to_string();
+            let reads = matches!(verb, StorageVerb::Get | StorageVerb::Head);
+            let image = k.starts_with("images/") && k.ends_with("/rootfs.ext4");
+            let snapshot = k.starts_with("snapshots/");
+            return if (reads && (image || snapshot)) || (verb == StorageVerb::Put && snapshot) {
+                Ok(())
+            } else {
+                Err(StorageAuthError::WorkerDenied { verb, key: k })
+            };
+        }
     };
     // Reading an object includes reading its metadata.
     let allowed = c.verbs.contains(&verb)
@@ -318,7 +328,7 @@ mod tests {
             &crate::objects::S3Settings::default(),
         )
         .expect("local store");
-        Storage::new(objects, "swt_worker", secret, 1 << 20)
+        Storage::new(objects, secret, 1 << 20)
     }
 
     fn claims(prefix: &str, verbs: &[StorageVerb], expires_at: u64) -> CapabilityClaims {
@@ -367,11 +377,21 @@ mod tests {
                 "{junk}"
             );
         }
-        assert_eq!(s.authenticate(Some("swt_worker"), 0), Ok(Grant::Worker));
+        // A worker credential minted with this secret; the shared join token opens nothing.
+        let credential = scaibunker_proto::worker_auth::credential(b"secret-one", "wrk_a", 1);
         assert_eq!(
-            s.authenticate(Some("swt_other"), 0),
-            Err(StorageAuthError::Invalid)
+            s.authenticate(Some(&credential), 0),
+            Ok(Grant::Worker {
+                worker_id: "wrk_a".into()
+            })
         );
+        let foreign = scaibunker_proto::worker_auth::credential(b"secret-two", "wrk_a", 1);
+        for refused in ["swt_worker", foreign.as_str()] {
+            assert_eq!(
+                s.authenticate(Some(refused), 0),
+                Err(StorageAuthError::Invalid)
+            );
+        }
         assert_eq!(s.authenticate(None, 0), Err(StorageAuthError::Missing));
     }
 
@@ -399,10 +419,33 @@ mod tests {
             authorize(&head_only, StorageVerb::Get, &key("t/x")),
             Err(StorageAuthError::VerbDenied(StorageVerb::Get))
         );
-        assert_eq!(
-            authorize(&Grant::Worker, StorageVerb::Delete, &key("any")),
-            Ok(())
-        );
+        // A worker reads baked images and reads and writes snapshots, and nothing else.
+        let w = Grant::Worker {
+            worker_id: "wrk_a".into(),
+        };
+        for (verb, k) in [
+            (StorageVerb::Get, "images/img_a/rootfs.ext4"),
+            (StorageVerb::Head, "images/img_a/rootfs.ext4"),
+            (StorageVerb::Get, "snapshots/tnt_a/snp_a/disk.qcow2"),
+            (StorageVerb::Put, "snapshots/tnt_a/snp_a/state.bin"),
+        ] {
+            assert_eq!(authorize(&w, verb, &key(k)), Ok(()), "{verb:?} {k}");
+        }
+        for (verb, k) in [
+            (StorageVerb::Delete, "snapshots/tnt_a/snp_a/disk.qcow2"),
+            (StorageVerb::Put, "images/img_a/rootfs.ext4"),
+            (StorageVerb::Get, "images/img_a/source"),
+            (StorageVerb::Get, "exec-output/tnt_a/bnk_a/exe_a/stdout"),
+            (StorageVerb::Get, "tenants/tnt_a/private"),
+        ] {
+            assert!(
+                matches!(
+                    authorize(&w, verb, &key(k)),
+                    Err(StorageAuthError::WorkerDenied { .. })
+                ),
+                "{verb:?} {k}"
+            );
+        }
     }
 
     fn principal(permissions: &[&str]) -> Principal {

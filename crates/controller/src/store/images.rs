@@ -433,14 +433,15 @@ impl Store {
     }
 
     /// Online workers other than `worker_id` that share an availability group with it and
-    /// hold `sha256` ready: (id, url).
+    /// hold `sha256` ready: (id, url, the credential generation it holds).
     pub async fn image_peers(
         &self,
         worker_id: &str,
         sha256: &str,
-    ) -> Result<Vec<(String, String)>, StoreError> {
+    ) -> Result<Vec<(String, String, i64)>, StoreError> {
         Ok(sqlx::query_as(
-            "SELECT DISTINCT w.id, w.url FROM workers w \
+            "SELECT DISTINCT w.id, w.url, w.credential_generation - w.credential_previous_ok \
+             FROM workers w \
              JOIN worker_images wi ON wi.worker_id = w.id AND wi.sha256 = ? AND wi.state = 'ready' \
              JOIN availability_group_workers mine ON mine.worker_id = ? \
              JOIN availability_group_workers theirs ON theirs.group_id = mine.group_id \

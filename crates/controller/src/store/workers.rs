@@ -22,6 +22,12 @@ pub struct WorkerRow {
     pub free_gpu_count: i64,
     pub active_bunkers: i64,
     pub registered_at: i64,
+    /// The generation of the worker's current credential; 0 while none was issued.
+    pub credential_generation: i64,
+    /// After a rotation, until the worker uses the new credential: the previous one works.
+    pub credential_previous_ok: bool,
+    /// An admin reset the credential: the next registration may use the join token.
+    pub credential_join_ok: bool,
 }
 
 /// Resources held by the live bunkers placed on one worker.
@@ -102,6 +108,80 @@ impl Store {
         Ok(id)
     }
 
+    /// The worker registered under `name`, if any.
+    pub async fn worker_by_name(&self, name: &str) -> Result<Option<WorkerRow>, StoreError> {
+        let id: Option<String> = sqlx::query_scalar("SELECT id FROM workers WHERE name = ?")
+            .bind(name)
+            .fetch_optional(self.pool())
+            .await?;
+        match id {
+            Some(id) => self.worker(&id).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Records that the worker now holds its credential of `generation` (issued at
+    /// registration): no previous one works, the join token no longer registers it.
+    pub async fn set_worker_credential(&self, id: &str, generation: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE workers SET credential_generation = ?, credential_previous_ok = 0, \
+             credential_join_ok = 0 WHERE id = ?",
+        )
+        .bind(generation)
+        .bind(id)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Rotates a worker's credential (the previous one works until the worker uses the new
+    /// one) or resets it (it stops working now; the join token registers the name once more).
+    /// Returns the new generation, or `None` for an unknown worker.
+    pub async fn bump_worker_credential(
+        &self,
+        id: &str,
+        reset: bool,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(if reset {
+            "UPDATE workers SET credential_generation = credential_generation + 1, \
+             credential_previous_ok = 0, credential_join_ok = 1 WHERE id = ?"
+        } else {
+            "UPDATE workers SET credential_generation = credential_generation + 1, \
+             credential_previous_ok = 1 WHERE id = ?"
+        })
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Ok(None);
+        }
+        let generation: i64 =
+            sqlx::query_scalar("SELECT credential_generation FROM workers WHERE id = ?")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(Some(generation))
+    }
+
+    /// The worker used its current credential: the previous one stops working.
+    pub async fn worker_credential_switched(
+        &self,
+        id: &str,
+        generation: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE workers SET credential_previous_ok = 0 \
+             WHERE id = ? AND credential_generation = ? AND credential_previous_ok = 1",
+        )
+        .bind(id)
+        .bind(generation)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
     /// Records a heartbeat. Returns false if the worker is unknown.
     pub async fn record_heartbeat(
         &self,
@@ -130,7 +210,8 @@ impl Store {
         let row = sqlx::query(
             "SELECT id, name, url, runtime, status, cpu_millicores, memory_mb, disk_mb, gpu_count, \
              last_heartbeat_at, free_cpu_millicores, free_memory_mb, free_disk_mb, free_gpu_count, \
-             active_bunkers, registered_at FROM workers WHERE id = ?",
+             active_bunkers, registered_at, credential_generation, credential_previous_ok, \
+             credential_join_ok FROM workers WHERE id = ?",
         )
         .bind(id)
         .fetch_optional(self.pool())
@@ -142,7 +223,8 @@ impl Store {
         let rows = sqlx::query(
             "SELECT id, name, url, runtime, status, cpu_millicores, memory_mb, disk_mb, gpu_count, \
              last_heartbeat_at, free_cpu_millicores, free_memory_mb, free_disk_mb, free_gpu_count, \
-             active_bunkers, registered_at FROM workers ORDER BY id",
+             active_bunkers, registered_at, credential_generation, credential_previous_ok, \
+             credential_join_ok FROM workers ORDER BY id",
         )
         .fetch_all(self.pool())
         .await?;
@@ -309,7 +391,8 @@ impl Store {
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT id, name, url, runtime, status, cpu_millicores, memory_mb, disk_mb, gpu_count, \
              last_heartbeat_at, free_cpu_millicores, free_memory_mb, free_disk_mb, free_gpu_count, \
-             active_bunkers, registered_at FROM workers ORDER BY id{lock}"
+             active_bunkers, registered_at, credential_generation, credential_previous_ok, \
+             credential_join_ok FROM workers ORDER BY id{lock}"
         )))
         .fetch_all(&mut **tx)
         .await?;
@@ -335,6 +418,9 @@ fn worker_from_row(r: &sqlx::any::AnyRow) -> WorkerRow {
         free_gpu_count: r.get("free_gpu_count"),
         active_bunkers: r.get("active_bunkers"),
         registered_at: r.get("registered_at"),
+        credential_generation: r.get("credential_generation"),
+        credential_previous_ok: r.get::<i64, _>("credential_previous_ok") != 0,
+        credential_join_ok: r.get::<i64, _>("credential_join_ok") != 0,
     }
 }
 

@@ -1,5 +1,6 @@
-//! The controller's client of worker daemons (their `/v1/worker` API), authenticated with the
-//! worker token. One `reqwest::Client` (connection pool) for every worker.
+//! The controller's client of worker daemons (their `/v1/worker` API), authenticated with each
+//! worker's own credential (see [`WorkerTarget`]). One `reqwest::Client` (connection pool)
+//! for every worker.
 
 use std::time::Duration;
 
@@ -150,10 +151,23 @@ pub enum Pause {
     Resume,
 }
 
+/// Where a call goes: a worker's base URL and the credential it holds
+/// (`service::worker_credentials::target`).
+#[derive(Debug, Clone)]
+pub struct WorkerTarget {
+    pub url: String,
+    pub credential: String,
+}
+
 #[derive(Clone)]
 pub struct WorkerClient {
     http: reqwest::Client,
-    token: String,
+}
+
+impl Default for WorkerClient {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Boots under TCG take seconds and a loaded host can take a minute; the worker enforces its
@@ -161,12 +175,12 @@ pub struct WorkerClient {
 const BOOT_CALL_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl WorkerClient {
-    pub fn new(token: String) -> Self {
+    pub fn new() -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .build()
             .expect("a client without TLS always builds");
-        Self { http, token }
+        Self { http }
     }
 
     fn url(base: &str, path: &str) -> String {
@@ -175,15 +189,15 @@ impl WorkerClient {
 
     async fn send(
         &self,
-        base: &str,
+        to: &WorkerTarget,
         req: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, WorkerCallError> {
         let resp = req
-            .bearer_auth(&self.token)
+            .bearer_auth(&to.credential)
             .send()
             .await
             .map_err(|source| WorkerCallError::Unreachable {
-                url: base.to_owned(),
+                url: to.url.clone(),
                 source,
             })?;
         if resp.status().is_success() {
@@ -201,20 +215,28 @@ impl WorkerClient {
         resp.json::<T>().await.map_err(WorkerCallError::Malformed)
     }
 
-    pub async fn create_vm(&self, base: &str, req: &CreateVm) -> Result<VmInfo, WorkerCallError> {
+    pub async fn create_vm(
+        &self,
+        base: &WorkerTarget,
+        req: &CreateVm,
+    ) -> Result<VmInfo, WorkerCallError> {
         let r = self
             .http
-            .post(Self::url(base, "/bunkers"))
+            .post(Self::url(&base.url, "/bunkers"))
             .json(req)
             .timeout(BOOT_CALL_TIMEOUT);
         Self::json(self.send(base, r).await?).await
     }
 
     /// Stops and removes a VM. A VM the worker does not know counts as removed.
-    pub async fn delete_vm(&self, base: &str, bunker_id: &str) -> Result<(), WorkerCallError> {
+    pub async fn delete_vm(
+        &self,
+        base: &WorkerTarget,
+        bunker_id: &str,
+    ) -> Result<(), WorkerCallError> {
         let r = self
             .http
-            .delete(Self::url(base, &format!("/bunkers/{bunker_id}")))
+            .delete(Self::url(&base.url, &format!("/bunkers/{bunker_id}")))
             .timeout(Duration::from_secs(60));
         match self.send(base, r).await {
             Ok(_) => Ok(()),
@@ -227,13 +249,16 @@ impl WorkerClient {
     /// Captures a bunker and uploads it; answers with the manifest once it is stored.
     pub async fn snapshot_vm(
         &self,
-        base: &str,
+        base: &WorkerTarget,
         bunker_id: &str,
         req: &scaibunker_proto::worker::SnapshotVm,
     ) -> Result<scaibunker_proto::worker::SnapshotManifest, WorkerCallError> {
         let r = self
             .http
-            .post(Self::url(base, &format!("/bunkers/{bunker_id}/snapshot")))
+            .post(Self::url(
+                &base.url,
+                &format!("/bunkers/{bunker_id}/snapshot"),
+            ))
             .json(req)
             // A save, a copy and an upload of a few GiB of state through the proxy.
             .timeout(Duration::from_secs(1800));
@@ -242,7 +267,7 @@ impl WorkerClient {
 
     pub async fn set_paused(
         &self,
-        base: &str,
+        base: &WorkerTarget,
         bunker_id: &str,
         paused: Pause,
     ) -> Result<VmInfo, WorkerCallError> {
@@ -252,14 +277,17 @@ impl WorkerClient {
         };
         let r = self
             .http
-            .post(Self::url(base, &format!("/bunkers/{bunker_id}/{verb}")))
+            .post(Self::url(
+                &base.url,
+                &format!("/bunkers/{bunker_id}/{verb}"),
+            ))
             .timeout(Duration::from_secs(60));
         Self::json(self.send(base, r).await?).await
     }
 
     pub async fn exec(
         &self,
-        base: &str,
+        base: &WorkerTarget,
         bunker_id: &str,
         req: &ExecRequest,
     ) -> Result<ExecResult, WorkerCallError> {
@@ -267,7 +295,7 @@ impl WorkerClient {
         let timeout = Duration::from_millis(req.timeout_ms) + Duration::from_secs(30);
         let r = self
             .http
-            .post(Self::url(base, &format!("/bunkers/{bunker_id}/exec")))
+            .post(Self::url(&base.url, &format!("/bunkers/{bunker_id}/exec")))
             .json(req)
             .timeout(timeout);
         Self::json(self.send(base, r).await?).await
@@ -276,7 +304,7 @@ impl WorkerClient {
     /// Starts a streamed exec; the response body is NDJSON `ExecStreamEvent` lines.
     pub async fn exec_stream(
         &self,
-        base: &str,
+        base: &WorkerTarget,
         bunker_id: &str,
         req: &ExecRequest,
     ) -> Result<reqwest::Response, WorkerCallError> {
@@ -285,7 +313,7 @@ impl WorkerClient {
         let r = self
             .http
             .post(Self::url(
-                base,
+                &base.url,
                 &format!("/bunkers/{bunker_id}/exec/stream"),
             ))
             .json(req)
@@ -297,13 +325,13 @@ impl WorkerClient {
     /// running) come back as [`WorkerCallError::Worker`] with the worker's code.
     pub async fn open_shell(
         &self,
-        base: &str,
+        base: &WorkerTarget,
         bunker_id: &str,
         q: &ShellQuery,
     ) -> Result<WorkerSocket, WorkerCallError> {
-        let http_url = Self::url(base, &format!("/bunkers/{bunker_id}/shell"));
+        let http_url = Self::url(&base.url, &format!("/bunkers/{bunker_id}/shell"));
         let ws_error = |source: tungstenite::Error| WorkerCallError::WebSocket {
-            url: base.to_owned(),
+            url: base.url.clone(),
             source: Box::new(source),
         };
         let mut url = reqwest::Url::parse(&http_url).map_err(|e| {
@@ -325,7 +353,7 @@ impl WorkerClient {
             .append_pair("user", &user)
             .append_pair("timeout_ms", &q.timeout_ms.to_string());
         let mut req = url.as_str().into_client_request().map_err(ws_error)?;
-        let auth = format!("Bearer {}", self.token)
+        let auth = format!("Bearer {}", base.credential)
             .parse()
             .expect("the worker token is a valid header value");
         req.headers_mut()
@@ -358,7 +386,7 @@ impl WorkerClient {
     /// Streams a file (or with `archive`, a tar stream unpacked into the directory `path`).
     pub async fn write_file<S>(
         &self,
-        base: &str,
+        base: &WorkerTarget,
         bunker_id: &str,
         to: UploadTo<'_>,
         body: S,
@@ -368,7 +396,7 @@ impl WorkerClient {
     {
         let r = self
             .http
-            .put(Self::url(base, &files_route(bunker_id, to.archive)))
+            .put(Self::url(&base.url, &files_route(bunker_id, to.archive)))
             .query(&[
                 ("path", to.path),
                 ("mode", &format!("{:o}", to.mode)),
@@ -382,7 +410,7 @@ impl WorkerClient {
     /// directory as a tar stream).
     pub async fn read_file(
         &self,
-        base: &str,
+        base: &WorkerTarget,
         bunker_id: &str,
         path: &str,
         user: GuestUser,
@@ -390,7 +418,7 @@ impl WorkerClient {
     ) -> Result<reqwest::Response, WorkerCallError> {
         let r = self
             .http
-            .get(Self::url(base, &files_route(bunker_id, archive)))
+            .get(Self::url(&base.url, &files_route(bunker_id, archive)))
             .query(&[("path", path), ("user", user_param(user))]);
         self.send(base, r).await
     }
@@ -398,7 +426,7 @@ impl WorkerClient {
     /// One page of a directory: at most `limit` entries after `cursor`.
     pub async fn list_dir(
         &self,
-        base: &str,
+        base: &WorkerTarget,
         bunker_id: &str,
         path: &str,
         user: GuestUser,
@@ -416,7 +444,10 @@ impl WorkerClient {
         }
         let r = self
             .http
-            .get(Self::url(base, &format!("/bunkers/{bunker_id}/files/list")))
+            .get(Self::url(
+                &base.url,
+                &format!("/bunkers/{bunker_id}/files/list"),
+            ))
             .query(&query)
             .timeout(Duration::from_secs(60));
         Self::json(self.send(base, r).await?).await
@@ -424,7 +455,7 @@ impl WorkerClient {
 
     pub async fn remove_file(
         &self,
-        base: &str,
+        base: &WorkerTarget,
         bunker_id: &str,
         path: &str,
         recursive: bool,
@@ -432,7 +463,7 @@ impl WorkerClient {
     ) -> Result<(), WorkerCallError> {
         let r = self
             .http
-            .delete(Self::url(base, &format!("/bunkers/{bunker_id}/files")))
+            .delete(Self::url(&base.url, &format!("/bunkers/{bunker_id}/files")))
             .query(&[
                 ("path", path),
                 ("recursive", if recursive { "true" } else { "false" }),

@@ -1,7 +1,8 @@
 //! The worker's HTTP API, which only the controller calls ([`scaibunker_proto::worker`]).
 //!
-//! Every route under [`WORKER_API_PREFIX`] needs `Authorization: Bearer <worker token>`,
-//! compared in constant time; `/health` does not. Handlers only parse the request into a
+//! Every route under [`WORKER_API_PREFIX`] needs `Authorization: Bearer <credential>`, this
+//! worker's credential ([`crate::credentials`]; standalone, its token), compared in constant
+//! time; `images/{sha256}` also takes a peer token for that image; `/health` does not. Handlers only parse the request into a
 //! [`Command`]; [`execute`] runs every command in one `match`, and errors become
 //! `{"code", "message"}` with a status.
 //!
@@ -32,6 +33,7 @@ mod images;
 
 use std::sync::Arc;
 
+use crate::credentials::Credentials;
 use axum::body::Body;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Query, Request, State};
@@ -44,7 +46,6 @@ use scaibunker_proto::agent::{AgentErrorCode, GuestUser};
 use scaibunker_proto::worker::{
     CreateVm, DirListing, ExecRequest, FileWritten, SnapshotVm, WORKER_API_PREFIX, WorkerError,
 };
-use sha2::{Digest, Sha256};
 
 use crate::agent_client::{AgentError, WriteFileError};
 use crate::bunker::{BunkerOpError, Bunkers, CreateBunkerError};
@@ -67,34 +68,31 @@ const IMAGE_CHUNK_BYTES: usize = 256 << 10;
 /// What the handlers share.
 pub struct ApiState {
     pub bunkers: Arc<Bunkers>,
-    /// SHA-256 of the worker token: comparing digests takes the same time whatever the
-    /// presented token's length or content.
-    token_digest: [u8; 32],
+    /// What opens the API: this worker's credential (standalone: its token).
+    pub credentials: Arc<Credentials>,
     pub max_file_bytes: u64,
 }
 
 impl ApiState {
-    pub fn new(bunkers: Arc<Bunkers>, worker_token: &str, max_file_bytes: u64) -> Self {
+    pub fn new(bunkers: Arc<Bunkers>, credentials: Arc<Credentials>, max_file_bytes: u64) -> Self {
         Self {
             bunkers,
-            token_digest: Sha256::digest(worker_token.as_bytes()).into(),
+            credentials,
             max_file_bytes,
         }
     }
 
     fn token_matches(&self, presented: &str) -> bool {
-        digest_matches(&self.token_digest, presented)
+        self.credentials.accepts(presented)
     }
 }
 
-/// Compares `presented` with the token whose SHA-256 is `expected`, in constant time.
-fn digest_matches(expected: &[u8; 32], presented: &str) -> bool {
-    let presented: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-    presented
-        .iter()
-        .zip(expected.iter())
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-        == 0
+/// The bearer token of a request.
+fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
 }
 
 /// Every operation of the worker API.
@@ -293,7 +291,6 @@ pub fn router(state: Arc<ApiState>) -> Router {
             get(read_file).put(write_file).delete(remove_file),
         )
         .route("/bunkers/{id}/files/list", get(list_dir))
-        .route("/images/{sha256}", get(read_image))
         .route(
             "/bunkers/{id}/files/archive",
             get(read_archive).put(write_archive),
@@ -302,6 +299,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
             Arc::clone(&state),
             require_token,
         ))
+        // Peers fetch images with a peer token for that image; the handler checks it.
+        .route("/images/{sha256}", get(read_image))
         .route("/health", get(health));
     Router::new()
         .nest(WORKER_API_PREFIX, api)
@@ -313,12 +312,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
 }
 
 async fn require_token(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
+    match bearer(req.headers()) {
         Some(token) if state.token_matches(token) => next.run(req).await,
         _ => ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -560,13 +554,5 @@ mod tests {
             (gone.status.as_u16(), gone.code),
             (503, "AGENT_UNAVAILABLE")
         );
-    }
-
-    #[test]
-    fn token_comparison_accepts_only_the_token() {
-        let expected: [u8; 32] = Sha256::digest(b"secret").into();
-        assert!(digest_matches(&expected, "secret"));
-        assert!(!digest_matches(&expected, "secret "));
-        assert!(!digest_matches(&expected, ""));
     }
 }

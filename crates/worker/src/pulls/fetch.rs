@@ -127,7 +127,7 @@ impl Pulls {
                 peer.url.trim_end_matches('/'),
                 pull.sha256
             );
-            match self.download(&url, controller, pull, &part).await {
+            match self.download(&url, &peer.token, pull, &part).await {
                 Ok(()) => {
                     let image = self.publish(&part, &pull.sha256, pull.size_bytes).await?;
                     return Ok((
@@ -147,7 +147,10 @@ impl Pulls {
         match pull.object_key.as_deref() {
             Some(key) if is_object_key(key) => {
                 let url = format!("{}{OBJECTS_PATH}/{key}", controller.url);
-                match self.download(&url, controller, pull, &part).await {
+                match self
+                    .download(&url, &controller.credentials.bearer(), pull, &part)
+                    .await
+                {
                     Ok(()) => {
                         let image = self.publish(&part, &pull.sha256, pull.size_bytes).await?;
                         return Ok((image, Source::Proxy));
@@ -187,7 +190,7 @@ impl Pulls {
         let resp = self
             .http
             .get(&url)
-            .bearer_auth(&controller.worker_token)
+            .bearer_auth(controller.credentials.bearer())
             .timeout(PEERS_TIMEOUT)
             .send()
             .await
@@ -205,11 +208,11 @@ impl Pulls {
     async fn download(
         &self,
         url: &str,
-        controller: &ControllerAccess,
+        bearer: &str,
         pull: &ImagePull,
         part: &Path,
     ) -> Result<(), FetchError> {
-        let result = self.download_into(url, controller, pull, part).await;
+        let result = self.download_into(url, bearer, pull, part).await;
         if result.is_err() {
             remove_quietly_async(part).await;
         }
@@ -219,7 +222,7 @@ impl Pulls {
     async fn download_into(
         &self,
         url: &str,
-        controller: &ControllerAccess,
+        bearer: &str,
         pull: &ImagePull,
         part: &Path,
     ) -> Result<(), FetchError> {
@@ -230,7 +233,7 @@ impl Pulls {
         let resp = self
             .http
             .get(url)
-            .bearer_auth(&controller.worker_token)
+            .bearer_auth(bearer)
             .send()
             .await
             .map_err(http_err)?;

@@ -63,7 +63,8 @@ const READ_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct ControllerAccess {
     /// Base URL, without a trailing `/`.
     pub url: String,
-    pub worker_token: String,
+    /// This worker's credential (the join token before it has one).
+    pub credentials: std::sync::Arc<crate::credentials::Credentials>,
 }
 
 #[derive(Debug, thiserror::Error)]

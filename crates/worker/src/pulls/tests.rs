@@ -129,7 +129,7 @@ fn open_unshared(dir: &Path, controller: &str) -> Pulls {
         dir,
         Some(ControllerAccess {
             url: controller.to_owned(),
-            worker_token: TOKEN.to_owned(),
+            credentials: Arc::new(crate::credentials::Credentials::standalone(TOKEN)),
         }),
     )
     .expect("open")
@@ -148,6 +148,8 @@ fn peer(id: &str, url: &str) -> Peer {
     Peer {
         worker_id: id.to_owned(),
         url: url.to_owned(),
+        // The fakes check one bearer whatever the source.
+        token: TOKEN.to_owned(),
     }
 }
 

@@ -106,7 +106,18 @@ impl TestWorker {
         // hatch, e.g. to compare timings: `SCAIBUNKER_QEMU_RUNAS=off cargo test …`.
         config.qemu_runas = std::env::var("SCAIBUNKER_QEMU_RUNAS").as_deref() != Ok("off");
         tweak(&mut config);
+        let registers = config.controller_url.is_some();
         let handle = start(config).await.expect("worker starts");
+        if registers {
+            // Its API opens only to the credential the controller hands it.
+            let credentials = std::sync::Arc::clone(handle.credentials());
+            eventually(Duration::from_secs(30), "the worker's registration", || {
+                let credentials = std::sync::Arc::clone(&credentials);
+                async move { credentials.current().map(drop) }
+            })
+            .await
+            .expect("registered");
+        }
         let base = format!("http://{}{WORKER_API_PREFIX}", handle.local_addr());
         Self {
             handle: Some(handle),
@@ -129,8 +140,17 @@ impl TestWorker {
         format!("{}{path}", self.base)
     }
 
+    /// What the worker's API accepts: its credential once a controller gave it one, else
+    /// the token it was started with.
+    pub fn token(&self) -> String {
+        self.handle
+            .as_ref()
+            .and_then(|h| h.credentials().current())
+            .unwrap_or_else(|| TOKEN.to_owned())
+    }
+
     pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        self.http.get(self.url(path)).bearer_auth(TOKEN)
+        self.http.get(self.url(path)).bearer_auth(self.token())
     }
 
     /// Runs `cmd` with `/bin/sh -c` as root in bunker `id`; panics unless the worker answers.
@@ -149,15 +169,15 @@ impl TestWorker {
     }
 
     pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        self.http.post(self.url(path)).bearer_auth(TOKEN)
+        self.http.post(self.url(path)).bearer_auth(self.token())
     }
 
     pub fn put(&self, path: &str) -> reqwest::RequestBuilder {
-        self.http.put(self.url(path)).bearer_auth(TOKEN)
+        self.http.put(self.url(path)).bearer_auth(self.token())
     }
 
     pub fn delete(&self, path: &str) -> reqwest::RequestBuilder {
-        self.http.delete(self.url(path)).bearer_auth(TOKEN)
+        self.http.delete(self.url(path)).bearer_auth(self.token())
     }
 
     /// `POST /bunkers`; the raw response.

@@ -539,7 +539,7 @@ async fn place_and_record(
     image_sha: &str,
     resources: &Resources,
     charges: &[(String, i64)],
-) -> Result<String, BunkerError> {
+) -> Result<crate::workers::WorkerTarget, BunkerError> {
     {
         let _guard = s.placement_lock.lock().await;
         let mut tx = s.store.begin().await?;
@@ -572,12 +572,17 @@ async fn place_and_record(
         )
         .await?;
         tx.commit().await.map_err(StoreError::from)?;
-        Ok(worker.url.clone())
+        Ok(crate::service::worker_credentials::target(s, &worker))
     }
 }
 
 /// Boots the VM on its worker and records the outcome.
-async fn provision(s: Services, row: BunkerRow, worker_url: String, req: CreateVm) {
+async fn provision(
+    s: Services,
+    row: BunkerRow,
+    worker_url: crate::workers::WorkerTarget,
+    req: CreateVm,
+) {
     let result = provision_inner(&s, &row, &worker_url, &req).await;
     if let Err(e) = result {
         tracing::error!(bunker_id = row.id, error = ?e, "provisioning failed");
@@ -594,7 +599,7 @@ async fn provision(s: Services, row: BunkerRow, worker_url: String, req: CreateV
 async fn provision_inner(
     s: &Services,
     row: &BunkerRow,
-    worker_url: &str,
+    worker_url: &crate::workers::WorkerTarget,
     req: &CreateVm,
 ) -> Result<(), BunkerError> {
     let mut tx = s.store.begin().await?;

@@ -30,7 +30,7 @@ const OUTPUT_PREVIEW_CHARS: usize = 512;
 /// An exec request checked and ready to send to the bunker's worker.
 pub struct PreparedExec {
     pub row: BunkerRow,
-    pub worker_url: String,
+    pub worker_url: crate::workers::WorkerTarget,
     pub request: wp::ExecRequest,
     /// The command as the exec log records it.
     pub command_text: String,

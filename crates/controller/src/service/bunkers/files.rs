@@ -142,7 +142,7 @@ async fn file_target(
     id: &str,
     path: &str,
     user: Option<ExecUser>,
-) -> Result<(BunkerRow, String, wp::GuestUser), BunkerError> {
+) -> Result<(BunkerRow, crate::workers::WorkerTarget, wp::GuestUser), BunkerError> {
     if !p.has(auth::FILES) {
         return Err(BunkerError::PermissionDenied(auth::FILES));
     }

@@ -351,7 +351,14 @@ pub async fn stop_vm(s: &Services, row: &BunkerRow) {
             return;
         }
     };
-    if let Err(e) = s.workers.delete_vm(&worker.url, &row.id).await {
+    if let Err(e) = s
+        .workers
+        .delete_vm(
+            &crate::service::worker_credentials::target(s, &worker),
+            &row.id,
+        )
+        .await
+    {
         tracing::warn!(bunker_id = row.id, error = %e, "stopping the VM failed; heartbeat will retry");
     }
 }
@@ -389,7 +396,13 @@ pub async fn set_paused(
         .worker(&worker_id)
         .await?
         .ok_or(BunkerError::NotRunning(from))?;
-    s.workers.set_paused(&worker.url, &row.id, op).await?;
+    s.workers
+        .set_paused(
+            &crate::service::worker_credentials::target(s, &worker),
+            &row.id,
+            op,
+        )
+        .await?;
     let mut tx = s.store.begin().await?;
     let moved = bstore::change_status(
         &mut tx,
@@ -424,7 +437,7 @@ pub(crate) async fn running(
     s: &Services,
     p: &Principal,
     id: &str,
-) -> Result<(BunkerRow, String), BunkerError> {
+) -> Result<(BunkerRow, crate::workers::WorkerTarget), BunkerError> {
     let mut row = load(s, p, id).await?;
     // A passivated bunker comes back transparently on its next request.
     if let Some(restored) = super::passivation::reactivate(s, &row).await? {
@@ -443,7 +456,7 @@ pub(crate) async fn running(
         .worker(&worker_id)
         .await?
         .ok_or(BunkerError::NotRunning(status))?;
-    Ok((row, worker.url))
+    Ok((row, crate::service::worker_credentials::target(s, &worker)))
 }
 
 pub(crate) fn remaining_lifetime_s(row: &BunkerRow, now: i64) -> Option<u64> {
