@@ -2,9 +2,11 @@
 //! fleet-wide bookkeeping (heartbeat reconciliation). Nothing here serves a tenant's request
 //! without a prior permission check for `scaibunker:admin`.
 
-use super::bunkers::{BunkerFilter, BunkerRow, COLUMNS, Cursor, bind, filter_sql, from_row};
+use super::bunkers::{
+    BunkerFilter, BunkerRow, COLUMNS, Cursor, IDLE_AT, bind, filter_sql, from_row,
+};
 use super::identity::UserRow;
-use super::{Store, StoreError};
+use super::{Store, StoreError, Tx};
 use sqlx::AssertSqlSafe;
 
 impl Store {
@@ -98,6 +100,24 @@ impl Store {
     }
 }
 
+/// Why the sweeper ends a bunker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Past `max_lifetime_s`: ended whatever it is doing.
+    Lifetime,
+    /// Idle past `idle_timeout_s` and not busy.
+    Idle,
+}
+
+impl Expiry {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Lifetime => "max_lifetime_s reached",
+            Self::Idle => "idle_timeout_s reached",
+        }
+    }
+}
+
 impl Store {
     /// Running or paused bunkers past their lifetime or idle timeout, with the reason.
     /// Persistent bunkers have no lifetime cap and are not ended for idleness (they are
@@ -105,13 +125,13 @@ impl Store {
     pub async fn admin_expired_bunkers(
         &self,
         now_ms: i64,
-    ) -> Result<Vec<(BunkerRow, &'static str)>, StoreError> {
+    ) -> Result<Vec<(BunkerRow, Expiry)>, StoreError> {
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM bunkers WHERE status IN ('running', 'paused') AND ( \
              (max_lifetime_s IS NOT NULL AND COALESCE(started_at, created_at) + max_lifetime_s * 1000 < ?) \
-             OR (lifecycle_mode != 'persistent' AND \
-                 COALESCE(last_activity_at, started_at, created_at) + idle_timeout_s * 1000 < ?))"
+             OR (lifecycle_mode != 'persistent' AND {IDLE_AT}))"
         )))
+        .bind(now_ms)
         .bind(now_ms)
         .bind(now_ms)
         .fetch_all(self.pool())
@@ -124,9 +144,9 @@ impl Store {
                     .max_lifetime_s
                     .is_some_and(|m| b.started_at.unwrap_or(b.created_at) + m * 1000 < now_ms);
                 let reason = if lifetime_over {
-                    "max_lifetime_s reached"
+                    Expiry::Lifetime
                 } else {
-                    "idle_timeout_s reached"
+                    Expiry::Idle
                 };
                 (b, reason)
             })
@@ -187,4 +207,31 @@ impl Store {
         .await?;
         Ok(rows.iter().map(super::snapshots::from_row).collect())
     }
+}
+
+/// Ends a bunker the sweeper found idle (a compare-and-set on `from`), unless it was used or
+/// marked busy since: an exec or shell that began after the sweeper's read keeps it.
+pub async fn admin_end_idle(
+    tx: &mut Tx<'_>,
+    tenant_id: &str,
+    id: &str,
+    from: &str,
+    now_ms: i64,
+) -> Result<bool, StoreError> {
+    let sql = format!(
+        "UPDATE bunkers SET status = 'terminated', terminated_at = ? \
+         WHERE tenant_id = ? AND id = ? AND status = ? AND lifecycle_mode != 'persistent' \
+         AND {IDLE_AT}"
+    );
+    Ok(sqlx::query(AssertSqlSafe(sql))
+        .bind(now_ms)
+        .bind(tenant_id)
+        .bind(id)
+        .bind(from)
+        .bind(now_ms)
+        .bind(now_ms)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected()
+        == 1)
 }

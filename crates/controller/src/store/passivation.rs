@@ -2,7 +2,7 @@
 
 use sqlx::AssertSqlSafe;
 
-use super::bunkers::{BunkerRow, COLUMNS, from_row};
+use super::bunkers::{BunkerRow, COLUMNS, IDLE_AT, from_row};
 use super::{Store, StoreError, Tx, now_ms};
 
 impl Store {
@@ -14,8 +14,9 @@ impl Store {
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM bunkers WHERE status = 'running' \
              AND lifecycle_mode = 'persistent' \
-             AND COALESCE(last_activity_at, started_at, created_at) + idle_timeout_s * 1000 < ?"
+             AND {IDLE_AT}"
         )))
+        .bind(now_ms)
         .bind(now_ms)
         .fetch_all(self.pool())
         .await?;
@@ -46,8 +47,8 @@ impl Store {
 }
 
 /// Moves a running bunker idle since before `idle_since` to `paused` with no worker and
-/// records its passivation snapshot. False (nothing changed) if it is no longer running or
-/// was used meanwhile.
+/// records its passivation snapshot. False (nothing changed) if it is no longer running, was
+/// used meanwhile or is busy.
 pub async fn passivate(
     tx: &mut Tx<'_>,
     tenant_id: &str,
@@ -57,11 +58,13 @@ pub async fn passivate(
 ) -> Result<bool, StoreError> {
     let moved = sqlx::query(
         "UPDATE bunkers SET status = 'paused', worker_id = NULL WHERE tenant_id = ? AND id = ? \
-         AND status = 'running' AND COALESCE(last_activity_at, started_at, created_at) <= ?",
+         AND status = 'running' AND COALESCE(last_activity_at, started_at, created_at) <= ? \
+         AND (busy_until IS NULL OR busy_until < ?)",
     )
     .bind(tenant_id)
     .bind(bunker_id)
     .bind(idle_since)
+    .bind(now_ms())
     .execute(&mut **tx)
     .await?
     .rows_affected()
