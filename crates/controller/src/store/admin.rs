@@ -192,20 +192,44 @@ impl Store {
     pub async fn admin_expired_snapshots(
         &self,
         now_ms: i64,
-        pending_before: i64,
+        stale_before: i64,
+        failed_before: i64,
         limit: u32,
     ) -> Result<Vec<super::snapshots::SnapshotRow>, StoreError> {
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {} FROM snapshots WHERE (expires_at IS NOT NULL AND expires_at < ?) \
-             OR (status = 'pending' AND created_at < ?) ORDER BY created_at LIMIT ?",
+             OR (status = 'pending' AND COALESCE(renewed_at, created_at) < ?) \
+             OR (status = 'failed' AND expires_at IS NULL AND created_at < ?) \
+             ORDER BY created_at LIMIT ?",
             super::snapshots::COLUMNS
         )))
         .bind(now_ms)
-        .bind(pending_before)
+        .bind(stale_before)
+        .bind(failed_before)
         .bind(limit as i64)
         .fetch_all(self.pool())
         .await?;
         Ok(rows.iter().map(super::snapshots::from_row).collect())
+    }
+}
+
+impl Store {
+    /// Bunkers `snapshotting` with no capture renewed since `stale_before` (their controller
+    /// died, or their snapshot was deleted and nobody finished the capture).
+    pub async fn admin_abandoned_snapshotting(
+        &self,
+        stale_before: i64,
+    ) -> Result<Vec<BunkerRow>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM bunkers b WHERE b.status = 'snapshotting' AND NOT EXISTS ( \
+             SELECT 1 FROM snapshots s WHERE s.bunker_id = b.id \
+             AND s.status IN ('pending', 'deleting') \
+             AND COALESCE(s.renewed_at, s.created_at) >= ?)"
+        )))
+        .bind(stale_before)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.iter().map(from_row).collect())
     }
 }
 
