@@ -38,6 +38,8 @@ pub const WORKER_STORAGE_DENIED: &str = "WORKER_STORAGE_DENIED";
 pub const BRIDGE_NOT_FOUND: &str = "BRIDGE_NOT_FOUND";
 pub const SNAPSHOT_NOT_FOUND: &str = "SNAPSHOT_NOT_FOUND";
 pub const SNAPSHOT_NOT_READY: &str = "SNAPSHOT_NOT_READY";
+/// `DELETE /snapshots/{id}` on the snapshot a passivated bunker comes back from.
+pub const SNAPSHOT_IN_USE: &str = "SNAPSHOT_IN_USE";
 pub const QUOTA_PROFILE_NOT_FOUND: &str = "QUOTA_PROFILE_NOT_FOUND";
 pub const QUOTA_ASSIGNMENT_NOT_FOUND: &str = "QUOTA_ASSIGNMENT_NOT_FOUND";
 pub const CONFLICT: &str = "CONFLICT";

@@ -32,6 +32,9 @@ pub struct ControllerConfig {
     pub job_interval: Duration,
     /// The length of one accounting usage tick.
     pub usage_tick_interval: Duration,
+    /// How often a controller renews the busy mark of each bunker it runs an exec or a shell
+    /// in; the mark lasts three of these (`SCAIBUNKER_ACTIVITY_INTERVAL_S`).
+    pub activity_interval: Duration,
     /// Requests per minute one API key may make (its tenant: ten times that).
     pub rate_limit_per_minute: u32,
     /// Shared secret for HS256 bearer JWTs; `None` refuses HS256 tokens.
@@ -96,6 +99,7 @@ impl ControllerConfig {
             redis_prefix: "scaibunker:".into(),
             job_interval: Duration::from_secs(30),
             usage_tick_interval: Duration::from_secs(60),
+            activity_interval: Duration::from_secs(10),
             rate_limit_per_minute: 1200,
             jwt_hs256_secret: None,
             jwt_rs256_public_pem: None,
@@ -145,6 +149,12 @@ impl ControllerConfig {
             .filter(|s| *s > 0)
         {
             self.usage_tick_interval = Duration::from_secs(s);
+        }
+        if let Some(s) = var("SCAIBUNKER_ACTIVITY_INTERVAL_S")
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|s| *s > 0)
+        {
+            self.activity_interval = Duration::from_secs(s);
         }
         if let Some(n) = var("SCAIBUNKER_RATE_LIMIT_PER_MIN").and_then(|v| v.parse().ok()) {
             self.rate_limit_per_minute = n;

@@ -10,7 +10,8 @@
 //! If Redis loses its data, the tick in progress may run on a second controller; every job is
 //! compare-and-set work on the database, so a repeat changes nothing.
 //!
-//! Jobs: `sweep` ends bunkers past their lifetime or idle timeout and fails bunkers stuck in
+//! Jobs: `sweep` ends bunkers past their lifetime or idle past their timeout (never one busy
+//! with an exec or a shell, see `service::activity`) and fails bunkers stuck in
 //! `pending`/`provisioning` (a controller that crashed mid-create); `monitor` flips workers
 //! whose heartbeats stopped to `offline` (three intervals) and fails the bunkers of workers
 //! silent for six; `quota` reconciles the live quota counters with the database;
@@ -26,6 +27,7 @@ use std::time::Duration;
 use scaibunker_core::ids::AuditId;
 
 use crate::service::{Services, accounting, bunkers, quotas, random_bytes, snapshots};
+use crate::store::admin::{self, Expiry};
 use crate::store::audit::AuditEvent;
 use crate::store::{StoreError, now_ms};
 
@@ -181,21 +183,30 @@ async fn monitor(s: &Services) -> Result<(), StoreError> {
 
 async fn sweep(s: &Services) -> Result<(), StoreError> {
     let now = now_ms();
-    for (row, reason) in s.store.admin_expired_bunkers(now).await? {
+    for (row, expiry) in s.store.admin_expired_bunkers(now).await? {
+        let reason = expiry.as_str();
         let mut tx = s.store.begin().await?;
-        let moved = crate::store::bunkers::change_status(
-            &mut tx,
-            &row.tenant_id,
-            &row.id,
-            &crate::store::bunkers::StatusChange {
-                from: &[row.status.as_str()],
-                to: "terminated",
-                failure_reason: None,
-                started_at: None,
-                terminated_at: Some(now),
-            },
-        )
-        .await?;
+        let moved = match expiry {
+            Expiry::Lifetime => {
+                crate::store::bunkers::change_status(
+                    &mut tx,
+                    &row.tenant_id,
+                    &row.id,
+                    &crate::store::bunkers::StatusChange {
+                        from: &[row.status.as_str()],
+                        to: "terminated",
+                        failure_reason: None,
+                        started_at: None,
+                        terminated_at: Some(now),
+                    },
+                )
+                .await?
+            }
+            // Rechecked in the update: work that began since the read keeps the bunker.
+            Expiry::Idle => {
+                admin::admin_end_idle(&mut tx, &row.tenant_id, &row.id, &row.status, now).await?
+            }
+        };
         if moved {
             crate::store::audit::insert(
                 &mut tx,

@@ -59,6 +59,7 @@ pub struct ControllerHandle {
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
     jobs: JoinHandle<()>,
+    activity: JoinHandle<()>,
 }
 
 impl ControllerHandle {
@@ -82,6 +83,7 @@ impl ControllerHandle {
     /// Stops accepting requests and waits for in-flight ones.
     pub async fn shutdown(mut self) {
         self.jobs.abort();
+        self.activity.abort();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -195,6 +197,7 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
         job_runs: Arc::default(),
         metrics: Arc::default(),
         exec_hub: Arc::default(),
+        activity: Arc::default(),
         controller_id: format!(
             "ctl_{}",
             scaibunker_core::ids::encode_random(service::random_bytes())
@@ -203,6 +206,7 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
         started_at_ms: store::now_ms(),
     };
     let jobs = jobs::spawn(services.clone());
+    let activity = service::activity::spawn(services.clone());
     let (tx, task) = serve(
         listener,
         http::router(services.clone()),
@@ -216,5 +220,6 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
         shutdown: Some(tx),
         task,
         jobs,
+        activity,
     })
 }

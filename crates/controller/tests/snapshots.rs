@@ -4,7 +4,9 @@
 //! VMs is covered by the worker and end-to-end suites.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::{Json as AxJson, Path, State};
 use axum::http::StatusCode as AxStatus;
@@ -40,6 +42,15 @@ struct Seen {
     snapshots: Vec<SnapshotVm>,
 }
 
+/// How the stand-in worker's next captures behave.
+#[derive(Default)]
+struct Behaviour {
+    /// A capture takes this long (ms) before it answers.
+    delay_ms: AtomicU64,
+    /// A capture uploads its disk, then fails.
+    fail: AtomicBool,
+}
+
 #[derive(Clone)]
 struct FakeWorker {
     controller: String,
@@ -47,6 +58,7 @@ struct FakeWorker {
     seen: Arc<Mutex<Seen>>,
     /// The credential its registration got: what it uploads snapshots with.
     credential: Arc<Mutex<String>>,
+    behaviour: Arc<Behaviour>,
 }
 
 async fn create_vm(State(w): State<FakeWorker>, AxJson(req): AxJson<CreateVm>) -> AxJson<VmInfo> {
@@ -74,13 +86,21 @@ async fn snapshot_vm(
     State(w): State<FakeWorker>,
     Path(_id): Path<String>,
     AxJson(req): AxJson<SnapshotVm>,
-) -> AxJson<SnapshotManifest> {
+) -> Result<AxJson<SnapshotManifest>, (AxStatus, AxJson<Value>)> {
+    tokio::time::sleep(Duration::from_millis(
+        w.behaviour.delay_ms.load(Ordering::SeqCst),
+    ))
+    .await;
+    let failing = w.behaviour.fail.load(Ordering::SeqCst);
     let mut files = vec![("disk.qcow2", DISK_BYTES)];
     if req.kind == SnapshotKind::Full {
         files.push(("vm.state", STATE_BYTES));
     }
     let credential = w.credential.lock().expect("lock").clone();
     let mut out = Vec::new();
+    if failing {
+        files.truncate(1);
+    }
     for (name, bytes) in files {
         let key = format!("{}/{name}", req.object_prefix);
         let resp = w
@@ -107,7 +127,14 @@ async fn snapshot_vm(
         });
     }
     w.seen.lock().expect("lock").snapshots.push(req.clone());
-    AxJson(SnapshotManifest {
+    if failing {
+        // The disk is uploaded; the state save fails, as a real worker says it.
+        return Err((
+            AxStatus::INTERNAL_SERVER_ERROR,
+            AxJson(json!({"code": "SNAPSHOT_FAILED", "message": "the state save failed"})),
+        ));
+    }
+    Ok(AxJson(SnapshotManifest {
         kind: req.kind,
         image_sha256: IMAGE_SHA.into(),
         memory_mb: 512,
@@ -118,7 +145,7 @@ async fn snapshot_vm(
         kernel_bytes: 1,
         initramfs_bytes: 1,
         files: out,
-    })
+    }))
 }
 
 struct Api {
@@ -126,6 +153,7 @@ struct Api {
     http: reqwest::Client,
     key: String,
     seen: Arc<Mutex<Seen>>,
+    behaviour: Arc<Behaviour>,
     worker: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
     _database: TestDatabase,
@@ -140,10 +168,16 @@ impl Drop for Api {
 impl Api {
     /// A controller and a registered stand-in worker holding image `default`.
     async fn start(db: Db) -> Api {
+        Self::start_with(db, |_| {}).await
+    }
+
+    /// The same, with `tune` applied to the controller's configuration.
+    async fn start_with(db: Db, tune: impl FnOnce(&mut ControllerConfig)) -> Api {
         let dir = tempfile::tempdir().expect("tempdir");
         let listen: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let mut config =
             ControllerConfig::embedded(dir.path().to_path_buf(), listen, WORKER_TOKEN.into());
+        tune(&mut config);
         let database = db.create().await;
         config.database_url = database.url.clone();
         let handle = start(config).await.expect("controller starts");
@@ -151,11 +185,13 @@ impl Api {
 
         let seen = Arc::new(Mutex::new(Seen::default()));
         let credential = Arc::new(Mutex::new(String::new()));
+        let behaviour = Arc::new(Behaviour::default());
         let fake = FakeWorker {
             controller: handle.url(),
             http: reqwest::Client::new(),
             seen: Arc::clone(&seen),
             credential: Arc::clone(&credential),
+            behaviour: Arc::clone(&behaviour),
         };
         let app = axum::Router::new()
             .route("/v1/worker/bunkers", post(create_vm))
@@ -174,6 +210,7 @@ impl Api {
             http: reqwest::Client::new(),
             key,
             seen,
+            behaviour,
             worker,
             _dir: dir,
             _database: database,
@@ -711,7 +748,251 @@ async fn the_cleanup_job_deletes_expired_snapshots(db: Db) {
     assert_eq!(v["data"]["status"], "running", "back from snapshotting");
 }
 
+/// A capture's rows as a controller that died mid-capture `age_ms` ago leaves them: the
+/// bunker `snapshotting`, the snapshot `pending`, nobody renewing it.
+async fn abandon_a_capture(api: &Api, tenant: &str, id: &str, snap_id: &str, age_ms: i64) {
+    let store = &api.handle.services.store;
+    let bunker = store
+        .bunker(tenant, id)
+        .await
+        .expect("read")
+        .expect("bunker");
+    let abandoned = SnapshotRow {
+        id: snap_id.into(),
+        tenant_id: tenant.into(),
+        owner_id: bunker.owner_id.clone(),
+        bunker_id: id.into(),
+        status: "pending".into(),
+        kind: "full".into(),
+        size_bytes: 0,
+        image_name: bunker.image_name.clone(),
+        image_id: bunker.image_id.clone(),
+        cpu_millicores: bunker.cpu_millicores,
+        memory_mb: bunker.memory_mb,
+        disk_mb: bunker.disk_mb,
+        manifest: None,
+        failure_reason: None,
+        created_at: now_ms() - age_ms,
+        expires_at: None,
+    };
+    let mut tx = store.begin().await.expect("begin");
+    let moved = change_status(
+        &mut tx,
+        tenant,
+        id,
+        &StatusChange {
+            from: &["running"],
+            to: "snapshotting",
+            failure_reason: None,
+            started_at: None,
+            terminated_at: None,
+        },
+    )
+    .await
+    .expect("status");
+    assert!(moved);
+    insert(&mut tx, &abandoned).await.expect("insert");
+    tx.commit().await.expect("commit");
+}
+
+async fn a_passivation_snapshot_cannot_be_deleted(db: Db) {
+    let api = Api::start(db).await;
+    let (st, v) = api
+        .admin(
+            "POST",
+            "/bunkers",
+            Some(json!({"image": "default", "lifecycle_mode": "persistent", "idle_timeout_s": 1})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let id = v["data"]["id"].as_str().expect("id").to_owned();
+    let tenant = v["data"]["tenant_id"].as_str().expect("tenant").to_owned();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    scaibunker_controller::service::passivation::sweep(&api.handle.services)
+        .await
+        .expect("passivation sweep");
+    let (_, v) = api.admin("GET", &format!("/bunkers/{id}"), None).await;
+    assert_eq!(v["data"]["status"], "paused", "passivated: {v}");
+    let (_, v) = api
+        .admin("GET", &format!("/snapshots?bunker_id={id}"), None)
+        .await;
+    let snap = v["data"][0]["id"]
+        .as_str()
+        .expect("its snapshot")
+        .to_owned();
+
+    // The bunker comes back from it: deleting it is refused, and nothing changes.
+    let (st, v) = api
+        .admin("DELETE", &format!("/snapshots/{snap}"), None)
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::CONFLICT, "SNAPSHOT_IN_USE"),
+        "{v}"
+    );
+    let (st, v) = api.admin("GET", &format!("/snapshots/{snap}"), None).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["data"]["status"], "ready", "{v}");
+    for name in ["disk.qcow2", "vm.state"] {
+        let key = format!("snapshots/{tenant}/{snap}/{name}");
+        assert!(api.has_object(&key).await, "{key} is kept");
+    }
+    // The cleanup job leaves it too.
+    scaibunker_controller::service::snapshots::cleanup(&api.handle.services)
+        .await
+        .expect("cleanup");
+    let (st, _) = api.admin("GET", &format!("/snapshots/{snap}"), None).await;
+    assert_eq!(st, StatusCode::OK);
+
+    // Restored, the bunker no longer needs it: it expires.
+    let (st, v) = api
+        .admin("POST", &format!("/bunkers/{id}/resume"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["data"]["status"], "running", "{v}");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    scaibunker_controller::service::snapshots::cleanup(&api.handle.services)
+        .await
+        .expect("cleanup");
+    let (st, _) = api.admin("GET", &format!("/snapshots/{snap}"), None).await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "expired once restored");
+}
+
+async fn a_passivated_bunker_whose_snapshot_was_deleted_fails_and_frees_its_quota(db: Db) {
+    let api = Api::start(db).await;
+    let (st, v) = api
+        .admin(
+            "POST",
+            "/bunkers",
+            Some(json!({"image": "default", "lifecycle_mode": "persistent", "idle_timeout_s": 1})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let id = v["data"]["id"].as_str().expect("id").to_owned();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let services = &api.handle.services;
+    scaibunker_controller::service::passivation::sweep(services)
+        .await
+        .expect("passivation sweep");
+    // Deleted under it, as the API allowed before `SNAPSHOT_IN_USE`.
+    sqlx::query("DELETE FROM snapshots WHERE bunker_id = ?")
+        .bind(&id)
+        .execute(services.store.pool())
+        .await
+        .expect("delete the row");
+    scaibunker_controller::service::passivation::sweep(services)
+        .await
+        .expect("passivation sweep");
+    let (_, v) = api.admin("GET", &format!("/bunkers/{id}"), None).await;
+    assert_eq!(v["data"]["status"], "failed", "not paused forever: {v}");
+    let charges: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM quota_charges WHERE bunker_id = ?")
+        .bind(&id)
+        .fetch_one(services.store.pool())
+        .await
+        .expect("count");
+    assert_eq!(charges, 0, "its quota is released");
+}
+
+async fn a_capture_left_by_a_dead_controller_is_failed_within_minutes(db: Db) {
+    // Captures are renewed every 300 ms and count as abandoned after 900 ms without.
+    let api = Api::start_with(db, |c| c.activity_interval = Duration::from_millis(300)).await;
+    let id = api.running_bunker().await;
+    let tenant = api
+        .handle
+        .services
+        .store
+        .admin_bunker(&id)
+        .await
+        .expect("read")
+        .expect("bunker")
+        .tenant_id;
+    // Two minutes ago: the controller capturing it died.
+    abandon_a_capture(&api, &tenant, &id, "snp_abandoned", 120 * 1000).await;
+    scaibunker_controller::service::snapshots::cleanup(&api.handle.services)
+        .await
+        .expect("cleanup");
+    let (_, v) = api.admin("GET", "/snapshots/snp_abandoned", None).await;
+    assert_eq!(v["data"]["status"], "failed", "{v}");
+    let (_, v) = api.admin("GET", &format!("/bunkers/{id}"), None).await;
+    assert_eq!(
+        v["data"]["status"], "running",
+        "back from snapshotting: {v}"
+    );
+
+    // A capture that takes longer than that, on a live controller, is left alone.
+    api.behaviour.delay_ms.store(2500, Ordering::SeqCst);
+    let capture = {
+        let url = api.url(&format!("/bunkers/{id}/snapshot"));
+        let (http, key) = (api.http.clone(), api.key.clone());
+        tokio::spawn(async move {
+            let resp = http
+                .post(url)
+                .bearer_auth(key)
+                .json(&json!({"kind": "disk"}))
+                .send()
+                .await
+                .expect("request");
+            let st = resp.status();
+            (st, resp.json::<Value>().await.expect("json"))
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    scaibunker_controller::service::snapshots::cleanup(&api.handle.services)
+        .await
+        .expect("cleanup");
+    let (st, v) = capture.await.expect("capture");
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(v["data"]["status"], "ready", "{v}");
+}
+
+async fn failed_snapshots_expire_with_their_objects(db: Db) {
+    let api = Api::start(db).await;
+    let id = api.running_bunker().await;
+    api.behaviour.fail.store(true, Ordering::SeqCst);
+    let (st, v) = api
+        .admin(
+            "POST",
+            &format!("/bunkers/{id}/snapshot"),
+            Some(json!({"kind": "full"})),
+        )
+        .await;
+    assert!(st.is_server_error(), "{v}");
+    let (_, v) = api
+        .admin("GET", &format!("/snapshots?bunker_id={id}"), None)
+        .await;
+    let snap = v["data"][0]["id"]
+        .as_str()
+        .expect("the failed one")
+        .to_owned();
+    let tenant = v["data"][0]["tenant_id"]
+        .as_str()
+        .expect("tenant")
+        .to_owned();
+    assert_eq!(v["data"][0]["status"], "failed", "{v}");
+    let disk = format!("snapshots/{tenant}/{snap}/disk.qcow2");
+    assert!(api.has_object(&disk).await, "the partial upload is there");
+    // An hour and a bit later.
+    sqlx::query(
+        "UPDATE snapshots SET created_at = created_at - 3700000, \
+         expires_at = expires_at - 3700000 WHERE id = ?",
+    )
+    .bind(&snap)
+    .execute(api.handle.services.store.pool())
+    .await
+    .expect("age the row");
+    scaibunker_controller::service::snapshots::cleanup(&api.handle.services)
+        .await
+        .expect("cleanup");
+    assert!(!api.has_object(&disk).await, "{disk} is deleted");
+    let (st, _) = api.admin("GET", &format!("/snapshots/{snap}"), None).await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "the failed snapshot expired");
+}
+
 both!(
+    a_passivation_snapshot_cannot_be_deleted,
+    a_passivated_bunker_whose_snapshot_was_deleted_fails_and_frees_its_quota,
+    a_capture_left_by_a_dead_controller_is_failed_within_minutes,
+    failed_snapshots_expire_with_their_objects,
     snapshots_are_taken_listed_restored_and_deleted,
     snapshots_are_tenant_scoped_and_need_permissions,
     the_cleanup_job_deletes_expired_snapshots,

@@ -219,6 +219,7 @@ impl From<BunkerError> for ApiError {
             B::SnapshotNotReady(..) => {
                 Self::new(StatusCode::CONFLICT, codes::SNAPSHOT_NOT_READY, msg)
             }
+            B::SnapshotInUse(_) => Self::new(StatusCode::CONFLICT, codes::SNAPSHOT_IN_USE, msg),
             B::NotFound => Self::new(StatusCode::NOT_FOUND, codes::BUNKER_NOT_FOUND, msg),
             B::ExecNotFound => Self::new(StatusCode::NOT_FOUND, "EXEC_NOT_FOUND", msg),
             B::OutputNotFound => Self::new(StatusCode::NOT_FOUND, codes::OUTPUT_NOT_FOUND, msg),

@@ -2,7 +2,8 @@
 //! route on the bunker's worker.
 //!
 //! 1. Authenticate (header or `?token=`), check the query, the permissions and the bunker,
-//!    then that this is a WebSocket request, and open the worker's socket, all before
+//!    then that this is a WebSocket request, hold the bunker busy (`service::activity`; the
+//!    guard lives as long as the session), and open the worker's socket, all before
 //!    upgrading: every refusal is a normal error response.
 //! 2. Record `bunker.shell`, upgrade, and relay: binary messages both ways untouched; a
 //!    client text message must be a valid `resize`, which is passed on; the worker's `exit`
@@ -29,6 +30,7 @@ use super::error::ApiError;
 use super::extract::{Ctx, SocketCaller};
 use crate::service::RequestContext;
 use crate::service::Services;
+use crate::service::activity::ActivityGuard;
 use crate::service::auth::Principal;
 use crate::service::shell::{self as svc, PreparedShell, SessionEnd};
 use crate::store::bunkers::BunkerRow;
@@ -75,6 +77,7 @@ pub async fn open(
             format!("this route is a WebSocket: {e}"),
         )
     })?;
+    let busy = svc::hold(&s, &shell).await?;
     let worker = s
         .workers
         .open_shell(&shell.worker_url, &shell.row.id, &shell.query)
@@ -83,7 +86,7 @@ pub async fn open(
     svc::record_open(&s, &p, &ctx, &shell).await?;
     Ok(ws
         .max_message_size(MAX_CLIENT_MESSAGE_BYTES)
-        .on_upgrade(move |client| session(s, p, ctx, shell, client, worker)))
+        .on_upgrade(move |client| session(s, p, ctx, shell, client, worker, busy)))
 }
 
 async fn session(
@@ -93,6 +96,7 @@ async fn session(
     shell: PreparedShell,
     client: WebSocket,
     worker: WorkerSocket,
+    busy: ActivityGuard,
 ) {
     let started = Instant::now();
     let (exit_code, reason) = relay(client, worker).await;
@@ -102,6 +106,7 @@ async fn session(
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
     };
     record_end(&s, &p, &ctx, &shell.row, &shell.session_id, &end).await;
+    drop(busy);
 }
 
 async fn record_end(

@@ -133,6 +133,7 @@ pub async fn get(
         (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
         (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:create`)", body = Error),
         (status = 404, description = "`SNAPSHOT_NOT_FOUND`: unknown or another tenant's snapshot", body = Error),
+        (status = 409, description = "`SNAPSHOT_IN_USE`: a passivated bunker comes back from this snapshot; resume or delete the bunker first", body = Error),
         (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
         (status = 502, description = "`STORAGE_BACKEND_ERROR`: object storage failed; the snapshot is kept, retry", body = Error),
     ),

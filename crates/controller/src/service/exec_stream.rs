@@ -6,6 +6,7 @@
 //!    subscribers; at the end it appends `exit` (or `error`), records the exec-log row and
 //!    audit event, and marks the buffer done. It runs whether or not a client is attached, so
 //!    the command keeps running while no one listens; it is the only reader of the worker.
+//!    Until then it holds the bunker busy (`service::activity`).
 //! 3. A client follows a buffer from any id it has seen ([`ExecBuffer::follow`]): the SSE
 //!    response of the exec itself starts at 0; `GET …/exec/{exec_id}/events` with
 //!    `Last-Event-ID` resumes after that id with no byte lost or repeated.
@@ -25,6 +26,7 @@ use scaibunker_api::exec::ExecRequest;
 use scaibunker_core::ids::ExecId;
 use tokio::sync::watch;
 
+use super::activity::{self, ActivityGuard};
 use super::auth::Principal;
 use super::bunkers::{BunkerError, PreparedExec, prepare_exec, record_exec};
 use super::{RequestContext, Services, random_bytes};
@@ -199,6 +201,7 @@ pub async fn start(
     req: ExecRequest,
 ) -> Result<Arc<ExecBuffer>, BunkerError> {
     let prepared = prepare_exec(s, p, bunker_id, &req).await?;
+    let busy = activity::hold(s, &prepared.row).await?;
     let exec_id = ExecId::from_random(random_bytes()).to_string();
     // Connect before answering, so a worker that refuses (not running, bad request) is an
     // ordinary error response rather than an error event.
@@ -219,6 +222,7 @@ pub async fn start(
         prepared,
         upstream,
         buffer.clone(),
+        busy,
     ));
     Ok(buffer)
 }
@@ -284,6 +288,7 @@ async fn pump(
     prepared: PreparedExec,
     upstream: reqwest::Response,
     buffer: Arc<ExecBuffer>,
+    busy: ActivityGuard,
 ) {
     let started = std::time::Instant::now();
     let created_at = now_ms();
@@ -363,6 +368,8 @@ async fn pump(
         tracing::error!(exec_id = buffer.exec_id, error = ?e, "recording a streamed exec failed");
     }
     buffer.finish();
+    // The command is over: only its events stay, which keep nothing busy.
+    drop(busy);
     tokio::time::sleep(KEEP_FINISHED).await;
     s.exec_hub.remove(&buffer.exec_id);
 }

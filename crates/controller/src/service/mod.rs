@@ -2,6 +2,7 @@
 //! the store, the worker client and the core.
 
 pub mod accounting;
+pub mod activity;
 pub mod auth;
 pub mod bunkers;
 pub mod exec_output;
@@ -40,6 +41,8 @@ pub struct Services {
     pub controller_id: String,
     /// Streamed execs of this controller, resumable by id.
     pub exec_hub: Arc<exec_stream::ExecHub>,
+    /// Bunkers with an exec running or a shell open on this controller (busy, not idle).
+    pub activity: Arc<activity::Activity>,
     /// HTTP request metrics of this controller.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The ticks this controller ran each job for (newest last, bounded): observability.

@@ -8,6 +8,8 @@
 //!   snapshot began, so a request that slipped in meanwhile wins and the bunker stays up.
 //! - Restoring claims the bunker by setting its worker while it is still `paused` with none;
 //!   concurrent requests wait for the one restore. A failed restore leaves it passivated.
+//! - Its snapshot cannot be deleted while it is passivated (`SNAPSHOT_IN_USE`): recording the
+//!   passivation and claiming a delete both lock the snapshot's row, so one of them loses.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -44,13 +46,24 @@ fn system(row: &BunkerRow) -> (Principal, RequestContext) {
     )
 }
 
-/// The sweeper's step: passivates every idle persistent bunker, and expires the snapshots of
-/// passivated bunkers that were deleted meanwhile.
+/// The sweeper's step: passivates every idle persistent bunker, fails passivated bunkers
+/// whose snapshot is gone, and expires the snapshots of passivated bunkers that ended.
 pub async fn sweep(s: &Services) -> Result<(), StoreError> {
     for row in s.store.admin_idle_persistent_bunkers(now_ms()).await? {
         if let Err(e) = passivate(s, &row).await {
             tracing::warn!(bunker_id = row.id, error = %e, "passivation failed; the bunker keeps running");
         }
+    }
+    // Snapshots were deletable under passivated bunkers before deletes were refused: such a
+    // bunker can never come back, so it fails (releasing its quota) rather than stay paused.
+    for (bunker_id, tenant_id) in s.store.admin_lost_passivations().await? {
+        super::bunkers::mark_failed(
+            s,
+            &tenant_id,
+            &bunker_id,
+            "its passivation snapshot was deleted",
+        )
+        .await?;
     }
     for (bunker_id, tenant_id, snapshot_id) in s.store.admin_ended_passivations().await? {
         let mut tx = s.store.begin().await?;

@@ -2,7 +2,8 @@
 //!
 //! A session is `bunker.shell` in the audit log when it opens (command, size, user, the
 //! session id) and `bunker.shell.end` when it closes (exit code, duration); both bump the
-//! bunker's `last_activity_at`. The bytes typed and shown are not recorded.
+//! bunker's `last_activity_at`, and while it is open the bunker is busy (`service::activity`):
+//! never swept or passivated. The bytes typed and shown are not recorded.
 
 use scaibunker_api::exec::ExecUser;
 use scaibunker_api::shell::{
@@ -11,6 +12,7 @@ use scaibunker_api::shell::{
 use scaibunker_core::ids::ShellId;
 use scaibunker_proto::worker as wp;
 
+use super::activity::{self, ActivityGuard};
 use super::auth::{self, Principal};
 use super::bunkers::{BunkerError, field, record_activity, remaining_lifetime_s, running};
 use super::{RequestContext, Services, random_bytes};
@@ -81,6 +83,12 @@ pub async fn prepare(
             timeout_ms: timeout_s * 1000,
         },
     })
+}
+
+/// Holds the bunker busy until the guard is dropped: taken before the session opens on the
+/// worker, dropped once it has closed.
+pub async fn hold(s: &Services, shell: &PreparedShell) -> Result<ActivityGuard, BunkerError> {
+    Ok(activity::hold(s, &shell.row).await?)
 }
 
 /// Records a session that opened.

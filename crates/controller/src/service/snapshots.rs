@@ -6,14 +6,20 @@
 //! 2. In one transaction: the bunker `running → snapshotting` (compare-and-set, so a racing
 //!    delete or pause wins cleanly), the `pending` snapshot row, the audit event.
 //! 3. The worker captures the bunker and uploads it through the storage proxy under
-//!    `snapshots/{tenant}/{snapshot_id}/`, and answers with the manifest.
+//!    `snapshots/{tenant}/{snapshot_id}/`, and answers with the manifest. Meanwhile the
+//!    controller renews the row every activity interval (`renewed_at`).
 //! 4. In one transaction: the snapshot `pending → ready` (with its manifest and size) or
-//!    `failed`, and the bunker `snapshotting → running`. A snapshot deleted meanwhile has its
-//!    just-uploaded objects deleted.
+//!    `failed` (expiring after `FAILED_KEEP_MS`), and the bunker `snapshotting → running`. A
+//!    snapshot deleted meanwhile has its just-uploaded objects deleted.
 //!
-//! Objects go before rows: a delete (by the caller or the cleanup job) removes the objects
-//! first and the row only once they are gone, so a storage outage leaves a row to retry, never
-//! unreferenced bytes.
+//! A capture not renewed for three activity intervals lost its controller: the cleanup job
+//! fails it and puts its bunker back to `running` (and any bunker left `snapshotting` with no
+//! live capture).
+//!
+//! Objects go before rows: a delete (by the caller or the cleanup job) first marks the
+//! snapshot `deleting` (refused with `SNAPSHOT_IN_USE` while a passivated bunker comes back
+//! from it), removes the objects, and the row only once they are gone, so a storage outage
+//! leaves a row to retry, never unreferenced bytes.
 
 use scaibunker_api::snapshots as api;
 use scaibunker_core::ids::{AuditId, SnapshotId};
@@ -25,14 +31,16 @@ use super::bunkers::{BunkerError, audit_event, field, load, rfc3339};
 use super::{RequestContext, Services, random_bytes};
 use crate::store::audit::{self, AuditEvent};
 use crate::store::bunkers::{self as bstore, StatusChange};
-use crate::store::snapshots::{self as sstore, Finish, SnapshotCursor, SnapshotRow};
+use crate::store::snapshots::{self as sstore, DeleteClaim, Finish, SnapshotCursor, SnapshotRow};
 use crate::store::{StoreError, now_ms};
 
 /// Longest `expires_in_s`: ten years.
 const MAX_EXPIRES_IN_S: u64 = 10 * 365 * 24 * 3600;
-/// A snapshot still `pending` this long after it began is failed by the cleanup job: the
-/// controller that was capturing it is gone.
-const PENDING_TOO_LONG_MS: i64 = 3600 * 1000;
+/// How long a failed snapshot stays listed (with its reason) before the cleanup job deletes
+/// it and whatever its capture uploaded.
+const FAILED_KEEP_MS: i64 = 3600 * 1000;
+/// A capture not renewed for this many activity intervals lost its controller.
+const STALE_INTERVALS: u32 = 3;
 /// Rows the cleanup job handles per tick.
 const CLEANUP_BATCH: u32 = 100;
 /// The object names a snapshot may have (see the worker's `snapshots` module).
@@ -165,14 +173,8 @@ pub async fn create(
         },
         object_prefix: object_prefix(&snap.tenant_id, &snap.id),
     };
-    let outcome = s
-        .workers
-        .snapshot_vm(
-            &crate::service::worker_credentials::target(s, &worker),
-            &row.id,
-            &call,
-        )
-        .await;
+    let target = crate::service::worker_credentials::target(s, &worker);
+    let outcome = renewing(s, &snap, s.workers.snapshot_vm(&target, &row.id, &call)).await;
     let (manifest_json, finish_reason) = match &outcome {
         Ok(m) => (
             Some(serde_json::to_string(m).expect("a manifest serialises")),
@@ -194,6 +196,7 @@ pub async fn create(
             size_bytes: size,
             manifest: manifest_json.as_deref(),
             failure_reason: finish_reason.as_deref(),
+            expires_at: outcome.is_err().then(|| now_ms() + FAILED_KEEP_MS),
         },
     )
     .await?;
@@ -221,6 +224,33 @@ pub async fn create(
         .snapshot(&snap.tenant_id, &snap.id)
         .await?
         .unwrap_or(snap))
+}
+
+/// Runs `capture`, renewing the snapshot's row every activity interval meanwhile, so the
+/// cleanup job can tell it from a capture whose controller died.
+async fn renewing<T>(s: &Services, snap: &SnapshotRow, capture: impl Future<Output = T>) -> T {
+    let mut capture = std::pin::pin!(capture);
+    let mut timer = tokio::time::interval(s.config.activity_interval);
+    // The first tick is now; the row was just written.
+    timer.tick().await;
+    loop {
+        tokio::select! {
+            out = &mut capture => return out,
+            _ = timer.tick() => {
+                if let Err(e) =
+                    sstore::renew_capture(&s.store, &snap.tenant_id, &snap.id, now_ms()).await
+                {
+                    tracing::warn!(snapshot_id = snap.id, error = %e, "renewing a capture failed");
+                }
+            }
+        }
+    }
+}
+
+/// Captures not renewed since this instant lost their controller.
+fn stale_before(s: &Services, now: i64) -> i64 {
+    let stale = s.config.activity_interval * STALE_INTERVALS;
+    now.saturating_sub(i64::try_from(stale.as_millis()).unwrap_or(i64::MAX))
 }
 
 pub async fn get(s: &Services, p: &Principal, id: &str) -> Result<SnapshotRow, BunkerError> {
@@ -298,12 +328,20 @@ pub async fn delete(
     remove(s, &snap, Some((p, ctx))).await
 }
 
-/// Objects, then the row and its audit event.
+/// The `deleting` mark, the objects, then the row and its audit event.
 async fn remove(
     s: &Services,
     snap: &SnapshotRow,
     by: Option<(&Principal, &RequestContext)>,
 ) -> Result<(), BunkerError> {
+    let mut tx = s.store.begin().await?;
+    let claim = sstore::claim_delete(&mut tx, &snap.tenant_id, &snap.id).await?;
+    tx.commit().await.map_err(StoreError::from)?;
+    match claim {
+        DeleteClaim::Claimed => {}
+        DeleteClaim::InUse => return Err(BunkerError::SnapshotInUse(snap.id.clone())),
+        DeleteClaim::Gone => return Err(BunkerError::SnapshotNotFound(snap.id.clone())),
+    }
     let manifest = manifest_of(snap);
     for key in object_keys(snap, manifest.as_ref()) {
         s.objects()
@@ -370,59 +408,78 @@ async fn delete_objects(s: &Services, snap: &SnapshotRow, manifest: Option<&Snap
     }
 }
 
-/// The cleanup job: deletes expired snapshots (objects, then rows) and fails those a dead
-/// controller left `pending`, putting their bunker back to `running`. Errors on one snapshot
-/// are logged; the next tick retries it.
+/// The cleanup job: deletes expired snapshots and failed ones past `FAILED_KEEP_MS`
+/// (objects, then rows); fails captures whose controller died (not renewed for three
+/// activity intervals) and puts their bunker, and any other bunker left `snapshotting` with
+/// no live capture, back to `running`. Errors on one snapshot are logged; the next tick
+/// retries it. Snapshots a passivation relies on are never deleted.
 pub async fn cleanup(s: &Services) -> Result<(), StoreError> {
     let now = now_ms();
+    let stale = stale_before(s, now);
     for snap in s
         .store
-        .admin_expired_snapshots(now, now - PENDING_TOO_LONG_MS, CLEANUP_BATCH)
+        .admin_expired_snapshots(now, stale, now - FAILED_KEEP_MS, CLEANUP_BATCH)
         .await?
     {
-        let expired = snap.expires_at.is_some_and(|e| e < now);
-        if !expired {
+        if snap.status == "pending" {
             let mut tx = s.store.begin().await?;
-            let failed = sstore::finish(
+            let failed = sstore::fail_abandoned(
                 &mut tx,
                 &snap.tenant_id,
                 &snap.id,
-                &Finish {
-                    status: "failed",
-                    size_bytes: 0,
-                    manifest: None,
-                    failure_reason: Some("the capture did not finish (its controller stopped)"),
-                },
+                stale,
+                "the capture did not finish (its controller stopped)",
+                now + FAILED_KEEP_MS,
             )
             .await?;
             if failed {
-                // Its bunker was left `snapshotting` too; the worker has long resumed it (or
+                // Its bunker was left `snapshotting` too; the worker has resumed it (or
                 // reports it failed on its next heartbeat).
-                bstore::change_status(
-                    &mut tx,
-                    &snap.tenant_id,
-                    &snap.bunker_id,
-                    &StatusChange {
-                        from: &["snapshotting"],
-                        to: "running",
-                        failure_reason: None,
-                        started_at: None,
-                        terminated_at: None,
-                    },
-                )
-                .await?;
+                back_to_running(&mut tx, &snap.tenant_id, &snap.bunker_id).await?;
+                tracing::warn!(snapshot_id = snap.id, "abandoned capture failed");
             }
             tx.commit().await?;
             continue;
         }
         match remove(s, &snap, None).await {
             Ok(()) => tracing::info!(snapshot_id = snap.id, "expired snapshot deleted"),
+            Err(BunkerError::SnapshotInUse(_)) => {}
             Err(e) => {
                 tracing::warn!(snapshot_id = snap.id, error = %e, "deleting an expired snapshot failed")
             }
         }
     }
+    for row in s.store.admin_abandoned_snapshotting(stale).await? {
+        let mut tx = s.store.begin().await?;
+        if back_to_running(&mut tx, &row.tenant_id, &row.id).await? {
+            tracing::warn!(
+                bunker_id = row.id,
+                "bunker left snapshotting by a dead capture"
+            );
+        }
+        tx.commit().await?;
+    }
     Ok(())
+}
+
+async fn back_to_running(
+    tx: &mut crate::store::Tx<'_>,
+    tenant_id: &str,
+    bunker_id: &str,
+) -> Result<bool, StoreError> {
+    bstore::change_status(
+        tx,
+        tenant_id,
+        bunker_id,
+        &StatusChange {
+            from: &["snapshotting"],
+            to: "running",
+            failure_reason: None,
+            started_at: None,
+            terminated_at: None,
+        },
+    )
+    .await
 }
 
 /// A ready snapshot of the caller's tenant to restore, with its manifest.

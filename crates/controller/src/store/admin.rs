@@ -2,9 +2,11 @@
 //! fleet-wide bookkeeping (heartbeat reconciliation). Nothing here serves a tenant's request
 //! without a prior permission check for `scaibunker:admin`.
 
-use super::bunkers::{BunkerFilter, BunkerRow, COLUMNS, Cursor, bind, filter_sql, from_row};
+use super::bunkers::{
+    BunkerFilter, BunkerRow, COLUMNS, Cursor, IDLE_AT, bind, filter_sql, from_row,
+};
 use super::identity::UserRow;
-use super::{Store, StoreError};
+use super::{Store, StoreError, Tx};
 use sqlx::AssertSqlSafe;
 
 impl Store {
@@ -98,6 +100,24 @@ impl Store {
     }
 }
 
+/// Why the sweeper ends a bunker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Past `max_lifetime_s`: ended whatever it is doing.
+    Lifetime,
+    /// Idle past `idle_timeout_s` and not busy.
+    Idle,
+}
+
+impl Expiry {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Lifetime => "max_lifetime_s reached",
+            Self::Idle => "idle_timeout_s reached",
+        }
+    }
+}
+
 impl Store {
     /// Running or paused bunkers past their lifetime or idle timeout, with the reason.
     /// Persistent bunkers have no lifetime cap and are not ended for idleness (they are
@@ -105,13 +125,13 @@ impl Store {
     pub async fn admin_expired_bunkers(
         &self,
         now_ms: i64,
-    ) -> Result<Vec<(BunkerRow, &'static str)>, StoreError> {
+    ) -> Result<Vec<(BunkerRow, Expiry)>, StoreError> {
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM bunkers WHERE status IN ('running', 'paused') AND ( \
              (max_lifetime_s IS NOT NULL AND COALESCE(started_at, created_at) + max_lifetime_s * 1000 < ?) \
-             OR (lifecycle_mode != 'persistent' AND \
-                 COALESCE(last_activity_at, started_at, created_at) + idle_timeout_s * 1000 < ?))"
+             OR (lifecycle_mode != 'persistent' AND {IDLE_AT}))"
         )))
+        .bind(now_ms)
         .bind(now_ms)
         .bind(now_ms)
         .fetch_all(self.pool())
@@ -124,9 +144,9 @@ impl Store {
                     .max_lifetime_s
                     .is_some_and(|m| b.started_at.unwrap_or(b.created_at) + m * 1000 < now_ms);
                 let reason = if lifetime_over {
-                    "max_lifetime_s reached"
+                    Expiry::Lifetime
                 } else {
-                    "idle_timeout_s reached"
+                    Expiry::Idle
                 };
                 (b, reason)
             })
@@ -172,19 +192,70 @@ impl Store {
     pub async fn admin_expired_snapshots(
         &self,
         now_ms: i64,
-        pending_before: i64,
+        stale_before: i64,
+        failed_before: i64,
         limit: u32,
     ) -> Result<Vec<super::snapshots::SnapshotRow>, StoreError> {
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {} FROM snapshots WHERE (expires_at IS NOT NULL AND expires_at < ?) \
-             OR (status = 'pending' AND created_at < ?) ORDER BY created_at LIMIT ?",
+             OR (status = 'pending' AND COALESCE(renewed_at, created_at) < ?) \
+             OR (status = 'failed' AND expires_at IS NULL AND created_at < ?) \
+             ORDER BY created_at LIMIT ?",
             super::snapshots::COLUMNS
         )))
         .bind(now_ms)
-        .bind(pending_before)
+        .bind(stale_before)
+        .bind(failed_before)
         .bind(limit as i64)
         .fetch_all(self.pool())
         .await?;
         Ok(rows.iter().map(super::snapshots::from_row).collect())
     }
+}
+
+impl Store {
+    /// Bunkers `snapshotting` with no capture renewed since `stale_before` (their controller
+    /// died, or their snapshot was deleted and nobody finished the capture).
+    pub async fn admin_abandoned_snapshotting(
+        &self,
+        stale_before: i64,
+    ) -> Result<Vec<BunkerRow>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM bunkers b WHERE b.status = 'snapshotting' AND NOT EXISTS ( \
+             SELECT 1 FROM snapshots s WHERE s.bunker_id = b.id \
+             AND s.status IN ('pending', 'deleting') \
+             AND COALESCE(s.renewed_at, s.created_at) >= ?)"
+        )))
+        .bind(stale_before)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.iter().map(from_row).collect())
+    }
+}
+
+/// Ends a bunker the sweeper found idle (a compare-and-set on `from`), unless it was used or
+/// marked busy since: an exec or shell that began after the sweeper's read keeps it.
+pub async fn admin_end_idle(
+    tx: &mut Tx<'_>,
+    tenant_id: &str,
+    id: &str,
+    from: &str,
+    now_ms: i64,
+) -> Result<bool, StoreError> {
+    let sql = format!(
+        "UPDATE bunkers SET status = 'terminated', terminated_at = ? \
+         WHERE tenant_id = ? AND id = ? AND status = ? AND lifecycle_mode != 'persistent' \
+         AND {IDLE_AT}"
+    );
+    Ok(sqlx::query(AssertSqlSafe(sql))
+        .bind(now_ms)
+        .bind(tenant_id)
+        .bind(id)
+        .bind(from)
+        .bind(now_ms)
+        .bind(now_ms)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected()
+        == 1)
 }

@@ -176,6 +176,35 @@ pub async fn change_status(
     Ok(q.execute(&mut **tx).await?.rows_affected() == 1)
 }
 
+/// The condition under which a bunker counts as idle at `now` (bind `now` twice): no activity
+/// for `idle_timeout_s`, and no controller marked it busy past `now` (see `mark_busy`).
+pub(super) const IDLE_AT: &str = "COALESCE(last_activity_at, started_at, created_at) \
+    + idle_timeout_s * 1000 < ? AND (busy_until IS NULL OR busy_until < ?)";
+
+/// Marks a live bunker busy (an exec runs or a shell is open in it) until `until`, never
+/// moving an earlier mark back, and records `now` as its last activity.
+pub async fn mark_busy(
+    store: &Store,
+    tenant_id: &str,
+    id: &str,
+    now: i64,
+    until: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE bunkers SET last_activity_at = ?, \
+         busy_until = CASE WHEN busy_until IS NULL OR busy_until < ? THEN ? ELSE busy_until END \
+         WHERE tenant_id = ? AND id = ? AND status NOT IN ('terminated', 'failed')",
+    )
+    .bind(now)
+    .bind(until)
+    .bind(until)
+    .bind(tenant_id)
+    .bind(id)
+    .execute(store.pool())
+    .await?;
+    Ok(())
+}
+
 pub async fn touch_activity(
     tx: &mut Tx<'_>,
     tenant_id: &str,

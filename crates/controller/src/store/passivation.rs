@@ -2,7 +2,7 @@
 
 use sqlx::AssertSqlSafe;
 
-use super::bunkers::{BunkerRow, COLUMNS, from_row};
+use super::bunkers::{BunkerRow, COLUMNS, IDLE_AT, from_row};
 use super::{Store, StoreError, Tx, now_ms};
 
 impl Store {
@@ -14,8 +14,9 @@ impl Store {
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM bunkers WHERE status = 'running' \
              AND lifecycle_mode = 'persistent' \
-             AND COALESCE(last_activity_at, started_at, created_at) + idle_timeout_s * 1000 < ?"
+             AND {IDLE_AT}"
         )))
+        .bind(now_ms)
         .bind(now_ms)
         .fetch_all(self.pool())
         .await?;
@@ -32,6 +33,19 @@ impl Store {
         )
     }
 
+    /// Passivated bunkers whose snapshot is no longer `ready` (deleted before deletes were
+    /// refused): (bunker id, tenant id). They cannot come back.
+    pub async fn admin_lost_passivations(&self) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT p.bunker_id, p.tenant_id FROM passivations p \
+             JOIN bunkers b ON b.id = p.bunker_id WHERE b.status = 'paused' \
+             AND NOT EXISTS (SELECT 1 FROM snapshots s WHERE s.id = p.snapshot_id \
+             AND s.status = 'ready')",
+        )
+        .fetch_all(self.pool())
+        .await?)
+    }
+
     /// Passivation rows whose bunker has ended: (bunker id, tenant id, snapshot id).
     pub async fn admin_ended_passivations(
         &self,
@@ -46,8 +60,8 @@ impl Store {
 }
 
 /// Moves a running bunker idle since before `idle_since` to `paused` with no worker and
-/// records its passivation snapshot. False (nothing changed) if it is no longer running or
-/// was used meanwhile.
+/// records its passivation snapshot. False (nothing changed) if it is no longer running, was
+/// used meanwhile, is busy, or its snapshot is no longer `ready` (a delete claimed it).
 pub async fn passivate(
     tx: &mut Tx<'_>,
     tenant_id: &str,
@@ -55,28 +69,43 @@ pub async fn passivate(
     snapshot_id: &str,
     idle_since: i64,
 ) -> Result<bool, StoreError> {
-    let moved = sqlx::query(
-        "UPDATE bunkers SET status = 'paused', worker_id = NULL WHERE tenant_id = ? AND id = ? \
-         AND status = 'running' AND COALESCE(last_activity_at, started_at, created_at) <= ?",
+    // First, so the snapshot's row is locked against a delete (see `claim_delete`).
+    let recorded = sqlx::query(
+        "INSERT INTO passivations (bunker_id, tenant_id, snapshot_id, passivated_at) \
+         SELECT ?, ?, ?, ? FROM snapshots WHERE tenant_id = ? AND id = ? AND status = 'ready'",
     )
-    .bind(tenant_id)
     .bind(bunker_id)
-    .bind(idle_since)
+    .bind(tenant_id)
+    .bind(snapshot_id)
+    .bind(now_ms())
+    .bind(tenant_id)
+    .bind(snapshot_id)
     .execute(&mut **tx)
     .await?
     .rows_affected()
         == 1;
-    if moved {
-        sqlx::query(
-            "INSERT INTO passivations (bunker_id, tenant_id, snapshot_id, passivated_at) \
-             VALUES (?, ?, ?, ?)",
-        )
-        .bind(bunker_id)
-        .bind(tenant_id)
-        .bind(snapshot_id)
-        .bind(now_ms())
-        .execute(&mut **tx)
-        .await?;
+    if !recorded {
+        return Ok(false);
+    }
+    let moved = sqlx::query(
+        "UPDATE bunkers SET status = 'paused', worker_id = NULL WHERE tenant_id = ? AND id = ? \
+         AND status = 'running' AND COALESCE(last_activity_at, started_at, created_at) <= ? \
+         AND (busy_until IS NULL OR busy_until < ?)",
+    )
+    .bind(tenant_id)
+    .bind(bunker_id)
+    .bind(idle_since)
+    .bind(now_ms())
+    .execute(&mut **tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if !moved {
+        sqlx::query("DELETE FROM passivations WHERE bunker_id = ? AND tenant_id = ?")
+            .bind(bunker_id)
+            .bind(tenant_id)
+            .execute(&mut **tx)
+            .await?;
     }
     Ok(moved)
 }

@@ -13,7 +13,7 @@ pub struct SnapshotRow {
     pub tenant_id: String,
     pub owner_id: String,
     pub bunker_id: String,
-    /// `pending`, `ready` or `failed`.
+    /// `pending`, `ready`, `failed`, or `deleting` (objects going, then the row).
     pub status: String,
     /// `disk` or `full`.
     pub kind: String,
@@ -86,6 +86,8 @@ pub struct Finish<'a> {
     pub size_bytes: i64,
     pub manifest: Option<&'a str>,
     pub failure_reason: Option<&'a str>,
+    /// A new expiry (a failed snapshot's objects do not stay); `None` keeps the asked one.
+    pub expires_at: Option<i64>,
 }
 
 /// Moves a `pending` snapshot to its outcome. Returns whether it moved (a delete may have
@@ -97,18 +99,110 @@ pub async fn finish(
     f: &Finish<'_>,
 ) -> Result<bool, StoreError> {
     let done = sqlx::query(
-        "UPDATE snapshots SET status = ?, size_bytes = ?, manifest = ?, failure_reason = ? \
+        "UPDATE snapshots SET status = ?, size_bytes = ?, manifest = ?, failure_reason = ?, \
+         expires_at = COALESCE(?, expires_at) \
          WHERE tenant_id = ? AND id = ? AND status = 'pending'",
     )
     .bind(f.status)
     .bind(f.size_bytes)
     .bind(f.manifest)
     .bind(f.failure_reason)
+    .bind(f.expires_at)
     .bind(tenant_id)
     .bind(id)
     .execute(&mut **tx)
     .await?;
     Ok(done.rows_affected() == 1)
+}
+
+/// Fails a capture nobody renewed since `stale_before` (its controller died), expiring at
+/// `expires_at`. False if it finished or was renewed meanwhile.
+pub async fn fail_abandoned(
+    tx: &mut Tx<'_>,
+    tenant_id: &str,
+    id: &str,
+    stale_before: i64,
+    reason: &str,
+    expires_at: i64,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE snapshots SET status = 'failed', failure_reason = ?, expires_at = ? \
+         WHERE tenant_id = ? AND id = ? AND status = 'pending' \
+         AND COALESCE(renewed_at, created_at) < ?",
+    )
+    .bind(reason)
+    .bind(expires_at)
+    .bind(tenant_id)
+    .bind(id)
+    .bind(stale_before)
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Records that the controller capturing the snapshot is alive (see `fail_abandoned`).
+pub async fn renew_capture(
+    store: &Store,
+    tenant_id: &str,
+    id: &str,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE snapshots SET renewed_at = ? WHERE tenant_id = ? AND id = ? \
+         AND status IN ('pending', 'deleting')",
+    )
+    .bind(now_ms)
+    .bind(tenant_id)
+    .bind(id)
+    .execute(store.pool())
+    .await?;
+    Ok(())
+}
+
+/// Whether a delete may go ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteClaim {
+    /// The snapshot is `deleting` now (or was already: a retry): nothing restores from it.
+    Claimed,
+    /// A passivated bunker comes back from it.
+    InUse,
+    Gone,
+}
+
+/// Marks a snapshot `deleting` unless a passivation relies on it. A passivation records
+/// itself only on a `ready` snapshot, and both statements lock the snapshot's row, so of a
+/// racing delete and passivation exactly one wins.
+pub async fn claim_delete(
+    tx: &mut Tx<'_>,
+    tenant_id: &str,
+    id: &str,
+) -> Result<DeleteClaim, StoreError> {
+    let moved = sqlx::query(
+        "UPDATE snapshots SET status = 'deleting' WHERE tenant_id = ? AND id = ? \
+         AND status != 'deleting' \
+         AND NOT EXISTS (SELECT 1 FROM passivations p WHERE p.snapshot_id = ?)",
+    )
+    .bind(tenant_id)
+    .bind(id)
+    .bind(id)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if moved {
+        return Ok(DeleteClaim::Claimed);
+    }
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM snapshots WHERE tenant_id = ? AND id = ?")
+            .bind(tenant_id)
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    Ok(match status.as_deref() {
+        None => DeleteClaim::Gone,
+        Some("deleting") => DeleteClaim::Claimed,
+        Some(_) => DeleteClaim::InUse,
+    })
 }
 
 /// Deletes the row. Returns whether it existed.

@@ -14,6 +14,7 @@ use super::{
     BunkerError, audit_event, field, remaining_lifetime_s, running, validate_map, validate_path,
     worker_code_status,
 };
+use crate::service::activity;
 use crate::service::auth::{self, Principal};
 use crate::service::exec_output::Pipe;
 use crate::service::{RequestContext, Services, random_bytes};
@@ -212,6 +213,8 @@ pub async fn exec(
         request: wreq,
         command_text,
     } = prepare_exec(s, p, id, &req).await?;
+    // Busy until it is recorded: the sweeper leaves the bunker alone meanwhile.
+    let _busy = activity::hold(s, &row).await?;
     let now = now_ms();
     let started = std::time::Instant::now();
     let exec_id = ExecId::from_random(random_bytes()).to_string();

@@ -46,6 +46,10 @@ pub enum BunkerError {
     SnapshotNotFound(String),
     #[error("snapshot `{0}` is {1}, not ready")]
     SnapshotNotReady(String, String),
+    #[error(
+        "snapshot `{0}` is what a passivated bunker comes back from; resume or delete the bunker first"
+    )]
+    SnapshotInUse(String),
     #[error("bunker not found")]
     NotFound,
     #[error("no streamed exec with this id on this bunker (finished ones are kept 10 minutes)")]
