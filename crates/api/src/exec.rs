@@ -22,7 +22,9 @@ pub struct ExecRequest {
     pub command: Option<String>,
     #[serde(default)]
     pub argv: Option<Vec<String>>,
+    /// Seconds, 1 to 2,592,000 (30 days); default 60, clamped to the bunker's remaining life.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 2592000))]
     pub timeout_s: Option<u64>,
     #[serde(default)]
     pub env: Option<BTreeMap<String, String>>,

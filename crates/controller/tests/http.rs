@@ -521,6 +521,9 @@ async fn exec_and_file_requests_are_validated_before_touching_the_bunker(db: Db)
         (json!({"command": "x", "argv": ["x"]}), "command"),
         (json!({"argv": []}), "command"),
         (json!({"command": "x", "timeout_s": 0}), "timeout_s"),
+        // Seconds to milliseconds overflowed a u64 (a panic, or a wrapped tiny timeout).
+        (json!({"command": "x", "timeout_s": u64::MAX}), "timeout_s"),
+        (json!({"command": "x", "timeout_s": 2_592_001}), "timeout_s"),
         (
             json!({"command": "x", "stdin": "a", "stdin_b64": "YQ=="}),
             "stdin",
@@ -1261,12 +1264,14 @@ async fn admins_list_drain_and_resume_workers(db: Db) {
         (st, v["data"]["status"].as_str()),
         (StatusCode::OK, Some("draining"))
     );
+    // With every worker draining no worker is available: wait or add one (before, this said
+    // NO_SUITABLE_WORKER, whose remedy, warming the image, does not help).
     let (st, v) = api
         .admin("POST", "/bunkers", Some(json!({"image": "default"})))
         .await;
     assert_eq!(
         (st, code(&v)),
-        (StatusCode::SERVICE_UNAVAILABLE, "NO_SUITABLE_WORKER")
+        (StatusCode::SERVICE_UNAVAILABLE, "WORKER_UNAVAILABLE")
     );
     // A draining worker that re-registers (restarts) stays draining.
     api.register_dead_worker("w1", 8000, default_image()).await;

@@ -4,8 +4,9 @@
 //! lazily pulled), own every bridge a `transit` bunker's interfaces name, and have room for
 //! the request, pick the one with the most free memory
 //! (spreading load), ties broken by most free CPU, then by worker id so the choice is
-//! deterministic. No worker with the image and bridges at all: `NoSuitableWorker`; workers
-//! with them but no room: `WorkerUnavailable`.
+//! deterministic. No worker online and not draining: `WorkerUnavailable` (wait, or add a
+//! worker); none of those with the image and bridges: `NoSuitableWorker` (warm the image,
+//! `lazy_pull`); some with them but no room: `WorkerUnavailable`.
 
 use crate::spec::Resources;
 
@@ -31,7 +32,8 @@ pub enum ImagePull {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlacementError {
-    /// Some worker could run it, but none has room now.
+    /// No worker is available (none online and not draining), or some could run it but none
+    /// has room now.
     WorkerUnavailable,
     /// No schedulable worker holds the image.
     NoSuitableWorker,
@@ -42,9 +44,15 @@ pub fn place<'a>(
     request: &Resources,
     pull: ImagePull,
 ) -> Result<&'a str, PlacementError> {
-    let eligible: Vec<&Candidate<'a>> = candidates
+    let schedulable: Vec<&Candidate<'a>> = candidates
         .iter()
         .filter(|c| c.is_online && !c.is_draining)
+        .collect();
+    if schedulable.is_empty() {
+        return Err(PlacementError::WorkerUnavailable);
+    }
+    let eligible: Vec<&Candidate<'a>> = schedulable
+        .into_iter()
         .filter(|c| c.has_image || pull == ImagePull::Lazy)
         .filter(|c| c.has_bridges)
         .collect();
@@ -101,10 +109,17 @@ mod tests {
         );
         let table: Vec<Case> = vec![
             (
+                // No worker at all is an availability problem (wait, add one), not the image's.
                 "no workers",
                 vec![],
                 ImagePull::Cached,
-                Err(PlacementError::NoSuitableWorker),
+                Err(PlacementError::WorkerUnavailable),
+            ),
+            (
+                "every worker offline",
+                vec![cand("w1", false, false, true, big)],
+                ImagePull::Cached,
+                Err(PlacementError::WorkerUnavailable),
             ),
             (
                 "one fits",
@@ -122,8 +137,17 @@ mod tests {
                 Ok("w2"),
             ),
             (
-                "draining skipped",
+                "every worker draining",
                 vec![cand("w1", true, true, true, big)],
+                ImagePull::Cached,
+                Err(PlacementError::WorkerUnavailable),
+            ),
+            (
+                "draining skipped, the other lacks the image",
+                vec![
+                    cand("w1", true, true, true, big),
+                    cand("w2", true, false, false, big),
+                ],
                 ImagePull::Cached,
                 Err(PlacementError::NoSuitableWorker),
             ),

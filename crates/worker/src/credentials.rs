@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
+use scaibunker_proto::worker_auth::constant_time_eq;
+
 /// How long the credential a rotation replaced keeps opening the API.
 pub const PREVIOUS_GRACE: Duration = Duration::from_secs(600);
 /// Where the credential is kept, in the data directory.
@@ -32,10 +34,6 @@ pub struct Credentials {
     /// `None`: standalone, the join token is the API's secret.
     file: Option<PathBuf>,
     held: RwLock<Held>,
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl Credentials {

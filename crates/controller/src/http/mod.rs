@@ -88,7 +88,11 @@ async fn metrics(
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(token.as_str()) {
+        // Compared in constant time, like every other secret.
+        let matches = given.is_some_and(|g| {
+            scaibunker_proto::worker_auth::constant_time_eq(g.as_bytes(), token.as_bytes())
+        });
+        if !matches {
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 codes::AUTH_TOKEN_INVALID,

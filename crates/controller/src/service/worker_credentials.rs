@@ -116,14 +116,10 @@ pub async fn authenticate_register(
     s: &Services,
     token: &str,
 ) -> Result<RegisterAuth, WorkerAuthError> {
-    if constant_time_eq(token.as_bytes(), s.config.worker_token.as_bytes()) {
+    if worker_auth::constant_time_eq(token.as_bytes(), s.config.worker_token.as_bytes()) {
         return Ok(RegisterAuth::Join);
     }
     authenticate(s, token).await.map(RegisterAuth::Worker)
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Why a rotation or reset was refused.

@@ -25,6 +25,8 @@ use crate::store::{StoreError, now_ms};
 use crate::workers::{WorkerCallError, WorkerEvent, WorkerEvents};
 
 const DEFAULT_EXEC_TIMEOUT_S: u64 = 60;
+/// Longest `timeout_s` an exec may ask for: the longest a bunker may live.
+pub const MAX_EXEC_TIMEOUT_S: u64 = 30 * 24 * 3600;
 const MAX_STDIN_BYTES: usize = 1024 * 1024;
 const OUTPUT_PREVIEW_CHARS: usize = 512;
 
@@ -75,8 +77,13 @@ pub async fn prepare_exec(
             None
         }
     };
-    if req.timeout_s == Some(0) {
-        errors.push(field("timeout_s", "must be at least 1"));
+    if let Some(t) = req.timeout_s
+        && !(1..=MAX_EXEC_TIMEOUT_S).contains(&t)
+    {
+        errors.push(field(
+            "timeout_s",
+            format!("must be 1 to {MAX_EXEC_TIMEOUT_S} (30 days)"),
+        ));
     }
     let stdin = match (&req.stdin, &req.stdin_b64) {
         (Some(_), Some(_)) => {
