@@ -2042,6 +2042,23 @@ async fn images_are_tenant_scoped_and_permissioned(db: Db) {
         .call("GET", &format!("/images/{acme_img}"), Some(&globex), None)
         .await;
     assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "IMAGE_NOT_FOUND"));
+    // Per-worker cache states are the fleet's: a platform admin sees them, a tenant sees the
+    // `warm` counts only (no worker ids, no pull errors).
+    let (_, v) = api
+        .admin("GET", &format!("/images/{platform_img}"), None)
+        .await;
+    assert!(v["data"]["workers"].is_array(), "{v}");
+    let (st, v) = api
+        .call(
+            "GET",
+            &format!("/images/{platform_img}"),
+            Some(&globex),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert!(v["data"]["warm"].is_object(), "{v}");
+    assert!(v["data"].get("workers").is_none_or(Value::is_null), "{v}");
     let (st, v) = api
         .call(
             "PUT",

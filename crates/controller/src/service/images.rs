@@ -306,12 +306,14 @@ pub async fn list(s: &Services, p: &Principal) -> Result<Vec<api::Image>, ImageE
     Ok(out)
 }
 
-/// `GET /images/{id}`, with per-worker cache states.
+/// `GET /images/{id}`; per-worker cache states (worker ids, pull errors) only for platform
+/// admins: the fleet is the platform's, tenants see the `warm` counts.
 pub async fn get(s: &Services, p: &Principal, id: &str) -> Result<api::Image, ImageError> {
     if !p.can_read() {
         return Err(ImageError::PermissionDenied(auth::CREATE));
     }
-    image_api(s, get_row(s, Some(p), id).await?, true).await
+    let fleet_view = p.is_admin() && p.has(auth::ADMIN_PLATFORM);
+    image_api(s, get_row(s, Some(p), id).await?, fleet_view).await
 }
 
 /// `PUT /images/{id}/content`: stores the bytes, bakes them and fans the image out. Answers
