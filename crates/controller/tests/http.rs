@@ -1979,6 +1979,11 @@ async fn bad_image_content_is_refused_and_nothing_is_kept(db: Db) {
             json!({"name": "x", "source": {"kind": "tar"}, "scope": "partner"}),
             "VALIDATION_ERROR",
         ),
+        (
+            // Shaped like an id: `image` at create takes an id or a name.
+            json!({"name": "img_0123456789abcdef", "source": {"kind": "tar"}}),
+            "VALIDATION_ERROR",
+        ),
     ];
     for (body, want) in bad {
         let (st, v) = api.admin("POST", "/images", Some(body.clone())).await;
@@ -2430,7 +2435,57 @@ async fn each_worker_has_its_own_credential_bound_to_its_id(db: Db) {
     assert_eq!(st, StatusCode::UNAUTHORIZED);
 }
 
+/// A partner's image of a platform image's name does not shadow it for the partner's tenants
+/// (before, `image: "default"` booted the partner's).
+async fn a_partner_image_never_shadows_a_platform_image(db: Db) {
+    let api = Api::start(db).await;
+    api.register_dead_worker("w1", 8000, default_image()).await;
+    let pool = api.handle.services.store.pool();
+    let platform: String =
+        sqlx::query_scalar("SELECT id FROM images WHERE name = 'default' AND tenant_id IS NULL")
+            .fetch_one(pool)
+            .await
+            .expect("the platform default");
+    let sibling = api.tenant_key("sibling", "tenant_user").await;
+    let _maker = api.tenant_key("maker", "tenant_admin").await;
+    for sql in [
+        "UPDATE tenants SET partner_id = 'prt_p' WHERE id IN ('tnt_sibling', 'tnt_maker')",
+        "INSERT INTO images (id, tenant_id, name, scope, status, sha256, size_bytes, lazy_pull, \
+         partner_id, created_at) VALUES ('img_partnerdefault', 'tnt_maker', 'default', \
+         'partner', 'ready', 'cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc', \
+         1024, 1, 'prt_p', 9999999999999)",
+    ] {
+        sqlx::query(sql).execute(pool).await.expect(sql);
+    }
+    let (st, v) = api
+        .call(
+            "POST",
+            "/bunkers",
+            Some(&sibling),
+            Some(json!({"image": "default"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(
+        v["data"]["image_id"].as_str(),
+        Some(platform.as_str()),
+        "{v}"
+    );
+    // By id it is still reachable.
+    let (st, v) = api
+        .call(
+            "POST",
+            "/bunkers",
+            Some(&sibling),
+            Some(json!({"image": "img_partnerdefault"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(v["data"]["image_id"], "img_partnerdefault", "{v}");
+}
+
 both!(
+    a_partner_image_never_shadows_a_platform_image,
     each_worker_has_its_own_credential_bound_to_its_id,
     the_images_job_rebakes_interrupted_bakes,
     bridges_are_admin_records_and_transit_is_refused_plainly,

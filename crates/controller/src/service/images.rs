@@ -92,8 +92,15 @@ fn require(p: &Principal, perm: &'static str) -> Result<(), ImageError> {
 }
 
 /// Names of images and groups: 1–64 of `a-z 0-9 . _ -`, starting with a letter or digit.
+/// A name: 1–64 of `a-z 0-9 . _ -`, starting with a letter or digit, and not shaped like an
+/// id (`img_…` and the other three-letter prefixes), which a lookup by name or id would
+/// confuse.
 fn valid_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
+    let id_shaped = name.len() > 4
+        && name.as_bytes()[3] == b'_'
+        && name.as_bytes()[..3].iter().all(u8::is_ascii_lowercase);
+    !id_shaped
+        && (1..=64).contains(&name.len())
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
@@ -189,7 +196,8 @@ pub async fn create(
     if !valid_name(&req.name) {
         return Err(invalid(
             "name",
-            "1 to 64 characters of a-z 0-9 . _ -, starting with a letter or digit",
+            "1 to 64 characters of a-z 0-9 . _ -, starting with a letter or digit, not shaped \
+             like an id (`img_…`)",
         ));
     }
     let kind = match req.source.kind.as_str() {

@@ -61,8 +61,9 @@ const VISIBLE: &str =
     "(tenant_id = ? OR tenant_id IS NULL OR (scope = 'partner' AND partner_id = ?))";
 
 impl Store {
-    /// The active image a tenant means by `name_or_id`: its own first, then its partner's,
-    /// then the platform's.
+    /// The active image a tenant means by `name_or_id`: the image with that id, else by name
+    /// its own first, then the platform's, then its partner's (a partner cannot shadow a
+    /// platform image for its tenants).
     pub async fn image_visible_to(
         &self,
         tenant_id: &str,
@@ -72,13 +73,14 @@ impl Store {
         let row = sqlx::query(AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM images WHERE (id = ? OR name = ?) AND {VISIBLE} \
              AND status != 'inactive' \
-             ORDER BY CASE WHEN tenant_id = ? THEN 0 WHEN tenant_id IS NULL THEN 2 ELSE 1 END, \
-             created_at DESC LIMIT 1"
+             ORDER BY CASE WHEN id = ? THEN 0 WHEN tenant_id = ? THEN 1 \
+             WHEN tenant_id IS NULL THEN 2 ELSE 3 END, created_at DESC LIMIT 1"
         )))
         .bind(name_or_id)
         .bind(name_or_id)
         .bind(tenant_id)
         .bind(partner_id.unwrap_or(""))
+        .bind(name_or_id)
         .bind(tenant_id)
         .fetch_optional(self.pool())
         .await?;
