@@ -3,7 +3,8 @@
 # Run as root. Skips apt entirely when every package is already present.
 set -euo pipefail
 # bubblewrap: the sandbox image bakes run tar, mkfs.ext4 and e2fsck in (crates/controller/src/bake.rs).
-PKGS=(qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod lz4 debootstrap nftables iproute2 curl bubblewrap)
+# python3-venv: the cached virtual environment of the Python test tools (scripts/python-tools.sh).
+PKGS=(qemu-system-x86 qemu-utils busybox-static e2fsprogs cpio kmod lz4 debootstrap nftables iproute2 curl bubblewrap python3-venv)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -253,6 +253,7 @@ pub async fn exec(
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
     /// Alternative to the `Last-Event-ID` header.
     last_event_id: Option<u64>,
