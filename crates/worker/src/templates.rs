@@ -2,7 +2,9 @@
 //! cold-booting a bunker of the same shape (about 0.2 s of restore against seconds of boot).
 //!
 //! A template is keyed by its shape: the image (sha256 and the file's size and mtime), the
-//! kernel and initramfs (size and mtime), memory, vCPUs and the VMM runtime. It lives in
+//! kernel and initramfs (size and mtime), memory, vCPUs, the VMM runtime and the disk size
+//! (the template's filesystem is grown to it before the save, so a restore grows nothing). It
+//! lives in
 //! `<data>/templates/<key>/`: `vm.state` (memory and device state), `disk.qcow2` (the
 //! overlay the template VM wrote, over the image), `template.json` (what it was built from).
 //!
@@ -113,6 +115,10 @@ pub struct Shape {
     pub memory_mb: u64,
     pub vcpus: u32,
     pub runtime: String,
+    /// The guest disk's size: a template's filesystem is already grown to it, so a restore
+    /// into a bunker of this `disk_mb` has nothing to grow (0 in templates saved before).
+    #[serde(default)]
+    pub disk_bytes: u64,
 }
 
 impl Shape {
@@ -123,6 +129,7 @@ impl Shape {
         guest: &GuestBoot,
         memory_mb: u64,
         cpu_millicores: u64,
+        disk_mb: u64,
     ) -> Option<Self> {
         Some(Self {
             image_name: image.name.clone(),
@@ -133,6 +140,7 @@ impl Shape {
             memory_mb,
             vcpus: vmm.vcpus(cpu_millicores),
             runtime: vmm.runtime(),
+            disk_bytes: disk_mb.saturating_mul(1 << 20).max(image.size_bytes),
         })
     }
 
@@ -543,8 +551,8 @@ async fn build_in(
         kernel: shape.kernel.path.clone(),
         initramfs: shape.initramfs.path.clone(),
         base: vec![DiskLayer::raw(&shape.image.path)],
-        // The image's own size: a restore grows the disk to its bunker's.
-        disk_bytes: shape.image.size,
+        // The bunker's disk size, grown before the save: restores of it grow nothing.
+        disk_bytes: shape.disk_bytes.max(shape.image.size),
         agent_socket: socket,
         cpu_millicores,
         memory_mb: shape.memory_mb,
@@ -565,6 +573,9 @@ async fn build_in(
     };
     let boot_ms = millis(started.elapsed());
     refresh_identity(&agent, TEMPLATE_HOSTNAME).await?;
+    if spec.disk_bytes > shape.image.size {
+        grow_root_fs(&agent, spec.disk_bytes).await?;
+    }
     // One spawn of the shell, so the saved page cache already holds what a bunker's first
     // exec after a restore needs.
     let warm = agent
@@ -718,6 +729,7 @@ mod tests {
             memory_mb,
             vcpus: 1,
             runtime: "qemu/tcg".into(),
+            disk_bytes: 1 << 30,
         }
     }
 
@@ -731,12 +743,15 @@ mod tests {
         other_vcpus.vcpus = 2;
         let mut other_kernel = base.clone();
         other_kernel.kernel.size += 1;
+        let mut other_disk = base.clone();
+        other_disk.disk_bytes = 2 << 30;
         let keys = [
             base.key(),
             shape(dir.path(), 512).key(),
             other_sha.key(),
             other_vcpus.key(),
             other_kernel.key(),
+            other_disk.key(),
         ];
         assert_eq!(keys[0], base.key(), "stable");
         assert_eq!(keys[0].len(), 32);

@@ -27,6 +27,8 @@ use tokio::io::AsyncWriteExt;
 
 const TINY: [&str; 3] = ["vmlinux", "initramfs.cpio.gz", "tiny.ext4"];
 const MEMORY_MB: u64 = 256;
+/// The disk of the bunkers here (`TestWorker` creates with it too).
+const DISK_MB: u64 = 1024;
 /// Counts once a second into /root/counter, in its own session so no exec owns it; the file
 /// is replaced whole (a read never sees it truncated).
 const COUNTER: &str = "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /root/counter.new; \
@@ -167,7 +169,7 @@ fn restore_request(id: &str, manifest: &SnapshotManifest, hostname: &str) -> Cre
         image_sha256: manifest.image_sha256.clone(),
         cpu_millicores: manifest.cpu_millicores,
         memory_mb: manifest.memory_mb,
-        disk_mb: 1024,
+        disk_mb: DISK_MB,
         hostname: hostname.into(),
         env_vars: Default::default(),
         snapshot: Some(manifest.clone()),
@@ -176,10 +178,18 @@ fn restore_request(id: &str, manifest: &SnapshotManifest, hostname: &str) -> Cre
 }
 
 async fn restore(w: &TestWorker, id: &str, manifest: &SnapshotManifest, hostname: &str) -> VmInfo {
+    restore_with(w, restore_request(id, manifest, hostname)).await
+}
+
+async fn restore_with(w: &TestWorker, req: CreateVm) -> VmInfo {
+    let (id, manifest) = (
+        req.bunker_id.clone(),
+        req.snapshot.clone().expect("a restore"),
+    );
     let started = Instant::now();
     let resp = w
         .post("/bunkers")
-        .json(&restore_request(id, manifest, hostname))
+        .json(&req)
         .send()
         .await
         .expect("create request");
@@ -252,7 +262,23 @@ async fn full_snapshot_restores_running_processes_in_a_new_bunker() {
     );
     w.delete_bunker("snap-src").await;
 
-    restore(&w, "snap-dst", &full, "restored-box").await;
+    // Into a bigger disk than the snapshot's: the restored guest sees its disk grow (QMP
+    // `block_resize` once running) and its filesystem fill it.
+    restore_with(
+        &w,
+        CreateVm {
+            disk_mb: DISK_MB + 512,
+            ..restore_request("snap-dst", &full, "restored-box")
+        },
+    )
+    .await;
+    let df = stdout_of(&w, "snap-dst", "df -k / | tail -n 1").await;
+    let total: u64 = df
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("df total");
+    assert!((1_400_000..=1_572_864).contains(&total), "df: {df}");
     let resumed = counter(&w, "snap-dst").await;
     assert!(
         resumed >= before,

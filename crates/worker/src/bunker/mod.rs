@@ -228,6 +228,7 @@ impl Bunkers {
                 &guest,
                 req.memory_mb,
                 req.cpu_millicores,
+                req.disk_mb,
             )
         } else {
             None
