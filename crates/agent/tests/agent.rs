@@ -194,10 +194,21 @@ impl Agent {
     }
 
     /// Collects the frames of stream `id` up to and including its `REPLY`.
+    /// Reads stream `id` to its `REPLY`, granting back a frame of credit for every output
+    /// frame as the worker does (without it, output split into more frames than the window,
+    /// as when the program writes in small pieces that the agent reads as they come, stalls).
     fn collect(&mut self, id: u32) -> Outcome {
         let mut out = Outcome::default();
         loop {
             let frame = self.next_frame_of(id);
+            if matches!(
+                frame.kind,
+                FrameKind::Stdout | FrameKind::Stderr | FrameKind::Data
+            ) {
+                Frame::credit(id, 1)
+                    .write_to(&mut self.conn)
+                    .expect("write CREDIT");
+            }
             match frame.kind {
                 FrameKind::Stdout => out.stdout.extend_from_slice(&frame.payload),
                 FrameKind::Stderr => out.stderr.extend_from_slice(&frame.payload),
