@@ -68,24 +68,7 @@ impl Api {
         key: Option<&str>,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let mut rb = self
-            .http
-            .request(method.parse().expect("method"), self.url(path));
-        if let Some(k) = key {
-            rb = rb.bearer_auth(k);
-        }
-        if let Some(b) = body {
-            rb = rb.json(&b);
-        }
-        let resp = rb.send().await.expect("request");
-        let status = resp.status();
-        let text = resp.text().await.expect("body");
-        let v = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        (status, v)
+        common::request(&self.http, method, self.url(path), key, body).await
     }
 
     async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {

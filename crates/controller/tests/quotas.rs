@@ -122,22 +122,7 @@ impl Api {
         } else {
             format!("{}/v1/modules/scaibunker{path}", self.handle.url())
         };
-        let mut rb = self
-            .http
-            .request(method.parse().expect("method"), url)
-            .bearer_auth(key);
-        if let Some(b) = body {
-            rb = rb.json(&b);
-        }
-        let resp = rb.send().await.expect("request");
-        let status = resp.status();
-        let text = resp.text().await.expect("body");
-        let v = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        (status, v)
+        common::request(&self.http, method, url, Some(key), body).await
     }
 
     /// A tenant with one user of `role`; returns (tenant id, user id, key).

@@ -275,15 +275,7 @@ impl Api {
         key: Option<&str>,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let resp = self.send(method, path, key, body).await;
-        let status = resp.status();
-        let text = resp.text().await.expect("body");
-        let v = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        (status, v)
+        common::json_of(self.send(method, path, key, body).await).await
     }
 
     async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {

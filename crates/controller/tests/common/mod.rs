@@ -148,3 +148,34 @@ pub async fn wipe_redis(prefix: &str) {
             .expect("DEL");
     }
 }
+
+/// Sends `method url` (with `key` as the bearer and `body` as JSON, if given) and returns the
+/// status and the body as JSON: `null` when empty, a JSON string when it is not JSON.
+pub async fn request(
+    http: &reqwest::Client,
+    method: &str,
+    url: String,
+    key: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    let mut rb = http.request(method.parse().expect("method"), url);
+    if let Some(k) = key {
+        rb = rb.bearer_auth(k);
+    }
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    json_of(rb.send().await.expect("request")).await
+}
+
+/// A response's status and body as [`request`] reads them.
+pub async fn json_of(resp: reqwest::Response) -> (reqwest::StatusCode, serde_json::Value) {
+    let status = resp.status();
+    let text = resp.text().await.expect("body");
+    let v = if text.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+    };
+    (status, v)
+}
