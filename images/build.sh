@@ -158,7 +158,7 @@ mkfs_ext4_reproducible() { # TREE DEST SIZE LABEL HASH
 # the ext4 IMAGE to BUILD_EPOCH, with one debugfs run over the inodes the bitmaps mark used.
 set_inode_times() { # IMAGE
   local image="$1" cmds
-  cmds=$(tmp_for "$image.debugfs"); TMP_PATHS+=("$cmds")
+  cmds=$(tmp_for "$image.debugfs"); TMP_PATHS+=("$cmds" "$cmds.err")
   LC_ALL=C dumpe2fs "$image" 2>/dev/null | awk -v t="@$BUILD_EPOCH" '
     /^Inodes per group:/ { ipg = $4 + 0 }
     /^Inode size:/ { fields = ($3 + 0 > 128) ? "atime mtime ctime crtime" : "atime mtime ctime" }
