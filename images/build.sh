@@ -54,6 +54,13 @@ MODULES=(virtio_ring virtio virtio_mmio virtio_pci_legacy_dev virtio_pci_modern_
          vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport)
 # Applets /init uses (symlinked to busybox in the initramfs).
 INIT_APPLETS=(sh mount insmod mkdir cp chmod switch_root poweroff sleep)
+# The time every file in the initramfs and the ext4 images carries, and the clock mkfs.ext4
+# writes into its superblock (seconds since the epoch; 2024-01-01 unless SOURCE_DATE_EPOCH
+# says otherwise): with it the same inputs give the same bytes on any host, any day.
+BUILD_EPOCH="${SOURCE_DATE_EPOCH:-1704067200}"
+case "$BUILD_EPOCH" in ''|*[!0-9]*) echo "[images] error: SOURCE_DATE_EPOCH must be a number of seconds" >&2; exit 2 ;; esac
+# Modes of the files the build creates do not depend on the caller's umask.
+umask 022
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -63,6 +70,8 @@ die() { echo "[images] error: $*" >&2; exit 1; }
 
 sha256_file() { sha256sum "$1" | cut -d' ' -f1; }
 hash_of() { printf '%s\n' "$@" | sha256sum | cut -d' ' -f1; }
+# A UUID made of the first 128 bits of the hash of its arguments.
+uuid_of() { local h; h=$(hash_of "$@"); echo "${h:0:8}-${h:8:4}-${h:12:4}-${h:16:4}-${h:20:12}"; }
 
 # The step is up to date when its stamp holds HASH and every listed file exists.
 up_to_date() { # STEP HASH FILE...
@@ -125,6 +134,63 @@ find_busybox() {
   done
   die "no static busybox found (install busybox-static: scripts/install-deps.sh)"
 }
+
+# mkfs.ext4 -d into a new sparse file of SIZE, giving the same bytes for the same TREE and
+# HASH (the step's input hash) on any host: the filesystem UUID and directory hash seed come
+# from HASH, mkfs's clock is BUILD_EPOCH (E2FSPROGS_FAKE_TIME: creation, write and check
+# times), mke2fs adds each directory's entries in sorted order (LC_ALL=C makes that byte
+# order), inode tables and journal are zeroed instead of left to the host's discard support,
+# and afterwards every inode's times are set to BUILD_EPOCH (mke2fs copies each file's ctime,
+# which no tool can set on the tree). The reproducibility test is images/test-reproducible.sh.
+mkfs_ext4_reproducible() { # TREE DEST SIZE LABEL HASH
+  local tree="$1" dest="$2" size="$3" label="$4" hash="$5"
+  rm -f "$dest"
+  truncate -s "$size" "$dest"
+  # No blocks reserved for root: the guest user is who fills a bunker's disk.
+  LC_ALL=C E2FSPROGS_FAKE_TIME="$BUILD_EPOCH" mkfs.ext4 -q -F -m 0 -L "$label" \
+    -U "$(uuid_of uuid "$hash")" \
+    -E "hash_seed=$(uuid_of hash_seed "$hash"),lazy_itable_init=0,lazy_journal_init=0,nodiscard" \
+    -d "$tree" "$dest"
+  set_inode_times "$dest"
+}
+
+# Sets atime, mtime, ctime (and crtime where inodes have room for it) of every used inode of
+# the ext4 IMAGE to BUILD_EPOCH, with one debugfs run over the inodes the bitmaps mark used.
+set_inode_times() { # IMAGE
+  local image="$1" cmds
+  cmds=$(tmp_for "$image.debugfs"); TMP_PATHS+=("$cmds" "$cmds.err")
+  LC_ALL=C dumpe2fs "$image" 2>/dev/null | awk -v t="@$BUILD_EPOCH" '
+    /^Inodes per group:/ { ipg = $4 + 0 }
+    /^Inode size:/ { fields = ($3 + 0 > 128) ? "atime mtime ctime crtime" : "atime mtime ctime" }
+    /^Group [0-9]+:/ { g = $2 + 0 }
+    /^  Free inodes:/ {
+      first = g * ipg + 1; last = (g + 1) * ipg
+      delete free
+      line = $0; sub(/^  Free inodes:[ \t]*/, "", line)
+      n = split(line, ranges, /, */)
+      for (i = 1; i <= n; i++) {
+        if (ranges[i] == "") continue
+        m = split(ranges[i], ends, "-"); lo = ends[1] + 0; hi = (m > 1 ? ends[2] : ends[1]) + 0
+        for (j = lo; j <= hi; j++) free[j] = 1
+      }
+      k = split(fields, f, " ")
+      for (ino = first; ino <= last; ino++) {
+        if (ino in free) continue
+        for (i = 1; i <= k; i++) printf "sif <%d> %s %s\n", ino, f[i], t
+      }
+    }' > "$cmds"
+  [ -s "$cmds" ] || die "no used inodes found in $image (dumpe2fs failed?)"
+  LC_ALL=C E2FSPROGS_FAKE_TIME="$BUILD_EPOCH" debugfs -w -f "$cmds" "$image" > /dev/null 2>"$cmds.err" \
+    || { cat "$cmds.err" >&2; die "debugfs could not set the inode times of $image"; }
+  if grep -v '^debugfs ' "$cmds.err" | grep -q .; then
+    cat "$cmds.err" >&2; rm -f "$cmds.err"; die "debugfs could not set the inode times of $image"
+  fi
+  rm -f "$cmds" "$cmds.err"
+}
+
+# The e2fsprogs release, part of the image steps' hashes: another mke2fs may lay out the same
+# tree differently.
+e2fsprogs_version() { LC_ALL=C mke2fs -V 2>&1 | head -1; }
 
 # ---------------------------------------------------------------------------------------------
 # Step: kernel -> OUT/vmlinux, OUT/kernel.release (+ OUT/work/kernel/kroot with the modules)
@@ -402,7 +468,8 @@ build_tiny() {
   local hash bb_sha
   find_busybox
   bb_sha=$(sha256_file "$BUSYBOX")
-  hash=$(hash_of "$(declare -f build_tiny)" "$TINY_SIZE" "$GUEST_HOSTNAME" "busybox=$bb_sha")
+  hash=$(hash_of "$(declare -f build_tiny mkfs_ext4_reproducible set_inode_times)" "$TINY_SIZE" \
+    "$GUEST_HOSTNAME" "busybox=$bb_sha" "epoch=$BUILD_EPOCH" "$(e2fsprogs_version)")
   if up_to_date tiny "$hash" "$OUT/tiny.ext4"; then
     log "tiny: up to date"
     return 0
@@ -447,10 +514,7 @@ EOF
 
   local dest="$OUT/tiny.ext4" tmp
   tmp=$(tmp_for "$dest"); TMP_PATHS+=("$tmp")
-  rm -f "$tmp"
-  truncate -s "$TINY_SIZE" "$tmp"
-  # No blocks reserved for root: the guest user is who fills a bunker's disk.
-  mkfs.ext4 -q -F -m 0 -L tiny -d "$stage" "$tmp"
+  mkfs_ext4_reproducible "$stage" "$tmp" "$TINY_SIZE" tiny "$hash"
   safe_rm "$stage"
   mv -f "$tmp" "$dest"
   write_stamp tiny "$hash"
@@ -536,10 +600,51 @@ build_default_debootstrap() {
   write_stamp default-debootstrap "$hash"
 }
 
+# Removes or fixes what a debootstrap run leaves that depends on the day and the host rather
+# than on the packages: apt caches and lists, logs, backup copies (`*-old`, `/etc/passwd-`),
+# ldconfig's aux cache (inode numbers and times of the files it saw), machine ids, the shadow
+# files' day of last password change, and the Python bytecode: it records its source file's
+# mtime, which the image sets to BUILD_EPOCH, so it is compiled again in the tree (by the
+# guest's own python3, in timestamp mode, after every file got BUILD_EPOCH) and the guest
+# never finds it stale. Compiling the same source with the same interpreter gives the same
+# bytes.
+normalise_debootstrap_tree() { # ROOT
+  local root="$1" f day=$((BUILD_EPOCH / 86400)) sources
+  rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/cache/apt/*.bin "$root"/var/lib/apt/lists/*
+  mkdir -p "$root/var/lib/apt/lists/partial" "$root/var/cache/apt/archives/partial"
+  rm -rf "$root"/var/log/*.log "$root"/var/log/apt/*
+  for f in wtmp btmp lastlog faillog; do
+    if [ -f "$root/var/log/$f" ]; then : > "$root/var/log/$f"; fi
+  done
+  rm -f "$root"/var/cache/debconf/*-old "$root"/var/lib/dpkg/*-old \
+    "$root"/etc/passwd- "$root"/etc/group- "$root"/etc/shadow- "$root"/etc/gshadow- \
+    "$root"/etc/subuid- "$root"/etc/subgid- "$root/var/cache/ldconfig/aux-cache" \
+    "$root/etc/machine-id" "$root/var/lib/dbus/machine-id"
+  for f in shadow; do
+    [ -f "$root/etc/$f" ] || continue
+    awk -F: -v OFS=: -v d="$day" '$3 != "" { $3 = d } { print }' "$root/etc/$f" > "$root/etc/.$f.tmp"
+    cat "$root/etc/.$f.tmp" > "$root/etc/$f"
+    rm -f "$root/etc/.$f.tmp"
+  done
+
+  find "$root" -exec touch -h -d "@$BUILD_EPOCH" {} +
+  sources=$(cd "$root" && find . -path '*/__pycache__/*.pyc' \
+    | sed -E 's|^\.||; s|/__pycache__/([^/]+)\.cpython-[0-9]+(\.opt-[0-9])?\.pyc$|/\1.py|' \
+    | LC_ALL=C sort -u)
+  find "$root" -name __pycache__ -type d -prune -exec rm -rf {} +
+  if [ -n "$sources" ]; then
+    printf '%s\n' "$sources" | while read -r f; do [ -f "$root$f" ] && echo "$f"; done \
+      | env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C PYTHONHASHSEED=0 \
+          chroot "$root" python3 -m compileall -q -i - > /dev/null \
+      || die "could not compile the Python bytecode in the default rootfs"
+  fi
+}
+
 build_default() {
   build_default_debootstrap
   local hash tar="$WORK/default-debootstrap.tar"
-  hash=$(hash_of "$(declare -f build_default)" "$DEFAULT_SIZE" "$GUEST_HOSTNAME" "debootstrap=$DEBOOTSTRAP_HASH")
+  hash=$(hash_of "$(declare -f build_default normalise_debootstrap_tree mkfs_ext4_reproducible set_inode_times)" \
+    "$DEFAULT_SIZE" "$GUEST_HOSTNAME" "debootstrap=$DEBOOTSTRAP_HASH" "epoch=$BUILD_EPOCH" "$(e2fsprogs_version)")
   if up_to_date default "$hash" "$OUT/default.ext4"; then
     log "default: up to date"
     return 0
@@ -553,11 +658,6 @@ build_default() {
   safe_rm "$root"
   mkdir -p "$root"
   tar -C "$root" --numeric-owner --xattrs --xattrs-include='*' --acls -xpf "$tar"
-
-  # Shrink: no package caches or lists in the image.
-  rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/cache/apt/*.bin "$root"/var/lib/apt/lists/*
-  mkdir -p "$root/var/lib/apt/lists/partial" "$root/var/cache/apt/archives/partial"
-  rm -f "$root"/var/log/*.log "$root/var/log/apt/"*.log 2>/dev/null || true
 
   # user (uid/gid 1000), edited directly: nothing from the guest runs on the host.
   grep -q '^user:' "$root/etc/passwd" || echo 'user:x:1000:1000:user:/home/user:/bin/bash' >> "$root/etc/passwd"
@@ -575,13 +675,12 @@ build_default() {
   : > "$root/etc/resolv.conf"
   mkdir -p "$root/run" "$root/dev" "$root/proc" "$root/sys" "$root/tmp"
   chmod 1777 "$root/tmp"
+  normalise_debootstrap_tree "$root"
 
   local dest="$OUT/default.ext4" tmp
   tmp=$(tmp_for "$dest"); TMP_PATHS+=("$tmp")
-  rm -f "$tmp"
   log "default: mkfs.ext4 ($DEFAULT_SIZE)"
-  truncate -s "$DEFAULT_SIZE" "$tmp"
-  mkfs.ext4 -q -F -m 0 -L default -d "$root" "$tmp"
+  mkfs_ext4_reproducible "$root" "$tmp" "$DEFAULT_SIZE" default "$hash"
   safe_rm "$root"
   mv -f "$tmp" "$dest"
   write_stamp default "$hash"

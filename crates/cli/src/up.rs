@@ -240,19 +240,20 @@ pub async fn up(data_dir: Option<PathBuf>, listen: SocketAddr) -> Result<()> {
         if let Some(status) = worker.try_wait()? {
             bail!("the worker exited ({status}); see {}", log_path.display());
         }
+        // Any ready sha of `default`: one from an earlier build may still be listed.
         let svc = &controller.services;
-        if let Some(img) = svc.store.image_visible_to("", None, "default").await?
-            && let Some(sha) = img.sha256
-        {
-            let mut tx = svc.store.begin().await?;
-            if !svc
-                .store
-                .workers_with_image(&mut tx, &sha)
-                .await?
-                .is_empty()
-            {
-                break;
-            }
+        let shas: Vec<String> = svc
+            .store
+            .ready_builtin_images("default")
+            .await?
+            .into_iter()
+            .filter_map(|img| img.sha256)
+            .collect();
+        let mut tx = svc.store.begin().await?;
+        let held = svc.store.workers_with_images(&mut tx, &shas).await?;
+        drop(tx);
+        if !held.is_empty() {
+            break;
         }
         if started.elapsed() > Duration::from_secs(120) {
             bail!(

@@ -15,7 +15,9 @@
 //! `pending`/`provisioning` (a controller that crashed mid-create); `monitor` flips workers
 //! whose heartbeats stopped to `offline` (three intervals) and fails the bunkers of workers
 //! silent for six; `quota` reconciles the live quota counters with the database;
-//! `snapshots` deletes expired snapshots (objects, then rows) and fails abandoned captures.
+//! `snapshots` deletes expired snapshots (objects, then rows) and fails abandoned captures;
+//! `builtins` retires built-in image shas no online worker holds any more (and brings back
+//! those one holds again, see `service::builtin_images`).
 //!
 //! The usage tick runs on its own interval (`usage_tick_interval`, a minute by default) with the
 //! same lease protocol (`job:usage:{tick}`): at tick `t` it records the window of tick `t - 1`
@@ -78,6 +80,7 @@ pub fn spawn(s: Services) -> tokio::task::JoinHandle<()> {
                 Job::Monitor,
                 Job::Quota,
                 Job::Images,
+                Job::Builtins,
                 Job::Snapshots,
             ] {
                 let lease = format!("job:{}:{tick}", job.name());
@@ -116,6 +119,8 @@ enum Job {
     Quota,
     /// Re-bakes images whose controller died mid-bake.
     Images,
+    /// Retires built-in image shas no online worker holds.
+    Builtins,
     Snapshots,
 }
 
@@ -136,6 +141,7 @@ impl Job {
             Self::Monitor => "monitor",
             Self::Quota => "quota",
             Self::Images => "images",
+            Self::Builtins => "builtins",
             Self::Snapshots => "snapshots",
         }
     }
@@ -150,6 +156,10 @@ impl Job {
             }
             Self::Images => {
                 crate::service::images::recover_stale_bakes(s).await?;
+                Ok(())
+            }
+            Self::Builtins => {
+                crate::service::builtin_images::track(s).await?;
                 Ok(())
             }
             Self::Snapshots => Ok(snapshots::cleanup(s).await?),

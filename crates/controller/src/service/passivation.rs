@@ -141,8 +141,8 @@ pub async fn reactivate(s: &Services, row: &BunkerRow) -> Result<Option<BunkerRo
     let claimed = {
         let _guard = s.placement_lock.lock().await;
         let mut tx = s.store.begin().await?;
-        let worker =
-            choose_worker(s, &mut tx, false, &manifest.image_sha256, &resources, &[]).await?;
+        let shas = std::slice::from_ref(&manifest.image_sha256);
+        let (worker, _) = choose_worker(s, &mut tx, false, shas, &resources, &[]).await?;
         let claimed = pstore::claim_restore(&mut tx, &row.tenant_id, &row.id, &worker.id).await?;
         tx.commit().await.map_err(StoreError::from)?;
         claimed.then_some(worker)

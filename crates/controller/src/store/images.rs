@@ -29,11 +29,11 @@ pub struct ImageRow {
     pub created_at: i64,
 }
 
-const COLUMNS: &str = "id, tenant_id, name, scope, status, sha256, size_bytes, lazy_pull, \
+pub(super) const COLUMNS: &str = "id, tenant_id, name, scope, status, sha256, size_bytes, lazy_pull, \
     default_cpu_millicores, default_memory_mb, default_disk_mb, partner_id, source_kind, \
     size_mib, object_key, error, created_at";
 
-fn from_row(r: &sqlx::any::AnyRow) -> ImageRow {
+pub(super) fn from_row(r: &sqlx::any::AnyRow) -> ImageRow {
     ImageRow {
         id: r.get("id"),
         tenant_id: r.get("tenant_id"),
@@ -85,54 +85,6 @@ impl Store {
         .fetch_optional(self.pool())
         .await?;
         Ok(row.as_ref().map(from_row))
-    }
-
-    /// Records a platform image that a worker ships prebuilt (by name and content hash);
-    /// a new hash under the same name supersedes the old row. Returns the image id.
-    pub async fn upsert_builtin_image(
-        &self,
-        new_id: &str,
-        name: &str,
-        sha256: &str,
-        size_bytes: i64,
-    ) -> Result<String, StoreError> {
-        let mut tx = self.begin().await?;
-        let existing: Option<String> = sqlx::query_scalar(
-            "SELECT id FROM images WHERE tenant_id IS NULL AND name = ? AND sha256 = ?",
-        )
-        .bind(name)
-        .bind(sha256)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(id) = existing {
-            sqlx::query("UPDATE images SET status = 'ready' WHERE id = ? AND status = 'inactive'")
-                .bind(&id)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            return Ok(id);
-        }
-        sqlx::query(
-            "UPDATE images SET status = 'inactive' WHERE tenant_id IS NULL AND name = ? AND sha256 != ?",
-        )
-        .bind(name)
-        .bind(sha256)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO images (id, tenant_id, name, scope, status, sha256, size_bytes, lazy_pull, \
-             created_at, updated_at) VALUES (?, NULL, ?, 'platform', 'ready', ?, ?, 0, ?, ?)",
-        )
-        .bind(new_id)
-        .bind(name)
-        .bind(sha256)
-        .bind(size_bytes)
-        .bind(now_ms())
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(new_id.to_owned())
     }
 }
 

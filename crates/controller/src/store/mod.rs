@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod audit;
 pub mod availability;
+pub mod builtin_images;
 pub mod bunkers;
 pub mod exec_log;
 pub mod identity;

@@ -375,6 +375,21 @@ impl Store {
         .await?)
     }
 
+    /// (worker id, sha256) for every worker whose ledger holds one of `shas` ready.
+    pub async fn workers_with_images(
+        &self,
+        tx: &mut Tx<'_>,
+        shas: &[String],
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let mut held = Vec::new();
+        for sha in shas {
+            for worker_id in self.workers_with_image(tx, sha).await? {
+                held.push((worker_id, sha.clone()));
+            }
+        }
+        Ok(held)
+    }
+
     /// The fleet, read for placement: the rows stay locked until `tx` ends, so placements
     /// are serialized across controllers and each one sees every bunker placed before it.
     /// On MariaDB that takes `FOR UPDATE`, read before anything else in the transaction (its

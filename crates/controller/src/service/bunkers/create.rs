@@ -3,7 +3,9 @@
 //! Step by step:
 //! 1. Validate every field (all problems reported at once) and check the permissions the
 //!    lifecycle mode and network profile need.
-//! 2. Resolve the image visible to the tenant.
+//! 2. Resolve the image visible to the tenant. A built-in image named by name may be active
+//!    in several shas (workers built from other inputs); each is a candidate and the worker
+//!    placement picks boots the one it holds. By id, or for a restore, it is that one sha.
 //! 3. Reserve quota (atomically, in live state; see `quotas`): `429` if a cap would be passed.
 //! 4. Under the placement lock, in one transaction: lock and read the fleet (the lock
 //!    serializes placements across controllers too) and what its live bunkers hold, place with the core's pure policy, insert the `pending` row, its quota charges and
@@ -26,6 +28,7 @@ use crate::service::auth::{self, Principal};
 use crate::service::{RequestContext, Services, random_bytes};
 use crate::store::audit;
 use crate::store::bunkers::{self as bstore, BunkerRow, StatusChange};
+use crate::store::images::ImageRow;
 use crate::store::snapshots::SnapshotRow;
 use crate::store::{StoreError, now_ms};
 use crate::workers::WorkerCallError;
@@ -240,6 +243,7 @@ pub async fn create(
             "of an image whose content changed since".to_owned(),
         ));
     }
+    let choices = image_choices(s, &image, &image_ref).await?;
 
     let pick = |asked: Option<u64>, image_default: Option<i64>, platform: u64| {
         asked.unwrap_or_else(|| image_default.map(|d| d as u64).unwrap_or(platform))
@@ -266,9 +270,12 @@ pub async fn create(
     };
     // The guest's disk holds the image (or the snapshot's disk) and grows to `disk_mb`; it
     // never shrinks. Without an explicit `disk_mb`, the smallest that fits is taken.
-    let min_disk_mb = image
-        .size_bytes
-        .map_or(0, |b| (b.max(0) as u64).div_ceil(1 << 20))
+    let min_disk_mb = choices
+        .iter()
+        .filter_map(|c| c.size_bytes)
+        .map(|b| (b.max(0) as u64).div_ceil(1 << 20))
+        .max()
+        .unwrap_or(0)
         .max(
             restore
                 .as_ref()
@@ -354,12 +361,9 @@ pub async fn create(
             crate::service::quotas::ReserveError::Counters(c) => BunkerError::QuotaUnavailable(c),
             crate::service::quotas::ReserveError::Store(e) => BunkerError::Store(e),
         })?;
-    let placed = place_and_record(
-        s, p, ctx, &mut row, &image, &image_sha, &resources, &charges,
-    )
-    .await;
-    let worker_url = match placed {
-        Ok(url) => url,
+    let placed = place_and_record(s, p, ctx, &mut row, &choices, &resources, &charges).await;
+    let (worker_url, image) = match placed {
+        Ok(placed) => placed,
         Err(e) => {
             // Nothing was recorded: the quota this create reserved goes back.
             crate::service::quotas::release(s, &row.id).await;
@@ -367,6 +371,7 @@ pub async fn create(
         }
     };
 
+    let image_sha = image.sha256.clone().unwrap_or_default();
     let create_vm = CreateVm {
         bunker_id: row.id.clone(),
         image_sha256: image_sha.clone(),
@@ -457,21 +462,41 @@ async fn restorable(
     Ok((snap, manifest))
 }
 
-/// Picks the worker for a bunker needing `resources` of the image `image_sha` and the bridges
-/// `bridge_names`, reading the fleet inside `tx` with its rows locked (see
+/// The image rows a create may boot, preferred first: for a built-in image named by name,
+/// every ready sha of that name (newest first); otherwise the one row resolved.
+async fn image_choices(
+    s: &Services,
+    image: &ImageRow,
+    image_ref: &str,
+) -> Result<Vec<ImageRow>, BunkerError> {
+    let is_builtin = image.tenant_id.is_none() && image.source_kind.is_none();
+    if !is_builtin || image_ref == image.id {
+        return Ok(vec![image.clone()]);
+    }
+    let mut choices = s.store.ready_builtin_images(&image.name).await?;
+    choices.retain(|c| c.sha256.is_some());
+    if choices.is_empty() {
+        choices.push(image.clone());
+    }
+    Ok(choices)
+}
+
+/// Picks the worker for a bunker needing `resources` of one of the images `image_shas` and
+/// the bridges `bridge_names`, reading the fleet inside `tx` with its rows locked (see
 /// `workers_for_placement`); the caller holds `placement_lock` and records its choice in the
-/// same transaction.
+/// same transaction. Also answers which of `image_shas` (the first in their order) the
+/// worker holds; `None` only for a lazily pulled image it has yet to fetch.
 pub(crate) async fn choose_worker(
     s: &Services,
     tx: &mut crate::store::Tx<'_>,
     lazy_pull: bool,
-    image_sha: &str,
+    image_shas: &[String],
     resources: &Resources,
     bridge_names: &[String],
-) -> Result<crate::store::workers::WorkerRow, BunkerError> {
+) -> Result<(crate::store::workers::WorkerRow, Option<String>), BunkerError> {
     let workers = s.store.workers_for_placement(tx).await?;
     let committed = s.store.committed_by_worker(tx).await?;
-    let with_image = s.store.workers_with_image(tx, image_sha).await?;
+    let held = s.store.workers_with_images(tx, image_shas).await?;
     let with_bridges = s.store.workers_with_bridges(tx, bridge_names).await?;
     let stale_after = s.config.heartbeat_interval.as_millis() as i64 * 3;
     let silences = crate::service::fleet::silences(s, &workers).await;
@@ -504,7 +529,7 @@ pub(crate) async fn choose_worker(
             worker_id: &w.id,
             is_online: silences.get(&w.id).is_some_and(|ms| *ms <= stale_after),
             is_draining: w.status == "draining",
-            has_image: with_image.contains(&w.id),
+            has_image: held.iter().any(|(id, _)| *id == w.id),
             has_bridges: bridge_names.is_empty() || with_bridges.contains(&w.id),
             free: *free,
         })
@@ -521,25 +546,29 @@ pub(crate) async fn choose_worker(
         })?
         .to_owned();
     drop(candidates);
-    Ok(workers
+    let image_sha = image_shas
+        .iter()
+        .find(|sha| held.iter().any(|(id, h)| *id == chosen && h == *sha))
+        .cloned();
+    let worker = workers
         .into_iter()
         .find(|w| w.id == chosen)
-        .expect("placement picks among the candidates"))
+        .expect("placement picks among the candidates");
+    Ok((worker, image_sha))
 }
 
-/// Places the bunker and records it (row, quota charges, audit event) in one transaction,
-/// under the placement lock. Returns the chosen worker's URL.
-#[allow(clippy::too_many_arguments)]
+/// Places the bunker on a worker holding one of `choices` and records it (row with the image
+/// the worker boots, quota charges, audit event) in one transaction, under the placement
+/// lock. Returns the chosen worker's URL and that image.
 async fn place_and_record(
     s: &Services,
     p: &Principal,
     ctx: &RequestContext,
     row: &mut BunkerRow,
-    image: &crate::store::images::ImageRow,
-    image_sha: &str,
+    choices: &[ImageRow],
     resources: &Resources,
     charges: &[(String, i64)],
-) -> Result<crate::workers::WorkerTarget, BunkerError> {
+) -> Result<(crate::workers::WorkerTarget, ImageRow), BunkerError> {
     {
         let _guard = s.placement_lock.lock().await;
         let mut tx = s.store.begin().await?;
@@ -547,15 +576,15 @@ async fn place_and_record(
         let interfaces: Vec<api::Interface> =
             serde_json::from_str(&row.interfaces).unwrap_or_default();
         let bridge_names: Vec<String> = interfaces.iter().map(|i| i.bridge_name.clone()).collect();
-        let worker = choose_worker(
-            s,
-            &mut tx,
-            image.lazy_pull,
-            image_sha,
-            resources,
-            &bridge_names,
-        )
-        .await?;
+        let shas: Vec<String> = choices.iter().filter_map(|c| c.sha256.clone()).collect();
+        let lazy_pull = choices.iter().any(|c| c.lazy_pull);
+        let (worker, held) =
+            choose_worker(s, &mut tx, lazy_pull, &shas, resources, &bridge_names).await?;
+        let image = held
+            .and_then(|sha| choices.iter().find(|c| c.sha256.as_deref() == Some(&sha)))
+            .unwrap_or(&choices[0])
+            .clone();
+        row.image_id = image.id.clone();
         row.worker_id = Some(worker.id.clone());
         bstore::insert(&mut tx, row).await?;
         crate::store::quotas::insert_charges(&mut tx, &row.id, charges).await?;
@@ -572,7 +601,10 @@ async fn place_and_record(
         )
         .await?;
         tx.commit().await.map_err(StoreError::from)?;
-        Ok(crate::service::worker_credentials::target(s, &worker))
+        Ok((
+            crate::service::worker_credentials::target(s, &worker),
+            image,
+        ))
     }
 }
 
