@@ -20,8 +20,8 @@ use reqwest::StatusCode;
 use scaibunker_controller::config::ControllerConfig;
 use scaibunker_controller::{ControllerHandle, start};
 use scaibunker_proto::worker::{
-    BootSource, CachedImage, Capacity, CreateVm, ExecStreamEvent, PROTOCOL_VERSION,
-    RegisterRequest, SnapshotFile, SnapshotManifest, SnapshotVm, VmInfo, VmStatus,
+    BootSource, Capacity, CreateVm, ExecStreamEvent, SnapshotFile, SnapshotManifest, SnapshotVm,
+    VmInfo, VmStatus,
 };
 use serde_json::{Value, json};
 
@@ -195,30 +195,18 @@ impl Api {
             _dirs: (front_dir, sweeper_dir),
             _database: database,
         };
-        let register = RegisterRequest {
-            protocol_version: PROTOCOL_VERSION,
-            name: "fake".into(),
-            url: worker_url,
-            capacity: Capacity {
+        let register = common::fake_registration(
+            worker_url,
+            IMAGE_SHA,
+            Capacity {
                 cpu_millicores: 8000,
                 memory_mb: 8192,
                 disk_mb: 100_000,
                 gpu_count: 0,
             },
-            images: vec![CachedImage {
-                name: "default".into(),
-                sha256: IMAGE_SHA.into(),
-                size_bytes: 1 << 30,
-            }],
-            runtime: "qemu/tcg".into(),
-        };
+        );
         let (st, v) = api
-            .call(
-                "POST",
-                "/workers/register",
-                WORKER_TOKEN,
-                Some(serde_json::to_value(register).expect("json")),
-            )
+            .call("POST", "/workers/register", WORKER_TOKEN, Some(register))
             .await;
         assert_eq!(st, StatusCode::OK, "{v}");
         api
