@@ -15,7 +15,9 @@
 //! `pending`/`provisioning` (a controller that crashed mid-create); `monitor` flips workers
 //! whose heartbeats stopped to `offline` (three intervals) and fails the bunkers of workers
 //! silent for six; `quota` reconciles the live quota counters with the database;
-//! `snapshots` deletes expired snapshots (objects, then rows) and fails abandoned captures.
+//! `snapshots` deletes expired snapshots (objects, then rows) and fails abandoned captures;
+//! `spills` deletes the spilled exec outputs of bunkers that ended and those past their retention
+//! (objects, then rows; `service::storage_quota`).
 //!
 //! The usage tick runs on its own interval (`usage_tick_interval`, a minute by default) with the
 //! same lease protocol (`job:usage:{tick}`): at tick `t` it records the window of tick `t - 1`
@@ -26,7 +28,9 @@ use std::time::Duration;
 
 use scaibunker_core::ids::AuditId;
 
-use crate::service::{Services, accounting, bunkers, quotas, random_bytes, snapshots};
+use crate::service::{
+    Services, accounting, bunkers, quotas, random_bytes, snapshots, storage_quota,
+};
 use crate::store::admin::{self, Expiry};
 use crate::store::audit::AuditEvent;
 use crate::store::{StoreError, now_ms};
@@ -79,6 +83,7 @@ pub fn spawn(s: Services) -> tokio::task::JoinHandle<()> {
                 Job::Quota,
                 Job::Images,
                 Job::Snapshots,
+                Job::Spills,
             ] {
                 let lease = format!("job:{}:{tick}", job.name());
                 match s
@@ -117,6 +122,7 @@ enum Job {
     /// Re-bakes images whose controller died mid-bake.
     Images,
     Snapshots,
+    Spills,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +143,7 @@ impl Job {
             Self::Quota => "quota",
             Self::Images => "images",
             Self::Snapshots => "snapshots",
+            Self::Spills => "spills",
         }
     }
 
@@ -153,6 +160,10 @@ impl Job {
                 Ok(())
             }
             Self::Snapshots => Ok(snapshots::cleanup(s).await?),
+            Self::Spills => {
+                storage_quota::delete_spills(s, s.config.spill_retention).await?;
+                Ok(())
+            }
         }
     }
 }

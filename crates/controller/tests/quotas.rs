@@ -677,7 +677,8 @@ async fn shared_and_per_user_groups_nest_and_the_strictest_cap_wins(db: Db, live
         )
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
-    assert_eq!(v["data"].as_array().map(Vec::len), Some(18));
+    // Three profiles apply: six resources of their buckets and `storage_mb` of the tenant each.
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(21));
     let (st, _) = api
         .call(
             "GET",
