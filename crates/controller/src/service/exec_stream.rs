@@ -87,6 +87,8 @@ struct State {
     /// Highest id dropped from the front to bound memory.
     dropped_through: u64,
     done: bool,
+    /// Evicted for the budget: every event is dropped, and followers are told so.
+    evicted: bool,
 }
 
 /// The events of one streamed exec.
@@ -122,6 +124,7 @@ impl ExecBuffer {
                 last_id: 0,
                 dropped_through: 0,
                 done: false,
+                evicted: false,
             }),
             wake: watch::channel(0).0,
         }
@@ -134,13 +137,16 @@ impl ExecBuffer {
     /// Appends an event, growing the window within `MAX_BUFFER_BYTES` and what `hub`'s budget
     /// grants, else dropping the oldest events.
     fn push(&self, hub: &ExecHub, kind: EventKind, data: String) {
+        let mut evicted = Vec::new();
         let id = {
             let mut st = self.lock();
             st.last_id += 1;
             let id = st.last_id;
             let size = data.len() + EVENT_OVERHEAD;
             let wanted = (st.bytes + size).min(MAX_BUFFER_BYTES);
-            if wanted > st.charged && hub.grow(&self.exec_id, (wanted - st.charged) as u64) {
+            if wanted > st.charged
+                && hub.grow(&self.exec_id, (wanted - st.charged) as u64, &mut evicted)
+            {
                 st.charged = wanted;
             }
             st.bytes += size;
@@ -160,6 +166,23 @@ impl ExecBuffer {
             id
         };
         self.wake.send_replace(id);
+        // Outside this buffer's lock: the hub never locks one buffer while holding another.
+        for b in evicted {
+            b.evict();
+        }
+    }
+
+    /// Frees what the budget took back: the events go now, not when the last follower or the
+    /// pump lets go of the buffer.
+    fn evict(&self) {
+        let last = {
+            let mut st = self.lock();
+            st.evicted = true;
+            st.events = VecDeque::new();
+            st.bytes = 0;
+            st.last_id
+        };
+        self.wake.send_replace(last);
     }
 
     fn finish(&self, hub: &ExecHub) {
@@ -179,6 +202,11 @@ impl ExecBuffer {
         loop {
             {
                 let st = self.lock();
+                if st.evicted && after < st.last_id {
+                    return Next::Gone {
+                        oldest_available: st.last_id + 1,
+                    };
+                }
                 if after < st.dropped_through {
                     return Next::Gone {
                         oldest_available: st.dropped_through + 1,
@@ -250,10 +278,15 @@ impl ExecHub {
 
     /// Charges a new streamed exec its reservation, evicting finished buffers for room.
     pub fn admit(self: &Arc<Self>, exec_id: &str, tenant_id: &str) -> Result<Admission, Refused> {
-        let mut st = self.lock();
-        let mut evicted = Vec::new();
-        let admitted = st.budget.admit(exec_id, tenant_id, &mut evicted);
-        st.forget(&evicted);
+        let (admitted, evicted) = {
+            let mut st = self.lock();
+            let mut evicted = Vec::new();
+            let admitted = st.budget.admit(exec_id, tenant_id, &mut evicted);
+            (admitted, st.forget(&evicted))
+        };
+        for b in evicted {
+            b.evict();
+        }
         admitted.map(|()| Admission {
             hub: self.clone(),
             exec_id: exec_id.to_owned(),
@@ -266,11 +299,13 @@ impl ExecHub {
         self.lock().execs.insert(b.exec_id.clone(), b);
     }
 
-    fn grow(&self, exec_id: &str, bytes: u64) -> bool {
+    /// Grants `bytes` more to a running buffer; the buffers evicted for it are pushed to
+    /// `evicted`, for the caller to free once it holds no buffer's lock.
+    fn grow(&self, exec_id: &str, bytes: u64, evicted: &mut Vec<Arc<ExecBuffer>>) -> bool {
         let mut st = self.lock();
-        let mut evicted = Vec::new();
-        let granted = st.budget.grow(exec_id, bytes, &mut evicted);
-        st.forget(&evicted);
+        let mut ids = Vec::new();
+        let granted = st.budget.grow(exec_id, bytes, &mut ids);
+        evicted.extend(st.forget(&ids));
         granted
     }
 
@@ -294,11 +329,12 @@ impl ExecHub {
 }
 
 impl HubState {
-    /// Drops evicted buffers (a follower still attached to one keeps reading it to its end).
-    fn forget(&mut self, evicted: &[String]) {
-        for id in evicted {
-            self.execs.remove(id);
-        }
+    /// Takes evicted buffers out of the hub; the caller frees their events.
+    fn forget(&mut self, evicted: &[String]) -> Vec<Arc<ExecBuffer>> {
+        evicted
+            .iter()
+            .filter_map(|id| self.execs.remove(id))
+            .collect()
     }
 }
 
@@ -490,8 +526,11 @@ async fn pump(
     buffer.finish(&s.exec_hub);
     // The command is over: only its events stay, which keep nothing busy.
     drop(busy);
+    // Only the id waits: an eviction meanwhile frees the events at once.
+    let exec_id = buffer.exec_id.clone();
+    drop(buffer);
     tokio::time::sleep(KEEP_FINISHED).await;
-    s.exec_hub.remove(&buffer.exec_id);
+    s.exec_hub.remove(&exec_id);
 }
 
 #[cfg(test)]
@@ -583,5 +622,30 @@ mod tests {
         b.finish(&hub);
         hub.remove("exe_x");
         assert_eq!(hub.usage("t"), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn an_evicted_buffer_frees_its_events_though_a_follower_holds_it() {
+        let (hub, old) = admitted(2, "t", "exe_old");
+        old.push(&hub, EventKind::Stdout, "x".repeat(1000));
+        old.finish(&hub);
+        // A follower (or the pump's timer) still holds `old`; two new execs need its room.
+        let _a = hub.admit("exe_a", "t").expect("room");
+        assert!(
+            hub.get("exe_old").is_some(),
+            "not evicted while there was room"
+        );
+        let _b = hub
+            .admit("exe_b", "t")
+            .expect("room after evicting the finished buffer");
+        assert!(hub.get("exe_old").is_none());
+        assert!(old.lock().events.is_empty(), "its events are freed now");
+        assert!(matches!(
+            old.next_after(0).await,
+            Next::Gone {
+                oldest_available: 2
+            }
+        ));
+        assert_eq!(hub.usage("t").0, 2 * RESERVE_BYTES);
     }
 }
