@@ -14,6 +14,12 @@ pub const BUNKER_NOT_FOUND: &str = "BUNKER_NOT_FOUND";
 pub const BUNKER_NOT_RUNNING: &str = "BUNKER_NOT_RUNNING";
 pub const BUNKER_INVALID_TRANSITION: &str = "BUNKER_INVALID_TRANSITION";
 pub const BUNKER_QUOTA_EXCEEDED: &str = "BUNKER_QUOTA_EXCEEDED";
+/// `POST …/exec` with `stream: true` while the controller's stream resume buffers (in total or
+/// the tenant's) are taken by running streamed execs; nothing was started. See `Retry-After`.
+pub const STREAM_BUDGET_EXCEEDED: &str = "STREAM_BUDGET_EXCEEDED";
+/// A snapshot or image upload the tenant's storage cap (`max_storage_mb`) has no room for;
+/// `details` name the profile, bucket (`tenant:{id}`) and resource (`storage_mb`).
+pub const STORAGE_QUOTA_EXCEEDED: &str = "STORAGE_QUOTA_EXCEEDED";
 pub const IMAGE_NOT_FOUND: &str = "IMAGE_NOT_FOUND";
 /// `PUT /images/{id}/content` on an image that is not waiting for content (baking, ready,
 /// failed or inactive), or a warm of an image that is not ready.

@@ -49,6 +49,10 @@ pub struct CreateQuotaProfile {
     pub per_bunker_max_disk: Option<u64>,
     #[serde(default)]
     pub per_bunker_max_gpu: Option<u64>,
+    /// MiB the tenant of whoever the profile applies to may keep in object storage: its
+    /// snapshots, images and spilled exec outputs together (bucket `tenant:{id}`).
+    #[serde(default)]
+    pub max_storage_mb: Option<u64>,
 }
 
 /// `PATCH /quota-profiles/{id}`: absent fields stay, `null` removes a cap.
@@ -135,6 +139,13 @@ pub struct UpdateQuotaProfile {
     )]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
     pub per_bunker_max_gpu: Option<Option<u64>>,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
+    pub max_storage_mb: Option<Option<u64>>,
 }
 
 /// A quota profile; `null` caps are no cap, `tenant_id: null` is the platform default.
@@ -158,6 +169,8 @@ pub struct QuotaProfile {
     pub per_bunker_max_memory: Option<u64>,
     pub per_bunker_max_disk: Option<u64>,
     pub per_bunker_max_gpu: Option<u64>,
+    /// MiB of object storage (snapshots, images, spilled exec outputs) for the whole tenant.
+    pub max_storage_mb: Option<u64>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -220,10 +233,10 @@ pub struct Assignment {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct QuotaUsage {
     pub profile_id: String,
-    /// `user:{user_id}` or `group:{group_id}`.
+    /// `user:{user_id}` or `group:{group_id}`; `tenant:{tenant_id}` for `storage_mb`.
     pub bucket: String,
-    /// `concurrent_bunkers`, `persistent_bunkers`, `cpu_millicores`, `memory_mb`, `disk_mb` or
-    /// `gpu_count`.
+    /// `concurrent_bunkers`, `persistent_bunkers`, `cpu_millicores`, `memory_mb`, `disk_mb`,
+    /// `gpu_count` or `storage_mb` (MiB stored, rounded up).
     pub resource: String,
     pub current: i64,
     /// `null`: no cap.

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 pub use crate::objects::S3Settings;
 
+const MIB: u64 = 1024 * 1024;
+
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
     pub listen: SocketAddr,
@@ -56,6 +58,15 @@ pub struct ControllerConfig {
     pub storage_secret: String,
     /// Largest object a storage proxy `PUT` may store (`SCAIBUNKER_MAX_OBJECT_BYTES`).
     pub max_object_bytes: u64,
+    /// Bytes all stream resume buffers of this controller may hold together
+    /// (`SCAIBUNKER_STREAM_BUFFER_MB`).
+    pub stream_buffer_bytes: u64,
+    /// Bytes the stream resume buffers of one tenant may hold together
+    /// (`SCAIBUNKER_STREAM_BUFFER_TENANT_MB`).
+    pub stream_buffer_tenant_bytes: u64,
+    /// How long spilled exec outputs are kept (`SCAIBUNKER_SPILL_RETENTION_S`); a bunker's go
+    /// with it sooner.
+    pub spill_retention: Duration,
 }
 
 /// What `scaibunker serve` runs, from `SCAIGRID_MODE`.
@@ -111,6 +122,10 @@ impl ControllerConfig {
                 + &hex::encode(crate::service::random_bytes()),
             // Images and full snapshots are the largest objects; a multi-GiB rootfs fits.
             max_object_bytes: 32 * 1024 * 1024 * 1024,
+            // A quarter of the total per tenant: one tenant's streams leave the rest to others.
+            stream_buffer_bytes: 512 * MIB,
+            stream_buffer_tenant_bytes: 128 * MIB,
+            spill_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 
@@ -199,6 +214,25 @@ impl ControllerConfig {
         }
         if let Some(n) = var("SCAIBUNKER_MAX_OBJECT_BYTES").and_then(|v| v.parse().ok()) {
             self.max_object_bytes = n;
+        }
+        // Below one reservation no streamed exec could ever start: such values are ignored.
+        let mb = |k: &str| {
+            var(k)
+                .and_then(|v| v.parse::<u64>().ok())
+                .filter(|n| *n >= 1)
+                .map(|n| n.saturating_mul(MIB))
+        };
+        if let Some(n) = mb("SCAIBUNKER_STREAM_BUFFER_MB") {
+            self.stream_buffer_bytes = n;
+        }
+        if let Some(n) = mb("SCAIBUNKER_STREAM_BUFFER_TENANT_MB") {
+            self.stream_buffer_tenant_bytes = n;
+        }
+        if let Some(s) = var("SCAIBUNKER_SPILL_RETENTION_S")
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|s| *s > 0)
+        {
+            self.spill_retention = Duration::from_secs(s);
         }
         self
     }

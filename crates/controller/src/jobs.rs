@@ -17,7 +17,9 @@
 //! silent for six; `quota` reconciles the live quota counters with the database;
 //! `snapshots` deletes expired snapshots (objects, then rows) and fails abandoned captures;
 //! `builtins` retires built-in image shas no online worker holds any more (and brings back
-//! those one holds again, see `service::builtin_images`).
+//! those one holds again, see `service::builtin_images`);
+//! `spills` deletes the spilled exec outputs of bunkers that ended and those past their retention
+//! (objects, then rows; `service::storage_quota`).
 //!
 //! The usage tick runs on its own interval (`usage_tick_interval`, a minute by default) with the
 //! same lease protocol (`job:usage:{tick}`): at tick `t` it records the window of tick `t - 1`
@@ -28,7 +30,9 @@ use std::time::Duration;
 
 use scaibunker_core::ids::AuditId;
 
-use crate::service::{Services, accounting, bunkers, quotas, random_bytes, snapshots};
+use crate::service::{
+    Services, accounting, bunkers, quotas, random_bytes, snapshots, storage_quota,
+};
 use crate::store::admin::{self, Expiry};
 use crate::store::audit::AuditEvent;
 use crate::store::{StoreError, now_ms};
@@ -82,6 +86,7 @@ pub fn spawn(s: Services) -> tokio::task::JoinHandle<()> {
                 Job::Images,
                 Job::Builtins,
                 Job::Snapshots,
+                Job::Spills,
             ] {
                 let lease = format!("job:{}:{tick}", job.name());
                 match s
@@ -122,6 +127,7 @@ enum Job {
     /// Retires built-in image shas no online worker holds.
     Builtins,
     Snapshots,
+    Spills,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +149,7 @@ impl Job {
             Self::Images => "images",
             Self::Builtins => "builtins",
             Self::Snapshots => "snapshots",
+            Self::Spills => "spills",
         }
     }
 
@@ -163,6 +170,10 @@ impl Job {
                 Ok(())
             }
             Self::Snapshots => Ok(snapshots::cleanup(s).await?),
+            Self::Spills => {
+                storage_quota::delete_spills(s, s.config.spill_retention).await?;
+                Ok(())
+            }
         }
     }
 }

@@ -188,6 +188,10 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
             .await?;
     let (listener, addr) = bind(config.listen).await?;
     let live = live::open(config.redis_url.as_deref(), &config.redis_prefix).await?;
+    let stream_budget = service::exec_budget::Limits {
+        total_bytes: config.stream_buffer_bytes,
+        tenant_bytes: config.stream_buffer_tenant_bytes,
+    };
     let services = Services {
         store,
         workers: WorkerClient::new(),
@@ -196,7 +200,7 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
         live,
         job_runs: Arc::default(),
         metrics: Arc::default(),
-        exec_hub: Arc::default(),
+        exec_hub: Arc::new(service::exec_stream::ExecHub::new(stream_budget)),
         activity: Arc::default(),
         controller_id: format!(
             "ctl_{}",

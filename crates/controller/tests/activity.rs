@@ -20,8 +20,8 @@ use reqwest::StatusCode;
 use scaibunker_controller::config::ControllerConfig;
 use scaibunker_controller::{ControllerHandle, start};
 use scaibunker_proto::worker::{
-    BootSource, CachedImage, Capacity, CreateVm, ExecStreamEvent, PROTOCOL_VERSION,
-    RegisterRequest, SnapshotFile, SnapshotManifest, SnapshotVm, VmInfo, VmStatus,
+    BootSource, Capacity, CreateVm, ExecStreamEvent, SnapshotFile, SnapshotManifest, SnapshotVm,
+    VmInfo, VmStatus,
 };
 use serde_json::{Value, json};
 
@@ -195,30 +195,18 @@ impl Api {
             _dirs: (front_dir, sweeper_dir),
             _database: database,
         };
-        let register = RegisterRequest {
-            protocol_version: PROTOCOL_VERSION,
-            name: "fake".into(),
-            url: worker_url,
-            capacity: Capacity {
+        let register = common::fake_registration(
+            worker_url,
+            IMAGE_SHA,
+            Capacity {
                 cpu_millicores: 8000,
                 memory_mb: 8192,
                 disk_mb: 100_000,
                 gpu_count: 0,
             },
-            images: vec![CachedImage {
-                name: "default".into(),
-                sha256: IMAGE_SHA.into(),
-                size_bytes: 1 << 30,
-            }],
-            runtime: "qemu/tcg".into(),
-        };
+        );
         let (st, v) = api
-            .call(
-                "POST",
-                "/workers/register",
-                WORKER_TOKEN,
-                Some(serde_json::to_value(register).expect("json")),
-            )
+            .call("POST", "/workers/register", WORKER_TOKEN, Some(register))
             .await;
         assert_eq!(st, StatusCode::OK, "{v}");
         api
@@ -355,7 +343,39 @@ async fn an_open_shell_keeps_an_idle_bunker_from_being_swept(db: Db) {
     api.ends_idle(&id, "terminated").await;
 }
 
+/// A tenant with no storage left takes no snapshot of its own, but its idle persistent bunker is
+/// still passivated: its state is kept (and counted) rather than the bunker left running.
+async fn a_tenant_at_its_storage_cap_is_still_passivated(db: Db) {
+    let api = Api::start(db).await;
+    let (st, v) = api
+        .call(
+            "POST",
+            "/quota-profiles",
+            &api.key,
+            Some(json!({"name": "no storage", "tenant_id": null, "max_storage_mb": 0})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let id = api.bunker("persistent").await;
+    let (st, v) = api
+        .call(
+            "POST",
+            &format!("/bunkers/{id}/snapshot"),
+            &api.key,
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(v["error"]["code"], "STORAGE_QUOTA_EXCEEDED", "{v}");
+    api.ends_idle(&id, "paused").await;
+    assert!(
+        api.seen.lock().expect("lock").snapshots.contains(&id),
+        "passivated through a snapshot"
+    );
+}
+
 both!(
+    a_tenant_at_its_storage_cap_is_still_passivated,
     a_long_exec_keeps_an_idle_bunker_from_being_swept,
     a_streamed_exec_keeps_a_persistent_bunker_from_being_passivated,
     an_open_shell_keeps_an_idle_bunker_from_being_swept,

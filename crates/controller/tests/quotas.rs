@@ -21,9 +21,7 @@ use common::{
 };
 use reqwest::StatusCode;
 use scaibunker_controller::config::ControllerConfig;
-use scaibunker_controller::service::auth::hash_key;
 use scaibunker_controller::service::{accounting, quotas};
-use scaibunker_controller::store::identity::{NewApiKey, NewTenant, NewUser};
 use scaibunker_controller::store::now_ms;
 use scaibunker_controller::{ControllerHandle, start};
 use scaibunker_proto::worker::{
@@ -127,35 +125,7 @@ impl Api {
 
     /// A tenant with one user of `role`; returns (tenant id, user id, key).
     async fn tenant(&self, slug: &str, role: &str) -> (String, String, String) {
-        let key = format!("sgk_{slug}_{}", "k".repeat(40));
-        let (tenant, user) = (format!("tnt_{slug}"), format!("usr_{slug}"));
-        self.handle
-            .services
-            .store
-            .insert_tenant_user_key(
-                NewTenant {
-                    id: &tenant,
-                    name: slug,
-                    slug,
-                },
-                NewUser {
-                    id: &user,
-                    tenant_id: &tenant,
-                    email: &format!("{slug}@example.com"),
-                    role,
-                },
-                NewApiKey {
-                    id: &format!("key_{slug}"),
-                    tenant_id: &tenant,
-                    user_id: &user,
-                    name: "test",
-                    key_sha256: &hash_key(&key),
-                    permissions: None,
-                },
-            )
-            .await
-            .expect("tenant inserted");
-        (tenant, user, key)
+        common::tenant_with_key(&self.handle.services.store, slug, role).await
     }
 
     /// Another user of the admin's tenant and a key of theirs; returns (user id, key).
@@ -707,7 +677,8 @@ async fn shared_and_per_user_groups_nest_and_the_strictest_cap_wins(db: Db, live
         )
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
-    assert_eq!(v["data"].as_array().map(Vec::len), Some(18));
+    // Three profiles apply: six resources of their buckets and `storage_mb` of the tenant each.
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(21));
     let (st, _) = api
         .call(
             "GET",

@@ -186,7 +186,8 @@ pub async fn delete(
     let Query(q) = q.map_err(|e| ApiError::query(&e))?;
     let snapshot = if q.snapshot == Some(true) {
         let req = scaibunker_api::snapshots::CreateSnapshot::default();
-        match crate::service::snapshots::create(&s, &p, &ctx, &id, req).await {
+        let check = crate::service::snapshots::StorageCheck::Enforced;
+        match crate::service::snapshots::create(&s, &p, &ctx, &id, req, check).await {
             Ok(snap) => Some(snap),
             // A bunker that already ended has nothing to snapshot; its delete answers as usual.
             Err(svc::BunkerError::NotRunning(status)) if status.is_terminal() => None,
@@ -226,7 +227,7 @@ pub async fn delete(
         (status = 404, description = "`BUNKER_NOT_FOUND`: unknown or another tenant's bunker", body = Error),
         (status = 409, description = "`BUNKER_NOT_RUNNING`", body = Error),
         (status = 422, description = "`VALIDATION_ERROR`", body = Error),
-        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+        (status = 429, description = "`RATE_LIMITED`, or with `stream: true` `STREAM_BUDGET_EXCEEDED` (the controller's stream resume buffers, in total or the tenant's, are taken by running streamed execs; nothing started); see `Retry-After`", body = Error),
         (status = 502, description = "`WORKER_ERROR`: the bunker's worker could not complete the operation", body = Error),
     ),
     security(("bearer" = []))

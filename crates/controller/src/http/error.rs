@@ -222,6 +222,25 @@ impl From<BunkerError> for ApiError {
             B::SnapshotInUse(_) => Self::new(StatusCode::CONFLICT, codes::SNAPSHOT_IN_USE, msg),
             B::NotFound => Self::new(StatusCode::NOT_FOUND, codes::BUNKER_NOT_FOUND, msg),
             B::ExecNotFound => Self::new(StatusCode::NOT_FOUND, "EXEC_NOT_FOUND", msg),
+            B::StreamBudgetExceeded { scope, limit_bytes } => {
+                let mut e = Self::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    codes::STREAM_BUDGET_EXCEEDED,
+                    msg,
+                );
+                e.retry_after_s = Some(STREAM_BUDGET_RETRY_AFTER_S);
+                e.details = vec![
+                    FieldDetail {
+                        field: "budget".into(),
+                        message: scope.to_owned(),
+                    },
+                    FieldDetail {
+                        field: "limit_bytes".into(),
+                        message: limit_bytes.to_string(),
+                    },
+                ];
+                e
+            }
             B::OutputNotFound => Self::new(StatusCode::NOT_FOUND, codes::OUTPUT_NOT_FOUND, msg),
             B::Objects(e) => e.into(),
             B::ExecFailed { code, message } => {
@@ -257,7 +276,8 @@ impl From<BunkerError> for ApiError {
             B::FileTooLarge { .. } => {
                 Self::new(StatusCode::PAYLOAD_TOO_LARGE, codes::FILE_TOO_LARGE, msg)
             }
-            B::QuotaExceeded(x) => Self::quota_exceeded(&x),
+            B::QuotaExceeded(x) => Self::quota_exceeded(codes::BUNKER_QUOTA_EXCEEDED, &x),
+            B::StorageQuotaExceeded(x) => Self::quota_exceeded(codes::STORAGE_QUOTA_EXCEEDED, &x),
             B::QuotaUnavailable(ref c) => Self::internal(c),
             B::Worker(w) => w.into(),
             B::Store(ref s) => Self::internal(s),
@@ -265,15 +285,16 @@ impl From<BunkerError> for ApiError {
     }
 }
 
+/// What `STREAM_BUDGET_EXCEEDED` tells a client to wait: the budget frees up as running
+/// streamed execs end, which the controller cannot foresee.
+const STREAM_BUDGET_RETRY_AFTER_S: u64 = 5;
+
 impl ApiError {
-    /// `429 BUNKER_QUOTA_EXCEEDED`, its details naming the profile, bucket, resource and the
-    /// numbers (one `{field, message}` each, as every error detail).
-    fn quota_exceeded(x: &QuotaExceeded) -> Self {
-        let mut e = Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            codes::BUNKER_QUOTA_EXCEEDED,
-            x.to_string(),
-        );
+    /// `429 BUNKER_QUOTA_EXCEEDED` or `429 STORAGE_QUOTA_EXCEEDED`, its details naming the
+    /// profile, bucket, resource and the numbers (one `{field, message}` each, as every error
+    /// detail).
+    fn quota_exceeded(code: &'static str, x: &QuotaExceeded) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, code, x.to_string());
         e.details = [
             ("profile_id", x.profile_id.clone()),
             ("bucket", x.bucket.clone()),
@@ -486,6 +507,9 @@ impl From<ImageError> for ApiError {
                 Self::new(StatusCode::NOT_FOUND, code, msg)
             }
             ImageError::NameTaken(_) => Self::new(StatusCode::CONFLICT, codes::NAME_TAKEN, msg),
+            ImageError::StorageQuotaExceeded(x) => {
+                Self::quota_exceeded(codes::STORAGE_QUOTA_EXCEEDED, &x)
+            }
             ImageError::NotPending { .. } | ImageError::NotReady { .. } => {
                 Self::new(StatusCode::CONFLICT, codes::IMAGE_NOT_PENDING, msg)
             }

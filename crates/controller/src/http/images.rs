@@ -107,7 +107,7 @@ pub async fn get(
         (status = 409, description = "`IMAGE_NOT_PENDING`: baking, ready or inactive", body = Error),
         (status = 413, description = "`IMAGE_TOO_LARGE`", body = Error),
         (status = 422, description = "`IMAGE_CONTENT_INVALID`: not a tarball / not ext4 / a member outside the root / does not fit `size_mib`", body = Error),
-        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+        (status = 429, description = "`RATE_LIMITED` (see `Retry-After`), or `STORAGE_QUOTA_EXCEEDED`: the image's `size_mib` does not fit the tenant's storage cap (`max_storage_mb`)", body = Error),
         (status = 502, description = "`STORAGE_BACKEND_ERROR`", body = Error),
     ),
     security(("bearer" = []))

@@ -28,7 +28,7 @@ use crate::service::snapshots::{self as svc, to_api};
         (status = 404, description = "`BUNKER_NOT_FOUND`: unknown or another tenant's bunker", body = Error),
         (status = 409, description = "`BUNKER_NOT_RUNNING`", body = Error),
         (status = 422, description = "`VALIDATION_ERROR`", body = Error),
-        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+        (status = 429, description = "`RATE_LIMITED` (see `Retry-After`), or `STORAGE_QUOTA_EXCEEDED`: the tenant's storage cap (`max_storage_mb`) is reached", body = Error),
         (status = 502, description = "`WORKER_ERROR`: the capture or upload failed; the snapshot is `failed`", body = Error),
     ),
     security(("bearer" = []))
@@ -40,7 +40,7 @@ pub async fn create(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<CreateSnapshot>,
 ) -> Result<(StatusCode, Json<Envelope<Snapshot>>), ApiError> {
-    let row = svc::create(&s, &p, &ctx, &id, req).await?;
+    let row = svc::create(&s, &p, &ctx, &id, req, svc::StorageCheck::Enforced).await?;
     Ok((StatusCode::CREATED, Json(Envelope::new(to_api(&row)))))
 }
 

@@ -9,12 +9,17 @@
 //!    controller's memory.
 //! 3. When the exec ends, a pipe that did not spill while the other did is stored too (from
 //!    memory), so `full_output_ref` always names both pipes.
-//! 4. A spill that fails (the store is down, past [`MAX_SPILL_BYTES`]) is logged and the
-//!    result says `truncated` without `full_output_ref`: the inline part is still right.
+//! 4. A spill that fails (the store is down, past [`MAX_SPILL_BYTES`], past what the tenant's
+//!    storage quota leaves, see [`SpillRoom`]) stores nothing, is logged and the result says
+//!    `truncated` without `full_output_ref`: the inline part is still right.
+//! 5. Each stored pipe is recorded (`store::spills`), so it counts against the tenant's storage
+//!    and is deleted with its bunker or after its retention (`service::storage_quota`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use scaibunker_core::ids::ExecId;
-use tokio::sync::mpsc;
+use tokio::sync::{OnceCell, mpsc};
 use tokio::task::JoinHandle;
 
 use super::Services;
@@ -37,6 +42,45 @@ type Upload = (
     JoinHandle<Result<PutOutcome, ObjectError>>,
 );
 
+/// What the spills of one exec may store together: what the tenant's storage quota leaves,
+/// looked up once, when the first of its pipes spills.
+pub struct SpillRoom<'a> {
+    s: &'a Services,
+    tenant_id: &'a str,
+    user_id: &'a str,
+    left: OnceCell<AtomicU64>,
+}
+
+impl<'a> SpillRoom<'a> {
+    pub fn new(s: &'a Services, tenant_id: &'a str, user_id: &'a str) -> Self {
+        Self {
+            s,
+            tenant_id,
+            user_id,
+            left: OnceCell::new(),
+        }
+    }
+
+    /// Takes `n` bytes of the room; false (and nothing taken) when they do not fit.
+    async fn take(&self, n: u64) -> bool {
+        let left = self
+            .left
+            .get_or_init(|| async {
+                match super::storage_quota::room(self.s, self.tenant_id, self.user_id).await {
+                    Ok(room) => AtomicU64::new(room.remaining_bytes().unwrap_or(u64::MAX)),
+                    // Unknown room: no spill rather than an unchecked one.
+                    Err(e) => {
+                        tracing::warn!(error = ?e, "reading the storage quota failed; not spilling");
+                        AtomicU64::new(0)
+                    }
+                }
+            })
+            .await;
+        left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| l.checked_sub(n))
+            .is_ok()
+    }
+}
+
 /// One of an exec's output pipes, as it streams.
 pub struct Pipe {
     key: String,
@@ -51,8 +95,8 @@ pub struct Pipe {
 pub struct PipeEnd {
     pub kept: Vec<u8>,
     pub total: u64,
-    /// The whole pipe is in object storage.
-    pub stored: bool,
+    /// The whole pipe is in object storage under this key, with this many bytes.
+    pub stored: Option<(String, u64)>,
 }
 
 impl Pipe {
@@ -67,42 +111,56 @@ impl Pipe {
         }
     }
 
-    pub fn spilled(&self) -> bool {
-        self.upload.is_some()
+    /// A spill started and has not failed.
+    pub fn spilling(&self) -> bool {
+        self.upload.is_some() && !self.failed
     }
 
     /// Takes the next chunk of the pipe.
-    pub async fn push(&mut self, objects: &Objects, bytes: Bytes) {
+    pub async fn push(&mut self, room: &SpillRoom<'_>, bytes: Bytes) {
         // Until a spill starts, `kept` holds every byte so far: the upload begins with it.
         if self.upload.is_none()
             && !self.failed
             && self.total + bytes.len() as u64 > self.limit as u64
         {
-            self.start(objects).await;
+            self.start(room).await;
         }
         self.total += bytes.len() as u64;
-        let room = self.limit.saturating_sub(self.kept.len());
-        self.kept.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        let kept_room = self.limit.saturating_sub(self.kept.len());
+        self.kept
+            .extend_from_slice(&bytes[..bytes.len().min(kept_room)]);
         if self.upload.is_some() {
-            self.send(bytes).await;
+            self.send(room, bytes).await;
         }
     }
 
     /// Starts the upload with everything kept so far.
-    async fn start(&mut self, objects: &Objects) {
+    async fn start(&mut self, room: &SpillRoom<'_>) {
         let (tx, mut rx) = mpsc::channel(SPILL_CHANNEL_CHUNKS);
         let body = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        let objects = objects.clone();
+        let objects: Objects = room.s.objects().clone();
         let key = self.key.clone();
         let handle =
             tokio::spawn(async move { objects.put_stream(&key, body, MAX_SPILL_BYTES).await });
         self.upload = Some((tx, handle));
-        self.send(Bytes::copy_from_slice(&self.kept)).await;
+        self.send(room, Bytes::copy_from_slice(&self.kept)).await;
     }
 
-    async fn send(&mut self, bytes: Bytes) {
+    async fn send(&mut self, room: &SpillRoom<'_>, bytes: Bytes) {
+        if self.failed {
+            return;
+        }
+        // Past the tenant's storage quota the upload is failed, so nothing of it is kept.
+        let item = if room.take(bytes.len() as u64).await {
+            Ok(bytes)
+        } else {
+            self.failed = true;
+            Err(std::io::Error::other(
+                "the tenant's storage quota has no room for this output",
+            ))
+        };
         if let Some((tx, _)) = &self.upload
-            && tx.send(Ok(bytes)).await.is_err()
+            && tx.send(item).await.is_err()
         {
             // The upload ended early; `finish` reports why.
             self.failed = true;
@@ -110,15 +168,15 @@ impl Pipe {
     }
 
     /// Ends the pipe; with `store`, a pipe that did not spill is stored from memory.
-    pub async fn finish(mut self, objects: &Objects, store: bool) -> PipeEnd {
+    pub async fn finish(mut self, room: &SpillRoom<'_>, store: bool) -> PipeEnd {
         if store && self.upload.is_none() && !self.failed {
-            self.start(objects).await;
+            self.start(room).await;
         }
-        let mut stored = false;
+        let mut stored = None;
         if let Some((tx, handle)) = self.upload.take() {
             drop(tx);
             match handle.await {
-                Ok(Ok(_)) if !self.failed => stored = true,
+                Ok(Ok(put)) if !self.failed => stored = Some((self.key.clone(), put.size_bytes)),
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(key = self.key, error = %e, "spilling exec output failed")

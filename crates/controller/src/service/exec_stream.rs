@@ -11,10 +11,13 @@
 //!    response of the exec itself starts at 0; `GET …/exec/{exec_id}/events` with
 //!    `Last-Event-ID` resumes after that id with no byte lost or repeated.
 //!
-//! Memory is bounded: a buffer keeps at most `MAX_BUFFER_BYTES` of events; older ones are
-//! dropped, and a resume from before the window gets an `error` event
-//! (`RESUME_WINDOW_EXCEEDED`). Finished buffers are forgotten after `KEEP_FINISHED`.
-//! Buffers live in the controller that ran the exec: resuming needs the same controller.
+//! Memory is bounded: a buffer keeps at most `MAX_BUFFER_BYTES` of events, and all buffers of
+//! the controller (and of each tenant) together at most what `service::exec_budget` grants; older
+//! events are dropped, and a resume from before the window gets an `error` event
+//! (`RESUME_WINDOW_EXCEEDED`). Finished buffers are forgotten after `KEEP_FINISHED`, or sooner
+//! when the budget needs their room. A streamed exec the budget has no room for is refused before
+//! it starts. Buffers live in the controller that ran the exec: resuming needs the same
+//! controller.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -29,6 +32,7 @@ use tokio::sync::watch;
 use super::activity::{self, ActivityGuard};
 use super::auth::Principal;
 use super::bunkers::{BunkerError, PreparedExec, prepare_exec, record_exec};
+use super::exec_budget::{Budget, Limits, RESERVE_BYTES, Refused};
 use super::{RequestContext, Services, random_bytes};
 use crate::store::exec_log::ExecLogRow;
 use crate::store::now_ms;
@@ -40,6 +44,9 @@ const MAX_BUFFER_BYTES: usize = 32 * 1024 * 1024;
 const KEEP_FINISHED: Duration = Duration::from_secs(600);
 /// Characters of stdout kept as the exec log's preview.
 const PREVIEW_CHARS: usize = 512;
+/// What an event costs beyond its data (the event, its string's and the queue's headers), so
+/// that a stream of tiny events is charged what it really holds.
+const EVENT_OVERHEAD: usize = 64;
 
 /// The SSE event names of the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,15 +76,19 @@ pub struct Event {
     pub data: String,
 }
 
-#[derive(Default)]
 struct State {
     events: VecDeque<Event>,
+    /// What the events take, their overhead included.
     bytes: usize,
+    /// What the budget charges this buffer: its window.
+    charged: usize,
     /// Id of the last event appended (0: none yet).
     last_id: u64,
     /// Highest id dropped from the front to bound memory.
     dropped_through: u64,
     done: bool,
+    /// Evicted for the budget: every event is dropped, and followers are told so.
+    evicted: bool,
 }
 
 /// The events of one streamed exec.
@@ -106,7 +117,15 @@ impl ExecBuffer {
             exec_id,
             tenant_id,
             bunker_id,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                events: VecDeque::new(),
+                bytes: 0,
+                charged: RESERVE_BYTES as usize,
+                last_id: 0,
+                dropped_through: 0,
+                done: false,
+                evicted: false,
+            }),
             wake: watch::channel(0).0,
         }
     }
@@ -115,28 +134,63 @@ impl ExecBuffer {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn push(&self, kind: EventKind, data: String) {
+    /// Appends an event, growing the window within `MAX_BUFFER_BYTES` and what `hub`'s budget
+    /// grants, else dropping the oldest events.
+    fn push(&self, hub: &ExecHub, kind: EventKind, data: String) {
+        let mut evicted = Vec::new();
         let id = {
             let mut st = self.lock();
             st.last_id += 1;
             let id = st.last_id;
-            st.bytes += data.len();
+            let size = data.len() + EVENT_OVERHEAD;
+            let wanted = (st.bytes + size).min(MAX_BUFFER_BYTES);
+            if wanted > st.charged
+                && hub.grow(&self.exec_id, (wanted - st.charged) as u64, &mut evicted)
+            {
+                st.charged = wanted;
+            }
+            st.bytes += size;
             st.events.push_back(Event { id, kind, data });
-            while st.bytes > MAX_BUFFER_BYTES && st.events.len() > 1 {
+            while st.bytes > st.charged && st.events.len() > 1 {
                 if let Some(old) = st.events.pop_front() {
-                    st.bytes -= old.data.len();
+                    st.bytes -= old.data.len() + EVENT_OVERHEAD;
                     st.dropped_through = old.id;
                 }
+            }
+            // One event larger than the whole window (the worker's chunks are far smaller than
+            // the reservation): kept, and charged, rather than lost.
+            if st.bytes > st.charged {
+                hub.force(&self.exec_id, (st.bytes - st.charged) as u64);
+                st.charged = st.bytes;
             }
             id
         };
         self.wake.send_replace(id);
+        // Outside this buffer's lock: the hub never locks one buffer while holding another.
+        for b in evicted {
+            b.evict();
+        }
     }
 
-    fn finish(&self) {
+    /// Frees what the budget took back: the events go now, not when the last follower or the
+    /// pump lets go of the buffer.
+    fn evict(&self) {
+        let last = {
+            let mut st = self.lock();
+            st.evicted = true;
+            st.events = VecDeque::new();
+            st.bytes = 0;
+            st.last_id
+        };
+        self.wake.send_replace(last);
+    }
+
+    fn finish(&self, hub: &ExecHub) {
         let last = {
             let mut st = self.lock();
             st.done = true;
+            st.charged = st.bytes;
+            hub.finish(&self.exec_id, st.bytes as u64);
             st.last_id
         };
         self.wake.send_replace(last);
@@ -148,6 +202,11 @@ impl ExecBuffer {
         loop {
             {
                 let st = self.lock();
+                if st.evicted && after < st.last_id {
+                    return Next::Gone {
+                        oldest_available: st.last_id + 1,
+                    };
+                }
                 if after < st.dropped_through {
                     return Next::Gone {
                         oldest_available: st.dropped_through + 1,
@@ -169,26 +228,113 @@ impl ExecBuffer {
     }
 }
 
-/// Every streamed exec this controller runs or ran recently.
-#[derive(Default)]
+/// Every streamed exec this controller runs or ran recently, and the budget of their buffers.
+///
+/// Lock order: a buffer's state, then the hub; the hub never locks a buffer.
 pub struct ExecHub {
-    execs: Mutex<HashMap<String, Arc<ExecBuffer>>>,
+    state: Mutex<HubState>,
+}
+
+struct HubState {
+    execs: HashMap<String, Arc<ExecBuffer>>,
+    budget: Budget,
+}
+
+/// A streamed exec's charge, taken before anything starts; given back when dropped unless its
+/// buffer was inserted.
+pub struct Admission {
+    hub: Arc<ExecHub>,
+    exec_id: String,
+    kept: bool,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.hub.remove(&self.exec_id);
+        }
+    }
 }
 
 impl ExecHub {
-    fn insert(&self, b: Arc<ExecBuffer>) {
-        let mut m = self.execs.lock().unwrap_or_else(|p| p.into_inner());
-        m.insert(b.exec_id.clone(), b);
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            state: Mutex::new(HubState {
+                execs: HashMap::new(),
+                budget: Budget::new(limits),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes charged to every buffer, and to those of `tenant_id`.
+    pub fn usage(&self, tenant_id: &str) -> (u64, u64) {
+        let st = self.lock();
+        (st.budget.used(), st.budget.tenant_used(tenant_id))
+    }
+
+    /// Charges a new streamed exec its reservation, evicting finished buffers for room.
+    pub fn admit(self: &Arc<Self>, exec_id: &str, tenant_id: &str) -> Result<Admission, Refused> {
+        let (admitted, evicted) = {
+            let mut st = self.lock();
+            let mut evicted = Vec::new();
+            let admitted = st.budget.admit(exec_id, tenant_id, &mut evicted);
+            (admitted, st.forget(&evicted))
+        };
+        for b in evicted {
+            b.evict();
+        }
+        admitted.map(|()| Admission {
+            hub: self.clone(),
+            exec_id: exec_id.to_owned(),
+            kept: false,
+        })
+    }
+
+    fn insert(&self, mut admission: Admission, b: Arc<ExecBuffer>) {
+        admission.kept = true;
+        self.lock().execs.insert(b.exec_id.clone(), b);
+    }
+
+    /// Grants `bytes` more to a running buffer; the buffers evicted for it are pushed to
+    /// `evicted`, for the caller to free once it holds no buffer's lock.
+    fn grow(&self, exec_id: &str, bytes: u64, evicted: &mut Vec<Arc<ExecBuffer>>) -> bool {
+        let mut st = self.lock();
+        let mut ids = Vec::new();
+        let granted = st.budget.grow(exec_id, bytes, &mut ids);
+        evicted.extend(st.forget(&ids));
+        granted
+    }
+
+    fn force(&self, exec_id: &str, bytes: u64) {
+        self.lock().budget.force(exec_id, bytes);
+    }
+
+    fn finish(&self, exec_id: &str, holds: u64) {
+        self.lock().budget.finish(exec_id, holds);
     }
 
     fn remove(&self, exec_id: &str) {
-        let mut m = self.execs.lock().unwrap_or_else(|p| p.into_inner());
-        m.remove(exec_id);
+        let mut st = self.lock();
+        st.budget.remove(exec_id);
+        st.execs.remove(exec_id);
     }
 
     fn get(&self, exec_id: &str) -> Option<Arc<ExecBuffer>> {
-        let m = self.execs.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(exec_id).cloned()
+        self.lock().execs.get(exec_id).cloned()
+    }
+}
+
+impl HubState {
+    /// Takes evicted buffers out of the hub; the caller frees their events.
+    fn forget(&mut self, evicted: &[String]) -> Vec<Arc<ExecBuffer>> {
+        evicted
+            .iter()
+            .filter_map(|id| self.execs.remove(id))
+            .collect()
     }
 }
 
@@ -201,8 +347,16 @@ pub async fn start(
     req: ExecRequest,
 ) -> Result<Arc<ExecBuffer>, BunkerError> {
     let prepared = prepare_exec(s, p, bunker_id, &req).await?;
-    let busy = activity::hold(s, &prepared.row).await?;
     let exec_id = ExecId::from_random(random_bytes()).to_string();
+    // Before the busy mark and the worker: a refusal leaves nothing behind.
+    let admission = s
+        .exec_hub
+        .admit(&exec_id, &prepared.row.tenant_id)
+        .map_err(|r| BunkerError::StreamBudgetExceeded {
+            scope: r.scope.as_str(),
+            limit_bytes: r.limit_bytes,
+        })?;
+    let busy = activity::hold(s, &prepared.row).await?;
     // Connect before answering, so a worker that refuses (not running, bad request) is an
     // ordinary error response rather than an error event.
     let upstream = s
@@ -214,7 +368,7 @@ pub async fn start(
         prepared.row.tenant_id.clone(),
         prepared.row.id.clone(),
     ));
-    s.exec_hub.insert(buffer.clone());
+    s.exec_hub.insert(admission, buffer.clone());
     tokio::spawn(pump(
         s.clone(),
         p.clone(),
@@ -305,12 +459,12 @@ async fn pump(
                     preview.push_str(&String::from_utf8_lossy(&bytes));
                 }
                 if let Some(data) = out.decode(&bytes) {
-                    buffer.push(EventKind::Stdout, data);
+                    buffer.push(&s.exec_hub, EventKind::Stdout, data);
                 }
             }
             WorkerEvent::Stderr(bytes) => {
                 if let Some(data) = err.decode(&bytes) {
-                    buffer.push(EventKind::Stderr, data);
+                    buffer.push(&s.exec_hub, EventKind::Stderr, data);
                 }
             }
             WorkerEvent::Exit {
@@ -318,13 +472,14 @@ async fn pump(
                 timed_out,
             } => {
                 if let Some(data) = out.flush() {
-                    buffer.push(EventKind::Stdout, data);
+                    buffer.push(&s.exec_hub, EventKind::Stdout, data);
                 }
                 if let Some(data) = err.flush() {
-                    buffer.push(EventKind::Stderr, data);
+                    buffer.push(&s.exec_hub, EventKind::Stderr, data);
                 }
                 let duration_ms = started.elapsed().as_millis() as u64;
                 buffer.push(
+                    &s.exec_hub,
                     EventKind::Exit,
                     serde_json::json!({
                         "exec_id": buffer.exec_id,
@@ -347,6 +502,7 @@ async fn pump(
             )
         });
         buffer.push(
+            &s.exec_hub,
             EventKind::Error,
             serde_json::json!({ "code": code, "message": message }).to_string(),
         );
@@ -367,11 +523,14 @@ async fn pump(
     if let Err(e) = record_exec(&s, &p, &ctx, &prepared.row, entry).await {
         tracing::error!(exec_id = buffer.exec_id, error = ?e, "recording a streamed exec failed");
     }
-    buffer.finish();
+    buffer.finish(&s.exec_hub);
     // The command is over: only its events stay, which keep nothing busy.
     drop(busy);
+    // Only the id waits: an eviction meanwhile frees the events at once.
+    let exec_id = buffer.exec_id.clone();
+    drop(buffer);
     tokio::time::sleep(KEEP_FINISHED).await;
-    s.exec_hub.remove(&buffer.exec_id);
+    s.exec_hub.remove(&exec_id);
 }
 
 #[cfg(test)]
@@ -394,11 +553,23 @@ mod tests {
         assert_eq!(bin, r#"{"data_b64":"//4A"}"#);
     }
 
+    /// A hub with `total_mb` for everyone and a buffer admitted into it.
+    fn admitted(total_mb: u64, tenant: &str, exec_id: &str) -> (Arc<ExecHub>, Arc<ExecBuffer>) {
+        let hub = Arc::new(ExecHub::new(Limits {
+            total_bytes: total_mb << 20,
+            tenant_bytes: total_mb << 20,
+        }));
+        let admission = hub.admit(exec_id, tenant).expect("room");
+        let b = Arc::new(ExecBuffer::new(exec_id.into(), tenant.into(), "b".into()));
+        hub.insert(admission, b.clone());
+        (hub, b)
+    }
+
     #[tokio::test]
     async fn followers_resume_after_any_id_and_see_the_end() {
-        let b = Arc::new(ExecBuffer::new("exe_x".into(), "t".into(), "b".into()));
-        b.push(EventKind::Stdout, "1".into());
-        b.push(EventKind::Stdout, "2".into());
+        let (hub, b) = admitted(64, "t", "exe_x");
+        b.push(&hub, EventKind::Stdout, "1".into());
+        b.push(&hub, EventKind::Stdout, "2".into());
         let Next::Events(ev) = b.next_after(0).await else {
             panic!("events expected")
         };
@@ -408,8 +579,8 @@ mod tests {
             tokio::spawn(async move { b.next_after(2).await })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
-        b.push(EventKind::Exit, "{}".into());
-        b.finish();
+        b.push(&hub, EventKind::Exit, "{}".into());
+        b.finish(&hub);
         match waiter.await.expect("task") {
             Next::Events(ev) => assert_eq!(ev[0].id, 3),
             _ => panic!("the exit event wakes the follower"),
@@ -419,11 +590,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_resume_from_before_the_bounded_window_is_refused() {
-        let b = ExecBuffer::new("exe_x".into(), "t".into(), "b".into());
+        let (hub, b) = admitted(64, "t", "exe_x");
         let big = "x".repeat(MAX_BUFFER_BYTES / 2 + 1);
-        b.push(EventKind::Stdout, big.clone());
-        b.push(EventKind::Stdout, big.clone());
-        b.push(EventKind::Stdout, big);
+        b.push(&hub, EventKind::Stdout, big.clone());
+        b.push(&hub, EventKind::Stdout, big.clone());
+        b.push(&hub, EventKind::Stdout, big);
         assert!(matches!(
             b.next_after(0).await,
             Next::Gone {
@@ -431,5 +602,50 @@ mod tests {
             }
         ));
         assert!(matches!(b.next_after(2).await, Next::Events(_)));
+        assert!(hub.usage("t").0 <= MAX_BUFFER_BYTES as u64);
+    }
+
+    #[tokio::test]
+    async fn a_buffer_the_budget_cannot_grow_keeps_a_shorter_window() {
+        // Room for the reservation and one more MiB: the buffer's window stops there.
+        let (hub, b) = admitted(2, "t", "exe_x");
+        let chunk = "x".repeat(64 * 1024);
+        for _ in 0..64 {
+            b.push(&hub, EventKind::Stdout, chunk.clone());
+        }
+        assert!(hub.usage("t").0 <= 2 << 20, "{:?}", hub.usage("t"));
+        let Next::Gone { oldest_available } = b.next_after(0).await else {
+            panic!("the oldest events were dropped")
+        };
+        assert!(oldest_available > 30, "{oldest_available}");
+        // Finished, it holds what it keeps; removed, it holds nothing.
+        b.finish(&hub);
+        hub.remove("exe_x");
+        assert_eq!(hub.usage("t"), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn an_evicted_buffer_frees_its_events_though_a_follower_holds_it() {
+        let (hub, old) = admitted(2, "t", "exe_old");
+        old.push(&hub, EventKind::Stdout, "x".repeat(1000));
+        old.finish(&hub);
+        // A follower (or the pump's timer) still holds `old`; two new execs need its room.
+        let _a = hub.admit("exe_a", "t").expect("room");
+        assert!(
+            hub.get("exe_old").is_some(),
+            "not evicted while there was room"
+        );
+        let _b = hub
+            .admit("exe_b", "t")
+            .expect("room after evicting the finished buffer");
+        assert!(hub.get("exe_old").is_none());
+        assert!(old.lock().events.is_empty(), "its events are freed now");
+        assert!(matches!(
+            old.next_after(0).await,
+            Next::Gone {
+                oldest_available: 2
+            }
+        ));
+        assert_eq!(hub.usage("t").0, 2 * RESERVE_BYTES);
     }
 }

@@ -64,6 +64,8 @@ pub enum ImageError {
     ContentInvalid(String),
     #[error("the content exceeds {max_bytes} bytes")]
     TooLarge { max_bytes: u64 },
+    #[error("{0}")]
+    StorageQuotaExceeded(Box<super::quotas::QuotaExceeded>),
     #[error("baking failed")]
     Bake(#[source] BakeError),
     #[error("object storage failed")]
@@ -340,6 +342,14 @@ where
     let max_bytes = upload_cap(s, &row);
     if content_length.is_some_and(|n| n > max_bytes) {
         return Err(ImageError::TooLarge { max_bytes });
+    }
+    // The baked image takes `size_mib` of the tenant's storage (platform images: no tenant's).
+    if let Some(tenant_id) = &row.tenant_id {
+        let size = row.size_mib.unwrap_or(0).max(0) as u64 * (1 << 20);
+        super::storage_quota::room(s, tenant_id, &p.user_id)
+            .await?
+            .admit(size)
+            .map_err(ImageError::StorageQuotaExceeded)?;
     }
     // A failed image may take a new upload; two concurrent uploads: one wins.
     let from = match row.status.as_str() {

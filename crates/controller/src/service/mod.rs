@@ -6,6 +6,7 @@ pub mod activity;
 pub mod auth;
 pub mod builtin_images;
 pub mod bunkers;
+pub mod exec_budget;
 pub mod exec_output;
 pub mod exec_stream;
 pub mod fleet;
@@ -17,6 +18,7 @@ pub mod records;
 pub mod shell;
 pub mod snapshots;
 pub mod storage;
+pub mod storage_quota;
 pub mod worker_credentials;
 
 use std::sync::Arc;

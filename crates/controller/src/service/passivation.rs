@@ -86,6 +86,7 @@ async fn passivate(s: &Services, row: &BunkerRow) -> Result<(), BunkerError> {
             kind: Some(SnapshotKind::Full),
             expires_in_s: None,
         },
+        super::snapshots::StorageCheck::Exempt,
     )
     .await?;
     let mut tx = s.store.begin().await?;

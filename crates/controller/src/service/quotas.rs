@@ -202,6 +202,7 @@ pub fn profile_api(r: ProfileRow) -> api::QuotaProfile {
         per_bunker_max_memory: u(r.per_bunker_max_memory),
         per_bunker_max_disk: u(r.per_bunker_max_disk),
         per_bunker_max_gpu: u(r.per_bunker_max_gpu),
+        max_storage_mb: u(r.max_storage_mb),
         created_at: rfc3339(r.created_at),
         updated_at: rfc3339(r.updated_at),
     }
@@ -276,6 +277,7 @@ pub async fn create_profile(
         per_bunker_max_memory: cap("per_bunker_max_memory", req.per_bunker_max_memory)?,
         per_bunker_max_disk: cap("per_bunker_max_disk", req.per_bunker_max_disk)?,
         per_bunker_max_gpu: cap("per_bunker_max_gpu", req.per_bunker_max_gpu)?,
+        max_storage_mb: cap("max_storage_mb", req.max_storage_mb)?,
         created_at: now,
         updated_at: now,
     };
@@ -366,7 +368,8 @@ pub async fn update_profile(
         per_bunker_max_cpu,
         per_bunker_max_memory,
         per_bunker_max_disk,
-        per_bunker_max_gpu
+        per_bunker_max_gpu,
+        max_storage_mb
     );
     row.updated_at = now_ms();
     let event = audit(
@@ -567,7 +570,7 @@ pub async fn delete_assignment(
 /// Every profile that applies to `user_id`, with the bucket it charges: the platform's layer
 /// (its grants on the user or its groups, else the platform defaults) and the tenant's layer,
 /// together (see the module docs).
-async fn resolve(
+pub(crate) async fn resolve(
     s: &Services,
     tenant_id: &str,
     user_id: &str,
@@ -778,7 +781,7 @@ pub async fn usage(
         .await
         .map_err(CountersError::from)?
         .unwrap_or_else(|| vec![0; counters.len()]);
-    Ok(rows
+    let mut out: Vec<api::QuotaUsage> = rows
         .into_iter()
         .zip(values)
         .map(|((profile_id, bucket, r, cap), current)| api::QuotaUsage {
@@ -789,7 +792,9 @@ pub async fn usage(
             cap,
             remaining: cap.map(|c| (c as i64 - current).max(0) as u64),
         })
-        .collect())
+        .collect();
+    out.extend(super::storage_quota::usage(s, &p.tenant_id, &resolved).await?);
+    Ok(out)
 }
 
 /// A stash with no bunker row this old belongs to a create that died before recording it.

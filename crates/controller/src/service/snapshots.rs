@@ -74,6 +74,15 @@ fn object_prefix(tenant_id: &str, snapshot_id: &str) -> String {
     format!("snapshots/{tenant_id}/{snapshot_id}")
 }
 
+/// Whether a snapshot is held to the tenant's storage cap (`service::storage_quota`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageCheck {
+    /// Asked for by a client: refused when the tenant has no room.
+    Enforced,
+    /// A passivation's: the bunker's state must be kept wherever the tenant stands (it counts).
+    Exempt,
+}
+
 /// Takes a snapshot of a running bunker; answers once it is `ready`.
 pub async fn create(
     s: &Services,
@@ -81,6 +90,7 @@ pub async fn create(
     ctx: &RequestContext,
     bunker_id: &str,
     req: api::CreateSnapshot,
+    storage: StorageCheck,
 ) -> Result<SnapshotRow, BunkerError> {
     if !p.has(auth::CREATE) {
         return Err(BunkerError::PermissionDenied(auth::CREATE));
@@ -104,6 +114,13 @@ pub async fn create(
         None => None,
     }
     .ok_or(BunkerError::NotRunning(status))?;
+    // Its size is known only once taken: refused while the tenant has no room left at all.
+    if storage == StorageCheck::Enforced {
+        super::storage_quota::room(s, &row.tenant_id, &p.user_id)
+            .await?
+            .admit(0)
+            .map_err(BunkerError::StorageQuotaExceeded)?;
+    }
 
     let now = now_ms();
     let snap = SnapshotRow {

@@ -16,6 +16,7 @@ pub mod images;
 pub mod passivation;
 pub mod quotas;
 pub mod snapshots;
+pub mod spills;
 pub mod workers;
 
 use std::time::{SystemTime, UNIX_EPOCH};

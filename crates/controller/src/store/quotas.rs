@@ -30,6 +30,8 @@ pub struct ProfileRow {
     pub per_bunker_max_memory: Option<i64>,
     pub per_bunker_max_disk: Option<i64>,
     pub per_bunker_max_gpu: Option<i64>,
+    /// Caps the stored bytes of the tenant of whoever it applies to (migration 0012).
+    pub max_storage_mb: Option<i64>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -37,7 +39,7 @@ pub struct ProfileRow {
 const PROFILE_COLUMNS: &str = "p.id, p.tenant_id, p.origin, p.name, p.description, \
     p.max_concurrent_bunkers, p.max_persistent_bunkers, p.max_cpu_millicores, p.max_memory_mb, \
     p.max_disk_mb, p.max_gpu_count, p.per_bunker_max_cpu, p.per_bunker_max_memory, \
-    p.per_bunker_max_disk, p.per_bunker_max_gpu, p.created_at, p.updated_at";
+    p.per_bunker_max_disk, p.per_bunker_max_gpu, p.max_storage_mb, p.created_at, p.updated_at";
 
 fn profile_from(r: &AnyRow) -> ProfileRow {
     ProfileRow {
@@ -56,6 +58,7 @@ fn profile_from(r: &AnyRow) -> ProfileRow {
         per_bunker_max_memory: r.get("per_bunker_max_memory"),
         per_bunker_max_disk: r.get("per_bunker_max_disk"),
         per_bunker_max_gpu: r.get("per_bunker_max_gpu"),
+        max_storage_mb: r.get("max_storage_mb"),
         created_at: r.get("created_at"),
         updated_at: r.get("updated_at"),
     }
@@ -184,8 +187,8 @@ impl Store {
             "INSERT INTO quota_profiles (id, tenant_id, origin, name, description, \
              max_concurrent_bunkers, max_persistent_bunkers, max_cpu_millicores, max_memory_mb, \
              max_disk_mb, max_gpu_count, per_bunker_max_cpu, per_bunker_max_memory, \
-             per_bunker_max_disk, per_bunker_max_gpu, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             per_bunker_max_disk, per_bunker_max_gpu, max_storage_mb, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&p.id)
         .bind(&p.tenant_id)
@@ -202,6 +205,7 @@ impl Store {
         .bind(p.per_bunker_max_memory)
         .bind(p.per_bunker_max_disk)
         .bind(p.per_bunker_max_gpu)
+        .bind(p.max_storage_mb)
         .bind(p.created_at)
         .bind(p.updated_at)
         .execute(&mut *tx)
@@ -224,7 +228,7 @@ impl Store {
              max_persistent_bunkers = ?, max_cpu_millicores = ?, max_memory_mb = ?, \
              max_disk_mb = ?, max_gpu_count = ?, per_bunker_max_cpu = ?, \
              per_bunker_max_memory = ?, per_bunker_max_disk = ?, per_bunker_max_gpu = ?, \
-             updated_at = ? WHERE COALESCE(tenant_id, '') = ? AND id = ?",
+             max_storage_mb = ?, updated_at = ? WHERE COALESCE(tenant_id, '') = ? AND id = ?",
         )
         .bind(&p.name)
         .bind(&p.description)
@@ -238,6 +242,7 @@ impl Store {
         .bind(p.per_bunker_max_memory)
         .bind(p.per_bunker_max_disk)
         .bind(p.per_bunker_max_gpu)
+        .bind(p.max_storage_mb)
         .bind(p.updated_at)
         .bind(scope(tenant_id))
         .bind(&p.id)

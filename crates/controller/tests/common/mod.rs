@@ -179,3 +179,63 @@ pub async fn json_of(resp: reqwest::Response) -> (reqwest::StatusCode, serde_jso
     };
     (status, v)
 }
+
+/// Inserts a tenant with one user of `role` and a key of theirs, as the bootstrap does; returns
+/// (tenant id `tnt_{slug}`, user id `usr_{slug}`, key).
+pub async fn tenant_with_key(
+    store: &scaibunker_controller::store::Store,
+    slug: &str,
+    role: &str,
+) -> (String, String, String) {
+    use scaibunker_controller::store::identity::{NewApiKey, NewTenant, NewUser};
+    let key = format!("sgk_{slug}_{}", "k".repeat(40));
+    let (tenant, user) = (format!("tnt_{slug}"), format!("usr_{slug}"));
+    store
+        .insert_tenant_user_key(
+            NewTenant {
+                id: &tenant,
+                name: slug,
+                slug,
+            },
+            NewUser {
+                id: &user,
+                tenant_id: &tenant,
+                email: &format!("{slug}@example.com"),
+                role,
+            },
+            NewApiKey {
+                id: &format!("key_{slug}"),
+                tenant_id: &tenant,
+                user_id: &user,
+                name: "test",
+                key_sha256: &scaibunker_controller::service::auth::hash_key(&key),
+                permissions: None,
+            },
+        )
+        .await
+        .expect("tenant inserted");
+    (tenant, user, key)
+}
+
+/// The registration of a stand-in worker named `fake` at `url` holding the image `default`
+/// (`image_sha`) and `capacity`.
+pub fn fake_registration(
+    url: String,
+    image_sha: &str,
+    capacity: scaibunker_proto::worker::Capacity,
+) -> serde_json::Value {
+    use scaibunker_proto::worker::{CachedImage, PROTOCOL_VERSION, RegisterRequest};
+    serde_json::to_value(RegisterRequest {
+        protocol_version: PROTOCOL_VERSION,
+        name: "fake".into(),
+        url,
+        capacity,
+        images: vec![CachedImage {
+            name: "default".into(),
+            sha256: image_sha.into(),
+            size_bytes: 1 << 30,
+        }],
+        runtime: "qemu/tcg".into(),
+    })
+    .expect("json")
+}

@@ -16,11 +16,12 @@ use super::{
 };
 use crate::service::activity;
 use crate::service::auth::{self, Principal};
-use crate::service::exec_output::Pipe;
+use crate::service::exec_output::{Pipe, SpillRoom};
 use crate::service::{RequestContext, Services, random_bytes};
 use crate::store::audit;
 use crate::store::bunkers::{self as bstore, BunkerRow};
 use crate::store::exec_log::{self, ExecLogRow};
+use crate::store::spills::SpillRow;
 use crate::store::{StoreError, now_ms};
 use crate::workers::{WorkerCallError, WorkerEvent, WorkerEvents};
 
@@ -227,7 +228,7 @@ pub async fn exec(
     let exec_id = ExecId::from_random(random_bytes()).to_string();
     let full_ref = crate::service::exec_output::output_ref(&row.tenant_id, &row.id, &exec_id);
     let limit = s.config.exec_inline_limit_bytes;
-    let objects = s.objects();
+    let room = SpillRoom::new(s, &row.tenant_id, &p.user_id);
     let mut out_pipe = Pipe::new(format!("{full_ref}/stdout"), limit);
     let mut err_pipe = Pipe::new(format!("{full_ref}/stderr"), limit);
     // The streaming route even inline: output past the limit is spilled as it arrives
@@ -238,8 +239,8 @@ pub async fn exec(
     let mut failure = None;
     while let Some(event) = events.next().await {
         match event {
-            WorkerEvent::Stdout(bytes) => out_pipe.push(objects, bytes).await,
-            WorkerEvent::Stderr(bytes) => err_pipe.push(objects, bytes).await,
+            WorkerEvent::Stdout(bytes) => out_pipe.push(&room, bytes).await,
+            WorkerEvent::Stderr(bytes) => err_pipe.push(&room, bytes).await,
             WorkerEvent::Exit {
                 exit_code,
                 timed_out,
@@ -247,9 +248,23 @@ pub async fn exec(
             WorkerEvent::Error { code, message } => failure = Some((code, message)),
         }
     }
-    let spilled = out_pipe.spilled() || err_pipe.spilled();
-    let out = out_pipe.finish(objects, spilled).await;
-    let err = err_pipe.finish(objects, spilled).await;
+    // The other pipe is stored too only when this one's spill still stands.
+    let spilled = out_pipe.spilling() || err_pipe.spilling();
+    let out = out_pipe.finish(&room, spilled).await;
+    let err = err_pipe.finish(&room, spilled).await;
+    // Recorded even when the other pipe failed: what is stored is counted and deleted.
+    for (key, size_bytes) in [&out.stored, &err.stored].into_iter().flatten() {
+        s.store
+            .insert_spill(&SpillRow {
+                object_key: key.clone(),
+                tenant_id: row.tenant_id.clone(),
+                bunker_id: row.id.clone(),
+                exec_id: exec_id.clone(),
+                size_bytes: *size_bytes as i64,
+                created_at: now_ms(),
+            })
+            .await?;
+    }
     let Some((exit_code, timed_out)) = exit else {
         let (code, message) = failure.unwrap_or_else(|| ("WORKER_ERROR".into(), "no exit".into()));
         let (status, _) = worker_code_status(&code);
@@ -264,7 +279,8 @@ pub async fn exec(
     };
     let duration_ms = started.elapsed().as_millis() as u64;
     let truncated = out.total > out.kept.len() as u64 || err.total > err.kept.len() as u64;
-    let full_output_ref = (truncated && out.stored && err.stored).then_some(full_ref);
+    let full_output_ref =
+        (truncated && out.stored.is_some() && err.stored.is_some()).then_some(full_ref);
     let (stdout_text, stdout_b64) = text_or_b64(out.kept);
     let (stderr_text, stderr_b64) = text_or_b64(err.kept);
     let preview: String = stdout_text

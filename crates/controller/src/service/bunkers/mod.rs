@@ -54,6 +54,15 @@ pub enum BunkerError {
     NotFound,
     #[error("no streamed exec with this id on this bunker (finished ones are kept 10 minutes)")]
     ExecNotFound,
+    #[error(
+        "the stream resume buffers of this controller have no room for another streamed exec \
+         (the {scope} budget of {limit_bytes} bytes is taken by running execs); retry later, \
+         or run the command without `stream`"
+    )]
+    StreamBudgetExceeded {
+        scope: &'static str,
+        limit_bytes: u64,
+    },
     #[error("bunker is {0}, not running")]
     NotRunning(BunkerStatus),
     #[error("{0}")]
@@ -64,6 +73,8 @@ pub enum BunkerError {
     NoSuitableWorker,
     #[error("{0}")]
     QuotaExceeded(Box<super::quotas::QuotaExceeded>),
+    #[error("{0}")]
+    StorageQuotaExceeded(Box<super::quotas::QuotaExceeded>),
     #[error("quota counters are unavailable")]
     QuotaUnavailable(#[source] super::quotas::CountersError),
     #[error("invalid path: {0}")]
