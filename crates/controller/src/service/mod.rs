@@ -17,6 +17,7 @@ pub mod shell;
 pub mod snapshots;
 pub mod storage;
 pub mod worker_credentials;
+pub mod worker_stop;
 
 use std::sync::Arc;
 
