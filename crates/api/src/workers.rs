@@ -18,7 +18,7 @@ pub struct Worker {
     pub name: String,
     pub url: String,
     pub runtime: String,
-    /// `online`, `offline` or `draining`.
+    /// `online`, `offline`, `draining` or `stopping` (a planned stop until it registers again).
     pub status: String,
     pub capacity: WorkerCapacity,
     pub free: WorkerCapacity,

@@ -8,7 +8,11 @@
 //!    bootstrap admin key once (it is also in `DIR/admin.key`, mode 0600).
 //! 3. Start `scaibunker-worker` as a child process with a per-installation worker token.
 //! 4. Wait until the worker registered with the `default` image, then print `ready`.
-//! 5. On Ctrl-C or SIGTERM stop the worker (which stops its VMs), then the controller.
+//! 5. On Ctrl-C or SIGTERM stop the worker, then the controller. The worker first has the
+//!    controller save its `session` and `persistent` bunkers as `full` snapshots (they come
+//!    back on their next request after the next `up`) and end its `ephemeral` ones, then stops
+//!    its VMs; it gets `SCAIBUNKER_STOP_TIMEOUT_S` (default 120 s) for the saving, and a
+//!    grace period on top before it is killed.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -234,7 +238,10 @@ pub async fn up(data_dir: Option<PathBuf>, listen: SocketAddr) -> Result<()> {
         log_path.display()
     );
 
-    // Ready once a worker holds the default image.
+    // Ready once the worker registered with this controller holding the default image. On a
+    // data directory `up` ran on before, the ledger already names the worker (and a worker
+    // that stopped is `stopping`): only a registration of this run (a heartbeat time from
+    // after this controller started) means it takes bunkers again.
     let started = Instant::now();
     loop {
         if let Some(status) = worker.try_wait()? {
@@ -252,7 +259,12 @@ pub async fn up(data_dir: Option<PathBuf>, listen: SocketAddr) -> Result<()> {
         let mut tx = svc.store.begin().await?;
         let held = svc.store.workers_with_images(&mut tx, &shas).await?;
         drop(tx);
-        if !held.is_empty() {
+        // A worker of this run: on a data directory used before, old records still name the
+        // worker of the previous run.
+        let registered = svc.store.workers().await?.into_iter().any(|w| {
+            w.last_heartbeat_at >= svc.started_at_ms && held.iter().any(|(id, _)| *id == w.id)
+        });
+        if registered {
             break;
         }
         if started.elapsed() > Duration::from_secs(120) {
@@ -293,20 +305,43 @@ pub async fn up(data_dir: Option<PathBuf>, listen: SocketAddr) -> Result<()> {
             eprintln!("[up] the worker exited ({:?}); shutting down", status.ok());
         }
     }
-    eprintln!("[up] stopping");
-    stop_worker(&mut worker).await;
+    eprintln!("[up] stopping: saving the bunkers first");
+    let stopping = Instant::now();
+    stop_worker(&mut worker, stop_timeout()?).await;
+    eprintln!(
+        "[up] worker stopped in {:.1} s",
+        stopping.elapsed().as_secs_f64()
+    );
     controller.shutdown().await;
     Ok(())
 }
 
-/// SIGTERM, then SIGKILL after 20 s. The worker stops its VMs on SIGTERM.
-async fn stop_worker(worker: &mut tokio::process::Child) {
+/// How long the worker may spend saving its bunkers when it stops: `SCAIBUNKER_STOP_TIMEOUT_S`,
+/// which the worker (inheriting this environment) reads too.
+fn stop_timeout() -> Result<Duration> {
+    match std::env::var("SCAIBUNKER_STOP_TIMEOUT_S") {
+        Ok(v) => Ok(Duration::from_secs(v.trim().parse().with_context(
+            || format!("SCAIBUNKER_STOP_TIMEOUT_S={v:?} is not a number of seconds"),
+        )?)),
+        Err(_) => Ok(Duration::from_secs(
+            scaibunker_proto::worker::DEFAULT_STOP_TIMEOUT_S,
+        )),
+    }
+}
+
+/// What the worker's own stop takes once its bunkers are saved: stopping the VMs, finishing
+/// in-flight requests.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// SIGTERM, then SIGKILL once the worker had `save` to save its bunkers and [`STOP_GRACE`] to
+/// stop its VMs.
+async fn stop_worker(worker: &mut tokio::process::Child, save: Duration) {
     if let Some(pid) = worker.id() {
         let _ = std::process::Command::new("kill")
             .arg("-TERM")
             .arg(pid.to_string())
             .status();
-        if tokio::time::timeout(Duration::from_secs(20), worker.wait())
+        if tokio::time::timeout(save + STOP_GRACE, worker.wait())
             .await
             .is_ok()
         {

@@ -2,8 +2,9 @@
 //!
 //! - Worker → controller (the worker dials out): `POST /v1/modules/scaibunker/workers/register`
 //!   (bearer: the worker's credential, or the shared join token for a name that has none yet)
-//!   and `POST /v1/modules/scaibunker/heartbeat` (bearer: the worker's credential, for its own
-//!   id only); see [`crate::worker_auth`].
+//!   `POST /v1/modules/scaibunker/heartbeat` and, on a planned stop,
+//!   `POST /v1/modules/scaibunker/workers/{id}/stopping` ([`StoppingResponse`]) (bearer: the
+//!   worker's credential, for its own id only); see [`crate::worker_auth`].
 //! - Controller → worker: the routes under [`WORKER_API_PREFIX`] on the worker's own listener,
 //!   bearer the worker's credential (a peer presents a peer token, for one image). Errors are
 //!   `{"code", "message"}` ([`WorkerError`]) with an HTTP status.
@@ -167,6 +168,28 @@ pub struct HeartbeatResponse {
     /// sent stops working once the controllers have seen the new one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<String>,
+}
+
+/// How long a stopping worker waits for the controller to save its bunkers unless
+/// `SCAIBUNKER_STOP_TIMEOUT_S` says otherwise (read by the worker and by `scaibunker up`,
+/// which gives its worker that long and a grace period before it kills it).
+pub const DEFAULT_STOP_TIMEOUT_S: u64 = 120;
+
+/// `POST /v1/modules/scaibunker/workers/{worker_id}/stopping` (bearer: the worker's
+/// credential, for its own id; no body): the worker is stopping on purpose (SIGTERM) and stops
+/// its VMs once this answers. The controller passes it over for new bunkers until it registers
+/// again, and answers once each bunker it ran is dealt with. Older controllers answer `404`:
+/// the worker then stops as it did before (its bunkers fail).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StoppingResponse {
+    /// `session` and `persistent` bunkers saved as `full` snapshots: `paused` with no worker,
+    /// restored on their next request on whichever worker placement picks.
+    pub passivated: Vec<String>,
+    /// `ephemeral` bunkers, ended (their quota released).
+    pub terminated: Vec<String>,
+    /// Bunkers whose passivation failed: failed, as in a crash (quota released).
+    pub failed: Vec<String>,
 }
 
 /// `POST /v1/worker/bunkers`: boot a bunker; answers once the agent is ready or boot failed.
@@ -367,7 +390,8 @@ pub struct DirListing {
 pub struct WorkerError {
     /// A stable code: the API's codes where one fits (`BUNKER_NOT_FOUND`, `FILE_NOT_FOUND`,
     /// `IS_A_DIRECTORY`, `INVALID_PATH`, `FILE_TOO_LARGE`, ...), else `BOOT_FAILED`,
-    /// `AGENT_UNAVAILABLE`, `IMAGE_NOT_CACHED`, `INTERNAL`.
+    /// `AGENT_UNAVAILABLE`, `IMAGE_NOT_CACHED`, `WORKER_STOPPING` (a create on a worker that
+    /// is stopping), `INTERNAL`.
     pub code: String,
     pub message: String,
 }

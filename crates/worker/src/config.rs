@@ -85,6 +85,9 @@ pub struct WorkerConfig {
     pub name: String,
     /// How long a boot may take until the agent says hello.
     pub boot_timeout: Duration,
+    /// `SCAIBUNKER_STOP_TIMEOUT_S` (default 120 s): on SIGTERM, how long the worker waits
+    /// for the controller to save its bunkers before it stops their VMs anyway.
+    pub stop_timeout: Duration,
     pub accel: AccelChoice,
     /// Largest file one upload may write.
     pub max_file_bytes: u64,
@@ -109,6 +112,10 @@ pub struct WorkerConfig {
     /// keep it, or fails. `0` still needs the image itself to fit.
     pub min_free_disk_bytes: u64,
 }
+
+/// How long a stopping worker waits for its bunkers to be saved, by default.
+pub const DEFAULT_STOP_TIMEOUT: Duration =
+    Duration::from_secs(scaibunker_proto::worker::DEFAULT_STOP_TIMEOUT_S);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -138,6 +145,7 @@ impl WorkerConfig {
             heartbeat_interval: Duration::from_secs(10),
             name: host_name(),
             boot_timeout: Duration::from_secs(120),
+            stop_timeout: DEFAULT_STOP_TIMEOUT,
             accel: AccelChoice::Auto,
             max_file_bytes: 1 << 30,
             templates: TemplateMode::On,
@@ -194,6 +202,9 @@ impl WorkerConfig {
         }
         if let Some(s) = parse_u64(&lookup, "SCAIBUNKER_BOOT_TIMEOUT_S")? {
             config.boot_timeout = Duration::from_secs(s.max(1));
+        }
+        if let Some(s) = parse_u64(&lookup, "SCAIBUNKER_STOP_TIMEOUT_S")? {
+            config.stop_timeout = Duration::from_secs(s);
         }
         if let Some(accel) = lookup("SCAIBUNKER_VMM_ACCEL") {
             config.accel = accel.parse()?;
@@ -337,6 +348,7 @@ mod tests {
         );
         assert_eq!(c.heartbeat_interval, Duration::from_secs(10));
         assert_eq!(c.boot_timeout, Duration::from_secs(120));
+        assert_eq!(c.stop_timeout, DEFAULT_STOP_TIMEOUT);
         assert_eq!(c.accel, AccelChoice::Auto);
         assert_eq!(c.max_file_bytes, 1 << 30);
         assert_eq!(c.templates, TemplateMode::On);
@@ -396,6 +408,7 @@ mod tests {
             ("WORKER_HEARTBEAT_INTERVAL_S", "3"),
             ("SCAIBUNKER_WORKER_NAME", "w1"),
             ("SCAIBUNKER_BOOT_TIMEOUT_S", "30"),
+            ("SCAIBUNKER_STOP_TIMEOUT_S", "45"),
             ("SCAIBUNKER_VMM_ACCEL", "tcg"),
             ("SCAIBUNKER_MAX_FILE_BYTES", "1024"),
             ("SCAIBUNKER_TEMPLATES", "off"),
@@ -418,6 +431,7 @@ mod tests {
         assert_eq!(c.heartbeat_interval, Duration::from_secs(3));
         assert_eq!(c.name, "w1");
         assert_eq!(c.boot_timeout, Duration::from_secs(30));
+        assert_eq!(c.stop_timeout, Duration::from_secs(45));
         assert_eq!(c.accel, AccelChoice::Tcg);
         assert_eq!(c.max_file_bytes, 1024);
         assert_eq!(c.templates, TemplateMode::Off);

@@ -11,6 +11,11 @@
 //! 3. A heartbeat answered `known: false` or `401` (the controller lost the worker, or its
 //!    credential was reset) goes back to 1.
 //!
+//! 4. On a planned stop (SIGTERM), [`announce_stop`]:
+//!    `POST {controller}/v1/modules/scaibunker/workers/{id}/stopping`, waited for up to the stop
+//!    timeout while heartbeats go on, so the controller saves the bunkers (`full` snapshots)
+//!    before the worker stops their VMs.
+//!
 //! Registration carries the worker's credential ([`crate::credentials`]) if it has one, else
 //! the join token; a stored credential the controller refuses (`401`: an admin reset it) is
 //! forgotten and the join token tried. The answer's credential is kept. Heartbeats carry the
@@ -22,7 +27,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use scaibunker_proto::worker::{
-    Heartbeat, HeartbeatResponse, PROTOCOL_VERSION, RegisterRequest, RegisterResponse, VmStatus,
+    Heartbeat, HeartbeatResponse, PROTOCOL_VERSION, RegisterRequest, RegisterResponse,
+    StoppingResponse, VmStatus,
 };
 
 use crate::bunker::Bunkers;
@@ -62,6 +68,8 @@ pub struct ControllerLink {
     pub host: HostResources,
     pub data_dir: PathBuf,
     pub bunkers: Arc<Bunkers>,
+    /// The id the controller knows this worker by, once registered.
+    pub registered_as: Arc<std::sync::RwLock<Option<String>>>,
 }
 
 impl ControllerLink {
@@ -77,6 +85,11 @@ impl ControllerLink {
         loop {
             let registered = self.register(&http).await;
             tracing::info!(worker_id = %registered.worker_id, "registered with the controller");
+            *self
+                .registered_as
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some(registered.worker_id.clone());
             self.bunkers.pulls().set_worker_id(&registered.worker_id);
             self.heartbeat_until_unknown(&http, &registered.worker_id)
                 .await;
@@ -213,27 +226,74 @@ impl ControllerLink {
         bearer: &str,
         body: &B,
     ) -> Result<R, CallError> {
-        let url = format!("{}{path}", self.controller_url);
-        let http_err = |source| CallError::Http {
-            url: url.clone(),
-            source,
-        };
-        let resp = http
-            .post(&url)
-            .bearer_auth(bearer)
-            .json(body)
-            .send()
-            .await
-            .map_err(http_err)?;
-        let status = resp.status();
-        if !status.is_success() {
-            let body = resp.text().await.unwrap_or_default();
-            return Err(CallError::Status {
-                url,
-                status,
-                body: body.chars().take(500).collect(),
-            });
+        post(
+            http.post(format!("{}{path}", self.controller_url))
+                .bearer_auth(bearer)
+                .json(body),
+        )
+        .await
+    }
+}
+
+/// Sends `rb` and reads a JSON answer; any status but success is an error with its body.
+async fn post<R: serde::de::DeserializeOwned>(rb: reqwest::RequestBuilder) -> Result<R, CallError> {
+    let (client, req) = rb.build_split();
+    let req = req.map_err(|source| CallError::Http {
+        url: "(unbuildable request)".into(),
+        source,
+    })?;
+    let url = req.url().to_string();
+    let http_err = |source| CallError::Http {
+        url: url.clone(),
+        source,
+    };
+    let resp = client.execute(req).await.map_err(http_err)?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.text().await.unwrap_or_default();
+        return Err(CallError::Status {
+            url,
+            status,
+            body: body.chars().take(500).collect(),
+        });
+    }
+    resp.json::<R>().await.map_err(http_err)
+}
+
+/// Step 4 of the module docs: tells the controller this worker (`worker_id`) is stopping and
+/// waits, up to `timeout`, for it to have saved the bunkers. Logs what happened; the caller
+/// stops the VMs either way.
+pub async fn announce_stop(
+    controller_url: &str,
+    credentials: &Credentials,
+    worker_id: &str,
+    timeout: Duration,
+) {
+    let started = std::time::Instant::now();
+    let http = match reqwest::Client::builder().timeout(timeout).build() {
+        Ok(http) => http,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the controller http client; bunkers are not saved");
+            return;
         }
-        resp.json::<R>().await.map_err(http_err)
+    };
+    let rb = http
+        .post(format!(
+            "{controller_url}/v1/modules/scaibunker/workers/{worker_id}/stopping"
+        ))
+        .bearer_auth(credentials.bearer());
+    match post::<StoppingResponse>(rb).await {
+        Ok(saved) => tracing::info!(
+            passivated = saved.passivated.len(),
+            terminated = saved.terminated.len(),
+            failed = saved.failed.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "the controller saved this worker's bunkers"
+        ),
+        Err(e) => tracing::warn!(
+            error = %crate::bunker::supervisor::error_chain(&e),
+            ms = started.elapsed().as_millis() as u64,
+            "the controller did not save this worker's bunkers; those left fail"
+        ),
     }
 }

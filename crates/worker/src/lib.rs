@@ -13,8 +13,10 @@
 //! 5. bind the HTTP listener and serve the API ([`api`]);
 //! 6. with a controller URL, register and heartbeat ([`controller_client`]).
 //!
-//! [`WorkerHandle::shutdown`] stops serving, stops every VM and cancels template builds;
-//! nothing outlives the worker.
+//! [`WorkerHandle::shutdown`] refuses new bunkers, has the controller save the ones it runs
+//! (`session` and `persistent` as `full` snapshots, see [`controller_client::announce_stop`]),
+//! then stops serving, stops every VM and cancels template builds; nothing outlives the
+//! worker.
 
 pub mod agent_client;
 pub mod api;
@@ -92,7 +94,15 @@ pub struct WorkerHandle {
     credentials: Arc<credentials::Credentials>,
     stop_serving: oneshot::Sender<()>,
     server: JoinHandle<std::io::Result<()>>,
-    controller: Option<JoinHandle<()>>,
+    controller: Option<Controller>,
+}
+
+/// The link to the controller: its heartbeat task, and what a planned stop needs.
+struct Controller {
+    url: String,
+    task: JoinHandle<()>,
+    registered_as: Arc<std::sync::RwLock<Option<String>>>,
+    stop_timeout: Duration,
 }
 
 impl WorkerHandle {
@@ -131,10 +141,31 @@ impl WorkerHandle {
         &self.pulls
     }
 
-    /// Stops registering, stops serving, stops every VM, cancels template builds and pulls.
+    /// Refuses new bunkers, has the controller save the ones here (up to the stop timeout,
+    /// heartbeats going on meanwhile), then stops heartbeating, stops serving, stops every VM,
+    /// cancels template builds and pulls.
     pub async fn shutdown(self) {
         if let Some(controller) = self.controller {
-            controller.abort();
+            self.bunkers.refuse_creates();
+            let worker_id = controller
+                .registered_as
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            match worker_id {
+                Some(id) if !self.bunkers.reports().is_empty() => {
+                    controller_client::announce_stop(
+                        &controller.url,
+                        &self.credentials,
+                        &id,
+                        controller.stop_timeout,
+                    )
+                    .await;
+                }
+                Some(_) => {}
+                None => tracing::warn!("never registered: no controller to save the bunkers"),
+            }
+            controller.task.abort();
         }
         // Stop accepting first, so no new bunker starts while the others stop.
         let _ = self.stop_serving.send(());
@@ -302,8 +333,9 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
     tracing::info!(%addr, %url, "worker api listening");
 
     let controller = config.controller_url.clone().map(|controller_url| {
+        let registered_as = Arc::new(std::sync::RwLock::new(None));
         let link = ControllerLink {
-            controller_url,
+            controller_url: controller_url.clone(),
             credentials: Arc::clone(&credentials),
             name: config.name.clone(),
             worker_url: url.clone(),
@@ -311,8 +343,14 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
             host,
             data_dir: config.data_dir.clone(),
             bunkers: Arc::clone(&bunkers),
+            registered_as: Arc::clone(&registered_as),
         };
-        tokio::spawn(link.run())
+        Controller {
+            url: controller_url,
+            task: tokio::spawn(link.run()),
+            registered_as,
+            stop_timeout: config.stop_timeout,
+        }
     });
     if controller.is_none() {
         tracing::info!("no controller url: running standalone");

@@ -8,6 +8,8 @@
 //! 3. Wait for `ready <url>` (at most [`READY_TIMEOUT`]: `up` may have to build images),
 //!    check the admin key it printed against `<temp>/admin.key`.
 //! 4. [`Up::stop`] or drop: SIGTERM, wait [`STOP_TIMEOUT`], then SIGKILL.
+//! 5. [`Up::restart`]: 4, then 2 and 3 again on the same data directory (a restarted `up`
+//!    prints where the admin key is, not the key).
 //!
 //! On failure (a start that does not get ready, or a drop while the thread panics) the
 //! data directory is kept and `up.log` and `worker.log` are printed.
@@ -25,8 +27,10 @@ use scaibunker_sdk::Client;
 
 /// How long `up` may take to print `ready`, image build included.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(300);
-/// How long `up` may take to stop after SIGTERM (it gives its worker 20 s).
-pub const STOP_TIMEOUT: Duration = Duration::from_secs(45);
+/// How long `up` may take to stop after SIGTERM: it gives its worker
+/// `SCAIBUNKER_STOP_TIMEOUT_S` (120 s by default) to have its bunkers saved, 30 s more to
+/// stop, then kills it.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(180);
 /// `up`'s stdout and stderr, in the data directory.
 const UP_LOG: &str = "up.log";
 /// Lines of each log printed on failure.
@@ -60,8 +64,18 @@ impl UpOptions {
     }
 }
 
+/// Whether `up` starts on a new data directory or on one it ran on before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Boot {
+    /// It prints the bootstrap admin key.
+    First,
+    /// It prints where the admin key is.
+    Again,
+}
+
 /// A running `scaibunker up`.
 pub struct Up {
+    options: UpOptions,
     child: Child,
     exit: Option<ExitStatus>,
     url: String,
@@ -76,8 +90,6 @@ pub struct Up {
 impl Up {
     /// Starts `up` and waits until it is ready.
     pub fn start(options: UpOptions) -> Result<Self> {
-        let bins = crate::binaries()?;
-        let agent = crate::agent_bin()?;
         let images_dir = match &options.images_dir {
             Some(dir) => dir.clone(),
             None => crate::images_dir()?,
@@ -91,46 +103,9 @@ impl Up {
             .path()
             .canonicalize()
             .context("canonicalising the data directory")?;
-        let log_path = data_dir.join(UP_LOG);
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
-
-        let mut command = Command::new(&bins.scaibunker);
-        command
-            .arg("up")
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            // Plain logs for people reading them on failure.
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log.try_clone().context("duplicating the log file")?);
-        if options.without_agent_bin {
-            command.env_remove("SCAIBUNKER_AGENT_BIN");
-        } else {
-            command.env("SCAIBUNKER_AGENT_BIN", &agent);
-        }
-        if let Some(dir) = &options.images_dir {
-            command.env("SCAIBUNKER_IMAGES_DIR", dir);
-        }
-        command.env(
-            "SCAIBUNKER_TEMPLATES",
-            if options.templates { "on" } else { "off" },
-        );
-        command.envs(options.env.iter().map(|(k, v)| (k, v)));
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("starting {}", bins.scaibunker.display()))?;
-        let stdout = child.stdout.take().context("up's stdout is piped")?;
-        let (lines_tx, lines) = mpsc::channel();
-        std::thread::spawn(move || copy_lines(stdout, log, lines_tx));
-
+        let (child, lines) = spawn(&options, &data_dir)?;
         let mut up = Self {
+            options,
             child,
             exit: None,
             url: String::new(),
@@ -140,21 +115,40 @@ impl Up {
             worker_pid: None,
             data: Some(data),
         };
-        match up.wait_ready(&lines) {
-            Ok(()) => Ok(up),
+        up.ready(&lines, Boot::First)?;
+        Ok(up)
+    }
+
+    /// Stops `up` (SIGTERM, as [`Up::stop`]; it must exit successfully) and starts it again on
+    /// the same data directory, waiting until it is ready. The URL changes (a new port).
+    pub fn restart(&mut self) -> Result<()> {
+        let status = self.stop()?;
+        if !status.success() {
+            bail!("`scaibunker up` exited with {status} on SIGTERM");
+        }
+        let (child, lines) = spawn(&self.options, &self.data_dir)?;
+        self.child = child;
+        self.exit = None;
+        self.ready(&lines, Boot::Again)
+    }
+
+    /// Waits for `ready`; on failure stops `up`, keeps the data and says where.
+    fn ready(&mut self, lines: &mpsc::Receiver<String>, boot: Boot) -> Result<()> {
+        match self.wait_ready(lines, boot) {
+            Ok(()) => Ok(()),
             Err(e) => {
-                let _ = up.stop();
-                let kept = up.keep_data();
+                let _ = self.stop();
+                let kept = self.keep_data();
                 Err(e.context(format!(
                     "`scaibunker up` did not get ready (data kept in {})\n{}",
                     kept.display(),
-                    up.logs()
+                    self.logs()
                 )))
             }
         }
     }
 
-    fn wait_ready(&mut self, lines: &mpsc::Receiver<String>) -> Result<()> {
+    fn wait_ready(&mut self, lines: &mpsc::Receiver<String>, boot: Boot) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut printed_key = None;
         let url = loop {
@@ -187,6 +181,8 @@ impl Up {
             .to_owned();
         match printed_key {
             Some(printed) if printed == key => {}
+            Some(printed)
+                if boot == Boot::Again && printed == format!("in {}", key_path.display()) => {}
             Some(printed) => bail!(
                 "up printed the admin key {printed:?} but {} holds {key:?}",
                 key_path.display()
@@ -443,6 +439,51 @@ impl Drop for Up {
     }
 }
 
+/// Spawns `scaibunker up` on `data_dir` (step 2 of the module docs); its stdout lines.
+fn spawn(options: &UpOptions, data_dir: &Path) -> Result<(Child, mpsc::Receiver<String>)> {
+    let bins = crate::binaries()?;
+    let agent = crate::agent_bin()?;
+    let log_path = data_dir.join(UP_LOG);
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+
+    let mut command = Command::new(&bins.scaibunker);
+    command
+        .arg("up")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        // Plain logs for people reading them on failure.
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log.try_clone().context("duplicating the log file")?);
+    if options.without_agent_bin {
+        command.env_remove("SCAIBUNKER_AGENT_BIN");
+    } else {
+        command.env("SCAIBUNKER_AGENT_BIN", &agent);
+    }
+    if let Some(dir) = &options.images_dir {
+        command.env("SCAIBUNKER_IMAGES_DIR", dir);
+    }
+    command.env(
+        "SCAIBUNKER_TEMPLATES",
+        if options.templates { "on" } else { "off" },
+    );
+    command.envs(options.env.iter().map(|(k, v)| (k, v)));
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {}", bins.scaibunker.display()))?;
+    let stdout = child.stdout.take().context("up's stdout is piped")?;
+    let (lines_tx, lines) = mpsc::channel();
+    std::thread::spawn(move || copy_lines(stdout, log, lines_tx));
+    Ok((child, lines))
+}
+
 /// Copies `up`'s stdout into the log and hands each line to the waiting harness.
 fn copy_lines(stdout: ChildStdout, mut log: File, lines: mpsc::Sender<String>) {
     for line in BufReader::new(stdout).lines() {
@@ -454,10 +495,11 @@ fn copy_lines(stdout: ChildStdout, mut log: File, lines: mpsc::Sender<String>) {
     }
 }
 
-/// The pid in `[up] worker started (pid N), …`.
+/// The pid in the last `[up] worker started (pid N), …`.
 fn worker_pid_from_log(path: &Path) -> Option<u32> {
     let text = std::fs::read_to_string(path).ok()?;
-    text.lines().find_map(|l| {
+    // The last one: a restarted `up` appends to the same log.
+    text.lines().rev().find_map(|l| {
         let rest = l.split_once("worker started (pid ")?.1;
         rest.split(')').next()?.parse().ok()
     })

@@ -419,6 +419,7 @@ impl From<FleetError> for ApiError {
                 codes::WORKER_CREDENTIAL_REQUIRED,
                 e.to_string(),
             ),
+            FleetError::Stopping(ref e) => Self::internal(e),
             FleetError::Store(ref s) => Self::internal(s),
         }
     }

@@ -4,11 +4,13 @@ use axum::Json;
 use axum::extract::{Path, State};
 use scaibunker_api::envelope::{Error, Ok as Envelope};
 use scaibunker_api::workers::Worker;
-use scaibunker_proto::worker::{Heartbeat, HeartbeatResponse, RegisterRequest, RegisterResponse};
+use scaibunker_proto::worker::{
+    Heartbeat, HeartbeatResponse, RegisterRequest, RegisterResponse, StoppingResponse,
+};
 
 use super::error::ApiError;
 use super::extract::{ApiJson, Caller, Ctx, RegisterBearer, WorkerAuth};
-use crate::service::{Services, fleet, worker_credentials};
+use crate::service::{Services, fleet, worker_credentials, worker_stop};
 
 /// A worker daemon announces itself (the join token for a name without a credential, else the
 /// worker's own credential); the body is `RegisterRequest` of `crates/proto/src/worker.rs`.
@@ -57,6 +59,32 @@ pub async fn heartbeat(
     ApiJson(hb): ApiJson<Heartbeat>,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     Ok(Json(fleet::heartbeat(&s, &ident, hb).await?))
+}
+
+/// A worker daemon stopping on purpose (SIGTERM) asks for its bunkers to be saved (its own
+/// credential, for its own id): `session` and `persistent` ones are passivated through `full`
+/// snapshots, `ephemeral` ones end; it answers once each is dealt with, and the worker then
+/// stops its VMs.
+#[utoipa::path(
+    post,
+    path = "/workers/{id}/stopping",
+    operation_id = "worker_stopping",
+    tag = "internal",
+    params(("id" = String, Path, description = "Worker id (`wrk_…`)")),
+    responses(
+        (status = 200, description = "`StoppingResponse`: the bunkers passivated, terminated and failed", body = Object),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID` (the worker's credential)", body = Error),
+        (status = 403, description = "`WORKER_MISMATCH`: the credential is another worker's", body = Error),
+        (status = 404, description = "`WORKER_NOT_FOUND`", body = Error),
+    ),
+    security(("worker_token" = []))
+)]
+pub async fn stopping(
+    State(s): State<Services>,
+    WorkerAuth(ident): WorkerAuth,
+    Path(id): Path<String>,
+) -> Result<Json<StoppingResponse>, ApiError> {
+    Ok(Json(worker_stop::stopping(&s, &ident, &id).await?))
 }
 
 /// Lists workers (`scaibunker:admin`).

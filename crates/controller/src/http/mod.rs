@@ -151,6 +151,7 @@ fn api_routes() -> OpenApiRouter<Services> {
         .routes(routes!(fleet::reset_credential))
         .routes(routes!(fleet::resume))
         .routes(routes!(fleet::heartbeat))
+        .routes(routes!(fleet::stopping))
         .routes(routes!(fleet::create_bridge, fleet::bridges))
         .routes(routes!(fleet::delete_bridge))
         .routes(routes!(images::create, images::list))

@@ -57,6 +57,8 @@ pub enum FleetError {
          for a worker that lost it"
     )]
     CredentialRequired { worker_id: String, name: String },
+    #[error("saving a stopping worker's bunkers failed")]
+    Stopping(#[source] tokio::task::JoinError),
     #[error("store failed")]
     Store(#[from] StoreError),
 }

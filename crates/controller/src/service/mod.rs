@@ -20,6 +20,7 @@ pub mod snapshots;
 pub mod storage;
 pub mod storage_quota;
 pub mod worker_credentials;
+pub mod worker_stop;
 
 use std::sync::Arc;
 

@@ -5,7 +5,9 @@
 //! (processes keep running), and the snapshot then expires.
 //!
 //! - Passivating is a compare-and-set from `running` that also requires no activity since the
-//!   snapshot began, so a request that slipped in meanwhile wins and the bunker stays up.
+//!   snapshot began, so a request that slipped in meanwhile wins and the bunker stays up. A
+//!   worker's planned stop (`service/worker_stop.rs`) passivates its `session` and
+//!   `persistent` bunkers the same way, without that condition: their VM goes either way.
 //! - Restoring claims the bunker by setting its worker while it is still `paused` with none;
 //!   concurrent requests wait for the one restore. A failed restore leaves it passivated.
 //! - Its snapshot cannot be deleted while it is passivated (`SNAPSHOT_IN_USE`): recording the
@@ -30,7 +32,7 @@ use crate::store::{StoreError, audit, now_ms};
 const RESTORE_WAIT: Duration = Duration::from_secs(300);
 
 /// The platform acting for the bunker's owner (audit rows name the owner, actor `system`).
-fn system(row: &BunkerRow) -> (Principal, RequestContext) {
+pub(crate) fn system(row: &BunkerRow) -> (Principal, RequestContext) {
     (
         Principal {
             tenant_id: row.tenant_id.clone(),
@@ -50,7 +52,7 @@ fn system(row: &BunkerRow) -> (Principal, RequestContext) {
 /// whose snapshot is gone, and expires the snapshots of passivated bunkers that ended.
 pub async fn sweep(s: &Services) -> Result<(), StoreError> {
     for row in s.store.admin_idle_persistent_bunkers(now_ms()).await? {
-        if let Err(e) = passivate(s, &row).await {
+        if let Err(e) = passivate(s, &row, Reason::Idle).await {
             tracing::warn!(bunker_id = row.id, error = %e, "passivation failed; the bunker keeps running");
         }
     }
@@ -73,7 +75,28 @@ pub async fn sweep(s: &Services) -> Result<(), StoreError> {
     Ok(())
 }
 
-async fn passivate(s: &Services, row: &BunkerRow) -> Result<(), BunkerError> {
+/// Why a bunker is passivated, and so what keeps it up instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Idle past its timeout: work that began since the snapshot, or a busy mark, wins.
+    Idle,
+    /// Its worker is stopping: the VM goes whatever runs in it.
+    WorkerStopping,
+}
+
+impl Reason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::WorkerStopping => "worker_stopping",
+        }
+    }
+}
+
+/// Saves a running bunker as a `full` snapshot, stops its VM and leaves it `paused` with no
+/// worker. False (the bunker as it was, its snapshot expiring) if it moved meanwhile: it was
+/// used (for [`Reason::Idle`]), deleted, or failed.
+pub async fn passivate(s: &Services, row: &BunkerRow, reason: Reason) -> Result<bool, BunkerError> {
     let (p, ctx) = system(row);
     let began = now_ms();
     let started = Instant::now();
@@ -90,7 +113,8 @@ async fn passivate(s: &Services, row: &BunkerRow) -> Result<(), BunkerError> {
     )
     .await?;
     let mut tx = s.store.begin().await?;
-    let moved = pstore::passivate(&mut tx, &row.tenant_id, &row.id, &snap.id, began).await?;
+    let idle_since = (reason == Reason::Idle).then_some(began);
+    let moved = pstore::passivate(&mut tx, &row.tenant_id, &row.id, &snap.id, idle_since).await?;
     if moved {
         audit::insert(
             &mut tx,
@@ -100,7 +124,8 @@ async fn passivate(s: &Services, row: &BunkerRow) -> Result<(), BunkerError> {
                 "bunker.passivate",
                 &row.id,
                 "success",
-                serde_json::json!({"snapshot_id": snap.id, "size_bytes": snap.size_bytes}),
+                serde_json::json!({"snapshot_id": snap.id, "size_bytes": snap.size_bytes,
+                    "reason": reason.as_str()}),
             ),
         )
         .await?;
@@ -117,10 +142,11 @@ async fn passivate(s: &Services, row: &BunkerRow) -> Result<(), BunkerError> {
             bunker_id = row.id,
             snapshot_id = snap.id,
             ms = started.elapsed().as_millis() as u64,
-            "idle persistent bunker passivated"
+            reason = reason.as_str(),
+            "bunker passivated"
         );
     }
-    Ok(())
+    Ok(moved)
 }
 
 /// If `row` is passivated, restores it and returns the running row; `None` if it is not.

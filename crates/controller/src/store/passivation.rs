@@ -59,15 +59,16 @@ impl Store {
     }
 }
 
-/// Moves a running bunker idle since before `idle_since` to `paused` with no worker and
-/// records its passivation snapshot. False (nothing changed) if it is no longer running, was
-/// used meanwhile, is busy, or its snapshot is no longer `ready` (a delete claimed it).
+/// Moves a running bunker to `paused` with no worker and records its passivation snapshot.
+/// With `idle_since`, only a bunker idle since before then and not busy. False (nothing
+/// changed) if it is no longer running, was used meanwhile, is busy, or its snapshot is no
+/// longer `ready` (a delete claimed it).
 pub async fn passivate(
     tx: &mut Tx<'_>,
     tenant_id: &str,
     bunker_id: &str,
     snapshot_id: &str,
-    idle_since: i64,
+    idle_since: Option<i64>,
 ) -> Result<bool, StoreError> {
     // First, so the snapshot's row is locked against a delete (see `claim_delete`).
     let recorded = sqlx::query(
@@ -87,15 +88,24 @@ pub async fn passivate(
     if !recorded {
         return Ok(false);
     }
-    let moved = sqlx::query(
-        "UPDATE bunkers SET status = 'paused', worker_id = NULL WHERE tenant_id = ? AND id = ? \
-         AND status = 'running' AND COALESCE(last_activity_at, started_at, created_at) <= ? \
-         AND (busy_until IS NULL OR busy_until < ?)",
-    )
-    .bind(tenant_id)
-    .bind(bunker_id)
-    .bind(idle_since)
-    .bind(now_ms())
+    let moved = match idle_since {
+        Some(idle_since) => sqlx::query(
+            "UPDATE bunkers SET status = 'paused', worker_id = NULL WHERE tenant_id = ? \
+             AND id = ? AND status = 'running' \
+             AND COALESCE(last_activity_at, started_at, created_at) <= ? \
+             AND (busy_until IS NULL OR busy_until < ?)",
+        )
+        .bind(tenant_id)
+        .bind(bunker_id)
+        .bind(idle_since)
+        .bind(now_ms()),
+        None => sqlx::query(
+            "UPDATE bunkers SET status = 'paused', worker_id = NULL WHERE tenant_id = ? \
+             AND id = ? AND status = 'running'",
+        )
+        .bind(tenant_id)
+        .bind(bunker_id),
+    }
     .execute(&mut **tx)
     .await?
     .rows_affected()

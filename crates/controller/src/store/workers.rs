@@ -278,6 +278,20 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Marks a worker `stopping` (a planned stop: no new bunkers until it registers again,
+    /// which sets it `online`); a draining one stays draining, so its restart keeps that.
+    /// Heartbeats meanwhile leave the status alone. Returns false if unknown.
+    pub async fn set_worker_stopping(&self, id: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE workers SET status = CASE WHEN status = 'draining' THEN 'draining' \
+             ELSE 'stopping' END WHERE id = ?",
+        )
+        .bind(id)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Marks an online worker offline (a draining one stays draining).
     pub async fn set_worker_offline(&self, id: &str) -> Result<(), StoreError> {
         sqlx::query("UPDATE workers SET status = 'offline' WHERE id = ? AND status = 'online'")

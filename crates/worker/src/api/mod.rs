@@ -202,6 +202,9 @@ impl From<CreateBunkerError> for ApiError {
             CreateBunkerError::BootFailed { .. } => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "BOOT_FAILED", message)
             }
+            CreateBunkerError::Stopping => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "WORKER_STOPPING", message)
+            }
         }
     }
 }

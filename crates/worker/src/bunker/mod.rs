@@ -45,6 +45,8 @@ pub enum CreateBunkerError {
     ImagePull { sha256: String, reason: String },
     #[error("bunker {id} failed to boot: {reason}")]
     BootFailed { id: String, reason: String },
+    #[error("this worker is stopping and takes no new bunkers")]
+    Stopping,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +76,8 @@ pub struct Bunkers {
     objects: Option<ObjectClient>,
     /// Staging directory of snapshot captures (`<data>/snapshots/<snapshot id>/`).
     staging_dir: PathBuf,
+    /// Set once the worker is stopping: creates are refused from then on.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -116,7 +120,15 @@ impl Bunkers {
             objects: None,
             staging_dir: bunkers_dir_sibling(&bunkers_dir, "snapshots"),
             bunkers_dir,
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// From now on creates are refused (`WORKER_STOPPING`): the worker is stopping. Bunkers
+    /// already here keep being served, so the controller can save them.
+    pub fn refuse_creates(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Snapshots go through this storage proxy client.
@@ -180,6 +192,9 @@ impl Bunkers {
     /// agent is ready. A cold boot starts the background build of its shape's template. An
     /// image the worker does not hold is pulled first when the request says from where.
     pub async fn create(&self, mut req: CreateVm) -> Result<VmInfo, CreateBunkerError> {
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(CreateBunkerError::Stopping);
+        }
         validate_id(&req.bunker_id).map_err(CreateBunkerError::Invalid)?;
         validate_hostname(&req.hostname).map_err(CreateBunkerError::Invalid)?;
         if req.memory_mb < MIN_MEMORY_MB {

@@ -120,6 +120,8 @@ pub fn worker_code_status(code: &str) -> (u16, &'static str) {
         "VALIDATION_ERROR" => (422, codes::VALIDATION_ERROR),
         "FILE_TOO_LARGE" => (413, codes::FILE_TOO_LARGE),
         "BUNKER_NOT_RUNNING" | "BUNKER_NOT_FOUND" => (409, codes::BUNKER_NOT_RUNNING),
+        // A create that reached a worker as it began to stop: wait, or add a worker.
+        "WORKER_STOPPING" => (503, codes::WORKER_UNAVAILABLE),
         _ => (502, codes::WORKER_ERROR),
     }
 }

@@ -528,7 +528,8 @@ pub(crate) async fn choose_worker(
         .map(|(w, free)| Candidate {
             worker_id: &w.id,
             is_online: silences.get(&w.id).is_some_and(|ms| *ms <= stale_after),
-            is_draining: w.status == "draining",
+            // A stopping worker takes nothing new, as a draining one.
+            is_draining: w.status == "draining" || w.status == "stopping",
             has_image: held.iter().any(|(id, _)| *id == w.id),
             has_bridges: bridge_names.is_empty() || with_bridges.contains(&w.id),
             free: *free,
