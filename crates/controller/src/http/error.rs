@@ -486,6 +486,9 @@ impl From<ImageError> for ApiError {
                 Self::new(StatusCode::NOT_FOUND, code, msg)
             }
             ImageError::NameTaken(_) => Self::new(StatusCode::CONFLICT, codes::NAME_TAKEN, msg),
+            ImageError::NoPartner => {
+                Self::new(StatusCode::CONFLICT, codes::TENANT_HAS_NO_PARTNER, msg)
+            }
             ImageError::NotPending { .. } | ImageError::NotReady { .. } => {
                 Self::new(StatusCode::CONFLICT, codes::IMAGE_NOT_PENDING, msg)
             }
