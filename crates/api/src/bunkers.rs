@@ -60,42 +60,71 @@ fn default_true() -> bool {
 pub struct CreateBunker {
     /// Image name or id. Required unless `snapshot_id` is given.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub image: Option<String>,
     #[serde(default)]
     pub snapshot_id: Option<String>,
+    /// 1–128 characters.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub name: Option<String>,
     #[serde(default)]
     pub lifecycle_mode: Option<LifecycleMode>,
+    /// Only `isolated` on this release; the other profiles (`registry`, `allowlisted`,
+    /// `unrestricted`, `transit`) are refused with `VALIDATION_ERROR` until bunker networking
+    /// lands.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, pattern = "^isolated$"))]
     pub network_profile: Option<NetworkProfile>,
+    /// Only with `allowlisted` (not available yet): empty.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_items = 0))]
     pub network_allowlist: Option<Vec<String>>,
+    /// 100–64,000.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 100, maximum = 64000))]
     pub cpu_millicores: Option<u64>,
+    /// 64–262,144.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 64, maximum = 262144))]
     pub memory_mb: Option<u64>,
+    /// 64–1,048,576, and at least the image's (or the snapshot's) disk.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 64, maximum = 1048576))]
     pub disk_mb: Option<u64>,
+    /// 0–16.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 16))]
     pub gpu_count: Option<u64>,
+    /// At most 64 bytes.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_length = 16))]
     pub gpu_type: Option<String>,
+    /// Seconds, 1 to 2,592,000 (30 days).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 2592000))]
     pub max_lifetime_s: Option<u64>,
+    /// Seconds, 1 to 2,592,000 (30 days).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 2592000))]
     pub idle_timeout_s: Option<u64>,
     #[serde(default)]
     pub session_type: Option<SessionType>,
+    /// At most 256 bytes.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_length = 64))]
     pub session_ref: Option<String>,
     #[serde(default)]
     pub label_set: Option<BTreeMap<String, String>>,
     #[serde(default)]
     pub env_vars: Option<BTreeMap<String, String>>,
+    /// Only with `transit` (not available yet): empty.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_items = 0))]
     pub interfaces: Option<Vec<Interface>>,
+    /// 1–10,000.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 10000))]
     pub bandwidth_mbit: Option<u64>,
     #[serde(default)]
     pub wait: Option<bool>,

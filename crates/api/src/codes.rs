@@ -33,6 +33,7 @@ pub const IMAGE_CONTENT_INVALID: &str = "IMAGE_CONTENT_INVALID";
 pub const IMAGE_TOO_LARGE: &str = "IMAGE_TOO_LARGE";
 /// An image or availability group name already taken in its scope.
 pub const NAME_TAKEN: &str = "NAME_TAKEN";
+pub const TENANT_HAS_NO_PARTNER: &str = "TENANT_HAS_NO_PARTNER";
 pub const AVAILABILITY_GROUP_NOT_FOUND: &str = "AVAILABILITY_GROUP_NOT_FOUND";
 pub const WORKER_NOT_FOUND: &str = "WORKER_NOT_FOUND";
 /// A worker request whose credential belongs to another worker than the one it names.

@@ -19,8 +19,11 @@ pub enum ExecUser {
 pub struct ExecRequest {
     /// Run by `/bin/sh -c`. Exactly one of `command` and `argv`.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, pattern = r"^[^\x00]*$"))]
     pub command: Option<String>,
+    /// The program and its arguments, run without a shell.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(min_items = 1))]
     pub argv: Option<Vec<String>>,
     /// Seconds, 1 to 2,592,000 (30 days); default 60, clamped to the bunker's remaining life.
     #[serde(default)]
@@ -30,9 +33,19 @@ pub struct ExecRequest {
     pub env: Option<BTreeMap<String, String>>,
     #[serde(default)]
     pub stdin: Option<String>,
+    /// Standard base64 (with padding).
     #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$")
+    )]
     pub stdin_b64: Option<String>,
+    /// An absolute path in the guest, at most 4096 bytes.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^/[^\x00]*$", max_length = 1024)
+    )]
     pub cwd: Option<String>,
     #[serde(default)]
     pub user: Option<ExecUser>,

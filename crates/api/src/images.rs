@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 pub struct ImageSource {
     /// `tar` (an uncompressed tarball of the root filesystem, baked into ext4) or `ext4` (a
     /// ready ext4 filesystem). `oci` is refused with `IMAGE_SOURCE_UNSUPPORTED`.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^(tar|ext4)$"))]
     pub kind: String,
 }
 
@@ -18,25 +19,35 @@ pub struct ImageSource {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateImage {
-    /// 1–64 characters of `a-z 0-9 . _ -`, starting with a letter or digit.
+    /// 1–64 characters of `a-z 0-9 . _ -`, starting with a letter or digit, not shaped like
+    /// an id (three letters and `_`, like `img_…`).
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^(?![a-z]{3}_.)[a-z0-9][a-z0-9._-]{0,63}$")
+    )]
     pub name: String,
     pub source: ImageSource,
     /// Size of the baked ext4 filesystem, 16–65536 MiB (default 1024). A tarball that does
     /// not fit fails the bake; an uploaded ext4 may not be larger.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 16, maximum = 65536))]
     pub size_mib: Option<u64>,
     /// `tenant` (default), `partner` (every tenant of the caller's partner) or `platform`
     /// (every tenant; `scaibunker:admin:platform`).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^(tenant|partner|platform)$"))]
     pub scope: Option<String>,
     /// Place bunkers on workers that do not hold the image yet; they fetch it first.
     #[serde(default)]
     pub lazy_pull: Option<bool>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1000000000))]
     pub default_cpu_millicores: Option<u64>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1000000000))]
     pub default_memory_mb: Option<u64>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1000000000))]
     pub default_disk_mb: Option<u64>,
 }
 
@@ -101,9 +112,16 @@ pub struct Image {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateAvailabilityGroup {
-    /// 1–64 characters of `a-z 0-9 . _ -`; unique.
+    /// 1–64 characters of `a-z 0-9 . _ -`, starting with a letter or digit, not shaped like
+    /// an id; unique.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^(?![a-z]{3}_.)[a-z0-9][a-z0-9._-]{0,63}$")
+    )]
     pub name: String,
+    /// At most 1024 characters.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_length = 1024))]
     pub description: Option<String>,
 }
 

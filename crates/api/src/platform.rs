@@ -7,7 +7,14 @@ use serde::{Deserialize, Serialize};
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateTenant {
+    /// 1–128 characters, not all white space.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(min_length = 1, max_length = 128, pattern = r"[^\s\u0085]")
+    )]
     pub name: String,
+    /// 1–63 of `a-z`, `0-9` and `-`.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[a-z0-9-]{1,63}$"))]
     pub slug: String,
     #[serde(default)]
     pub partner_id: Option<String>,
@@ -48,6 +55,12 @@ impl Role {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateUser {
+    /// An e-mail address: at most 254 characters with an `@` inside, no white space; stored
+    /// lower-cased.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(max_length = 254, pattern = r"^[^@\s\u0085]\S*@\S*[^@\s\u0085]$")
+    )]
     pub email: String,
     pub tenant_id: String,
     pub role: Role,
@@ -71,6 +84,11 @@ pub struct User {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateGroup {
+    /// 1–128 characters, not all white space.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(min_length = 1, max_length = 128, pattern = r"[^\s\u0085]")
+    )]
     pub name: String,
     #[serde(default)]
     pub parent_group_id: Option<String>,
@@ -98,6 +116,11 @@ pub struct AddMember {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateApiKey {
+    /// 1–128 characters, not all white space.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(min_length = 1, max_length = 128, pattern = r"[^\s\u0085]")
+    )]
     pub name: String,
     /// Defaults to the caller; another user of the tenant needs `scaibunker:admin:tenant`.
     #[serde(default)]

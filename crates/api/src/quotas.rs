@@ -18,8 +18,15 @@ where
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateQuotaProfile {
+    /// 1–128 characters, not all white space.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(min_length = 1, max_length = 128, pattern = r"[^\s\u0085]")
+    )]
     pub name: String,
+    /// At most 1024 characters.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_length = 1024))]
     pub description: Option<String>,
     /// Absent: the caller's tenant. `null`: the platform default (`scaibunker:admin:platform`).
     #[serde(
@@ -30,24 +37,34 @@ pub struct CreateQuotaProfile {
     #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub tenant_id: Option<Option<String>>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(maximum = 1125899906842624.0))]
     pub max_concurrent_bunkers: Option<u64>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(maximum = 1125899906842624.0))]
     pub max_persistent_bunkers: Option<u64>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(maximum = 1125899906842624.0))]
     pub max_cpu_millicores: Option<u64>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(maximum = 1125899906842624.0))]
     pub max_memory_mb: Option<u64>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(maximum = 1125899906842624.0))]
     pub max_disk_mb: Option<u64>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(maximum = 1125899906842624.0))]
     pub max_gpu_count: Option<u64>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(maximum = 1125899906842624.0))]
     pub per_bunker_max_cpu: Option<u64>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(maximum = 1125899906842624.0))]
     pub per_bunker_max_memory: Option<u64>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(maximum = 1125899906842624.0))]
     pub per_bunker_max_disk: Option<u64>,
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(maximum = 1125899906842624.0))]
     pub per_bunker_max_gpu: Option<u64>,
     /// MiB the tenant of whoever the profile applies to may keep in object storage: its
     /// snapshots, images and spilled exec outputs together (bucket `tenant:{id}`).
@@ -61,83 +78,87 @@ pub struct CreateQuotaProfile {
 #[serde(deny_unknown_fields)]
 pub struct UpdateQuotaProfile {
     #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(min_length = 1, max_length = 128, pattern = r"[^\s\u0085]")
+    )]
     pub name: Option<String>,
     #[serde(
         default,
         deserialize_with = "present",
         skip_serializing_if = "Option::is_none"
     )]
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, max_length = 1024))]
     pub description: Option<Option<String>>,
     #[serde(
         default,
         deserialize_with = "present",
         skip_serializing_if = "Option::is_none"
     )]
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>, maximum = 1125899906842624.0))]
     pub max_concurrent_bunkers: Option<Option<u64>>,
     #[serde(
         default,
         deserialize_with = "present",
         skip_serializing_if = "Option::is_none"
     )]
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>, maximum = 1125899906842624.0))]
     pub max_persistent_bunkers: Option<Option<u64>>,
     #[serde(
         default,
         deserialize_with = "present",
         skip_serializing_if = "Option::is_none"
     )]
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>, maximum = 1125899906842624.0))]
     pub max_cpu_millicores: Option<Option<u64>>,
     #[serde(
         default,
         deserialize_with = "present",
         skip_serializing_if = "Option::is_none"
     )]
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>, maximum = 1125899906842624.0))]
     pub max_memory_mb: Option<Option<u64>>,
     #[serde(
         default,
         deserialize_with = "present",
         skip_serializing_if = "Option::is_none"
     )]
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>, maximum = 1125899906842624.0))]
     pub max_disk_mb: Option<Option<u64>>,
     #[serde(
         default,
         deserialize_with = "present",
         skip_serializing_if = "Option::is_none"
     )]
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>, maximum = 1125899906842624.0))]
     pub max_gpu_count: Option<Option<u64>>,
     #[serde(
         default,
         deserialize_with = "present",
         skip_serializing_if = "Option::is_none"
     )]
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>, maximum = 1125899906842624.0))]
     pub per_bunker_max_cpu: Option<Option<u64>>,
     #[serde(
         default,
         deserialize_with = "present",
         skip_serializing_if = "Option::is_none"
     )]
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>, maximum = 1125899906842624.0))]
     pub per_bunker_max_memory: Option<Option<u64>>,
     #[serde(
         default,
         deserialize_with = "present",
         skip_serializing_if = "Option::is_none"
     )]
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>, maximum = 1125899906842624.0))]
     pub per_bunker_max_disk: Option<Option<u64>>,
     #[serde(
         default,
         deserialize_with = "present",
         skip_serializing_if = "Option::is_none"
     )]
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>, maximum = 1125899906842624.0))]
     pub per_bunker_max_gpu: Option<Option<u64>>,
     #[serde(
         default,

@@ -21,10 +21,16 @@ pub const MAX_TERMINAL_CELLS: u16 = 1000;
 #[serde(deny_unknown_fields)]
 pub struct ShellQuery {
     /// Terminal width, 1–1000 (default 80).
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 1000))]
     pub cols: Option<u16>,
     /// Terminal height, 1–1000 (default 24).
+    #[cfg_attr(feature = "openapi", param(minimum = 1, maximum = 1000))]
     pub rows: Option<u16>,
-    /// Run by `/bin/sh -c` (default `/bin/sh`).
+    /// Run by `/bin/sh -c` (default `/bin/sh`); at most 4096 bytes, no NUL.
+    #[cfg_attr(
+        feature = "openapi",
+        param(min_length = 1, max_length = 1024, pattern = r"^[^\x00]*$")
+    )]
     pub command: Option<String>,
     /// `user` (default) or `root` (needs `scaibunker:root`).
     pub user: Option<crate::exec::ExecUser>,

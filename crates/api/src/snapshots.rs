@@ -25,6 +25,7 @@ pub struct CreateSnapshot {
     /// Seconds until the cleanup job deletes the snapshot (1 to 315 360 000); absent: kept
     /// until deleted.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 315360000))]
     pub expires_in_s: Option<u64>,
 }
 

@@ -25,10 +25,19 @@ pub enum StorageVerb {
 pub struct CreateCapability {
     /// Key prefix the token covers, ending in `/` (`tenants/tnt_…/images/`). Callers without
     /// `scaibunker:admin:platform` may only name prefixes under `tenants/{their tenant id}/`.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            pattern = r"^([A-Za-z0-9_=-][A-Za-z0-9._=-]{0,199}/)+$",
+            max_length = 1024
+        )
+    )]
     pub prefix: String,
     /// At least one verb.
+    #[cfg_attr(feature = "openapi", schema(min_items = 1))]
     pub verbs: Vec<StorageVerb>,
     /// Lifetime in seconds, 1 to 86400.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86400))]
     pub ttl_s: u64,
 }
 

@@ -34,6 +34,7 @@ pub struct Worker {
 #[serde(deny_unknown_fields)]
 pub struct CreateBridge {
     /// The bridge's interface name on the worker host: 1–15 of `A-Z a-z 0-9 . _ -`.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9._-]{1,15}$"))]
     pub name: String,
     pub worker_id: String,
 }

@@ -56,10 +56,13 @@ pub struct ListQuery {
     /// Only bunkers of this lifecycle mode (`ephemeral`, `session`, `persistent`).
     lifecycle: Option<String>,
     /// `key=value`; repeatable as a comma-separated list.
+    #[param(pattern = "^([^,]*=[^,]*)?(,([^,]*=[^,]*)?)*$")]
     label: Option<String>,
     /// Page size, 1–500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
     /// The `next_cursor` of the previous page.
+    #[param(pattern = r"^-?[0-9]{1,18}\.bnk_[a-z0-9]{1,64}$")]
     cursor: Option<String>,
 }
 
@@ -171,6 +174,7 @@ pub struct DeleteQuery {
         (status = 403, description = "`AUTHZ_PERMISSION_DENIED`", body = Error),
         (status = 404, description = "`BUNKER_NOT_FOUND`: unknown or another tenant's bunker", body = Error),
         (status = 409, description = "`BUNKER_INVALID_TRANSITION`", body = Error),
+        (status = 422, description = "`VALIDATION_ERROR` on a query parameter", body = Error),
         (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
         (status = 502, description = "`WORKER_ERROR`: the bunker's worker could not complete the operation", body = Error),
     ),
@@ -276,6 +280,7 @@ pub struct EventsQuery {
         (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
         (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:execute`)", body = Error),
         (status = 404, description = "`EXEC_NOT_FOUND`: unknown, another tenant's, or finished more than 10 minutes ago on this controller", body = Error),
+        (status = 422, description = "`VALIDATION_ERROR` on a query parameter", body = Error),
         (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
     ),
     security(("bearer" = []))
@@ -286,8 +291,9 @@ pub async fn exec_events(
     Caller(p): Caller,
     Path((id, exec_id)): Path<(String, String)>,
     headers: axum::http::HeaderMap,
-    Query(q): Query<EventsQuery>,
+    q: super::records::QueryResult<EventsQuery>,
 ) -> Result<Response, ApiError> {
+    let q = super::records::query(q)?;
     let buffer = crate::service::exec_stream::find(&s, &p, &id, &exec_id)?;
     let after = exec_stream::resume_point(&headers, q.last_event_id);
     Ok(exec_stream::sse(buffer, after).into_response())
@@ -298,6 +304,7 @@ pub async fn exec_events(
 #[into_params(parameter_in = Query)]
 pub struct OutputQuery {
     /// `stdout` (default) or `stderr`.
+    #[param(pattern = "^(stdout|stderr)$")]
     stream: Option<String>,
 }
 

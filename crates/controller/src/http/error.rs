@@ -511,6 +511,9 @@ impl From<ImageError> for ApiError {
             ImageError::StorageQuotaExceeded(x) => {
                 Self::quota_exceeded(codes::STORAGE_QUOTA_EXCEEDED, &x)
             }
+            ImageError::NoPartner => {
+                Self::new(StatusCode::CONFLICT, codes::TENANT_HAS_NO_PARTNER, msg)
+            }
             ImageError::NotPending { .. } | ImageError::NotReady { .. } => {
                 Self::new(StatusCode::CONFLICT, codes::IMAGE_NOT_PENDING, msg)
             }

@@ -168,9 +168,30 @@ impl<T: DeserializeOwned> FromRequest<Services> for ApiJson<T> {
 pub fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     let body: &[u8] = if body.is_empty() { b"{}" } else { body };
     let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
+    let first = serde_path_to_error::deserialize(de);
+    // JSON has one number type: `2.0` is the integer 2 to JSON Schema (and so to the OpenAPI
+    // document and its clients), but not to serde. Such a body is read again with every whole
+    // number written as an integer.
+    let parsed = match first {
+        Err(e)
+            if e.inner()
+                .to_string()
+                .starts_with("invalid type: floating point") =>
+        {
+            match serde_json::from_slice::<serde_json::Value>(body) {
+                Ok(mut value) => {
+                    whole_numbers_as_integers(&mut value);
+                    serde_path_to_error::deserialize(&value).map_err(|e| {
+                        let path = e.path().to_string();
+                        (path, e.into_inner())
+                    })
+                }
+                Err(_) => Err((e.path().to_string(), e.into_inner())),
+            }
+        }
+        other => other.map_err(|e| (e.path().to_string(), e.into_inner())),
+    };
+    parsed.map_err(|(path, inner)| {
         let field = if path == "." || path.is_empty() {
             // serde reports an unknown field at the parent level; name it from the message.
             let msg = inner.to_string();
@@ -188,4 +209,56 @@ pub fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
         };
         ApiError::validation(vec![FieldDetail { field, message }])
     })
+}
+
+/// Rewrites every number that is a whole float exactly representable (|n| ≤ 2^53) as an
+/// integer, in place.
+fn whole_numbers_as_integers(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    match v {
+        Value::Number(n) => {
+            if let Some(f) = n.as_f64().filter(|_| n.is_f64())
+                && f.fract() == 0.0
+                && f.abs() <= EXACT
+            {
+                *n = if f < 0.0 {
+                    serde_json::Number::from(f as i64)
+                } else {
+                    serde_json::Number::from(f as u64)
+                };
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(whole_numbers_as_integers),
+        Value::Object(map) => map.values_mut().for_each(whole_numbers_as_integers),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize, PartialEq)]
+    struct Body {
+        n: u64,
+        list: Vec<i64>,
+    }
+
+    #[test]
+    fn whole_floats_are_integers_and_fractions_are_refused() {
+        let ok: Body = parse_json(&Bytes::from_static(br#"{"n": 60.0, "list": [-3.0, 4]}"#))
+            .expect("whole numbers written as floats are integers");
+        assert_eq!(
+            ok,
+            Body {
+                n: 60,
+                list: vec![-3, 4]
+            }
+        );
+        for bad in [r#"{"n": 2.5, "list": []}"#, r#"{"n": 1e300, "list": []}"#] {
+            let e = parse_json::<Body>(&Bytes::from(bad)).expect_err(bad);
+            assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+        }
+    }
 }

@@ -23,9 +23,10 @@ use crate::service::bunkers as svc;
 #[into_params(parameter_in = Query)]
 pub struct FileQuery {
     /// Absolute path in the guest.
-    #[param(required = true)]
+    #[param(required = true, pattern = r"^/[^\x00]*$", max_length = 1024)]
     path: Option<String>,
     /// Upload only: octal permission bits (default `0644`).
+    #[param(pattern = "^0?[0-7]{1,4}$")]
     mode: Option<String>,
     /// Delete only: remove a non-empty directory (default `false`).
     recursive: Option<bool>,
@@ -35,6 +36,7 @@ pub struct FileQuery {
     #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
     /// List only: the `next_cursor` of the previous page.
+    #[param(pattern = "^([0-9a-fA-F]{2}){1,255}$")]
     cursor: Option<String>,
 }
 

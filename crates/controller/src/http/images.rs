@@ -31,7 +31,7 @@ type One<T> = Result<Json<Envelope<T>>, ApiError>;
         (status = 201, description = "The image, `pending`", body = Envelope<api::Image>),
         (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
         (status = 403, description = "`AUTHZ_PERMISSION_DENIED`", body = Error),
-        (status = 409, description = "`NAME_TAKEN`", body = Error),
+        (status = 409, description = "`NAME_TAKEN`, or `TENANT_HAS_NO_PARTNER` for `partner` scope", body = Error),
         (status = 422, description = "`VALIDATION_ERROR` or `IMAGE_SOURCE_UNSUPPORTED` (`oci`)", body = Error),
         (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
     ),

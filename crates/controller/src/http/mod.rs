@@ -187,6 +187,9 @@ fn api_routes() -> OpenApiRouter<Services> {
         .routes(routes!(platform::revoke_api_key));
     openapi::reference_envelope_data(api.get_openapi_mut());
     openapi::document_wildcards(api.get_openapi_mut());
+    openapi::parameters_never_null(api.get_openapi_mut());
+    openapi::body_rules(api.get_openapi_mut());
+    openapi::rate_limited_everywhere(api.get_openapi_mut());
     api
 }
 

@@ -267,11 +267,14 @@ pub struct AccountingQuery {
     /// One user; another than the caller needs `scaibunker:admin:tenant`, whose default is every
     /// user of the tenant.
     user_id: Option<String>,
-    /// Ticks starting at or after this RFC 3339 UTC time.
+    /// Ticks starting at or after this RFC 3339 time.
+    #[param(format = DateTime)]
     start: Option<String>,
-    /// Ticks starting before this RFC 3339 UTC time.
+    /// Ticks starting before this RFC 3339 time.
+    #[param(format = DateTime)]
     end: Option<String>,
     /// Comma-separated `tenant`, `user`, and at most one of `hour`, `day`; default `tenant,user`.
+    #[param(pattern = "^((tenant|user)?,)*(tenant|user|hour|day)?(,(tenant|user)?)*$")]
     group_by: Option<String>,
 }
 

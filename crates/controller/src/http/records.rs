@@ -46,8 +46,10 @@ fn list<T>(page: Page<T>) -> Json<List<T>> {
 #[into_params(parameter_in = Query)]
 pub struct PageQuery {
     /// Page size, 1–500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
     /// The `next_cursor` of the previous page.
+    #[param(pattern = r"^-?[0-9]{1,18}\.[^\x00]*$")]
     cursor: Option<String>,
 }
 
@@ -83,9 +85,11 @@ pub async fn exec_log(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct AuditQuery {
-    /// Events at or after this RFC 3339 UTC time.
+    /// Events at or after this RFC 3339 time.
+    #[param(format = DateTime)]
     start: Option<String>,
-    /// Events before this RFC 3339 UTC time.
+    /// Events before this RFC 3339 time.
+    #[param(format = DateTime)]
     end: Option<String>,
     /// e.g. `bunker.exec`.
     action: Option<String>,
@@ -95,8 +99,10 @@ pub struct AuditQuery {
     /// e.g. `success`.
     status: Option<String>,
     /// Page size, 1–500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
     /// The `next_cursor` of the previous page.
+    #[param(pattern = r"^-?[0-9]{1,18}\.[^\x00]*$")]
     cursor: Option<String>,
 }
 

@@ -51,8 +51,10 @@ pub struct ListQuery {
     /// Only snapshots of this bunker.
     bunker_id: Option<String>,
     /// Page size, 1–500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
     /// The `next_cursor` of the previous page.
+    #[param(pattern = r"^-?[0-9]{1,18}\.snp_[a-z0-9]{1,64}$")]
     cursor: Option<String>,
 }
 

@@ -100,7 +100,7 @@ fn require(p: &Principal, perm: &'static str) -> Result<(), IdentityError> {
 }
 
 fn check_name(field: &'static str, v: &str) -> Result<(), IdentityError> {
-    if v.trim().is_empty() || v.len() > 128 {
+    if v.trim().is_empty() || v.chars().count() > 128 {
         return Err(invalid(field, "must be 1 to 128 characters"));
     }
     Ok(())
@@ -193,10 +193,15 @@ pub async fn create_user(
     if !s.store.tenant_exists(&req.tenant_id).await? {
         return Err(IdentityError::NotFound("tenant"));
     }
-    let email = req.email.trim().to_lowercase();
-    if email.len() > 254 || !email.contains('@') || email.starts_with('@') || email.ends_with('@') {
+    let email = req.email.trim();
+    if email.chars().count() > 254
+        || !email.contains('@')
+        || email.starts_with('@')
+        || email.ends_with('@')
+    {
         return Err(invalid("email", "must be an e-mail address"));
     }
+    let email = email.to_lowercase();
     let extra = permission_set(req.module_permissions.as_deref().unwrap_or_default())?;
     if !platform && extra.contains(auth::ADMIN_PLATFORM) {
         return Err(IdentityError::PermissionDenied(auth::ADMIN_PLATFORM));
@@ -366,11 +371,15 @@ pub async fn create_api_key(
     let narrowed = match &req.permissions {
         Some(list) => {
             let set = permission_set(list)?;
+            // Asking for more than the caller may hand out is a permission it lacks, not a
+            // malformed request (every name is known here).
             if let Some(extra) = set.iter().find(|x| !ceiling.contains(*x)) {
-                return Err(invalid(
-                    "permissions",
-                    format!("`{extra}` is not a permission this key may carry"),
-                ));
+                let name = ALL_PERMISSIONS
+                    .iter()
+                    .find(|p| **p == extra.as_str())
+                    .copied()
+                    .unwrap_or(auth::ADMIN_PLATFORM);
+                return Err(IdentityError::PermissionDenied(name));
             }
             Some(set)
         }

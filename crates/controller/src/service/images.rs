@@ -52,6 +52,8 @@ pub enum ImageError {
     NotFound(&'static str),
     #[error("the name {0:?} is taken")]
     NameTaken(String),
+    #[error("`partner` scope needs a tenant that belongs to a partner; this one belongs to none")]
+    NoPartner,
     #[error("the image is {status}, not waiting for content")]
     NotPending { status: String },
     #[error("the image is {status}; only ready images can be warmed")]
@@ -218,10 +220,7 @@ pub async fn create(
         "partner" => {
             require(p, auth::ADMIN_TENANT)?;
             let Some(partner) = partner.as_deref() else {
-                return Err(invalid(
-                    "scope",
-                    "the caller's tenant belongs to no partner",
-                ));
+                return Err(ImageError::NoPartner);
             };
             (Some(p.tenant_id.as_str()), Some(partner))
         }
@@ -709,7 +708,11 @@ pub async fn create_group(
             "1 to 64 characters of a-z 0-9 . _ -, starting with a letter or digit",
         ));
     }
-    if req.description.as_ref().is_some_and(|d| d.len() > 1024) {
+    if req
+        .description
+        .as_ref()
+        .is_some_and(|d| d.chars().count() > 1024)
+    {
         return Err(invalid("description", "at most 1024 bytes"));
     }
     let id = AvailabilityGroupId::from_random(random_bytes()).to_string();

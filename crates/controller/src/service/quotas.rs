@@ -164,14 +164,14 @@ fn cap(field: &'static str, v: Option<u64>) -> Result<Option<i64>, QuotaError> {
 }
 
 fn check_name(name: &str) -> Result<(), QuotaError> {
-    if name.trim().is_empty() || name.len() > 128 {
+    if name.trim().is_empty() || name.chars().count() > 128 {
         return Err(invalid("name", "must be 1 to 128 characters"));
     }
     Ok(())
 }
 
 fn check_description(d: Option<&str>) -> Result<(), QuotaError> {
-    if d.is_some_and(|d| d.len() > 1024) {
+    if d.is_some_and(|d| d.chars().count() > 1024) {
         return Err(invalid("description", "at most 1024 characters"));
     }
     Ok(())

@@ -27,31 +27,11 @@ pub fn rfc3339(ms: i64) -> String {
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}.{millis:03}Z")
 }
 
-/// Parses `YYYY-MM-DDTHH:MM:SS[.fff]Z` (UTC only) into Unix milliseconds.
+/// Parses an RFC 3339 time (`2026-11-28T10:00:00Z`, any offset) into Unix milliseconds.
 pub fn parse_rfc3339(t: &str) -> Option<i64> {
-    let t = t.strip_suffix('Z').or_else(|| t.strip_suffix("+00:00"))?;
-    let (date, time) = t.split_once('T')?;
-    let mut d = date.splitn(3, '-').map(|x| x.parse::<i64>().ok());
-    let (y, mo, day) = (d.next()??, d.next()??, d.next()??);
-    let (hms, frac) = match time.split_once('.') {
-        Some((h, f)) => (h, f),
-        None => (time, "0"),
-    };
-    let mut h = hms.splitn(3, ':').map(|x| x.parse::<i64>().ok());
-    let (hh, mm, ss) = (h.next()??, h.next()??, h.next()??);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&day) || hh > 23 || mm > 59 || ss > 60 {
-        return None;
-    }
-    let ms: i64 = format!("{frac:0<3}").get(..3)?.parse().ok()?;
-    // Days from civil (Howard Hinnant's algorithm).
-    let y = if mo <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000) + ms)
+    // Any offset (`Z`, `+02:00`, `-05:30`), as RFC 3339 allows; the instant is what counts.
+    let ts: jiff::Timestamp = t.parse().ok()?;
+    Some(ts.as_millisecond())
 }
 
 /// The public record of a bunker row. `env_vars` are never included.
@@ -146,11 +126,20 @@ mod tests {
             parse_rfc3339("2026-11-28T10:33:54Z"),
             Some(1_795_862_034_000)
         );
+        // Any RFC 3339 offset names the same instant (what OpenAPI's `date-time` allows).
+        assert_eq!(
+            parse_rfc3339("2026-11-28T12:33:54+02:00"),
+            Some(1_795_862_034_000)
+        );
+        assert_eq!(
+            parse_rfc3339("2026-11-28T10:33:54.123-00:00"),
+            Some(1_795_862_034_123)
+        );
         for bad in [
             "",
             "2026-11-28",
             "2026-13-01T00:00:00Z",
-            "2026-11-28T10:33:54+02:00",
+            "2026-11-28T10:33:54",
         ] {
             assert_eq!(parse_rfc3339(bad), None, "{bad:?}");
         }
