@@ -69,6 +69,7 @@ pub struct CreateQuotaProfile {
     /// MiB the tenant of whoever the profile applies to may keep in object storage: its
     /// snapshots, images and spilled exec outputs together (bucket `tenant:{id}`).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(maximum = 1125899906842624.0))]
     pub max_storage_mb: Option<u64>,
 }
 
@@ -165,7 +166,7 @@ pub struct UpdateQuotaProfile {
         deserialize_with = "present",
         skip_serializing_if = "Option::is_none"
     )]
-    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>, maximum = 1125899906842624.0))]
     pub max_storage_mb: Option<Option<u64>>,
 }
 
