@@ -61,16 +61,23 @@ API="$URL/v1/modules/scaibunker"
 curl -fsS -H "$AUTH" -H 'content-type: application/json' \
   -d '{"name":"fuzz-cap","max_concurrent_bunkers":2}' "$API/quota-profiles" >/dev/null
 
+# The bunker the bunker routes act on.
+FUZZ_BUNKER_ID="$(curl -fsS -H "$AUTH" -H 'content-type: application/json' \
+  -d '{"image":"tiny","max_lifetime_s":3600}' "$API/bunkers" |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["data"]["id"])')"
+export FUZZ_BUNKER_ID
+echo "[fuzz] bunker $FUZZ_BUNKER_ID" >&2
+
 CHECKS=not_a_server_error,positive_data_acceptance,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance
 run() {
   local label="$1"; shift
+  case " $* " in *" --phases "*) ;; *) set -- --phases examples,coverage,fuzzing "$@" ;; esac
   echo "[fuzz] schemathesis: $label" >&2
   PYTHONPATH=scripts/fuzz SCHEMATHESIS_HOOKS=hooks \
   "$PYTOOLS/schemathesis" --config-file scripts/fuzz/schemathesis.toml run docs/openapi.json \
     --url "$URL" --checks "$CHECKS" \
     --max-examples "$EXAMPLES" --seed "$SEED" --workers 1 \
     --request-timeout 120 --no-color --generation-database none \
-    --phases examples,coverage,fuzzing \
     "$@"
 }
 
@@ -79,8 +86,18 @@ run() {
 # working key and a working worker.
 LOCKOUT='^/v1/(api-keys/\{id\}|modules/scaibunker/workers/\{id\}/(drain|credential/(rotate|reset)))$'
 
+# Archives: a tarball's format is not a schema, so a generated body is rarely a tar and its
+# refusal (`422 INVALID_ARCHIVE`) is right; they are fuzzed for everything but that. Archiving
+# `/` (with /proc and /sys) breaks off mid-stream, a known open issue: the archive routes read
+# and write under `/home/user` (scripts/fuzz/schemathesis.toml) and skip the coverage phase,
+# which would try `/` anyway.
+ARCHIVES='/files/archive$'
+
 status=0
-run admin -H "$AUTH" --exclude-path-regex "$LOCKOUT" || status=1
+run admin -H "$AUTH" --exclude-path-regex "$LOCKOUT|$ARCHIVES" || status=1
+run archives -H "$AUTH" --include-path-regex "$ARCHIVES" --phases fuzzing \
+  --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance ||
+  status=1
 # Nothing before this point may have locked the fuzzer out (a run of 401s passes every check).
 code="$(curl -s -o /dev/null -w '%{http_code}' -H "$AUTH" "$URL/v1/tenants")"
 if [ "$code" != 200 ]; then

@@ -44,7 +44,7 @@ pub struct ExecRequest {
     #[serde(default)]
     #[cfg_attr(
         feature = "openapi",
-        schema(pattern = r"^/[^\x00]*$", max_length = 1024)
+        schema(pattern = r"^(/[^/\x00]{0,63})+/?$", max_length = 1024)
     )]
     pub cwd: Option<String>,
     #[serde(default)]

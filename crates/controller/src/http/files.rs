@@ -23,7 +23,11 @@ use crate::service::bunkers as svc;
 #[into_params(parameter_in = Query)]
 pub struct FileQuery {
     /// Absolute path in the guest.
-    #[param(required = true, pattern = r"^/[^\x00]*$", max_length = 1024)]
+    #[param(
+        required = true,
+        pattern = r"^(/[^/\x00]{0,63})+/?$",
+        max_length = 1024
+    )]
     path: Option<String>,
     /// Upload only: octal permission bits (default `0644`).
     #[param(pattern = "^0?[0-7]{1,4}$")]

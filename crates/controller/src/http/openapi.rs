@@ -249,6 +249,15 @@ pub(super) fn body_rules(doc: &mut OpenApi) {
             ));
         }
     }
+    // No NUL in an argument (the guest takes C strings).
+    if let Some(RefOr::T(Schema::AllOf(all))) = components.schemas.get_mut("ExecRequest")
+        && let Some(RefOr::T(Schema::Object(o))) = all.items.first_mut()
+        && let Some(RefOr::T(Schema::Array(a))) = o.properties.get_mut("argv")
+        && let ArrayItems::RefOrSchema(items) = &mut a.items
+        && let RefOr::T(Schema::Object(item)) = items.as_mut()
+    {
+        item.pattern = Some("^[^\\x00]*$".to_owned());
+    }
     // A user's extra permissions never include `scaibunker:admin:platform`: only a
     // `super_admin` holds it, and its role already does.
     let names = |except: Option<&str>| -> Vec<serde_json::Value> {

@@ -4,7 +4,14 @@
 use std::collections::BTreeMap;
 
 use base64::Engine;
-use base64::engine::general_purpose::STANDARD as B64;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+
+/// Standard base64 as RFC 4648 decoders read it: bits past the last whole byte are ignored
+/// (`AB==` is one byte), as the OpenAPI document's pattern allows.
+const B64: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_allow_trailing_bits(true),
+);
 use scaibunker_api::exec::{ExecRequest, ExecResult, ExecUser};
 use scaibunker_core::ids::ExecId;
 use scaibunker_proto::agent;

@@ -16,7 +16,8 @@ use crate::service::{RequestContext, Services};
 use crate::store::bunkers::BunkerRow;
 use crate::workers::UploadTo;
 
-/// Checks a guest path: absolute, no NUL, at most 4096 bytes.
+/// Checks a guest path: absolute, no NUL, at most 4096 bytes, no name over 255 bytes (the
+/// guest kernel's `NAME_MAX`).
 pub fn validate_path(path: &str) -> Result<(), BunkerError> {
     if !path.starts_with('/') {
         return Err(BunkerError::InvalidPath(format!(
@@ -29,6 +30,11 @@ pub fn validate_path(path: &str) -> Result<(), BunkerError> {
     if path.len() > 4096 {
         return Err(BunkerError::InvalidPath(
             "path is longer than 4096 bytes".into(),
+        ));
+    }
+    if path.split('/').any(|name| name.len() > 255) {
+        return Err(BunkerError::InvalidPath(
+            "a name in the path is longer than 255 bytes".into(),
         ));
     }
     Ok(())
