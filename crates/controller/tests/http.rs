@@ -2265,8 +2265,22 @@ async fn the_images_job_rebakes_interrupted_bakes(db: Db) {
         .await
         .expect("job");
     assert_eq!(recovered, 1);
+    // The job only starts the bake (it used to bake inline, holding every other job of the
+    // loop for as long as a bake takes): the image is still baking when the job returns.
     let (st, v) = api.admin("GET", &format!("/images/{}", ids[0]), None).await;
     assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        v["data"]["status"], "baking",
+        "the job returned before the bake: {v}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let v = loop {
+        let (_, v) = api.admin("GET", &format!("/images/{}", ids[0]), None).await;
+        if v["data"]["status"] != "baking" || std::time::Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     assert_eq!(v["data"]["status"], "ready", "{v}");
     assert_eq!(v["data"]["sha256"].as_str().map(str::len), Some(64), "{v}");
     let (_, v) = api.admin("GET", &format!("/images/{}", ids[1]), None).await;

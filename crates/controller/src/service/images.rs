@@ -14,7 +14,8 @@
 //!
 //! Baking runs in its own task: a client that disconnects does not cancel it. A controller
 //! that dies mid-bake leaves the image `baking`; the `images` job bakes it again from the
-//! stored source once it has been untouched for [`STALE_BAKE`].
+//! stored source once it has been untouched for [`STALE_BAKE`], in a task of its own so that
+//! the job loop is not held for the length of a bake.
 
 use std::time::Duration;
 
@@ -585,7 +586,9 @@ pub async fn deactivate(s: &Services, p: &Principal, id: &str) -> Result<api::Im
     image_api(s, get_row(s, None, id).await?, true).await
 }
 
-/// The `images` job: re-bakes images whose controller died mid-bake. Returns how many.
+/// The `images` job: re-bakes images whose controller died mid-bake, each in its own task
+/// (a bake can take many minutes; the job loop runs every other job meanwhile). Returns how
+/// many it started.
 pub async fn recover_stale_bakes(s: &Services) -> Result<usize, ImageError> {
     let before = now_ms() - STALE_BAKE.as_millis() as i64;
     let stale = s.store.stale_bakes(before).await?;
@@ -599,7 +602,7 @@ pub async fn recover_stale_bakes(s: &Services) -> Result<usize, ImageError> {
                 image_id = id,
                 "re-baking an image whose bake was interrupted"
             );
-            let _ = bake_and_publish(s.clone(), id.clone()).await;
+            tokio::spawn(bake_and_publish(s.clone(), id.clone()));
         }
     }
     Ok(stale.len())
