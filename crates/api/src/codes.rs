@@ -98,3 +98,5 @@ pub const CAPABILITY_EXPIRED: &str = "CAPABILITY_EXPIRED";
 pub const CAPABILITY_OUT_OF_SCOPE: &str = "CAPABILITY_OUT_OF_SCOPE";
 /// A capability token used for a verb it does not carry.
 pub const CAPABILITY_VERB_DENIED: &str = "CAPABILITY_VERB_DENIED";
+pub const CAPABILITY_REVOKED: &str = "CAPABILITY_REVOKED";
+pub const CAPABILITY_NOT_FOUND: &str = "CAPABILITY_NOT_FOUND";

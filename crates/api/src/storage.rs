@@ -45,6 +45,8 @@ pub struct CreateCapability {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Capability {
+    /// `cap_…`: what `DELETE /storage/capabilities/{id}` revokes.
+    pub id: String,
     /// Send as `Authorization: Bearer <token>` to the object routes.
     pub token: String,
     pub prefix: String,

@@ -68,6 +68,7 @@ async fn bunker_proxy_mode_serves_objects_with_the_database_unreachable() {
         prefix: "exec/".into(),
         verbs: vec![StorageVerb::Put, StorageVerb::Get],
         expires_at: now_s() + 60,
+        id: None,
     });
 
     let http = reqwest::Client::new();

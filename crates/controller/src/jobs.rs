@@ -172,6 +172,10 @@ impl Job {
             Self::Snapshots => Ok(snapshots::cleanup(s).await?),
             Self::Spills => {
                 storage_quota::delete_spills(s, s.config.spill_retention).await?;
+                // Expired capabilities verify no more: their rows can go.
+                s.store
+                    .delete_expired_capabilities(crate::store::now_ms())
+                    .await?;
                 Ok(())
             }
         }

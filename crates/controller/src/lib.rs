@@ -180,8 +180,8 @@ pub async fn start(config: ControllerConfig) -> Result<ControllerHandle, StartEr
             source,
         })?;
     }
-    let storage = open_storage(&config)?;
     let store = Store::open(&config.database_url).await?;
+    let storage = open_storage(&config)?.with_ledger(store.clone());
     let key_file = config.data_dir.as_ref().map(|d| d.join("admin.key"));
     let bootstrap_key =
         service::auth::bootstrap(&store, config.bootstrap_key.as_deref(), key_file.as_deref())

@@ -1004,7 +1004,8 @@ async fn a_tenant_profile_narrows_but_never_lifts_the_platform_ceiling(db: Db, l
             Some(json!({"target_kind": "user", "target_id": user, "mode": "individual"})),
         )
         .await;
-    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+    // A well-formed request the profile's state refuses (the fuzzing pass's finding).
+    assert_eq!(st, StatusCode::CONFLICT);
     // A tenant admin sees the default but cannot change it.
     let (st, _) = api
         .call("GET", &format!("/quota-profiles/{default}"), &key, None)

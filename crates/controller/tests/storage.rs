@@ -58,6 +58,7 @@ fn all_access() -> String {
             StorageVerb::Delete,
         ],
         expires_at: u64::MAX / 2,
+        id: None,
     })
 }
 
@@ -489,6 +490,7 @@ async fn capability_tokens_are_scoped_to_prefix_verbs_and_time(db: Db) {
         prefix: "images/img_1/".into(),
         verbs: vec![StorageVerb::Get],
         expires_at: scaibunker_controller::service::storage::now_s() - 1,
+        id: None,
     });
     let (st, _, b) = send(&p.http, "GET", &inside, Some(&expired), None).await;
     assert_eq!(
@@ -667,8 +669,157 @@ async fn bunker_proxy_mode_serves_objects_with_no_database() {
     proxy.shutdown().await;
 }
 
+impl Proxy {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut rb = self
+            .http
+            .request(
+                method.parse().expect("method"),
+                format!("{}{path}", self.handle.url()),
+            )
+            .bearer_auth(key);
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let resp = rb.send().await.expect("send");
+        let st = resp.status();
+        let bytes = resp.bytes().await.expect("body");
+        (st, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+}
+
+async fn capabilities_are_revoked_alone_or_with_the_key_that_minted_them(db: Db) {
+    let p = Proxy::start(db, 1 << 20).await;
+    let revoke = |id: String, key: String| {
+        let p = &p;
+        async move {
+            p.call(
+                "DELETE",
+                &format!("/v1/modules/scaibunker/storage/capabilities/{id}"),
+                &key,
+                None,
+            )
+            .await
+        }
+    };
+    let url = p.object_url("images/img_1/rootfs.tar");
+    let mint = |key: String| {
+        let p = &p;
+        async move {
+            let (st, v) = p
+                .mint(
+                    &key,
+                    json!({"prefix": "images/", "verbs": ["put", "get"], "ttl_s": 600}),
+                )
+                .await;
+            assert_eq!(st, StatusCode::CREATED, "{v}");
+            let id = v["data"]["id"].as_str().expect("id").to_owned();
+            assert!(id.starts_with("cap_"), "{id}");
+            (id, v["data"]["token"].as_str().expect("token").to_owned())
+        }
+    };
+
+    // One capability revoked: its token is refused from then on, a second revoke finds none.
+    let (id, token) = mint(p.admin_key.clone()).await;
+    let (st, _, b) = send(&p.http, "PUT", &url, Some(&token), Some(b"tar")).await;
+    assert_eq!(st, StatusCode::CREATED, "{b:?}");
+    let (st, v) = revoke(id.clone(), p.admin_key.clone()).await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "{v}");
+    for method in ["GET", "PUT"] {
+        let (st, _, b) = send(&p.http, method, &url, Some(&token), Some(b"x")).await;
+        assert_eq!(
+            (st, code(&json_of(&b))),
+            (StatusCode::UNAUTHORIZED, "CAPABILITY_REVOKED"),
+            "{method}"
+        );
+    }
+    let (st, v) = revoke(id, p.admin_key.clone()).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::NOT_FOUND, "CAPABILITY_NOT_FOUND")
+    );
+
+    // A capability never outlives the key that minted it.
+    let narrow = p
+        .narrowed_key(&["scaibunker:images:manage", "scaibunker:admin:platform"])
+        .await;
+    let (_, token) = mint(narrow.clone()).await;
+    let (st, _, _) = send(&p.http, "GET", &url, Some(&token), None).await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, keys) = p.call("GET", "/v1/api-keys", &p.admin_key, None).await;
+    assert_eq!(st, StatusCode::OK, "{keys}");
+    let narrow_id = keys["data"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .find(|k| k["name"] == "narrow")
+        .and_then(|k| k["id"].as_str())
+        .expect("the narrow key is listed")
+        .to_owned();
+    let (st, v) = p
+        .call(
+            "DELETE",
+            &format!("/v1/api-keys/{narrow_id}"),
+            &p.admin_key,
+            None,
+        )
+        .await;
+    assert!(st.is_success(), "{st} {v}");
+    let (st, _, b) = send(&p.http, "GET", &url, Some(&token), None).await;
+    assert_eq!(
+        (st, code(&json_of(&b))),
+        (StatusCode::UNAUTHORIZED, "CAPABILITY_REVOKED")
+    );
+
+    // Another tenant's admin cannot revoke this tenant's capability, and nothing changes.
+    let (id, token) = mint(p.admin_key.clone()).await;
+    let (st, t) = p
+        .call(
+            "POST",
+            "/v1/tenants",
+            &p.admin_key,
+            Some(json!({"name": "Other", "slug": "other"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{t}");
+    let tenant = t["data"]["id"].as_str().expect("tenant").to_owned();
+    let (st, u) = p
+        .call(
+            "POST",
+            "/v1/users",
+            &p.admin_key,
+            Some(json!({"email": "admin@other.example", "tenant_id": tenant, "role": "tenant_admin"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{u}");
+    let (st, k) = p
+        .call(
+            "POST",
+            "/v1/api-keys",
+            &p.admin_key,
+            Some(json!({"name": "other", "user_id": u["data"]["id"]})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{k}");
+    let other = k["data"]["key"].as_str().expect("key").to_owned();
+    let (st, v) = revoke(id, other).await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::NOT_FOUND, "CAPABILITY_NOT_FOUND")
+    );
+    let (st, _, _) = send(&p.http, "GET", &url, Some(&token), None).await;
+    assert_eq!(st, StatusCode::OK, "the capability still works");
+}
+
 both!(
     a_full_capability_puts_gets_heads_and_deletes_objects,
     a_multi_mib_object_streams_through_the_proxy,
     capability_tokens_are_scoped_to_prefix_verbs_and_time,
+    capabilities_are_revoked_alone_or_with_the_key_that_minted_them,
 );

@@ -59,7 +59,7 @@ impl ApiError {
         }])
     }
 
-    fn internal(cause: &dyn std::error::Error) -> Self {
+    pub(super) fn internal(cause: &dyn std::error::Error) -> Self {
         let mut chain = cause.to_string();
         let mut src = cause.source();
         while let Some(s) = src {

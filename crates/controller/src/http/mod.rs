@@ -174,6 +174,7 @@ fn api_routes() -> OpenApiRouter<Services> {
         .routes(routes!(quotas::create_assignment, quotas::assignments))
         .routes(routes!(quotas::delete_assignment))
         .routes(routes!(storage::create_capability))
+        .routes(routes!(storage::revoke_capability))
         .merge(storage::object_routes());
     let mut api = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .nest(MODULE_PREFIX, module)

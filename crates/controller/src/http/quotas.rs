@@ -153,8 +153,8 @@ pub async fn delete_profile(
         (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
         (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:admin:tenant`)", body = Error),
         (status = 404, description = "`QUOTA_PROFILE_NOT_FOUND`, `USER_NOT_FOUND` or `GROUP_NOT_FOUND`", body = Error),
-        (status = 409, description = "`CONFLICT`: the target already has an assignment", body = Error),
-        (status = 422, description = "`VALIDATION_ERROR` (a mode the target kind does not take, or a platform default)", body = Error),
+        (status = 409, description = "`CONFLICT`: the target already has an assignment, or the profile is a platform default (not assigned)", body = Error),
+        (status = 422, description = "`VALIDATION_ERROR` (a mode the target kind does not take)", body = Error),
         (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
     ),
     security(("bearer" = []))

@@ -51,10 +51,24 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, s: &S) -> Result<Self, ApiError> {
-        Storage::from_ref(s)
+        let storage = Storage::from_ref(s);
+        let grant = storage
             .authenticate(bearer(parts), svc::now_s())
-            .map(StorageAuth)
-            .map_err(ApiError::from)
+            .map_err(ApiError::from)?;
+        if let Grant::Capability(claims) = &grant {
+            storage
+                .check_revocation(claims)
+                .await
+                .map_err(|e| match e {
+                    svc::RevocationError::Revoked => ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        codes::CAPABILITY_REVOKED,
+                        e.to_string(),
+                    ),
+                    svc::RevocationError::Store(ref s) => ApiError::internal(s),
+                })?;
+        }
+        Ok(StorageAuth(grant))
     }
 }
 
@@ -273,4 +287,46 @@ impl From<StorageAuthError> for ApiError {
         };
         Self::new(status, code, msg)
     }
+}
+
+/// Revokes a capability token: the controllers' storage proxy refuses it from now on
+/// (`CAPABILITY_REVOKED`); revoking the API key that minted it does the same. A proxy running
+/// alone (`SCAIGRID_MODE=bunker_proxy`, no database) takes it until it expires.
+#[utoipa::path(
+    delete,
+    path = "/storage/capabilities/{id}",
+    operation_id = "revoke_capability",
+    tag = "storage",
+    params(("id" = String, Path, description = "Capability id (`cap_…`)")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED` (`scaibunker:images:manage`)", body = Error),
+        (status = 404, description = "`CAPABILITY_NOT_FOUND`: unknown, already revoked or another tenant's", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn revoke_capability(
+    State(s): State<Services>,
+    Caller(p): Caller,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    svc::revoke_capability(&s, &p, &ctx, &id)
+        .await
+        .map_err(|e| match e {
+            svc::RevokeCapabilityError::PermissionDenied(_) => ApiError::new(
+                StatusCode::FORBIDDEN,
+                codes::AUTHZ_PERMISSION_DENIED,
+                e.to_string(),
+            ),
+            svc::RevokeCapabilityError::NotFound => ApiError::new(
+                StatusCode::NOT_FOUND,
+                codes::CAPABILITY_NOT_FOUND,
+                e.to_string(),
+            ),
+            svc::RevokeCapabilityError::Store(ref s) => ApiError::internal(s),
+        })?;
+    Ok(StatusCode::NO_CONTENT)
 }

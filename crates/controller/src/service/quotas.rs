@@ -448,10 +448,10 @@ fn assignment_api(a: AssignmentRow) -> api::Assignment {
 
 /// The tenant a profile's assignments live in; platform defaults take none.
 fn assignable_tenant(row: &ProfileRow) -> Result<String, QuotaError> {
+    // The profile's state, not the request, is what is wrong: 409, as for other conflicts.
     row.tenant_id.clone().ok_or_else(|| {
-        invalid(
-            "profile_id",
-            "a platform default applies to everyone the platform granted nothing else; assign a tenant profile",
+        QuotaError::Conflict(
+            "a platform default applies to everyone the platform granted nothing else; assign a tenant profile".into(),
         )
     })
 }

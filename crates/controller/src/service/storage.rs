@@ -49,6 +49,10 @@ pub struct Storage {
     secret: Arc<[u8]>,
     /// Largest object a `PUT` may store.
     pub max_object_bytes: u64,
+    /// Where minted capabilities are recorded (the controllers' proxy): a token whose
+    /// capability or minting key was revoked is refused. The proxy alone has none and takes a
+    /// token until it expires.
+    ledger: Option<crate::store::Store>,
 }
 
 impl std::fmt::Debug for Storage {
@@ -80,6 +84,11 @@ pub struct CapabilityClaims {
     /// Unix seconds.
     #[serde(rename = "exp")]
     pub expires_at: u64,
+    /// The capability's id (`cap_…`), what a revocation names; every token the API mints has
+    /// one. A token without one was signed straight with the storage secret (by whoever
+    /// holds it) and cannot be revoked.
+    #[serde(rename = "i", default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 /// Why a request to the object routes was refused.
@@ -99,6 +108,15 @@ pub enum StorageAuthError {
     VerbDenied(StorageVerb),
     #[error("the key {key} is outside the capability's prefix {prefix:?}")]
     OutOfScope { key: String, prefix: String },
+}
+
+/// Why a verified capability is not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum RevocationError {
+    #[error("the capability, or the API key that minted it, was revoked")]
+    Revoked,
+    #[error("checking the capability failed")]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// Why a capability could not be minted.
@@ -129,6 +147,26 @@ impl Storage {
             objects,
             secret: secret.into(),
             max_object_bytes,
+            ledger: None,
+        }
+    }
+
+    /// This proxy checks capabilities against the minted ones in `store`.
+    pub fn with_ledger(mut self, store: crate::store::Store) -> Self {
+        self.ledger = Some(store);
+        self
+    }
+
+    /// Whether a verified capability still holds: neither it nor its minting key revoked
+    /// (only where there is a ledger; elsewhere until it expires).
+    pub async fn check_revocation(&self, claims: &CapabilityClaims) -> Result<(), RevocationError> {
+        let (Some(ledger), Some(id)) = (&self.ledger, &claims.id) else {
+            return Ok(());
+        };
+        if ledger.capability_live(id).await? {
+            Ok(())
+        } else {
+            Err(RevocationError::Revoked)
         }
     }
 
@@ -229,12 +267,18 @@ impl Storage {
         let mut verbs = req.verbs;
         verbs.sort();
         verbs.dedup();
+        let id = format!(
+            "cap_{}",
+            scaibunker_core::ids::encode_random(random_bytes())
+        );
         let claims = CapabilityClaims {
             prefix: prefix.as_str().to_owned(),
             verbs: verbs.clone(),
             expires_at: now_s + req.ttl_s,
+            id: Some(id.clone()),
         };
         Ok(Capability {
+            id,
             token: self.sign(&claims),
             prefix: claims.prefix,
             verbs,
@@ -261,6 +305,14 @@ pub async fn create_capability(
     req: CreateCapability,
 ) -> Result<Capability, CreateCapabilityError> {
     let cap = s.storage.mint(p, req, now_s())?;
+    let row = crate::store::capabilities::CapabilityRow {
+        id: cap.id.clone(),
+        tenant_id: p.tenant_id.clone(),
+        key_id: p.key_id.clone(),
+        prefix: cap.prefix.clone(),
+        expires_at: (now_s() + MAX_TTL_S) as i64 * 1000,
+        created_at: now_ms(),
+    };
     let event = AuditEvent {
         id: AuditId::from_random(random_bytes()).to_string(),
         time_ms: now_ms(),
@@ -273,12 +325,62 @@ pub async fn create_capability(
         status: "success",
         ip: ctx.ip.clone(),
         request_id: Some(ctx.request_id.clone()),
-        details: serde_json::json!({"verbs": cap.verbs, "expires_at": cap.expires_at}),
+        details: serde_json::json!({"id": cap.id, "verbs": cap.verbs, "expires_at": cap.expires_at}),
+    };
+    let mut tx = s.store.begin().await?;
+    crate::store::capabilities::insert(&mut tx, &row).await?;
+    crate::store::audit::insert(&mut tx, &event).await?;
+    tx.commit().await.map_err(crate::store::StoreError::from)?;
+    Ok(cap)
+}
+
+/// Why `DELETE /storage/capabilities/{id}` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RevokeCapabilityError {
+    #[error("revoking storage capabilities needs {0}")]
+    PermissionDenied(&'static str),
+    #[error("no such live capability")]
+    NotFound,
+    #[error("store failed")]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Revokes a capability of the caller's tenant (any tenant's with
+/// `scaibunker:admin:platform`): from now on the controllers' proxy refuses its token with
+/// `CAPABILITY_REVOKED`. Audited.
+pub async fn revoke_capability(
+    s: &Services,
+    p: &Principal,
+    ctx: &RequestContext,
+    id: &str,
+) -> Result<(), RevokeCapabilityError> {
+    if !p.has(auth::IMAGES_MANAGE) {
+        return Err(RevokeCapabilityError::PermissionDenied(auth::IMAGES_MANAGE));
+    }
+    let tenant = (!p.has(auth::ADMIN_PLATFORM)).then_some(p.tenant_id.as_str());
+    let row = s
+        .store
+        .revoke_capability(tenant, id, now_ms())
+        .await?
+        .ok_or(RevokeCapabilityError::NotFound)?;
+    let event = AuditEvent {
+        id: AuditId::from_random(random_bytes()).to_string(),
+        time_ms: now_ms(),
+        tenant_id: Some(row.tenant_id.clone()),
+        actor_id: Some(p.user_id.clone()),
+        actor_type: "user",
+        action: "storage.capability.revoke",
+        resource_type: "storage_capability",
+        resource_id: Some(row.id.clone()),
+        status: "success",
+        ip: ctx.ip.clone(),
+        request_id: Some(ctx.request_id.clone()),
+        details: serde_json::json!({"prefix": row.prefix, "minted_by_key": row.key_id}),
     };
     let mut tx = s.store.begin().await?;
     crate::store::audit::insert(&mut tx, &event).await?;
     tx.commit().await.map_err(crate::store::StoreError::from)?;
-    Ok(cap)
+    Ok(())
 }
 
 /// Whether `grant` allows `verb` on `key` (steps 2 and 3 of the module doc).
@@ -336,6 +438,7 @@ mod tests {
             prefix: prefix.into(),
             verbs: verbs.to_vec(),
             expires_at,
+            id: None,
         }
     }
 

@@ -10,6 +10,7 @@ pub mod audit;
 pub mod availability;
 pub mod builtin_images;
 pub mod bunkers;
+pub mod capabilities;
 pub mod exec_log;
 pub mod identity;
 pub mod images;
