@@ -18,12 +18,16 @@
 //! agent's user, root). Symlinks are stored and unpacked as symlinks, never followed.
 //!
 //! `ReadArchive` sends the directory's tree as `DATA` frames of a tar stream (paths relative
-//! to it, symlinks as symlinks, devices and sockets skipped by tar), then `Read` with the
-//! number of bytes sent.
+//! to it, names in byte order, symlinks as symlinks, devices, FIFOs and sockets skipped),
+//! then `Read` with the number of bytes sent. It stays on the directory's filesystem (as
+//! `tar --one-file-system`): a mount point below it (`/proc`, `/sys`, `/dev`, a tmpfs) is
+//! sent as an empty directory. Before the first byte, every directory and file of the tree
+//! is opened as the requesting user, so an unreadable one is an error reply
+//! (`FILE_PERMISSION_DENIED` naming it), not a stream cut short.
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::mpsc::{Receiver, TryRecvError};
 
@@ -368,6 +372,17 @@ fn try_read_archive(
         }
         Err(e) => return Err(ArchiveError::io("stat", &path)(e)),
     }
+    let root: &Path = path.as_ref();
+    let dev = fs::metadata(root)
+        .map_err(ArchiveError::io("stat", root))?
+        .dev();
+    // Everything the stream will read, opened once before it starts.
+    walk(root, Path::new("."), dev, &mut |abs, _, meta| {
+        if meta.is_file() {
+            fs::File::open(abs).map_err(ArchiveError::io("open", abs))?;
+        }
+        Ok(())
+    })?;
     let frames = Frames {
         tx,
         input,
@@ -377,9 +392,32 @@ fn try_read_archive(
     };
     let mut builder = tar::Builder::new(frames);
     builder.follow_symlinks(false);
-    let built = builder
-        .append_dir_all(".", &path)
-        .and_then(|()| builder.finish());
+    let mut append = |abs: &Path, rel: &Path, meta: &fs::Metadata| -> io::Result<()> {
+        let t = meta.file_type();
+        if t.is_dir() {
+            builder.append_dir(rel, abs)
+        } else if t.is_file() || t.is_symlink() {
+            builder.append_path_with_name(abs, rel)
+        } else {
+            Ok(())
+        }
+    };
+    let built = append(
+        root,
+        Path::new("."),
+        &fs::metadata(root).map_err(ArchiveError::io("stat", root))?,
+    )
+    .map_err(ArchiveError::io("archive", root))
+    .and_then(|()| {
+        walk(root, Path::new("."), dev, &mut |abs, rel, meta| {
+            append(abs, rel, meta).map_err(ArchiveError::io("archive", abs))
+        })
+    });
+    let built = match built {
+        Ok(()) => builder.finish(),
+        Err(ArchiveError::Io { source, .. }) => Err(source),
+        Err(other) => return Err(other),
+    };
     let mut frames = builder
         .into_inner()
         .map_err(ArchiveError::io("finish the archive of", &path))?;
@@ -391,4 +429,34 @@ fn try_read_archive(
         .flush()
         .map_err(|_| frames.broken.take().unwrap_or(ArchiveError::ChannelClosed))?;
     Ok(frames.total)
+}
+
+/// Calls `f` with every entry below `dir` (absolute path, path relative to the archive root,
+/// metadata not following symlinks), names in byte order, parents before children; does not
+/// descend into directories on another filesystem than `dev`.
+fn walk(
+    dir: &Path,
+    rel: &Path,
+    dev: u64,
+    f: &mut dyn FnMut(&Path, &Path, &fs::Metadata) -> Result<(), ArchiveError>,
+) -> Result<(), ArchiveError> {
+    let mut names = Vec::new();
+    for entry in fs::read_dir(dir).map_err(ArchiveError::io("read directory", dir))? {
+        names.push(
+            entry
+                .map_err(ArchiveError::io("read directory", dir))?
+                .file_name(),
+        );
+    }
+    names.sort();
+    for name in names {
+        let abs = dir.join(&name);
+        let rel = rel.join(&name);
+        let meta = fs::symlink_metadata(&abs).map_err(ArchiveError::io("stat", &abs))?;
+        f(&abs, &rel, &meta)?;
+        if meta.is_dir() && meta.dev() == dev {
+            walk(&abs, &rel, dev, f)?;
+        }
+    }
+    Ok(())
 }

@@ -1164,6 +1164,73 @@ fn a_directory_tree_round_trips_through_archives() {
     assert_eq!(snapshot(&dst), snapshot(&src));
 }
 
+/// Archiving `/` in a guest went through `/proc` and `/sys` and broke off mid-stream (found by
+/// the API fuzzing pass); a file the user cannot read did the same after the first bytes.
+#[test]
+fn an_archive_stays_on_its_filesystem_and_refuses_unreadable_files_before_streaming() {
+    let mut agent = Agent::start();
+    assert!(rustix_is_root(), "run the agent tests as root");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    fs::create_dir_all(src.join("mnt")).expect("dirs");
+    fs::write(src.join("a.txt"), b"a").expect("file");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "tmpfs"])
+        .arg(src.join("mnt"))
+        .status()
+        .expect("run mount");
+    assert!(mounted.success(), "mounting a tmpfs for the test");
+    fs::write(src.join("mnt/elsewhere.txt"), b"on another filesystem").expect("file");
+    let out = agent.call(&Request::ReadArchive {
+        path: path_str(&src),
+        user: GuestUser::Root,
+    });
+    let unmounted = std::process::Command::new("umount")
+        .arg(src.join("mnt"))
+        .status()
+        .expect("run umount");
+    assert!(unmounted.success());
+    assert!(
+        matches!(out.reply(), Reply::Read { .. }),
+        "{:?}",
+        out.reply()
+    );
+    let mut names: Vec<String> = tar::Archive::new(out.data.as_slice())
+        .entries()
+        .expect("tar")
+        .map(|e| {
+            e.expect("entry")
+                .path()
+                .expect("path")
+                .display()
+                .to_string()
+        })
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [".", "a.txt", "mnt"],
+        "the mount point is sent empty"
+    );
+
+    // A root-only file below: refused as the guest user before any byte is sent.
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    fs::set_permissions(&src, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let secret = src.join("secret");
+    fs::write(&secret, b"root only").expect("file");
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).expect("chmod");
+    let out = agent.call(&Request::ReadArchive {
+        path: path_str(&src),
+        user: GuestUser::User,
+    });
+    assert_eq!(out.error_code(), AgentErrorCode::PermissionDenied);
+    assert!(
+        out.data.is_empty(),
+        "{} bytes were sent first",
+        out.data.len()
+    );
+}
+
 #[test]
 fn an_archive_merges_into_an_existing_directory() {
     let mut agent = Agent::start();
