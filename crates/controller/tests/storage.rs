@@ -677,20 +677,8 @@ impl Proxy {
         key: &str,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let mut rb = self
-            .http
-            .request(
-                method.parse().expect("method"),
-                format!("{}{path}", self.handle.url()),
-            )
-            .bearer_auth(key);
-        if let Some(b) = body {
-            rb = rb.json(&b);
-        }
-        let resp = rb.send().await.expect("send");
-        let st = resp.status();
-        let bytes = resp.bytes().await.expect("body");
-        (st, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        let url = format!("{}{path}", self.handle.url());
+        common::request(&self.http, method, url, Some(key), body).await
     }
 }
 

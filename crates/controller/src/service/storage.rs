@@ -313,25 +313,47 @@ pub async fn create_capability(
         expires_at: (now_s() + MAX_TTL_S) as i64 * 1000,
         created_at: now_ms(),
     };
-    let event = AuditEvent {
-        id: AuditId::from_random(random_bytes()).to_string(),
-        time_ms: now_ms(),
-        tenant_id: Some(p.tenant_id.clone()),
-        actor_id: Some(p.user_id.clone()),
-        actor_type: "user",
-        action: "storage.capability.create",
-        resource_type: "storage_prefix",
-        resource_id: Some(cap.prefix.clone()),
-        status: "success",
-        ip: ctx.ip.clone(),
-        request_id: Some(ctx.request_id.clone()),
-        details: serde_json::json!({"id": cap.id, "verbs": cap.verbs, "expires_at": cap.expires_at}),
-    };
+    let event = capability_event(
+        p,
+        ctx,
+        p.tenant_id.clone(),
+        (
+            "storage.capability.create",
+            "storage_prefix",
+            cap.prefix.clone(),
+        ),
+        serde_json::json!({"id": cap.id, "verbs": cap.verbs, "expires_at": cap.expires_at}),
+    );
     let mut tx = s.store.begin().await?;
     crate::store::capabilities::insert(&mut tx, &row).await?;
     crate::store::audit::insert(&mut tx, &event).await?;
     tx.commit().await.map_err(crate::store::StoreError::from)?;
     Ok(cap)
+}
+
+/// The audit event of a capability use case: `(action, resource type, resource id)` done by
+/// `p` in `tenant_id`.
+fn capability_event(
+    p: &Principal,
+    ctx: &RequestContext,
+    tenant_id: String,
+    (action, resource_type, resource_id): (&'static str, &'static str, String),
+    details: serde_json::Value,
+) -> AuditEvent {
+    AuditEvent {
+        id: AuditId::from_random(random_bytes()).to_string(),
+        time_ms: now_ms(),
+        tenant_id: Some(tenant_id),
+        actor_id: Some(p.user_id.clone()),
+        actor_type: "user",
+        action,
+        resource_type,
+        resource_id: Some(resource_id),
+        status: "success",
+        ip: ctx.ip.clone(),
+        request_id: Some(ctx.request_id.clone()),
+        details,
+    }
 }
 
 /// Why `DELETE /storage/capabilities/{id}` failed.
@@ -363,20 +385,17 @@ pub async fn revoke_capability(
         .revoke_capability(tenant, id, now_ms())
         .await?
         .ok_or(RevokeCapabilityError::NotFound)?;
-    let event = AuditEvent {
-        id: AuditId::from_random(random_bytes()).to_string(),
-        time_ms: now_ms(),
-        tenant_id: Some(row.tenant_id.clone()),
-        actor_id: Some(p.user_id.clone()),
-        actor_type: "user",
-        action: "storage.capability.revoke",
-        resource_type: "storage_capability",
-        resource_id: Some(row.id.clone()),
-        status: "success",
-        ip: ctx.ip.clone(),
-        request_id: Some(ctx.request_id.clone()),
-        details: serde_json::json!({"prefix": row.prefix, "minted_by_key": row.key_id}),
-    };
+    let event = capability_event(
+        p,
+        ctx,
+        row.tenant_id.clone(),
+        (
+            "storage.capability.revoke",
+            "storage_capability",
+            row.id.clone(),
+        ),
+        serde_json::json!({"prefix": row.prefix, "minted_by_key": row.key_id}),
+    );
     let mut tx = s.store.begin().await?;
     crate::store::audit::insert(&mut tx, &event).await?;
     tx.commit().await.map_err(crate::store::StoreError::from)?;
