@@ -9,5 +9,6 @@
 
 pub mod agent;
 pub mod agent_binary;
+pub mod egress;
 pub mod worker;
 pub mod worker_auth;

@@ -210,6 +210,46 @@ pub struct CreateVm {
     /// Restore this snapshot (of an image with `image_sha256`) instead of booting the image.
     #[serde(default)]
     pub snapshot: Option<SnapshotManifest>,
+    /// The bunker's tenant, written into its egress audit lines.
+    #[serde(default)]
+    pub tenant_id: String,
+    /// The bunker's network: profile and bandwidth cap (absent: `isolated`, no cap).
+    #[serde(default)]
+    pub network: NetworkSpec,
+}
+
+/// A bunker's network as the worker sets it up (DESIGN.md §9, NETWORK.md §2).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    pub profile: NetworkProfile,
+    /// Egress shaped to this many Mbit/s; `None`: no cap.
+    #[serde(default)]
+    pub bandwidth_mbit: Option<u64>,
+}
+
+/// The network profiles, as the controller names them.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkProfile {
+    #[default]
+    Isolated,
+    Registry,
+    Allowlisted,
+    Unrestricted,
+    Transit,
+}
+
+impl NetworkProfile {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Isolated => "isolated",
+            Self::Registry => "registry",
+            Self::Allowlisted => "allowlisted",
+            Self::Unrestricted => "unrestricted",
+            Self::Transit => "transit",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

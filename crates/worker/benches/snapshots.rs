@@ -259,6 +259,8 @@ impl Bench {
                 env_vars: Default::default(),
                 snapshot,
                 image_pull: None,
+                tenant_id: String::new(),
+                network: Default::default(),
             })
             .send()
             .await?;

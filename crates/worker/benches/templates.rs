@@ -196,6 +196,8 @@ async fn create_exec(
             env_vars: Default::default(),
             image_pull: None,
             snapshot: None,
+            tenant_id: String::new(),
+            network: Default::default(),
         })
         .send()
         .await?;

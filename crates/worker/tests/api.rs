@@ -581,6 +581,8 @@ async fn a_create_pulls_a_missing_image_before_booting() {
             size_bytes: lazy.len() as u64,
             object_key: Some(key.into()),
         }),
+        tenant_id: String::new(),
+        network: Default::default(),
     };
 
     let resp = w

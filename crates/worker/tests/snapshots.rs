@@ -174,6 +174,8 @@ fn restore_request(id: &str, manifest: &SnapshotManifest, hostname: &str) -> Cre
         env_vars: Default::default(),
         snapshot: Some(manifest.clone()),
         image_pull: None,
+        tenant_id: String::new(),
+        network: Default::default(),
     }
 }
 

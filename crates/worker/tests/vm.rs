@@ -696,6 +696,8 @@ async fn deleting_a_booting_bunker_cancels_its_boot() {
                 env_vars: Default::default(),
                 image_pull: None,
                 snapshot: None,
+                tenant_id: String::new(),
+                network: Default::default(),
             };
             http.post(url)
                 .bearer_auth(common::TOKEN)
@@ -1061,6 +1063,8 @@ async fn a_lazily_pulled_image_boots() {
             size_bytes,
             object_key: Some("images/tiny.ext4".into()),
         }),
+        tenant_id: String::new(),
+        network: Default::default(),
     };
     let started = Instant::now();
     let resp = w.post("/bunkers").json(&req).send().await.expect("create");

@@ -189,6 +189,8 @@ pub async fn reactivate(s: &Services, row: &BunkerRow) -> Result<Option<BunkerRo
             .unwrap_or_default(),
         snapshot: Some(manifest),
         image_pull: None,
+        tenant_id: row.tenant_id.clone(),
+        network: crate::service::bunkers::network_spec(row),
     };
     if let Err(e) = s
         .workers

@@ -216,6 +216,8 @@ impl TestWorker {
             env_vars: [("BUNKER_VAR".to_owned(), "from-create".to_owned())].into(),
             image_pull: None,
             snapshot: None,
+            tenant_id: String::new(),
+            network: Default::default(),
         };
         self.post("/bunkers")
             .json(&req)

@@ -389,6 +389,8 @@ pub async fn create(
                 object_key: image.object_key.clone(),
             }),
         snapshot: restore.map(|(_, manifest)| manifest),
+        tenant_id: row.tenant_id.clone(),
+        network: crate::service::bunkers::network_spec(&row),
     };
     let task = tokio::spawn(provision(s.clone(), row.clone(), worker_url, create_vm));
     if req.wait.unwrap_or(true) {

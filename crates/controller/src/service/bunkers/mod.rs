@@ -20,7 +20,7 @@ use crate::store::bunkers::{self as bstore, BunkerFilter, BunkerRow, Cursor, Sta
 use crate::store::{StoreError, now_ms};
 use crate::workers::{Pause, WorkerCallError};
 
-pub use convert::{parse_rfc3339, rfc3339, to_api, worker_code_status};
+pub use convert::{network_spec, parse_rfc3339, rfc3339, to_api, worker_code_status};
 pub(crate) use create::choose_worker;
 pub use create::create;
 pub use exec::{PreparedExec, exec, prepare_exec, record_exec};
