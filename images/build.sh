@@ -53,7 +53,7 @@ MODULES=(virtio_ring virtio virtio_mmio virtio_pci_legacy_dev virtio_pci_modern_
          virtio_blk virtio_console failover net_failover virtio_net
          vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport)
 # Applets /init uses (symlinked to busybox in the initramfs).
-INIT_APPLETS=(sh mount insmod mkdir cp chmod switch_root poweroff sleep)
+INIT_APPLETS=(sh mount insmod mkdir cp chmod switch_root poweroff sleep ip)
 # The time every file in the initramfs and the ext4 images carries, and the clock mkfs.ext4
 # writes into its superblock (seconds since the epoch; 2024-01-01 unless SOURCE_DATE_EPOCH
 # says otherwise): with it the same inputs give the same bytes on any host, any day.
@@ -322,6 +322,18 @@ if [ -f /lib/modules/load.order ]; then
     [ -n "$m" ] || continue
     insmod "/lib/modules/$m.ko" || echo "scaibunker-init: warning: insmod $m failed"
   done < /lib/modules/load.order
+fi
+
+# The guest's network: the same in every bunker (so a template restores into any of
+# them); the worker decides what lies behind the tap (NETWORK.md 2.1). No IPv6.
+ip link set lo up
+echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 2>/dev/null
+echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6 2>/dev/null
+if [ -d /sys/class/net/eth0 ]; then
+  ip addr add 169.254.0.2/30 dev eth0 &&
+    ip link set eth0 up &&
+    ip route add default via 169.254.0.1 dev eth0 ||
+    echo "scaibunker-init: warning: cannot configure eth0"
 fi
 
 root=/dev/vda

@@ -157,6 +157,7 @@ async fn run() -> Result<()> {
                         cpu_millicores: 1000,
                         memory_mb: MEMORY_MB,
                         hostname: "bench".into(),
+                        nic: scaibunker_worker::network::Nic::Unplugged,
                     },
                     None,
                 ))

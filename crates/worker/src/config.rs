@@ -111,6 +111,9 @@ pub struct WorkerConfig {
     /// the disk under `<data_dir>/images/` keeps once a pull lands; a pull evicts images to
     /// keep it, or fails. `0` still needs the image itself to fit.
     pub min_free_disk_bytes: u64,
+    /// Bunker networks (`SCAIBUNKER_NET_POOL`, `SCAIBUNKER_EGRESS_DENY`,
+    /// `SCAIBUNKER_EGRESS_ALLOW_PRIVATE`, `SCAIBUNKER_DNS_UPSTREAM`, `SCAIBUNKER_NETNS_DIR`).
+    pub network: crate::network::NetworkConfig,
 }
 
 /// How long a stopping worker waits for its bunkers to be saved, by default.
@@ -129,6 +132,52 @@ pub enum ConfigError {
     },
     #[error("HOME is not set, so {0} has no default")]
     NoHome(&'static str),
+}
+
+/// The `SCAIBUNKER_NET_*`, `SCAIBUNKER_EGRESS_*` and `SCAIBUNKER_DNS_UPSTREAM` settings.
+fn read_network(
+    lookup: &impl Fn(&str) -> Option<String>,
+    network: &mut crate::network::NetworkConfig,
+) -> Result<(), ConfigError> {
+    use crate::network::Cidr;
+    let cidrs = |var: &'static str, v: String| {
+        Cidr::parse_list(&v).map_err(|_| ConfigError::Invalid {
+            var,
+            value: v,
+            expected: "comma-separated IPv4 CIDRs such as 10.1.0.0/16,192.0.2.7",
+        })
+    };
+    if let Some(v) = lookup("SCAIBUNKER_NET_POOL") {
+        let pool = cidrs("SCAIBUNKER_NET_POOL", v.clone())?;
+        network.pool = match pool.as_slice() {
+            [one] if one.prefix() <= 30 => *one,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    var: "SCAIBUNKER_NET_POOL",
+                    value: v,
+                    expected: "one IPv4 CIDR of /30 or wider",
+                });
+            }
+        };
+    }
+    if let Some(v) = lookup("SCAIBUNKER_EGRESS_DENY") {
+        network.deny = cidrs("SCAIBUNKER_EGRESS_DENY", v)?;
+    }
+    if let Some(v) = lookup("SCAIBUNKER_EGRESS_ALLOW_PRIVATE") {
+        network.allow_private = cidrs("SCAIBUNKER_EGRESS_ALLOW_PRIVATE", v)?;
+    }
+    if let Some(v) = lookup("SCAIBUNKER_DNS_UPSTREAM") {
+        network.dns_upstreams =
+            crate::network::resolver::parse_upstreams(&v).map_err(|_| ConfigError::Invalid {
+                var: "SCAIBUNKER_DNS_UPSTREAM",
+                value: v,
+                expected: "comma-separated IP or IP:port",
+            })?;
+    }
+    if let Some(v) = lookup("SCAIBUNKER_NETNS_DIR") {
+        network.netns_dir = PathBuf::from(v);
+    }
+    Ok(())
 }
 
 impl WorkerConfig {
@@ -154,6 +203,7 @@ impl WorkerConfig {
             qemu_runas: true,
             image_cache_bytes: Some(DEFAULT_IMAGE_CACHE_MB * MIB),
             min_free_disk_bytes: DEFAULT_MIN_FREE_DISK_MB * MIB,
+            network: crate::network::NetworkConfig::with_defaults(),
         }
     }
 
@@ -251,6 +301,7 @@ impl WorkerConfig {
         if let Some(mb) = parse_mib(&lookup, "SCAIBUNKER_MIN_FREE_DISK_MB")? {
             config.min_free_disk_bytes = mb;
         }
+        read_network(&lookup, &mut config.network)?;
         // Never root, never the kernel's "no uid" (u32::MAX), at least one account.
         let end = u64::from(config.qemu_uid_base) + u64::from(config.qemu_uid_count);
         if config.qemu_uid_base == 0 || config.qemu_uid_count == 0 || end > u64::from(u32::MAX) {

@@ -27,6 +27,7 @@ pub mod controller_client;
 pub mod credentials;
 pub mod images;
 pub mod initramfs;
+pub mod network;
 pub mod pulls;
 pub mod shell;
 pub mod snapshots;
@@ -288,6 +289,13 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
         config.boot_timeout,
         Arc::new(templates),
     );
+    match network::Networks::start(network_config(&config).await).await {
+        Ok(networks) => bunkers = bunkers.with_networks(networks),
+        Err(e) => tracing::warn!(
+            error = %bunker::supervisor::error_chain(&e),
+            "bunker networks are off: only `isolated` bunkers run here"
+        ),
+    }
     if let Some(url) = config
         .storage_url
         .as_ref()
@@ -400,4 +408,29 @@ pub async fn run(config: WorkerConfig) -> Result<(), StartError> {
     tracing::info!("shutting down");
     handle.shutdown().await;
     Ok(())
+}
+
+/// The network settings with the platform's own addresses (the controller's and the storage
+/// proxy's, resolved now) added to what bunkers never reach.
+async fn network_config(config: &WorkerConfig) -> network::NetworkConfig {
+    let mut net = config.network.clone();
+    for url in [&config.controller_url, &config.storage_url]
+        .into_iter()
+        .flatten()
+    {
+        let Ok(parsed) = reqwest::Url::parse(url) else {
+            continue;
+        };
+        let (Some(host), Some(port)) = (parsed.host_str(), parsed.port_or_known_default()) else {
+            continue;
+        };
+        if let Ok(addrs) = tokio::net::lookup_host((host, port)).await {
+            for addr in addrs {
+                if let std::net::IpAddr::V4(ip) = addr.ip() {
+                    net.platform.push(ip);
+                }
+            }
+        }
+    }
+    net
 }

@@ -203,6 +203,7 @@ impl Template {
             cpu_millicores: self.meta.cpu_millicores,
             memory_mb: self.meta.shape.memory_mb,
             hostname: self.meta.hostname.clone(),
+            nic: crate::network::Nic::Unplugged,
         }
     }
 
@@ -557,6 +558,7 @@ async fn build_in(
         cpu_millicores,
         memory_mb: shape.memory_mb,
         hostname: TEMPLATE_HOSTNAME.to_owned(),
+        nic: crate::network::Nic::Unplugged,
     };
     let started = Instant::now();
     let vm = vmm

@@ -15,7 +15,7 @@ pub(super) async fn create_bunker(
     State(s): State<Arc<ApiState>>,
     body: Result<Json<CreateVm>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    execute(&s, Command::CreateBunker(json_body(body)?)).await
+    execute(&s, Command::CreateBunker(Box::new(json_body(body)?))).await
 }
 
 pub(super) async fn list_bunkers(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {

@@ -97,7 +97,7 @@ fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
 
 /// Every operation of the worker API.
 enum Command {
-    CreateBunker(CreateVm),
+    CreateBunker(Box<CreateVm>),
     ListBunkers,
     GetBunker(String),
     DeleteBunker(String),
@@ -372,7 +372,7 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
 async fn execute(s: &ApiState, cmd: Command) -> Result<Response, ApiError> {
     let bunkers = &s.bunkers;
     Ok(match cmd {
-        Command::CreateBunker(req) => Json(bunkers.create(req).await?).into_response(),
+        Command::CreateBunker(req) => Json(bunkers.create(*req).await?).into_response(),
         Command::ListBunkers => Json(bunkers.list()).into_response(),
         Command::GetBunker(id) => Json(bunkers.get(&id)?.info()).into_response(),
         Command::DeleteBunker(id) => {

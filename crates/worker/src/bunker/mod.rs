@@ -17,13 +17,16 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
 use scaibunker_proto::worker::{
-    BootSource, BunkerStatusReport, CreateVm, ImagePull, SnapshotManifest, SnapshotVm, VmInfo,
-    VmStatus,
+    BootSource, BunkerStatusReport, CreateVm, ImagePull, NetworkProfile, NetworkSpec,
+    SnapshotManifest, SnapshotVm, VmInfo, VmStatus,
 };
 
-use self::supervisor::{BootPlan, Bunker, Resources, SnapshotRestore, TransitionError};
+use self::supervisor::{
+    BootPlan, Bunker, Resources, SnapshotRestore, TransitionError, error_chain,
+};
 use crate::agent_client::AgentClient;
 use crate::images::{Image, ImageCache};
+use crate::network::Networks;
 use crate::pulls::{ImageUsers, Pulls};
 use crate::snapshots::{self, ObjectClient};
 use crate::templates::{Shape, Templates};
@@ -74,6 +77,8 @@ pub struct Bunkers {
     rescan: tokio::sync::Mutex<()>,
     /// The storage proxy, for snapshots; `None` when no controller or proxy is configured.
     objects: Option<ObjectClient>,
+    /// Bunker networks; `None` where they cannot be set up (not root): `isolated` only.
+    networks: Option<Arc<Networks>>,
     /// Staging directory of snapshot captures (`<data>/snapshots/<snapshot id>/`).
     staging_dir: PathBuf,
     /// Set once the worker is stopping: creates are refused from then on.
@@ -118,6 +123,7 @@ impl Bunkers {
             table: Arc::new(Mutex::new(HashMap::new())),
             rescan: tokio::sync::Mutex::new(()),
             objects: None,
+            networks: None,
             staging_dir: bunkers_dir_sibling(&bunkers_dir, "snapshots"),
             bunkers_dir,
             stopping: std::sync::atomic::AtomicBool::new(false),
@@ -129,6 +135,12 @@ impl Bunkers {
     pub fn refuse_creates(&self) {
         self.stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Networked profiles are set up through `networks`.
+    pub fn with_networks(mut self, networks: Arc<Networks>) -> Self {
+        self.networks = Some(networks);
+        self
     }
 
     /// Snapshots go through this storage proxy client.
@@ -201,6 +213,16 @@ impl Bunkers {
             return Err(CreateBunkerError::Invalid(format!(
                 "memory_mb must be at least {MIN_MEMORY_MB}"
             )));
+        }
+        let network_spec = req.network.clone();
+        match network_spec.profile {
+            NetworkProfile::Isolated | NetworkProfile::Unrestricted => {}
+            other => {
+                return Err(CreateBunkerError::Invalid(format!(
+                    "the `{}` network profile is not available on this worker",
+                    other.as_str()
+                )));
+            }
         }
         let (image, images) = self
             .resolve_image(&req.image_sha256, req.image_pull.take())
@@ -279,7 +301,16 @@ impl Bunkers {
         let templates = Arc::clone(&self.templates);
         let cpu_millicores = req.cpu_millicores;
         let objects = self.objects.clone();
+        let networks = self.networks.clone();
         let task = tokio::spawn(async move {
+            if let Err(reason) = setup_network(&bunker, networks.as_ref(), &network_spec).await {
+                bunker.fail(reason.clone());
+                forget(&table, &bunker);
+                return Err(CreateBunkerError::BootFailed {
+                    id: bunker.id().to_owned(),
+                    reason,
+                });
+            }
             let booting = Arc::clone(&bunker);
             let boot_vmm = Arc::clone(&vmm);
             let boot_templates = Arc::clone(&templates);
@@ -319,6 +350,7 @@ impl Bunkers {
                     Ok(bunker.info())
                 }
                 Err(reason) => {
+                    bunker.release_network().await;
                     forget(&table, &bunker);
                     Err(CreateBunkerError::BootFailed {
                         id: bunker.id().to_owned(),
@@ -608,6 +640,37 @@ fn validate_hostname(name: &str) -> Result<(), String> {
     } else {
         Err(format!("hostname {name:?} is not a valid host name"))
     }
+}
+
+/// Sets up the network `spec` asks for and hands it to `bunker`; the error is the reason
+/// the bunker fails with (nothing is left behind).
+async fn setup_network(
+    bunker: &Bunker,
+    networks: Option<&Arc<Networks>>,
+    spec: &NetworkSpec,
+) -> Result<(), String> {
+    if spec.profile == NetworkProfile::Isolated {
+        return Ok(());
+    }
+    let networks = networks.ok_or_else(|| {
+        format!(
+            "network setup: this worker cannot set up `{}` networks (bunker networks need the worker to run as root with nftables)",
+            spec.profile.as_str()
+        )
+    })?;
+    let started = std::time::Instant::now();
+    let network = networks
+        .setup(bunker.id(), spec)
+        .await
+        .map_err(|e| format!("network setup: {}", error_chain(&e)))?;
+    tracing::info!(
+        bunker_id = bunker.id(),
+        profile = spec.profile.as_str(),
+        setup_ms = started.elapsed().as_millis() as u64,
+        "bunker network ready"
+    );
+    bunker.set_network(network);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -38,6 +38,7 @@ use tokio::sync::Notify;
 
 use crate::agent_client::{AgentClient, ExecSpec};
 use crate::images::{GuestBoot, Image};
+use crate::network::{BunkerNetwork, Nic};
 use crate::snapshots::{self, Captured, ObjectClient};
 use crate::templates::{Template, Templates, grow_root_fs, refresh_identity};
 use crate::vmm::qemu::cmdline::DISK_FILE;
@@ -57,6 +58,8 @@ const EXIT_AFTER_CLOSE: Duration = Duration::from_secs(2);
 const MAX_SOCKET_PATH: usize = 107;
 /// How long a restored guest may take to say hello again; past it, a cold boot is cheaper.
 const RESTORE_HELLO_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the guest may take to take its `/etc/resolv.conf`.
+const DNS_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the agent logs on the console when the host side of its port went away.
 const AGENT_REOPENING: &str = "disconnected; reopening";
 /// How long the agent may take to notice its channel closed.
@@ -102,6 +105,8 @@ pub struct Bunker {
     booted: Mutex<Option<Booted>>,
     /// Counts the frozen disk layers full snapshots leave under the running overlay.
     layers: Mutex<u32>,
+    /// The bunker's network while its VM may run; released when the VM is gone for good.
+    network: Mutex<Option<BunkerNetwork>>,
 }
 
 /// The command line a bunker's VM runs with, and the image under its disk.
@@ -174,7 +179,62 @@ impl Bunker {
             cancel_boot: Notify::new(),
             booted: Mutex::new(None),
             layers: Mutex::new(0),
+            network: Mutex::new(None),
         }
+    }
+
+    /// Gives the bunker its network (set up before the VM starts).
+    pub fn set_network(&self, network: BunkerNetwork) {
+        *lock(&self.network) = Some(network);
+    }
+
+    /// The host side of the guest's NIC.
+    fn nic(&self) -> Nic {
+        lock(&self.network)
+            .as_ref()
+            .map_or(Nic::Unplugged, BunkerNetwork::nic)
+    }
+
+    /// The names the bunker's resolver answered, if it has one.
+    pub fn names(&self) -> Option<Arc<crate::network::NameTable>> {
+        lock(&self.network).as_ref().map(|n| Arc::clone(n.names()))
+    }
+
+    /// The namespace of the bunker's network, if it has one.
+    pub fn netns_path(&self) -> Option<PathBuf> {
+        lock(&self.network)
+            .as_ref()
+            .and_then(|n| n.netns_path().map(Path::to_owned))
+    }
+
+    /// Tears the network down (the VM is gone).
+    pub async fn release_network(&self) {
+        let network = lock(&self.network).take();
+        if let Some(mut network) = network {
+            network.teardown().await;
+        }
+    }
+
+    /// Points the guest's `/etc/resolv.conf` at its resolver, for networks that have one.
+    async fn configure_dns(&self, agent: &AgentClient) -> Result<(), String> {
+        let has_dns = lock(&self.network)
+            .as_ref()
+            .is_some_and(BunkerNetwork::has_dns);
+        if !has_dns {
+            return Ok(());
+        }
+        let body = bytes::Bytes::from(format!("nameserver {}\n", crate::network::addr::GATEWAY_IP));
+        let write = agent.write_file(
+            "/etc/resolv.conf".to_owned(),
+            0o644,
+            scaibunker_proto::agent::GuestUser::Root,
+            futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(body) }),
+        );
+        tokio::time::timeout(DNS_TIMEOUT, write)
+            .await
+            .map_err(|_| "writing /etc/resolv.conf took too long".to_owned())?
+            .map(|_| ())
+            .map_err(|e| format!("write /etc/resolv.conf: {}", error_chain(&e)))
     }
 
     pub fn id(&self) -> &str {
@@ -386,7 +446,10 @@ impl Bunker {
         slot: &mut Option<Box<dyn Vm>>,
     ) -> Result<(), String> {
         let (listener, socket) = self.prepare_dir()?;
-        let spec = template.restore_spec(&self.dir, &socket, self.disk_bytes());
+        let spec = BootSpec {
+            nic: self.nic(),
+            ..template.restore_spec(&self.dir, &socket, self.disk_bytes())
+        };
         self.set_booted(
             &spec,
             &template.meta.shape.image.path,
@@ -404,6 +467,7 @@ impl Bunker {
                 .await?;
             refresh_identity(&agent, &self.hostname).await?;
             self.grow_disk(&agent, &spec).await?;
+            self.configure_dns(&agent).await?;
             Ok::<_, String>(agent)
         };
         let agent = tokio::select! {
@@ -430,6 +494,7 @@ impl Bunker {
             cpu_millicores: self.resources.cpu_millicores,
             memory_mb: self.resources.memory_mb,
             hostname: self.hostname.clone(),
+            nic: self.nic(),
         };
         self.set_booted(&spec, &plan.image.path, &plan.image.sha256);
         let vm = plan
@@ -443,6 +508,7 @@ impl Bunker {
         // Its own machine id and a credited seed, whatever the image carries.
         refresh_identity(&agent, &self.hostname).await?;
         self.grow_disk(&agent, &spec).await?;
+        self.configure_dns(&agent).await?;
         self.agent_ready(agent);
         Ok(())
     }
@@ -474,6 +540,8 @@ impl Bunker {
         );
         remove_dir(&self.dir);
         self.fail(reason);
+        drop(slot);
+        self.release_network().await;
     }
 
     /// Grows the guest's root filesystem to the bunker's disk when the disk is bigger than
@@ -558,6 +626,7 @@ impl Bunker {
             cpu_millicores: self.resources.cpu_millicores,
             memory_mb: self.resources.memory_mb,
             hostname: self.hostname.clone(),
+            nic: self.nic(),
         };
         let start = async {
             let (vm, timeout) = match &state {
@@ -590,6 +659,7 @@ impl Bunker {
             // a disk keeps the machine id it was saved with otherwise.
             refresh_identity(&agent, &self.hostname).await?;
             self.grow_disk(&agent, &spec).await?;
+            self.configure_dns(&agent).await?;
             if let Some(state) = &state {
                 // Loaded: QEMU no longer reads it.
                 let _ = std::fs::remove_file(state);
@@ -816,6 +886,7 @@ impl Bunker {
             tracing::info!(bunker_id = %self.id, %exit, "bunker stopped");
         }
         remove_dir(&self.dir);
+        self.release_network().await;
     }
 
     /// The QEMU pid, for tests and diagnostics.

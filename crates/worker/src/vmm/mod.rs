@@ -48,6 +48,9 @@ pub struct BootSpec {
     pub memory_mb: u64,
     /// Already validated as a host name (letters, digits, `-` and `.`).
     pub hostname: String,
+    /// The host side of the guest's one NIC (every VM has the same NIC, so a template
+    /// restores into any bunker): none, or the bunker's tap.
+    pub nic: crate::network::Nic,
 }
 
 /// Creates `dir` (and missing parents) readable by the worker alone (mode 0700), so that no

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use scaibunker_proto::agent::PORT_NAME;
 use serde_json::{Value, json};
 
+use crate::network::addr::GUEST_MAC_TEXT;
 use crate::vmm::{Accel, DiskFormat};
 
 /// Files QEMU uses inside the bunker directory.
@@ -92,6 +93,17 @@ pub struct QemuCommand {
     pub start: Start,
     /// Drop to this account once the files are open; `None` keeps the worker's uid.
     pub runas: Option<RunAs>,
+    /// The host side of the guest's NIC.
+    pub nic: NicArg,
+}
+
+/// The backend of the guest's one NIC (`netdev` `n0`); the device is the same either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NicArg {
+    /// A hub port with nothing else on the hub: frames go nowhere.
+    Unplugged,
+    /// An inherited tap descriptor (made in the bunker's namespace).
+    TapFd(i32),
 }
 
 impl QemuCommand {
@@ -147,6 +159,12 @@ impl QemuCommand {
         push(&["-device", "virtio-blk-device,drive=d0"]);
         push(&["-chardev", &chardev]);
         push(&["-device", "virtio-serial-device", "-device", &port]);
+        match self.nic {
+            NicArg::Unplugged => push(&["-netdev", "hubport,id=n0,hubid=0"]),
+            NicArg::TapFd(fd) => push(&["-netdev", &format!("tap,id=n0,fd={fd},vhost=off")]),
+        }
+        let nic = format!("virtio-net-device,netdev=n0,mac={GUEST_MAC_TEXT}");
+        push(&["-device", &nic]);
         match self.runas {
             Some(RunAs { uid, gid }) => {
                 push(&["-sandbox", SANDBOX, "-runas", &format!("{uid}:{gid}")]);
@@ -271,7 +289,20 @@ mod tests {
                 uid: 20003,
                 gid: 20003,
             }),
+            nic: NicArg::Unplugged,
         }
+    }
+
+    #[test]
+    fn every_vm_has_the_same_nic_on_a_hub_port_or_its_tap() {
+        let mut c = command(Accel::Tcg);
+        let line = joined(&c);
+        assert!(line.contains("-netdev hubport,id=n0,hubid=0"), "{line}");
+        assert!(line.contains("-device virtio-net-device,netdev=n0,mac=02:5b:00:00:00:02"));
+        c.nic = NicArg::TapFd(9);
+        let line = joined(&c);
+        assert!(line.contains("-netdev tap,id=n0,fd=9,vhost=off"), "{line}");
+        assert!(line.contains("-device virtio-net-device,netdev=n0,mac=02:5b:00:00:00:02"));
     }
 
     fn joined(c: &QemuCommand) -> String {

@@ -155,6 +155,10 @@ impl QemuVmm {
             disks,
             start,
             runas,
+            nic: match &spec.nic {
+                crate::network::Nic::Unplugged => cmdline::NicArg::Unplugged,
+                crate::network::Nic::Tap(fd) => cmdline::NicArg::TapFd(fd.as_raw_fd()),
+            },
         }
     }
 
@@ -286,7 +290,11 @@ impl QemuVmm {
         let (log_out, log_in) = std::io::pipe().map_err(io_err("make the qemu log pipe"))?;
         let runas = lease.as_ref().map(accounts::Lease::run_as);
         let mut command = Command::new(QEMU_BINARY);
-        inherit(&mut command, disk_fds.iter().map(|d| d.fd).collect());
+        let mut inherited: Vec<i32> = disk_fds.iter().map(|d| d.fd).collect();
+        if let crate::network::Nic::Tap(tap) = &spec.nic {
+            inherited.push(tap.as_raw_fd());
+        }
+        inherit(&mut command, inherited);
         let mut child = command
             .args(self.command(spec, disk_fds, start, runas).args())
             // QEMU needs no variable, and must not see the worker's (its token above all).

@@ -1,0 +1,448 @@
+//! The network tests' own sandbox and fake internet (NETWORK.md §3).
+//!
+//! [`sandboxed`] re-runs one test of this binary under `unshare --net --mount --fork`, so the
+//! test's root namespace stands for the worker host and nothing it sends can leave the
+//! machine. [`FakeInternet::build`] then makes, in a child namespace `inet` reached through
+//! the host's only route (a veth), servers at 198.18.0.0/15 (RFC 2544): an authoritative DNS
+//! server that logs every query, HTTP servers and a byte sink that count what they get; and,
+//! in the host, a "platform" address `10.99.0.1` with a server that must stay unreachable.
+//! A counter in `inet` counts packets for anywhere outside the fake internet: it must read 0.
+
+#![allow(dead_code)] // Each test binary uses a different part of the harness.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, Record, RecordType, rdata::A};
+use scaibunker_worker::network::{addr, netns, tap};
+
+const SANDBOX_FLAG: &str = "SCAIBUNKER_IN_NET_SANDBOX";
+
+pub const DNS_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 53);
+pub const PYPI_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+pub const EVIL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 21);
+pub const SINK_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 30);
+/// The host's uplink address (the worker's own).
+pub const HOST_WAN_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+/// Stands for the platform's private services.
+pub const PLATFORM_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+
+/// Runs `body` inside a fresh network and mount namespace: re-executes this very test
+/// there and checks it ran and passed.
+pub fn sandboxed(name: &str, body: impl FnOnce()) {
+    if std::env::var_os(SANDBOX_FLAG).is_some() {
+        body();
+        return;
+    }
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "the network tests need root (unshare, network namespaces, nftables); run them as root"
+    );
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let out = Command::new("unshare")
+        .args(["--net", "--mount", "--fork", "--"])
+        .arg(exe)
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(SANDBOX_FLAG, "1")
+        .output()
+        .expect("run unshare (util-linux)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    print!("{stdout}");
+    eprint!("{stderr}");
+    assert!(
+        out.status.success(),
+        "the sandboxed test failed ({})",
+        out.status
+    );
+    assert!(
+        stdout.contains("test result: ok. 1 passed"),
+        "the sandboxed run did not run exactly this test"
+    );
+}
+
+pub fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn sh_out(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Counters of one fake server.
+#[derive(Debug, Default)]
+pub struct Hits {
+    pub connections: AtomicU64,
+    pub bytes_in: AtomicU64,
+}
+
+impl Hits {
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
+    }
+    pub fn bytes_in(&self) -> u64 {
+        self.bytes_in.load(Ordering::SeqCst)
+    }
+}
+
+pub struct FakeInternet {
+    pub dns_log: Arc<Mutex<Vec<String>>>,
+    pub pypi: Arc<Hits>,
+    pub evil: Arc<Hits>,
+    pub sink: Arc<Hits>,
+    pub platform: Arc<Hits>,
+    inet: PathBuf,
+}
+
+impl FakeInternet {
+    /// Builds the fake internet; call inside [`sandboxed`].
+    pub fn build() -> Self {
+        sh(&["ip", "link", "set", "lo", "up"]);
+        std::fs::create_dir_all("/run/netns").unwrap();
+        sh(&["mount", "-t", "tmpfs", "tmpfs", "/run/netns"]);
+        sh(&["ip", "netns", "add", "inet"]);
+        sh(&[
+            "ip", "link", "add", "wan0", "type", "veth", "peer", "name", "wan1",
+        ]);
+        sh(&["ip", "link", "set", "wan1", "netns", "inet"]);
+        sh(&["ip", "addr", "add", "198.19.0.1/30", "dev", "wan0"]);
+        sh(&["ip", "link", "set", "wan0", "up"]);
+        sh(&["ip", "route", "add", "default", "via", "198.19.0.2"]);
+        for cmd in [
+            "link set lo up",
+            "addr add 198.19.0.2/30 dev wan1",
+            "link set wan1 up",
+            "addr add 198.18.1.53/32 dev lo",
+            "addr add 198.18.0.10/32 dev lo",
+            "addr add 198.18.0.21/32 dev lo",
+            "addr add 198.18.0.30/32 dev lo",
+            "route add default via 198.19.0.1",
+        ] {
+            let mut args = vec!["ip", "-n", "inet"];
+            args.extend(cmd.split(' '));
+            sh(&args);
+        }
+        // Anything routed to `inet` for an address outside the fake internet is counted.
+        let watch = r#"table inet watch {
+  chain pre {
+    type filter hook prerouting priority -300; policy accept;
+    ip daddr != { 198.18.0.0/15 } counter name escaped
+  }
+  counter escaped { }
+}"#;
+        let watch = watch.replace("counter name escaped\n", "counter name \"escaped\"\n");
+        let mut nft = Command::new("ip")
+            .args(["netns", "exec", "inet", "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        nft.stdin
+            .take()
+            .unwrap()
+            .write_all(watch.as_bytes())
+            .unwrap();
+        assert!(nft.wait().unwrap().success(), "the watch table");
+        // The platform, in the host.
+        sh(&["ip", "addr", "add", "10.99.0.1/32", "dev", "lo"]);
+
+        let inet = PathBuf::from("/run/netns/inet");
+        let handle = netns::open(&inet).unwrap();
+        let dns_log = Arc::new(Mutex::new(Vec::new()));
+        let records: HashMap<&'static str, Ipv4Addr> = [
+            ("pypi.org", PYPI_IP),
+            ("evil.test", EVIL_IP),
+            ("sink.test", SINK_IP),
+            ("platform.test", PLATFORM_IP),
+        ]
+        .into_iter()
+        .collect();
+        let dns = netns::run_in(&handle, &inet, || UdpSocket::bind((DNS_IP, 53)))
+            .unwrap()
+            .unwrap();
+        let log = Arc::clone(&dns_log);
+        std::thread::spawn(move || serve_dns(dns, records, log));
+        let pypi = serve_http(&handle, &inet, (PYPI_IP, 80).into());
+        let evil = serve_http(&handle, &inet, (EVIL_IP, 80).into());
+        let sink = serve_sink(&handle, &inet, (SINK_IP, 9000).into());
+        let platform_listener = TcpListener::bind((PLATFORM_IP, 80)).unwrap();
+        let platform = Arc::new(Hits::default());
+        spawn_http(platform_listener, Arc::clone(&platform));
+        Self {
+            dns_log,
+            pypi,
+            evil,
+            sink,
+            platform,
+            inet,
+        }
+    }
+
+    /// Packets that reached `inet` for a destination outside the fake internet.
+    pub fn escaped_packets(&self) -> u64 {
+        let out = sh_out(&[
+            "ip", "netns", "exec", "inet", "nft", "-j", "list", "counter", "inet", "watch",
+            "escaped",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|o| o["counter"]["packets"].as_u64())
+            .unwrap()
+    }
+
+    pub fn inet_path(&self) -> &Path {
+        &self.inet
+    }
+}
+
+fn serve_dns(
+    socket: UdpSocket,
+    records: HashMap<&'static str, Ipv4Addr>,
+    log: Arc<Mutex<Vec<String>>>,
+) {
+    let mut buf = [0u8; 2048];
+    loop {
+        let Ok((n, from)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        let Ok(query) = Message::from_vec(&buf[..n]) else {
+            continue;
+        };
+        let Some(q) = query.queries.first().cloned() else {
+            continue;
+        };
+        let name = q.name().to_ascii().trim_end_matches('.').to_owned();
+        log.lock().unwrap().push(name.clone());
+        let mut reply = Message::new(query.metadata.id, MessageType::Response, OpCode::Query);
+        reply.metadata.authoritative = true;
+        reply.queries = vec![q.clone()];
+        match (records.get(name.as_str()), q.query_type()) {
+            (Some(ip), RecordType::A) => {
+                reply
+                    .answers
+                    .push(Record::from_rdata(q.name().clone(), 60, RData::A(A(*ip))));
+            }
+            (Some(_), _) => {}
+            (None, _) => reply.metadata.response_code = ResponseCode::NXDomain,
+        }
+        let _ = socket.send_to(&reply.to_vec().unwrap(), from);
+    }
+}
+
+fn serve_http(handle: &std::fs::File, path: &Path, at: SocketAddr) -> Arc<Hits> {
+    let listener = netns::run_in(handle, path, move || TcpListener::bind(at))
+        .unwrap()
+        .unwrap();
+    let hits = Arc::new(Hits::default());
+    spawn_http(listener, Arc::clone(&hits));
+    hits
+}
+
+/// Answers every request with `200` and a body of 1 KiB.
+fn spawn_http(listener: TcpListener, hits: Arc<Hits>) {
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            hits.connections.fetch_add(1, Ordering::SeqCst);
+            let hits = Arc::clone(&hits);
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                hits.bytes_in.fetch_add(got.len() as u64, Ordering::SeqCst);
+                let body = vec![b'x'; 1024];
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(&body);
+            });
+        }
+    });
+}
+
+/// Reads everything and counts it; answers with the count when the client half-closes.
+fn serve_sink(handle: &std::fs::File, path: &Path, at: SocketAddr) -> Arc<Hits> {
+    let listener = netns::run_in(handle, path, move || TcpListener::bind(at))
+        .unwrap()
+        .unwrap();
+    let hits = Arc::new(Hits::default());
+    let counted = Arc::clone(&hits);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            counted.connections.fetch_add(1, Ordering::SeqCst);
+            let hits = Arc::clone(&counted);
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut total = 0u64;
+                loop {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            total += n as u64;
+                            hits.bytes_in.fetch_add(n as u64, Ordering::SeqCst);
+                        }
+                    }
+                }
+                let _ = stream.write_all(&total.to_be_bytes());
+            });
+        }
+    });
+    hits
+}
+
+/// A fake guest: a namespace whose `eth0` (a tap with the guest's address and MAC) is
+/// patched to the bunker's tap by two copying threads, as QEMU would carry the frames.
+pub struct FakeGuest {
+    path: PathBuf,
+    handle: std::fs::File,
+}
+
+impl FakeGuest {
+    pub fn plug(dir: &Path, name: &str, bunker_tap: &OwnedFd) -> Self {
+        let path = dir.join(name);
+        let handle = netns::create(&path).unwrap();
+        let eth0 = netns::run_in(&handle, &path, || {
+            let fd = tap::open("eth0").unwrap();
+            for cmd in [
+                "link set lo up".to_owned(),
+                format!("link set eth0 address {}", addr::GUEST_MAC_TEXT),
+                "addr add 169.254.0.2/30 dev eth0".to_owned(),
+                "link set eth0 up".to_owned(),
+                "route add default via 169.254.0.1".to_owned(),
+            ] {
+                let mut args = vec!["ip"];
+                args.extend(cmd.split(' '));
+                sh(&args);
+            }
+            fd
+        })
+        .unwrap();
+        let guest_side = std::fs::File::from(eth0);
+        let bunker_side = std::fs::File::from(bunker_tap.try_clone().unwrap());
+        patch(
+            guest_side.try_clone().unwrap(),
+            bunker_side.try_clone().unwrap(),
+        );
+        patch(bunker_side, guest_side);
+        Self { path, handle }
+    }
+
+    /// Runs `f` on a thread inside the guest.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        netns::run_in(&self.handle, &self.path, f).unwrap()
+    }
+
+    pub fn remove(self) {
+        netns::delete(&self.path).unwrap();
+    }
+}
+
+fn patch(mut from: std::fs::File, mut to: std::fs::File) {
+    std::thread::spawn(move || {
+        let mut frame = vec![0u8; 65536];
+        loop {
+            match from.read(&mut frame) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if to.write_all(&frame[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Asks `server` for the A record of `name` over UDP; `None` if nothing answered in time.
+pub fn resolve(server: SocketAddr, name: &str) -> Option<(ResponseCode, Vec<Ipv4Addr>)> {
+    let socket = UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    let mut q = Message::new(0x5b5b, MessageType::Query, OpCode::Query);
+    q.metadata.recursion_desired = true;
+    q.queries.push(Query::query(
+        Name::from_ascii(format!("{name}.")).ok()?,
+        RecordType::A,
+    ));
+    socket.send_to(&q.to_vec().ok()?, server).ok()?;
+    let mut buf = [0u8; 2048];
+    let (n, _) = socket.recv_from(&mut buf).ok()?;
+    let reply = Message::from_vec(&buf[..n]).ok()?;
+    let ips = reply
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .collect();
+    Some((reply.metadata.response_code, ips))
+}
+
+/// `GET /` from `to`; the status line, or the error.
+pub fn http_get(to: SocketAddr) -> Result<String, std::io::Error> {
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    write!(stream, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let mut got = String::new();
+    stream.read_to_string(&mut got)?;
+    Ok(got.lines().next().unwrap_or_default().to_owned())
+}
+
+/// Sends `bytes` to the sink and waits for its count; how long it took.
+pub fn upload(to: SocketAddr, bytes: usize) -> std::io::Result<Duration> {
+    let started = std::time::Instant::now();
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+    let chunk = vec![0x5au8; 64 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        stream.write_all(&chunk[..n])?;
+        left -= n;
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut count = [0u8; 8];
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    stream.read_exact(&mut count)?;
+    assert_eq!(
+        u64::from_be_bytes(count),
+        bytes as u64,
+        "the sink got every byte"
+    );
+    Ok(started.elapsed())
+}
