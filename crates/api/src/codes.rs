@@ -42,6 +42,12 @@ pub const WORKER_MISMATCH: &str = "WORKER_MISMATCH";
 pub const WORKER_CREDENTIAL_REQUIRED: &str = "WORKER_CREDENTIAL_REQUIRED";
 /// The storage proxy: a worker credential used on an object workers have no business with.
 pub const WORKER_STORAGE_DENIED: &str = "WORKER_STORAGE_DENIED";
+/// The storage proxy: a worker writing the egress audit of a bunker that does not run (and did
+/// not last run) on it, or that ended over an hour ago.
+pub const EGRESS_AUDIT_DENIED: &str = "EGRESS_AUDIT_DENIED";
+/// A storage proxy without a database (`SCAIGRID_MODE=bunker_proxy`) cannot tell which worker
+/// runs a bunker, so it takes no egress audit: workers write it to a controller's proxy.
+pub const EGRESS_AUDIT_NEEDS_CONTROLLER: &str = "EGRESS_AUDIT_NEEDS_CONTROLLER";
 pub const BRIDGE_NOT_FOUND: &str = "BRIDGE_NOT_FOUND";
 pub const SNAPSHOT_NOT_FOUND: &str = "SNAPSHOT_NOT_FOUND";
 pub const SNAPSHOT_NOT_READY: &str = "SNAPSHOT_NOT_READY";

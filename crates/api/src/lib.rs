@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod bunkers;
 pub mod codes;
+pub mod egress;
 pub mod envelope;
 pub mod exec;
 pub mod files;

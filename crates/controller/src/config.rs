@@ -7,6 +7,7 @@ use std::time::Duration;
 pub use crate::objects::S3Settings;
 
 const MIB: u64 = 1024 * 1024;
+const DAY_S: u64 = 24 * 3600;
 
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
@@ -67,6 +68,9 @@ pub struct ControllerConfig {
     /// How long spilled exec outputs are kept (`SCAIBUNKER_SPILL_RETENTION_S`); a bunker's go
     /// with it sooner.
     pub spill_retention: Duration,
+    /// How long the egress audit of a bunker that ended is kept
+    /// (`SCAIBUNKER_EGRESS_RETENTION_DAYS`, at least one day).
+    pub egress_retention: Duration,
 }
 
 /// What `scaibunker serve` runs, from `SCAIGRID_MODE`.
@@ -126,6 +130,7 @@ impl ControllerConfig {
             stream_buffer_bytes: 512 * MIB,
             stream_buffer_tenant_bytes: 128 * MIB,
             spill_retention: Duration::from_secs(7 * 24 * 3600),
+            egress_retention: Duration::from_secs(30 * DAY_S),
         }
     }
 
@@ -233,6 +238,12 @@ impl ControllerConfig {
             .filter(|s| *s > 0)
         {
             self.spill_retention = Duration::from_secs(s);
+        }
+        if let Some(days) = var("SCAIBUNKER_EGRESS_RETENTION_DAYS")
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|d| *d > 0)
+        {
+            self.egress_retention = Duration::from_secs(days.saturating_mul(DAY_S));
         }
         self
     }

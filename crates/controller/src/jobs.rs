@@ -19,7 +19,8 @@
 //! `builtins` retires built-in image shas no online worker holds any more (and brings back
 //! those one holds again, see `service::builtin_images`);
 //! `spills` deletes the spilled exec outputs of bunkers that ended and those past their retention
-//! (objects, then rows; `service::storage_quota`).
+//! (objects, then rows; `service::storage_quota`), and the egress audit of bunkers that ended
+//! more than `egress_retention` ago (`service::egress`).
 //!
 //! The usage tick runs on its own interval (`usage_tick_interval`, a minute by default) with the
 //! same lease protocol (`job:usage:{tick}`): at tick `t` it records the window of tick `t - 1`
@@ -172,6 +173,7 @@ impl Job {
             Self::Snapshots => Ok(snapshots::cleanup(s).await?),
             Self::Spills => {
                 storage_quota::delete_spills(s, s.config.spill_retention).await?;
+                crate::service::egress::purge(s, s.config.egress_retention).await?;
                 // Expired capabilities verify no more: their rows can go.
                 s.store
                     .delete_expired_capabilities(crate::store::now_ms())

@@ -142,6 +142,7 @@ fn api_routes() -> OpenApiRouter<Services> {
         .routes(routes!(files::read_archive, files::write_archive))
         .routes(routes!(shell::open))
         .routes(routes!(records::exec_log))
+        .routes(routes!(records::egress))
         .routes(routes!(records::audit))
         .routes(routes!(fleet::register))
         .routes(routes!(fleet::workers))

@@ -1,10 +1,14 @@
-//! `GET /bunkers/{id}/exec-log`, `GET /audit` and the platform's `GET /v1/audit-log` (the same
-//! query, registered twice because each OpenAPI operation has one path).
+//! `GET /bunkers/{id}/exec-log`, `GET /bunkers/{id}/egress`, `GET /audit` and the platform's
+//! `GET /v1/audit-log` (the same query, registered twice because each OpenAPI operation has one
+//! path).
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use scaibunker_api::audit::AuditEvent;
-use scaibunker_api::envelope::{DEFAULT_PAGE_LIMIT, Error, FieldDetail, List, MAX_PAGE_LIMIT};
+use scaibunker_api::egress::EgressPage;
+use scaibunker_api::envelope::{
+    DEFAULT_PAGE_LIMIT, Error, FieldDetail, List, MAX_PAGE_LIMIT, Ok as Envelope,
+};
 use scaibunker_api::exec::ExecLogEntry;
 use serde::Deserialize;
 
@@ -12,6 +16,7 @@ use super::error::ApiError;
 use super::extract::Caller;
 use crate::service::Services;
 use crate::service::bunkers::parse_rfc3339;
+use crate::service::egress::{self, EgressQuery};
 use crate::service::records::{self, Page};
 use crate::store::audit::AuditFilter;
 
@@ -175,4 +180,88 @@ pub async fn audit_log(
     q: QueryResult<AuditQuery>,
 ) -> Result<Json<List<AuditEvent>>, ApiError> {
     audit(s, caller, q).await
+}
+
+/// Default page size of `GET /bunkers/{id}/egress`.
+const EGRESS_DEFAULT_LIMIT: u32 = 100;
+/// Largest page of `GET /bunkers/{id}/egress`.
+const EGRESS_MAX_LIMIT: u32 = 1000;
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EgressParams {
+    /// Flows that ended at or after this RFC 3339 time (gaps at or after it).
+    #[param(format = DateTime)]
+    start: Option<String>,
+    /// Flows that started at or before this RFC 3339 time (gaps at or before it).
+    #[param(format = DateTime)]
+    end: Option<String>,
+    /// Records and gaps per page together, 1–1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<u32>,
+    /// The `next_cursor` of the previous page (opaque).
+    #[param(pattern = r"^[A-Za-z0-9_-]{1,512}$")]
+    cursor: Option<String>,
+}
+
+fn time_param_us(field: &str, v: Option<&str>) -> Result<Option<i64>, ApiError> {
+    v.map(|t| {
+        egress::parse_rfc3339_us(t).ok_or_else(|| {
+            ApiError::validation(vec![FieldDetail {
+                field: field.into(),
+                message: "must be an RFC 3339 UTC timestamp, e.g. 2026-11-28T10:00:00Z".into(),
+            }])
+        })
+    })
+    .transpose()
+}
+
+/// The bunker's egress audit.
+///
+/// Its flows out (allowed) and refused attempts (denied), and the gaps where the worker lost
+/// events, in the order the worker wrote them. For the bunker's owner and holders of
+/// `scaibunker:admin:tenant`; also after the bunker ended, until the retention
+/// (`SCAIBUNKER_EGRESS_RETENTION_DAYS`) deletes it. A page may hold fewer than `limit` items
+/// while `has_more` is true (each request reads a bounded amount); lines that are not valid
+/// audit lines of this bunker are skipped and counted in `skipped_lines`.
+#[utoipa::path(
+    get,
+    path = "/bunkers/{id}/egress",
+    operation_id = "bunker_egress",
+    tag = "audit",
+    params(("id" = String, Path, description = "Bunker id (`bnk_…`)"), EgressParams),
+    responses(
+        (status = 200, description = "A page of the egress audit", body = Envelope<EgressPage>),
+        (status = 401, description = "`AUTH_TOKEN_MISSING` or `AUTH_TOKEN_INVALID`", body = Error),
+        (status = 403, description = "`AUTHZ_PERMISSION_DENIED`: neither the bunker's owner nor `scaibunker:admin:tenant`", body = Error),
+        (status = 404, description = "`BUNKER_NOT_FOUND`: unknown or another tenant's bunker", body = Error),
+        (status = 422, description = "`VALIDATION_ERROR` on a query parameter", body = Error),
+        (status = 429, description = "`RATE_LIMITED`; see `Retry-After`", body = Error),
+        (status = 502, description = "`STORAGE_BACKEND_ERROR`", body = Error),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn egress(
+    State(s): State<Services>,
+    Caller(p): Caller,
+    Path(id): Path<String>,
+    q: QueryResult<EgressParams>,
+) -> Result<Json<Envelope<EgressPage>>, ApiError> {
+    let q = query(q)?;
+    let limit = q.limit.unwrap_or(EGRESS_DEFAULT_LIMIT);
+    if limit == 0 || limit > EGRESS_MAX_LIMIT {
+        return Err(ApiError::validation(vec![FieldDetail {
+            field: "limit".into(),
+            message: format!("must be between 1 and {EGRESS_MAX_LIMIT}"),
+        }]));
+    }
+    let egress_query = EgressQuery {
+        start_us: time_param_us("start", q.start.as_deref())?,
+        end_us: time_param_us("end", q.end.as_deref())?,
+        limit,
+        cursor: q.cursor,
+    };
+    let page = egress::read(&s, &p, &id, &egress_query).await?;
+    Ok(Json(Envelope::new(page)))
 }

@@ -4,7 +4,8 @@
 //! Bodies stream both ways: a `PUT` hands the request body to the object store chunk by chunk
 //! and a `GET` answers with the store's stream, so the proxy never holds an object in memory.
 //! The object routes need only [`Storage`] (no database), which is what lets
-//! `SCAIGRID_MODE=bunker_proxy` serve them alone ([`object_routes`]).
+//! `SCAIGRID_MODE=bunker_proxy` serve them alone ([`object_routes`]); alone, it refuses the one
+//! write that needs the database, a worker's egress audit batch (`service::egress`).
 
 use axum::Json;
 use axum::body::Body;
@@ -73,7 +74,8 @@ where
 }
 
 /// The key of the request, validated, once `grant` was found to allow `verb` on it.
-fn authorized(
+async fn authorized(
+    st: &Storage,
     grant: &Grant,
     verb: StorageVerb,
     key: Result<Path<String>, PathRejection>,
@@ -92,7 +94,10 @@ fn authorized(
             format!("invalid object key: {e}"),
         )
     })?;
-    svc::authorize(grant, verb, &key)?;
+    st.authorize(grant, verb, &key).await.map_err(|e| match e {
+        svc::AuthorizeError::Denied(e) => ApiError::from(e),
+        svc::AuthorizeError::Store(ref s) => ApiError::internal(s),
+    })?;
     Ok(key)
 }
 
@@ -120,8 +125,8 @@ fn object_headers(meta: &ObjectMeta) -> HeaderMap {
     responses(
         (status = 201, description = "Stored", body = Envelope<ObjectWritten>),
         (status = 401, description = "`AUTH_TOKEN_MISSING`, `AUTH_TOKEN_INVALID`, `CAPABILITY_INVALID` or `CAPABILITY_EXPIRED`", body = Error),
-        (status = 403, description = "`CAPABILITY_VERB_DENIED` or `CAPABILITY_OUT_OF_SCOPE`", body = Error),
-        (status = 413, description = "`OBJECT_TOO_LARGE`", body = Error),
+        (status = 403, description = "`CAPABILITY_VERB_DENIED`, `CAPABILITY_OUT_OF_SCOPE`, `WORKER_STORAGE_DENIED`, `EGRESS_AUDIT_DENIED` (a worker writing the egress audit of a bunker not its own) or `EGRESS_AUDIT_NEEDS_CONTROLLER` (the egress audit on a proxy without a database)", body = Error),
+        (status = 413, description = "`OBJECT_TOO_LARGE` (egress audit batches: 8 MiB at most)", body = Error),
         (status = 422, description = "`OBJECT_KEY_INVALID`", body = Error),
         (status = 502, description = "`STORAGE_BACKEND_ERROR`", body = Error),
     ),
@@ -134,15 +139,16 @@ pub async fn put_object(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Envelope<ObjectWritten>>), ApiError> {
-    let key = authorized(&grant, StorageVerb::Put, key)?;
+    let key = authorized(&st, &grant, StorageVerb::Put, key).await?;
     let declared: Option<u64> = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
-    if declared.is_some_and(|n| n > st.max_object_bytes) {
+    let max_bytes = st.max_put_bytes(&key);
+    if declared.is_some_and(|n| n > max_bytes) {
         return Err(ObjectError::TooLarge {
             key: key.to_string(),
-            max_bytes: st.max_object_bytes,
+            max_bytes,
         }
         .into());
     }
@@ -151,7 +157,7 @@ pub async fn put_object(
         .after(
             st.objects
                 .store()
-                .put(&key, Box::pin(stream), st.max_object_bytes)
+                .put(&key, Box::pin(stream), max_bytes)
                 .await,
         )
         .await?;
@@ -188,7 +194,7 @@ pub async fn get_object(
     StorageAuth(grant): StorageAuth,
     key: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let key = authorized(&grant, StorageVerb::Get, key)?;
+    let key = authorized(&st, &grant, StorageVerb::Get, key).await?;
     let read = st.objects.store().get(&key).await?;
     Ok((object_headers(&read.meta), Body::from_stream(read.body)).into_response())
 }
@@ -214,7 +220,7 @@ pub async fn head_object(
     StorageAuth(grant): StorageAuth,
     key: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let key = authorized(&grant, StorageVerb::Head, key)?;
+    let key = authorized(&st, &grant, StorageVerb::Head, key).await?;
     let meta = st.objects.store().head(&key).await?;
     Ok((object_headers(&meta), Body::empty()).into_response())
 }
@@ -240,7 +246,7 @@ pub async fn delete_object(
     StorageAuth(grant): StorageAuth,
     key: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let key = authorized(&grant, StorageVerb::Delete, key)?;
+    let key = authorized(&st, &grant, StorageVerb::Delete, key).await?;
     st.objects.store().delete(&key).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -284,6 +290,10 @@ impl From<StorageAuthError> for ApiError {
             E::VerbDenied(_) => (StatusCode::FORBIDDEN, codes::CAPABILITY_VERB_DENIED),
             E::OutOfScope { .. } => (StatusCode::FORBIDDEN, codes::CAPABILITY_OUT_OF_SCOPE),
             E::WorkerDenied { .. } => (StatusCode::FORBIDDEN, codes::WORKER_STORAGE_DENIED),
+            E::AuditDenied { .. } => (StatusCode::FORBIDDEN, codes::EGRESS_AUDIT_DENIED),
+            E::AuditNeedsController => {
+                (StatusCode::FORBIDDEN, codes::EGRESS_AUDIT_NEEDS_CONTROLLER)
+            }
         };
         Self::new(status, code, msg)
     }

@@ -6,6 +6,7 @@ pub mod activity;
 pub mod auth;
 pub mod builtin_images;
 pub mod bunkers;
+pub mod egress;
 pub mod exec_budget;
 pub mod exec_output;
 pub mod exec_stream;

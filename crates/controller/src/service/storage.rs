@@ -2,9 +2,10 @@
 //!
 //! Two credentials open the object routes, both verified with no database: a worker's own
 //! credential (`scaibunker_proto::worker_auth`, minted by the controllers with the same
-//! storage secret), which reads baked images (`images/{id}/rootfs.ext4`) and reads and writes
-//! snapshots (`snapshots/…`) and nothing else (no delete, no image sources, no exec output,
-//! no tenant objects); and a capability token:
+//! storage secret), which reads baked images (`images/{id}/rootfs.ext4`), reads and writes
+//! snapshots (`snapshots/…`) and writes the egress audit batches of its own bunkers (only with
+//! the database: see `service::egress`), and nothing else (no delete, no image sources, no exec
+//! output, no tenant objects, no reading the audit); and a capability token:
 //! 1. A token is `sbc1.<payload>.<mac>`: `payload` is base64url JSON
 //!    `{"p": prefix, "v": [verbs], "exp": unix seconds}`, `mac` the base64url HMAC-SHA256 of
 //!    `sbc1.<payload>` under the controller's storage secret (`SCAIBUNKER_STORAGE_SECRET`, the
@@ -100,6 +101,16 @@ pub enum StorageAuthError {
     Invalid,
     #[error("a worker credential does not allow {verb:?} on {key}")]
     WorkerDenied { verb: StorageVerb, key: String },
+    #[error("this worker may not write the egress audit of bunker {bunker_id}: {why}")]
+    AuditDenied {
+        bunker_id: String,
+        why: &'static str,
+    },
+    #[error(
+        "a storage proxy without a database cannot tell which worker runs a bunker; write the \
+         egress audit through a controller"
+    )]
+    AuditNeedsController,
     #[error("the capability token is malformed or its signature does not verify")]
     CapabilityInvalid,
     #[error("the capability token expired")]
@@ -108,6 +119,15 @@ pub enum StorageAuthError {
     VerbDenied(StorageVerb),
     #[error("the key {key} is outside the capability's prefix {prefix:?}")]
     OutOfScope { key: String, prefix: String },
+}
+
+/// Why a request to the object routes was not authorized.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorizeError {
+    #[error(transparent)]
+    Denied(#[from] StorageAuthError),
+    #[error("looking up the bunker of an egress audit batch")]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// Why a verified capability is not taken.
@@ -155,6 +175,39 @@ impl Storage {
     pub fn with_ledger(mut self, store: crate::store::Store) -> Self {
         self.ledger = Some(store);
         self
+    }
+
+    /// Whether `grant` allows `verb` on `key`: [`authorize`], then, for a worker writing an
+    /// egress audit batch, that the bunker is that worker's (`service::egress::may_write`),
+    /// which only a proxy with the database can tell.
+    pub async fn authorize(
+        &self,
+        grant: &Grant,
+        verb: StorageVerb,
+        key: &ObjectKey,
+    ) -> Result<(), AuthorizeError> {
+        authorize(grant, verb, key)?;
+        let Grant::Worker { worker_id } = grant else {
+            return Ok(());
+        };
+        let Some(bunker_id) = super::egress::audit_bunker(key.as_str()) else {
+            return Ok(());
+        };
+        let ledger = self
+            .ledger
+            .as_ref()
+            .ok_or(StorageAuthError::AuditNeedsController)?;
+        let writers = ledger.admin_egress_writers(bunker_id).await?;
+        super::egress::may_write(writers.as_ref(), bunker_id, worker_id, now_ms())?;
+        Ok(())
+    }
+
+    /// Largest body a `PUT` to `key` may have.
+    pub fn max_put_bytes(&self, key: &ObjectKey) -> u64 {
+        match super::egress::audit_bunker(key.as_str()) {
+            Some(_) => self.max_object_bytes.min(super::egress::MAX_OBJECT_BYTES),
+            None => self.max_object_bytes,
+        }
     }
 
     /// Whether a verified capability still holds: neither it nor its minting key revoked
@@ -402,7 +455,8 @@ pub async fn revoke_capability(
     Ok(())
 }
 
-/// Whether `grant` allows `verb` on `key` (steps 2 and 3 of the module doc).
+/// Whether `grant` allows `verb` on `key` (steps 2 and 3 of the module doc), as far as the
+/// grant and the key tell (see [`Storage::authorize`] for the rest).
 pub fn authorize(
     grant: &Grant,
     verb: StorageVerb,
@@ -415,7 +469,10 @@ pub fn authorize(
             let reads = matches!(verb, StorageVerb::Get | StorageVerb::Head);
             let image = k.starts_with("images/") && k.ends_with("/rootfs.ext4");
             let snapshot = k.starts_with("snapshots/");
-            return if (reads && (image || snapshot)) || (verb == StorageVerb::Put && snapshot) {
+            // Whose bunker it is, `Storage::authorize` checks.
+            let audit = super::egress::audit_bunker(&k).is_some();
+            let writes = verb == StorageVerb::Put && (snapshot || audit);
+            return if (reads && (image || snapshot)) || writes {
                 Ok(())
             } else {
                 Err(StorageAuthError::WorkerDenied { verb, key: k })
@@ -550,6 +607,10 @@ mod tests {
             (StorageVerb::Head, "images/img_a/rootfs.ext4"),
             (StorageVerb::Get, "snapshots/tnt_a/snp_a/disk.qcow2"),
             (StorageVerb::Put, "snapshots/tnt_a/snp_a/state.bin"),
+            (
+                StorageVerb::Put,
+                "scaibunker/audit/bnk_a/0000000000000001-7.ndjson",
+            ),
         ] {
             assert_eq!(authorize(&w, verb, &key(k)), Ok(()), "{verb:?} {k}");
         }
@@ -559,6 +620,24 @@ mod tests {
             (StorageVerb::Get, "images/img_a/source"),
             (StorageVerb::Get, "exec-output/tnt_a/bnk_a/exe_a/stdout"),
             (StorageVerb::Get, "tenants/tnt_a/private"),
+            // The audit is written, never read, and only in the worker's key shape.
+            (
+                StorageVerb::Get,
+                "scaibunker/audit/bnk_a/0000000000000001-7.ndjson",
+            ),
+            (
+                StorageVerb::Head,
+                "scaibunker/audit/bnk_a/0000000000000001-7.ndjson",
+            ),
+            (
+                StorageVerb::Delete,
+                "scaibunker/audit/bnk_a/0000000000000001-7.ndjson",
+            ),
+            (StorageVerb::Put, "scaibunker/audit/bnk_a/notes.txt"),
+            (
+                StorageVerb::Put,
+                "scaibunker/audit/events/tnt_a/0000000000000001-7.ndjson",
+            ),
         ] {
             assert!(
                 matches!(

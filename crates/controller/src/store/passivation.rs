@@ -90,8 +90,9 @@ pub async fn passivate(
     }
     let moved = match idle_since {
         Some(idle_since) => sqlx::query(
-            "UPDATE bunkers SET status = 'paused', worker_id = NULL WHERE tenant_id = ? \
-             AND id = ? AND status = 'running' \
+            "UPDATE bunkers SET status = 'paused', \
+             last_worker_id = COALESCE(worker_id, last_worker_id), worker_id = NULL \
+             WHERE tenant_id = ? AND id = ? AND status = 'running' \
              AND COALESCE(last_activity_at, started_at, created_at) <= ? \
              AND (busy_until IS NULL OR busy_until < ?)",
         )
@@ -100,8 +101,9 @@ pub async fn passivate(
         .bind(idle_since)
         .bind(now_ms()),
         None => sqlx::query(
-            "UPDATE bunkers SET status = 'paused', worker_id = NULL WHERE tenant_id = ? \
-             AND id = ? AND status = 'running'",
+            "UPDATE bunkers SET status = 'paused', \
+             last_worker_id = COALESCE(worker_id, last_worker_id), worker_id = NULL \
+             WHERE tenant_id = ? AND id = ? AND status = 'running'",
         )
         .bind(tenant_id)
         .bind(bunker_id),
@@ -148,7 +150,8 @@ pub async fn release_claim(
     bunker_id: &str,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "UPDATE bunkers SET worker_id = NULL WHERE tenant_id = ? AND id = ? AND status = 'paused'",
+        "UPDATE bunkers SET last_worker_id = COALESCE(worker_id, last_worker_id), \
+         worker_id = NULL WHERE tenant_id = ? AND id = ? AND status = 'paused'",
     )
     .bind(tenant_id)
     .bind(bunker_id)

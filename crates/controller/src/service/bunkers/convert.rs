@@ -106,6 +106,22 @@ pub fn worker_code_status(code: &str) -> (u16, &'static str) {
     }
 }
 
+/// The network a worker sets up for a bunker row.
+pub fn network_spec(r: &BunkerRow) -> scaibunker_proto::worker::NetworkSpec {
+    use scaibunker_proto::worker::NetworkProfile as P;
+    let profile = match r.network_profile.as_str() {
+        "registry" => P::Registry,
+        "allowlisted" => P::Allowlisted,
+        "unrestricted" => P::Unrestricted,
+        "transit" => P::Transit,
+        _ => P::Isolated,
+    };
+    scaibunker_proto::worker::NetworkSpec {
+        profile,
+        bandwidth_mbit: r.bandwidth_mbit.and_then(|b| u64::try_from(b).ok()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,21 +159,5 @@ mod tests {
         ] {
             assert_eq!(parse_rfc3339(bad), None, "{bad:?}");
         }
-    }
-}
-
-/// The network a worker sets up for a bunker row.
-pub fn network_spec(r: &BunkerRow) -> scaibunker_proto::worker::NetworkSpec {
-    use scaibunker_proto::worker::NetworkProfile as P;
-    let profile = match r.network_profile.as_str() {
-        "registry" => P::Registry,
-        "allowlisted" => P::Allowlisted,
-        "unrestricted" => P::Unrestricted,
-        "transit" => P::Transit,
-        _ => P::Isolated,
-    };
-    scaibunker_proto::worker::NetworkSpec {
-        profile,
-        bandwidth_mbit: r.bandwidth_mbit.and_then(|b| u64::try_from(b).ok()),
     }
 }
