@@ -332,7 +332,7 @@ async fn validation_errors_name_each_field(db: Db) {
             "network_allowlist",
         ),
         (
-            json!({"image": "default", "network_profile": "unrestricted"}),
+            json!({"image": "default", "network_profile": "registry"}),
             StatusCode::UNPROCESSABLE_ENTITY,
             "VALIDATION_ERROR",
             "network_profile",

@@ -208,6 +208,28 @@ impl Client {
         .await
     }
 
+    /// A page of the bunker's egress audit (completed flows and denied attempts), oldest
+    /// first; pass the page's `next_cursor` back for the next one.
+    pub async fn bunker_egress(
+        &self,
+        id: &str,
+        limit: Option<u32>,
+        cursor: Option<&str>,
+    ) -> Result<scaibunker_api::egress::EgressPage, SdkError> {
+        let mut q: Vec<(&str, String)> = Vec::new();
+        if let Some(l) = limit {
+            q.push(("limit", l.to_string()));
+        }
+        if let Some(c) = cursor {
+            q.push(("cursor", c.to_owned()));
+        }
+        Self::data(
+            self.send(self.http.get(self.url(&format!("/bunkers/{id}/egress"))).query(&q))
+                .await?,
+        )
+        .await
+    }
+
     /// Pauses a running bunker (its VM stops; quota stays held).
     pub async fn pause_bunker(&self, id: &str) -> Result<Bunker, SdkError> {
         self.post(&format!("/bunkers/{id}/pause"), &serde_json::json!({}))

@@ -1,0 +1,148 @@
+//! Bunker networks on real microVMs (tier 2, NETWORK.md §3.3), through `scaibunker up`, inside
+//! the test's own network namespace with the fake internet of the worker's network tests:
+//! `isolated` reaches nothing, `unrestricted` reaches the fake hosts by name and address but
+//! never the platform or the metadata address, its flows land in the egress audit, and
+//! nothing of a bunker's network is left once it is gone. Needs root.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "../../../crates/worker/tests/network/sandbox.rs"]
+mod network_sandbox;
+
+use std::time::{Duration, Instant};
+
+use network_sandbox::*;
+use scaibunker_api::bunkers::{CreateBunker, NetworkProfile};
+use scaibunker_api::exec::ExecRequest;
+use scaibunker_e2e::bench::wait_template;
+use scaibunker_e2e::{Up, UpOptions, require_images, within};
+
+fn sh(cmd: &str) -> ExecRequest {
+    ExecRequest {
+        command: Some(cmd.into()),
+        ..Default::default()
+    }
+}
+
+fn bunker_links() -> Vec<String> {
+    sh_out(&["ip", "-o", "link", "show"])
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        .filter(|n| n.starts_with("sbk") || n.starts_with("sbu"))
+        .collect()
+}
+
+fn tiny(profile: NetworkProfile, bandwidth_mbit: Option<u64>) -> CreateBunker {
+    CreateBunker {
+        image: Some("tiny".into()),
+        memory_mb: Some(256),
+        network_profile: Some(profile),
+        bandwidth_mbit,
+        ..Default::default()
+    }
+}
+
+async fn run(c: &scaibunker_sdk::Client, id: &str, cmd: &str) -> (i32, String) {
+    let out = c.exec(id, &sh(cmd)).await.expect("exec");
+    let text = format!(
+        "{}{}",
+        out.stdout.clone().unwrap_or_default(),
+        out.stderr.clone().unwrap_or_default()
+    );
+    (out.exit_code.unwrap_or(-1), text)
+}
+
+#[test]
+fn isolated_and_unrestricted_bunkers_on_real_vms() {
+    sandboxed("isolated_and_unrestricted_bunkers_on_real_vms", || {
+        require_images(&["tiny.ext4"]).expect("guest images");
+        let net = FakeInternet::build();
+        let netns_dir = tempfile::tempdir().unwrap();
+        let ns = netns_dir.path().display().to_string();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let up = Up::start(UpOptions {
+                templates: true,
+                ..UpOptions::with_env(&[
+                    ("SCAIBUNKER_DNS_UPSTREAM", "198.18.1.53"),
+                    ("SCAIBUNKER_NETNS_DIR", &ns),
+                ])
+            })
+            .expect("scaibunker up gets ready");
+            let c = up.client();
+
+            // isolated: no resolver, no route, the agent works.
+            let iso = c.create_bunker(&tiny(NetworkProfile::Isolated, None)).await.unwrap();
+            assert_eq!(iso.status, "running", "{:?}", iso.failure_reason);
+            let (code, out) = run(&c, &iso.id, "echo agent-ok").await;
+            assert_eq!((code, out.trim()), (0, "agent-ok"));
+            let (code, out) = run(&c, &iso.id, "nslookup pypi.org 169.254.0.1").await;
+            assert_ne!(code, 0, "isolated resolves nothing: {out}");
+            let (code, out) = run(&c, &iso.id, "wget -q -T 2 -O - http://198.18.0.10/").await;
+            assert_ne!(code, 0, "isolated reaches nothing: {out}");
+            assert!(bunker_links().is_empty(), "isolated has no host side");
+            c.delete_bunker(&iso.id).await.unwrap();
+            wait_template(&up, Duration::from_secs(240)).await.unwrap();
+
+            // unrestricted, restored from the template the isolated boot left.
+            let started = Instant::now();
+            let b = c.create_bunker(&tiny(NetworkProfile::Unrestricted, None)).await.unwrap();
+            let create = started.elapsed();
+            assert_eq!(b.status, "running", "{:?}", b.failure_reason);
+            println!("unrestricted create from the template: {create:?}");
+            let (code, out) = run(&c, &b.id, "cat /etc/resolv.conf").await;
+            assert_eq!((code, out.trim()), (0, "nameserver 169.254.0.1"));
+            let (code, out) = run(&c, &b.id, "nslookup pypi.org").await;
+            assert!(code == 0 && out.contains("198.18.0.10"), "{out}");
+            let (code, out) = run(&c, &b.id, "wget -q -O - http://pypi.org/ | wc -c").await;
+            assert_eq!((code, out.trim()), (0, "1024"), "by name");
+            let (code, out) = run(&c, &b.id, "wget -q -O - http://198.18.0.21/ | wc -c").await;
+            assert_eq!((code, out.trim()), (0, "1024"), "by address");
+            for (what, url) in [
+                ("the platform", "http://10.99.0.1/"),
+                ("the metadata address", "http://169.254.169.254/"),
+                ("the host's uplink", "http://198.19.0.1/"),
+                ("the gateway", "http://169.254.0.1/"),
+            ] {
+                let (code, out) = run(&c, &b.id, &format!("wget -q -T 2 -O - {url}")).await;
+                assert_ne!(code, 0, "{what} must be unreachable: {out}");
+            }
+            assert_eq!(net.platform.connections(), 0);
+            assert_eq!(net.pypi.connections(), 1, "only the unrestricted bunker got through");
+
+            c.delete_bunker(&b.id).await.unwrap();
+            within(Duration::from_secs(20), "the namespace and veth going after delete", || async {
+                (bunker_links().is_empty() && std::fs::read_dir(&ns).unwrap().next().is_none())
+                    .then_some(())
+            })
+            .await;
+
+            // Its flows, read back through the API once the last batch landed.
+            let page = within(Duration::from_secs(30), "the flow to pypi.org in the egress audit", || async {
+                let page = c.bunker_egress(&b.id, Some(100), None).await.ok()?;
+                page.records
+                    .iter()
+                    .any(|r| r.dns_name.as_deref() == Some("pypi.org"))
+                    .then_some(page)
+            })
+            .await;
+            let pypi = page
+                .records
+                .iter()
+                .find(|r| r.dst_ip == "198.18.0.10" && r.dst_port == Some(80))
+                .expect("a record of the flow to pypi.org");
+            println!("egress: {pypi:?}");
+            assert_eq!(pypi.dns_name.as_deref(), Some("pypi.org"));
+            // The response was 1024 bytes of body plus headers; conntrack counts IP bytes.
+            assert!(pypi.bytes_in >= 1024, "{pypi:?}");
+            let denied = page
+                .records
+                .iter()
+                .filter(|r| r.dst_ip == "10.99.0.1")
+                .count();
+            assert!(denied >= 1, "the refused attempt to the platform is audited");
+        });
+        assert_eq!(net.escaped_packets(), 0, "no packet left the fake internet");
+    });
+}
