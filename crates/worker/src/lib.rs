@@ -27,6 +27,7 @@ pub mod controller_client;
 pub mod credentials;
 pub mod images;
 pub mod initramfs;
+pub mod network;
 pub mod pulls;
 pub mod shell;
 pub mod snapshots;
