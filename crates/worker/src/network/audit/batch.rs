@@ -153,11 +153,11 @@ impl Uploads {
     /// Queues `batch`, or gives it back when the sink is too far behind.
     pub fn send(&self, batch: Batch) -> Result<(), Batch> {
         let len = batch.body.len();
-        let admitted = self
-            .pending_bytes
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |pending| {
-                (pending + len <= self.max_pending_bytes).then_some(pending + len)
-            });
+        let admitted =
+            self.pending_bytes
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |pending| {
+                    (pending + len <= self.max_pending_bytes).then_some(pending + len)
+                });
         if admitted.is_err() {
             return Err(batch);
         }
@@ -186,7 +186,9 @@ async fn upload(
         pending_bytes.fetch_sub(batch.body.len(), Ordering::AcqRel);
         if stored {
             stats.batches_put.fetch_add(1, Ordering::Relaxed);
-            stats.lines_put.fetch_add(batch.lines as u64, Ordering::Relaxed);
+            stats
+                .lines_put
+                .fetch_add(batch.lines as u64, Ordering::Relaxed);
         } else {
             stats.batches_failed.fetch_add(1, Ordering::Relaxed);
             lost.fetch_add(batch.events, Ordering::AcqRel);
@@ -276,9 +278,9 @@ mod tests {
 
     fn lines_of(batch: &Batch) -> Vec<EgressLine> {
         std::str::from_utf8(&batch.body)
-            .unwrap()
+            .expect("utf-8 ndjson")
             .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
+            .map(|l| serde_json::from_str(l).expect("a valid egress line"))
             .collect()
     }
 
@@ -298,8 +300,14 @@ mod tests {
         }
         let cut = b.take_ready();
         assert_eq!(cut.iter().map(|c| c.lines).collect::<Vec<_>>(), [2, 2]);
-        assert_eq!(cut[0].key, "scaibunker/audit/bnk_a/0000000000001000-42.ndjson");
-        assert!(cut[0].key < cut[1].key, "same microsecond, distinct ordered keys");
+        assert_eq!(
+            cut[0].key,
+            "scaibunker/audit/bnk_a/0000000000001000-42.ndjson"
+        );
+        assert!(
+            cut[0].key < cut[1].key,
+            "same microsecond, distinct ordered keys"
+        );
         assert_eq!(lines_of(&cut[1]), [flow(3), flow(4)]);
         b.cut(2_000);
         assert_eq!(lines_of(&b.take_ready()[0]), [flow(5)]);
@@ -309,7 +317,7 @@ mod tests {
 
     #[test]
     fn a_batch_never_passes_the_byte_limit() {
-        let one = serde_json::to_vec(&flow(1)).unwrap().len() + 1;
+        let one = serde_json::to_vec(&flow(1)).expect("serialize").len() + 1;
         let mut b = Batcher::new(
             BatchLimits {
                 max_bytes: one * 3 + one / 2,
@@ -363,14 +371,17 @@ mod tests {
         fn put(&self, key: String, _body: Bytes) -> BoxFuture<'_, Result<(), PutBatchError>> {
             Box::pin(async move {
                 if let Some(gate) = &self.gate {
-                    gate.acquire().await.unwrap().forget();
+                    gate.acquire()
+                        .await
+                        .expect("the gate is never closed")
+                        .forget();
                 }
-                let mut failures = self.failures.lock().unwrap();
+                let mut failures = self.failures.lock().expect("lock (not poisoned)");
                 if *failures > 0 {
                     *failures -= 1;
                     return Err(PutBatchError::Sink("refused".into()));
                 }
-                self.stored.lock().unwrap().push(key);
+                self.stored.lock().expect("lock (not poisoned)").push(key);
                 Ok(())
             })
         }
@@ -398,12 +409,12 @@ mod tests {
             ..limits()
         };
         let (uploads, task) = Uploads::start(sink.clone(), limits, Arc::clone(&stats));
-        uploads.send(batch("a", 10, 4)).unwrap(); // fails 3 times: given up
-        uploads.send(batch("b", 10, 1)).unwrap(); // fails twice, then stored
+        uploads.send(batch("a", 10, 4)).expect("queue the batch"); // fails 3 times: given up
+        uploads.send(batch("b", 10, 1)).expect("queue the batch"); // fails twice, then stored
         let lost = Arc::clone(&uploads.lost);
         drop(uploads);
-        task.await.unwrap();
-        assert_eq!(*sink.stored.lock().unwrap(), ["b"]);
+        task.await.expect("the uploader ends cleanly");
+        assert_eq!(*sink.stored.lock().expect("lock (not poisoned)"), ["b"]);
         assert_eq!(lost.load(Ordering::Acquire), 4);
         let c = stats.counters();
         assert_eq!((c.batches_put, c.batches_failed, c.put_retries), (1, 1, 4));
@@ -421,11 +432,19 @@ mod tests {
             ..limits()
         };
         let (uploads, task) = Uploads::start(sink.clone(), limits, Arc::new(Stats::default()));
-        uploads.send(batch("a", 60, 1)).unwrap();
-        uploads.send(batch("b", 40, 1)).unwrap();
-        let refused = uploads.send(batch("c", 1, 9)).unwrap_err();
-        assert_eq!(refused.events, 9, "the caller gets the batch back to count as a gap");
-        sink.gate.as_ref().unwrap().add_permits(2);
+        uploads.send(batch("a", 60, 1)).expect("queue the batch");
+        uploads.send(batch("b", 40, 1)).expect("queue the batch");
+        let refused = uploads
+            .send(batch("c", 1, 9))
+            .expect_err("past max_pending_bytes");
+        assert_eq!(
+            refused.events, 9,
+            "the caller gets the batch back to count as a gap"
+        );
+        sink.gate
+            .as_ref()
+            .expect("this sink has a gate")
+            .add_permits(2);
         // Once the sink has taken both, room is back.
         for _ in 0..1000 {
             if uploads.pending_bytes.load(Ordering::Acquire) == 0 {
@@ -433,10 +452,16 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        sink.gate.as_ref().unwrap().add_permits(1);
-        uploads.send(batch("d", 100, 1)).unwrap();
+        sink.gate
+            .as_ref()
+            .expect("this sink has a gate")
+            .add_permits(1);
+        uploads.send(batch("d", 100, 1)).expect("queue the batch");
         drop(uploads);
-        task.await.unwrap();
-        assert_eq!(*sink.stored.lock().unwrap(), ["a", "b", "d"]);
+        task.await.expect("the uploader ends cleanly");
+        assert_eq!(
+            *sink.stored.lock().expect("lock (not poisoned)"),
+            ["a", "b", "d"]
+        );
     }
 }

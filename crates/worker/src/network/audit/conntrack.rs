@@ -187,8 +187,11 @@ pub(crate) mod tests {
             (9, 268),
             Some((1_000_000_123, 2_000_000_456)),
         );
-        let m = messages(&event).next().unwrap().unwrap();
-        let flow = parse(&m).unwrap();
+        let m = messages(&event)
+            .next()
+            .expect("one message")
+            .expect("well-formed");
+        let flow = parse(&m).expect("parse");
         assert_eq!(
             flow,
             CtFlow {
@@ -213,22 +216,48 @@ pub(crate) mod tests {
 
     #[test]
     fn icmp_has_no_port_and_missing_accounting_reads_as_absent() {
-        let event = destroy_event(1, 1, [169, 254, 0, 2], [1, 1, 1, 1], 0, (1, 84), (1, 84), None);
-        let m = messages(&event).next().unwrap().unwrap();
-        let flow = parse(&m).unwrap();
+        let event = destroy_event(
+            1,
+            1,
+            [169, 254, 0, 2],
+            [1, 1, 1, 1],
+            0,
+            (1, 84),
+            (1, 84),
+            None,
+        );
+        let m = messages(&event)
+            .next()
+            .expect("one message")
+            .expect("well-formed");
+        let flow = parse(&m).expect("parse");
         assert_eq!(flow.dst_port, None);
         assert_eq!((flow.start_ns, flow.stop_ns), (None, None));
     }
 
     #[test]
     fn ignores_ipv6_and_other_subsystems() {
-        let mut event =
-            destroy_event(1, 6, [169, 254, 0, 2], [1, 1, 1, 1], 80, (1, 1), (1, 1), None);
+        let mut event = destroy_event(
+            1,
+            6,
+            [169, 254, 0, 2],
+            [1, 1, 1, 1],
+            80,
+            (1, 1),
+            (1, 1),
+            None,
+        );
         event[16] = 10; // AF_INET6
-        let m = messages(&event).next().unwrap().unwrap();
+        let m = messages(&event)
+            .next()
+            .expect("one message")
+            .expect("well-formed");
         assert_eq!(parse(&m), None);
         let other = message(0x400, AF_INET, &[]);
-        let m = messages(&other).next().unwrap().unwrap();
+        let m = messages(&other)
+            .next()
+            .expect("one message")
+            .expect("well-formed");
         assert_eq!(parse(&m), None);
     }
 

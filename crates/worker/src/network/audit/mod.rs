@@ -54,11 +54,11 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub use self::storage::StorageSink;
 use self::batch::{Batcher, Uploads};
 use self::conntrack::CtFlow;
 use self::netlink::{NLMSG_DONE, NLMSG_ERROR, NLMSG_OVERRUN, messages};
 use self::netns::{DropTable, Overruns};
+pub use self::storage::StorageSink;
 
 /// The NFLOG group the bunker's forward chain logs refused flows to (`log group 1`).
 pub const DENY_LOG_GROUP: u16 = 1;
@@ -386,7 +386,11 @@ impl Reader {
 
 impl ReadState {
     /// Reads what a ready socket holds (a bounded number of datagrams per turn).
-    fn read_ready(&mut self, source: Source, guard: &mut tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>) {
+    fn read_ready(
+        &mut self,
+        source: Source,
+        guard: &mut tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>,
+    ) {
         for _ in 0..READS_PER_TURN {
             let buf = &mut self.buf;
             match guard.try_io(|fd| recv(fd.get_ref(), buf)) {
@@ -448,14 +452,20 @@ impl ReadState {
     /// `None`: longer than the buffer (MSG_TRUNC), the rest is gone.
     fn walk(&mut self, source: Source, datagram: Option<&[u8]>) {
         let Some(datagram) = datagram else {
-            self.recorder.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            self.recorder
+                .stats
+                .malformed
+                .fetch_add(1, Ordering::Relaxed);
             return;
         };
         for message in messages(datagram) {
             let message = match message {
                 Ok(m) => m,
                 Err(e) => {
-                    self.recorder.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    self.recorder
+                        .stats
+                        .malformed
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(?source, error = %e, "a malformed netlink datagram");
                     break;
                 }
@@ -675,7 +685,9 @@ impl Recorder {
         self.batcher.cut(now_us());
         self.ship();
         if self.unreported > 0 {
-            self.stats.lost.fetch_add(self.unreported, Ordering::Relaxed);
+            self.stats
+                .lost
+                .fetch_add(self.unreported, Ordering::Relaxed);
             tracing::error!(
                 bunker_id = %self.ctx.bunker_id,
                 lost = self.unreported,
@@ -717,7 +729,10 @@ mod tests {
     struct Memory(Mutex<Vec<(String, Bytes)>>);
     impl BatchSink for Memory {
         fn put(&self, key: String, body: Bytes) -> BoxFuture<'_, Result<(), PutBatchError>> {
-            self.0.lock().unwrap().push((key, body));
+            self.0
+                .lock()
+                .expect("lock (not poisoned)")
+                .push((key, body));
             Box::pin(async { Ok(()) })
         }
     }
@@ -744,13 +759,13 @@ mod tests {
     fn lines(sink: &Memory) -> Vec<EgressLine> {
         sink.0
             .lock()
-            .unwrap()
+            .expect("utf-8 ndjson")
             .iter()
             .flat_map(|(_, b)| {
                 std::str::from_utf8(b)
-                    .unwrap()
+                    .expect("utf-8 ndjson")
                     .lines()
-                    .map(|l| serde_json::from_str(l).unwrap())
+                    .map(|l| serde_json::from_str(l).expect("a valid egress line"))
                     .collect::<Vec<EgressLine>>()
             })
             .collect()
@@ -794,7 +809,7 @@ mod tests {
         });
         r.finish();
         drop(r);
-        task.await.unwrap();
+        task.await.expect("the uploader ends cleanly");
         let got = lines(&sink);
         assert_eq!(got.len(), 1, "{got:?}");
         let EgressLine::Flow(f) = &got[0] else {
@@ -820,7 +835,7 @@ mod tests {
         r.flow(&ct(8, GUEST_ADDR, server));
         r.finish();
         drop(r);
-        task.await.unwrap();
+        task.await.expect("the uploader ends cleanly");
         assert_eq!(lines(&sink).len(), 2);
     }
 
@@ -837,15 +852,18 @@ mod tests {
         r.flow(&ct(1, GUEST_ADDR, server));
         r.flow(&ct(2, GUEST_ADDR, server)); // cut, cannot be queued: 2 lost
         assert_eq!(r.unreported, 2);
-        let (roomy, roomy_task) =
-            Uploads::start(Arc::clone(&sink) as _, BatchLimits::default(), Arc::clone(&r.stats));
+        let (roomy, roomy_task) = Uploads::start(
+            Arc::clone(&sink) as _,
+            BatchLimits::default(),
+            Arc::clone(&r.stats),
+        );
         r.uploads = roomy;
-        task.await.unwrap();
+        task.await.expect("the uploader ends cleanly");
         r.flow(&ct(3, GUEST_ADDR, server));
         r.finish();
         let counters = r.stats.counters();
         drop(r);
-        roomy_task.await.unwrap();
+        roomy_task.await.expect("the uploader ends cleanly");
         let got = lines(&sink);
         assert!(matches!(got[0], EgressLine::Gap { lost: 2, .. }), "{got:?}");
         assert_eq!(got.len(), 2);

@@ -249,12 +249,14 @@ pub(crate) mod tests {
         // The nested flag on the outer attribute is masked off.
         let attrs = [nla(0x8000 | 1, &inner), nla(7, &5u32.to_be_bytes())].concat();
         let datagram = [message(0x102, 2, &attrs), message(0x102, 2, &[])].concat();
-        let all: Vec<_> = messages(&datagram).collect::<Result<_, _>>().unwrap();
+        let all: Vec<_> = messages(&datagram)
+            .collect::<Result<_, _>>()
+            .expect("well-formed messages");
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].kind, 0x102);
-        let (family, top) = all[0].netfilter().unwrap();
+        let (family, top) = all[0].netfilter().expect("an nfgenmsg");
         assert_eq!(family, 2);
-        let ip = top.nested(1).unwrap();
+        let ip = top.nested(1).expect("nested attribute");
         assert_eq!(ip.ipv4(2), Some(std::net::Ipv4Addr::new(10, 0, 0, 2)));
         assert_eq!(top.be32(7), Some(5));
         assert_eq!(top.be64(7), None, "a 4-byte value is not read as 8");
@@ -266,7 +268,10 @@ pub(crate) mod tests {
         datagram[0..4].copy_from_slice(&4096u32.to_ne_bytes());
         let got: Vec<_> = messages(&datagram).collect();
         assert_eq!(got.len(), 1);
-        assert_eq!(got[0].unwrap_err(), Malformed::BadLength(4096));
+        assert_eq!(
+            got[0].expect_err("a lying length"),
+            Malformed::BadLength(4096)
+        );
 
         // An attribute claiming more than its message holds yields nothing.
         let mut attr = nla(1, &[1, 2, 3, 4]);
@@ -296,10 +301,13 @@ pub(crate) mod tests {
             .attr(1, &[1])
             .finish();
         assert_eq!(req.len(), 16 + 4 + 8);
-        let m = messages(&req).next().unwrap().unwrap();
+        let m = messages(&req)
+            .next()
+            .expect("one message")
+            .expect("well-formed");
         assert_eq!((m.kind, m.seq), (0x401, 7));
         assert_eq!(&m.payload[..4], &[0, 0, 0, 1]);
-        let (_, attrs) = m.netfilter().unwrap();
+        let (_, attrs) = m.netfilter().expect("an nfgenmsg");
         assert_eq!(attrs.u8(1), Some(1));
     }
 }

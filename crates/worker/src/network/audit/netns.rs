@@ -138,7 +138,11 @@ fn bind_log_group(fd: &OwnedFd, group: u16) -> std::io::Result<()> {
         rustix::net::sockopt::Timeout::Recv,
         Some(BIND_TIMEOUT),
     )?;
-    rustix::net::send(fd, &super::nflog::bind_request(group, SEQ), SendFlags::empty())?;
+    rustix::net::send(
+        fd,
+        &super::nflog::bind_request(group, SEQ),
+        SendFlags::empty(),
+    )?;
     let mut buf = vec![0u8; 8192];
     loop {
         let (n, _) = rustix::net::recv(fd, &mut buf[..], RecvFlags::empty())?;
@@ -171,7 +175,9 @@ pub struct DropTable {
 impl DropTable {
     fn open() -> Self {
         let file = File::open("/proc/thread-self/net/netlink")
-            .map_err(|e| tracing::warn!(error = %e, "no netlink socket table: gaps count 1 per overrun"))
+            .map_err(
+                |e| tracing::warn!(error = %e, "no netlink socket table: gaps count 1 per overrun"),
+            )
             .ok();
         Self { file }
     }
@@ -263,18 +269,18 @@ sk               Eth Pid        Groups   Rmem     Wmem     Dump  Locks    Drops 
         assert_eq!(o.take(&mut none, true), 1);
         assert_eq!(o.take(&mut none, false), 0);
 
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("netlink");
         let write = |drops: u64| {
             std::fs::write(
                 &path,
                 format!("sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode\n0 12 1 4 0 0 0 2 {drops} 7\n"),
             )
-            .unwrap()
+            .expect("write the fake socket table")
         };
         write(0);
         let mut table = DropTable {
-            file: Some(File::open(&path).unwrap()),
+            file: Some(File::open(&path).expect("open the fake socket table")),
         };
         let mut o = Overruns {
             inode: Some(7),
@@ -284,10 +290,10 @@ sk               Eth Pid        Groups   Rmem     Wmem     Dump  Locks    Drops 
         // ENOBUFS seen before the kernel's count moved: 1, owed.
         assert_eq!(o.take(&mut table, true), 1);
         write(5);
-        table.file = Some(File::open(&path).unwrap());
+        table.file = Some(File::open(&path).expect("open the fake socket table"));
         assert_eq!(o.take(&mut table, false), 4, "the owed one is paid back");
         write(5);
-        table.file = Some(File::open(&path).unwrap());
+        table.file = Some(File::open(&path).expect("open the fake socket table"));
         assert_eq!(o.take(&mut table, false), 0);
     }
 }

@@ -133,7 +133,10 @@ pub(crate) mod tests {
 
     #[test]
     fn reads_a_logged_syn() {
-        let d = parse_one(&logged(&tcp_syn([169, 254, 0, 2], [198, 18, 0, 10], 81), "deny"));
+        let d = parse_one(&logged(
+            &tcp_syn([169, 254, 0, 2], [198, 18, 0, 10], 81),
+            "deny",
+        ));
         assert_eq!(
             d,
             Some(Denied {
@@ -176,7 +179,7 @@ pub(crate) mod tests {
         );
         // A prefix without its terminating NUL, and one that is not UTF-8.
         let attrs = [nla(NFULA_PREFIX, &[0xff, b'x']), nla(NFULA_PAYLOAD, &syn)].concat();
-        let d = parse_one(&message(MSG_PACKET, 2, &attrs)).unwrap();
+        let d = parse_one(&message(MSG_PACKET, 2, &attrs)).expect("parse one");
         assert_eq!(d.prefix.as_deref(), Some("\u{fffd}x"));
         for cut in 0..syn.len() {
             let _ = parse_one(&logged(&syn[..cut], "deny"));
@@ -186,12 +189,15 @@ pub(crate) mod tests {
     #[test]
     fn the_bind_request_names_the_group_and_copy_mode() {
         let req = bind_request(1, 3);
-        let m = messages(&req).next().unwrap().unwrap();
+        let m = messages(&req)
+            .next()
+            .expect("one message")
+            .expect("well-formed");
         assert_eq!(m.kind, MSG_CONFIG);
         assert_eq!(&m.payload[2..4], &1u16.to_be_bytes(), "res_id is the group");
-        let (_, attrs) = m.netfilter().unwrap();
+        let (_, attrs) = m.netfilter().expect("an nfgenmsg");
         assert_eq!(attrs.u8(NFULA_CFG_CMD), Some(NFULNL_CFG_CMD_BIND));
-        let mode = attrs.find(NFULA_CFG_MODE).unwrap();
+        let mode = attrs.find(NFULA_CFG_MODE).expect("the mode attribute");
         assert_eq!(mode, &[0, 0, 0, 128, NFULNL_COPY_PACKET, 0]);
         assert_eq!(attrs.be32(NFULA_CFG_QTHRESH), Some(1));
     }
