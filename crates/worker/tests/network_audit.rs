@@ -33,8 +33,8 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use scaibunker_proto::egress::{EgressFlow, EgressLine, Verdict};
 use scaibunker_worker::network::audit::{
-    Audit, AuditContext, BatchLimits, BatchSink, DENY_LOG_GROUP, DENY_LOG_PREFIX, NameLookup,
-    PutBatchError, StorageSink,
+    Audit, AuditContext, AuditError, BatchLimits, BatchSink, DENY_LOG_GROUP, DENY_LOG_PREFIX,
+    NameLookup, PutBatchError, StorageSink,
 };
 
 /// Set in the re-executed child: do the work instead of re-executing.
@@ -547,6 +547,25 @@ fn flows_still_open_at_finish_are_recorded_and_batches_are_cut_at_the_line_limit
                     limits,
                 )
                 .expect("start the audit");
+                // A second reader would split the bunker's denials: the group is taken.
+                let second = Audit::start(
+                    &netns,
+                    context("bnk_audit2"),
+                    Arc::new(Names),
+                    sink.clone(),
+                    limits,
+                );
+                assert!(
+                    matches!(
+                        second,
+                        Err(AuditError::NflogBind {
+                            group: DENY_LOG_GROUP,
+                            ..
+                        })
+                    ),
+                    "{:?}",
+                    second.err()
+                );
                 let open = tokio::task::spawn_blocking(|| {
                     for port in 81..=84 {
                         denied_attempt(port);
@@ -770,6 +789,20 @@ fn the_storage_sink_puts_to_the_proxy_path_with_the_worker_credential() {
                 )
                 .expect("a storage client");
                 let sink = StorageSink::new(objects);
+                // Not a network namespace: refused before anything is opened.
+                let not_netns = File::open("/proc/self/status").expect("a plain file");
+                let refused = Audit::start(
+                    &not_netns,
+                    context("bnk_a"),
+                    Arc::new(Names),
+                    Arc::new(sink.clone()),
+                    BatchLimits::default(),
+                );
+                assert!(
+                    matches!(refused, Err(AuditError::EnterNetns(_))),
+                    "{:?}",
+                    refused.err()
+                );
                 let key = scaibunker_proto::egress::object_key("bnk_a", 17, 4242);
                 let body = Bytes::from_static(b"{\"type\":\"gap\",\"lost\":1,\"ts_us\":17}\n");
                 sink.put(key.clone(), body.clone()).await.expect("put");

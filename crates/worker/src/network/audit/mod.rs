@@ -247,6 +247,7 @@ impl Audit {
         let mut drops = sockets.drops;
         let event_overruns = Overruns::new(&sockets.events, &mut drops);
         let log_overruns = Overruns::new(&sockets.log, &mut drops);
+        let query_overruns = Overruns::new(&sockets.query, &mut drops);
         let events = register(sockets.events, "conntrack events")?;
         let log = register(sockets.log, "nflog")?;
         let query = register(sockets.query, "conntrack query")?;
@@ -272,6 +273,7 @@ impl Audit {
                 drops,
                 event_overruns,
                 log_overruns,
+                query_overruns,
                 buf: vec![0; RECV_BUFFER],
             },
         };
@@ -338,6 +340,7 @@ struct ReadState {
     drops: DropTable,
     event_overruns: Overruns,
     log_overruns: Overruns,
+    query_overruns: Overruns,
     buf: Vec<u8>,
 }
 
@@ -435,8 +438,9 @@ impl ReadState {
 
     fn overrun(&mut self, source: Source, reported: bool) {
         let lost = match source {
-            Source::Events | Source::Query => self.event_overruns.take(&mut self.drops, reported),
+            Source::Events => self.event_overruns.take(&mut self.drops, reported),
             Source::Log => self.log_overruns.take(&mut self.drops, reported),
+            Source::Query => self.query_overruns.take(&mut self.drops, reported),
         };
         if lost > 0 {
             self.recorder.gap(lost);
