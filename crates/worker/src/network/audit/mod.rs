@@ -17,8 +17,10 @@
 //!    the bunker's own, used by no other rule.
 //! 3. Losses are lines too: a socket reporting `ENOBUFS` (the kernel could not queue an
 //!    event) yields a `gap` whose `lost` is the socket's kernel drop count since the last
-//!    gap (at least 1); a batch dropped because the sink is too far behind, or given up after
-//!    its retries, yields a `gap` of the events it held, in a later batch.
+//!    gap (at least 1). A congested socket says ENOBUFS once while the kernel may go on
+//!    dropping, so the counts are read again once it is drained, at every tick and at finish.
+//!    A batch dropped because the sink is too far behind, or given up after its retries,
+//!    yields a `gap` of the events it held, in a later batch.
 //! 4. Lines go to a [`batch::Batcher`], cut at [`BatchLimits`], and from there to one uploader
 //!    task ([`batch::Uploads`]), keyed `scaibunker/audit/{bunker_id}/{ts_us}-{pid}.ndjson`.
 //! 5. [`AuditHandle::finish`] (the guest has stopped): read what the sockets hold, then dump
@@ -27,6 +29,15 @@
 //!    DESTROY read afterwards for an entry already dumped (by conntrack id); cut the last
 //!    batch, wait for the uploader, stop. Without the dump, those flows would vanish with
 //!    the netns.
+//!
+//! What this relies on and what it cannot see:
+//! - bytes are conntrack's: whole IP packets, headers included;
+//! - a flow's end is when the kernel destroyed the entry (after TIME_WAIT and its clean-up
+//!   pass, up to about a minute late), or the dump at finish;
+//! - the bunker's rules must drop packets from `gst0` whose source is not the guest: a
+//!   spoofed-source flow is not the guest's by address, so it is not recorded here;
+//! - an nft `ct event set` on the guest's flows must include `destroy`;
+//! - the resolver's upstream queries leave from the host netns and are not egress lines.
 //!
 //! Netlink parsing is a small bounds-checked TLV reader of our own ([`netlink`]); why not
 //! `netlink-packet-netfilter` is said there.
@@ -73,6 +84,8 @@ pub const RESOLVER_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 1);
 const RECV_BUFFER: usize = 64 * 1024;
 /// Datagrams read from one socket before the reader looks at the other one and the clock.
 const READS_PER_TURN: usize = 64;
+/// Datagrams read from one socket at finish, at most.
+const FINAL_READS: usize = 1 << 16;
 /// How long the final dump may take.
 const DUMP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -180,7 +193,7 @@ pub enum FinishAuditError {
 
 /// Counters of one audit (metric-ready, monotonic).
 #[derive(Debug, Default)]
-pub struct Stats {
+pub(crate) struct Stats {
     allowed: AtomicU64,
     denied: AtomicU64,
     lost: AtomicU64,
@@ -274,6 +287,7 @@ impl Audit {
                 event_overruns,
                 log_overruns,
                 query_overruns,
+                recount: false,
                 buf: vec![0; RECV_BUFFER],
             },
         };
@@ -301,6 +315,8 @@ impl AuditHandle {
     }
 
     /// The bunker stopped: records what is left (step 5), puts the last batches, stops.
+    /// Bounded: the dump by a few seconds, the puts by their attempts, timeouts and backoff
+    /// (about two minutes with the defaults and a sink that never answers).
     pub async fn finish(mut self) -> Result<AuditCounters, FinishAuditError> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -341,6 +357,9 @@ struct ReadState {
     event_overruns: Overruns,
     log_overruns: Overruns,
     query_overruns: Overruns,
+    /// An overrun was reported since the drop counts were last read: a congested socket
+    /// says ENOBUFS once, while the kernel may go on dropping until it is drained.
+    recount: bool,
     buf: Vec<u8>,
 }
 
@@ -370,7 +389,10 @@ impl Reader {
                         break;
                     }
                 },
-                _ = tokio::time::sleep_until(tick.into()) => state.recorder.tick(),
+                _ = tokio::time::sleep_until(tick.into()) => {
+                    state.count_drops();
+                    state.recorder.tick();
+                }
             }
         }
         // The bunker stopped (or a socket broke): what is left, then the table.
@@ -379,6 +401,7 @@ impl Reader {
         state.dump(&query).await;
         state.read_now(Source::Events, events.get_ref());
         state.read_now(Source::Log, log.get_ref());
+        state.count_drops();
         state.recorder.finish();
         drop(state);
         if let Err(e) = uploader.await {
@@ -400,17 +423,33 @@ impl ReadState {
                 Ok(Ok(n)) => self.datagram(source, n),
                 Ok(Err(e)) => {
                     if !self.recv_failed(source, &e) {
+                        // Wait for the next readiness rather than spin on the error.
+                        guard.clear_ready();
                         return;
                     }
                 }
-                Err(_would_block) => return,
+                Err(_would_block) => {
+                    if self.recount {
+                        self.count_drops();
+                    }
+                    return;
+                }
             }
         }
     }
 
-    /// Reads everything a socket holds now, without waiting.
+    /// Reports what the kernel dropped on any socket since the last count.
+    fn count_drops(&mut self) {
+        self.recount = false;
+        for source in [Source::Events, Source::Log, Source::Query] {
+            self.overrun(source, false);
+        }
+    }
+
+    /// Reads what a socket holds now, without waiting (bounded, should the guest still be
+    /// sending).
     fn read_now(&mut self, source: Source, fd: &OwnedFd) {
-        loop {
+        for _ in 0..FINAL_READS {
             match recv(fd, &mut self.buf) {
                 Ok(n) => self.datagram(source, n),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
@@ -427,6 +466,7 @@ impl ReadState {
     fn recv_failed(&mut self, source: Source, e: &std::io::Error) -> bool {
         if e.raw_os_error() == Some(rustix::io::Errno::NOBUFS.raw_os_error()) {
             self.overrun(source, true);
+            self.recount = true;
             return true;
         }
         if e.kind() == std::io::ErrorKind::Interrupted {
