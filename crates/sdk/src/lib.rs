@@ -224,8 +224,12 @@ impl Client {
             q.push(("cursor", c.to_owned()));
         }
         Self::data(
-            self.send(self.http.get(self.url(&format!("/bunkers/{id}/egress"))).query(&q))
-                .await?,
+            self.send(
+                self.http
+                    .get(self.url(&format!("/bunkers/{id}/egress")))
+                    .query(&q),
+            )
+            .await?,
         )
         .await
     }

@@ -289,7 +289,19 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
         config.boot_timeout,
         Arc::new(templates),
     );
-    match network::Networks::start(network_config(&config).await).await {
+    // Audit batches go to a controller's proxy: a standalone one cannot tell whose bunker a
+    // batch is of, and refuses them.
+    let audit_sink = config.controller_url.as_ref().and_then(|url| {
+        match snapshots::ObjectClient::new(url, Arc::clone(&credentials)) {
+            Ok(objects) => Some(Arc::new(network::audit::StorageSink::new(objects))
+                as Arc<dyn network::audit::BatchSink>),
+            Err(e) => {
+                tracing::warn!(error = %e, "no storage proxy client: the egress audit is off");
+                None
+            }
+        }
+    });
+    match network::Networks::start(network_config(&config).await, audit_sink).await {
         Ok(networks) => bunkers = bunkers.with_networks(networks),
         Err(e) => tracing::warn!(
             error = %bunker::supervisor::error_chain(&e),

@@ -136,6 +136,24 @@ impl ObjectClient {
         check(url, resp).await.map(drop)
     }
 
+    /// Puts `body` at `key` in one request (small objects held in memory, e.g. the egress
+    /// audit's batches).
+    pub async fn put_bytes(&self, key: &str, body: bytes::Bytes) -> Result<(), SnapshotError> {
+        let url = self.url(key);
+        let resp = self
+            .http
+            .put(&url)
+            .bearer_auth(self.credentials.bearer())
+            .body(body)
+            .send()
+            .await
+            .map_err(|source| SnapshotError::Http {
+                url: url.clone(),
+                source,
+            })?;
+        check(url, resp).await.map(drop)
+    }
+
     /// Streams `key` into `path`, checking its size and SHA-256 on the way.
     pub async fn get_file(&self, file: &SnapshotFile, path: &Path) -> Result<(), SnapshotError> {
         let url = self.url(&file.key);

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use network_sandbox::*;
+use scaibunker_proto::egress::{EgressLine, Verdict};
 use scaibunker_proto::worker::{NetworkProfile, NetworkSpec};
+use scaibunker_worker::network::audit::{BatchSink, PutBatchError};
 use scaibunker_worker::network::{Cidr, NetworkConfig, Networks, Nic, addr};
 
 fn config(dir: &std::path::Path) -> NetworkConfig {
@@ -37,6 +39,26 @@ fn tap_of(nic: &Nic) -> Arc<std::os::fd::OwnedFd> {
     match nic {
         Nic::Tap(fd) => Arc::clone(fd),
         Nic::Unplugged => panic!("a networked bunker has a tap"),
+    }
+}
+
+/// Keeps every audit line put.
+#[derive(Default)]
+struct MemorySink {
+    lines: std::sync::Mutex<Vec<EgressLine>>,
+}
+
+impl BatchSink for MemorySink {
+    fn put(
+        &self,
+        _key: String,
+        body: bytes::Bytes,
+    ) -> futures_util::future::BoxFuture<'_, Result<(), PutBatchError>> {
+        let mut lines = self.lines.lock().unwrap();
+        for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            lines.push(serde_json::from_slice(line).unwrap());
+        }
+        Box::pin(async { Ok(()) })
     }
 }
 
@@ -79,9 +101,18 @@ fn unrestricted_reaches_the_internet_but_never_the_platform_the_host_or_another_
             let dir = tempfile::tempdir().unwrap();
             let rt = runtime();
             rt.block_on(async {
-                let networks = Networks::start(config(dir.path())).await.unwrap();
-                let mut a = networks.setup("bnk_a", &unrestricted(None)).await.unwrap();
-                let mut b = networks.setup("bnk_b", &unrestricted(None)).await.unwrap();
+                let sink = Arc::new(MemorySink::default());
+                let networks = Networks::start(config(dir.path()), Some(Arc::clone(&sink) as _))
+                    .await
+                    .unwrap();
+                let mut a = networks
+                    .setup("bnk_a", "tnt_a", &unrestricted(None))
+                    .await
+                    .unwrap();
+                let mut b = networks
+                    .setup("bnk_b", "tnt_b", &unrestricted(None))
+                    .await
+                    .unwrap();
                 let guest_a = FakeGuest::plug(dir.path(), "guest-a", &tap_of(&a.nic()));
                 let guest_b = FakeGuest::plug(dir.path(), "guest-b", &tap_of(&b.nic()));
                 let resolver: SocketAddr = (addr::GATEWAY_IP, 53).into();
@@ -185,12 +216,46 @@ fn unrestricted_reaches_the_internet_but_never_the_platform_the_host_or_another_
                     "HTTP/1.1 200 OK",
                     "without the rules the platform answers"
                 );
-                Networks::start(config(dir.path())).await.unwrap();
+                Networks::start(config(dir.path()), None).await.unwrap();
 
                 a.teardown().await;
                 b.teardown().await;
                 guest_a.remove();
                 guest_b.remove();
+
+                // The audit of bunker A: its flows with the names its resolver gave, and the
+                // refused attempts; B's apart.
+                let lines = sink.lines.lock().unwrap().clone();
+                let flows: Vec<_> = lines
+                    .iter()
+                    .filter_map(|l| match l {
+                        EgressLine::Flow(f) => Some(f),
+                        EgressLine::Gap { .. } => None,
+                    })
+                    .collect();
+                let pypi = flows
+                    .iter()
+                    .find(|f| f.bunker_id == "bnk_a" && f.dst_ip == PYPI_IP.to_string())
+                    .unwrap_or_else(|| panic!("no flow to pypi in {lines:?}"));
+                assert_eq!(pypi.dns_name.as_deref(), Some("pypi.org"));
+                assert_eq!(
+                    (pypi.tenant_id.as_str(), pypi.dst_port),
+                    ("tnt_a", Some(80))
+                );
+                assert_eq!(pypi.verdict, Verdict::Allowed);
+                assert!(pypi.bytes_in > 1024 && pypi.bytes_out > 0, "{pypi:?}");
+                assert!(
+                    flows.iter().any(|f| f.bunker_id == "bnk_a"
+                        && f.dst_ip == PLATFORM_IP.to_string()
+                        && f.verdict == Verdict::Denied),
+                    "the refused attempt on the platform is audited: {lines:?}"
+                );
+                assert!(
+                    flows
+                        .iter()
+                        .any(|f| f.bunker_id == "bnk_b" && f.verdict == Verdict::Denied),
+                    "B's refused attempt is B's: {lines:?}"
+                );
             });
             assert!(bunker_links().is_empty(), "left over: {:?}", bunker_links());
             let handles: Vec<_> = std::fs::read_dir(dir.path().join("netns"))
@@ -212,9 +277,9 @@ fn a_bandwidth_cap_shapes_egress_and_uncapped_is_faster() {
             let dir = tempfile::tempdir().unwrap();
             let rt = runtime();
             rt.block_on(async {
-                let networks = Networks::start(config(dir.path())).await.unwrap();
+                let networks = Networks::start(config(dir.path()), None).await.unwrap();
                 let mut capped = networks
-                    .setup("bnk_capped", &unrestricted(Some(8)))
+                    .setup("bnk_capped", "tnt_a", &unrestricted(Some(8)))
                     .await
                     .unwrap();
                 let guest = FakeGuest::plug(dir.path(), "guest-c", &tap_of(&capped.nic()));
@@ -236,7 +301,7 @@ fn a_bandwidth_cap_shapes_egress_and_uncapped_is_faster() {
                 guest.remove();
 
                 let mut free = networks
-                    .setup("bnk_free", &unrestricted(None))
+                    .setup("bnk_free", "tnt_a", &unrestricted(None))
                     .await
                     .unwrap();
                 let guest = FakeGuest::plug(dir.path(), "guest-f", &tap_of(&free.nic()));
@@ -264,10 +329,10 @@ fn a_failed_setup_and_a_crashed_worker_leave_nothing_behind() {
             let dir = tempfile::tempdir().unwrap();
             let rt = runtime();
             rt.block_on(async {
-                let networks = Networks::start(config(dir.path())).await.unwrap();
+                let networks = Networks::start(config(dir.path()), None).await.unwrap();
                 // `tc` refuses a zero rate after the namespace, veth and rules exist.
                 let err = networks
-                    .setup("bnk_bad", &unrestricted(Some(0)))
+                    .setup("bnk_bad", "tnt_a", &unrestricted(Some(0)))
                     .await
                     .expect_err("a zero rate is refused");
                 println!("refused: {err}");
@@ -277,13 +342,13 @@ fn a_failed_setup_and_a_crashed_worker_leave_nothing_behind() {
                 // A worker that dies keeps its bunkers' namespaces and links: the next start
                 // sweeps them and rewrites the host table.
                 let kept = networks
-                    .setup("bnk_crash", &unrestricted(None))
+                    .setup("bnk_crash", "tnt_a", &unrestricted(None))
                     .await
                     .unwrap();
                 std::mem::forget(kept);
                 assert!(!bunker_links().is_empty());
                 drop(networks);
-                let _again = Networks::start(config(dir.path())).await.unwrap();
+                let _again = Networks::start(config(dir.path()), None).await.unwrap();
                 assert!(bunker_links().is_empty(), "left over: {:?}", bunker_links());
                 assert!(!dir.path().join("netns/bnk_crash").exists());
                 let tables = sh_out(&["nft", "list", "tables"]);
@@ -300,9 +365,9 @@ fn isolated_has_no_host_side_at_all() {
         sh(&["ip", "link", "set", "lo", "up"]);
         let rt = runtime();
         rt.block_on(async {
-            let networks = Networks::start(config(dir.path())).await.unwrap();
+            let networks = Networks::start(config(dir.path()), None).await.unwrap();
             let spec = NetworkSpec::default();
-            let net = networks.setup("bnk_iso", &spec).await.unwrap();
+            let net = networks.setup("bnk_iso", "tnt_a", &spec).await.unwrap();
             assert_eq!(net.nic(), Nic::Unplugged);
             assert!(!net.has_dns());
             assert!(net.netns_path().is_none());
@@ -316,7 +381,10 @@ fn isolated_has_no_host_side_at_all() {
                     profile: refused,
                     bandwidth_mbit: None,
                 };
-                assert!(networks.setup("bnk_x", &spec).await.is_err(), "{refused:?}");
+                assert!(
+                    networks.setup("bnk_x", "tnt_a", &spec).await.is_err(),
+                    "{refused:?}"
+                );
             }
         });
     });

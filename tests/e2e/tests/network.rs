@@ -73,7 +73,10 @@ fn isolated_and_unrestricted_bunkers_on_real_vms() {
             let c = up.client();
 
             // isolated: no resolver, no route, the agent works.
-            let iso = c.create_bunker(&tiny(NetworkProfile::Isolated, None)).await.unwrap();
+            let iso = c
+                .create_bunker(&tiny(NetworkProfile::Isolated, None))
+                .await
+                .unwrap();
             assert_eq!(iso.status, "running", "{:?}", iso.failure_reason);
             let (code, out) = run(&c, &iso.id, "echo agent-ok").await;
             assert_eq!((code, out.trim()), (0, "agent-ok"));
@@ -87,7 +90,10 @@ fn isolated_and_unrestricted_bunkers_on_real_vms() {
 
             // unrestricted, restored from the template the isolated boot left.
             let started = Instant::now();
-            let b = c.create_bunker(&tiny(NetworkProfile::Unrestricted, None)).await.unwrap();
+            let b = c
+                .create_bunker(&tiny(NetworkProfile::Unrestricted, None))
+                .await
+                .unwrap();
             let create = started.elapsed();
             assert_eq!(b.status, "running", "{:?}", b.failure_reason);
             println!("unrestricted create from the template: {create:?}");
@@ -109,23 +115,35 @@ fn isolated_and_unrestricted_bunkers_on_real_vms() {
                 assert_ne!(code, 0, "{what} must be unreachable: {out}");
             }
             assert_eq!(net.platform.connections(), 0);
-            assert_eq!(net.pypi.connections(), 1, "only the unrestricted bunker got through");
+            assert_eq!(
+                net.pypi.connections(),
+                1,
+                "only the unrestricted bunker got through"
+            );
 
             c.delete_bunker(&b.id).await.unwrap();
-            within(Duration::from_secs(20), "the namespace and veth going after delete", || async {
-                (bunker_links().is_empty() && std::fs::read_dir(&ns).unwrap().next().is_none())
-                    .then_some(())
-            })
+            within(
+                Duration::from_secs(20),
+                "the namespace and veth going after delete",
+                || async {
+                    (bunker_links().is_empty() && std::fs::read_dir(&ns).unwrap().next().is_none())
+                        .then_some(())
+                },
+            )
             .await;
 
             // Its flows, read back through the API once the last batch landed.
-            let page = within(Duration::from_secs(30), "the flow to pypi.org in the egress audit", || async {
-                let page = c.bunker_egress(&b.id, Some(100), None).await.ok()?;
-                page.records
-                    .iter()
-                    .any(|r| r.dns_name.as_deref() == Some("pypi.org"))
-                    .then_some(page)
-            })
+            let page = within(
+                Duration::from_secs(30),
+                "the flow to pypi.org in the egress audit",
+                || async {
+                    let page = c.bunker_egress(&b.id, Some(100), None).await.ok()?;
+                    page.records
+                        .iter()
+                        .any(|r| r.dns_name.as_deref() == Some("pypi.org"))
+                        .then_some(page)
+                },
+            )
             .await;
             let pypi = page
                 .records
@@ -141,7 +159,10 @@ fn isolated_and_unrestricted_bunkers_on_real_vms() {
                 .iter()
                 .filter(|r| r.dst_ip == "10.99.0.1")
                 .count();
-            assert!(denied >= 1, "the refused attempt to the platform is audited");
+            assert!(
+                denied >= 1,
+                "the refused attempt to the platform is audited"
+            );
         });
         assert_eq!(net.escaped_packets(), 0, "no packet left the fake internet");
     });

@@ -215,6 +215,7 @@ impl Bunkers {
             )));
         }
         let network_spec = req.network.clone();
+        let tenant_id = req.tenant_id.clone();
         match network_spec.profile {
             NetworkProfile::Isolated | NetworkProfile::Unrestricted => {}
             other => {
@@ -303,7 +304,9 @@ impl Bunkers {
         let objects = self.objects.clone();
         let networks = self.networks.clone();
         let task = tokio::spawn(async move {
-            if let Err(reason) = setup_network(&bunker, networks.as_ref(), &network_spec).await {
+            if let Err(reason) =
+                setup_network(&bunker, &tenant_id, networks.as_ref(), &network_spec).await
+            {
                 bunker.fail(reason.clone());
                 forget(&table, &bunker);
                 return Err(CreateBunkerError::BootFailed {
@@ -646,6 +649,7 @@ fn validate_hostname(name: &str) -> Result<(), String> {
 /// the bunker fails with (nothing is left behind).
 async fn setup_network(
     bunker: &Bunker,
+    tenant_id: &str,
     networks: Option<&Arc<Networks>>,
     spec: &NetworkSpec,
 ) -> Result<(), String> {
@@ -660,7 +664,7 @@ async fn setup_network(
     })?;
     let started = std::time::Instant::now();
     let network = networks
-        .setup(bunker.id(), spec)
+        .setup(bunker.id(), tenant_id, spec)
         .await
         .map_err(|e| format!("network setup: {}", error_chain(&e)))?;
     tracing::info!(

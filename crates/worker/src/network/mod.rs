@@ -27,6 +27,7 @@
 //! the host's own addresses, another bunker, or the deny set.
 
 pub mod addr;
+pub mod audit;
 mod links;
 pub mod netns;
 pub mod resolver;
@@ -43,6 +44,8 @@ use std::sync::{Arc, Mutex};
 
 use scaibunker_proto::worker::{NetworkProfile, NetworkSpec};
 
+use audit::{Audit, AuditContext, AuditError, AuditHandle, BatchLimits, BatchSink};
+
 pub use addr::{Cidr, DenySet};
 use addr::{
     GATEWAY_IP, GUEST_PREFIX, HOST_LINK_PREFIX, PEER_LINK_PREFIX, TAP_MAC, TAP_NAME, UPLINK_NAME,
@@ -51,6 +54,9 @@ use links::{LinkError, Links};
 use netns::NetnsError;
 pub use resolver::NameTable;
 use resolver::Resolver;
+
+/// How long a stopping bunker's audit may take to put its last batches.
+const AUDIT_FINISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 use rules::RulesError;
 
 /// Where namespace handles live by default.
@@ -109,6 +115,8 @@ pub enum NetworkError {
     Resolver(#[source] std::io::Error),
     #[error("the tap")]
     Tap(#[source] std::io::Error),
+    #[error("the egress audit")]
+    Audit(#[from] AuditError),
     #[error("a setup task failed")]
     Task,
 }
@@ -140,6 +148,9 @@ pub struct Networks {
     deny: DenySet,
     host: Links,
     slots: Mutex<BTreeSet<u32>>,
+    /// Where egress audit batches go; `None`: no audit (a worker without a controller).
+    audit_sink: Option<Arc<dyn BatchSink>>,
+    audit_limits: BatchLimits,
 }
 
 impl std::fmt::Debug for Networks {
@@ -152,7 +163,19 @@ impl std::fmt::Debug for Networks {
 
 impl Networks {
     /// Prepares the host: sweeps leftovers, rewrites the host table, turns forwarding on.
-    pub async fn start(config: NetworkConfig) -> Result<Arc<Self>, NetworkError> {
+    pub async fn start(
+        config: NetworkConfig,
+        audit_sink: Option<Arc<dyn BatchSink>>,
+    ) -> Result<Arc<Self>, NetworkError> {
+        Self::start_with(config, audit_sink, BatchLimits::default()).await
+    }
+
+    /// [`Networks::start`] with the audit's batch limits (tests shrink them).
+    pub async fn start_with(
+        config: NetworkConfig,
+        audit_sink: Option<Arc<dyn BatchSink>>,
+        audit_limits: BatchLimits,
+    ) -> Result<Arc<Self>, NetworkError> {
         if !rustix::process::geteuid().is_root() {
             return Err(NetworkError::NotRoot);
         }
@@ -192,6 +215,8 @@ impl Networks {
             deny,
             host,
             slots: Mutex::new(BTreeSet::new()),
+            audit_sink,
+            audit_limits,
         }))
     }
 
@@ -224,6 +249,7 @@ impl Networks {
     pub async fn setup(
         self: &Arc<Self>,
         bunker_id: &str,
+        tenant_id: &str,
         spec: &NetworkSpec,
     ) -> Result<BunkerNetwork, NetworkError> {
         match spec.profile {
@@ -239,9 +265,14 @@ impl Networks {
             nic: Nic::Unplugged,
             names: Arc::new(NameTable::default()),
             resolver: None,
+            audit: None,
             handle: None,
         };
-        match self.build(&mut net, slot, spec).await {
+        let ctx = AuditContext {
+            bunker_id: bunker_id.to_owned(),
+            tenant_id: tenant_id.to_owned(),
+        };
+        match self.build(&mut net, slot, spec, ctx).await {
             Ok(()) => Ok(net),
             Err(e) => {
                 net.teardown().await;
@@ -255,6 +286,7 @@ impl Networks {
         net: &mut BunkerNetwork,
         slot: u32,
         spec: &NetworkSpec,
+        ctx: AuditContext,
     ) -> Result<(), NetworkError> {
         let path = net
             .path
@@ -291,6 +323,17 @@ impl Networks {
             shaping::cap(&path, UPLINK_NAME, mbit)
                 .await
                 .map_err(NetworkError::Shaping)?;
+        }
+        // The audit reads from before the guest's first packet to after its last.
+        if let Some(sink) = &self.audit_sink {
+            let names: Arc<dyn audit::NameLookup> = Arc::clone(&net.names) as _;
+            net.audit = Some(Audit::start(
+                &handle,
+                ctx,
+                names,
+                Arc::clone(sink),
+                self.audit_limits,
+            )?);
         }
         let resolver = Resolver::start(
             udp,
@@ -365,6 +408,7 @@ pub struct BunkerNetwork {
     nic: Nic,
     names: Arc<NameTable>,
     resolver: Option<Resolver>,
+    audit: Option<AuditHandle>,
     handle: Option<Arc<File>>,
 }
 
@@ -388,6 +432,7 @@ impl BunkerNetwork {
             nic: Nic::Unplugged,
             names: Arc::new(NameTable::default()),
             resolver: None,
+            audit: None,
             handle: None,
         }
     }
@@ -419,6 +464,17 @@ impl BunkerNetwork {
 
     /// Removes everything [`Networks::setup`] made; safe to call on a half-built network.
     pub async fn teardown(&mut self) {
+        // The guest is gone: what is left in the conntrack table and the sockets goes into
+        // the last batch before the namespace (and its table) goes.
+        if let Some(audit) = self.audit.take() {
+            match tokio::time::timeout(AUDIT_FINISH_TIMEOUT, audit.finish()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "finish a bunker's egress audit"),
+                Err(_) => tracing::warn!(
+                    "a bunker's egress audit did not finish in time; its last batch is lost"
+                ),
+            }
+        }
         self.resolver.take();
         self.nic = Nic::Unplugged;
         self.handle.take();

@@ -67,6 +67,12 @@ impl NameTable {
     }
 }
 
+impl super::audit::NameLookup for NameTable {
+    fn name_of(&self, ip: Ipv4Addr) -> Option<String> {
+        NameTable::name_of(self, ip)
+    }
+}
+
 /// A token bucket.
 struct Rate {
     tokens: f64,

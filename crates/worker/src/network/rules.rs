@@ -5,7 +5,7 @@
 //! - [`bunker_ruleset`]: the table `inet bk` inside a bunker's namespace, written once (the
 //!   profile is immutable). `input` drops all but loopback, replies, and DNS from the guest
 //!   to its resolver; `forward` lets the guest out of `up0` except to the deny set (logged to
-//!   NFLOG group [`DENY_LOG_GROUP`], rate-limited, then rejected at once so nothing hangs);
+//!   NFLOG group [`DENY_LOG_GROUP`](super::audit::DENY_LOG_GROUP), rate-limited, then rejected at once so nothing hangs);
 //!   nothing comes in but replies; no IPv6; `postrouting` SNATs the guest to the slot's
 //!   address.
 //! - [`host_ruleset`]: the table `inet scaibunker` in the host namespace: nothing from a
@@ -23,8 +23,7 @@ use tokio::io::AsyncWriteExt as _;
 
 use super::addr::{Cidr, DenySet, GATEWAY_IP, GUEST_IP, HOST_LINK_PREFIX, TAP_NAME, UPLINK_NAME};
 
-/// The NFLOG group denied attempts are logged to (read by the egress audit).
-pub const DENY_LOG_GROUP: u16 = 1;
+use super::audit::{DENY_LOG_GROUP, DENY_LOG_PREFIX};
 /// Denied attempts logged per second per bunker at most (the audit's rate limit).
 pub const DENY_LOG_PER_SECOND: u32 = 20;
 /// The bunker table's name.
@@ -169,7 +168,7 @@ pub fn bunker_ruleset(deny: &DenySet, uplink_ip: Ipv4Addr) -> Value {
             to_uplink(),
             m(payload("ip", "daddr"), json!("@deny4")),
             json!({"limit": {"rate": DENY_LOG_PER_SECOND, "per": "second"}}),
-            json!({"log": {"group": DENY_LOG_GROUP, "prefix": "deny"}}),
+            json!({"log": {"group": DENY_LOG_GROUP, "prefix": DENY_LOG_PREFIX}}),
             reject(),
         ],
     ));

@@ -118,7 +118,10 @@ fn check_create(p: &Principal, req: &api::CreateBunker) -> Result<(), BunkerErro
     {
         errors.push(field("name", "must be 1 to 128 characters"));
     }
-    if !matches!(profile, NetworkProfile::Isolated | NetworkProfile::Unrestricted) {
+    if !matches!(
+        profile,
+        NetworkProfile::Isolated | NetworkProfile::Unrestricted
+    ) {
         // Name-filtered and transit networks are not in this release: refuse rather than
         // silently run with a different network than asked for.
         errors.push(field(
