@@ -96,7 +96,10 @@ fn isolated_and_unrestricted_bunkers_on_real_vms() {
             let (code, out) = run(&c, &iso.id, "nslookup pypi.org 169.254.0.1").await;
             assert_ne!(code, 0, "isolated resolves nothing: {out}");
             let (rc, out) = rc_of(&c, &iso.id, "timeout 5 wget -q -O - http://198.18.0.10/").await;
-            assert!(rc != 0 && !out.contains("xxxx"), "isolated reaches nothing: {rc} {out}");
+            assert!(
+                rc != 0 && !out.contains("xxxx"),
+                "isolated reaches nothing: {rc} {out}"
+            );
             assert!(bunker_links().is_empty(), "isolated has no host side");
             c.delete_bunker(&iso.id).await.unwrap();
             wait_template(&up, Duration::from_secs(240)).await.unwrap();
@@ -126,7 +129,10 @@ fn isolated_and_unrestricted_bunkers_on_real_vms() {
                 ("the host's uplink", "http://198.19.0.1/"),
             ] {
                 let (rc, out) = rc_of(&c, &b.id, &format!("wget -q -O - {url}")).await;
-                assert!(rc != 0 && out.contains("No route to host"), "{what}: {rc} {out}");
+                assert!(
+                    rc != 0 && out.contains("No route to host"),
+                    "{what}: {rc} {out}"
+                );
             }
             let (rc, out) = rc_of(&c, &b.id, "timeout 3 wget -q -O - http://169.254.0.1/").await;
             assert_ne!(rc, 0, "the gateway serves nothing but DNS: {out}");
@@ -179,7 +185,79 @@ fn isolated_and_unrestricted_bunkers_on_real_vms() {
                 denied >= 1,
                 "the refused attempt to the platform is audited: {page:#?}"
             );
+
+            // A VM killed under the worker: the bunker fails and its network goes with it.
+            let k = c
+                .create_bunker(&tiny(NetworkProfile::Unrestricted, None))
+                .await
+                .unwrap();
+            assert_eq!(k.status, "running", "{:?}", k.failure_reason);
+            assert_eq!(bunker_links().len(), 1);
+            let qemu = scaibunker_e2e::qemu_processes_for(up.data_dir());
+            assert_eq!(qemu.len(), 1, "{qemu:?}");
+            rustix::process::kill_process(
+                rustix::process::Pid::from_raw(qemu[0].pid as i32).unwrap(),
+                rustix::process::Signal::KILL,
+            )
+            .unwrap();
+            within(
+                Duration::from_secs(30),
+                "the killed bunker's network going",
+                || async {
+                    (bunker_links().is_empty() && std::fs::read_dir(&ns).unwrap().next().is_none())
+                        .then_some(())
+                },
+            )
+            .await;
+            c.delete_bunker(&k.id).await.unwrap();
+
+            // bandwidth_mbit: 2 MB at 4 Mbit/s is 4 s, as the sink sees the bytes arrive.
+            let capped = upload_time(&c, &net, NetworkProfile::Unrestricted, Some(4)).await;
+            let free = upload_time(&c, &net, NetworkProfile::Unrestricted, None).await;
+            println!("2 MB from a TCG guest: capped at 4 Mbit/s {capped:?}, uncapped {free:?}");
+            assert!(
+                (capped.as_secs_f64() - 4.0).abs() < 0.8,
+                "4 Mbit/s: 2 MB took {capped:?}, expected 4 s ± 20 %"
+            );
+            assert!(free * 2 < capped, "uncapped {free:?} vs capped {capped:?}");
         });
         assert_eq!(net.escaped_packets(), 0, "no packet left the fake internet");
     });
+}
+
+/// How long 2 MB sent by a new bunker's guest take to reach the sink (first to last byte,
+/// as the sink counts them).
+async fn upload_time(
+    c: &scaibunker_sdk::Client,
+    net: &FakeInternet,
+    profile: NetworkProfile,
+    bandwidth_mbit: Option<u64>,
+) -> Duration {
+    const BYTES: u64 = 2 * 1024 * 1024;
+    let b = c
+        .create_bunker(&tiny(profile, bandwidth_mbit))
+        .await
+        .unwrap();
+    assert_eq!(b.status, "running", "{:?}", b.failure_reason);
+    let before = net.sink.bytes_in();
+    let (code, out) = run(
+        c,
+        &b.id,
+        "setsid sh -c 'dd if=/dev/zero bs=65536 count=32 2>/dev/null | nc 198.18.0.30 9000' >/dev/null 2>&1 &",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let first = within(
+        Duration::from_secs(30),
+        "the first bytes at the sink",
+        || async { (net.sink.bytes_in() > before).then(Instant::now) },
+    )
+    .await;
+    within(Duration::from_secs(60), "2 MB at the sink", || async {
+        (net.sink.bytes_in() >= before + BYTES).then_some(())
+    })
+    .await;
+    let took = first.elapsed();
+    c.delete_bunker(&b.id).await.unwrap();
+    took
 }
