@@ -114,6 +114,9 @@ pub struct WorkerConfig {
     /// Bunker networks (`SCAIBUNKER_NET_POOL`, `SCAIBUNKER_EGRESS_DENY`,
     /// `SCAIBUNKER_EGRESS_ALLOW_PRIVATE`, `SCAIBUNKER_DNS_UPSTREAM`, `SCAIBUNKER_NETNS_DIR`).
     pub network: crate::network::NetworkConfig,
+    /// `SCAIBUNKER_EGRESS_AUDIT` (`on`, the default, or `off`): record the networked bunkers'
+    /// flows in the egress audit.
+    pub egress_audit: bool,
 }
 
 /// How long a stopping worker waits for its bunkers to be saved, by default.
@@ -174,6 +177,17 @@ fn read_network(
                 expected: "comma-separated IP or IP:port",
             })?;
     }
+    if let Some(n) = parse_u64(lookup, "SCAIBUNKER_NET_MAX_FLOWS")? {
+        network.max_flows =
+            u32::try_from(n)
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or(ConfigError::Invalid {
+                    var: "SCAIBUNKER_NET_MAX_FLOWS",
+                    value: n.to_string(),
+                    expected: "a count from 1 to 2^32 - 1",
+                })?;
+    }
     if let Some(v) = lookup("SCAIBUNKER_NETNS_DIR") {
         network.netns_dir = PathBuf::from(v);
     }
@@ -204,6 +218,7 @@ impl WorkerConfig {
             image_cache_bytes: Some(DEFAULT_IMAGE_CACHE_MB * MIB),
             min_free_disk_bytes: DEFAULT_MIN_FREE_DISK_MB * MIB,
             network: crate::network::NetworkConfig::with_defaults(),
+            egress_audit: true,
         }
     }
 
@@ -302,6 +317,19 @@ impl WorkerConfig {
             config.min_free_disk_bytes = mb;
         }
         read_network(&lookup, &mut config.network)?;
+        if let Some(v) = lookup("SCAIBUNKER_EGRESS_AUDIT") {
+            config.egress_audit = match v.as_str() {
+                "on" => true,
+                "off" => false,
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        var: "SCAIBUNKER_EGRESS_AUDIT",
+                        value: v,
+                        expected: "on or off",
+                    });
+                }
+            };
+        }
         // Never root, never the kernel's "no uid" (u32::MAX), at least one account.
         let end = u64::from(config.qemu_uid_base) + u64::from(config.qemu_uid_count);
         if config.qemu_uid_base == 0 || config.qemu_uid_count == 0 || end > u64::from(u32::MAX) {

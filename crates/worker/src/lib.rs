@@ -291,7 +291,11 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
     );
     // Audit batches go to a controller's proxy: a standalone one cannot tell whose bunker a
     // batch is of, and refuses them.
-    let audit_sink = config.controller_url.as_ref().and_then(|url| {
+    let audit_url = config
+        .controller_url
+        .as_ref()
+        .filter(|_| config.egress_audit);
+    let audit_sink = audit_url.and_then(|url| {
         match snapshots::ObjectClient::new(url, Arc::clone(&credentials)) {
             Ok(objects) => Some(Arc::new(network::audit::StorageSink::new(objects))
                 as Arc<dyn network::audit::BatchSink>),

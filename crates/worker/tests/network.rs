@@ -25,6 +25,7 @@ fn config(dir: &std::path::Path) -> NetworkConfig {
         dns_upstreams: vec![SocketAddr::from((DNS_IP, 53))],
         netns_dir: dir.join("netns"),
         platform: Vec::new(),
+        max_flows: 4096,
     }
 }
 
@@ -68,16 +69,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-/// Links of the host whose names start like a bunker's veth ends.
-fn bunker_links() -> Vec<String> {
-    sh_out(&["ip", "-o", "link", "show"])
-        .lines()
-        .filter_map(|l| l.split(": ").nth(1))
-        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
-        .filter(|n| n.starts_with("sbk") || n.starts_with("sbu"))
-        .collect()
 }
 
 fn refused_fast(result: std::io::Result<String>, started: Instant, what: &str) {
@@ -386,6 +377,44 @@ fn isolated_has_no_host_side_at_all() {
                     "{refused:?}"
                 );
             }
+        });
+    });
+}
+
+#[test]
+fn one_bunker_cannot_fill_the_hosts_connection_table() {
+    sandboxed("one_bunker_cannot_fill_the_hosts_connection_table", || {
+        let _net = FakeInternet::build();
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime();
+        rt.block_on(async {
+            let mut cfg = config(dir.path());
+            cfg.max_flows = 8;
+            let networks = Networks::start(cfg, None).await.unwrap();
+            let mut a = networks
+                .setup("bnk_flood", "tnt_a", &unrestricted(None))
+                .await
+                .unwrap();
+            let guest = FakeGuest::plug(dir.path(), "guest-flood", &tap_of(&a.nic()));
+            let (opened, refused) = guest.run(|| {
+                let mut open = Vec::new();
+                let mut refused = 0;
+                for _ in 0..12 {
+                    let to: SocketAddr = (SINK_IP, 9000).into();
+                    match std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+                        Ok(s) => open.push(s),
+                        Err(_) => refused += 1,
+                    }
+                }
+                (open.len(), refused)
+            });
+            assert_eq!(
+                (opened, refused),
+                (8, 4),
+                "eight flows at once, then refused"
+            );
+            a.teardown().await;
+            guest.remove();
         });
     });
 }

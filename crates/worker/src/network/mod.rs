@@ -78,7 +78,13 @@ pub struct NetworkConfig {
     /// The platform's addresses a bunker must never reach (the controller's, the storage
     /// proxy's), added to the deny set.
     pub platform: Vec<Ipv4Addr>,
+    /// `SCAIBUNKER_NET_MAX_FLOWS`: connections one bunker may have open at once
+    /// ([`DEFAULT_MAX_FLOWS`]); past it a new one is refused.
+    pub max_flows: u32,
 }
+
+/// Connections a bunker may have open at once, by default.
+pub const DEFAULT_MAX_FLOWS: u32 = 4096;
 
 impl NetworkConfig {
     pub fn with_defaults() -> Self {
@@ -89,6 +95,7 @@ impl NetworkConfig {
             dns_upstreams: resolver::system_upstreams(),
             netns_dir: PathBuf::from(DEFAULT_NETNS_DIR),
             platform: Vec::new(),
+            max_flows: DEFAULT_MAX_FLOWS,
         }
     }
 }
@@ -318,7 +325,11 @@ impl Networks {
         .await???;
         net.nic = Nic::Tap(Arc::new(tap));
 
-        rules::apply(&rules::bunker_ruleset(&self.deny, ns_ip), Some(&path)).await?;
+        rules::apply(
+            &rules::bunker_ruleset(&self.deny, ns_ip, self.config.max_flows),
+            Some(&path),
+        )
+        .await?;
         if let Some(mbit) = spec.bandwidth_mbit {
             shaping::cap(&path, UPLINK_NAME, mbit)
                 .await

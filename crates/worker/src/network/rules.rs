@@ -94,8 +94,9 @@ fn rule(table: &str, chain: &str, expr: Vec<Value>) -> Value {
 }
 
 /// The `inet bk` table of a bunker whose guest may leave through `up0` (as `uplink_ip`)
-/// except to `deny`.
-pub fn bunker_ruleset(deny: &DenySet, uplink_ip: Ipv4Addr) -> Value {
+/// except to `deny`, with at most `max_flows` connections open at once (the host's
+/// conntrack table is shared by every bunker: one guest must not fill it).
+pub fn bunker_ruleset(deny: &DenySet, uplink_ip: Ipv4Addr, max_flows: u32) -> Value {
     let t = BUNKER_TABLE;
     let elems: Vec<Value> = deny
         .ranges()
@@ -179,6 +180,16 @@ pub fn bunker_ruleset(deny: &DenySet, uplink_ip: Ipv4Addr) -> Value {
             from_guest(),
             to_uplink(),
             m(payload("ip", "daddr"), json!("@deny4")),
+            reject(),
+        ],
+    ));
+    cmds.push(rule(
+        t,
+        "forward",
+        vec![
+            from_guest(),
+            ct_state_in(&["new"]),
+            json!({"ct count": {"val": max_flows, "inv": true}}),
             reject(),
         ],
     ));
@@ -310,7 +321,7 @@ mod tests {
 
     #[test]
     fn the_bunker_table_denies_before_it_accepts_and_snats_the_guest() {
-        let r = bunker_ruleset(&deny(), "10.203.0.1".parse().unwrap());
+        let r = bunker_ruleset(&deny(), "10.203.0.1".parse().unwrap(), 4096);
         let text = r.to_string();
         let reject = text.find("admin-prohibited").unwrap();
         let last_accept = text.rfind(r#"{"accept":null}"#).unwrap();
@@ -323,5 +334,37 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#""range":["10.0.0.0","10.255.255.255"]"#));
+    }
+
+    #[test]
+    fn nft_takes_both_rulesets() {
+        if !rustix::process::geteuid().is_root() {
+            panic!("this test runs nft in check mode, which needs root");
+        }
+        let pool = Cidr::parse("10.203.0.0/16").unwrap();
+        for r in [
+            bunker_ruleset(&deny(), "10.203.0.1".parse().unwrap(), 4096),
+            host_ruleset(&pool),
+        ] {
+            let out = std::process::Command::new(NFT_BINARY)
+                .args(["-c", "-j", "-f", "-"])
+                .stdin(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .and_then(|mut c| {
+                    use std::io::Write as _;
+                    c.stdin
+                        .take()
+                        .unwrap()
+                        .write_all(r.to_string().as_bytes())?;
+                    c.wait_with_output()
+                })
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 }

@@ -95,6 +95,16 @@ pub fn sh_out(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Links of the host whose names start like a bunker's veth ends.
+pub fn bunker_links() -> Vec<String> {
+    sh_out(&["ip", "-o", "link", "show"])
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        .filter(|n| n.starts_with("sbk") || n.starts_with("sbu"))
+        .collect()
+}
+
 /// Counters of one fake server.
 #[derive(Debug, Default)]
 pub struct Hits {

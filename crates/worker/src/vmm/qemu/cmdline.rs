@@ -330,6 +330,7 @@ mod tests {
              -device virtio-blk-device,drive=d0 \
              -chardev socket,id=agent,path=/data/bunkers/b1/agent.sock \
              -device virtio-serial-device -device virtserialport,chardev=agent,name=scaibunker.agent \
+             -netdev hubport,id=n0,hubid=0 -device virtio-net-device,netdev=n0,mac=02:5b:00:00:00:02 \
              -sandbox on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny \
              -runas 20003:20003"
         );
