@@ -72,7 +72,7 @@ mod tests {
 
     #[test]
     fn lines_are_tagged_and_keys_sort_by_time() {
-        let gap = serde_json::to_string(&EgressLine::Gap { lost: 3, ts_us: 9 }).unwrap();
+        let gap = serde_json::to_string(&EgressLine::Gap { lost: 3, ts_us: 9 }).expect("serialise");
         assert_eq!(gap, r#"{"type":"gap","lost":3,"ts_us":9}"#);
         assert!(object_key("bnk_a", 9, 1) < object_key("bnk_a", 10, 1));
         assert_eq!(
