@@ -114,6 +114,10 @@ pub struct WorkerConfig {
     /// Bunker networks (`SCAIBUNKER_NET_POOL`, `SCAIBUNKER_EGRESS_DENY`,
     /// `SCAIBUNKER_EGRESS_ALLOW_PRIVATE`, `SCAIBUNKER_DNS_UPSTREAM`, `SCAIBUNKER_NETNS_DIR`).
     pub network: crate::network::NetworkConfig,
+    /// `SCAIBUNKER_NETWORKS` (`on`, the default from the environment, or `off`): set up
+    /// networks for the profiles that have one. They change the host (the table
+    /// `inet scaibunker`, IPv4 forwarding), so a standalone configuration (tests) has them off.
+    pub networks: bool,
     /// `SCAIBUNKER_EGRESS_AUDIT` (`on`, the default, or `off`): record the networked bunkers'
     /// flows in the egress audit.
     pub egress_audit: bool,
@@ -218,6 +222,7 @@ impl WorkerConfig {
             image_cache_bytes: Some(DEFAULT_IMAGE_CACHE_MB * MIB),
             min_free_disk_bytes: DEFAULT_MIN_FREE_DISK_MB * MIB,
             network: crate::network::NetworkConfig::with_defaults(),
+            networks: false,
             egress_audit: true,
         }
     }
@@ -317,6 +322,20 @@ impl WorkerConfig {
             config.min_free_disk_bytes = mb;
         }
         read_network(&lookup, &mut config.network)?;
+        config.networks = true;
+        if let Some(v) = lookup("SCAIBUNKER_NETWORKS") {
+            config.networks = match v.as_str() {
+                "on" => true,
+                "off" => false,
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        var: "SCAIBUNKER_NETWORKS",
+                        value: v,
+                        expected: "on or off",
+                    });
+                }
+            };
+        }
         if let Some(v) = lookup("SCAIBUNKER_EGRESS_AUDIT") {
             config.egress_audit = match v.as_str() {
                 "on" => true,

@@ -96,6 +96,7 @@ pub struct WorkerHandle {
     stop_serving: oneshot::Sender<()>,
     server: JoinHandle<std::io::Result<()>>,
     controller: Option<Controller>,
+    networks: Option<Arc<network::Networks>>,
 }
 
 /// The link to the controller: its heartbeat task, and what a planned stop needs.
@@ -171,6 +172,9 @@ impl WorkerHandle {
         // Stop accepting first, so no new bunker starts while the others stop.
         let _ = self.stop_serving.send(());
         self.bunkers.stop_all().await;
+        if let Some(networks) = &self.networks {
+            networks.stop().await;
+        }
         self.bunkers.templates().shutdown().await;
         self.pulls.shutdown();
         let mut server = self.server;
@@ -305,12 +309,22 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
             }
         }
     });
-    match network::Networks::start(network_config(&config).await, audit_sink).await {
-        Ok(networks) => bunkers = bunkers.with_networks(networks),
-        Err(e) => tracing::warn!(
-            error = %bunker::supervisor::error_chain(&e),
-            "bunker networks are off: only `isolated` bunkers run here"
-        ),
+    let mut networks = None;
+    if config.networks {
+        match network::Networks::start(network_config(&config).await, audit_sink).await {
+            Ok(n) => {
+                bunkers = bunkers.with_networks(Arc::clone(&n));
+                networks = Some(n);
+            }
+            Err(e) => tracing::warn!(
+                error = %bunker::supervisor::error_chain(&e),
+                "bunker networks are off: only `isolated` bunkers run here"
+            ),
+        }
+    } else {
+        tracing::info!(
+            "bunker networks are off (SCAIBUNKER_NETWORKS=off): only `isolated` bunkers run here"
+        );
     }
     if let Some(url) = config
         .storage_url
@@ -389,6 +403,7 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
         stop_serving,
         server,
         controller,
+        networks,
     })
 }
 

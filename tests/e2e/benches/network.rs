@@ -74,6 +74,7 @@ async fn run() -> Result<()> {
         Up::start(UpOptions {
             templates: true,
             ..UpOptions::with_env(&[
+                ("SCAIBUNKER_NETWORKS", "on"),
                 ("SCAIBUNKER_DNS_UPSTREAM", "198.18.1.53"),
                 ("SCAIBUNKER_NETNS_DIR", &ns),
                 ("SCAIBUNKER_EGRESS_AUDIT", audit),

@@ -278,6 +278,9 @@ impl Up {
             .env("SCAIBUNKER_IMAGES_DIR", &self.images_dir)
             .env("SCAIBUNKER_WORKER_NAME", name)
             .env("SCAIBUNKER_TEMPLATES", "off")
+            // Bunker networks change the host (a table, forwarding): only the network tests,
+            // in their own namespace, turn them on.
+            .env("SCAIBUNKER_NETWORKS", "off")
             .env("SCAIBUNKER_EXIT_WITH_PARENT", "1")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -474,6 +477,9 @@ fn spawn(options: &UpOptions, data_dir: &Path) -> Result<(Child, mpsc::Receiver<
         "SCAIBUNKER_TEMPLATES",
         if options.templates { "on" } else { "off" },
     );
+    // Bunker networks change the host (a table, forwarding): only the network tests, in
+    // their own namespace, turn them on (`SCAIBUNKER_NETWORKS=on` in `options.env`).
+    command.env("SCAIBUNKER_NETWORKS", "off");
     command.envs(options.env.iter().map(|(k, v)| (k, v)));
     let mut child = command
         .spawn()

@@ -69,6 +69,7 @@ fn isolated_and_unrestricted_bunkers_on_real_vms() {
             let up = Up::start(UpOptions {
                 templates: true,
                 ..UpOptions::with_env(&[
+                    ("SCAIBUNKER_NETWORKS", "on"),
                     ("SCAIBUNKER_DNS_UPSTREAM", "198.18.1.53"),
                     ("SCAIBUNKER_NETNS_DIR", &ns),
                 ])
@@ -292,4 +293,24 @@ async fn upload_time(
     let took = first.elapsed();
     c.delete_bunker(&b.id).await.unwrap();
     took
+}
+
+#[tokio::test]
+async fn a_worker_without_networks_fails_networked_bunkers_with_the_reason() {
+    require_images(&["tiny.ext4"]).expect("guest images");
+    // The harness starts `up` with SCAIBUNKER_NETWORKS=off (nothing on the host changes).
+    let up = Up::start(UpOptions::default()).expect("scaibunker up gets ready");
+    let c = up.client();
+    let b = c
+        .create_bunker(&tiny(NetworkProfile::Unrestricted, None))
+        .await
+        .unwrap();
+    assert_eq!(b.status, "failed");
+    let reason = b.failure_reason.unwrap_or_default();
+    assert!(reason.contains("network setup:"), "{reason}");
+    assert!(scaibunker_e2e::qemu_processes_for(up.data_dir()).is_empty());
+    // Isolated bunkers still run there.
+    let iso = up.tiny_bunker().await;
+    let (code, out) = run(&c, &iso.id, "echo ok").await;
+    assert_eq!((code, out.trim()), (0, "ok"));
 }

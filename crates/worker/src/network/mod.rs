@@ -59,6 +59,8 @@ use resolver::Resolver;
 const AUDIT_FINISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 use rules::RulesError;
 
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
 /// Where namespace handles live by default.
 pub const DEFAULT_NETNS_DIR: &str = "/run/scaibunker/netns";
 
@@ -158,6 +160,8 @@ pub struct Networks {
     /// Where egress audit batches go; `None`: no audit (a worker without a controller).
     audit_sink: Option<Arc<dyn BatchSink>>,
     audit_limits: BatchLimits,
+    /// Whether the host forwarded IPv4 before [`Networks::start`] turned it on.
+    forwarding_was_on: bool,
 }
 
 impl std::fmt::Debug for Networks {
@@ -199,8 +203,9 @@ impl Networks {
             }
         }
         rules::apply(&rules::host_ruleset(&config.pool), None).await?;
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-            .map_err(|e| NetworkError::Dir(PathBuf::from("/proc/sys/net/ipv4/ip_forward"), e))?;
+        let forwarding = std::fs::read_to_string(IP_FORWARD).unwrap_or_default();
+        std::fs::write(IP_FORWARD, "1")
+            .map_err(|e| NetworkError::Dir(PathBuf::from(IP_FORWARD), e))?;
         let mut deny: Vec<Cidr> = addr::DEFAULT_DENY
             .iter()
             .map(|c| Cidr::parse(c).expect("the default deny set parses"))
@@ -224,7 +229,21 @@ impl Networks {
             slots: Mutex::new(BTreeSet::new()),
             audit_sink,
             audit_limits,
+            forwarding_was_on: forwarding.trim() == "1",
         }))
+    }
+
+    /// The worker stops (its bunkers are gone): the host table goes, and forwarding goes
+    /// back to what it was.
+    pub async fn stop(&self) {
+        if let Err(e) = rules::apply(&rules::host_cleanup(), None).await {
+            tracing::warn!(error = %e, "remove the host table");
+        }
+        if !self.forwarding_was_on
+            && let Err(e) = std::fs::write(IP_FORWARD, "0")
+        {
+            tracing::warn!(error = %e, "turn IPv4 forwarding back off");
+        }
     }
 
     pub fn deny_set(&self) -> &DenySet {
