@@ -200,8 +200,8 @@ pub struct EgressParams {
     /// Records and gaps per page together, 1–1000 (default 100).
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
-    /// The `next_cursor` of the previous page (opaque).
-    #[param(pattern = r"^[A-Za-z0-9_-]{1,512}$")]
+    /// The `next_cursor` of the previous page.
+    #[param(pattern = r"^[0-9]{16}-[0-9]{1,9}\.[0-9]{1,18}$")]
     cursor: Option<String>,
 }
 

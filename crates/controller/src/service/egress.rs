@@ -24,8 +24,6 @@
 
 use std::time::Duration;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures_util::StreamExt;
 use scaibunker_api::egress::{EgressGap, EgressPage, EgressRecord, EgressVerdict};
 use scaibunker_core::ids::BunkerId;
@@ -111,16 +109,21 @@ struct Position {
     line: u64,
 }
 
+/// `{ts_us:016}-{pid}.{line}`: the batch's name without `.ndjson`, then the line. Plain text,
+/// so the document can state its pattern and every string matching it is a cursor.
 fn encode_cursor(p: &Position) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{}/{}", p.name, p.line))
+    format!("{}.{}", p.name.trim_end_matches(".ndjson"), p.line)
 }
 
 fn decode_cursor(c: &str) -> Option<Position> {
-    let raw = String::from_utf8(URL_SAFE_NO_PAD.decode(c).ok()?).ok()?;
-    let (name, line) = raw.rsplit_once('/')?;
-    parse_batch_name(name)?;
+    let (batch, line) = c.rsplit_once('.')?;
+    let name = format!("{batch}.ndjson");
+    parse_batch_name(&name)?;
+    if line.is_empty() || !line.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     Some(Position {
-        name: name.to_owned(),
+        name,
         line: line.parse().ok()?,
     })
 }
@@ -493,12 +496,15 @@ mod tests {
             name: "0000000000000007-12.ndjson".into(),
             line: 3,
         };
-        assert_eq!(decode_cursor(&encode_cursor(&p)), Some(p));
+        assert_eq!(decode_cursor(&encode_cursor(&p)), Some(p.clone()));
+        assert_eq!(encode_cursor(&p), "0000000000000007-12.3");
         for junk in [
             "",
             "!!",
-            &URL_SAFE_NO_PAD.encode("x/1"),
-            &URL_SAFE_NO_PAD.encode("0000000000000007-12.ndjson/x"),
+            "0",
+            "x.1",
+            "0000000000000007-12.x",
+            "000000000000007-12.3",
         ] {
             assert_eq!(decode_cursor(junk), None, "{junk}");
         }
