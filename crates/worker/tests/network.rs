@@ -253,7 +253,12 @@ fn unrestricted_reaches_the_internet_but_never_the_platform_the_host_or_another_
                 .unwrap()
                 .collect();
             assert!(handles.is_empty(), "namespace handles left: {handles:?}");
-            assert_eq!(net.escaped_packets(), 0, "no packet left the fake internet");
+            assert_eq!(
+                net.escaped_packets(),
+                0,
+                "no packet left the fake internet: {}",
+                net.escaped_to()
+            );
             assert!(net.dns_log.lock().unwrap().contains(&"pypi.org".to_owned()));
         },
     );
@@ -417,4 +422,47 @@ fn one_bunker_cannot_fill_the_hosts_connection_table() {
             guest.remove();
         });
     });
+}
+
+#[test]
+fn replies_for_a_guest_that_is_gone_do_not_leave_through_the_uplink() {
+    sandboxed(
+        "replies_for_a_guest_that_is_gone_do_not_leave_through_the_uplink",
+        || {
+            let net = FakeInternet::build();
+            let dir = tempfile::tempdir().unwrap();
+            let rt = runtime();
+            rt.block_on(async {
+                let networks = Networks::start(config(dir.path()), None).await.unwrap();
+                let mut a = networks
+                    .setup("bnk_gone", "tnt_a", &unrestricted(None))
+                    .await
+                    .unwrap();
+                let guest = FakeGuest::plug(dir.path(), "guest-gone", &tap_of(&a.nic()));
+                // A connection the far side keeps talking on; then the VM goes (its tap with it).
+                let stream = guest.run(|| {
+                    let mut s = std::net::TcpStream::connect_timeout(
+                        &(TALKER_IP, 7000).into(),
+                        Duration::from_secs(2),
+                    )
+                    .unwrap();
+                    let mut byte = [0u8; 1];
+                    std::io::Read::read_exact(&mut s, &mut byte).unwrap();
+                    s
+                });
+                let ns = format!("--net={}", a.netns_path().unwrap().display());
+                sh(&["nsenter", &ns, "ip", "link", "del", "gst0"]);
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                assert_eq!(
+                    net.escaped_packets(),
+                    0,
+                    "the talker's bytes for the gone guest went back out: {}",
+                    net.escaped_to()
+                );
+                drop(stream);
+                a.teardown().await;
+                guest.remove();
+            });
+        },
+    );
 }

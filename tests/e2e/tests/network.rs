@@ -254,7 +254,12 @@ fn isolated_and_unrestricted_bunkers_on_real_vms() {
             );
             assert!(free * 2 < capped, "uncapped {free:?} vs capped {capped:?}");
         });
-        assert_eq!(net.escaped_packets(), 0, "no packet left the fake internet");
+        assert_eq!(
+            net.escaped_packets(),
+            0,
+            "no packet left the fake internet: {}",
+            net.escaped_to()
+        );
     });
 }
 

@@ -6,7 +6,7 @@
 //!   profile is immutable). `input` drops all but loopback, replies, and DNS from the guest
 //!   to its resolver; `forward` lets the guest out of `up0` except to the deny set (logged to
 //!   NFLOG group [`DENY_LOG_GROUP`](super::audit::DENY_LOG_GROUP), rate-limited, then rejected at once so nothing hangs);
-//!   nothing comes in but replies; no IPv6; `postrouting` SNATs the guest to the slot's
+//!   nothing comes in but replies, and those only to the guest's tap; no IPv6; `postrouting` SNATs the guest to the slot's
 //!   address.
 //! - [`host_ruleset`]: the table `inet scaibunker` in the host namespace: nothing from a
 //!   bunker's veth reaches the host itself or another bunker's veth, only replies go back
@@ -145,6 +145,17 @@ pub fn bunker_ruleset(deny: &DenySet, uplink_ip: Ipv4Addr, max_flows: u32) -> Va
         t,
         "forward",
         vec![m(meta("nfproto"), json!("ipv6")), drop()],
+    ));
+    // From the uplink only to the guest's tap: once the VM (and so the tap) is gone, replies
+    // still in flight for the guest must not be routed back out of `up0`.
+    cmds.push(rule(
+        t,
+        "forward",
+        vec![
+            m(meta("iifname"), json!(UPLINK_NAME)),
+            not(meta("oifname"), json!(TAP_NAME)),
+            drop(),
+        ],
     ));
     cmds.push(rule(
         t,

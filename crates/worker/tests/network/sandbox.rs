@@ -31,6 +31,8 @@ pub const DNS_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 53);
 pub const PYPI_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
 pub const EVIL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 21);
 pub const SINK_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 30);
+/// A server-first talker: a byte every 100 ms to whoever connects.
+pub const TALKER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 40);
 /// The host's uplink address (the worker's own).
 pub const HOST_WAN_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 /// Stands for the platform's private services.
@@ -152,6 +154,7 @@ impl FakeInternet {
             "addr add 198.18.0.10/32 dev lo",
             "addr add 198.18.0.21/32 dev lo",
             "addr add 198.18.0.30/32 dev lo",
+            "addr add 198.18.0.40/32 dev lo",
             "route add default via 198.19.0.1",
         ] {
             let mut args = vec!["ip", "-n", "inet"];
@@ -160,13 +163,13 @@ impl FakeInternet {
         }
         // Anything routed to `inet` for an address outside the fake internet is counted.
         let watch = r#"table inet watch {
+  counter escaped { }
+  set escaped_to { type ipv4_addr . inet_proto; flags dynamic; size 1024; }
   chain pre {
     type filter hook prerouting priority -300; policy accept;
-    ip daddr != { 198.18.0.0/15 } counter name escaped
+    ip daddr != { 198.18.0.0/15 } counter name "escaped" add @escaped_to { ip daddr . meta l4proto }
   }
-  counter escaped { }
 }"#;
-        let watch = watch.replace("counter name escaped\n", "counter name \"escaped\"\n");
         let mut nft = Command::new("ip")
             .args(["netns", "exec", "inet", "nft", "-f", "-"])
             .stdin(std::process::Stdio::piped())
@@ -200,6 +203,19 @@ impl FakeInternet {
         let pypi = serve_http(&handle, &inet, (PYPI_IP, 80).into());
         let evil = serve_http(&handle, &inet, (EVIL_IP, 80).into());
         let sink = serve_sink(&handle, &inet, (SINK_IP, 9000).into());
+        let talker = netns::run_in(&handle, &inet, || TcpListener::bind((TALKER_IP, 7000)))
+            .unwrap()
+            .unwrap();
+        std::thread::spawn(move || {
+            for stream in talker.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                std::thread::spawn(move || {
+                    while stream.write_all(b"t").is_ok() {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                });
+            }
+        });
         let platform_listener = TcpListener::bind((PLATFORM_IP, 80)).unwrap();
         let platform = Arc::new(Hits::default());
         spawn_http(platform_listener, Arc::clone(&platform));
@@ -226,6 +242,22 @@ impl FakeInternet {
             .iter()
             .find_map(|o| o["counter"]["packets"].as_u64())
             .unwrap()
+    }
+
+    /// Where the escaped packets were going (address and protocol), for the failure message.
+    pub fn escaped_to(&self) -> String {
+        sh_out(&[
+            "ip",
+            "netns",
+            "exec",
+            "inet",
+            "nft",
+            "list",
+            "set",
+            "inet",
+            "watch",
+            "escaped_to",
+        ])
     }
 
     pub fn inet_path(&self) -> &Path {
