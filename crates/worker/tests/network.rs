@@ -214,6 +214,19 @@ fn unrestricted_reaches_the_internet_but_never_the_platform_the_host_or_another_
                 guest_a.remove();
                 guest_b.remove();
 
+                // The worker's counters (its `/metrics`): two setups, none left, the audit's
+                // lines and batches added up.
+                let counters = networks.counters();
+                assert_eq!(
+                    (counters.setups_ok, counters.setups_failed, counters.active),
+                    (2, 0, 0)
+                );
+                assert!(
+                    counters.audit.allowed >= 3 && counters.audit.denied >= 6,
+                    "{counters:?}"
+                );
+                assert!(counters.audit.batches_put >= 2, "{counters:?}");
+
                 // The audit of bunker A: its flows with the names its resolver gave, and the
                 // refused attempts; B's apart.
                 let lines = sink.lines.lock().unwrap().clone();
@@ -332,6 +345,7 @@ fn a_failed_setup_and_a_crashed_worker_leave_nothing_behind() {
                     .await
                     .expect_err("a zero rate is refused");
                 println!("refused: {err}");
+                assert_eq!(networks.counters().setups_failed, 1);
                 assert!(bunker_links().is_empty(), "left over: {:?}", bunker_links());
                 assert!(!dir.path().join("netns/bnk_bad").exists());
 

@@ -355,7 +355,50 @@ async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
         c.evicted,
         s.bunkers.pulls().held_bytes()
     );
+    let mut text = text;
+    if let Some(networks) = s.bunkers.networks() {
+        text.push_str(&network_metrics(&networks.counters()));
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// The bunker networks' part of `/metrics`.
+fn network_metrics(c: &crate::network::NetworkCounters) -> String {
+    let a = &c.audit;
+    format!(
+        "# HELP scaibunker_worker_network_setups_total Bunker network setups, by outcome.\n\
+         # TYPE scaibunker_worker_network_setups_total counter\n\
+         scaibunker_worker_network_setups_total{{outcome=\"ok\"}} {}\n\
+         scaibunker_worker_network_setups_total{{outcome=\"failed\"}} {}\n\
+         # HELP scaibunker_worker_network_setup_seconds_total Time the successful setups took.\n\
+         # TYPE scaibunker_worker_network_setup_seconds_total counter\n\
+         scaibunker_worker_network_setup_seconds_total {:.3}\n\
+         # HELP scaibunker_worker_networked_bunkers Bunkers with a network now.\n\
+         # TYPE scaibunker_worker_networked_bunkers gauge\n\
+         scaibunker_worker_networked_bunkers {}\n\
+         # HELP scaibunker_worker_egress_lines_total Egress audit lines of ended bunker networks, by verdict.\n\
+         # TYPE scaibunker_worker_egress_lines_total counter\n\
+         scaibunker_worker_egress_lines_total{{verdict=\"allowed\"}} {}\n\
+         scaibunker_worker_egress_lines_total{{verdict=\"denied\"}} {}\n\
+         # HELP scaibunker_worker_egress_lost_events_total Events reported lost in gap lines.\n\
+         # TYPE scaibunker_worker_egress_lost_events_total counter\n\
+         scaibunker_worker_egress_lost_events_total {}\n\
+         # HELP scaibunker_worker_egress_batches_total Audit batches, by outcome.\n\
+         # TYPE scaibunker_worker_egress_batches_total counter\n\
+         scaibunker_worker_egress_batches_total{{outcome=\"put\"}} {}\n\
+         scaibunker_worker_egress_batches_total{{outcome=\"failed\"}} {}\n\
+         scaibunker_worker_egress_batches_total{{outcome=\"dropped\"}} {}\n",
+        c.setups_ok,
+        c.setups_failed,
+        c.setup_ms_total as f64 / 1000.0,
+        c.active,
+        a.allowed,
+        a.denied,
+        a.lost,
+        a.batches_put,
+        a.batches_failed,
+        a.batches_dropped,
+    )
 }
 
 fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {

@@ -137,6 +137,11 @@ impl Bunkers {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// The bunker networks, if this worker sets them up.
+    pub fn networks(&self) -> Option<&Arc<Networks>> {
+        self.networks.as_ref()
+    }
+
     /// Networked profiles are set up through `networks`.
     pub fn with_networks(mut self, networks: Arc<Networks>) -> Self {
         self.networks = Some(networks);

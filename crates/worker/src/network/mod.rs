@@ -151,6 +151,19 @@ impl PartialEq for Nic {
 
 impl Eq for Nic {}
 
+/// What the worker's `/metrics` shows of its bunkers' networks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetworkCounters {
+    pub setups_ok: u64,
+    pub setups_failed: u64,
+    /// Milliseconds the successful setups took, together.
+    pub setup_ms_total: u64,
+    /// Networked bunkers now.
+    pub active: u64,
+    /// The audits of the bunkers whose networks are gone, added up.
+    pub audit: audit::AuditCounters,
+}
+
 /// The networks of this worker's bunkers.
 pub struct Networks {
     config: NetworkConfig,
@@ -162,6 +175,7 @@ pub struct Networks {
     audit_limits: BatchLimits,
     /// Whether the host forwarded IPv4 before [`Networks::start`] turned it on.
     forwarding_was_on: bool,
+    counters: Mutex<NetworkCounters>,
 }
 
 impl std::fmt::Debug for Networks {
@@ -230,6 +244,7 @@ impl Networks {
             audit_sink,
             audit_limits,
             forwarding_was_on: forwarding.trim() == "1",
+            counters: Mutex::new(NetworkCounters::default()),
         }))
     }
 
@@ -244,6 +259,17 @@ impl Networks {
         {
             tracing::warn!(error = %e, "turn IPv4 forwarding back off");
         }
+    }
+
+    /// The counters for `/metrics`.
+    pub fn counters(&self) -> NetworkCounters {
+        let mut c = *self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        c.active = self.slots.lock().unwrap_or_else(|p| p.into_inner()).len() as u64;
+        c
+    }
+
+    fn count(&self, f: impl FnOnce(&mut NetworkCounters)) {
+        f(&mut self.counters.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
     pub fn deny_set(&self) -> &DenySet {
@@ -298,9 +324,18 @@ impl Networks {
             bunker_id: bunker_id.to_owned(),
             tenant_id: tenant_id.to_owned(),
         };
+        let started = std::time::Instant::now();
         match self.build(&mut net, slot, spec, ctx).await {
-            Ok(()) => Ok(net),
+            Ok(()) => {
+                let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                self.count(|c| {
+                    c.setups_ok += 1;
+                    c.setup_ms_total = c.setup_ms_total.saturating_add(ms);
+                });
+                Ok(net)
+            }
             Err(e) => {
+                self.count(|c| c.setups_failed += 1);
                 net.teardown().await;
                 Err(e)
             }
@@ -375,6 +410,18 @@ impl Networks {
         net.resolver = Some(resolver);
         Ok(())
     }
+}
+
+fn add_audit(total: &mut audit::AuditCounters, one: &audit::AuditCounters) {
+    total.allowed += one.allowed;
+    total.denied += one.denied;
+    total.lost += one.lost;
+    total.batches_put += one.batches_put;
+    total.lines_put += one.lines_put;
+    total.batches_failed += one.batches_failed;
+    total.batches_dropped += one.batches_dropped;
+    total.put_retries += one.put_retries;
+    total.malformed += one.malformed;
 }
 
 /// Runs a blocking step (a namespace thread) off the runtime.
@@ -498,7 +545,11 @@ impl BunkerNetwork {
         // the last batch before the namespace (and its table) goes.
         if let Some(audit) = self.audit.take() {
             match tokio::time::timeout(AUDIT_FINISH_TIMEOUT, audit.finish()).await {
-                Ok(Ok(_)) => {}
+                Ok(Ok(done)) => {
+                    if let Some(networks) = &self.networks {
+                        networks.count(|c| add_audit(&mut c.audit, &done));
+                    }
+                }
                 Ok(Err(e)) => tracing::warn!(error = %e, "finish a bunker's egress audit"),
                 Err(_) => tracing::warn!(
                     "a bunker's egress audit did not finish in time; its last batch is lost"
