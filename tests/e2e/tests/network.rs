@@ -319,3 +319,73 @@ async fn a_worker_without_networks_fails_networked_bunkers_with_the_reason() {
     let (code, out) = run(&c, &iso.id, "echo ok").await;
     assert_eq!((code, out.trim()), (0, "ok"));
 }
+
+#[test]
+fn a_persistent_unrestricted_bunker_comes_back_online_after_a_restart() {
+    sandboxed(
+        "a_persistent_unrestricted_bunker_comes_back_online_after_a_restart",
+        || {
+            require_images(&["tiny.ext4"]).expect("guest images");
+            let net = FakeInternet::build();
+            let netns_dir = tempfile::tempdir().unwrap();
+            let ns = netns_dir.path().display().to_string();
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async {
+                let mut up = Up::start(UpOptions::with_env(&[
+                    ("SCAIBUNKER_NETWORKS", "on"),
+                    ("SCAIBUNKER_DNS_UPSTREAM", "198.18.1.53"),
+                    ("SCAIBUNKER_NETNS_DIR", &ns),
+                    ("WORKER_HEARTBEAT_INTERVAL_S", "1"),
+                ]))
+                .expect("scaibunker up gets ready");
+                let c = up.client();
+                let b = c
+                    .create_bunker(&CreateBunker {
+                        lifecycle_mode: Some(scaibunker_api::bunkers::LifecycleMode::Persistent),
+                        ..tiny(NetworkProfile::Unrestricted, None)
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(b.status, "running", "{:?}", b.failure_reason);
+                let (code, out) = run(&c, &b.id, "wget -q -O - http://pypi.org/ | wc -c").await;
+                assert_eq!((code, out.trim()), (0, "1024"));
+
+                // A planned stop saves it (its VM and network go); the next exec brings it
+                // back on the restarted worker with a network of its own again.
+                up.restart().expect("`up` stops and starts again");
+                let c = up.client();
+                assert_eq!(c.bunker(&b.id).await.unwrap().status, "paused");
+                within(
+                    Duration::from_secs(30),
+                    "the saved VM's network going",
+                    || async { bunker_links().is_empty().then_some(()) },
+                )
+                .await;
+                let (code, out) = run(&c, &b.id, "wget -q -O - http://pypi.org/ | wc -c").await;
+                assert_eq!(
+                    (code, out.trim()),
+                    (0, "1024"),
+                    "online again after the restart"
+                );
+                let (code, out) =
+                    run(&c, &b.id, "wget -q -O - http://10.99.0.1/; echo rc=$?").await;
+                assert!(code == 0 && out.contains("No route to host"), "{out}");
+                assert_eq!(bunker_links().len(), 1);
+                c.delete_bunker(&b.id).await.unwrap();
+                within(
+                    Duration::from_secs(20),
+                    "the network going after delete",
+                    || async { bunker_links().is_empty().then_some(()) },
+                )
+                .await;
+                assert_eq!(net.pypi.connections(), 2);
+            });
+            assert_eq!(
+                net.escaped_packets(),
+                0,
+                "no packet left the fake internet: {}",
+                net.escaped_to()
+            );
+        },
+    );
+}
