@@ -387,13 +387,22 @@ fn payload(bytes: u64, packets: u64) -> u64 {
     bytes.saturating_sub(packets * HEADER_BYTES)
 }
 
+/// Within 5 % below and 5 % above `expected`, plus room for TCP retransmissions: conntrack
+/// counts every byte on the wire, and on a loaded host (a CI run beside other work) one
+/// retransmitted 64 KiB GSO segment of a 1 MB transfer is 6.5 % (seen once: 1,065,168).
 fn assert_within_5_percent(what: &str, measured: u64, expected: u64) {
-    let (lo, hi) = (expected * 95 / 100, expected * 105 / 100);
+    let (lo, hi) = (
+        expected * 95 / 100,
+        expected * 105 / 100 + RETRANSMIT_ALLOWANCE,
+    );
     assert!(
         (lo..=hi).contains(&measured),
-        "{what}: {measured} not within 5 % of {expected}"
+        "{what}: {measured} not within 5 % of {expected} (+{RETRANSMIT_ALLOWANCE} B of retransmissions)"
     );
 }
+
+/// Two retransmitted GSO segments.
+const RETRANSMIT_ALLOWANCE: u64 = 2 * 65_536;
 
 async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let t = Instant::now();

@@ -168,8 +168,13 @@ fn isolated_and_unrestricted_bunkers_on_real_vms() {
             assert_eq!(pypi.dns_name.as_deref(), Some("pypi.org"));
             // conntrack counts IP bytes: the 1024-byte body and the 60 bytes of headers the
             // fake server sends, plus 52 bytes of IP and TCP headers per packet.
+            // On a loaded host a segment may be sent twice (conntrack counts both): room for
+            // one retransmission of the whole response above the 5 %.
             let payload = pypi.bytes_in as f64 - 52.0 * pypi.pkts_in as f64;
-            assert!((payload - 1084.0).abs() < 1084.0 * 0.05, "{pypi:?}");
+            assert!(
+                payload > 1084.0 * 0.95 && payload < 1084.0 * 1.05 + 1136.0,
+                "{pypi:?}"
+            );
             let denied = page
                 .records
                 .iter()
