@@ -157,50 +157,8 @@ fn unrestricted_reaches_the_internet_but_never_the_platform_the_host_or_another_
 
                 // What kept them out is the rules, not the routing: without the tables the
                 // platform answers.
-                let ns = a.netns_path().unwrap().display().to_string();
-                sh(&[
-                    "nsenter",
-                    &format!("--net={ns}"),
-                    "nft",
-                    "delete",
-                    "table",
-                    "inet",
-                    "bk",
-                ]);
+                replace_rules_with_masquerade(a.netns_path().unwrap());
                 sh(&["nft", "delete", "table", "inet", "scaibunker"]);
-                sh(&[
-                    "nsenter",
-                    &format!("--net={ns}"),
-                    "nft",
-                    "add",
-                    "table",
-                    "ip",
-                    "nat",
-                ]);
-                sh(&[
-                    "nsenter",
-                    &format!("--net={ns}"),
-                    "nft",
-                    "add",
-                    "chain",
-                    "ip",
-                    "nat",
-                    "post",
-                    "{ type nat hook postrouting priority 100; }",
-                ]);
-                sh(&[
-                    "nsenter",
-                    &format!("--net={ns}"),
-                    "nft",
-                    "add",
-                    "rule",
-                    "ip",
-                    "nat",
-                    "post",
-                    "oifname",
-                    "up0",
-                    "masquerade",
-                ]);
                 let got = guest_a.run(|| http_get((PLATFORM_IP, 80).into()));
                 assert_eq!(
                     got.unwrap(),

@@ -107,6 +107,26 @@ pub fn bunker_links() -> Vec<String> {
         .collect()
 }
 
+/// Replaces a bunker's table `inet bk` (in the namespace at `netns`) with one masquerade
+/// rule: the same tap, veth and routing with no filtering. The floor the rules are measured
+/// against, and the proof that the rules (not the routing) keep the platform out.
+pub fn replace_rules_with_masquerade(netns: &Path) {
+    let ns = format!("--net={}", netns.display());
+    sh(&["nsenter", &ns, "nft", "delete", "table", "inet", "bk"]);
+    let floor = "table ip floor {\n chain post {\n type nat hook postrouting priority 100;\n oifname \"up0\" masquerade\n }\n}\n";
+    let mut nft = Command::new("nsenter")
+        .args([ns.as_str(), "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(floor.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success(), "the floor's masquerade");
+}
+
 /// Counters of one fake server.
 #[derive(Debug, Default)]
 pub struct Hits {

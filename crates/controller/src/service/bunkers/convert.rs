@@ -108,13 +108,14 @@ pub fn worker_code_status(code: &str) -> (u16, &'static str) {
 
 /// The network a worker sets up for a bunker row.
 pub fn network_spec(r: &BunkerRow) -> scaibunker_proto::worker::NetworkSpec {
+    use scaibunker_core::spec::NetworkProfile as Core;
     use scaibunker_proto::worker::NetworkProfile as P;
-    let profile = match r.network_profile.as_str() {
-        "registry" => P::Registry,
-        "allowlisted" => P::Allowlisted,
-        "unrestricted" => P::Unrestricted,
-        "transit" => P::Transit,
-        _ => P::Isolated,
+    let profile = match Core::parse(&r.network_profile).unwrap_or_default() {
+        Core::Isolated => P::Isolated,
+        Core::Registry => P::Registry,
+        Core::Allowlisted => P::Allowlisted,
+        Core::Unrestricted => P::Unrestricted,
+        Core::Transit => P::Transit,
     };
     scaibunker_proto::worker::NetworkSpec {
         profile,
