@@ -332,7 +332,19 @@ async fn validation_errors_name_each_field(db: Db) {
             "network_allowlist",
         ),
         (
-            json!({"image": "default", "network_profile": "registry"}),
+            json!({"image": "default", "network_profile": "allowlisted"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "VALIDATION_ERROR",
+            "network_allowlist",
+        ),
+        (
+            json!({"image": "default", "network_profile": "allowlisted", "network_allowlist": ["a.test", "*.*.b.test"]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "VALIDATION_ERROR",
+            "network_allowlist",
+        ),
+        (
+            json!({"image": "default", "network_profile": "transit", "interfaces": [{"if_name": "eth1", "bridge_name": "br0"}]}),
             StatusCode::UNPROCESSABLE_ENTITY,
             "VALIDATION_ERROR",
             "network_profile",

@@ -226,6 +226,9 @@ pub struct NetworkSpec {
     /// Egress shaped to this many Mbit/s; `None`: no cap.
     #[serde(default)]
     pub bandwidth_mbit: Option<u64>,
+    /// `allowlisted`: the host names the guest may resolve and reach (`network_allowlist`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowlist: Vec<String>,
 }
 
 /// The network profiles, as the controller names them.

@@ -112,7 +112,8 @@ pub struct WorkerConfig {
     /// keep it, or fails. `0` still needs the image itself to fit.
     pub min_free_disk_bytes: u64,
     /// Bunker networks (`SCAIBUNKER_NET_POOL`, `SCAIBUNKER_EGRESS_DENY`,
-    /// `SCAIBUNKER_EGRESS_ALLOW_PRIVATE`, `SCAIBUNKER_DNS_UPSTREAM`, `SCAIBUNKER_NETNS_DIR`).
+    /// `SCAIBUNKER_EGRESS_ALLOW_PRIVATE`, `SCAIBUNKER_DNS_UPSTREAM`, `SCAIBUNKER_NETNS_DIR`,
+    /// `SCAIBUNKER_REGISTRY_HOSTS`).
     pub network: crate::network::NetworkConfig,
     /// `SCAIBUNKER_NETWORKS` (`on`, the default from the environment, or `off`): set up
     /// networks for the profiles that have one. They change the host (the table
@@ -194,6 +195,17 @@ fn read_network(
     }
     if let Some(v) = lookup("SCAIBUNKER_NETNS_DIR") {
         network.netns_dir = PathBuf::from(v);
+    }
+    if let Some(v) = lookup("SCAIBUNKER_REGISTRY_HOSTS") {
+        let policy = crate::network::NamePolicy::registry(&v)
+            .ok()
+            .filter(|p| !p.is_empty())
+            .ok_or(ConfigError::Invalid {
+                var: "SCAIBUNKER_REGISTRY_HOSTS",
+                value: v,
+                expected: "comma-separated host names, each plain or with one leading `*.`",
+            })?;
+        network.registry = std::sync::Arc::new(policy);
     }
     Ok(())
 }
@@ -480,6 +492,8 @@ mod tests {
             // Overflows u64 once in bytes.
             ("SCAIBUNKER_IMAGE_CACHE_MB", "17592186044416"),
             ("SCAIBUNKER_MIN_FREE_DISK_MB", "lots"),
+            ("SCAIBUNKER_REGISTRY_HOSTS", "https://pypi.org/simple"),
+            ("SCAIBUNKER_REGISTRY_HOSTS", " , "),
         ];
         for (var, value) in bad {
             let r = WorkerConfig::from_lookup(lookup_in(&[
@@ -515,8 +529,15 @@ mod tests {
             ("SCAIBUNKER_QEMU_RUNAS", "off"),
             ("SCAIBUNKER_IMAGE_CACHE_MB", "512"),
             ("SCAIBUNKER_MIN_FREE_DISK_MB", "100"),
+            ("SCAIBUNKER_REGISTRY_HOSTS", "mirror.internal,*.pkg.test"),
         ]))
         .expect("valid");
+        assert!(c.network.registry.allows("mirror.internal"));
+        assert!(c.network.registry.allows("a.pkg.test"));
+        assert!(
+            !c.network.registry.allows("pypi.org"),
+            "the list replaces the default"
+        );
         assert_eq!(c.image_cache_bytes, Some(512 << 20));
         assert_eq!(c.min_free_disk_bytes, 100 << 20);
         assert_eq!((c.qemu_uid_base, c.qemu_uid_count), (300000, 64));

@@ -11,11 +11,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
 use network_sandbox::*;
 use scaibunker_proto::egress::{EgressLine, Verdict};
 use scaibunker_proto::worker::{NetworkProfile, NetworkSpec};
 use scaibunker_worker::network::audit::{BatchSink, PutBatchError};
-use scaibunker_worker::network::{Cidr, NetworkConfig, Networks, Nic, addr};
+use scaibunker_worker::network::{Cidr, NamePolicy, NetworkConfig, Networks, Nic, PinLease, addr};
 
 fn config(dir: &std::path::Path) -> NetworkConfig {
     NetworkConfig {
@@ -26,6 +28,14 @@ fn config(dir: &std::path::Path) -> NetworkConfig {
         netns_dir: dir.join("netns"),
         platform: Vec::new(),
         max_flows: 4096,
+        registry: Arc::new(NamePolicy::registry("pypi.org").unwrap()),
+        // Short pins, so the test sees one expire: an answer's TTL is capped at 5 s and
+        // pinned for 1 s more; a new flow renews its address's pin to 6 s.
+        pin_lease: PinLease {
+            min: Duration::from_secs(1),
+            max: Duration::from_secs(5),
+            grace: Duration::from_secs(1),
+        },
     }
 }
 
@@ -33,6 +43,15 @@ fn unrestricted(bandwidth_mbit: Option<u64>) -> NetworkSpec {
     NetworkSpec {
         profile: NetworkProfile::Unrestricted,
         bandwidth_mbit,
+        allowlist: Vec::new(),
+    }
+}
+
+fn allowlisted(names: &[&str]) -> NetworkSpec {
+    NetworkSpec {
+        profile: NetworkProfile::Allowlisted,
+        bandwidth_mbit: None,
+        allowlist: names.iter().map(|n| (*n).to_owned()).collect(),
     }
 }
 
@@ -340,20 +359,26 @@ fn isolated_has_no_host_side_at_all() {
             assert!(!net.has_dns());
             assert!(net.netns_path().is_none());
             assert!(bunker_links().is_empty());
-            for refused in [
-                NetworkProfile::Allowlisted,
-                NetworkProfile::Registry,
-                NetworkProfile::Transit,
+            // Not (yet) set up by this worker, or asked for with nothing to allow.
+            for (refused, allowlist) in [
+                (NetworkProfile::Transit, vec![]),
+                (NetworkProfile::Allowlisted, vec![]),
+                (
+                    NetworkProfile::Allowlisted,
+                    vec!["http://a.test/".to_owned()],
+                ),
             ] {
                 let spec = NetworkSpec {
                     profile: refused,
                     bandwidth_mbit: None,
+                    allowlist,
                 };
                 assert!(
                     networks.setup("bnk_x", "tnt_a", &spec).await.is_err(),
                     "{refused:?}"
                 );
             }
+            assert!(bunker_links().is_empty(), "a refused setup leaves nothing");
         });
     });
 }
@@ -437,4 +462,186 @@ fn replies_for_a_guest_that_is_gone_do_not_leave_through_the_uplink() {
             });
         },
     );
+}
+
+/// `GET /` from the guest must be refused at once.
+fn refused_in(guest: &FakeGuest, to: SocketAddr, what: &str) {
+    let started = Instant::now();
+    let got = guest.run(move || http_get(to));
+    refused_fast(got, started, what);
+}
+
+fn ok_in(guest: &FakeGuest, to: SocketAddr, what: &str) {
+    let got = guest.run(move || http_get(to));
+    assert_eq!(
+        got.unwrap_or_else(|e| panic!("{what}: {e}")),
+        "HTTP/1.1 200 OK",
+        "{what}"
+    );
+}
+
+#[test]
+fn allowlisted_resolves_and_reaches_only_its_names_and_no_name_leaves_through_dns() {
+    sandboxed(
+        "allowlisted_resolves_and_reaches_only_its_names_and_no_name_leaves_through_dns",
+        || {
+            let net = FakeInternet::build();
+            let dir = tempfile::tempdir().unwrap();
+            let rt = runtime();
+            rt.block_on(async {
+                let sink = Arc::new(MemorySink::default());
+                let networks = Networks::start(config(dir.path()), Some(Arc::clone(&sink) as _))
+                    .await
+                    .unwrap();
+                let spec = allowlisted(&[
+                    "api.allowed.test",
+                    "short.allowed.test",
+                    "rebind.allowed.test",
+                    "*.cdn-a.test",
+                ]);
+                let mut a = networks.setup("bnk_al", "tnt_a", &spec).await.unwrap();
+                assert!(a.has_dns());
+                let guest = FakeGuest::plug(dir.path(), "guest-al", &tap_of(&a.nic()));
+                let resolver: SocketAddr = (addr::GATEWAY_IP, 53).into();
+
+                // Nothing is reachable before its name is resolved, not even an allowed
+                // host's address.
+                refused_in(&guest, (ALLOWED_IP, 80).into(), "an allowed host not yet resolved");
+
+                // An allowed name: answered, then reachable on any TCP port but 853.
+                let (code, ips) = guest.run(move || resolve(resolver, "api.allowed.test")).unwrap();
+                assert_eq!((code, ips), (ResponseCode::NoError, vec![ALLOWED_IP]));
+                ok_in(&guest, (ALLOWED_IP, 80).into(), "the allowed host on 80");
+                ok_in(&guest, (ALLOWED_IP, 8080).into(), "the allowed host on 8080");
+                refused_in(&guest, (ALLOWED_IP, 853).into(), "DNS over TLS to an allowed host");
+
+                // Other names: NXDOMAIN, and never asked upstream (no data out in a name).
+                for name in ["evil.test", "secret123.evil.test", "allowed.test", "cdn-a.test"] {
+                    let got = guest.run(move || resolve(resolver, name)).unwrap();
+                    assert_eq!(got, (ResponseCode::NXDomain, vec![]), "{name}");
+                }
+                let asked = net.dns_log.lock().unwrap().clone();
+                for name in ["evil.test", "secret123.evil.test", "allowed.test", "cdn-a.test"] {
+                    assert!(!asked.iter().any(|n| n == name), "{name} went upstream: {asked:?}");
+                }
+                // Raw addresses: rejected at once.
+                refused_in(&guest, (EVIL_IP, 80).into(), "a host by its raw address");
+                refused_in(&guest, (PYPI_IP, 80).into(), "a host never resolved");
+                refused_in(&guest, (PLATFORM_IP, 80).into(), "the platform");
+
+                // A guest that names its own DNS server still gets its resolver's answers.
+                let (code, ips) = guest
+                    .run(|| resolve((ROGUE_DNS_IP, 53).into(), "api.allowed.test"))
+                    .unwrap();
+                assert_eq!((code, ips), (ResponseCode::NoError, vec![ALLOWED_IP]));
+                let got = guest.run(|| resolve((ROGUE_DNS_IP, 53).into(), "evil.test")).unwrap();
+                assert_eq!(got.0, ResponseCode::NXDomain, "the rogue server was not asked");
+                assert!(
+                    net.rogue_dns_log.lock().unwrap().is_empty(),
+                    "the rogue server saw {:?}",
+                    net.rogue_dns_log.lock().unwrap()
+                );
+
+                // No IPv6 and no ECH configuration: empty answers; no reverse lookups.
+                for kind in [RecordType::AAAA, RecordType::HTTPS, RecordType::SVCB, RecordType::TXT] {
+                    let got = guest.run(move || query(resolver, "api.allowed.test", kind)).unwrap();
+                    assert_eq!(got, (ResponseCode::NoError, vec![]), "{kind:?}");
+                }
+                let got = guest
+                    .run(move || query(resolver, "20.0.18.198.in-addr.arpa", RecordType::PTR))
+                    .unwrap();
+                assert_eq!(got.0, ResponseCode::Refused);
+
+                // An allowed name that answers with a private address (rebinding): NXDOMAIN.
+                let got = guest.run(move || resolve(resolver, "rebind.allowed.test")).unwrap();
+                assert_eq!(got, (ResponseCode::NXDomain, vec![]));
+
+                // A 2 s TTL: pinned for 3 s. Unused past that, the address is refused until
+                // its name is resolved again; a reconnect within the lease goes through.
+                let (_, ips) = guest.run(move || resolve(resolver, "short.allowed.test")).unwrap();
+                assert_eq!(ips, vec![SHORT_IP]);
+                tokio::time::sleep(Duration::from_millis(4500)).await;
+                refused_in(&guest, (SHORT_IP, 80).into(), "an address past its pin");
+                let (_, ips) = guest.run(move || resolve(resolver, "short.allowed.test")).unwrap();
+                assert_eq!(ips, vec![SHORT_IP]);
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                ok_in(&guest, (SHORT_IP, 80).into(), "a reconnect within the lease");
+                assert_eq!(net.short.connections(), 1);
+
+                // Only what was allowed arrived.
+                assert_eq!(net.allowed.connections(), 2, "80 and 8080, not 853");
+                assert_eq!(net.evil.connections(), 0);
+                assert_eq!(net.pypi.connections(), 0);
+                assert_eq!(net.platform.connections(), 0);
+
+                a.teardown().await;
+                guest.remove();
+                let lines = sink.lines.lock().unwrap().clone();
+                let flows: Vec<_> = lines
+                    .iter()
+                    .filter_map(|l| match l {
+                        EgressLine::Flow(f) => Some(f),
+                        EgressLine::Gap { .. } => None,
+                    })
+                    .collect();
+                assert!(
+                    flows.iter().any(|f| f.dst_ip == ALLOWED_IP.to_string()
+                        && f.verdict == Verdict::Allowed
+                        && f.dns_name.as_deref() == Some("api.allowed.test")),
+                    "the allowed flow is audited with its name: {lines:?}"
+                );
+                for denied in [EVIL_IP, ALLOWED_IP] {
+                    assert!(
+                        flows.iter().any(|f| f.dst_ip == denied.to_string() && f.verdict == Verdict::Denied),
+                        "the refused attempt on {denied} is audited: {lines:?}"
+                    );
+                }
+            });
+            assert!(bunker_links().is_empty(), "left over: {:?}", bunker_links());
+            assert_eq!(net.escaped_packets(), 0, "escaped: {}", net.escaped_to());
+        },
+    );
+}
+
+#[test]
+fn registry_reaches_its_hosts_on_80_and_443_only() {
+    sandboxed("registry_reaches_its_hosts_on_80_and_443_only", || {
+        let net = FakeInternet::build();
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime();
+        rt.block_on(async {
+            let networks = Networks::start(config(dir.path()), None).await.unwrap();
+            let spec = NetworkSpec {
+                profile: NetworkProfile::Registry,
+                bandwidth_mbit: None,
+                allowlist: Vec::new(),
+            };
+            let mut r = networks.setup("bnk_reg", "tnt_a", &spec).await.unwrap();
+            let guest = FakeGuest::plug(dir.path(), "guest-reg", &tap_of(&r.nic()));
+            let resolver: SocketAddr = (addr::GATEWAY_IP, 53).into();
+            let (_, ips) = guest.run(move || resolve(resolver, "pypi.org")).unwrap();
+            assert_eq!(ips, vec![PYPI_IP]);
+            ok_in(&guest, (PYPI_IP, 80).into(), "the registry on 80");
+            ok_in(&guest, (PYPI_IP, 443).into(), "the registry on 443");
+            refused_in(
+                &guest,
+                (PYPI_IP, 8080).into(),
+                "the registry's address on 8080",
+            );
+            let got = guest
+                .run(move || resolve(resolver, "api.allowed.test"))
+                .unwrap();
+            assert_eq!(
+                got.0,
+                ResponseCode::NXDomain,
+                "a name off the registry list"
+            );
+            refused_in(&guest, (ALLOWED_IP, 80).into(), "a host off the list");
+            assert_eq!(net.pypi.connections(), 2);
+            assert_eq!(net.allowed.connections(), 0);
+            r.teardown().await;
+            guest.remove();
+        });
+        assert_eq!(net.escaped_packets(), 0, "escaped: {}", net.escaped_to());
+    });
 }

@@ -268,6 +268,85 @@ fn isolated_and_unrestricted_bunkers_on_real_vms() {
     });
 }
 
+#[test]
+fn allowlisted_and_registry_bunkers_on_real_vms() {
+    sandboxed("allowlisted_and_registry_bunkers_on_real_vms", || {
+        require_images(&["tiny.ext4"]).expect("guest images");
+        let net = FakeInternet::build();
+        let netns_dir = tempfile::tempdir().unwrap();
+        let ns = netns_dir.path().display().to_string();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let up = Up::start(UpOptions::with_env(&[
+                ("SCAIBUNKER_NETWORKS", "on"),
+                ("SCAIBUNKER_DNS_UPSTREAM", "198.18.1.53"),
+                ("SCAIBUNKER_NETNS_DIR", &ns),
+                ("SCAIBUNKER_REGISTRY_HOSTS", "pypi.org"),
+            ]))
+            .expect("scaibunker up gets ready");
+            let c = up.client();
+
+            let b = c
+                .create_bunker(&CreateBunker {
+                    network_allowlist: Some(vec!["api.allowed.test".into()]),
+                    ..tiny(NetworkProfile::Allowlisted, None)
+                })
+                .await
+                .unwrap();
+            assert_eq!(b.status, "running", "{:?}", b.failure_reason);
+            assert_eq!(b.network_allowlist, vec!["api.allowed.test".to_owned()]);
+            let (code, out) = run(&c, &b.id, "nslookup api.allowed.test").await;
+            assert!(code == 0 && out.contains("198.18.0.20"), "{out}");
+            let (code, out) = run(&c, &b.id, "wget -q -O - http://api.allowed.test/ | wc -c").await;
+            assert_eq!((code, out.trim()), (0, "1024"), "the allowed host");
+            let (code, out) = run(&c, &b.id, "nslookup evil.test").await;
+            assert!(code != 0 && !out.contains("198.18.0.21"), "{out}");
+            assert!(
+                !net.dns_log.lock().unwrap().iter().any(|n| n == "evil.test"),
+                "a name off the list never goes upstream"
+            );
+            // A server the guest names itself answers with its resolver's voice.
+            let (code, out) = run(&c, &b.id, "nslookup api.allowed.test 198.18.1.54").await;
+            assert!(code == 0 && out.contains("198.18.0.20"), "{out}");
+            assert!(net.rogue_dns_log.lock().unwrap().is_empty());
+            let started = Instant::now();
+            let (rc, out) = rc_of(&c, &b.id, "timeout 5 wget -q -O - http://198.18.0.21/").await;
+            assert!(
+                rc != 0 && !out.contains("xxxx"),
+                "a raw address: {rc} {out}"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(4),
+                "refused at once, not timed out"
+            );
+            c.delete_bunker(&b.id).await.unwrap();
+
+            let r = c
+                .create_bunker(&tiny(NetworkProfile::Registry, None))
+                .await
+                .unwrap();
+            assert_eq!(r.status, "running", "{:?}", r.failure_reason);
+            let (code, out) = run(&c, &r.id, "wget -q -O - http://pypi.org/ | wc -c").await;
+            assert_eq!((code, out.trim()), (0, "1024"), "the registry");
+            let (rc, out) = rc_of(&c, &r.id, "timeout 5 wget -q -O - http://pypi.org:8080/").await;
+            assert!(
+                rc != 0 && !out.contains("xxxx"),
+                "the registry's address on 8080: {out}"
+            );
+            let (code, out) = run(&c, &r.id, "nslookup api.allowed.test").await;
+            assert!(code != 0 && !out.contains("198.18.0.20"), "{out}");
+            c.delete_bunker(&r.id).await.unwrap();
+            assert_eq!(net.evil.connections(), 0);
+            assert_eq!((net.allowed.connections(), net.pypi.connections()), (1, 1));
+            within(Duration::from_secs(20), "the networks going", || async {
+                bunker_links().is_empty().then_some(())
+            })
+            .await;
+        });
+        assert_eq!(net.escaped_packets(), 0, "escaped: {}", net.escaped_to());
+    });
+}
+
 /// How long 2 MB sent by a new bunker's guest take to reach the sink (first to last byte,
 /// as the sink counts them).
 async fn upload_time(

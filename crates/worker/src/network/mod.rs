@@ -30,6 +30,7 @@ pub mod addr;
 pub mod audit;
 mod links;
 pub mod netns;
+pub mod policy;
 pub mod resolver;
 pub mod rules;
 mod shaping;
@@ -52,8 +53,9 @@ use addr::{
 };
 use links::{LinkError, Links};
 use netns::NetnsError;
-pub use resolver::NameTable;
-use resolver::Resolver;
+pub use policy::NamePolicy;
+use resolver::{Filter, Pins, Resolver};
+pub use resolver::{NameTable, PinLease};
 
 /// How long a stopping bunker's audit may take to put its last batches.
 const AUDIT_FINISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
@@ -83,6 +85,11 @@ pub struct NetworkConfig {
     /// `SCAIBUNKER_NET_MAX_FLOWS`: connections one bunker may have open at once
     /// ([`DEFAULT_MAX_FLOWS`]); past it a new one is refused.
     pub max_flows: u32,
+    /// `SCAIBUNKER_REGISTRY_HOSTS`: the `registry` profile's names
+    /// ([`policy::DEFAULT_REGISTRY_HOSTS`]).
+    pub registry: Arc<NamePolicy>,
+    /// How long the name-filtered profiles' pins last.
+    pub pin_lease: PinLease,
 }
 
 /// Connections a bunker may have open at once, by default.
@@ -98,6 +105,11 @@ impl NetworkConfig {
             netns_dir: PathBuf::from(DEFAULT_NETNS_DIR),
             platform: Vec::new(),
             max_flows: DEFAULT_MAX_FLOWS,
+            registry: Arc::new(
+                NamePolicy::registry(policy::DEFAULT_REGISTRY_HOSTS)
+                    .expect("the default registry list parses"),
+            ),
+            pin_lease: PinLease::default(),
         }
     }
 }
@@ -110,6 +122,10 @@ pub enum NetworkError {
     PoolExhausted(Cidr),
     #[error("the `{0}` profile is not available on this worker")]
     Unsupported(&'static str),
+    #[error("the allowlist")]
+    Allowlist(#[from] policy::PatternError),
+    #[error("`allowlisted` needs at least one host name")]
+    EmptyAllowlist,
     #[error("prepare {}", .0.display())]
     Dir(PathBuf, #[source] std::io::Error),
     #[error(transparent)]
@@ -304,11 +320,19 @@ impl Networks {
         tenant_id: &str,
         spec: &NetworkSpec,
     ) -> Result<BunkerNetwork, NetworkError> {
-        match spec.profile {
+        let policy = match spec.profile {
             NetworkProfile::Isolated => return Ok(BunkerNetwork::isolated()),
-            NetworkProfile::Unrestricted => {}
+            NetworkProfile::Unrestricted => None,
+            NetworkProfile::Registry => Some(Arc::clone(&self.config.registry)),
+            NetworkProfile::Allowlisted => {
+                let policy = NamePolicy::new(&spec.allowlist, None)?;
+                if policy.is_empty() {
+                    return Err(NetworkError::EmptyAllowlist);
+                }
+                Some(Arc::new(policy))
+            }
             other => return Err(NetworkError::Unsupported(other.as_str())),
-        }
+        };
         let slot = self.take_slot()?;
         let mut net = BunkerNetwork {
             networks: Some(Arc::clone(self)),
@@ -325,7 +349,7 @@ impl Networks {
             tenant_id: tenant_id.to_owned(),
         };
         let started = std::time::Instant::now();
-        match self.build(&mut net, slot, spec, ctx).await {
+        match self.build(&mut net, slot, spec, policy, ctx).await {
             Ok(()) => {
                 let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 self.count(|c| {
@@ -347,6 +371,7 @@ impl Networks {
         net: &mut BunkerNetwork,
         slot: u32,
         spec: &NetworkSpec,
+        policy: Option<Arc<NamePolicy>>,
         ctx: AuditContext,
     ) -> Result<(), NetworkError> {
         let path = net
@@ -379,8 +404,12 @@ impl Networks {
         .await???;
         net.nic = Nic::Tap(Arc::new(tap));
 
+        let pin_rules = policy.as_ref().map(|p| rules::PinRules {
+            ports: p.ports().map(<[u16]>::to_vec),
+            renewal: self.config.pin_lease.renewal(),
+        });
         rules::apply(
-            &rules::bunker_ruleset(&self.deny, ns_ip, self.config.max_flows),
+            &rules::bunker_ruleset(&self.deny, ns_ip, self.config.max_flows, pin_rules.as_ref()),
             Some(&path),
         )
         .await?;
@@ -400,16 +429,55 @@ impl Networks {
                 self.audit_limits,
             )?);
         }
+        let filter = policy.map(|policy| Filter {
+            policy,
+            deny: self.deny.clone(),
+            pins: Arc::new(NftPins {
+                netns: path.clone(),
+            }),
+            lease: self.config.pin_lease,
+        });
         let resolver = Resolver::start(
             udp,
             tcp,
             self.config.dns_upstreams.clone(),
             Arc::clone(&net.names),
+            filter,
         )
         .map_err(NetworkError::Resolver)?;
         net.resolver = Some(resolver);
         Ok(())
     }
+}
+
+/// Pins in the bunker's nft set, through `nft` in its namespace (about 20 ms a batch,
+/// NETWORK.md §2.3).
+struct NftPins {
+    netns: PathBuf,
+}
+
+impl Pins for NftPins {
+    fn pin(
+        &self,
+        pins: Vec<(Ipv4Addr, std::time::Duration)>,
+    ) -> futures_util::future::BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            rules::apply(&rules::pin_batch(&pins), Some(&self.netns))
+                .await
+                .map_err(|e| error_text(&e))
+        })
+    }
+}
+
+fn error_text(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 fn add_audit(total: &mut audit::AuditCounters, one: &audit::AuditCounters) {

@@ -10,18 +10,36 @@
 //!    name (a CNAME chain's end belongs to the name asked for), for the egress audit; then
 //!    the upstream's answer goes back unchanged.
 //!
-//! `unrestricted` forwards every name; the name-filtering profiles build on this.
+//! `unrestricted` forwards every name. The name-filtering profiles (`allowlisted`,
+//! `registry`) answer with a [`Filter`] instead, and never let a name out that their
+//! [`NamePolicy`] does not allow:
+//!
+//! - PTR and ANY: REFUSED; a name the policy does not allow: NXDOMAIN, and the query never
+//!   leaves the worker (no data out through DNS names);
+//! - an allowed name, AAAA, HTTPS or SVCB (no IPv6, no ECH configuration), or any type
+//!   but A: an empty NOERROR;
+//! - an allowed name, A: forwarded as above; the answer keeps only its CNAME and A records,
+//!   drops A records in the deny set (DNS rebinding) and says NXDOMAIN if none is left, caps
+//!   every TTL at the longest pin ([`PinLease::max`]), and each address is **pinned before the
+//!   answer is sent**: put in the bunker's nft set `pin4` with a timeout of
+//!   `clamp(TTL, min, max) + grace`, so the guest can reach it, and only it, for as long
+//!   as it may use the answer. A pin that fails is a SERVFAIL, never an answer the guest
+//!   cannot use.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use hickory_proto::op::{Message, OpCode, ResponseCode};
-use hickory_proto::rr::RData;
+use hickory_proto::rr::{DNSClass, RData, RecordType};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
+
+use super::addr::DenySet;
+use super::policy::NamePolicy;
 
 /// How long an upstream has to answer.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
@@ -37,33 +55,62 @@ const TCP_IDLE: Duration = Duration::from_secs(10);
 const MAX_NAMES: usize = 4096;
 const NAME_GRACE: Duration = Duration::from_secs(600);
 
-/// Which name the bunker's resolver last answered with each address.
+/// Which names the bunker's resolver answered with each address (several: names on a
+/// shared address, a CDN's).
 #[derive(Debug, Default)]
 pub struct NameTable {
-    entries: Mutex<HashMap<Ipv4Addr, (String, Instant)>>,
+    entries: Mutex<HashMap<Ipv4Addr, Vec<(String, Instant)>>>,
 }
+
+/// Names remembered per address.
+const NAMES_PER_ADDRESS: usize = 8;
 
 impl NameTable {
     pub fn insert(&self, ip: Ipv4Addr, name: &str, ttl: Duration) {
         let now = Instant::now();
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if entries.len() >= MAX_NAMES && !entries.contains_key(&ip) {
-            entries.retain(|_, (_, until)| *until > now);
+            entries.retain(|_, names| {
+                names.retain(|(_, until)| *until > now);
+                !names.is_empty()
+            });
             if entries.len() >= MAX_NAMES
-                && let Some(oldest) = entries.iter().min_by_key(|(_, (_, u))| *u).map(|(k, _)| *k)
+                && let Some(oldest) = entries
+                    .iter()
+                    .min_by_key(|(_, names)| names.iter().map(|(_, u)| *u).max())
+                    .map(|(k, _)| *k)
             {
                 entries.remove(&oldest);
             }
         }
-        entries.insert(ip, (name.to_owned(), now + ttl + NAME_GRACE));
+        let names = entries.entry(ip).or_default();
+        names.retain(|(n, until)| n != name && *until > now);
+        if names.len() >= NAMES_PER_ADDRESS {
+            names.remove(0);
+        }
+        names.push((name.to_owned(), now + ttl + NAME_GRACE));
     }
 
+    /// The name last answered with `ip`.
     pub fn name_of(&self, ip: Ipv4Addr) -> Option<String> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        entries
+            .get(&ip)?
+            .iter()
+            .rev()
+            .find(|(_, until)| *until > now)
+            .map(|(name, _)| name.clone())
+    }
+
+    /// Whether `name` (any case) was answered with `ip` and is still remembered.
+    pub fn resolved(&self, ip: Ipv4Addr, name: &str) -> bool {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
         entries
             .get(&ip)
-            .filter(|(_, until)| *until > Instant::now())
-            .map(|(name, _)| name.clone())
+            .is_some_and(|names| names.iter().any(|(n, u)| *n == name && *u > now))
     }
 }
 
@@ -94,8 +141,64 @@ impl Rate {
     }
 }
 
+/// How long pins last (NETWORK.md §2.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PinLease {
+    /// The shortest pin, whatever the answer's TTL.
+    pub min: Duration,
+    /// The longest pin; answers' TTLs are capped to it.
+    pub max: Duration,
+    /// Added to every pin, so a guest that uses an answer at the end of its TTL still gets
+    /// through.
+    pub grace: Duration,
+}
+
+impl Default for PinLease {
+    fn default() -> Self {
+        Self {
+            min: Duration::from_secs(30),
+            max: Duration::from_secs(3600),
+            grace: Duration::from_secs(300),
+        }
+    }
+}
+
+impl PinLease {
+    /// The pin for an answer with `ttl`.
+    pub fn pin_for(&self, ttl: Duration) -> Duration {
+        ttl.clamp(self.min, self.max) + self.grace
+    }
+
+    /// What a new flow to a pinned address renews its pin to: the longest pin there is, so
+    /// a renewal never shortens a pin an answer made.
+    pub fn renewal(&self) -> Duration {
+        self.max + self.grace
+    }
+}
+
+/// Puts addresses in the bunker's pin set (the nft set in production, a fake in unit tests).
+pub trait Pins: Send + Sync {
+    fn pin(&self, pins: Vec<(Ipv4Addr, Duration)>) -> BoxFuture<'_, Result<(), String>>;
+}
+
+/// A name-filtering profile's resolver settings.
+pub struct Filter {
+    pub policy: Arc<NamePolicy>,
+    /// Answers in it are dropped (rebinding).
+    pub deny: DenySet,
+    pub pins: Arc<dyn Pins>,
+    pub lease: PinLease,
+}
+
+/// Most pins one bunker holds at once (the nft set's size).
+pub const MAX_PINS: usize = 8192;
+
 struct Shared {
     upstreams: Vec<SocketAddr>,
+    filter: Option<Filter>,
+    /// Until when each address is pinned, as far as this resolver knows (the kernel's pin
+    /// lasts at least that long: a flow's renewal only lengthens it).
+    pinned: Mutex<HashMap<Ipv4Addr, Instant>>,
     names: Arc<NameTable>,
     rate: Mutex<Rate>,
     in_flight: Arc<Semaphore>,
@@ -116,16 +219,20 @@ impl Drop for Resolver {
 
 impl Resolver {
     /// Serves on `udp` and `tcp` (made inside the bunker's namespace, non-blocking).
+    /// With a `filter`, only the names it allows are answered (see the module doc).
     pub fn start(
         udp: std::net::UdpSocket,
         tcp: std::net::TcpListener,
         upstreams: Vec<SocketAddr>,
         names: Arc<NameTable>,
+        filter: Option<Filter>,
     ) -> std::io::Result<Self> {
         let udp = Arc::new(UdpSocket::from_std(udp)?);
         let tcp = TcpListener::from_std(tcp)?;
         let shared = Arc::new(Shared {
             upstreams,
+            filter,
+            pinned: Mutex::new(HashMap::new()),
             names,
             rate: Mutex::new(Rate {
                 tokens: QUERY_BURST,
@@ -232,6 +339,23 @@ async fn answer(shared: &Shared, bytes: &[u8], transport: Transport) -> Option<V
     if !allowed {
         return refusal(&query, ResponseCode::Refused);
     }
+    if let Some(filter) = &shared.filter {
+        return answer_filtered(shared, filter, &query, bytes, transport).await;
+    }
+    let Some((reply, parsed)) = ask_upstreams(shared, &query, bytes, transport).await else {
+        return refusal(&query, ResponseCode::ServFail);
+    };
+    record(&shared.names, &query, &parsed);
+    Some(reply)
+}
+
+/// The first upstream answer to `query` that matches it, raw and parsed.
+async fn ask_upstreams(
+    shared: &Shared,
+    query: &Message,
+    bytes: &[u8],
+    transport: Transport,
+) -> Option<(Vec<u8>, Message)> {
     for upstream in &shared.upstreams {
         let reply = match transport {
             Transport::Udp => {
@@ -250,10 +374,108 @@ async fn answer(shared: &Shared, bytes: &[u8], transport: Transport) -> Option<V
         if parsed.metadata.id != query.metadata.id || parsed.queries != query.queries {
             continue;
         }
-        record(&shared.names, &query, &parsed);
-        return Some(reply);
+        return Some((reply, parsed));
     }
-    refusal(&query, ResponseCode::ServFail)
+    None
+}
+
+/// A name-filtering profile's answer (the module doc's list).
+async fn answer_filtered(
+    shared: &Shared,
+    filter: &Filter,
+    query: &Message,
+    bytes: &[u8],
+    transport: Transport,
+) -> Option<Vec<u8>> {
+    let question = query.queries.first()?;
+    let qtype = question.query_type();
+    if matches!(qtype, RecordType::PTR | RecordType::ANY) {
+        return refusal(query, ResponseCode::Refused);
+    }
+    let name = question.name().to_ascii();
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    if !filter.policy.allows(&name) {
+        return refusal(query, ResponseCode::NXDomain);
+    }
+    if qtype != RecordType::A || question.query_class() != DNSClass::IN {
+        return refusal(query, ResponseCode::NoError);
+    }
+    let Some((_, upstream)) = ask_upstreams(shared, query, bytes, transport).await else {
+        return refusal(query, ResponseCode::ServFail);
+    };
+    let cap = u32::try_from(filter.lease.max.as_secs()).unwrap_or(u32::MAX);
+    let mut reply = Message::error_msg(
+        query.metadata.id,
+        OpCode::Query,
+        upstream.metadata.response_code,
+    );
+    reply.queries = query.queries.clone();
+    reply.metadata.recursion_desired = query.metadata.recursion_desired;
+    reply.metadata.recursion_available = true;
+    reply.metadata.truncation = upstream.metadata.truncation;
+    let mut dropped = 0usize;
+    let mut pins = Vec::new();
+    for mut rec in upstream.answers {
+        rec.ttl = rec.ttl.min(cap);
+        match &rec.data {
+            RData::A(a) if filter.deny.contains(a.0) => {
+                dropped += 1;
+                continue;
+            }
+            RData::A(a) => pins.push((a.0, Duration::from_secs(u64::from(rec.ttl)))),
+            RData::CNAME(_) => {}
+            _ => continue,
+        }
+        reply.answers.push(rec);
+    }
+    if pins.is_empty() && dropped > 0 {
+        tracing::info!(
+            name,
+            dropped,
+            "resolver: an allowed name answered with denied addresses only"
+        );
+        return refusal(query, ResponseCode::NXDomain);
+    }
+    if pin(shared, filter, &pins).await.is_err() {
+        return refusal(query, ResponseCode::ServFail);
+    }
+    for (ip, ttl) in &pins {
+        shared.names.insert(*ip, &name, *ttl);
+    }
+    reply.to_vec().ok()
+}
+
+/// Pins every address for its answer's lease, unless it is already pinned at least as long.
+async fn pin(shared: &Shared, filter: &Filter, answers: &[(Ipv4Addr, Duration)]) -> Result<(), ()> {
+    let now = Instant::now();
+    let wanted: Vec<(Ipv4Addr, Duration)> = {
+        let pinned = shared.pinned.lock().unwrap_or_else(|p| p.into_inner());
+        answers
+            .iter()
+            .map(|(ip, ttl)| (*ip, filter.lease.pin_for(*ttl)))
+            // What the guest may still use: its TTL plus the grace, from now.
+            .filter(|(ip, lease)| {
+                pinned
+                    .get(ip)
+                    .is_none_or(|until| *until < now + (*lease - filter.lease.grace / 2))
+            })
+            .collect()
+    };
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    if let Err(e) = filter.pins.pin(wanted.clone()).await {
+        tracing::warn!(error = %e, "resolver: pin the answer's addresses");
+        return Err(());
+    }
+    let mut pinned = shared.pinned.lock().unwrap_or_else(|p| p.into_inner());
+    if pinned.len() + wanted.len() > MAX_PINS {
+        pinned.retain(|_, until| *until > now);
+    }
+    for (ip, lease) in wanted {
+        pinned.insert(ip, now + lease);
+    }
+    Ok(())
 }
 
 fn record(names: &NameTable, query: &Message, reply: &Message) {

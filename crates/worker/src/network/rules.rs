@@ -7,7 +7,12 @@
 //!   to its resolver; `forward` lets the guest out of `up0` except to the deny set (logged to
 //!   NFLOG group [`DENY_LOG_GROUP`](super::audit::DENY_LOG_GROUP), rate-limited, then rejected at once so nothing hangs);
 //!   nothing comes in but replies, and those only to the guest's tap; no IPv6; `postrouting` SNATs the guest to the slot's
-//!   address.
+//!   address. A name-filtered profile ([`PinRules`]) changes three things: every DNS
+//!   packet of the guest, whatever server it names, is redirected to its resolver
+//!   (`prerouting`); DNS over TLS (853) is reset; and the guest may open only TCP flows to
+//!   addresses in the set `pin4` (on the profile's ports), which its resolver fills
+//!   ([`pin_batch`]) and each new flow renews; everything else is logged and rejected at
+//!   once.
 //! - [`host_ruleset`]: the table `inet scaibunker` in the host namespace: nothing from a
 //!   bunker's veth reaches the host itself or another bunker's veth, only replies go back
 //!   in, and the pool is masqueraded out of whatever interface routes the destination. It is
@@ -78,6 +83,10 @@ fn reject() -> Value {
     json!({"reject": {"type": "icmpx", "expr": "admin-prohibited"}})
 }
 
+fn reject_tcp_reset() -> Value {
+    json!({"reject": {"type": "tcp reset"}})
+}
+
 fn table(name: &str) -> Value {
     json!({"table": {"family": "inet", "name": name}})
 }
@@ -93,10 +102,28 @@ fn rule(table: &str, chain: &str, expr: Vec<Value>) -> Value {
     json!({"add": {"rule": {"family": "inet", "table": table, "chain": chain, "expr": expr}}})
 }
 
+/// The set of pinned addresses in a name-filtered bunker's table.
+pub const PIN_SET: &str = "pin4";
+
+/// What a name-filtered profile adds to the bunker table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinRules {
+    /// The TCP ports a pinned address may be reached on; `None`: any.
+    pub ports: Option<Vec<u16>>,
+    /// What a new flow renews its address's pin to.
+    pub renewal: std::time::Duration,
+}
+
 /// The `inet bk` table of a bunker whose guest may leave through `up0` (as `uplink_ip`)
-/// except to `deny`, with at most `max_flows` connections open at once (the host's
-/// conntrack table is shared by every bunker: one guest must not fill it).
-pub fn bunker_ruleset(deny: &DenySet, uplink_ip: Ipv4Addr, max_flows: u32) -> Value {
+/// except to `deny` — with `pins`, only to pinned addresses — with at most `max_flows`
+/// connections open at once (the host's conntrack table is shared by every bunker: one
+/// guest must not fill it).
+pub fn bunker_ruleset(
+    deny: &DenySet,
+    uplink_ip: Ipv4Addr,
+    max_flows: u32,
+    pins: Option<&PinRules>,
+) -> Value {
     let t = BUNKER_TABLE;
     let elems: Vec<Value> = deny
         .ranges()
@@ -116,6 +143,25 @@ pub fn bunker_ruleset(deny: &DenySet, uplink_ip: Ipv4Addr, max_flows: u32) -> Va
         set["elem"] = json!(elems);
     }
     cmds.push(json!({"add": {"set": set}}));
+    if pins.is_some() {
+        cmds.push(json!({"add": {"set": {
+            "family": "inet", "table": t, "name": PIN_SET, "type": "ipv4_addr",
+            "flags": ["timeout"], "size": super::resolver::MAX_PINS,
+        }}}));
+        // Whatever server the guest names, its DNS goes to its own resolver.
+        cmds.push(chain(t, "prerouting", "nat", "prerouting", -100, "accept"));
+        for l4 in ["udp", "tcp"] {
+            cmds.push(rule(
+                t,
+                "prerouting",
+                vec![
+                    from_guest(),
+                    m(payload(l4, "dport"), json!(53)),
+                    json!({"redirect": {"port": 53}}),
+                ],
+            ));
+        }
+    }
     cmds.push(chain(t, "input", "filter", "input", 0, "drop"));
     cmds.push(rule(
         t,
@@ -204,11 +250,55 @@ pub fn bunker_ruleset(deny: &DenySet, uplink_ip: Ipv4Addr, max_flows: u32) -> Va
             reject(),
         ],
     ));
-    cmds.push(rule(
-        t,
-        "forward",
-        vec![from_guest(), to_uplink(), accept()],
-    ));
+    match pins {
+        None => cmds.push(rule(
+            t,
+            "forward",
+            vec![from_guest(), to_uplink(), accept()],
+        )),
+        Some(pins) => {
+            let logged = || {
+                vec![
+                    json!({"limit": {"rate": DENY_LOG_PER_SECOND, "per": "second"}}),
+                    json!({"log": {"group": DENY_LOG_GROUP, "prefix": DENY_LOG_PREFIX}}),
+                ]
+            };
+            // DNS over TLS would go around the resolver.
+            let dot = || vec![from_guest(), m(payload("tcp", "dport"), json!(853))];
+            let mut logged_dot = dot();
+            logged_dot.extend(logged());
+            logged_dot.push(reject_tcp_reset());
+            cmds.push(rule(t, "forward", logged_dot));
+            let mut plain_dot = dot();
+            plain_dot.push(reject_tcp_reset());
+            cmds.push(rule(t, "forward", plain_dot));
+            let mut pinned = vec![
+                from_guest(),
+                to_uplink(),
+                m(payload("ip", "daddr"), json!(format!("@{PIN_SET}"))),
+                m(meta("l4proto"), json!("tcp")),
+            ];
+            if let Some(ports) = &pins.ports {
+                pinned.push(m(payload("tcp", "dport"), json!({"set": ports})));
+            }
+            pinned.push(ct_state_in(&["new"]));
+            pinned.push(json!({"set": {
+                "op": "update",
+                "elem": {"elem": {
+                    "val": payload("ip", "daddr"),
+                    "timeout": pins.renewal.as_secs().max(1),
+                }},
+                "set": format!("@{PIN_SET}"),
+            }}));
+            pinned.push(accept());
+            cmds.push(rule(t, "forward", pinned));
+            let mut denied = vec![from_guest()];
+            denied.extend(logged());
+            denied.push(reject());
+            cmds.push(rule(t, "forward", denied));
+            cmds.push(rule(t, "forward", vec![from_guest(), reject()]));
+        }
+    }
     cmds.push(chain(t, "postrouting", "nat", "postrouting", 100, "accept"));
     cmds.push(rule(
         t,
@@ -220,6 +310,29 @@ pub fn bunker_ruleset(deny: &DenySet, uplink_ip: Ipv4Addr, max_flows: u32) -> Va
         ],
     ));
     json!({"nftables": cmds})
+}
+
+/// Pins `(address, lease)` in a bunker's [`PIN_SET`]: add, delete, add in one batch, which
+/// sets the element's timeout afresh whether or not it was there (a plain re-add does not
+/// on every kernel, NETWORK.md §2.2).
+pub fn pin_batch(pins: &[(Ipv4Addr, std::time::Duration)]) -> Value {
+    let elems = |with_timeout: bool| -> Vec<Value> {
+        pins.iter()
+            .map(|(ip, lease)| {
+                if with_timeout {
+                    json!({"elem": {"val": ip.to_string(), "timeout": lease.as_secs().max(1)}})
+                } else {
+                    json!(ip.to_string())
+                }
+            })
+            .collect()
+    };
+    let element = |elem: Vec<Value>| json!({"element": {"family": "inet", "table": BUNKER_TABLE, "name": PIN_SET, "elem": elem}});
+    json!({"nftables": [
+        {"add": element(elems(true))},
+        {"delete": element(elems(false))},
+        {"add": element(elems(true))},
+    ]})
 }
 
 /// The host's `inet scaibunker` table for bunkers whose uplinks come from `pool`.
@@ -332,7 +445,7 @@ mod tests {
 
     #[test]
     fn the_bunker_table_denies_before_it_accepts_and_snats_the_guest() {
-        let r = bunker_ruleset(&deny(), "10.203.0.1".parse().unwrap(), 4096);
+        let r = bunker_ruleset(&deny(), "10.203.0.1".parse().unwrap(), 4096, None);
         let text = r.to_string();
         let reject = text.find("admin-prohibited").unwrap();
         let last_accept = text.rfind(r#"{"accept":null}"#).unwrap();
@@ -353,8 +466,13 @@ mod tests {
             panic!("this test runs nft in check mode, which needs root");
         }
         let pool = Cidr::parse("10.203.0.0/16").unwrap();
+        let pins = PinRules {
+            ports: Some(vec![80, 443]),
+            renewal: std::time::Duration::from_secs(3900),
+        };
         for r in [
-            bunker_ruleset(&deny(), "10.203.0.1".parse().unwrap(), 4096),
+            bunker_ruleset(&deny(), "10.203.0.1".parse().unwrap(), 4096, None),
+            bunker_ruleset(&deny(), "10.203.0.1".parse().unwrap(), 4096, Some(&pins)),
             host_ruleset(&pool),
         ] {
             let out = std::process::Command::new(NFT_BINARY)

@@ -28,6 +28,14 @@ use scaibunker_worker::network::{addr, netns, tap};
 const SANDBOX_FLAG: &str = "SCAIBUNKER_IN_NET_SANDBOX";
 
 pub const DNS_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 53);
+/// A rogue DNS server a guest may name instead of its resolver: answers every name.
+pub const ROGUE_DNS_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 54);
+/// `api.allowed.test` (HTTP on 80, 853 and 8080).
+pub const ALLOWED_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 20);
+/// `short.allowed.test`, answered with a 2 s TTL (HTTP on 80).
+pub const SHORT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 22);
+/// What `rebind.allowed.test` answers: a private address.
+pub const REBIND_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 2, 3);
 pub const PYPI_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
 pub const EVIL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 21);
 pub const SINK_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 30);
@@ -145,7 +153,10 @@ impl Hits {
 
 pub struct FakeInternet {
     pub dns_log: Arc<Mutex<Vec<String>>>,
+    pub rogue_dns_log: Arc<Mutex<Vec<String>>>,
     pub pypi: Arc<Hits>,
+    pub allowed: Arc<Hits>,
+    pub short: Arc<Hits>,
     pub evil: Arc<Hits>,
     pub sink: Arc<Hits>,
     pub platform: Arc<Hits>,
@@ -171,6 +182,9 @@ impl FakeInternet {
             "addr add 198.19.0.2/30 dev wan1",
             "link set wan1 up",
             "addr add 198.18.1.53/32 dev lo",
+            "addr add 198.18.1.54/32 dev lo",
+            "addr add 198.18.0.20/32 dev lo",
+            "addr add 198.18.0.22/32 dev lo",
             "addr add 198.18.0.10/32 dev lo",
             "addr add 198.18.0.21/32 dev lo",
             "addr add 198.18.0.30/32 dev lo",
@@ -207,11 +221,14 @@ impl FakeInternet {
         let inet = PathBuf::from("/run/netns/inet");
         let handle = netns::open(&inet).unwrap();
         let dns_log = Arc::new(Mutex::new(Vec::new()));
-        let records: HashMap<&'static str, Ipv4Addr> = [
-            ("pypi.org", PYPI_IP),
-            ("evil.test", EVIL_IP),
-            ("sink.test", SINK_IP),
-            ("platform.test", PLATFORM_IP),
+        let records: HashMap<&'static str, (Ipv4Addr, u32)> = [
+            ("pypi.org", (PYPI_IP, 60)),
+            ("evil.test", (EVIL_IP, 60)),
+            ("sink.test", (SINK_IP, 60)),
+            ("platform.test", (PLATFORM_IP, 60)),
+            ("api.allowed.test", (ALLOWED_IP, 60)),
+            ("short.allowed.test", (SHORT_IP, 2)),
+            ("rebind.allowed.test", (REBIND_IP, 60)),
         ]
         .into_iter()
         .collect();
@@ -219,9 +236,33 @@ impl FakeInternet {
             .unwrap()
             .unwrap();
         let log = Arc::clone(&dns_log);
-        std::thread::spawn(move || serve_dns(dns, records, log));
-        let pypi = serve_http(&handle, &inet, (PYPI_IP, 80).into());
-        let evil = serve_http(&handle, &inet, (EVIL_IP, 80).into());
+        std::thread::spawn(move || serve_dns(dns, move |name| records.get(name).copied(), log));
+        let rogue_dns_log = Arc::new(Mutex::new(Vec::new()));
+        let rogue = netns::run_in(&handle, &inet, || UdpSocket::bind((ROGUE_DNS_IP, 53)))
+            .unwrap()
+            .unwrap();
+        let log = Arc::clone(&rogue_dns_log);
+        std::thread::spawn(move || serve_dns(rogue, |_| Some((EVIL_IP, 60)), log));
+        let pypi = serve_http(
+            &handle,
+            &inet,
+            &[
+                (PYPI_IP, 80).into(),
+                (PYPI_IP, 443).into(),
+                (PYPI_IP, 8080).into(),
+            ],
+        );
+        let evil = serve_http(&handle, &inet, &[(EVIL_IP, 80).into()]);
+        let allowed = serve_http(
+            &handle,
+            &inet,
+            &[
+                (ALLOWED_IP, 80).into(),
+                (ALLOWED_IP, 853).into(),
+                (ALLOWED_IP, 8080).into(),
+            ],
+        );
+        let short = serve_http(&handle, &inet, &[(SHORT_IP, 80).into()]);
         let sink = serve_sink(&handle, &inet, (SINK_IP, 9000).into());
         let talker = netns::run_in(&handle, &inet, || TcpListener::bind((TALKER_IP, 7000)))
             .unwrap()
@@ -241,7 +282,10 @@ impl FakeInternet {
         spawn_http(platform_listener, Arc::clone(&platform));
         Self {
             dns_log,
+            rogue_dns_log,
             pypi,
+            allowed,
+            short,
             evil,
             sink,
             platform,
@@ -285,9 +329,11 @@ impl FakeInternet {
     }
 }
 
+/// Answers A queries for the names `lookup` knows (address, TTL), NXDOMAIN for the rest,
+/// and logs every name asked.
 fn serve_dns(
     socket: UdpSocket,
-    records: HashMap<&'static str, Ipv4Addr>,
+    lookup: impl Fn(&str) -> Option<(Ipv4Addr, u32)>,
     log: Arc<Mutex<Vec<String>>>,
 ) {
     let mut buf = [0u8; 2048];
@@ -306,11 +352,11 @@ fn serve_dns(
         let mut reply = Message::new(query.metadata.id, MessageType::Response, OpCode::Query);
         reply.metadata.authoritative = true;
         reply.queries = vec![q.clone()];
-        match (records.get(name.as_str()), q.query_type()) {
-            (Some(ip), RecordType::A) => {
+        match (lookup(&name), q.query_type()) {
+            (Some((ip, ttl)), RecordType::A) => {
                 reply
                     .answers
-                    .push(Record::from_rdata(q.name().clone(), 60, RData::A(A(*ip))));
+                    .push(Record::from_rdata(q.name().clone(), ttl, RData::A(A(ip))));
             }
             (Some(_), _) => {}
             (None, _) => reply.metadata.response_code = ResponseCode::NXDomain,
@@ -319,12 +365,15 @@ fn serve_dns(
     }
 }
 
-fn serve_http(handle: &std::fs::File, path: &Path, at: SocketAddr) -> Arc<Hits> {
-    let listener = netns::run_in(handle, path, move || TcpListener::bind(at))
-        .unwrap()
-        .unwrap();
+/// One HTTP server on every address of `at`, counted together.
+fn serve_http(handle: &std::fs::File, path: &Path, at: &[SocketAddr]) -> Arc<Hits> {
     let hits = Arc::new(Hits::default());
-    spawn_http(listener, Arc::clone(&hits));
+    for at in at.iter().copied() {
+        let listener = netns::run_in(handle, path, move || TcpListener::bind(at))
+            .unwrap()
+            .unwrap();
+        spawn_http(listener, Arc::clone(&hits));
+    }
     hits
 }
 
@@ -453,27 +502,38 @@ fn patch(mut from: std::fs::File, mut to: std::fs::File) {
 
 /// Asks `server` for the A record of `name` over UDP; `None` if nothing answered in time.
 pub fn resolve(server: SocketAddr, name: &str) -> Option<(ResponseCode, Vec<Ipv4Addr>)> {
+    let (code, records) = query(server, name, RecordType::A)?;
+    let ips = records
+        .iter()
+        .filter_map(|r| match r {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .collect();
+    Some((code, ips))
+}
+
+/// Asks `server` for `name`'s records of `kind` over UDP: the answer's code and records.
+pub fn query(
+    server: SocketAddr,
+    name: &str,
+    kind: RecordType,
+) -> Option<(ResponseCode, Vec<RData>)> {
     let socket = UdpSocket::bind("0.0.0.0:0").ok()?;
     socket.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
     let mut q = Message::new(0x5b5b, MessageType::Query, OpCode::Query);
     q.metadata.recursion_desired = true;
     q.queries.push(Query::query(
         Name::from_ascii(format!("{name}.")).ok()?,
-        RecordType::A,
+        kind,
     ));
     socket.send_to(&q.to_vec().ok()?, server).ok()?;
     let mut buf = [0u8; 2048];
-    let (n, _) = socket.recv_from(&mut buf).ok()?;
+    let (n, from) = socket.recv_from(&mut buf).ok()?;
+    assert_eq!(from, server, "the answer comes from the server asked");
     let reply = Message::from_vec(&buf[..n]).ok()?;
-    let ips = reply
-        .answers
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::A(a) => Some(a.0),
-            _ => None,
-        })
-        .collect();
-    Some((reply.metadata.response_code, ips))
+    let records = reply.answers.iter().map(|r| r.data.clone()).collect();
+    Some((reply.metadata.response_code, records))
 }
 
 /// `GET /` from `to`; the status line, or the error.

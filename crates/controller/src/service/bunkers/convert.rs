@@ -117,9 +117,15 @@ pub fn network_spec(r: &BunkerRow) -> scaibunker_proto::worker::NetworkSpec {
         Core::Unrestricted => P::Unrestricted,
         Core::Transit => P::Transit,
     };
+    let allowlist = if profile == P::Allowlisted {
+        serde_json::from_str(&r.network_allowlist).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     scaibunker_proto::worker::NetworkSpec {
         profile,
         bandwidth_mbit: r.bandwidth_mbit.and_then(|b| u64::try_from(b).ok()),
+        allowlist,
     }
 }
 

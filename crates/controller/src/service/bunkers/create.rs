@@ -118,18 +118,12 @@ fn check_create(p: &Principal, req: &api::CreateBunker) -> Result<(), BunkerErro
     {
         errors.push(field("name", "must be 1 to 128 characters"));
     }
-    if !matches!(
-        profile,
-        NetworkProfile::Isolated | NetworkProfile::Unrestricted
-    ) {
-        // Name-filtered and transit networks are not in this release: refuse rather than
-        // silently run with a different network than asked for.
+    if profile == NetworkProfile::Transit {
+        // Transit networks are not in this release: refuse rather than silently run with a
+        // different network than asked for.
         errors.push(field(
             "network_profile",
-            format!(
-                "`{}` is not available on this deployment yet; use `isolated` or `unrestricted`",
-                profile.as_str()
-            ),
+            "`transit` is not available on this deployment yet; use `isolated`, `registry`, `allowlisted` or `unrestricted`",
         ));
     }
     match (&req.network_allowlist, profile) {
