@@ -471,8 +471,8 @@ fn refused_in(guest: &FakeGuest, to: SocketAddr, what: &str) {
     refused_fast(got, started, what);
 }
 
-fn ok_in(guest: &FakeGuest, to: SocketAddr, what: &str) {
-    let got = guest.run(move || http_get(to));
+fn ok_in(guest: &FakeGuest, to: SocketAddr, host: &'static str, what: &str) {
+    let got = guest.run(move || http_get_as(to, host));
     assert_eq!(
         got.unwrap_or_else(|e| panic!("{what}: {e}")),
         "HTTP/1.1 200 OK",
@@ -511,8 +511,8 @@ fn allowlisted_resolves_and_reaches_only_its_names_and_no_name_leaves_through_dn
                 // An allowed name: answered, then reachable on any TCP port but 853.
                 let (code, ips) = guest.run(move || resolve(resolver, "api.allowed.test")).unwrap();
                 assert_eq!((code, ips), (ResponseCode::NoError, vec![ALLOWED_IP]));
-                ok_in(&guest, (ALLOWED_IP, 80).into(), "the allowed host on 80");
-                ok_in(&guest, (ALLOWED_IP, 8080).into(), "the allowed host on 8080");
+                ok_in(&guest, (ALLOWED_IP, 80).into(), "api.allowed.test", "the allowed host on 80");
+                ok_in(&guest, (ALLOWED_IP, 8080).into(), "api.allowed.test:8080", "the allowed host on 8080");
                 refused_in(&guest, (ALLOWED_IP, 853).into(), "DNS over TLS to an allowed host");
 
                 // Other names: NXDOMAIN, and never asked upstream (no data out in a name).
@@ -565,7 +565,7 @@ fn allowlisted_resolves_and_reaches_only_its_names_and_no_name_leaves_through_dn
                 let (_, ips) = guest.run(move || resolve(resolver, "short.allowed.test")).unwrap();
                 assert_eq!(ips, vec![SHORT_IP]);
                 tokio::time::sleep(Duration::from_millis(1500)).await;
-                ok_in(&guest, (SHORT_IP, 80).into(), "a reconnect within the lease");
+                ok_in(&guest, (SHORT_IP, 80).into(), "short.allowed.test", "a reconnect within the lease");
                 assert_eq!(net.short.connections(), 1);
 
                 // Only what was allowed arrived.
@@ -621,8 +621,18 @@ fn registry_reaches_its_hosts_on_80_and_443_only() {
             let resolver: SocketAddr = (addr::GATEWAY_IP, 53).into();
             let (_, ips) = guest.run(move || resolve(resolver, "pypi.org")).unwrap();
             assert_eq!(ips, vec![PYPI_IP]);
-            ok_in(&guest, (PYPI_IP, 80).into(), "the registry on 80");
-            ok_in(&guest, (PYPI_IP, 443).into(), "the registry on 443");
+            ok_in(
+                &guest,
+                (PYPI_IP, 80).into(),
+                "pypi.org",
+                "the registry on 80",
+            );
+            ok_in(
+                &guest,
+                (PYPI_IP, 443).into(),
+                "pypi.org",
+                "the registry on 443",
+            );
             refused_in(
                 &guest,
                 (PYPI_IP, 8080).into(),
@@ -644,4 +654,108 @@ fn registry_reaches_its_hosts_on_80_and_443_only() {
         });
         assert_eq!(net.escaped_packets(), 0, "escaped: {}", net.escaped_to());
     });
+}
+
+#[test]
+fn a_shared_edge_serves_only_the_names_the_bunker_resolved_there() {
+    sandboxed(
+        "a_shared_edge_serves_only_the_names_the_bunker_resolved_there",
+        || {
+            let net = FakeInternet::build();
+            let dir = tempfile::tempdir().unwrap();
+            let rt = runtime();
+            rt.block_on(async {
+                let sink = Arc::new(MemorySink::default());
+                let networks = Networks::start(config(dir.path()), Some(Arc::clone(&sink) as _))
+                    .await
+                    .unwrap();
+                let spec = allowlisted(&["*.cdn-a.test", "talk.allowed.test"]);
+                let mut a = networks.setup("bnk_cdn", "tnt_a", &spec).await.unwrap();
+                let guest = FakeGuest::plug(dir.path(), "guest-cdn", &tap_of(&a.nic()));
+                let resolver: SocketAddr = (addr::GATEWAY_IP, 53).into();
+                let (_, ips) = guest
+                    .run(move || resolve(resolver, "x.cdn-a.test"))
+                    .unwrap();
+                assert_eq!(
+                    ips,
+                    vec![CDN_IP],
+                    "the edge is pinned through an allowed name"
+                );
+                let edge_tls: SocketAddr = (CDN_IP, 443).into();
+                let edge_http: SocketAddr = (CDN_IP, 80).into();
+
+                // The name it resolved there: through, both ways.
+                let got = guest.run(move || tls_hello(edge_tls, Some("x.cdn-a.test")));
+                assert_eq!(got.unwrap(), "hello");
+                ok_in(
+                    &guest,
+                    edge_http,
+                    "X.cdn-a.test",
+                    "HTTP for the resolved name",
+                );
+                assert_eq!(
+                    (net.cdn_tls.connections(), net.cdn_http.connections()),
+                    (1, 1)
+                );
+
+                // Another site on the same address, a name allowed but resolved elsewhere,
+                // no SNI, or a Host that is not the name: reset before the edge sees a byte.
+                for (what, sni) in [
+                    ("another site on the edge", Some("cdn-b.test")),
+                    (
+                        "an allowed name never resolved to the edge",
+                        Some("y.cdn-a.test"),
+                    ),
+                    ("no SNI", None),
+                ] {
+                    let started = Instant::now();
+                    let got = guest.run(move || tls_hello(edge_tls, sni));
+                    refused_fast(got, started, what);
+                }
+                for host in ["cdn-b.test", "198.18.0.31", "y.cdn-a.test"] {
+                    let started = Instant::now();
+                    let got = guest.run(move || http_get_as(edge_http, host));
+                    refused_fast(got, started, host);
+                }
+                assert_eq!(
+                    (net.cdn_tls.connections(), net.cdn_http.connections()),
+                    (1, 1),
+                    "the edge never saw the refused flows"
+                );
+
+                // A server that speaks first: the guest's silence lets it through.
+                let (_, ips) = guest
+                    .run(move || resolve(resolver, "talk.allowed.test"))
+                    .unwrap();
+                assert_eq!(ips, vec![TALKER_IP]);
+                let byte = guest.run(|| {
+                    let mut s = std::net::TcpStream::connect_timeout(
+                        &(TALKER_IP, 7000).into(),
+                        Duration::from_secs(2),
+                    )?;
+                    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                    let mut byte = [0u8; 1];
+                    std::io::Read::read_exact(&mut s, &mut byte)?;
+                    Ok::<_, std::io::Error>(byte[0])
+                });
+                assert_eq!(byte.unwrap(), b't');
+                a.teardown().await;
+                guest.remove();
+                // The audit names what each flow asked for.
+                let lines = sink.lines.lock().unwrap().clone();
+                for port in [443, 80] {
+                    assert!(
+                        lines.iter().any(|l| matches!(l, EgressLine::Flow(f)
+                            if f.dst_ip == CDN_IP.to_string()
+                                && f.dst_port == Some(port)
+                                && f.verdict == Verdict::Allowed
+                                && f.sni.as_deref() == Some("x.cdn-a.test")
+                                && f.dns_name.as_deref() == Some("x.cdn-a.test"))),
+                        "the flow on {port} with its name: {lines:?}"
+                    );
+                }
+            });
+            assert_eq!(net.escaped_packets(), 0, "escaped: {}", net.escaped_to());
+        },
+    );
 }

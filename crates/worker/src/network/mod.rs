@@ -30,6 +30,7 @@ pub mod addr;
 pub mod audit;
 mod links;
 pub mod netns;
+pub mod peek;
 pub mod policy;
 pub mod resolver;
 pub mod rules;
@@ -341,6 +342,7 @@ impl Networks {
             nic: Nic::Unplugged,
             names: Arc::new(NameTable::default()),
             resolver: None,
+            peek: None,
             audit: None,
             handle: None,
         };
@@ -396,9 +398,10 @@ impl Networks {
 
         let inside_handle = Arc::clone(&handle);
         let inside_path = path.clone();
-        let (tap, udp, tcp) = blocking(move || {
+        let filtered = policy.is_some();
+        let (tap, udp, tcp, peek_listener) = blocking(move || {
             netns::run_in(&inside_handle, &inside_path, move || {
-                inside(&peer_link, ns_ip, host_ip)
+                inside(&peer_link, ns_ip, host_ip, filtered)
             })
         })
         .await???;
@@ -428,6 +431,17 @@ impl Networks {
                 Arc::clone(sink),
                 self.audit_limits,
             )?);
+        }
+        if let (Some(listener), Some(policy)) = (peek_listener, &policy) {
+            let ctx = peek::PeekContext {
+                policy: Arc::clone(policy),
+                names: Arc::clone(&net.names),
+                deny: self.deny.clone(),
+                netns: Arc::clone(&handle),
+                netns_path: path.clone(),
+                max_connections: self.config.max_flows as usize,
+            };
+            net.peek = Some(peek::Peek::start(listener, ctx).map_err(NetworkError::Resolver)?);
         }
         let filter = policy.map(|policy| Filter {
             policy,
@@ -501,10 +515,21 @@ async fn blocking<T: Send + 'static>(
         .map_err(|_| NetworkError::Task)
 }
 
-type Inside = (OwnedFd, std::net::UdpSocket, std::net::TcpListener);
+type Inside = (
+    OwnedFd,
+    std::net::UdpSocket,
+    std::net::TcpListener,
+    Option<std::net::TcpListener>,
+);
 
-/// Step 4 of the module doc, on a thread inside the bunker's namespace.
-fn inside(peer_link: &str, ns_ip: Ipv4Addr, host_ip: Ipv4Addr) -> Result<Inside, NetworkError> {
+/// Step 4 of the module doc, on a thread inside the bunker's namespace (with `filtered`,
+/// the SNI/Host peek's listener too).
+fn inside(
+    peer_link: &str,
+    ns_ip: Ipv4Addr,
+    host_ip: Ipv4Addr,
+    filtered: bool,
+) -> Result<Inside, NetworkError> {
     for (key, value) in [
         ("net/ipv6/conf/all/disable_ipv6", "1"),
         ("net/ipv6/conf/default/disable_ipv6", "1"),
@@ -542,7 +567,17 @@ fn inside(peer_link: &str, ns_ip: Ipv4Addr, host_ip: Ipv4Addr) -> Result<Inside,
     udp.set_nonblocking(true).map_err(NetworkError::Resolver)?;
     let tcp = std::net::TcpListener::bind(resolver_at).map_err(NetworkError::Resolver)?;
     tcp.set_nonblocking(true).map_err(NetworkError::Resolver)?;
-    Ok((tap, udp, tcp))
+    let peek = if filtered {
+        let listener =
+            std::net::TcpListener::bind(peek::listen_addr()).map_err(NetworkError::Resolver)?;
+        listener
+            .set_nonblocking(true)
+            .map_err(NetworkError::Resolver)?;
+        Some(listener)
+    } else {
+        None
+    };
+    Ok((tap, udp, tcp, peek))
 }
 
 /// One bunker's network, for as long as its VM runs.
@@ -553,6 +588,7 @@ pub struct BunkerNetwork {
     nic: Nic,
     names: Arc<NameTable>,
     resolver: Option<Resolver>,
+    peek: Option<peek::Peek>,
     audit: Option<AuditHandle>,
     handle: Option<Arc<File>>,
 }
@@ -577,6 +613,7 @@ impl BunkerNetwork {
             nic: Nic::Unplugged,
             names: Arc::new(NameTable::default()),
             resolver: None,
+            peek: None,
             audit: None,
             handle: None,
         }
@@ -625,6 +662,7 @@ impl BunkerNetwork {
             }
         }
         self.resolver.take();
+        self.peek.take();
         self.nic = Nic::Unplugged;
         self.handle.take();
         let Some(networks) = self.networks.clone() else {

@@ -60,7 +60,17 @@ const NAME_GRACE: Duration = Duration::from_secs(600);
 #[derive(Debug, Default)]
 pub struct NameTable {
     entries: Mutex<HashMap<Ipv4Addr, Vec<(String, Instant)>>>,
+    /// The names flows asked for (the SNI/Host peek), by (guest port, address, port), until
+    /// the audit takes them.
+    snis: Mutex<HashMap<FlowKey, (String, Instant)>>,
 }
+
+/// A guest flow: its source port, destination address and port.
+type FlowKey = (u16, Ipv4Addr, u16);
+
+/// Flow names remembered at once, and for how long at most (a flow's line takes its own).
+const MAX_SNIS: usize = 4096;
+const SNI_KEEP: Duration = Duration::from_secs(24 * 3600);
 
 /// Names remembered per address.
 const NAMES_PER_ADDRESS: usize = 8;
@@ -114,9 +124,30 @@ impl NameTable {
     }
 }
 
+impl NameTable {
+    /// Remembers the name the guest's flow from `src_port` to `dst` asked for.
+    pub fn flow_name(&self, src_port: u16, dst: std::net::SocketAddrV4, name: &str) {
+        let now = Instant::now();
+        let mut snis = self.snis.lock().unwrap_or_else(|p| p.into_inner());
+        if snis.len() >= MAX_SNIS {
+            snis.retain(|_, (_, at)| now.duration_since(*at) < SNI_KEEP);
+            if snis.len() >= MAX_SNIS {
+                return;
+            }
+        }
+        snis.insert((src_port, *dst.ip(), dst.port()), (name.to_owned(), now));
+    }
+}
+
 impl super::audit::NameLookup for NameTable {
     fn name_of(&self, ip: Ipv4Addr) -> Option<String> {
         NameTable::name_of(self, ip)
+    }
+
+    fn take_sni(&self, src_port: u16, dst: Ipv4Addr, dst_port: u16) -> Option<String> {
+        let mut snis = self.snis.lock().unwrap_or_else(|p| p.into_inner());
+        snis.remove(&(src_port, dst, dst_port))
+            .map(|(name, _)| name)
     }
 }
 

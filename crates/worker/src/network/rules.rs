@@ -11,8 +11,9 @@
 //!   packet of the guest, whatever server it names, is redirected to its resolver
 //!   (`prerouting`); DNS over TLS (853) is reset; and the guest may open only TCP flows to
 //!   addresses in the set `pin4` (on the profile's ports), which its resolver fills
-//!   ([`pin_batch`]) and each new flow renews; everything else is logged and rejected at
-//!   once.
+//!   ([`pin_batch`]) and each new flow renews, and those only through the SNI/Host peek
+//!   ([`super::peek`], redirected in `prerouting`); everything else is logged and rejected
+//!   at once.
 //! - [`host_ruleset`]: the table `inet scaibunker` in the host namespace: nothing from a
 //!   bunker's veth reaches the host itself or another bunker's veth, only replies go back
 //!   in, and the pool is masqueraded out of whatever interface routes the destination. It is
@@ -27,6 +28,7 @@ use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt as _;
 
 use super::addr::{Cidr, DenySet, GATEWAY_IP, GUEST_IP, HOST_LINK_PREFIX, TAP_NAME, UPLINK_NAME};
+use super::peek::PEEK_PORT;
 
 use super::audit::{DENY_LOG_GROUP, DENY_LOG_PREFIX};
 /// Denied attempts logged per second per bunker at most (the audit's rate limit).
@@ -162,6 +164,31 @@ pub fn bunker_ruleset(
             ));
         }
     }
+    if let Some(pins) = pins {
+        // A new TCP flow to a pinned address (on the profile's ports; DNS over TLS goes on
+        // to be reset in `forward`) renews the pin and goes to the SNI/Host peek, the only
+        // way out there is.
+        let mut pinned = vec![
+            from_guest(),
+            m(payload("ip", "daddr"), json!(format!("@{PIN_SET}"))),
+            m(meta("l4proto"), json!("tcp")),
+        ];
+        if let Some(ports) = &pins.ports {
+            pinned.push(m(payload("tcp", "dport"), json!({"set": ports})));
+        }
+        pinned.push(not(payload("tcp", "dport"), json!(853)));
+        pinned.push(ct_state_in(&["new"]));
+        pinned.push(json!({"set": {
+            "op": "update",
+            "elem": {"elem": {
+                "val": payload("ip", "daddr"),
+                "timeout": pins.renewal.as_secs().max(1),
+            }},
+            "set": format!("@{PIN_SET}"),
+        }}));
+        pinned.push(json!({"redirect": {"port": PEEK_PORT}}));
+        cmds.push(rule(t, "prerouting", pinned));
+    }
     cmds.push(chain(t, "input", "filter", "input", 0, "drop"));
     cmds.push(rule(
         t,
@@ -182,6 +209,21 @@ pub fn bunker_ruleset(
                 m(payload("ip", "saddr"), json!(GUEST_IP.to_string())),
                 m(payload("ip", "daddr"), json!(GATEWAY_IP.to_string())),
                 m(payload(l4, "dport"), json!(53)),
+                accept(),
+            ],
+        ));
+    }
+    if pins.is_some() {
+        // The peek proxy, for flows redirected to it only (not a port the guest can name).
+        cmds.push(rule(
+            t,
+            "input",
+            vec![
+                from_guest(),
+                m(payload("ip", "saddr"), json!(GUEST_IP.to_string())),
+                m(payload("ip", "daddr"), json!(GATEWAY_IP.to_string())),
+                m(payload("tcp", "dport"), json!(PEEK_PORT)),
+                json!({"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}),
                 accept(),
             ],
         ));
@@ -256,7 +298,7 @@ pub fn bunker_ruleset(
             "forward",
             vec![from_guest(), to_uplink(), accept()],
         )),
-        Some(pins) => {
+        Some(_) => {
             let logged = || {
                 vec![
                     json!({"limit": {"rate": DENY_LOG_PER_SECOND, "per": "second"}}),
@@ -272,26 +314,6 @@ pub fn bunker_ruleset(
             let mut plain_dot = dot();
             plain_dot.push(reject_tcp_reset());
             cmds.push(rule(t, "forward", plain_dot));
-            let mut pinned = vec![
-                from_guest(),
-                to_uplink(),
-                m(payload("ip", "daddr"), json!(format!("@{PIN_SET}"))),
-                m(meta("l4proto"), json!("tcp")),
-            ];
-            if let Some(ports) = &pins.ports {
-                pinned.push(m(payload("tcp", "dport"), json!({"set": ports})));
-            }
-            pinned.push(ct_state_in(&["new"]));
-            pinned.push(json!({"set": {
-                "op": "update",
-                "elem": {"elem": {
-                    "val": payload("ip", "daddr"),
-                    "timeout": pins.renewal.as_secs().max(1),
-                }},
-                "set": format!("@{PIN_SET}"),
-            }}));
-            pinned.push(accept());
-            cmds.push(rule(t, "forward", pinned));
             let mut denied = vec![from_guest()];
             denied.extend(logged());
             denied.push(reject());
@@ -360,6 +382,20 @@ pub fn host_ruleset(pool: &Cidr) -> Value {
             ],
         ),
         rule(t, "forward", vec![to_bunker(), drop()]),
+        // Replies for a bunker whose veth is gone (its flows outlive it in conntrack) are
+        // un-NATed to a pool address with no route but the default one: they die here
+        // rather than leave through the uplink.
+        rule(
+            t,
+            "forward",
+            vec![
+                m(
+                    payload("ip", "daddr"),
+                    json!({"prefix": {"addr": pool.addr().to_string(), "len": pool.prefix()}}),
+                ),
+                drop(),
+            ],
+        ),
         rule(t, "forward", vec![from_bunker(), accept()]),
         chain(t, "postrouting", "nat", "postrouting", 100, "accept"),
         rule(

@@ -34,6 +34,10 @@ pub const ROGUE_DNS_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 54);
 pub const ALLOWED_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 20);
 /// `short.allowed.test`, answered with a 2 s TTL (HTTP on 80).
 pub const SHORT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 22);
+/// A shared edge: `x.cdn-a.test` and `cdn-b.test` on one address (HTTP on 80; on 443 a
+/// server that answers `hello` to whatever first bytes it gets, so a ClientHello's SNI
+/// decides only at the bunker's side).
+pub const CDN_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 31);
 /// What `rebind.allowed.test` answers: a private address.
 pub const REBIND_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 2, 3);
 pub const PYPI_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
@@ -157,6 +161,8 @@ pub struct FakeInternet {
     pub pypi: Arc<Hits>,
     pub allowed: Arc<Hits>,
     pub short: Arc<Hits>,
+    pub cdn_http: Arc<Hits>,
+    pub cdn_tls: Arc<Hits>,
     pub evil: Arc<Hits>,
     pub sink: Arc<Hits>,
     pub platform: Arc<Hits>,
@@ -185,6 +191,7 @@ impl FakeInternet {
             "addr add 198.18.1.54/32 dev lo",
             "addr add 198.18.0.20/32 dev lo",
             "addr add 198.18.0.22/32 dev lo",
+            "addr add 198.18.0.31/32 dev lo",
             "addr add 198.18.0.10/32 dev lo",
             "addr add 198.18.0.21/32 dev lo",
             "addr add 198.18.0.30/32 dev lo",
@@ -229,6 +236,10 @@ impl FakeInternet {
             ("api.allowed.test", (ALLOWED_IP, 60)),
             ("short.allowed.test", (SHORT_IP, 2)),
             ("rebind.allowed.test", (REBIND_IP, 60)),
+            ("x.cdn-a.test", (CDN_IP, 60)),
+            ("y.cdn-a.test", (EVIL_IP, 60)),
+            ("cdn-b.test", (CDN_IP, 60)),
+            ("talk.allowed.test", (TALKER_IP, 60)),
         ]
         .into_iter()
         .collect();
@@ -263,6 +274,8 @@ impl FakeInternet {
             ],
         );
         let short = serve_http(&handle, &inet, &[(SHORT_IP, 80).into()]);
+        let cdn_http = serve_http(&handle, &inet, &[(CDN_IP, 80).into()]);
+        let cdn_tls = serve_hello(&handle, &inet, (CDN_IP, 443).into());
         let sink = serve_sink(&handle, &inet, (SINK_IP, 9000).into());
         let talker = netns::run_in(&handle, &inet, || TcpListener::bind((TALKER_IP, 7000)))
             .unwrap()
@@ -286,6 +299,8 @@ impl FakeInternet {
             pypi,
             allowed,
             short,
+            cdn_http,
+            cdn_tls,
             evil,
             sink,
             platform,
@@ -404,6 +419,27 @@ fn spawn_http(listener: TcpListener, hits: Arc<Hits>) {
             });
         }
     });
+}
+
+/// Counts the first bytes of each connection and answers `hello`.
+fn serve_hello(handle: &std::fs::File, path: &Path, at: SocketAddr) -> Arc<Hits> {
+    let listener = netns::run_in(handle, path, move || TcpListener::bind(at))
+        .unwrap()
+        .unwrap();
+    let hits = Arc::new(Hits::default());
+    let counted = Arc::clone(&hits);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            counted.connections.fetch_add(1, Ordering::SeqCst);
+            let mut buf = vec![0u8; 16 * 1024];
+            if let Ok(n) = stream.read(&mut buf) {
+                counted.bytes_in.fetch_add(n as u64, Ordering::SeqCst);
+                let _ = stream.write_all(b"hello");
+            }
+        }
+    });
+    hits
 }
 
 /// Reads everything and counts it; answers with the count when the client half-closes.
@@ -538,12 +574,63 @@ pub fn query(
 
 /// `GET /` from `to`; the status line, or the error.
 pub fn http_get(to: SocketAddr) -> Result<String, std::io::Error> {
+    http_get_as(to, "x")
+}
+
+/// `GET /` from `to` for the site `host`; the status line, or the error (an empty status
+/// line is a refusal too: nothing came back).
+pub fn http_get_as(to: SocketAddr, host: &str) -> Result<String, std::io::Error> {
     let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(3)))?;
-    write!(stream, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    write!(stream, "GET / HTTP/1.1\r\nHost: {host}\r\n\r\n")?;
     let mut got = String::new();
     stream.read_to_string(&mut got)?;
-    Ok(got.lines().next().unwrap_or_default().to_owned())
+    match got.lines().next() {
+        Some(line) if !line.is_empty() => Ok(line.to_owned()),
+        _ => Err(std::io::ErrorKind::ConnectionAborted.into()),
+    }
+}
+
+/// Opens a TLS connection to `to` as far as its ClientHello (with `sni` if given) and
+/// returns what the server sent back, or the error (a reset).
+pub fn tls_hello(to: SocketAddr, sni: Option<&str>) -> Result<String, std::io::Error> {
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    stream.write_all(&client_hello(sni))?;
+    let mut got = String::new();
+    stream.read_to_string(&mut got)?;
+    if got.is_empty() {
+        return Err(std::io::ErrorKind::ConnectionAborted.into());
+    }
+    Ok(got)
+}
+
+/// A TLS 1.3 ClientHello record, with `sni` as its server name if given (after a padding
+/// extension, as clients that randomise their extensions' order may send it).
+pub fn client_hello(sni: Option<&str>) -> Vec<u8> {
+    let mut exts = vec![0x00, 0x15, 0x00, 0x10];
+    exts.extend_from_slice(&[0u8; 16]);
+    if let Some(name) = sni {
+        let name = name.as_bytes();
+        let list = 3 + name.len() as u16;
+        exts.extend_from_slice(&[0x00, 0x00]);
+        exts.extend_from_slice(&(list + 2).to_be_bytes());
+        exts.extend_from_slice(&list.to_be_bytes());
+        exts.push(0);
+        exts.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        exts.extend_from_slice(name);
+    }
+    let mut body = vec![0x03, 0x03];
+    body.extend_from_slice(&[0x5b; 32]);
+    body.extend_from_slice(&[0x00, 0x00, 0x02, 0x13, 0x01, 0x01, 0x00]);
+    body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+    body.extend_from_slice(&exts);
+    let mut record = vec![0x16, 0x03, 0x01];
+    record.extend_from_slice(&(body.len() as u16 + 4).to_be_bytes());
+    record.push(0x01);
+    record.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    record.extend_from_slice(&body);
+    record
 }
 
 /// Sends `bytes` to the sink and waits for its count; how long it took.

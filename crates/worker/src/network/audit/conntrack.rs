@@ -34,6 +34,7 @@ const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_IP_V4_SRC: u16 = 1;
 const CTA_IP_V4_DST: u16 = 2;
 const CTA_PROTO_NUM: u16 = 1;
+const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
 
 const CTA_COUNTERS_PACKETS: u16 = 1;
@@ -60,6 +61,7 @@ pub struct CtFlow {
     pub src: Ipv4Addr,
     pub dst: Ipv4Addr,
     /// For protocols with ports (TCP, UDP, SCTP, DCCP, UDP-Lite).
+    pub src_port: Option<u16>,
     pub dst_port: Option<u16>,
     pub orig: Option<Counters>,
     pub reply: Option<Counters>,
@@ -92,6 +94,9 @@ pub fn parse(message: &Message<'_>) -> Option<CtFlow> {
         proto,
         src: ip.ipv4(CTA_IP_V4_SRC)?,
         dst: ip.ipv4(CTA_IP_V4_DST)?,
+        src_port: has_ports(proto)
+            .then(|| l4.be16(CTA_PROTO_SRC_PORT))
+            .flatten(),
         dst_port: has_ports(proto)
             .then(|| l4.be16(CTA_PROTO_DST_PORT))
             .flatten(),
@@ -141,7 +146,7 @@ pub(crate) mod tests {
         let ip = [nla(CTA_IP_V4_SRC, &src), nla(CTA_IP_V4_DST, &dst)].concat();
         let l4 = [
             nla(CTA_PROTO_NUM, &[proto]),
-            nla(2, &40000u16.to_be_bytes()),
+            nla(CTA_PROTO_SRC_PORT, &40000u16.to_be_bytes()),
             nla(CTA_PROTO_DST_PORT, &dport.to_be_bytes()),
         ]
         .concat();
@@ -199,6 +204,7 @@ pub(crate) mod tests {
                 proto: 6,
                 src: Ipv4Addr::new(169, 254, 0, 2),
                 dst: Ipv4Addr::new(198, 18, 0, 10),
+                src_port: Some(40000),
                 dst_port: Some(80),
                 orig: Some(Counters {
                     packets: 12,

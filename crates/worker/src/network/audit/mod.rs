@@ -96,9 +96,15 @@ pub struct AuditContext {
     pub tenant_id: String,
 }
 
-/// The resolver's memory of which name it answered with an address.
+/// The resolver's memory of which name it answered with an address, and the SNI/Host
+/// peek's of which name a flow asked for.
 pub trait NameLookup: Send + Sync {
     fn name_of(&self, ip: Ipv4Addr) -> Option<String>;
+    /// The name the guest's flow from `src_port` to `dst:dst_port` asked for (TLS SNI or
+    /// HTTP `Host`), taken: each flow has one line.
+    fn take_sni(&self, _src_port: u16, _dst: Ipv4Addr, _dst_port: u16) -> Option<String> {
+        None
+    }
 }
 
 /// Where batches go (the storage proxy in production).
@@ -645,7 +651,10 @@ impl Recorder {
             dst_ip: ct.dst.to_string(),
             dst_port: ct.dst_port,
             dns_name: self.names.name_of(ct.dst),
-            sni: None,
+            sni: match (ct.src_port, ct.dst_port) {
+                (Some(sp), Some(dp)) => self.names.take_sni(sp, ct.dst, dp),
+                _ => None,
+            },
             ts_start_us: start,
             ts_end_us: end,
             bytes_out: out.bytes,
@@ -821,6 +830,7 @@ mod tests {
             proto: 6,
             src,
             dst,
+            src_port: Some(40000),
             dst_port: Some(80),
             orig: Some(conntrack::Counters {
                 packets: 10,
