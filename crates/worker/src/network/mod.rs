@@ -478,20 +478,9 @@ impl Pins for NftPins {
         Box::pin(async move {
             rules::apply(&rules::pin_batch(&pins), Some(&self.netns))
                 .await
-                .map_err(|e| error_text(&e))
+                .map_err(|e| crate::bunker::supervisor::error_chain(&e))
         })
     }
-}
-
-fn error_text(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 fn add_audit(total: &mut audit::AuditCounters, one: &audit::AuditCounters) {

@@ -200,33 +200,28 @@ pub fn bunker_ruleset(
         "input",
         vec![ct_state_in(&["established", "related"]), accept()],
     ));
+    // From the guest to its gateway: DNS, and with pins the peek proxy, for flows
+    // redirected to it only (not a port the guest can name).
+    let to_gateway = |l4: &str, port: u16| {
+        vec![
+            from_guest(),
+            m(payload("ip", "saddr"), json!(GUEST_IP.to_string())),
+            m(payload("ip", "daddr"), json!(GATEWAY_IP.to_string())),
+            m(payload(l4, "dport"), json!(port)),
+        ]
+    };
     for l4 in ["udp", "tcp"] {
-        cmds.push(rule(
-            t,
-            "input",
-            vec![
-                from_guest(),
-                m(payload("ip", "saddr"), json!(GUEST_IP.to_string())),
-                m(payload("ip", "daddr"), json!(GATEWAY_IP.to_string())),
-                m(payload(l4, "dport"), json!(53)),
-                accept(),
-            ],
-        ));
+        let mut dns = to_gateway(l4, 53);
+        dns.push(accept());
+        cmds.push(rule(t, "input", dns));
     }
     if pins.is_some() {
-        // The peek proxy, for flows redirected to it only (not a port the guest can name).
-        cmds.push(rule(
-            t,
-            "input",
-            vec![
-                from_guest(),
-                m(payload("ip", "saddr"), json!(GUEST_IP.to_string())),
-                m(payload("ip", "daddr"), json!(GATEWAY_IP.to_string())),
-                m(payload("tcp", "dport"), json!(PEEK_PORT)),
-                json!({"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}),
-                accept(),
-            ],
-        ));
+        let mut peek = to_gateway("tcp", PEEK_PORT);
+        peek.push(
+            json!({"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}),
+        );
+        peek.push(accept());
+        cmds.push(rule(t, "input", peek));
     }
     cmds.push(chain(t, "forward", "filter", "forward", 0, "drop"));
     cmds.push(rule(
