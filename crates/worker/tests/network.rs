@@ -669,7 +669,7 @@ fn a_shared_edge_serves_only_the_names_the_bunker_resolved_there() {
                 let networks = Networks::start(config(dir.path()), Some(Arc::clone(&sink) as _))
                     .await
                     .unwrap();
-                let spec = allowlisted(&["*.cdn-a.test", "talk.allowed.test"]);
+                let spec = allowlisted(&["*.cdn-a.test", "talk.allowed.test", "sink.test"]);
                 let mut a = networks.setup("bnk_cdn", "tnt_a", &spec).await.unwrap();
                 let guest = FakeGuest::plug(dir.path(), "guest-cdn", &tap_of(&a.nic()));
                 let resolver: SocketAddr = (addr::GATEWAY_IP, 53).into();
@@ -739,6 +739,14 @@ fn a_shared_edge_serves_only_the_names_the_bunker_resolved_there() {
                     Ok::<_, std::io::Error>(byte[0])
                 });
                 assert_eq!(byte.unwrap(), b't');
+
+                // Bytes that are neither (these look like the start of an HTTP method but
+                // are not one): through, whole.
+                let (_, ips) = guest.run(move || resolve(resolver, "sink.test")).unwrap();
+                assert_eq!(ips, vec![SINK_IP]);
+                guest
+                    .run(|| upload((SINK_IP, 9000).into(), 256 * 1024))
+                    .expect("raw bytes pass the peek");
                 a.teardown().await;
                 guest.remove();
                 // The audit names what each flow asked for.

@@ -31,6 +31,7 @@ pub mod audit;
 mod links;
 pub mod netns;
 pub mod peek;
+mod pins;
 pub mod policy;
 pub mod resolver;
 pub mod rules;
@@ -399,7 +400,7 @@ impl Networks {
         let inside_handle = Arc::clone(&handle);
         let inside_path = path.clone();
         let filtered = policy.is_some();
-        let (tap, udp, tcp, peek_listener) = blocking(move || {
+        let (tap, udp, tcp, peek_listener, pin_socket) = blocking(move || {
             netns::run_in(&inside_handle, &inside_path, move || {
                 inside(&peer_link, ns_ip, host_ip, filtered)
             })
@@ -447,7 +448,9 @@ impl Networks {
             policy,
             deny: self.deny.clone(),
             pins: Arc::new(NftPins {
-                netns: path.clone(),
+                socket: pin_socket
+                    .clone()
+                    .expect("a name-filtered bunker has a pin socket"),
             }),
             lease: self.config.pin_lease,
         });
@@ -464,10 +467,10 @@ impl Networks {
     }
 }
 
-/// Pins in the bunker's nft set, through `nft` in its namespace (about 20 ms a batch,
-/// NETWORK.md §2.3).
+/// Pins in the bunker's nft set, over the netlink socket opened in its namespace
+/// ([`pins`]).
 struct NftPins {
-    netns: PathBuf,
+    socket: pins::PinSocket,
 }
 
 impl Pins for NftPins {
@@ -475,9 +478,11 @@ impl Pins for NftPins {
         &self,
         pins: Vec<(Ipv4Addr, std::time::Duration)>,
     ) -> futures_util::future::BoxFuture<'_, Result<(), String>> {
+        let socket = self.socket.clone();
         Box::pin(async move {
-            rules::apply(&rules::pin_batch(&pins), Some(&self.netns))
+            tokio::task::spawn_blocking(move || socket.pin(&pins))
                 .await
+                .map_err(|_| "the pin task failed".to_owned())?
                 .map_err(|e| crate::bunker::supervisor::error_chain(&e))
         })
     }
@@ -509,10 +514,11 @@ type Inside = (
     std::net::UdpSocket,
     std::net::TcpListener,
     Option<std::net::TcpListener>,
+    Option<pins::PinSocket>,
 );
 
 /// Step 4 of the module doc, on a thread inside the bunker's namespace (with `filtered`,
-/// the SNI/Host peek's listener too).
+/// the SNI/Host peek's listener and the pin socket too).
 fn inside(
     peer_link: &str,
     ns_ip: Ipv4Addr,
@@ -556,17 +562,16 @@ fn inside(
     udp.set_nonblocking(true).map_err(NetworkError::Resolver)?;
     let tcp = std::net::TcpListener::bind(resolver_at).map_err(NetworkError::Resolver)?;
     tcp.set_nonblocking(true).map_err(NetworkError::Resolver)?;
-    let peek = if filtered {
-        let listener =
-            std::net::TcpListener::bind(peek::listen_addr()).map_err(NetworkError::Resolver)?;
-        listener
-            .set_nonblocking(true)
-            .map_err(NetworkError::Resolver)?;
-        Some(listener)
-    } else {
-        None
-    };
-    Ok((tap, udp, tcp, peek))
+    if !filtered {
+        return Ok((tap, udp, tcp, None, None));
+    }
+    let listener =
+        std::net::TcpListener::bind(peek::listen_addr()).map_err(NetworkError::Resolver)?;
+    listener
+        .set_nonblocking(true)
+        .map_err(NetworkError::Resolver)?;
+    let pin_socket = pins::PinSocket::open_here().map_err(NetworkError::Resolver)?;
+    Ok((tap, udp, tcp, Some(listener), Some(pin_socket)))
 }
 
 /// One bunker's network, for as long as its VM runs.

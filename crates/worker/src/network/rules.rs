@@ -11,7 +11,7 @@
 //!   packet of the guest, whatever server it names, is redirected to its resolver
 //!   (`prerouting`); DNS over TLS (853) is reset; and the guest may open only TCP flows to
 //!   addresses in the set `pin4` (on the profile's ports), which its resolver fills
-//!   ([`pin_batch`]) and each new flow renews, and those only through the SNI/Host peek
+//!   ([`super::pins`]) and each new flow renews, and those only through the SNI/Host peek
 //!   ([`super::peek`], redirected in `prerouting`); everything else is logged and rejected
 //!   at once.
 //! - [`host_ruleset`]: the table `inet scaibunker` in the host namespace: nothing from a
@@ -327,29 +327,6 @@ pub fn bunker_ruleset(
         ],
     ));
     json!({"nftables": cmds})
-}
-
-/// Pins `(address, lease)` in a bunker's [`PIN_SET`]: add, delete, add in one batch, which
-/// sets the element's timeout afresh whether or not it was there (a plain re-add does not
-/// on every kernel, NETWORK.md §2.2).
-pub fn pin_batch(pins: &[(Ipv4Addr, std::time::Duration)]) -> Value {
-    let elems = |with_timeout: bool| -> Vec<Value> {
-        pins.iter()
-            .map(|(ip, lease)| {
-                if with_timeout {
-                    json!({"elem": {"val": ip.to_string(), "timeout": lease.as_secs().max(1)}})
-                } else {
-                    json!(ip.to_string())
-                }
-            })
-            .collect()
-    };
-    let element = |elem: Vec<Value>| json!({"element": {"family": "inet", "table": BUNKER_TABLE, "name": PIN_SET, "elem": elem}});
-    json!({"nftables": [
-        {"add": element(elems(true))},
-        {"delete": element(elems(false))},
-        {"add": element(elems(true))},
-    ]})
 }
 
 /// The host's `inet scaibunker` table for bunkers whose uplinks come from `pool`.

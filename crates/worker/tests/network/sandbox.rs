@@ -247,7 +247,19 @@ impl FakeInternet {
             .unwrap()
             .unwrap();
         let log = Arc::clone(&dns_log);
-        std::thread::spawn(move || serve_dns(dns, move |name| records.get(name).copied(), log));
+        // And `n<k>.bench.test`: a name with an address of its own for every k < 32768
+        // (198.18.128.0/17, served by nobody), for the resolver's benchmarks.
+        let lookup = move |name: &str| {
+            records.get(name).copied().or_else(|| {
+                let k: u32 = name
+                    .strip_prefix('n')?
+                    .strip_suffix(".bench.test")?
+                    .parse()
+                    .ok()?;
+                (k < 32768).then(|| (Ipv4Addr::from(0xc612_8000 + k), 60))
+            })
+        };
+        std::thread::spawn(move || serve_dns(dns, lookup, log));
         let rogue_dns_log = Arc::new(Mutex::new(Vec::new()));
         let rogue = netns::run_in(&handle, &inet, || UdpSocket::bind((ROGUE_DNS_IP, 53)))
             .unwrap()

@@ -44,7 +44,7 @@
 
 mod batch;
 mod conntrack;
-mod netlink;
+pub(crate) mod netlink;
 mod netns;
 mod nflog;
 mod storage;
