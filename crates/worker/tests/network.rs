@@ -762,6 +762,21 @@ fn a_shared_edge_serves_only_the_names_the_bunker_resolved_there() {
                         "the flow on {port} with its name: {lines:?}"
                     );
                 }
+                // The flows the peek reset are refusals, with the name they asked for.
+                for (port, sni) in [
+                    (443, Some("cdn-b.test")),
+                    (443, None),
+                    (80, Some("cdn-b.test")),
+                ] {
+                    assert!(
+                        lines.iter().any(|l| matches!(l, EgressLine::Flow(f)
+                            if f.dst_ip == CDN_IP.to_string()
+                                && f.dst_port == Some(port)
+                                && f.verdict == Verdict::Denied
+                                && f.sni.as_deref() == sni)),
+                        "the reset flow on {port} asking for {sni:?}: {lines:?}"
+                    );
+                }
             });
             assert_eq!(net.escaped_packets(), 0, "escaped: {}", net.escaped_to());
         },

@@ -275,6 +275,7 @@ async fn flow(mut guest: TcpStream, ctx: &PeekContext) -> std::io::Result<()> {
             Some(name) if ctx.policy.allows(&name) && ctx.names.resolved(ip, &name) => Some(name),
             other => {
                 tracing::info!(dst = %dst, name = ?other, "peek: a flow asked for a name not resolved to its address; reset");
+                record(ctx, &guest, dst, other, true);
                 reset(guest);
                 return Ok(());
             }
@@ -294,12 +295,26 @@ async fn flow(mut guest: TcpStream, ctx: &PeekContext) -> std::io::Result<()> {
     guest.set_nodelay(true)?;
     upstream.set_nodelay(true)?;
     tracing::trace!(dst = %dst, name = ?name, "peek: through");
-    if let (Some(name), Ok(SocketAddr::V4(from))) = (&name, guest.peer_addr()) {
-        ctx.names.flow_name(from.port(), dst, name);
+    if name.is_some() {
+        record(ctx, &guest, dst, name, false);
     }
     upstream.write_all(&peeked).await?;
     let _ = tokio::io::copy_bidirectional(&mut guest, &mut upstream).await;
     Ok(())
+}
+
+/// Leaves the verdict and the name for the flow's audit line.
+fn record(
+    ctx: &PeekContext,
+    guest: &TcpStream,
+    dst: SocketAddrV4,
+    sni: Option<String>,
+    refused: bool,
+) {
+    if let Ok(SocketAddr::V4(from)) = guest.peer_addr() {
+        ctx.names
+            .peeked(from.port(), dst, super::audit::Peeked { sni, refused });
+    }
 }
 
 /// Reads until the bytes tell what the flow is, [`PEEK_MAX`] bytes, the guest's EOF, or

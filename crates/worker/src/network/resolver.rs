@@ -62,7 +62,7 @@ pub struct NameTable {
     entries: Mutex<HashMap<Ipv4Addr, Vec<(String, Instant)>>>,
     /// The names flows asked for (the SNI/Host peek), by (guest port, address, port), until
     /// the audit takes them.
-    snis: Mutex<HashMap<FlowKey, (String, Instant)>>,
+    snis: Mutex<HashMap<FlowKey, (super::audit::Peeked, Instant)>>,
 }
 
 /// A guest flow: its source port, destination address and port.
@@ -125,8 +125,8 @@ impl NameTable {
 }
 
 impl NameTable {
-    /// Remembers the name the guest's flow from `src_port` to `dst` asked for.
-    pub fn flow_name(&self, src_port: u16, dst: std::net::SocketAddrV4, name: &str) {
+    /// Remembers what the peek made of the guest's flow from `src_port` to `dst`.
+    pub fn peeked(&self, src_port: u16, dst: std::net::SocketAddrV4, peeked: super::audit::Peeked) {
         let now = Instant::now();
         let mut snis = self.snis.lock().unwrap_or_else(|p| p.into_inner());
         if snis.len() >= MAX_SNIS {
@@ -135,7 +135,7 @@ impl NameTable {
                 return;
             }
         }
-        snis.insert((src_port, *dst.ip(), dst.port()), (name.to_owned(), now));
+        snis.insert((src_port, *dst.ip(), dst.port()), (peeked, now));
     }
 }
 
@@ -144,10 +144,14 @@ impl super::audit::NameLookup for NameTable {
         NameTable::name_of(self, ip)
     }
 
-    fn take_sni(&self, src_port: u16, dst: Ipv4Addr, dst_port: u16) -> Option<String> {
+    fn take_peeked(
+        &self,
+        src_port: u16,
+        dst: Ipv4Addr,
+        dst_port: u16,
+    ) -> Option<super::audit::Peeked> {
         let mut snis = self.snis.lock().unwrap_or_else(|p| p.into_inner());
-        snis.remove(&(src_port, dst, dst_port))
-            .map(|(name, _)| name)
+        snis.remove(&(src_port, dst, dst_port)).map(|(p, _)| p)
     }
 }
 

@@ -100,11 +100,20 @@ pub struct AuditContext {
 /// peek's of which name a flow asked for.
 pub trait NameLookup: Send + Sync {
     fn name_of(&self, ip: Ipv4Addr) -> Option<String>;
-    /// The name the guest's flow from `src_port` to `dst:dst_port` asked for (TLS SNI or
-    /// HTTP `Host`), taken: each flow has one line.
-    fn take_sni(&self, _src_port: u16, _dst: Ipv4Addr, _dst_port: u16) -> Option<String> {
+    /// What the SNI/Host peek made of the guest's flow from `src_port` to `dst:dst_port`,
+    /// taken: each flow has one line.
+    fn take_peeked(&self, _src_port: u16, _dst: Ipv4Addr, _dst_port: u16) -> Option<Peeked> {
         None
     }
+}
+
+/// A flow the SNI/Host peek looked at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peeked {
+    /// The name it asked for (TLS SNI or HTTP `Host`), if it named one.
+    pub sni: Option<String>,
+    /// Reset by the peek: the line says `denied`.
+    pub refused: bool,
 }
 
 /// Where batches go (the storage proxy in production).
@@ -643,6 +652,11 @@ impl Recorder {
         let start = ct.start_ns.map_or(now, |ns| ns / 1_000);
         let end = ct.stop_ns.map_or(now, |ns| ns / 1_000).max(start);
         let (out, back) = (ct.orig.unwrap_or_default(), ct.reply.unwrap_or_default());
+        let peeked = match (ct.src_port, ct.dst_port) {
+            (Some(sp), Some(dp)) => self.names.take_peeked(sp, ct.dst, dp),
+            _ => None,
+        };
+        let refused = peeked.as_ref().is_some_and(|p| p.refused);
         let line = EgressFlow {
             v: EGRESS_LINE_VERSION,
             bunker_id: self.ctx.bunker_id.clone(),
@@ -651,19 +665,24 @@ impl Recorder {
             dst_ip: ct.dst.to_string(),
             dst_port: ct.dst_port,
             dns_name: self.names.name_of(ct.dst),
-            sni: match (ct.src_port, ct.dst_port) {
-                (Some(sp), Some(dp)) => self.names.take_sni(sp, ct.dst, dp),
-                _ => None,
-            },
+            sni: peeked.as_ref().and_then(|p| p.sni.clone()),
             ts_start_us: start,
             ts_end_us: end,
             bytes_out: out.bytes,
             bytes_in: back.bytes,
             pkts_out: out.packets,
             pkts_in: back.packets,
-            verdict: Verdict::Allowed,
+            verdict: if refused {
+                Verdict::Denied
+            } else {
+                Verdict::Allowed
+            },
         };
-        self.stats.allowed.fetch_add(1, Ordering::Relaxed);
+        if refused {
+            self.stats.denied.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.stats.allowed.fetch_add(1, Ordering::Relaxed);
+        }
         self.push(EgressLine::Flow(line));
     }
 
