@@ -16,7 +16,8 @@ pub enum EgressVerdict {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EgressRecord {
-    /// `tcp`, `udp`, `icmp` or the IP protocol number.
+    /// `tcp`, `udp`, `icmp` or the IP protocol number; `dns` for a name the bunker's resolver
+    /// refused by policy (`dns_name` says which, `dst_ip` is the resolver).
     pub proto: String,
     pub dst_ip: String,
     /// Null for protocols without ports.

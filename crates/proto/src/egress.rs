@@ -47,7 +47,7 @@ pub struct EgressFlow {
     pub v: u32,
     pub bunker_id: String,
     pub tenant_id: String,
-    /// `tcp`, `udp`, `icmp` or the IP protocol number.
+    /// `tcp`, `udp`, `icmp` or the IP protocol number; `dns` for a refused name.
     pub proto: String,
     pub dst_ip: String,
     /// `None` for protocols without ports.

@@ -590,6 +590,14 @@ fn allowlisted_resolves_and_reaches_only_its_names_and_no_name_leaves_through_dn
                         && f.dns_name.as_deref() == Some("api.allowed.test")),
                     "the allowed flow is audited with its name: {lines:?}"
                 );
+                for name in ["evil.test", "secret123.evil.test"] {
+                    assert!(
+                        flows.iter().any(|f| f.proto == "dns"
+                            && f.verdict == Verdict::Denied
+                            && f.dns_name.as_deref() == Some(name)),
+                        "the refused name {name} is audited: {lines:?}"
+                    );
+                }
                 for denied in [EVIL_IP, ALLOWED_IP] {
                     assert!(
                         flows.iter().any(|f| f.dst_ip == denied.to_string() && f.verdict == Verdict::Denied),

@@ -453,6 +453,7 @@ impl Networks {
                     .expect("a name-filtered bunker has a pin socket"),
             }),
             lease: self.config.pin_lease,
+            denied: net.audit.as_ref().map(AuditHandle::denied_names),
         });
         let resolver = Resolver::start(
             udp,

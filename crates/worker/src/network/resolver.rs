@@ -223,6 +223,8 @@ pub struct Filter {
     pub deny: DenySet,
     pub pins: Arc<dyn Pins>,
     pub lease: PinLease,
+    /// Where refused names go into the egress audit (none: no audit).
+    pub denied: Option<super::audit::DeniedNames>,
 }
 
 /// Most pins one bunker holds at once (the nft set's size).
@@ -430,6 +432,9 @@ async fn answer_filtered(
     let name = question.name().to_ascii();
     let name = name.trim_end_matches('.').to_ascii_lowercase();
     if !filter.policy.allows(&name) {
+        if let Some(denied) = &filter.denied {
+            denied.report(&name);
+        }
         return refusal(query, ResponseCode::NXDomain);
     }
     if qtype != RecordType::A || question.query_class() != DNSClass::IN {

@@ -62,7 +62,7 @@ use futures_util::future::BoxFuture;
 use rustix::net::RecvFlags;
 use scaibunker_proto::egress::{EGRESS_LINE_VERSION, EgressFlow, EgressLine, Verdict};
 use tokio::io::unix::AsyncFd;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use self::batch::{Batcher, Uploads};
@@ -104,6 +104,26 @@ pub trait NameLookup: Send + Sync {
     /// taken: each flow has one line.
     fn take_peeked(&self, _src_port: u16, _dst: Ipv4Addr, _dst_port: u16) -> Option<Peeked> {
         None
+    }
+}
+
+/// Where a name-filtered bunker's resolver reports the names it refused (NXDOMAIN by
+/// policy), each one a `denied` line with `proto: "dns"` and the name. Bounded: a name that
+/// does not fit is counted in the next gap line, never blocks the resolver.
+#[derive(Debug, Clone)]
+pub struct DeniedNames {
+    tx: mpsc::Sender<String>,
+    dropped: Arc<AtomicU64>,
+}
+
+/// Refused names waiting for the audit's reader.
+const DENIED_NAMES_QUEUE: usize = 256;
+
+impl DeniedNames {
+    pub fn report(&self, name: &str) {
+        if self.tx.try_send(name.to_owned()).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -307,11 +327,18 @@ impl Audit {
             },
         };
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(reader.run(stopped, uploader));
+        let (tx, names_rx) = mpsc::channel(DENIED_NAMES_QUEUE);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let denied_names = DeniedNames {
+            tx,
+            dropped: Arc::clone(&dropped),
+        };
+        let task = tokio::spawn(reader.run(stopped, uploader, names_rx, dropped));
         Ok(AuditHandle {
             stop: Some(stop),
             task: Some(task),
             stats,
+            denied_names,
         })
     }
 }
@@ -322,9 +349,15 @@ pub struct AuditHandle {
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     stats: Arc<Stats>,
+    denied_names: DeniedNames,
 }
 
 impl AuditHandle {
+    /// Where the bunker's resolver reports the names it refuses.
+    pub fn denied_names(&self) -> DeniedNames {
+        self.denied_names.clone()
+    }
+
     pub fn counters(&self) -> AuditCounters {
         self.stats.counters()
     }
@@ -379,7 +412,13 @@ struct ReadState {
 }
 
 impl Reader {
-    async fn run(self, mut stopped: oneshot::Receiver<()>, uploader: JoinHandle<()>) {
+    async fn run(
+        self,
+        mut stopped: oneshot::Receiver<()>,
+        uploader: JoinHandle<()>,
+        mut names: mpsc::Receiver<String>,
+        names_dropped: Arc<AtomicU64>,
+    ) {
         let Reader {
             events,
             log,
@@ -404,12 +443,18 @@ impl Reader {
                         break;
                     }
                 },
+                Some(name) = names.recv() => state.recorder.denied_name(&name),
                 _ = tokio::time::sleep_until(tick.into()) => {
                     state.count_drops();
+                    state.recorder.unreported += names_dropped.swap(0, Ordering::Relaxed);
                     state.recorder.tick();
                 }
             }
         }
+        while let Ok(name) = names.try_recv() {
+            state.recorder.denied_name(&name);
+        }
+        state.recorder.unreported += names_dropped.swap(0, Ordering::Relaxed);
         // The bunker stopped (or a socket broke): what is left, then the table.
         state.read_now(Source::Events, events.get_ref());
         state.read_now(Source::Log, log.get_ref());
@@ -683,6 +728,30 @@ impl Recorder {
         } else {
             self.stats.allowed.fetch_add(1, Ordering::Relaxed);
         }
+        self.push(EgressLine::Flow(line));
+    }
+
+    /// A name the resolver refused by policy.
+    fn denied_name(&mut self, name: &str) {
+        let now = now_us();
+        let line = EgressFlow {
+            v: EGRESS_LINE_VERSION,
+            bunker_id: self.ctx.bunker_id.clone(),
+            tenant_id: self.ctx.tenant_id.clone(),
+            proto: "dns".to_owned(),
+            dst_ip: RESOLVER_ADDR.to_string(),
+            dst_port: Some(53),
+            dns_name: Some(name.to_owned()),
+            sni: None,
+            ts_start_us: now,
+            ts_end_us: now,
+            bytes_out: 0,
+            bytes_in: 0,
+            pkts_out: 0,
+            pkts_in: 0,
+            verdict: Verdict::Denied,
+        };
+        self.stats.denied.fetch_add(1, Ordering::Relaxed);
         self.push(EgressLine::Flow(line));
     }
 
