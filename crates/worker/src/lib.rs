@@ -412,6 +412,7 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
 /// that started it goes away, even by SIGKILL, so an embedded installation never leaves VMs
 /// behind.
 pub async fn run(config: WorkerConfig) -> Result<(), StartError> {
+    raise_open_files_limit();
     let handle = start(config).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(StartError::Signal)?;
@@ -439,6 +440,23 @@ pub async fn run(config: WorkerConfig) -> Result<(), StartError> {
     tracing::info!("shutting down");
     handle.shutdown().await;
     Ok(())
+}
+
+/// Lifts the soft limit on open descriptors to the hard one (systemd's soft default is
+/// 1024): every bunker's VM, agent channel, disk layers and proxied flows hold descriptors
+/// of the worker, and running out would fail every bunker, not the one that used them.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, "raise the open files limit");
+        }
+    }
 }
 
 /// The network settings with the platform's own addresses (the controller's and the storage

@@ -393,30 +393,36 @@ fn one_bunker_cannot_fill_the_hosts_connection_table() {
             let mut cfg = config(dir.path());
             cfg.max_flows = 8;
             let networks = Networks::start(cfg, None).await.unwrap();
-            let mut a = networks
-                .setup("bnk_flood", "tnt_a", &unrestricted(None))
-                .await
-                .unwrap();
-            let guest = FakeGuest::plug(dir.path(), "guest-flood", &tap_of(&a.nic()));
-            let (opened, refused) = guest.run(|| {
-                let mut open = Vec::new();
-                let mut refused = 0;
-                for _ in 0..12 {
-                    let to: SocketAddr = (SINK_IP, 9000).into();
-                    match std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
-                        Ok(s) => open.push(s),
-                        Err(_) => refused += 1,
+            // Directly out, and through the peek (its flows go to the gateway, not forward).
+            for (id, spec) in [
+                ("bnk_flood", unrestricted(None)),
+                ("bnk_flood_al", allowlisted(&["sink.test"])),
+            ] {
+                let mut a = networks.setup(id, "tnt_a", &spec).await.unwrap();
+                let guest = FakeGuest::plug(dir.path(), &format!("guest-{id}"), &tap_of(&a.nic()));
+                let resolver: SocketAddr = (addr::GATEWAY_IP, 53).into();
+                let (_, ips) = guest.run(move || resolve(resolver, "sink.test")).unwrap();
+                assert_eq!(ips, vec![SINK_IP]);
+                let (opened, refused) = guest.run(|| {
+                    let mut open = Vec::new();
+                    let mut refused = 0;
+                    for _ in 0..12 {
+                        let to: SocketAddr = (SINK_IP, 9000).into();
+                        match std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+                            Ok(s) => open.push(s),
+                            Err(_) => refused += 1,
+                        }
                     }
-                }
-                (open.len(), refused)
-            });
-            assert_eq!(
-                (opened, refused),
-                (8, 4),
-                "eight flows at once, then refused"
-            );
-            a.teardown().await;
-            guest.remove();
+                    (open.len(), refused)
+                });
+                // The DNS query above is one flow of the eight while its entry lives.
+                assert!(
+                    (opened, refused) == (8, 4) || (opened, refused) == (7, 5),
+                    "{id}: eight flows at once, then refused: {opened} opened, {refused} refused"
+                );
+                a.teardown().await;
+                guest.remove();
+            }
         });
     });
 }

@@ -440,7 +440,7 @@ impl Networks {
                 deny: self.deny.clone(),
                 netns: Arc::clone(&handle),
                 netns_path: path.clone(),
-                max_connections: self.config.max_flows as usize,
+                max_connections: (self.config.max_flows as usize).min(peek::MAX_CONNECTIONS),
             };
             net.peek = Some(peek::Peek::start(listener, ctx).map_err(NetworkError::Resolver)?);
         }

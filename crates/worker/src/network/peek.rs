@@ -38,6 +38,9 @@ pub const PEEK_PORT: u16 = 15001;
 pub const PEEK_TIMEOUT: Duration = Duration::from_millis(300);
 /// Most bytes peeked at (a ClientHello with post-quantum key shares is about 2 KiB).
 pub const PEEK_MAX: usize = 16 * 1024;
+/// Flows one bunker's peek carries at once, at most (two descriptors each, in the worker);
+/// past it a new one is reset.
+pub const MAX_CONNECTIONS: usize = 1024;
 /// The longest start that may still be an HTTP method and its space.
 const MAX_METHOD: usize = 24;
 /// How long the upstream has to accept.

@@ -210,6 +210,19 @@ pub fn bunker_ruleset(
             m(payload(l4, "dport"), json!(port)),
         ]
     };
+    // What the guest opens to its gateway (DNS, and the peek's redirected flows, which never
+    // pass `forward`) counts against the same cap: no flood of half-open flows to a pinned
+    // address fills the host's conntrack table.
+    cmds.push(rule(
+        t,
+        "input",
+        vec![
+            from_guest(),
+            ct_state_in(&["new"]),
+            json!({"ct count": {"val": max_flows, "inv": true}}),
+            reject(),
+        ],
+    ));
     for l4 in ["udp", "tcp"] {
         let mut dns = to_gateway(l4, 53);
         dns.push(accept());
