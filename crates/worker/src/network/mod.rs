@@ -441,6 +441,7 @@ impl Networks {
                 netns: Arc::clone(&handle),
                 netns_path: path.clone(),
                 max_connections: (self.config.max_flows as usize).min(peek::MAX_CONNECTIONS),
+                renewal: self.config.pin_lease.renewal(),
             };
             net.peek = Some(peek::Peek::start(listener, ctx).map_err(NetworkError::Resolver)?);
         }

@@ -206,6 +206,8 @@ pub struct PeekContext {
     pub netns_path: PathBuf,
     /// Connections at once; past it a new one is reset.
     pub max_connections: usize,
+    /// What a new flow renews its address's pin to (the name is kept as long).
+    pub renewal: Duration,
 }
 
 /// The running proxy of one bunker; dropping it stops it (open flows are cut).
@@ -275,7 +277,11 @@ async fn flow(mut guest: TcpStream, ctx: &PeekContext) -> std::io::Result<()> {
     let verdict = peek(&mut guest, &mut peeked).await?;
     let name = match verdict {
         Peeked::Tls(name) | Peeked::Http(name) => match name {
-            Some(name) if ctx.policy.allows(&name) && ctx.names.resolved(ip, &name) => Some(name),
+            Some(name) if ctx.policy.allows(&name) && ctx.names.resolved(ip, &name) => {
+                // A flow in use keeps its name with its address as long as it keeps the pin.
+                ctx.names.insert(ip, &name, ctx.renewal);
+                Some(name)
+            }
             other => {
                 tracing::info!(dst = %dst, name = ?other, "peek: a flow asked for a name not resolved to its address; reset");
                 record(ctx, &guest, dst, other, true);
