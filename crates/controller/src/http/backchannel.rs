@@ -8,34 +8,28 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use scaibunker_api::bunkers::{Bunker, CreateBunker};
 use scaibunker_api::codes;
-use scaibunker_api::envelope::{Error, FieldDetail, Ok as Envelope};
+use scaibunker_api::envelope::{Error, Ok as Envelope};
 
 use super::error::ApiError;
 use super::extract::{ApiJson, Ctx, WorkerAuth};
 use crate::service::Services;
 use crate::service::backchannel::{self as svc, BackchannelError};
-use crate::service::bunkers::to_api;
+use crate::service::bunkers::{BunkerError, to_api};
 
 impl From<BackchannelError> for ApiError {
     fn from(e: BackchannelError) -> Self {
         use BackchannelError as B;
         let msg = e.to_string();
         match e {
-            B::NotFound => Self::new(StatusCode::NOT_FOUND, codes::BUNKER_NOT_FOUND, msg),
-            B::NotRunning(_) => Self::new(StatusCode::CONFLICT, codes::BUNKER_NOT_RUNNING, msg),
+            // The bunker's own outcomes read as they do on the public routes.
+            B::NotFound => BunkerError::NotFound.into(),
+            B::NotRunning(status) => BunkerError::NotRunning(status).into(),
+            B::Validation(errs) => BunkerError::Validation(errs).into(),
             B::RateLimited { retry_after } => {
                 let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, codes::RATE_LIMITED, msg);
                 e.retry_after_s = Some(retry_after.as_secs_f64().ceil().max(1.0) as u64);
                 e
             }
-            B::Validation(errs) => Self::validation(
-                errs.into_iter()
-                    .map(|f| FieldDetail {
-                        field: f.field.into(),
-                        message: f.message,
-                    })
-                    .collect(),
-            ),
             B::ProfileWider(_) => {
                 Self::new(StatusCode::FORBIDDEN, codes::NETWORK_PROFILE_DENIED, msg)
             }
@@ -45,7 +39,7 @@ impl From<BackchannelError> for ApiError {
             B::LabelsBusy => Self::new(StatusCode::CONFLICT, codes::CONFLICT, msg),
             B::OwnerGone => Self::new(StatusCode::FORBIDDEN, codes::AUTHZ_PERMISSION_DENIED, msg),
             B::Bunker(e) => e.into(),
-            B::Store(e) => crate::service::bunkers::BunkerError::Store(e).into(),
+            B::Store(e) => BunkerError::Store(e).into(),
         }
     }
 }
