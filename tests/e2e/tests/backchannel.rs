@@ -2,10 +2,12 @@
 //! bunker, as the guest's plain user, calls the platform as its bunker over
 //! `/run/scaibunker/api.sock` (through `scaibunker-guest`): its own record whatever identity
 //! it claims, metadata and events that show on the public API, a child it creates, lists and
-//! deletes, a wider child refused, another bunker out of reach, a burst limited. At most two
-//! VMs run at once.
+//! deletes, a wider child refused, another bunker out of reach, a burst limited, and a
+//! clone restored from its memory speaking as the clone. At most two VMs run at once.
 
+use scaibunker_api::bunkers::CreateBunker;
 use scaibunker_api::exec::ExecRequest;
+use scaibunker_api::snapshots::{CreateSnapshot, SnapshotKind};
 use scaibunker_e2e::{Up, UpOptions, require_images};
 use serde_json::Value;
 
@@ -167,5 +169,43 @@ async fn a_bunker_calls_the_platform_as_itself() {
     assert!(counts.contains("429="), "{counts}");
     assert!(counts.contains("200="), "{counts}");
 
+    // A clone of the parent's memory is its own bunker at once: nothing in the guest said
+    // who it was, so there is nothing stale to say.
+    let full = client
+        .snapshot_bunker(
+            &parent.id,
+            &CreateSnapshot {
+                kind: Some(SnapshotKind::Full),
+                expires_in_s: Some(600),
+            },
+        )
+        .await
+        .expect("full snapshot");
     client.delete_bunker(&parent.id).await.expect("delete");
+    let clone = client
+        .create_bunker(&CreateBunker {
+            snapshot_id: Some(full.id.clone()),
+            ..Default::default()
+        })
+        .await
+        .expect("restore");
+    assert_eq!(clone.status, "running", "{:?}", clone.failure_reason);
+    let (code, v, err) = guest(&up, &clone.id, "self").await;
+    assert_eq!(code, Some(0), "{v} {err}");
+    assert_eq!(
+        v["data"]["id"],
+        clone.id.as_str(),
+        "the clone speaks as itself"
+    );
+    let (code, v, _) = guest(&up, &clone.id, "children list").await;
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        v["data"],
+        serde_json::json!([]),
+        "the parent's children are not the clone's"
+    );
+    client
+        .delete_bunker(&clone.id)
+        .await
+        .expect("delete the clone");
 }
