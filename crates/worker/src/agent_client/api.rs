@@ -11,7 +11,9 @@
 //! 3. Frames of ids the table does not hold (refused, answered, or from before a reset)
 //!    are dropped. The reader never waits: answers it makes itself are written by a task.
 //!
-//! Memory: at most [`MAX_API_IN_FLIGHT`] bodies of at most [`MAX_API_BODY_BYTES`] per channel.
+//! Memory: at most [`MAX_API_IN_FLIGHT`] bodies of at most [`MAX_API_BODY_BYTES`] per
+//! channel, and at most [`MAX_PENDING_REFUSALS`] refusals waiting to be written: a guest
+//! that floods heads without reading its answers gets no more, rather than a task each.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,12 +28,17 @@ use tokio::sync::mpsc;
 
 use super::{Router, Writer, lock, write_frame};
 
+/// Refusals the reader may have waiting for the writer at once (step 3).
+pub const MAX_PENDING_REFUSALS: usize = 16;
+
 /// The guest's calls being assembled, and where finished ones go.
 pub(super) struct ApiTable {
     open: HashMap<u32, Inbound>,
     calls: mpsc::Sender<ApiCall>,
     /// Calls open or not yet answered, against [`MAX_API_IN_FLIGHT`].
     in_flight: Arc<AtomicUsize>,
+    /// Refusals not yet written, against [`MAX_PENDING_REFUSALS`].
+    refusals: Arc<AtomicUsize>,
 }
 
 struct Inbound {
@@ -48,6 +55,7 @@ impl ApiTable {
             open: HashMap::new(),
             calls,
             in_flight: Arc::new(AtomicUsize::new(0)),
+            refusals: Arc::new(AtomicUsize::new(0)),
         };
         (table, rx)
     }
@@ -64,9 +72,13 @@ struct Slot(Arc<AtomicUsize>);
 
 impl Slot {
     fn take(count: &Arc<AtomicUsize>) -> Option<Self> {
+        Self::take_up_to(count, MAX_API_IN_FLIGHT)
+    }
+
+    fn take_up_to(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
         count
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < MAX_API_IN_FLIGHT).then_some(n + 1)
+                (n < max).then_some(n + 1)
             })
             .ok()
             .map(|_| Self(Arc::clone(count)))
@@ -193,16 +205,27 @@ async fn send(writer: &Writer, id: u32, status: u16, headers: Vec<(String, Strin
 /// Routes one frame of a guest stream (steps 1–3).
 pub(super) fn route(router: &Router, writer: &Arc<Writer>, frame: Frame) {
     let id = frame.stream_id;
+    let mut table = lock(&router.api);
+    let refusals = Arc::clone(&table.refusals);
     let refuse =
         |status: u16, code: &'static str, message: String, extra: Vec<(String, String)>| {
+            let Some(slot) = Slot::take_up_to(&refusals, MAX_PENDING_REFUSALS) else {
+                tracing::debug!(
+                    stream_id = id,
+                    "refusal dropped: the guest is not reading its answers"
+                );
+                return;
+            };
             let responder = ApiResponder {
                 id,
                 writer: Some(Arc::clone(writer)),
                 _slot: None,
             };
-            tokio::spawn(async move { responder.error(status, code, &message, extra).await });
+            tokio::spawn(async move {
+                responder.error(status, code, &message, extra).await;
+                drop(slot);
+            });
         };
-    let mut table = lock(&router.api);
     match frame.kind {
         FrameKind::ApiRequest => {
             if table.open.contains_key(&id) {
