@@ -539,8 +539,41 @@ async fn a_wider_parent_may_have_narrower_children(db: Db) {
     );
 }
 
+async fn a_bunker_past_its_window_is_limited_without_touching_others(db: Db) {
+    let api = Api::start(db).await;
+    let a = api.bunker(json!({"image": "default"})).await;
+    let b = api.bunker(json!({"image": "default"})).await;
+    let per_bunker = scaibunker_controller::service::backchannel::BUNKER_PER_MIN;
+    for n in 0..per_bunker {
+        let (st, v) = api.bc(&api.runs, "GET", &a, "", None).await;
+        assert_eq!(st, StatusCode::OK, "call {n}: {v}");
+    }
+    let resp = api
+        .http
+        .get(api.url(&format!("/internal/bunkers/{a}/self")))
+        .bearer_auth(&api.runs)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After in seconds");
+    assert!((1..=60).contains(&retry), "{retry}");
+    let (st, v) = api.bc(&api.runs, "GET", &b, "", None).await;
+    assert_eq!(
+        st,
+        StatusCode::OK,
+        "another bunker of the tenant still speaks: {v}"
+    );
+}
+
 both!(
     only_the_bunkers_own_worker_speaks_for_it_while_it_runs,
+    a_bunker_past_its_window_is_limited_without_touching_others,
     metadata_and_events_are_the_bunkers_own,
     children_are_narrowed_counted_nested_at_most_twice_and_the_parents_only,
     a_wider_parent_may_have_narrower_children,
