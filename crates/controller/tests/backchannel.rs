@@ -503,9 +503,6 @@ async fn children_are_narrowed_counted_nested_at_most_twice_and_the_parents_only
 }
 
 async fn a_wider_parent_may_have_narrower_children(db: Db) {
-    // `allowlisted` and `registry` are refused at create on this release, so the subset rule
-    // for allowlists is table-tested in the service (`profile_within`); here the two
-    // profiles a create takes today.
     let api = Api::start(db).await;
     let parent = api
         .bunker(json!({"image": "default", "network_profile": "unrestricted"}))
@@ -537,6 +534,56 @@ async fn a_wider_parent_may_have_narrower_children(db: Db) {
         (StatusCode::FORBIDDEN, "NETWORK_PROFILE_DENIED"),
         "transit never: {v}"
     );
+
+    // An allowlisted child of an unrestricted parent; its own children stay within its list.
+    let (st, v) = api
+        .bc(
+            &api.runs,
+            "POST",
+            &parent,
+            "/children",
+            Some(json!({"network_profile": "allowlisted", "network_allowlist": ["api.example.com", "*.cdn.example.com"]})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let allowlisted = v["data"]["id"].as_str().expect("id").to_owned();
+    api.running(&allowlisted).await;
+    for wider in [
+        json!({"network_profile": "allowlisted", "network_allowlist": ["evil.example.com"]}),
+        json!({"network_profile": "allowlisted", "network_allowlist": ["api.example.com", "evil.example.com"]}),
+        json!({"network_profile": "unrestricted"}),
+    ] {
+        let (st, v) = api
+            .bc(
+                &api.runs,
+                "POST",
+                &allowlisted,
+                "/children",
+                Some(wider.clone()),
+            )
+            .await;
+        assert_eq!(
+            (st, code(&v)),
+            (StatusCode::FORBIDDEN, "NETWORK_PROFILE_DENIED"),
+            "{wider}: {v}"
+        );
+    }
+    for narrower in [
+        json!({"network_profile": "allowlisted", "network_allowlist": ["*.cdn.example.com"]}),
+        json!({"network_profile": "registry"}),
+        json!({}),
+    ] {
+        let (st, v) = api
+            .bc(
+                &api.runs,
+                "POST",
+                &allowlisted,
+                "/children",
+                Some(narrower.clone()),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{narrower}: {v}");
+    }
 }
 
 async fn a_bunker_past_its_window_is_limited_without_touching_others(db: Db) {
