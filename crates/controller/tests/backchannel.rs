@@ -618,8 +618,36 @@ async fn a_bunker_past_its_window_is_limited_without_touching_others(db: Db) {
     );
 }
 
+async fn racing_child_creates_never_pass_the_count(db: Db) {
+    let api = std::sync::Arc::new(Api::start(db).await);
+    let parent = api.bunker(json!({"image": "default"})).await;
+    let racers: Vec<_> = (0..8)
+        .map(|_| {
+            let api = std::sync::Arc::clone(&api);
+            let parent = parent.clone();
+            tokio::spawn(async move {
+                api.bc(&api.runs, "POST", &parent, "/children", Some(json!({})))
+                    .await
+            })
+        })
+        .collect();
+    let mut created = 0;
+    for r in racers {
+        let (st, v) = r.await.expect("joins");
+        match st {
+            StatusCode::CREATED => created += 1,
+            StatusCode::FORBIDDEN => assert_eq!(code(&v), "AUTHZ_PERMISSION_DENIED", "{v}"),
+            other => panic!("{other}: {v}"),
+        }
+    }
+    assert_eq!(created, 5, "exactly the limit, however the creates race");
+    let (_, v) = api.bc(&api.runs, "GET", &parent, "/children", None).await;
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(5), "{v}");
+}
+
 both!(
     only_the_bunkers_own_worker_speaks_for_it_while_it_runs,
+    racing_child_creates_never_pass_the_count,
     a_bunker_past_its_window_is_limited_without_touching_others,
     metadata_and_events_are_the_bunkers_own,
     children_are_narrowed_counted_nested_at_most_twice_and_the_parents_only,

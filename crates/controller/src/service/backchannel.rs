@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use scaibunker_api::bunkers as api;
-use scaibunker_core::ids::{AuditId, BunkerId};
+use scaibunker_core::ids::{AuditId, BunkerId, encode_random};
 use scaibunker_core::lifecycle::BunkerStatus;
 
 use super::auth::{self, Principal};
@@ -33,7 +33,7 @@ use super::{RequestContext, Services, random_bytes};
 use crate::live::RateDecision;
 use crate::store::audit::{self, AuditEvent};
 use crate::store::bunkers::BunkerRow;
-use crate::store::children::{self, ChildLink};
+use crate::store::children;
 use crate::store::{StoreError, now_ms};
 
 /// Backchannel calls a minute for all of one tenant's bunkers together.
@@ -44,6 +44,9 @@ pub const BUNKER_PER_MIN: u32 = 600;
 pub const MAX_DEPTH: i64 = 2;
 /// Children of one parent that may not have ended at once.
 pub const MAX_LIVE_CHILDREN: i64 = 5;
+/// How long a reserved child slot holds without its create finishing (a create's
+/// controller died): past it the slot is free again.
+pub const RESERVATION_LIFETIME: Duration = Duration::from_secs(600);
 /// Children one listing returns at most, newest first.
 pub const MAX_LISTED_CHILDREN: u32 = 100;
 /// Most bytes of an event body.
@@ -401,30 +404,42 @@ pub async fn create_child(
             "children may nest {MAX_DEPTH} deep at most"
         )));
     }
-    if s.store.live_children(&row.tenant_id, &row.id).await? >= MAX_LIVE_CHILDREN {
-        return Err(BackchannelError::ChildLimit(format!(
-            "a bunker has at most {MAX_LIVE_CHILDREN} children that have not ended"
-        )));
-    }
     if req.image.is_none() {
         req.image = Some(row.image_id.clone());
     }
     // A caller inside a bunker rarely wants to hold its call open for a boot.
     req.wait = Some(req.wait.unwrap_or(false));
     let owner = owner_principal(s, row).await?;
-    let child = bunkers::create(s, &owner, ctx, req).await?;
-    let mut tx = s.store.begin().await?;
-    children::insert_link(
-        &mut tx,
-        &row.tenant_id,
-        &ChildLink {
-            child_id: child.id.clone(),
-            parent_id: row.id.clone(),
+    let reservation = format!("rsv_{}", encode_random(random_bytes()));
+    let now = now_ms();
+    let reserved = s
+        .store
+        .reserve_child(
+            &row.tenant_id,
+            &row.id,
+            &reservation,
             depth,
-        },
-        now_ms(),
-    )
-    .await?;
+            MAX_LIVE_CHILDREN,
+            now,
+            now - RESERVATION_LIFETIME.as_millis() as i64,
+        )
+        .await?;
+    if !reserved {
+        return Err(BackchannelError::ChildLimit(format!(
+            "a bunker has at most {MAX_LIVE_CHILDREN} children that have not ended"
+        )));
+    }
+    let child = match bunkers::create(s, &owner, ctx, req).await {
+        Ok(child) => child,
+        Err(e) => {
+            if let Err(release) = s.store.release_child(&row.tenant_id, &reservation).await {
+                tracing::warn!(error = %release, "a failed child create kept its slot until the reservation lapses");
+            }
+            return Err(e.into());
+        }
+    };
+    let mut tx = s.store.begin().await?;
+    children::bind_child(&mut tx, &row.tenant_id, &reservation, &child.id).await?;
     audit::insert(
         &mut tx,
         &bunker_audit(
