@@ -4,8 +4,10 @@
 //! 1. [`Backchannel::serve_bunker`] takes the calls of one bunker's agent channel (the
 //!    worker spawned that QEMU, so every call on it is that bunker's).
 //! 2. Each call is counted against the bunker's token bucket ([`RATE_PER_S`] a second,
-//!    burst [`RATE_BURST`]); past it, `429` with `Retry-After`, and the controller is not
-//!    called. The agent channel already bounds calls in flight to `MAX_API_IN_FLIGHT`.
+//!    burst [`RATE_BURST`]), and each child create (`POST /v1/self/children`) also against
+//!    [`SPAWNS_PER_MIN`] a minute; past either, `429` with `Retry-After`, and the controller
+//!    is not called. The agent channel already bounds calls in flight to
+//!    `MAX_API_IN_FLIGHT`.
 //! 3. The path must be `/v1/self` or below it, in plain segments ([`controller_path`]);
 //!    anything else is `404` here. No guest header is forwarded but `content-type`: an
 //!    `Authorization`, `X-Bunker-Id` or any other identity a guest makes up never leaves
@@ -29,6 +31,8 @@ use crate::credentials::Credentials;
 pub const RATE_PER_S: f64 = 20.0;
 /// Calls a bunker may make at once after a quiet spell.
 pub const RATE_BURST: f64 = 40.0;
+/// Child creates a minute a bunker may make (and at once).
+pub const SPAWNS_PER_MIN: f64 = 10.0;
 /// How long one forwarded call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// The controller's routes for bunkers' calls, under its module prefix.
@@ -49,33 +53,53 @@ impl std::fmt::Debug for Backchannel {
     }
 }
 
-/// A token bucket: `RATE_PER_S` tokens a second up to `RATE_BURST`.
+/// A token bucket: `rate` tokens a second up to `burst`.
 #[derive(Debug, Clone)]
 pub struct Bucket {
     tokens: f64,
     at: Instant,
+    rate: f64,
+    burst: f64,
 }
 
 impl Bucket {
-    pub fn new(now: Instant) -> Self {
+    /// The bucket of every call: [`RATE_PER_S`], burst [`RATE_BURST`].
+    pub fn calls(now: Instant) -> Self {
+        Self::new(now, RATE_PER_S, RATE_BURST)
+    }
+
+    /// The bucket of child creates: [`SPAWNS_PER_MIN`] a minute, as many at once.
+    pub fn spawns(now: Instant) -> Self {
+        Self::new(now, SPAWNS_PER_MIN / 60.0, SPAWNS_PER_MIN)
+    }
+
+    fn new(now: Instant, rate: f64, burst: f64) -> Self {
         Self {
-            tokens: RATE_BURST,
+            tokens: burst,
             at: now,
+            rate,
+            burst,
         }
     }
 
     /// Takes a token, or says how long until one is there.
     pub fn take(&mut self, now: Instant) -> Result<(), Duration> {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * RATE_PER_S).min(RATE_BURST);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / RATE_PER_S))
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
         }
     }
+}
+
+/// Whether a guest call creates a child bunker (counted against [`SPAWNS_PER_MIN`]).
+fn is_spawn(method: &str, path: &str) -> bool {
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    method == "POST" && path == "/v1/self/children"
 }
 
 /// The controller path for a guest's path, or `None` for anything not at or below
@@ -136,13 +160,33 @@ impl Backchannel {
         bunker_id: String,
         mut calls: mpsc::Receiver<ApiCall>,
     ) {
-        let mut bucket = Bucket::new(Instant::now());
+        let mut bucket = Bucket::calls(Instant::now());
+        let mut spawns = Bucket::spawns(Instant::now());
         while let Some(call) = calls.recv().await {
-            if let Err(wait) = bucket.take(Instant::now()) {
+            let now = Instant::now();
+            let limited = bucket
+                .take(now)
+                .map_err(|wait| {
+                    (
+                        wait,
+                        format!(
+                            "at most {RATE_PER_S} backchannel calls a second per bunker (burst {RATE_BURST})"
+                        ),
+                    )
+                })
+                .and_then(|()| {
+                    if !is_spawn(&call.request.method, &call.request.path) {
+                        return Ok(());
+                    }
+                    spawns.take(now).map_err(|wait| {
+                        (
+                            wait,
+                            format!("at most {SPAWNS_PER_MIN} child creates a minute per bunker"),
+                        )
+                    })
+                });
+            if let Err((wait, message)) = limited {
                 let retry = wait.as_secs_f64().ceil().max(1.0) as u64;
-                let message = format!(
-                    "at most {RATE_PER_S} backchannel calls a second per bunker (burst {RATE_BURST})"
-                );
                 let extra = vec![("retry-after".to_owned(), retry.to_string())];
                 tokio::spawn(async move {
                     call.responder
@@ -286,7 +330,7 @@ mod tests {
     #[test]
     fn the_bucket_allows_a_burst_then_the_rate() {
         let t0 = Instant::now();
-        let mut b = Bucket::new(t0);
+        let mut b = Bucket::calls(t0);
         for _ in 0..RATE_BURST as usize {
             b.take(t0).unwrap();
         }
@@ -299,5 +343,24 @@ mod tests {
             b.take(later).is_err(),
             "two tokens in 100 ms at 20 a second"
         );
+    }
+
+    #[test]
+    fn child_creates_have_a_bucket_of_their_own() {
+        assert!(is_spawn("POST", "/v1/self/children"));
+        assert!(is_spawn("POST", "/v1/self/children?x=1"));
+        assert!(!is_spawn("GET", "/v1/self/children"));
+        assert!(!is_spawn("DELETE", "/v1/self/children/bnk_a"));
+        let t0 = Instant::now();
+        let mut b = Bucket::spawns(t0);
+        for _ in 0..SPAWNS_PER_MIN as usize {
+            b.take(t0).unwrap();
+        }
+        let wait = b.take(t0).unwrap_err();
+        assert!(
+            wait > Duration::from_secs(5) && wait <= Duration::from_secs(6),
+            "{wait:?}"
+        );
+        b.take(t0 + Duration::from_secs(6)).unwrap();
     }
 }
