@@ -10,16 +10,20 @@
 //! - [`exec`], [`files`]: the request handlers; [`paths`] validates the paths they get;
 //!   [`identity`] and [`disk`] prepare a guest after a boot or a restore (its own identity, its
 //!   root filesystem grown to its disk).
+//! - [`backchannel`]: HTTP on the guest's `api.sock`, carried to the worker as `api`
+//!   streams; [`guest`] is the `scaibunker-guest` command that calls it.
 //!
 //! Std threads only: the agent is small, static and has a handful of streams at a time.
 
 pub mod account;
 pub mod archive;
+pub mod backchannel;
 pub mod channel;
 pub mod creds;
 pub mod disk;
 pub mod exec;
 pub mod files;
+pub mod guest;
 pub mod identity;
 pub mod init;
 pub mod paths;

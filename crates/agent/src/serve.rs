@@ -13,6 +13,10 @@
 //!    process groups, uploads remove their temporary files), and the handlers get a few
 //!    seconds to finish.
 //! 5. Port: sleep 100 ms, reopen the port and go to 2. Unix socket: return.
+//!
+//! Frames of guest streams (protocol rule 10) go to the [`Backchannel`], which outlives the
+//! sessions: its socket ([`crate::backchannel::API_SOCKET`] in a guest) is bound once,
+//! and each session attaches its connection to it and detaches it at reset.
 
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
@@ -27,9 +31,10 @@ use std::time::{Duration, Instant};
 
 use scaibunker_proto::agent::{
     AgentErrorCode, Frame, FrameError, FrameKind, GuestUser, Hello, PORT_NAME, PROTOCOL_VERSION,
-    Reply, Request, WindowSize,
+    Reply, Request, WindowSize, is_guest_stream,
 };
 
+use crate::backchannel::{self, Backchannel};
 use crate::channel::{Conn, StreamInput, StreamTx, lock};
 use crate::exec::{self, ExecRequest};
 use crate::{AGENT_VERSION, archive, creds, disk, error_reply, files, identity, log};
@@ -77,28 +82,37 @@ pub enum ServeError {
     Hello(#[source] io::Error),
 }
 
-/// Serves `endpoint`; returns only for a unix socket (when it closes) or on an error.
-pub fn serve(endpoint: &Endpoint) -> Result<(), ServeError> {
+/// Serves `endpoint`, and the backchannel on `api_socket` when given; returns only for a
+/// unix socket (when it closes) or on an error. A backchannel socket that cannot be bound
+/// is logged: exec and files keep working without it.
+pub fn serve(endpoint: &Endpoint, api_socket: Option<&Path>) -> Result<(), ServeError> {
+    let bc = Backchannel::new();
+    if let Some(socket) = api_socket {
+        match backchannel::serve_socket(socket, Arc::clone(&bc)) {
+            Ok(()) => log!("backchannel on {}", socket.display()),
+            Err(e) => log!("bind the backchannel socket {}: {e}", socket.display()),
+        }
+    }
     match endpoint {
         Endpoint::Unix(path) => {
             let stream = UnixStream::connect(path).map_err(|source| ServeError::Connect {
                 path: path.clone(),
                 source,
             })?;
-            run_session(OwnedFd::from(stream))
+            run_session(OwnedFd::from(stream), &bc)
         }
         Endpoint::AutoPort => {
             let path = wait_for_port(PORT_WAIT)?;
-            serve_port(&path)
+            serve_port(&path, &bc)
         }
-        Endpoint::Port(path) => serve_port(path),
+        Endpoint::Port(path) => serve_port(path, &bc),
     }
 }
 
-fn serve_port(path: &Path) -> Result<(), ServeError> {
+fn serve_port(path: &Path, bc: &Arc<Backchannel>) -> Result<(), ServeError> {
     log!("serving on {}", path.display());
     loop {
-        run_session(open_port(path)?)?;
+        run_session(open_port(path)?, bc)?;
         log!("host side of {} disconnected; reopening", path.display());
         thread::sleep(REOPEN_DELAY);
     }
@@ -184,14 +198,16 @@ impl Active {
 }
 
 /// Serves one connection until it ends, then resets (steps 2–4).
-fn run_session(fd: OwnedFd) -> Result<(), ServeError> {
+fn run_session(fd: OwnedFd, bc: &Arc<Backchannel>) -> Result<(), ServeError> {
     let (conn, mut reader) = Conn::new(fd).map_err(ServeError::Channel)?;
     conn.write_frame(&hello_frame())
         .map_err(ServeError::Hello)?;
+    bc.attach(Arc::clone(&conn));
     let session = Session {
         conn,
         streams: Registry::default(),
         active: Arc::new(Active::default()),
+        bc: Arc::clone(bc),
     };
     loop {
         match Frame::read_from(&mut reader) {
@@ -219,10 +235,15 @@ struct Session {
     conn: Arc<Conn>,
     streams: Registry,
     active: Arc<Active>,
+    bc: Arc<Backchannel>,
 }
 
 impl Session {
     fn dispatch(&self, frame: Frame) {
+        // The guest's id space: only backchannel answers live there (rule 10).
+        if is_guest_stream(frame.stream_id) {
+            return self.bc.deliver(frame);
+        }
         let input = match frame.kind {
             FrameKind::Request => return self.open_stream(frame),
             FrameKind::Data => StreamInput::Data(frame.payload),
@@ -253,7 +274,9 @@ impl Session {
             | FrameKind::Stdout
             | FrameKind::Stderr
             | FrameKind::Reply
-            | FrameKind::Reset => {
+            | FrameKind::Reset
+            | FrameKind::ApiRequest
+            | FrameKind::ApiResponse => {
                 log!("ignoring a {:?} frame from the worker", frame.kind);
                 return;
             }
@@ -304,6 +327,7 @@ impl Session {
     }
 
     fn reset(self) {
+        self.bc.detach();
         self.conn.close();
         lock(&self.streams).clear();
         if !self.active.wait_idle(RESET_WAIT) {

@@ -36,6 +36,22 @@
 //!    worker sends `RESET` on stream 0, which makes the agent do the same, fails its open
 //!    streams, and skips bytes until a valid `HELLO`. Either way the channel comes back
 //!    while the VM runs; only the streams open at that moment are lost.
+//! 10. The backchannel: the guest opens `api` streams of its own (a program in the guest
+//!     calling the platform as its bunker). Their ids have [`GUEST_STREAM_BIT`] set, and
+//!     the worker's never do, so the two id spaces cannot collide; each side ignores an
+//!     opening frame in the other's space. The agent sends `API_REQUEST` (a JSON
+//!     [`ApiRequest`], one frame), then exactly `body_bytes` of body as `DATA` frames, then
+//!     `END`. The worker answers with one `API_RESPONSE` (a JSON [`ApiResponse`]), its
+//!     `body_bytes` as `DATA` frames, then `END`, which closes the stream on both sides.
+//!     Bounds: a body of at most [`MAX_API_BODY_BYTES`] each way, at most
+//!     [`MAX_API_IN_FLIGHT`] api streams open per channel (the worker answers `429` past
+//!     that without reading on), a head that passes [`ApiRequest::check`]; a request that
+//!     breaks them is answered `400`/`413` and its later frames ignored. Neither
+//!     direction takes `CREDIT`: a body is at most 16 frames, which each side buffers
+//!     whole (the worker at most `MAX_API_IN_FLIGHT` of them).
+//!     Fairness: api frames are ordinary frames of at most [`MAX_FRAME_PAYLOAD`] written
+//!     one at a time, so an exec or terminal frame waits behind at most one of them, and
+//!     the in-flight and size caps bound their share of the channel.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -43,7 +59,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to frames or messages.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Largest payload of one frame; bigger bodies are split into several `DATA` frames.
 pub const MAX_FRAME_PAYLOAD: usize = 64 * 1024;
@@ -73,6 +89,29 @@ fn json_len<T: Serialize + ?Sized>(v: &T) -> usize {
 /// Most entries one [`Request::ListDir`] page may ask for.
 pub const MAX_LIST_LIMIT: u32 = 1000;
 
+/// Set in the id of every stream the guest opens (rule 10); never in the worker's.
+pub const GUEST_STREAM_BIT: u32 = 1 << 31;
+
+/// Whether `stream_id` is in the guest's id space (rule 10).
+pub fn is_guest_stream(stream_id: u32) -> bool {
+    stream_id & GUEST_STREAM_BIT != 0
+}
+
+/// Most body bytes of one backchannel request or response (rule 10).
+pub const MAX_API_BODY_BYTES: u64 = 1024 * 1024;
+
+/// Most backchannel streams open at once on one channel (rule 10).
+pub const MAX_API_IN_FLIGHT: usize = 4;
+
+/// Most headers one backchannel request or response carries.
+pub const MAX_API_HEADERS: usize = 16;
+
+/// Longest backchannel request path, query included.
+pub const MAX_API_PATH_BYTES: usize = 2048;
+
+/// Longest header name or value of a backchannel request.
+pub const MAX_API_HEADER_BYTES: usize = 1024;
+
 /// Length of the fixed frame header.
 pub const HEADER_LEN: usize = 9;
 
@@ -96,6 +135,10 @@ pub enum FrameKind {
     /// Worker → agent on stream 0: the worker lost its place in the byte stream; reset the
     /// session and say `HELLO` again (rule 9).
     Reset = 11,
+    /// Agent → worker on a guest stream: a backchannel request head (rule 10).
+    ApiRequest = 12,
+    /// Worker → agent on a guest stream: the response head (rule 10).
+    ApiResponse = 13,
 }
 
 impl FrameKind {
@@ -112,6 +155,8 @@ impl FrameKind {
             9 => Self::Resize,
             10 => Self::Credit,
             11 => Self::Reset,
+            12 => Self::ApiRequest,
+            13 => Self::ApiResponse,
             _ => return None,
         })
     }
@@ -268,6 +313,99 @@ pub struct Hello {
     pub agent_version: String,
     /// Guest kernel release (`uname -r`), for diagnostics.
     pub kernel: String,
+}
+
+/// A backchannel request as the guest's program sent it (rule 10). The worker trusts none
+/// of it: it checks the path and drops identity headers before forwarding.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiRequest {
+    /// Upper-case HTTP method.
+    pub method: String,
+    /// Origin-form path with an optional query, e.g. `/v1/self`.
+    pub path: String,
+    /// `(name, value)`, names lower-case, in the order received.
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    pub body_bytes: u64,
+}
+
+/// Why an [`ApiRequest`] head breaks the bounds of rule 10.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiHeadError {
+    Method,
+    Path,
+    Headers,
+    BodyTooLarge(u64),
+}
+
+impl std::fmt::Display for ApiHeadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Method => write!(f, "the method is not a plain upper-case token"),
+            Self::Path => write!(
+                f,
+                "the path is not an origin-form path of at most {MAX_API_PATH_BYTES} bytes"
+            ),
+            Self::Headers => write!(
+                f,
+                "more than {MAX_API_HEADERS} headers, or one over {MAX_API_HEADER_BYTES} bytes"
+            ),
+            Self::BodyTooLarge(n) => {
+                write!(f, "a body of {n} bytes is over {MAX_API_BODY_BYTES}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ApiHeadError {}
+
+impl ApiRequest {
+    /// Checks the bounds of rule 10: a short upper-case method, a printable origin-form
+    /// path, few short header lines of visible ASCII, a body within the limit.
+    pub fn check(&self) -> Result<(), ApiHeadError> {
+        if self.method.is_empty()
+            || self.method.len() > 16
+            || !self.method.bytes().all(|b| b.is_ascii_uppercase())
+        {
+            return Err(ApiHeadError::Method);
+        }
+        if !self.path.starts_with('/')
+            || self.path.len() > MAX_API_PATH_BYTES
+            || !self.path.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(ApiHeadError::Path);
+        }
+        let header_ok = |(name, value): &(String, String)| {
+            !name.is_empty()
+                && name.len() <= MAX_API_HEADER_BYTES
+                && value.len() <= MAX_API_HEADER_BYTES
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b':' && !b.is_ascii_uppercase())
+                && value
+                    .bytes()
+                    .all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic())
+        };
+        if self.headers.len() > MAX_API_HEADERS || !self.headers.iter().all(header_ok) {
+            return Err(ApiHeadError::Headers);
+        }
+        if self.body_bytes > MAX_API_BODY_BYTES {
+            return Err(ApiHeadError::BodyTooLarge(self.body_bytes));
+        }
+        Ok(())
+    }
+}
+
+/// The platform's answer to a backchannel request (rule 10).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiResponse {
+    pub status: u16,
+    /// `(name, value)`: only what the guest's client needs (`content-type`, `retry-after`).
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    pub body_bytes: u64,
 }
 
 /// What to run.
@@ -570,6 +708,179 @@ mod tests {
                 path: "/a".into(),
                 user: GuestUser::User
             }
+        );
+    }
+
+    fn api_head() -> ApiRequest {
+        ApiRequest {
+            method: "GET".into(),
+            path: "/v1/self".into(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn guest_and_worker_stream_ids_never_collide() {
+        assert!(!is_guest_stream(1));
+        assert!(
+            !is_guest_stream(GUEST_STREAM_BIT - 1),
+            "the worker's highest id"
+        );
+        assert!(is_guest_stream(GUEST_STREAM_BIT));
+        assert!(is_guest_stream(u32::MAX));
+        // The id survives the header: the bit is not lost or reinterpreted on the wire.
+        let h = Frame::header(GUEST_STREAM_BIT | 5, FrameKind::ApiRequest, 3);
+        let (id, kind, len) = Frame::parse_header(&h).expect("parses");
+        assert_eq!(
+            (id, kind, len),
+            (GUEST_STREAM_BIT | 5, FrameKind::ApiRequest, 3)
+        );
+    }
+
+    #[test]
+    fn api_frames_round_trip_and_keep_their_kinds() {
+        for kind in [FrameKind::ApiRequest, FrameKind::ApiResponse] {
+            assert_eq!(FrameKind::from_u8(kind as u8), Some(kind));
+        }
+        let f = Frame::try_json(GUEST_STREAM_BIT | 1, FrameKind::ApiRequest, &api_head())
+            .expect("a head fits one frame");
+        let back = Frame::read_from(&mut f.encode().as_slice())
+            .expect("valid")
+            .expect("one frame");
+        assert_eq!(back.decode_json::<ApiRequest>().expect("json"), api_head());
+    }
+
+    #[test]
+    fn the_largest_legal_api_head_fits_one_frame() {
+        let head = ApiRequest {
+            method: "DELETE".into(),
+            path: format!("/{}", "\\".repeat(MAX_API_PATH_BYTES - 1)),
+            headers: (0..MAX_API_HEADERS)
+                .map(|i| (format!("x-{i:0>1022}"), "\"".repeat(MAX_API_HEADER_BYTES)))
+                .collect(),
+            body_bytes: MAX_API_BODY_BYTES,
+        };
+        head.check().expect("within every bound");
+        Frame::try_json(u32::MAX, FrameKind::ApiRequest, &head)
+            .expect("the bounds keep a head within one frame");
+    }
+
+    #[test]
+    fn rejects_api_heads_past_their_bounds() {
+        let cases: Vec<(ApiRequest, ApiHeadError)> = vec![
+            (
+                ApiRequest {
+                    method: "get".into(),
+                    ..api_head()
+                },
+                ApiHeadError::Method,
+            ),
+            (
+                ApiRequest {
+                    method: "GET /x".into(),
+                    ..api_head()
+                },
+                ApiHeadError::Method,
+            ),
+            (
+                ApiRequest {
+                    method: String::new(),
+                    ..api_head()
+                },
+                ApiHeadError::Method,
+            ),
+            (
+                ApiRequest {
+                    path: "v1/self".into(),
+                    ..api_head()
+                },
+                ApiHeadError::Path,
+            ),
+            (
+                ApiRequest {
+                    path: "http://evil/v1/self".into(),
+                    ..api_head()
+                },
+                ApiHeadError::Path,
+            ),
+            (
+                ApiRequest {
+                    path: "/v1/self x".into(),
+                    ..api_head()
+                },
+                ApiHeadError::Path,
+            ),
+            (
+                ApiRequest {
+                    path: "/v1/self\r\nx".into(),
+                    ..api_head()
+                },
+                ApiHeadError::Path,
+            ),
+            (
+                ApiRequest {
+                    path: format!("/{}", "a".repeat(MAX_API_PATH_BYTES)),
+                    ..api_head()
+                },
+                ApiHeadError::Path,
+            ),
+            (
+                ApiRequest {
+                    headers: vec![("X-Upper".into(), "v".into())],
+                    ..api_head()
+                },
+                ApiHeadError::Headers,
+            ),
+            (
+                ApiRequest {
+                    headers: vec![("a".into(), "v\r\nx-bunker-id: b".into())],
+                    ..api_head()
+                },
+                ApiHeadError::Headers,
+            ),
+            (
+                ApiRequest {
+                    headers: vec![("a:b".into(), "v".into())],
+                    ..api_head()
+                },
+                ApiHeadError::Headers,
+            ),
+            (
+                ApiRequest {
+                    headers: vec![("a".into(), "v".into()); MAX_API_HEADERS + 1],
+                    ..api_head()
+                },
+                ApiHeadError::Headers,
+            ),
+            (
+                ApiRequest {
+                    body_bytes: MAX_API_BODY_BYTES + 1,
+                    ..api_head()
+                },
+                ApiHeadError::BodyTooLarge(MAX_API_BODY_BYTES + 1),
+            ),
+        ];
+        for (head, want) in cases {
+            assert_eq!(head.check(), Err(want), "{head:?}");
+        }
+    }
+
+    #[test]
+    fn garbage_api_heads_do_not_decode() {
+        for payload in [&b""[..], b"{", b"[]", b"{\"method\":\"GET\"}", b"\xff\xfe"] {
+            let f = Frame::new(
+                GUEST_STREAM_BIT | 1,
+                FrameKind::ApiRequest,
+                payload.to_vec(),
+            );
+            assert!(f.decode_json::<ApiRequest>().is_err(), "{payload:?}");
+        }
+        let extra = br#"{"method":"GET","path":"/v1/self","body_bytes":0,"bunker_id":"bnk_x"}"#;
+        let f = Frame::new(GUEST_STREAM_BIT | 1, FrameKind::ApiRequest, extra.to_vec());
+        assert!(
+            f.decode_json::<ApiRequest>().is_err(),
+            "unknown fields are refused"
         );
     }
 

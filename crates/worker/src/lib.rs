@@ -20,6 +20,7 @@
 
 pub mod agent_client;
 pub mod api;
+pub mod backchannel;
 pub mod bunker;
 pub mod capacity;
 pub mod config;
@@ -334,6 +335,16 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, StartError> {
         match snapshots::ObjectClient::new(url, Arc::clone(&credentials)) {
             Ok(objects) => bunkers = bunkers.with_objects(objects),
             Err(e) => tracing::warn!(error = %e, "no storage proxy client: snapshots are off"),
+        }
+    }
+    // The bunkers' own calls to the platform go to the controller, with this worker's
+    // credential (the channel is the bunker's identity, `backchannel.rs`).
+    if let Some(url) = config.controller_url.as_ref() {
+        match backchannel::Backchannel::new(url, Arc::clone(&credentials)) {
+            Ok(bc) => bunkers = bunkers.with_backchannel(Arc::new(bc)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no backchannel client: bunkers cannot call the platform")
+            }
         }
     }
     let bunkers = Arc::new(bunkers);

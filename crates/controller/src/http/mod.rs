@@ -6,6 +6,7 @@
 //! router and the OpenAPI document (`GET /openapi.json`) are built from one list. Only `/health`,
 //! `/metrics` and `/openapi.json` itself are plain axum routes.
 
+mod backchannel;
 mod bunkers;
 mod error;
 mod exec_stream;
@@ -153,6 +154,11 @@ fn api_routes() -> OpenApiRouter<Services> {
         .routes(routes!(fleet::resume))
         .routes(routes!(fleet::heartbeat))
         .routes(routes!(fleet::stopping))
+        .routes(routes!(backchannel::self_record))
+        .routes(routes!(backchannel::set_metadata))
+        .routes(routes!(backchannel::event))
+        .routes(routes!(backchannel::create_child, backchannel::children))
+        .routes(routes!(backchannel::delete_child))
         .routes(routes!(fleet::create_bridge, fleet::bridges))
         .routes(routes!(fleet::delete_bridge))
         .routes(routes!(images::create, images::list))

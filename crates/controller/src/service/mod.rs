@@ -4,6 +4,7 @@
 pub mod accounting;
 pub mod activity;
 pub mod auth;
+pub mod backchannel;
 pub mod builtin_images;
 pub mod bunkers;
 pub mod egress;

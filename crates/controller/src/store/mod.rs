@@ -11,6 +11,7 @@ pub mod availability;
 pub mod builtin_images;
 pub mod bunkers;
 pub mod capabilities;
+pub mod children;
 pub mod egress;
 pub mod exec_log;
 pub mod identity;

@@ -27,6 +27,11 @@
 //! buffer holds a whole window, so a frame that does not fit means the agent ignored the
 //! window: that stream is cancelled ([`AgentError::WindowExceeded`]).
 //!
+//! Streams the guest opens (the backchannel, protocol rule 10) live in their own id space
+//! and table ([`api`]): the reader assembles each request and hands it, whole, to the
+//! receiver [`AgentClient::take_api_calls`] gives out; past the in-flight cap it answers
+//! `429` itself.
+//!
 //! Exec is one code path: [`AgentClient::exec_stream`] yields output frame by frame
 //! ([`ExecStream`]); [`AgentClient::exec`] collects that stream up to the output limit;
 //! [`AgentClient::shell`] is an exec on a pseudo-terminal whose input ([`ShellInput`]) the
@@ -41,8 +46,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::Stream;
 use scaibunker_proto::agent::{
-    AgentErrorCode, Frame, FrameError, FrameKind, GuestUser, Hello, PROTOCOL_VERSION, Program,
-    Reply, Request, STREAM_WINDOW_FRAMES, WindowSize,
+    AgentErrorCode, Frame, FrameError, FrameKind, GUEST_STREAM_BIT, GuestUser, Hello,
+    PROTOCOL_VERSION, Program, Reply, Request, STREAM_WINDOW_FRAMES, WindowSize, is_guest_stream,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
@@ -50,6 +55,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+mod api;
 mod exec;
 mod files;
 mod reader;
@@ -57,6 +63,7 @@ mod stream;
 #[cfg(test)]
 mod tests;
 
+pub use self::api::{ApiCall, ApiResponder, error_body};
 pub use self::exec::{ExecEvent, ExecExit, ExecStream, ShellInput};
 pub use self::files::DirPage;
 use self::reader::FrameReader;
@@ -186,6 +193,8 @@ struct Shared {
     router: Arc<Router>,
     next_id: AtomicU32,
     reader: JoinHandle<()>,
+    /// The guest's calls, until someone takes them to serve.
+    api_calls: Mutex<Option<mpsc::Receiver<ApiCall>>>,
 }
 
 impl Drop for Shared {
@@ -199,6 +208,8 @@ type Writer = tokio::sync::Mutex<OwnedWriteHalf>;
 /// The routing table the reader task fills and operations drain.
 struct Router {
     table: Mutex<RouteTable>,
+    /// Guest-opened streams (rule 10), apart from the worker's.
+    api: Mutex<api::ApiTable>,
     hello: Mutex<Hello>,
     /// `false` while the reader skips to the agent's next `HELLO` (rule 6).
     in_sync: tokio::sync::watch::Sender<bool>,
@@ -226,11 +237,14 @@ impl Router {
         }
         // Dropping the senders wakes every consumer, which then reads `closed`.
         table.open.clear();
+        drop(table);
+        lock(&self.api).reset();
     }
 
     /// Fails every open stream (the agent reset them, or is about to).
     fn reset_streams(&self) {
         lock(&self.table).open.clear();
+        lock(&self.api).reset();
     }
 
     /// Waits until the channel is in step, for at most [`RESYNC_WAIT`].
@@ -277,8 +291,10 @@ impl AgentClient {
             tracing::warn!(stream_id = frame.stream_id, kind = ?frame.kind, "frame before hello ignored");
         };
         let writer = Arc::new(tokio::sync::Mutex::new(write));
+        let (api_table, api_calls) = api::ApiTable::new();
         let router = Arc::new(Router {
             table: Mutex::new(RouteTable::default()),
+            api: Mutex::new(api_table),
             hello: Mutex::new(hello),
             in_sync: tokio::sync::watch::Sender::new(true),
         });
@@ -289,6 +305,7 @@ impl AgentClient {
                 router,
                 next_id: AtomicU32::new(1),
                 reader,
+                api_calls: Mutex::new(Some(api_calls)),
             }),
         })
     }
@@ -308,6 +325,12 @@ impl AgentClient {
         if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), shutdown).await {
             tracing::debug!(error = %e, "shut down the agent channel");
         }
+    }
+
+    /// The guest's backchannel calls on this channel; `Some` only for the first caller.
+    /// Calls nobody takes are answered `503`.
+    pub fn take_api_calls(&self) -> Option<mpsc::Receiver<ApiCall>> {
+        lock(&self.shared.api_calls).take()
     }
 
     /// Why the channel closed, once it has.
@@ -366,7 +389,8 @@ impl AgentClient {
                 return Err(AgentError::Unavailable(reason.clone()));
             }
             let id = loop {
-                let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+                // The worker's ids never carry the guest's bit (rule 10).
+                let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed) & !GUEST_STREAM_BIT;
                 if id != 0 && !table.open.contains_key(&id) {
                     break id;
                 }
@@ -435,6 +459,10 @@ async fn read_loop(mut read: FrameReader<OwnedReadHalf>, router: Arc<Router>, wr
                 }
             }
             tracing::warn!(kind = ?frame.kind, "ignoring a frame on stream 0");
+            continue;
+        }
+        if is_guest_stream(frame.stream_id) {
+            api::route(&router, &writer, frame);
             continue;
         }
         route(&router, &writer, frame);

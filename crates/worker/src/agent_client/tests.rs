@@ -653,3 +653,226 @@ async fn a_listing_past_its_limit_is_a_protocol_violation() {
         Err(AgentError::Protocol { .. })
     ));
 }
+
+mod backchannel {
+    use scaibunker_proto::agent::{
+        ApiRequest, ApiResponse, GUEST_STREAM_BIT, MAX_API_BODY_BYTES, MAX_API_IN_FLIGHT,
+    };
+
+    use super::*;
+
+    fn head(path: &str, body_bytes: u64) -> ApiRequest {
+        ApiRequest {
+            method: "POST".into(),
+            path: path.into(),
+            headers: vec![("x-bunker-id".into(), "bnk_forged".into())],
+            body_bytes,
+        }
+    }
+
+    /// The guest's side of one call: head, body in frames of `chunk`, end.
+    async fn call(agent: &mut FakeAgent, id: u32, head: &ApiRequest, body: &[u8], chunk: usize) {
+        agent
+            .send(Frame::json(id, FrameKind::ApiRequest, head))
+            .await;
+        for part in body.chunks(chunk.max(1)) {
+            agent
+                .send(Frame::new(id, FrameKind::Data, part.to_vec()))
+                .await;
+        }
+        agent.send(Frame::new(id, FrameKind::End, Vec::new())).await;
+    }
+
+    /// The worker's whole answer on `id`: its head and body.
+    async fn answer(agent: &mut FakeAgent, id: u32) -> (ApiResponse, Vec<u8>) {
+        let mut head = None;
+        let mut body = Vec::new();
+        loop {
+            let f = tokio::time::timeout(Duration::from_secs(10), agent.recv())
+                .await
+                .expect("an answer in time");
+            assert_eq!(f.stream_id, id, "only the call's stream answers");
+            match f.kind {
+                FrameKind::ApiResponse => {
+                    head = Some(f.decode_json::<ApiResponse>().expect("head"))
+                }
+                FrameKind::Data => body.extend_from_slice(&f.payload),
+                FrameKind::End => return (head.expect("a head before the end"), body),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_guest_call_is_assembled_handed_over_and_answered() {
+        let (client, mut agent, _h) = connected().await;
+        let mut calls = client.take_api_calls().expect("first taker");
+        assert!(client.take_api_calls().is_none(), "only one taker");
+        let id = GUEST_STREAM_BIT | 1;
+        let body = vec![7u8; MAX_FRAME_PAYLOAD * 2 + 5];
+        call(
+            &mut agent,
+            id,
+            &head("/v1/self/events", body.len() as u64),
+            &body,
+            MAX_FRAME_PAYLOAD,
+        )
+        .await;
+        let got = calls.recv().await.expect("a call");
+        assert_eq!(got.request.path, "/v1/self/events");
+        assert_eq!(got.body.as_ref(), body.as_slice());
+        let reply = vec![b'x'; MAX_FRAME_PAYLOAD + 10];
+        got.responder
+            .respond(
+                201,
+                vec![("content-type".into(), "text/plain".into())],
+                &reply,
+            )
+            .await;
+        let (h, b) = answer(&mut agent, id).await;
+        assert_eq!(h.status, 201);
+        assert_eq!(h.body_bytes, reply.len() as u64);
+        assert_eq!(b, reply);
+    }
+
+    #[tokio::test]
+    async fn calls_past_the_in_flight_cap_are_refused_at_once() {
+        let (client, mut agent, _h) = connected().await;
+        let mut calls = client.take_api_calls().expect("taker");
+        let mut held = Vec::new();
+        for n in 1..=MAX_API_IN_FLIGHT as u32 {
+            call(
+                &mut agent,
+                GUEST_STREAM_BIT | n,
+                &head("/v1/self", 0),
+                b"",
+                1,
+            )
+            .await;
+            held.push(calls.recv().await.expect("a call"));
+        }
+        let extra = GUEST_STREAM_BIT | 99;
+        call(&mut agent, extra, &head("/v1/self", 0), b"", 1).await;
+        let (h, _) = answer(&mut agent, extra).await;
+        assert_eq!(h.status, 429);
+        assert!(
+            h.headers
+                .iter()
+                .any(|(n, v)| n == "retry-after" && v == "1")
+        );
+        // Answering one frees its slot.
+        held.pop()
+            .expect("one")
+            .responder
+            .respond(200, vec![], b"")
+            .await;
+        let (h, _) = answer(&mut agent, GUEST_STREAM_BIT | MAX_API_IN_FLIGHT as u32).await;
+        assert_eq!(h.status, 200);
+        let again = GUEST_STREAM_BIT | 100;
+        call(&mut agent, again, &head("/v1/self", 0), b"", 1).await;
+        assert!(calls.recv().await.is_some(), "a slot came back");
+    }
+
+    #[tokio::test]
+    async fn bodies_past_their_bounds_and_garbage_heads_are_refused() {
+        let (client, mut agent, _h) = connected().await;
+        let _calls = client.take_api_calls().expect("taker");
+        // More body than declared.
+        let id = GUEST_STREAM_BIT | 1;
+        call(&mut agent, id, &head("/v1/self", 2), b"abc", 3).await;
+        assert_eq!(answer(&mut agent, id).await.0.status, 400);
+        // Less body than declared.
+        let id = GUEST_STREAM_BIT | 2;
+        call(&mut agent, id, &head("/v1/self", 5), b"ab", 3).await;
+        assert_eq!(answer(&mut agent, id).await.0.status, 400);
+        // A declared body over the limit.
+        let id = GUEST_STREAM_BIT | 3;
+        agent
+            .send(Frame::json(
+                id,
+                FrameKind::ApiRequest,
+                &head("/v1/self", MAX_API_BODY_BYTES + 1),
+            ))
+            .await;
+        assert_eq!(answer(&mut agent, id).await.0.status, 413);
+        // A head that is not one.
+        let id = GUEST_STREAM_BIT | 4;
+        agent
+            .send(Frame::new(
+                id,
+                FrameKind::ApiRequest,
+                b"{\"nope\":1}".to_vec(),
+            ))
+            .await;
+        assert_eq!(answer(&mut agent, id).await.0.status, 400);
+        // The channel still works for the worker's own streams.
+        let exec = tokio::spawn({
+            let client = client.clone();
+            async move { client.exec(exec_spec("true", None, 10)).await }
+        });
+        let req = agent.recv().await;
+        assert_eq!(req.kind, FrameKind::Request);
+        agent
+            .reply(
+                req.stream_id,
+                &Reply::Exited {
+                    exit_code: Some(0),
+                    signal: None,
+                    timed_out: false,
+                    duration_ms: 1,
+                },
+            )
+            .await;
+        assert_eq!(exec.await.expect("joins").expect("exec").exit_code, Some(0));
+    }
+
+    #[tokio::test]
+    async fn the_id_spaces_stay_apart() {
+        let (client, mut agent, _h) = connected().await;
+        let mut calls = client.take_api_calls().expect("taker");
+        // An API_REQUEST in the worker's space is not a call: nothing is handed over.
+        call(&mut agent, 5, &head("/v1/self", 0), b"", 1).await;
+        // The worker's own streams never take an id with the guest's bit, even past 2^31.
+        client
+            .shared
+            .next_id
+            .store(GUEST_STREAM_BIT - 1, Ordering::Relaxed);
+        for _ in 0..3 {
+            let c = client.clone();
+            let task = tokio::spawn(async move { c.grow_root_fs(1).await });
+            let req = agent.recv().await;
+            assert_eq!(req.kind, FrameKind::Request);
+            assert!(
+                !scaibunker_proto::agent::is_guest_stream(req.stream_id),
+                "{:#x}",
+                req.stream_id
+            );
+            agent.reply(req.stream_id, &Reply::Done).await;
+            task.await.expect("joins").expect("done");
+        }
+        // A real call after all that still goes through alone.
+        call(
+            &mut agent,
+            GUEST_STREAM_BIT | 5,
+            &head("/v1/self", 0),
+            b"",
+            1,
+        )
+        .await;
+        let got = calls.recv().await.expect("the guest's call");
+        assert_eq!(got.request.path, "/v1/self");
+        assert!(
+            calls.try_recv().is_err(),
+            "the worker-space one was never a call"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_call_nobody_serves_is_unavailable() {
+        let (client, mut agent, _h) = connected().await;
+        drop(client.take_api_calls());
+        let id = GUEST_STREAM_BIT | 1;
+        call(&mut agent, id, &head("/v1/self", 0), b"", 1).await;
+        assert_eq!(answer(&mut agent, id).await.0.status, 503);
+    }
+}

@@ -83,6 +83,8 @@ pub struct Bunkers {
     staging_dir: PathBuf,
     /// Set once the worker is stopping: creates are refused from then on.
     stopping: std::sync::atomic::AtomicBool,
+    /// Forwards the bunkers' backchannel calls; `None` without a controller.
+    backchannel: Option<Arc<crate::backchannel::Backchannel>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -127,7 +129,14 @@ impl Bunkers {
             staging_dir: bunkers_dir_sibling(&bunkers_dir, "snapshots"),
             bunkers_dir,
             stopping: std::sync::atomic::AtomicBool::new(false),
+            backchannel: None,
         }
+    }
+
+    /// Serves the bunkers' backchannel calls through `backchannel`.
+    pub fn with_backchannel(mut self, backchannel: Arc<crate::backchannel::Backchannel>) -> Self {
+        self.backchannel = Some(backchannel);
+        self
     }
 
     /// From now on creates are refused (`WORKER_STOPPING`): the worker is stopping. Bunkers
@@ -281,18 +290,21 @@ impl Bunkers {
         };
         let template = shape.as_ref().and_then(|s| self.templates.lookup(s));
 
-        let bunker = Arc::new(Bunker::new(
-            req.bunker_id.clone(),
-            self.bunkers_dir.join(&req.bunker_id),
-            image.sha256.clone(),
-            Resources {
-                cpu_millicores: req.cpu_millicores,
-                memory_mb: req.memory_mb,
-                disk_mb: req.disk_mb,
-            },
-            req.hostname,
-            req.env_vars,
-        ));
+        let bunker = Arc::new(
+            Bunker::new(
+                req.bunker_id.clone(),
+                self.bunkers_dir.join(&req.bunker_id),
+                image.sha256.clone(),
+                Resources {
+                    cpu_millicores: req.cpu_millicores,
+                    memory_mb: req.memory_mb,
+                    disk_mb: req.disk_mb,
+                },
+                req.hostname,
+                req.env_vars,
+            )
+            .with_backchannel(self.backchannel.clone()),
+        );
         {
             let mut table = lock(&self.table);
             if table.contains_key(&req.bunker_id) {

@@ -107,6 +107,8 @@ pub struct Bunker {
     layers: Mutex<u32>,
     /// The bunker's network while its VM may run; released when the VM is gone for good.
     network: Mutex<Option<BunkerNetwork>>,
+    /// Serves the guest's calls on each agent channel the bunker gets.
+    backchannel: Option<Arc<crate::backchannel::Backchannel>>,
 }
 
 /// The command line a bunker's VM runs with, and the image under its disk.
@@ -180,6 +182,7 @@ impl Bunker {
             booted: Mutex::new(None),
             layers: Mutex::new(0),
             network: Mutex::new(None),
+            backchannel: None,
         }
     }
 
@@ -436,7 +439,22 @@ impl Bunker {
             "agent ready"
         );
         lock(&self.state).guest_kernel = Some(hello.kernel);
+        // The channel is this bunker's (its own QEMU's), so its calls are this bunker's.
+        if let Some(bc) = &self.backchannel
+            && let Some(calls) = agent.take_api_calls()
+        {
+            tokio::spawn(Arc::clone(bc).serve_bunker(self.id.clone(), calls));
+        }
         *lock(&self.agent) = Some(agent);
+    }
+
+    /// Serves the backchannel of this bunker's agent channels through `backchannel`.
+    pub fn with_backchannel(
+        mut self,
+        backchannel: Option<Arc<crate::backchannel::Backchannel>>,
+    ) -> Self {
+        self.backchannel = backchannel;
+        self
     }
 
     async fn restore_locked(
