@@ -10,7 +10,7 @@ use std::os::fd::RawFd;
 
 use futures_util::TryStreamExt as _;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -68,6 +68,32 @@ impl Links {
         self.index(name)
             .await?
             .ok_or_else(|| LinkError::Missing(name.to_owned()))
+    }
+
+    /// The bridge `name`, up, unless a link of that name exists already (an operator's own
+    /// bridge is used as it is).
+    pub async fn ensure_bridge(&self, name: &str) -> Result<(), LinkError> {
+        if self.index(name).await?.is_some() {
+            return Ok(());
+        }
+        self.handle
+            .link()
+            .add(LinkBridge::new(name).build())
+            .execute()
+            .await
+            .map_err(Self::fail("add the bridge", name))
+    }
+
+    /// Makes `name` a port of the bridge `bridge`.
+    pub async fn set_master(&self, name: &str, bridge: &str) -> Result<(), LinkError> {
+        let index = self.require(name).await?;
+        let master = self.require(bridge).await?;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).controller(master).build())
+            .execute()
+            .await
+            .map_err(Self::fail("put on the bridge", name))
     }
 
     /// A veth pair `name` ↔ `peer`, both down.

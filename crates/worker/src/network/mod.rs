@@ -37,6 +37,7 @@ pub mod resolver;
 pub mod rules;
 mod shaping;
 pub mod tap;
+pub mod transit;
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -146,6 +147,8 @@ pub enum NetworkError {
     Audit(#[from] AuditError),
     #[error("a setup task failed")]
     Task,
+    #[error("transit")]
+    Transit(#[source] transit::TransitError),
 }
 
 /// The guest NIC's host side, as the VMM gets it.
@@ -234,6 +237,7 @@ impl Networks {
                 host.delete(&name).await?;
             }
         }
+        transit::sweep(&host).await.map_err(NetworkError::Transit)?;
         rules::apply(&rules::host_ruleset(&config.pool), None).await?;
         let forwarding = std::fs::read_to_string(IP_FORWARD).unwrap_or_default();
         std::fs::write(IP_FORWARD, "1")
@@ -277,6 +281,19 @@ impl Networks {
         {
             tracing::warn!(error = %e, "turn IPv4 forwarding back off");
         }
+    }
+
+    /// A transit NIC on the host bridge `bridge` (made if missing) with `mac`, behind the
+    /// spoof guard unless `spoof_guard` is false ([`transit`]).
+    pub async fn attach_transit(
+        &self,
+        bridge: &str,
+        mac: [u8; 6],
+        spoof_guard: bool,
+    ) -> Result<transit::TransitPort, NetworkError> {
+        transit::TransitPort::attach(&self.host, bridge, mac, spoof_guard)
+            .await
+            .map_err(NetworkError::Transit)
     }
 
     /// The counters for `/metrics`.

@@ -494,17 +494,39 @@ pub struct FakeGuest {
 
 impl FakeGuest {
     pub fn plug(dir: &Path, name: &str, bunker_tap: &OwnedFd) -> Self {
+        Self::plug_as(
+            dir,
+            name,
+            bunker_tap,
+            addr::GUEST_MAC_TEXT,
+            "169.254.0.2/30",
+            Some("169.254.0.1"),
+        )
+    }
+
+    /// A fake guest whose `eth0` has `mac` and `cidr` (and a default route via `gateway`).
+    pub fn plug_as(
+        dir: &Path,
+        name: &str,
+        bunker_tap: &OwnedFd,
+        mac: &str,
+        cidr: &str,
+        gateway: Option<&str>,
+    ) -> Self {
         let path = dir.join(name);
         let handle = netns::create(&path).unwrap();
-        let eth0 = netns::run_in(&handle, &path, || {
+        let mut cmds = vec![
+            "link set lo up".to_owned(),
+            format!("link set eth0 address {mac}"),
+            format!("addr add {cidr} dev eth0"),
+            "link set eth0 up".to_owned(),
+        ];
+        if let Some(gw) = gateway {
+            cmds.push(format!("route add default via {gw}"));
+        }
+        let eth0 = netns::run_in(&handle, &path, move || {
             let fd = tap::open("eth0").unwrap();
-            for cmd in [
-                "link set lo up".to_owned(),
-                format!("link set eth0 address {}", addr::GUEST_MAC_TEXT),
-                "addr add 169.254.0.2/30 dev eth0".to_owned(),
-                "link set eth0 up".to_owned(),
-                "route add default via 169.254.0.1".to_owned(),
-            ] {
+            for cmd in &cmds {
                 let mut args = vec!["ip"];
                 args.extend(cmd.split(' '));
                 sh(&args);
