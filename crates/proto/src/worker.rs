@@ -229,6 +229,22 @@ pub struct NetworkSpec {
     /// `allowlisted`: the host names the guest may resolve and reach (`network_allowlist`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowlist: Vec<String>,
+    /// `transit`: the NICs after `eth0`, in order, each on a host bridge.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<TransitInterface>,
+}
+
+/// One `transit` NIC (the API's `interfaces` entry, its bridge resolved to the worker's).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TransitInterface {
+    /// The host bridge the NIC's tap joins (made if missing).
+    pub bridge: String,
+    /// `aa:bb:cc:dd:ee:ff`, unicast; `None`: a generated locally administered one.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// `false` (needs `scaibunker:l2_transparency`): no spoof guard.
+    pub spoof_guard: bool,
 }
 
 /// The network profiles, as the controller names them.

@@ -158,6 +158,7 @@ async fn run() -> Result<()> {
                         memory_mb: MEMORY_MB,
                         hostname: "bench".into(),
                         nic: scaibunker_worker::network::Nic::Unplugged,
+                        extra_nics: Vec::new(),
                     },
                     None,
                 ))

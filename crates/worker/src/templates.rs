@@ -204,6 +204,7 @@ impl Template {
             memory_mb: self.meta.shape.memory_mb,
             hostname: self.meta.hostname.clone(),
             nic: crate::network::Nic::Unplugged,
+            extra_nics: Vec::new(),
         }
     }
 
@@ -559,6 +560,7 @@ async fn build_in(
         memory_mb: shape.memory_mb,
         hostname: TEMPLATE_HOSTNAME.to_owned(),
         nic: crate::network::Nic::Unplugged,
+        extra_nics: Vec::new(),
     };
     let started = Instant::now();
     let vm = vmm

@@ -44,6 +44,7 @@ fn unrestricted(bandwidth_mbit: Option<u64>) -> NetworkSpec {
         profile: NetworkProfile::Unrestricted,
         bandwidth_mbit,
         allowlist: Vec::new(),
+        interfaces: Vec::new(),
     }
 }
 
@@ -52,6 +53,7 @@ fn allowlisted(names: &[&str]) -> NetworkSpec {
         profile: NetworkProfile::Allowlisted,
         bandwidth_mbit: None,
         allowlist: names.iter().map(|n| (*n).to_owned()).collect(),
+        interfaces: Vec::new(),
     }
 }
 
@@ -359,19 +361,36 @@ fn isolated_has_no_host_side_at_all() {
             assert!(!net.has_dns());
             assert!(net.netns_path().is_none());
             assert!(bunker_links().is_empty());
-            // Not (yet) set up by this worker, or asked for with nothing to allow.
-            for (refused, allowlist) in [
-                (NetworkProfile::Transit, vec![]),
-                (NetworkProfile::Allowlisted, vec![]),
+            // Asked for with nothing to allow or attach, or a bad NIC.
+            let nic = |mac: &str| scaibunker_proto::worker::TransitInterface {
+                bridge: "br-x".into(),
+                mac: Some(mac.into()),
+                spoof_guard: true,
+            };
+            for (refused, allowlist, interfaces) in [
+                (NetworkProfile::Transit, vec![], vec![]),
+                (
+                    NetworkProfile::Transit,
+                    vec![],
+                    vec![nic("01:00:5e:00:00:01")],
+                ),
+                (
+                    NetworkProfile::Unrestricted,
+                    vec![],
+                    vec![nic("02:5b:00:00:07:01")],
+                ),
+                (NetworkProfile::Allowlisted, vec![], vec![]),
                 (
                     NetworkProfile::Allowlisted,
                     vec!["http://a.test/".to_owned()],
+                    vec![],
                 ),
             ] {
                 let spec = NetworkSpec {
                     profile: refused,
                     bandwidth_mbit: None,
                     allowlist,
+                    interfaces,
                 };
                 assert!(
                     networks.setup("bnk_x", "tnt_a", &spec).await.is_err(),
@@ -629,6 +648,7 @@ fn registry_reaches_its_hosts_on_80_and_443_only() {
                 profile: NetworkProfile::Registry,
                 bandwidth_mbit: None,
                 allowlist: Vec::new(),
+                interfaces: Vec::new(),
             };
             let mut r = networks.setup("bnk_reg", "tnt_a", &spec).await.unwrap();
             let guest = FakeGuest::plug(dir.path(), "guest-reg", &tap_of(&r.nic()));

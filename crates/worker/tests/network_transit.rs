@@ -8,17 +8,15 @@
 #[path = "network/sandbox.rs"]
 mod network_sandbox;
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use network_sandbox::*;
 use scaibunker_worker::network::transit::{self, TransitPort};
-use scaibunker_worker::network::{Cidr, NetworkConfig, Networks, netns};
+use scaibunker_worker::network::{Cidr, NetworkConfig, Networks};
 
 const BRIDGE: &str = "br-t1";
-const PEER_IP: Ipv4Addr = Ipv4Addr::new(10, 50, 0, 1);
 
 fn config(dir: &std::path::Path) -> NetworkConfig {
     NetworkConfig {
@@ -28,44 +26,9 @@ fn config(dir: &std::path::Path) -> NetworkConfig {
     }
 }
 
-/// A peer on the bridge at 10.50.0.1/24 with a TCP listener on :7 counting connections.
-fn peer(dir: &std::path::Path) -> Arc<AtomicU64> {
-    let path = dir.join("peer");
-    let handle = netns::create(&path).unwrap();
-    sh(&[
-        "ip", "link", "add", "pr0", "type", "veth", "peer", "name", "pr1",
-    ]);
-    sh(&["ip", "link", "set", "pr1", "netns", path.to_str().unwrap()]);
-    sh(&["ip", "link", "set", "pr0", "master", BRIDGE]);
-    sh(&["ip", "link", "set", "pr0", "up"]);
-    let listener = netns::run_in(&handle, &path, || {
-        for cmd in [
-            "link set lo up",
-            "addr add 10.50.0.1/24 dev pr1",
-            "link set pr1 up",
-        ] {
-            let mut args = vec!["ip"];
-            args.extend(cmd.split(' '));
-            sh(&args);
-        }
-        TcpListener::bind((PEER_IP, 7)).unwrap()
-    })
-    .unwrap();
-    let count = Arc::new(AtomicU64::new(0));
-    let counted = Arc::clone(&count);
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            if stream.is_ok() {
-                counted.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-    });
-    count
-}
-
 fn reaches_peer(guest: &FakeGuest) -> bool {
     guest.run(|| {
-        let to: SocketAddr = (PEER_IP, 7).into();
+        let to: SocketAddr = (BRIDGE_PEER_IP, 7).into();
         TcpStream::connect_timeout(&to, Duration::from_millis(1500)).is_ok()
     })
 }
@@ -115,7 +78,7 @@ fn the_spoof_guard_locks_a_transit_nic_to_its_mac_and_first_address() {
                 let networks = Networks::start(config(dir.path()), None).await.unwrap();
                 let mac = [0x02, 0x5b, 0, 0, 1, 2];
                 let mut guarded = networks.attach_transit(BRIDGE, mac, true).await.unwrap();
-                let hits = peer(dir.path());
+                let hits = bridge_peer(dir.path(), BRIDGE);
                 let guest = FakeGuest::plug_as(
                     dir.path(),
                     "guest-t",

@@ -75,6 +75,7 @@ fn spec(profile: NetworkProfile, allowlist: &[&str]) -> NetworkSpec {
         profile,
         bandwidth_mbit: None,
         allowlist: allowlist.iter().map(|n| (*n).to_owned()).collect(),
+        interfaces: Vec::new(),
     }
 }
 

@@ -230,18 +230,6 @@ impl Bunkers {
         }
         let network_spec = req.network.clone();
         let tenant_id = req.tenant_id.clone();
-        match network_spec.profile {
-            NetworkProfile::Isolated
-            | NetworkProfile::Unrestricted
-            | NetworkProfile::Registry
-            | NetworkProfile::Allowlisted => {}
-            other => {
-                return Err(CreateBunkerError::Invalid(format!(
-                    "the `{}` network profile is not available on this worker",
-                    other.as_str()
-                )));
-            }
-        }
         let (image, images) = self
             .resolve_image(&req.image_sha256, req.image_pull.take())
             .await?;

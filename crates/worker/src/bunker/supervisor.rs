@@ -198,6 +198,14 @@ impl Bunker {
             .map_or(Nic::Unplugged, BunkerNetwork::nic)
     }
 
+    /// The `transit` NICs after it.
+    fn extra_nics(&self) -> Vec<crate::vmm::ExtraNic> {
+        lock(&self.network)
+            .as_ref()
+            .map(BunkerNetwork::extra_nics)
+            .unwrap_or_default()
+    }
+
     /// The names the bunker's resolver answered, if it has one.
     pub fn names(&self) -> Option<Arc<crate::network::NameTable>> {
         lock(&self.network).as_ref().map(|n| Arc::clone(n.names()))
@@ -329,7 +337,12 @@ impl Bunker {
             }
             return Ok(self.running(started, BootSource::Snapshot));
         }
-        if let Some(template) = &plan.template {
+        // A template has one NIC: a bunker with `transit` NICs boots cold.
+        let template = plan
+            .template
+            .as_ref()
+            .filter(|_| self.extra_nics().is_empty());
+        if let Some(template) = template {
             match self.restore_locked(plan.vmm, template, &mut slot).await {
                 Ok(()) => return Ok(self.running(started, BootSource::Template)),
                 Err(what) => {
@@ -466,6 +479,7 @@ impl Bunker {
         let (listener, socket) = self.prepare_dir()?;
         let spec = BootSpec {
             nic: self.nic(),
+            extra_nics: self.extra_nics(),
             ..template.restore_spec(&self.dir, &socket, self.disk_bytes())
         };
         self.set_booted(
@@ -513,6 +527,7 @@ impl Bunker {
             memory_mb: self.resources.memory_mb,
             hostname: self.hostname.clone(),
             nic: self.nic(),
+            extra_nics: self.extra_nics(),
         };
         self.set_booted(&spec, &plan.image.path, &plan.image.sha256);
         let vm = plan
@@ -645,6 +660,7 @@ impl Bunker {
             memory_mb: self.resources.memory_mb,
             hostname: self.hostname.clone(),
             nic: self.nic(),
+            extra_nics: self.extra_nics(),
         };
         let start = async {
             let (vm, timeout) = match &state {

@@ -95,6 +95,9 @@ pub struct NetworkConfig {
     pub pin_lease: PinLease,
 }
 
+/// `transit` NICs a bunker may have after `eth0`.
+pub const MAX_TRANSIT_NICS: usize = 8;
+
 /// Connections a bunker may have open at once, by default.
 pub const DEFAULT_MAX_FLOWS: u32 = 4096;
 
@@ -149,6 +152,8 @@ pub enum NetworkError {
     Task,
     #[error("transit")]
     Transit(#[source] transit::TransitError),
+    #[error("a transit NIC's MAC must be a unicast `aa:bb:cc:dd:ee:ff`")]
+    BadMac,
 }
 
 /// The guest NIC's host side, as the VMM gets it.
@@ -341,7 +346,8 @@ impl Networks {
     ) -> Result<BunkerNetwork, NetworkError> {
         let policy = match spec.profile {
             NetworkProfile::Isolated => return Ok(BunkerNetwork::isolated()),
-            NetworkProfile::Unrestricted => None,
+            // `transit`: `eth0` as `unrestricted`, its NICs on their bridges after it.
+            NetworkProfile::Unrestricted | NetworkProfile::Transit => None,
             NetworkProfile::Registry => Some(Arc::clone(&self.config.registry)),
             NetworkProfile::Allowlisted => {
                 let policy = NamePolicy::new(&spec.allowlist, None)?;
@@ -350,8 +356,27 @@ impl Networks {
                 }
                 Some(Arc::new(policy))
             }
-            other => return Err(NetworkError::Unsupported(other.as_str())),
         };
+        if spec.profile != NetworkProfile::Transit && !spec.interfaces.is_empty() {
+            return Err(NetworkError::Unsupported("interfaces without `transit`"));
+        }
+        if spec.profile == NetworkProfile::Transit && spec.interfaces.is_empty() {
+            return Err(NetworkError::Unsupported("`transit` without interfaces"));
+        }
+        if spec.interfaces.len() > MAX_TRANSIT_NICS {
+            return Err(NetworkError::Unsupported("more than 8 transit interfaces"));
+        }
+        let nics = spec
+            .interfaces
+            .iter()
+            .map(|nic| {
+                let mac = match &nic.mac {
+                    Some(text) => transit::parse_mac(text).ok_or(NetworkError::BadMac)?,
+                    None => transit::generated_mac(),
+                };
+                Ok((nic.bridge.clone(), mac, nic.spoof_guard))
+            })
+            .collect::<Result<Vec<_>, NetworkError>>()?;
         let slot = self.take_slot()?;
         let mut net = BunkerNetwork {
             networks: Some(Arc::clone(self)),
@@ -363,13 +388,14 @@ impl Networks {
             peek: None,
             audit: None,
             handle: None,
+            transit: Vec::new(),
         };
         let ctx = AuditContext {
             bunker_id: bunker_id.to_owned(),
             tenant_id: tenant_id.to_owned(),
         };
         let started = std::time::Instant::now();
-        match self.build(&mut net, slot, spec, policy, ctx).await {
+        match self.build(&mut net, slot, spec, policy, nics, ctx).await {
             Ok(()) => {
                 let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 self.count(|c| {
@@ -392,6 +418,7 @@ impl Networks {
         slot: u32,
         spec: &NetworkSpec,
         policy: Option<Arc<NamePolicy>>,
+        nics: Vec<(String, [u8; 6], bool)>,
         ctx: AuditContext,
     ) -> Result<(), NetworkError> {
         let path = net
@@ -473,6 +500,10 @@ impl Networks {
             lease: self.config.pin_lease,
             denied: net.audit.as_ref().map(AuditHandle::denied_names),
         });
+        for (bridge, mac, guard) in nics {
+            let port = self.attach_transit(&bridge, mac, guard).await?;
+            net.transit.push(port);
+        }
         let resolver = Resolver::start(
             udp,
             tcp,
@@ -604,6 +635,7 @@ pub struct BunkerNetwork {
     peek: Option<peek::Peek>,
     audit: Option<AuditHandle>,
     handle: Option<Arc<File>>,
+    transit: Vec<transit::TransitPort>,
 }
 
 impl std::fmt::Debug for BunkerNetwork {
@@ -629,11 +661,25 @@ impl BunkerNetwork {
             peek: None,
             audit: None,
             handle: None,
+            transit: Vec::new(),
         }
     }
 
     pub fn nic(&self) -> Nic {
         self.nic.clone()
+    }
+
+    /// The `transit` NICs after `eth0`, for the VMM.
+    pub fn extra_nics(&self) -> Vec<crate::vmm::ExtraNic> {
+        self.transit
+            .iter()
+            .filter_map(|p| {
+                Some(crate::vmm::ExtraNic {
+                    tap: p.tap()?,
+                    mac: p.mac(),
+                })
+            })
+            .collect()
     }
 
     /// Whether the guest gets a resolver (and so a `/etc/resolv.conf` naming it).
@@ -676,6 +722,9 @@ impl BunkerNetwork {
         }
         self.resolver.take();
         self.peek.take();
+        for mut port in self.transit.drain(..) {
+            port.detach().await;
+        }
         self.nic = Nic::Unplugged;
         self.handle.take();
         let Some(networks) = self.networks.clone() else {

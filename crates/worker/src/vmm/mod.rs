@@ -51,7 +51,26 @@ pub struct BootSpec {
     /// The host side of the guest's one NIC (every VM has the same NIC, so a template
     /// restores into any bunker): none, or the bunker's tap.
     pub nic: crate::network::Nic,
+    /// `transit` NICs after it, in order: a tap on a host bridge and the guest's MAC. A VM
+    /// with any boots cold (a template has one NIC).
+    pub extra_nics: Vec<ExtraNic>,
 }
+
+/// A `transit` NIC as the VMM gets it.
+#[derive(Debug, Clone)]
+pub struct ExtraNic {
+    pub tap: std::sync::Arc<std::os::fd::OwnedFd>,
+    pub mac: [u8; 6],
+}
+
+impl PartialEq for ExtraNic {
+    fn eq(&self, other: &Self) -> bool {
+        use std::os::fd::AsRawFd as _;
+        self.tap.as_raw_fd() == other.tap.as_raw_fd() && self.mac == other.mac
+    }
+}
+
+impl Eq for ExtraNic {}
 
 /// Creates `dir` (and missing parents) readable by the worker alone (mode 0700), so that no
 /// VM process, whatever account it dropped to, can open what lies inside by path.

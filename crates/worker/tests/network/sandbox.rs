@@ -689,3 +689,42 @@ pub fn upload(to: SocketAddr, bytes: usize) -> std::io::Result<Duration> {
     );
     Ok(started.elapsed())
 }
+
+/// The address of [`bridge_peer`].
+pub const BRIDGE_PEER_IP: Ipv4Addr = Ipv4Addr::new(10, 50, 0, 1);
+
+/// A peer on the host bridge `bridge` (which must exist) at 10.50.0.1/24, in a namespace of
+/// its own under `dir`, with a TCP listener on :7 counting connections.
+pub fn bridge_peer(dir: &Path, bridge: &str) -> Arc<AtomicU64> {
+    let path = dir.join("peer");
+    let handle = netns::create(&path).unwrap();
+    sh(&[
+        "ip", "link", "add", "pr0", "type", "veth", "peer", "name", "pr1",
+    ]);
+    sh(&["ip", "link", "set", "pr1", "netns", path.to_str().unwrap()]);
+    sh(&["ip", "link", "set", "pr0", "master", bridge]);
+    sh(&["ip", "link", "set", "pr0", "up"]);
+    let listener = netns::run_in(&handle, &path, || {
+        for cmd in [
+            "link set lo up",
+            "addr add 10.50.0.1/24 dev pr1",
+            "link set pr1 up",
+        ] {
+            let mut args = vec!["ip"];
+            args.extend(cmd.split(' '));
+            sh(&args);
+        }
+        TcpListener::bind((BRIDGE_PEER_IP, 7)).unwrap()
+    })
+    .unwrap();
+    let count = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&count);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            if stream.is_ok() {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    count
+}

@@ -126,6 +126,7 @@ pub fn network_spec(r: &BunkerRow) -> scaibunker_proto::worker::NetworkSpec {
         profile,
         bandwidth_mbit: r.bandwidth_mbit.and_then(|b| u64::try_from(b).ok()),
         allowlist,
+        interfaces: Vec::new(),
     }
 }
 

@@ -95,6 +95,8 @@ pub struct QemuCommand {
     pub runas: Option<RunAs>,
     /// The host side of the guest's NIC.
     pub nic: NicArg,
+    /// Inherited tap descriptors and MACs of the `transit` NICs after it.
+    pub extra_nics: Vec<(i32, [u8; 6])>,
 }
 
 /// The backend of the guest's one NIC (`netdev` `n0`); the device is the same either way.
@@ -165,6 +167,14 @@ impl QemuCommand {
         }
         let nic = format!("virtio-net-device,netdev=n0,mac={GUEST_MAC_TEXT}");
         push(&["-device", &nic]);
+        for (i, (fd, mac)) in self.extra_nics.iter().enumerate() {
+            let mac = crate::network::transit::mac_text(*mac);
+            push(&["-netdev", &format!("tap,id=t{i},fd={fd},vhost=off")]);
+            push(&[
+                "-device",
+                &format!("virtio-net-device,netdev=t{i},mac={mac}"),
+            ]);
+        }
         match self.runas {
             Some(RunAs { uid, gid }) => {
                 push(&["-sandbox", SANDBOX, "-runas", &format!("{uid}:{gid}")]);
@@ -290,6 +300,7 @@ mod tests {
                 gid: 20003,
             }),
             nic: NicArg::Unplugged,
+            extra_nics: Vec::new(),
         }
     }
 

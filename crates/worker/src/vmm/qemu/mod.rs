@@ -159,6 +159,11 @@ impl QemuVmm {
                 crate::network::Nic::Unplugged => cmdline::NicArg::Unplugged,
                 crate::network::Nic::Tap(fd) => cmdline::NicArg::TapFd(fd.as_raw_fd()),
             },
+            extra_nics: spec
+                .extra_nics
+                .iter()
+                .map(|n| (n.tap.as_raw_fd(), n.mac))
+                .collect(),
         }
     }
 
@@ -294,6 +299,7 @@ impl QemuVmm {
         if let crate::network::Nic::Tap(tap) = &spec.nic {
             inherited.push(tap.as_raw_fd());
         }
+        inherited.extend(spec.extra_nics.iter().map(|n| n.tap.as_raw_fd()));
         inherit(&mut command, inherited);
         let mut child = command
             .args(self.command(spec, disk_fds, start, runas).args())
