@@ -546,6 +546,63 @@ async fn a_super_admin_lists_and_revokes_another_tenants_keys(db: Db, live: Live
     api.finish().await;
 }
 
+/// `transit` without a spoof guard needs `scaibunker:l2_transparency` on top of
+/// `scaibunker:network:transit`: a user holding only the latter is refused before anything is
+/// placed; with the guard on, the same user passes the permission checks.
+async fn a_transit_nic_without_a_spoof_guard_needs_l2_transparency(db: Db, live: Live) {
+    let api = Api::start(db, live).await;
+    let acme = api.tenant("acme").await;
+    let dev = api
+        .user(
+            &api.root,
+            &acme,
+            "lab@acme.test",
+            "tenant_user",
+            json!(["scaibunker:network:transit"]),
+        )
+        .await;
+    let key = api.key_for(&api.root, &dev).await;
+    let create = |spoof_guard: bool| {
+        json!({"image": "default", "network_profile": "transit",
+               "interfaces": [{"if_name": "eth1", "bridge_name": "br-lab", "spoof_guard": spoof_guard}]})
+    };
+    let (st, v) = api
+        .call(
+            "POST",
+            "/v1/modules/scaibunker/bunkers",
+            &key,
+            Some(create(false)),
+        )
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::FORBIDDEN, "NETWORK_PROFILE_DENIED"),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("scaibunker:l2_transparency"),
+        "{v}"
+    );
+    let (st, v) = api
+        .call(
+            "POST",
+            "/v1/modules/scaibunker/bunkers",
+            &key,
+            Some(create(true)),
+        )
+        .await;
+    // (This harness has no image: the create gets that far.)
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::NOT_FOUND, "IMAGE_NOT_FOUND"),
+        "with the guard on, the permission suffices: {v}"
+    );
+    api.finish().await;
+}
+
 /// Runs each scenario on SQLite (in-process live state) and on MariaDB with Redis.
 macro_rules! matrix {
     ($($name:ident),* $(,)?) => {
@@ -566,4 +623,5 @@ matrix!(
     the_last_super_admin_key_cannot_be_revoked,
     a_recovered_key_is_a_working_audited_super_admin_key,
     a_super_admin_lists_and_revokes_another_tenants_keys,
+    a_transit_nic_without_a_spoof_guard_needs_l2_transparency,
 );

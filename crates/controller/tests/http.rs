@@ -344,10 +344,22 @@ async fn validation_errors_name_each_field(db: Db) {
             "network_allowlist",
         ),
         (
-            json!({"image": "default", "network_profile": "transit", "interfaces": [{"if_name": "eth1", "bridge_name": "br0"}]}),
+            json!({"image": "default", "network_profile": "transit", "interfaces": [{"if_name": "eth2", "bridge_name": "br0"}]}),
             StatusCode::UNPROCESSABLE_ENTITY,
             "VALIDATION_ERROR",
-            "network_profile",
+            "interfaces",
+        ),
+        (
+            json!({"image": "default", "network_profile": "transit", "interfaces": [{"if_name": "eth1", "bridge_name": "br0", "mac": "01:00:5e:00:00:01"}]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "VALIDATION_ERROR",
+            "interfaces",
+        ),
+        (
+            json!({"image": "default", "network_profile": "transit", "interfaces": [{"if_name": "eth1", "bridge_name": "br-nowhere"}]}),
+            StatusCode::NOT_FOUND,
+            "BRIDGE_NOT_FOUND",
+            "",
         ),
         (
             json!({"image": "default", "interfaces": [{"if_name": "eth1", "bridge_name": "br0"}]}),
@@ -2147,8 +2159,8 @@ async fn images_are_tenant_scoped_and_permissioned(db: Db) {
 
 /// Bridges are admin records, unique per worker and name, that placement matches against a
 /// `transit` bunker's interfaces (the rule itself is table-tested in `core::placement`).
-/// `transit` bunkers are refused until the worker can attach them.
-async fn bridges_are_admin_records_and_transit_is_refused_plainly(db: Db) {
+/// A `transit` bunker naming a bridge nobody records is refused.
+async fn bridges_are_admin_records_and_transit_needs_a_recorded_bridge(db: Db) {
     let api = Api::start(db).await;
     let w1 = api.register_dead_worker("w1", 16000, default_image()).await;
     let w2 = api.register_dead_worker("w2", 8000, default_image()).await;
@@ -2208,18 +2220,20 @@ async fn bridges_are_admin_records_and_transit_is_refused_plainly(db: Db) {
     let (st, v) = api.admin("DELETE", &format!("/bridges/{dmz}"), None).await;
     assert_eq!((st, code(&v)), (StatusCode::NOT_FOUND, "BRIDGE_NOT_FOUND"));
 
-    let transit = json!({
-        "image": "default",
-        "network_profile": "transit",
-        "interfaces": [{"if_name": "eth1", "bridge_name": "br-lan"}]
-    });
-    let (st, v) = api.admin("POST", "/bunkers", Some(transit)).await;
-    assert_eq!(
-        (st, code(&v)),
-        (StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_ERROR"),
-        "{v}"
-    );
-    assert_eq!(v["error"]["details"][0]["field"], "network_profile");
+    // A deleted bridge, or one never recorded, is not there to attach to.
+    for gone in ["br-dmz", "br-never"] {
+        let transit = json!({
+            "image": "default",
+            "network_profile": "transit",
+            "interfaces": [{"if_name": "eth1", "bridge_name": gone}]
+        });
+        let (st, v) = api.admin("POST", "/bunkers", Some(transit)).await;
+        assert_eq!(
+            (st, code(&v)),
+            (StatusCode::NOT_FOUND, "BRIDGE_NOT_FOUND"),
+            "{gone}: {v}"
+        );
+    }
 
     // Bridges are admin records.
     let tenant = api.tenant_key("bridgeless", "tenant_admin").await;
@@ -2498,7 +2512,7 @@ both!(
     a_partner_image_never_shadows_a_platform_image,
     each_worker_has_its_own_credential_bound_to_its_id,
     the_images_job_rebakes_interrupted_bakes,
-    bridges_are_admin_records_and_transit_is_refused_plainly,
+    bridges_are_admin_records_and_transit_needs_a_recorded_bridge,
     images_bake_and_fan_out_through_availability_groups,
     bad_image_content_is_refused_and_nothing_is_kept,
     images_are_tenant_scoped_and_permissioned,

@@ -183,6 +183,20 @@ pub fn validate_bandwidth_mbit(value: u64) -> Option<FieldError> {
     errors.pop()
 }
 
+/// `transit` interfaces a bunker may have after `eth0`.
+pub const MAX_TRANSIT_INTERFACES: usize = 8;
+
+/// Whether `text` is a unicast MAC written `aa:bb:cc:dd:ee:ff` (not all zeros).
+pub fn valid_unicast_mac(text: &str) -> bool {
+    let parts: Vec<&str> = text.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+        && u8::from_str_radix(parts[0], 16).is_ok_and(|b| b & 1 == 0)
+        && parts.iter().any(|p| *p != "00")
+}
+
 /// Checks one `network_allowlist` entry: a plain host name, or one leading `*.` wildcard;
 /// no scheme, path, port, `**`, or `*` inside a label; labels 1–63 characters.
 pub fn validate_allowlist_host(host: &str) -> Result<(), String> {
@@ -214,6 +228,21 @@ pub fn validate_allowlist_host(host: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn macs_must_be_unicast_and_written_in_full() {
+        assert!(valid_unicast_mac("02:5b:00:00:07:01"));
+        for bad in [
+            "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
+            "02:5b:00:00:07",
+            "02-5b-00-00-07-01",
+            "2:5b:0:0:7:1",
+            "zz:5b:00:00:07:01",
+        ] {
+            assert!(!valid_unicast_mac(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn lifecycle_defaults_follow_the_design() {

@@ -347,6 +347,135 @@ fn allowlisted_and_registry_bunkers_on_real_vms() {
     });
 }
 
+#[test]
+fn a_transit_bunker_on_a_real_vm_reaches_its_bridge_and_cannot_spoof_there() {
+    sandboxed(
+        "a_transit_bunker_on_a_real_vm_reaches_its_bridge_and_cannot_spoof_there",
+        || {
+            require_images(&["tiny.ext4"]).expect("guest images");
+            let net = FakeInternet::build();
+            let netns_dir = tempfile::tempdir().unwrap();
+            let ns = netns_dir.path().display().to_string();
+            sh_host(&["ip", "link", "add", "br-lab", "type", "bridge"]);
+            sh_host(&["ip", "link", "set", "br-lab", "up"]);
+            let peer = bridge_peer(netns_dir.path(), "br-lab");
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async {
+                let up = Up::start(UpOptions::with_env(&[
+                    ("SCAIBUNKER_NETWORKS", "on"),
+                    ("SCAIBUNKER_DNS_UPSTREAM", "198.18.1.53"),
+                    ("SCAIBUNKER_NETNS_DIR", &ns),
+                ]))
+                .expect("scaibunker up gets ready");
+                let c = up.client();
+                let worker = up.workers().await.remove(0);
+                let http = reqwest::Client::new();
+                let api = format!("{}/v1/modules/scaibunker", up.url());
+                let resp = http
+                    .post(format!("{api}/bridges"))
+                    .bearer_auth(up.key())
+                    .json(&serde_json::json!({"name": "br-lab", "worker_id": worker.id}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+
+                let nic = |mac: &str, spoof_guard: bool| scaibunker_api::bunkers::Interface {
+                    if_name: "eth1".into(),
+                    bridge_name: "br-lab".into(),
+                    spoof_guard,
+                    mac: Some(mac.into()),
+                };
+                let b = c
+                    .create_bunker(&CreateBunker {
+                        interfaces: Some(vec![nic("02:5b:00:00:07:01", true)]),
+                        ..tiny(NetworkProfile::Transit, None)
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(b.status, "running", "{:?}", b.failure_reason);
+                let (code, out) = run(&c, &b.id, "cat /sys/class/net/eth1/address").await;
+                assert_eq!((code, out.trim()), (0, "02:5b:00:00:07:01"));
+                // eth0 is `unrestricted` as ever.
+                let (code, out) = run(&c, &b.id, "wget -q -O - http://pypi.org/ | wc -c").await;
+                assert_eq!((code, out.trim()), (0, "1024"));
+                let (rc, out) = root_rc(
+                    &c,
+                    &b.id,
+                    "ip addr add 10.50.0.2/24 dev eth1 && ip link set eth1 up && timeout 5 nc 10.50.0.1 7 </dev/null",
+                )
+                .await;
+                assert_eq!(rc, 0, "the guest reaches its bridge peer: {out}");
+                assert_eq!(peer.load(std::sync::atomic::Ordering::SeqCst), 1);
+                let (rc, out) = root_rc(
+                    &c,
+                    &b.id,
+                    "ip addr del 10.50.0.2/24 dev eth1 && ip addr add 10.50.0.3/24 dev eth1 && timeout 3 nc 10.50.0.1 7 </dev/null",
+                )
+                .await;
+                assert_ne!(rc, 0, "a forged address is dropped: {out}");
+                assert_eq!(peer.load(std::sync::atomic::Ordering::SeqCst), 1);
+                c.delete_bunker(&b.id).await.unwrap();
+
+                // Without the guard (the admin holds `scaibunker:l2_transparency`): audited.
+                let open = c
+                    .create_bunker(&CreateBunker {
+                        interfaces: Some(vec![nic("02:5b:00:00:07:02", false)]),
+                        ..tiny(NetworkProfile::Transit, None)
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(open.status, "running", "{:?}", open.failure_reason);
+                let audit: serde_json::Value = http
+                    .get(format!("{api}/audit?action=bunker.transit.spoof_guard_disabled"))
+                    .bearer_auth(up.key())
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                assert!(
+                    audit.to_string().contains(&open.id),
+                    "the unguarded NIC is audited: {audit}"
+                );
+                c.delete_bunker(&open.id).await.unwrap();
+                within(Duration::from_secs(20), "the transit taps going", || async {
+                    (!sh_out(&["ip", "-o", "link", "show"]).contains("sbt")).then_some(())
+                })
+                .await;
+            });
+            assert_eq!(net.escaped_packets(), 0, "escaped: {}", net.escaped_to());
+        },
+    );
+}
+
+fn sh_host(args: &[&str]) {
+    network_sandbox::sh(args);
+}
+
+/// Runs `cmd` as root in the guest (configuring a NIC needs it); its exit code and output.
+async fn root_rc(c: &scaibunker_sdk::Client, id: &str, cmd: &str) -> (i32, String) {
+    let req = ExecRequest {
+        command: Some(format!("{cmd}; echo rc=$?")),
+        user: Some(scaibunker_api::exec::ExecUser::Root),
+        ..Default::default()
+    };
+    let out = c.exec(id, &req).await.expect("exec");
+    let text = format!(
+        "{}{}",
+        out.stdout.clone().unwrap_or_default(),
+        out.stderr.clone().unwrap_or_default()
+    );
+    let rc = text
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("rc="))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no exit code in {text:?}"));
+    (rc, text)
+}
+
 /// How long 2 MB sent by a new bunker's guest take to reach the sink (first to last byte,
 /// as the sink counts them).
 async fn upload_time(

@@ -207,6 +207,7 @@ impl From<BunkerError> for ApiError {
                 codes::INTERFACES_NOT_ALLOWED,
                 msg,
             ),
+            B::BridgeNotFound(_) => Self::new(StatusCode::NOT_FOUND, codes::BRIDGE_NOT_FOUND, msg),
             B::TransitMissingInterfaces => Self::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 codes::TRANSIT_MISSING_INTERFACES,

@@ -122,11 +122,25 @@ pub fn network_spec(r: &BunkerRow) -> scaibunker_proto::worker::NetworkSpec {
     } else {
         Vec::new()
     };
+    // In the order the create checked (`eth1`, `eth2`, …): the guest names its NICs so.
+    let interfaces = if profile == P::Transit {
+        serde_json::from_str::<Vec<api::Interface>>(&r.interfaces)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|i| scaibunker_proto::worker::TransitInterface {
+                bridge: i.bridge_name,
+                mac: i.mac,
+                spoof_guard: i.spoof_guard,
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     scaibunker_proto::worker::NetworkSpec {
         profile,
         bandwidth_mbit: r.bandwidth_mbit.and_then(|b| u64::try_from(b).ok()),
         allowlist,
-        interfaces: Vec::new(),
+        interfaces,
     }
 }
 

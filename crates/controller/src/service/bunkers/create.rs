@@ -104,6 +104,12 @@ fn check_create(p: &Principal, req: &api::CreateBunker) -> Result<(), BunkerErro
     if profile == NetworkProfile::Transit && interfaces.is_empty() {
         return Err(BunkerError::TransitMissingInterfaces);
     }
+    if interfaces.iter().any(|i| !i.spoof_guard) && !p.has(auth::L2_TRANSPARENCY) {
+        return Err(BunkerError::NetworkProfileDenied(
+            "transit without a spoof guard",
+            auth::L2_TRANSPARENCY,
+        ));
+    }
 
     let mut errors = Vec::new();
     match (&req.image, &req.snapshot_id) {
@@ -118,12 +124,40 @@ fn check_create(p: &Principal, req: &api::CreateBunker) -> Result<(), BunkerErro
     {
         errors.push(field("name", "must be 1 to 128 characters"));
     }
-    if profile == NetworkProfile::Transit {
-        // Transit networks are not in this release: refuse rather than silently run with a
-        // different network than asked for.
+    // Transit NICs come after `eth0` in the order the guest names them: `eth1`, `eth2`, …
+    for (i, nic) in interfaces.iter().enumerate() {
+        let want = format!("eth{}", i + 1);
+        if nic.if_name != want {
+            errors.push(field(
+                "interfaces",
+                format!(
+                    "interface {} must be named `{want}` (the guest names its NICs in order after `eth0`)",
+                    i + 1
+                ),
+            ));
+        }
+        if !crate::service::fleet::valid_bridge_name(&nic.bridge_name) {
+            errors.push(field(
+                "interfaces",
+                format!(
+                    "`{}`: a bridge name is 1 to 15 characters of A-Z a-z 0-9 . _ -",
+                    nic.bridge_name
+                ),
+            ));
+        }
+        if let Some(mac) = &nic.mac
+            && !spec::valid_unicast_mac(mac)
+        {
+            errors.push(field(
+                "interfaces",
+                format!("`{mac}`: a MAC is a unicast `aa:bb:cc:dd:ee:ff`"),
+            ));
+        }
+    }
+    if interfaces.len() > spec::MAX_TRANSIT_INTERFACES {
         errors.push(field(
-            "network_profile",
-            "`transit` is not available on this deployment yet; use `isolated`, `registry`, `allowlisted` or `unrestricted`",
+            "interfaces",
+            format!("at most {} interfaces", spec::MAX_TRANSIT_INTERFACES),
         ));
     }
     match (&req.network_allowlist, profile) {
@@ -576,6 +610,15 @@ async fn place_and_record(
         let interfaces: Vec<api::Interface> =
             serde_json::from_str(&row.interfaces).unwrap_or_default();
         let bridge_names: Vec<String> = interfaces.iter().map(|i| i.bridge_name.clone()).collect();
+        if !bridge_names.is_empty() {
+            let known = s.store.bridges().await?;
+            if let Some(missing) = bridge_names
+                .iter()
+                .find(|n| !known.iter().any(|b| &b.name == *n))
+            {
+                return Err(BunkerError::BridgeNotFound(missing.clone()));
+            }
+        }
         let shas: Vec<String> = choices.iter().filter_map(|c| c.sha256.clone()).collect();
         let lazy_pull = choices.iter().any(|c| c.lazy_pull);
         let (worker, held) =
@@ -600,6 +643,25 @@ async fn place_and_record(
             ),
         )
         .await?;
+        let unguarded: Vec<&str> = interfaces
+            .iter()
+            .filter(|i| !i.spoof_guard)
+            .map(|i| i.if_name.as_str())
+            .collect();
+        if !unguarded.is_empty() {
+            audit::insert(
+                &mut tx,
+                &audit_event(
+                    p,
+                    ctx,
+                    "bunker.transit.spoof_guard_disabled",
+                    &row.id,
+                    "success",
+                    serde_json::json!({"interfaces": unguarded, "worker_id": worker.id}),
+                ),
+            )
+            .await?;
+        }
         tx.commit().await.map_err(StoreError::from)?;
         Ok((
             crate::service::worker_credentials::target(s, &worker),

@@ -40,6 +40,8 @@ pub enum BunkerError {
     InterfacesNotAllowed,
     #[error("the `transit` network profile needs at least one interface")]
     TransitMissingInterfaces,
+    #[error("bridge `{0}` not found")]
+    BridgeNotFound(String),
     #[error("image `{0}` not found")]
     ImageNotFound(String),
     #[error("snapshot `{0}` not found")]
