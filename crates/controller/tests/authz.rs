@@ -586,6 +586,17 @@ async fn a_transit_nic_without_a_spoof_guard_needs_l2_transparency(db: Db, live:
             .contains("scaibunker:l2_transparency"),
         "{v}"
     );
+    // A physical device's MAC (globally administered) is impersonation: L2 power too.
+    let vendor = json!({"image": "default", "network_profile": "transit",
+        "interfaces": [{"if_name": "eth1", "bridge_name": "br-lab", "mac": "00:11:22:33:44:55"}]});
+    let (st, v) = api
+        .call("POST", "/v1/modules/scaibunker/bunkers", &key, Some(vendor))
+        .await;
+    assert_eq!(
+        (st, code(&v)),
+        (StatusCode::FORBIDDEN, "NETWORK_PROFILE_DENIED"),
+        "{v}"
+    );
     let (st, v) = api
         .call(
             "POST",

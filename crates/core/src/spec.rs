@@ -197,6 +197,14 @@ pub fn valid_unicast_mac(text: &str) -> bool {
         && parts.iter().any(|p| *p != "00")
 }
 
+/// Whether a valid MAC (see [`valid_unicast_mac`]) is locally administered (its first
+/// octet's second bit set): not a physical device's.
+pub fn locally_administered_mac(text: &str) -> bool {
+    text.get(..2)
+        .and_then(|b| u8::from_str_radix(b, 16).ok())
+        .is_some_and(|b| b & 2 == 2)
+}
+
 /// Checks one `network_allowlist` entry: a plain host name, or one leading `*.` wildcard;
 /// no scheme, path, port, `**`, or `*` inside a label; labels 1–63 characters.
 pub fn validate_allowlist_host(host: &str) -> Result<(), String> {
@@ -232,6 +240,11 @@ mod tests {
     #[test]
     fn macs_must_be_unicast_and_written_in_full() {
         assert!(valid_unicast_mac("02:5b:00:00:07:01"));
+        assert!(locally_administered_mac("02:5b:00:00:07:01"));
+        assert!(
+            !locally_administered_mac("00:11:22:33:44:55"),
+            "a vendor's MAC"
+        );
         for bad in [
             "01:00:5e:00:00:01",
             "00:00:00:00:00:00",

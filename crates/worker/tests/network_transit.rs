@@ -9,7 +9,6 @@
 mod network_sandbox;
 
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use network_sandbox::*;
@@ -93,7 +92,7 @@ fn the_spoof_guard_locks_a_transit_nic_to_its_mac_and_first_address() {
                     reaches_peer(&guest),
                     "the legitimate guest reaches its peer"
                 );
-                assert_eq!(hits.load(Ordering::SeqCst), 1);
+                assert_eq!(settled(&hits, 1), 1);
                 assert_eq!(dropped(&guarded), 0, "nothing of it was dropped");
 
                 // Another address (the first one is locked): dropped before the peer.
@@ -109,7 +108,14 @@ fn the_spoof_guard_locks_a_transit_nic_to_its_mac_and_first_address() {
                 ip_in(&guest, "link set eth0 address 02:5b:00:00:01:09");
                 assert!(!reaches_peer(&guest), "a forged MAC is dropped");
                 assert!(dropped(&guarded) > after_ip);
-                assert_eq!(hits.load(Ordering::SeqCst), 1, "the peer saw none of it");
+                assert_eq!(settled(&hits, 1), 1, "the peer saw none of it");
+
+                // The guarded NIC's MAC cannot be had twice on its bridge.
+                let twin = networks.attach_transit(BRIDGE, mac, true).await;
+                assert!(
+                    twin.is_err(),
+                    "a second NIC with the same MAC on the bridge"
+                );
 
                 // Without the guard (`spoof_guard: false`, `scaibunker:l2_transparency`),
                 // the same forgeries pass.
@@ -133,7 +139,7 @@ fn the_spoof_guard_locks_a_transit_nic_to_its_mac_and_first_address() {
                     reaches_peer(&free),
                     "no guard: another address and MAC pass"
                 );
-                assert_eq!(hits.load(Ordering::SeqCst), 3);
+                assert_eq!(settled(&hits, 3), 3);
 
                 // Detached: the tap and the table go.
                 let name = guarded.tap_name().to_owned();

@@ -9,8 +9,6 @@ mod common;
 #[path = "network/sandbox.rs"]
 mod network_sandbox;
 
-use std::sync::atomic::Ordering;
-
 use common::{TestWorker, require_artefacts, vm_slot};
 use network_sandbox::*;
 use scaibunker_proto::worker::{
@@ -109,7 +107,7 @@ fn a_transit_bunker_reaches_its_bridge_peer_and_cannot_spoof_there() {
                     )
                     .await;
                 assert_eq!(rc(&out), 0, "{out:?}");
-                assert_eq!(hits.load(Ordering::SeqCst), 1, "the peer saw the guest");
+                assert_eq!(settled(&hits, 1), 1, "the peer saw the guest");
 
                 let out = w
                     .exec_sh(
@@ -119,11 +117,7 @@ fn a_transit_bunker_reaches_its_bridge_peer_and_cannot_spoof_there() {
                     )
                     .await;
                 assert_ne!(rc(&out), 0, "a forged address is dropped: {out:?}");
-                assert_eq!(
-                    hits.load(Ordering::SeqCst),
-                    1,
-                    "the peer saw nothing forged"
-                );
+                assert_eq!(settled(&hits, 1), 1, "the peer saw nothing forged");
 
                 w.delete_bunker("bnk_transit").await;
                 let links = sh_out(&["ip", "-o", "link", "show"]);

@@ -406,7 +406,7 @@ fn a_transit_bunker_on_a_real_vm_reaches_its_bridge_and_cannot_spoof_there() {
                 )
                 .await;
                 assert_eq!(rc, 0, "the guest reaches its bridge peer: {out}");
-                assert_eq!(peer.load(std::sync::atomic::Ordering::SeqCst), 1);
+                assert_eq!(settled(&peer, 1), 1);
                 let (rc, out) = root_rc(
                     &c,
                     &b.id,
@@ -414,7 +414,7 @@ fn a_transit_bunker_on_a_real_vm_reaches_its_bridge_and_cannot_spoof_there() {
                 )
                 .await;
                 assert_ne!(rc, 0, "a forged address is dropped: {out}");
-                assert_eq!(peer.load(std::sync::atomic::Ordering::SeqCst), 1);
+                assert_eq!(settled(&peer, 1), 1);
                 c.delete_bunker(&b.id).await.unwrap();
 
                 // Without the guard (the admin holds `scaibunker:l2_transparency`): audited.

@@ -202,6 +202,7 @@ pub struct Networks {
     /// Whether the host forwarded IPv4 before [`Networks::start`] turned it on.
     forwarding_was_on: bool,
     counters: Mutex<NetworkCounters>,
+    transit_claims: Arc<transit::Claims>,
 }
 
 impl std::fmt::Debug for Networks {
@@ -272,6 +273,7 @@ impl Networks {
             audit_limits,
             forwarding_was_on: forwarding.trim() == "1",
             counters: Mutex::new(NetworkCounters::default()),
+            transit_claims: Arc::new(transit::Claims::default()),
         }))
     }
 
@@ -296,7 +298,7 @@ impl Networks {
         mac: [u8; 6],
         spoof_guard: bool,
     ) -> Result<transit::TransitPort, NetworkError> {
-        transit::TransitPort::attach(&self.host, bridge, mac, spoof_guard)
+        transit::TransitPort::attach(&self.host, &self.transit_claims, bridge, mac, spoof_guard)
             .await
             .map_err(NetworkError::Transit)
     }

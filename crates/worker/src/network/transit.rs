@@ -43,6 +43,8 @@ pub enum TransitError {
     Guard(#[from] RulesError),
     #[error("a setup task failed")]
     Task,
+    #[error("MAC {0} is already on bridge `{1}`")]
+    MacTaken(String, String),
 }
 
 /// A locally administered unicast MAC for a NIC that was given none: `02:5b` and 32 bits of
@@ -211,12 +213,34 @@ pub async fn sweep(links: &Links) -> Result<(), TransitError> {
     Ok(())
 }
 
+/// The (bridge, MAC) pairs this worker's transit NICs hold: two NICs with one MAC on one
+/// bridge would let a guest take its neighbour's frames, whatever each guard pins.
+#[derive(Debug, Default)]
+pub struct Claims(std::sync::Mutex<std::collections::HashSet<(String, [u8; 6])>>);
+
+impl Claims {
+    fn take(&self, bridge: &str, mac: [u8; 6]) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((bridge.to_owned(), mac))
+    }
+
+    fn give_back(&self, bridge: &str, mac: [u8; 6]) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(bridge.to_owned(), mac));
+    }
+}
+
 /// One transit NIC of a running bunker.
 pub struct TransitPort {
     links: Links,
     tap_name: String,
     mac: [u8; 6],
     tap: Option<Arc<OwnedFd>>,
+    claim: Option<(Arc<Claims>, String)>,
 }
 
 impl std::fmt::Debug for TransitPort {
@@ -235,10 +259,14 @@ impl TransitPort {
     /// guard unless `guard` is false; nothing is left behind on failure.
     pub async fn attach(
         links: &Links,
+        claims: &Arc<Claims>,
         bridge: &str,
         mac: [u8; 6],
         guard: bool,
     ) -> Result<Self, TransitError> {
+        if !claims.take(bridge, mac) {
+            return Err(TransitError::MacTaken(mac_text(mac), bridge.to_owned()));
+        }
         let tap_name = format!(
             "{TRANSIT_TAP_PREFIX}{}",
             NEXT_PORT.fetch_add(1, Ordering::Relaxed)
@@ -248,6 +276,7 @@ impl TransitPort {
             tap_name: tap_name.clone(),
             mac,
             tap: None,
+            claim: Some((Arc::clone(claims), bridge.to_owned())),
         };
         match port.build(bridge, guard).await {
             Ok(()) => Ok(port),
@@ -289,6 +318,9 @@ impl TransitPort {
     /// Removes the tap (once QEMU's descriptor is closed too) and the guard.
     pub async fn detach(&mut self) {
         self.tap.take();
+        if let Some((claims, bridge)) = self.claim.take() {
+            claims.give_back(&bridge, self.mac);
+        }
         if let Err(e) = self.links.delete(&self.tap_name).await {
             tracing::warn!(tap = self.tap_name, error = %e, "delete a transit tap");
         }

@@ -728,3 +728,16 @@ pub fn bridge_peer(dir: &Path, bridge: &str) -> Arc<AtomicU64> {
     });
     count
 }
+
+/// The count once it reaches `want`, or after 2 s whatever it is (a server thread counts a
+/// connection a moment after the client's connect returns).
+pub fn settled(count: &AtomicU64, want: u64) -> u64 {
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let now = count.load(Ordering::SeqCst);
+        if now == want || std::time::Instant::now() > until {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -110,6 +110,19 @@ fn check_create(p: &Principal, req: &api::CreateBunker) -> Result<(), BunkerErro
             auth::L2_TRANSPARENCY,
         ));
     }
+    // A globally administered MAC is a physical device's (the bridge's router, say): taking
+    // one is impersonation, whatever the guard then pins.
+    if interfaces.iter().any(|i| {
+        i.mac
+            .as_deref()
+            .is_some_and(|m| spec::valid_unicast_mac(m) && !spec::locally_administered_mac(m))
+    }) && !p.has(auth::L2_TRANSPARENCY)
+    {
+        return Err(BunkerError::NetworkProfileDenied(
+            "transit with a globally administered MAC",
+            auth::L2_TRANSPARENCY,
+        ));
+    }
 
     let mut errors = Vec::new();
     match (&req.image, &req.snapshot_id) {
