@@ -452,7 +452,7 @@ pub async fn apply(ruleset: &Value, netns: Option<&Path>) -> Result<(), RulesErr
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::network::addr::DEFAULT_DENY;
 
@@ -496,25 +496,30 @@ mod tests {
             bunker_ruleset(&deny(), "10.203.0.1".parse().unwrap(), 4096, Some(&pins)),
             host_ruleset(&pool),
         ] {
-            let out = std::process::Command::new(NFT_BINARY)
-                .args(["-c", "-j", "-f", "-"])
-                .stdin(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .and_then(|mut c| {
-                    use std::io::Write as _;
-                    c.stdin
-                        .take()
-                        .unwrap()
-                        .write_all(r.to_string().as_bytes())?;
-                    c.wait_with_output()
-                })
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            nft_accepts(&r);
         }
+    }
+
+    /// Asserts that `nft` takes `ruleset` in check mode (nothing is applied).
+    pub(crate) fn nft_accepts(ruleset: &Value) {
+        let out = std::process::Command::new(NFT_BINARY)
+            .args(["-c", "-j", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write as _;
+                c.stdin
+                    .take()
+                    .unwrap()
+                    .write_all(ruleset.to_string().as_bytes())?;
+                c.wait_with_output()
+            })
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

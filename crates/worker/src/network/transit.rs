@@ -360,26 +360,11 @@ mod tests {
             "this test runs nft in check mode, which needs root"
         );
         for guard in [true, false] {
-            let r = guard_ruleset("sbt0", [2, 0x5b, 0, 0, 1, 2], guard);
-            let out = std::process::Command::new("nft")
-                .args(["-c", "-j", "-f", "-"])
-                .stdin(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .and_then(|mut c| {
-                    use std::io::Write as _;
-                    c.stdin
-                        .take()
-                        .unwrap()
-                        .write_all(r.to_string().as_bytes())?;
-                    c.wait_with_output()
-                })
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            crate::network::rules::tests::nft_accepts(&guard_ruleset(
+                "sbt0",
+                [2, 0x5b, 0, 0, 1, 2],
+                guard,
+            ));
         }
     }
 }
