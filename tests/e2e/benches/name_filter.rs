@@ -38,24 +38,9 @@ const QUERIES: usize = 200;
 const GETS: usize = 200;
 const UPLOAD_BYTES: usize = 64 * 1024 * 1024;
 const UPLOADS: usize = 5;
-const FLAG: &str = "SCAIBUNKER_IN_NET_SANDBOX";
 
 fn main() -> Result<()> {
-    if std::env::var_os(FLAG).is_none() {
-        let status = std::process::Command::new("unshare")
-            .args(["--net", "--mount", "--fork", "--"])
-            .arg(std::env::current_exe()?)
-            .env(FLAG, "1")
-            .status()
-            .context("run unshare (root needed)")?;
-        ensure!(status.success(), "the sandboxed bench failed: {status}");
-        return Ok(());
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?
-        .block_on(run())
+    scaibunker_e2e::bench::in_net_sandbox(run)
 }
 
 #[derive(Default)]

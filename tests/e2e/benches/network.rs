@@ -35,24 +35,9 @@ const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/benchmarks.md
 const HEADING: &str = "## Bunker networks";
 const RUNS: usize = 5;
 const UPLOAD_BYTES: u64 = 8 * 1024 * 1024;
-const FLAG: &str = "SCAIBUNKER_IN_NET_SANDBOX";
 
 fn main() -> Result<()> {
-    if std::env::var_os(FLAG).is_none() {
-        let status = std::process::Command::new("unshare")
-            .args(["--net", "--mount", "--fork", "--"])
-            .arg(std::env::current_exe()?)
-            .env(FLAG, "1")
-            .status()
-            .context("run unshare (root needed)")?;
-        ensure!(status.success(), "the sandboxed bench failed: {status}");
-        return Ok(());
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?
-        .block_on(run())
+    scaibunker_e2e::bench::in_net_sandbox(run)
 }
 
 #[derive(Default)]

@@ -678,3 +678,30 @@ pub fn qemu_args(
     ]);
     args.into_iter().map(OsString::from).collect()
 }
+
+/// Runs `run` inside a fresh network and mount namespace: the bench re-executes itself under
+/// `unshare --net --mount --fork` (root needed) and the inner run, flagged by
+/// `SCAIBUNKER_IN_NET_SANDBOX`, does the work on a two-thread runtime. Nothing it sends can
+/// leave the machine.
+pub fn in_net_sandbox<F, Fut>(run: F) -> Result<()>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    const FLAG: &str = "SCAIBUNKER_IN_NET_SANDBOX";
+    if std::env::var_os(FLAG).is_none() {
+        let status = std::process::Command::new("unshare")
+            .args(["--net", "--mount", "--fork", "--"])
+            .arg(std::env::current_exe()?)
+            .env(FLAG, "1")
+            .status()
+            .context("run unshare (root needed)")?;
+        anyhow::ensure!(status.success(), "the sandboxed bench failed: {status}");
+        return Ok(());
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(run())
+}

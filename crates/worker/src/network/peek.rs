@@ -322,7 +322,7 @@ fn record(
 ) {
     if let Ok(SocketAddr::V4(from)) = guest.peer_addr() {
         ctx.names
-            .peeked(from.port(), dst, super::audit::Peeked { sni, refused });
+            .peeked(from.port(), dst, super::audit::PeekVerdict { sni, refused });
     }
 }
 

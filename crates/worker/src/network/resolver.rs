@@ -62,7 +62,7 @@ pub struct NameTable {
     entries: Mutex<HashMap<Ipv4Addr, Vec<(String, Instant)>>>,
     /// The names flows asked for (the SNI/Host peek), by (guest port, address, port), until
     /// the audit takes them.
-    snis: Mutex<HashMap<FlowKey, (super::audit::Peeked, Instant)>>,
+    snis: Mutex<HashMap<FlowKey, (super::audit::PeekVerdict, Instant)>>,
 }
 
 /// A guest flow: its source port, destination address and port.
@@ -126,7 +126,12 @@ impl NameTable {
 
 impl NameTable {
     /// Remembers what the peek made of the guest's flow from `src_port` to `dst`.
-    pub fn peeked(&self, src_port: u16, dst: std::net::SocketAddrV4, peeked: super::audit::Peeked) {
+    pub fn peeked(
+        &self,
+        src_port: u16,
+        dst: std::net::SocketAddrV4,
+        peeked: super::audit::PeekVerdict,
+    ) {
         let now = Instant::now();
         let mut snis = self.snis.lock().unwrap_or_else(|p| p.into_inner());
         if snis.len() >= MAX_SNIS {
@@ -149,7 +154,7 @@ impl super::audit::NameLookup for NameTable {
         src_port: u16,
         dst: Ipv4Addr,
         dst_port: u16,
-    ) -> Option<super::audit::Peeked> {
+    ) -> Option<super::audit::PeekVerdict> {
         let mut snis = self.snis.lock().unwrap_or_else(|p| p.into_inner());
         snis.remove(&(src_port, dst, dst_port)).map(|(p, _)| p)
     }

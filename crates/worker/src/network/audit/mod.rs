@@ -102,7 +102,7 @@ pub trait NameLookup: Send + Sync {
     fn name_of(&self, ip: Ipv4Addr) -> Option<String>;
     /// What the SNI/Host peek made of the guest's flow from `src_port` to `dst:dst_port`,
     /// taken: each flow has one line.
-    fn take_peeked(&self, _src_port: u16, _dst: Ipv4Addr, _dst_port: u16) -> Option<Peeked> {
+    fn take_peeked(&self, _src_port: u16, _dst: Ipv4Addr, _dst_port: u16) -> Option<PeekVerdict> {
         None
     }
 }
@@ -129,7 +129,7 @@ impl DeniedNames {
 
 /// A flow the SNI/Host peek looked at.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Peeked {
+pub struct PeekVerdict {
     /// The name it asked for (TLS SNI or HTTP `Host`), if it named one.
     pub sni: Option<String>,
     /// Reset by the peek: the line says `denied`.
